@@ -1,0 +1,99 @@
+"""Fine-tuning methods: which parameters train, and how adapters are attached (through peft).
+
+- ``ft``: every parameter trains.
+- ``head_only``: only the classification head trains (the baseline).
+- ``lora``: peft LoRA on the model's target Linears; the head trains in full.
+- ``randlora``: peft RandLoRA on the same Linears; the head trains in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from adapters.errors import UserError
+from adapters.methods.budget import (
+    lora_params,
+    match_lora_rank,
+    match_randlora_rank,
+    randlora_params,
+    target_shapes,
+)
+from adapters.models.base import HEAD
+
+METHODS = ("ft", "lora", "randlora", "head_only")
+ADAPTERS = ("lora", "randlora")
+# Scale alpha/r. LoRA: the common alpha = 2r. RandLoRA: the authors recommend alpha in
+# [2r, 20r]; its update is a sum of N = d/r bases with γ initialised to 1/max(in, out), so
+# it needs the larger end to move as far per step as LoRA.
+LORA_ALPHA_PER_RANK = 2.0
+RANDLORA_ALPHA_PER_RANK = 20.0
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    method: str
+    rank: int | None = None  # adapters only
+    seed: int = 0  # RandLoRA's projection_prng_key
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if self.method in ADAPTERS and (self.rank is None or self.rank < 1):
+            raise UserError(f"method '{self.method}' needs a rank >= 1 (got {self.rank})")
+
+
+def peft_config(spec: MethodSpec, targets: tuple[str, ...]):
+    from peft import LoraConfig, RandLoraConfig
+
+    if spec.method == "lora":
+        return LoraConfig(
+            r=spec.rank,
+            lora_alpha=LORA_ALPHA_PER_RANK * spec.rank,
+            target_modules=list(targets),
+            lora_dropout=0.0,
+            bias="none",
+            modules_to_save=[HEAD],
+        )
+    return RandLoraConfig(
+        r=spec.rank,
+        randlora_alpha=RANDLORA_ALPHA_PER_RANK * spec.rank,
+        target_modules=list(targets),
+        randlora_dropout=0.0,
+        bias="none",
+        modules_to_save=[HEAD],
+        projection_prng_key=spec.seed,
+    )
+
+
+def attach(model: nn.Module, spec: MethodSpec, targets: tuple[str, ...]) -> nn.Module:
+    """Return the module to train, with exactly the method's parameters trainable."""
+    if spec.method in ADAPTERS:
+        from peft import get_peft_model
+
+        if not target_shapes(model, targets):
+            raise UserError(f"no nn.Linear matches the adapter targets {list(targets)}: pass other --targets")
+        return get_peft_model(model, peft_config(spec, targets))
+    for name, p in model.named_parameters():
+        p.requires_grad_(spec.method == "ft" or name.startswith(HEAD + "."))
+    return model
+
+
+def trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "ADAPTERS",
+    "METHODS",
+    "MethodSpec",
+    "attach",
+    "lora_params",
+    "match_lora_rank",
+    "match_randlora_rank",
+    "peft_config",
+    "randlora_params",
+    "target_shapes",
+    "trainable_params",
+]

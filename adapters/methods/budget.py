@@ -1,0 +1,62 @@
+"""Trainable-parameter counts of LoRA and RandLoRA in closed form, and budget matching.
+
+For a weight of shape (out, in), with d = min(in, out):
+  LoRA rank r:      r · (in + out)                 (A is r×in, B is out×r)
+  RandLoRA rank r:  N · (r + d),  N = ceil(d / r)  (λ is r×N, γ is N×d; peft's layout)
+Lowering RandLoRA's r raises its count. Counts exclude the classification head, which
+every method trains in full and so adds equally to each.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+Shape = tuple[int, int]
+
+
+def lora_params(shapes: Iterable[Shape], r: int) -> int:
+    return sum(r * (out + inp) for out, inp in shapes)
+
+
+def randlora_params(shapes: Iterable[Shape], r: int) -> int:
+    total = 0
+    for out, inp in shapes:
+        d = min(out, inp)
+        total += math.ceil(d / r) * (r + d)
+    return total
+
+
+def _closest(candidates: range, count, target: int) -> int:
+    # Ties go to the smaller rank (cheaper), deterministic.
+    return min(candidates, key=lambda r: (abs(count(r) - target), r))
+
+
+def match_lora_rank(shapes: Sequence[Shape], randlora_rank: int) -> int:
+    """LoRA rank whose trainable count is closest to RandLoRA's at ``randlora_rank``."""
+    target = randlora_params(shapes, randlora_rank)
+    max_rank = max(min(s) for s in shapes)
+    return _closest(range(1, max_rank + 1), lambda r: lora_params(shapes, r), target)
+
+
+def match_randlora_rank(shapes: Sequence[Shape], lora_rank: int) -> int:
+    """RandLoRA rank whose trainable count is closest to LoRA's at ``lora_rank``."""
+    target = lora_params(shapes, lora_rank)
+    max_rank = max(min(s) for s in shapes)
+    return _closest(range(1, max_rank + 1), lambda r: randlora_params(shapes, r), target)
+
+
+def matches_target(module_name: str, targets: Sequence[str]) -> bool:
+    """peft's rule for a list of target names: the full name, or a dotted suffix of it."""
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def target_shapes(model: nn.Module, targets: Sequence[str]) -> list[Shape]:
+    """(out, in) of every nn.Linear that ``targets`` selects."""
+    return [
+        (m.out_features, m.in_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and matches_target(name, targets)
+    ]

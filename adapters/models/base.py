@@ -1,0 +1,91 @@
+"""What every model family provides: a classifier module and an encoder for its raw inputs.
+
+A model family turns raw dataset inputs (strings, uint8 images) into model-ready tensors
+once (``Encoder``), and builds a ``Classifier``: a pretrained backbone with a new linear
+head. The head starts at zero, so the base model (what ΔW is relative to) is fully
+determined by the pretrained weights and the number of classes — no seed needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+HEAD = "head"
+
+
+class Classifier(nn.Module):
+    """A backbone producing features and a linear ``head`` producing logits."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(feature_dim, num_classes)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(**inputs))
+
+    def train(self, mode: bool = True) -> Classifier:
+        # Normalisation statistics stay at their pretrained values in every method, so all
+        # solutions share them and the landscape is a function of the parameters alone.
+        super().train(mode)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+@dataclass
+class Encoded:
+    """Model-ready tensors for a whole split, first dimension = sample.
+
+    ``lengths`` (text only) holds the number of real tokens per sample; ``batch`` trims
+    the padding of each batch to its longest sample, so sorting by length makes
+    padding almost free.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def batch(self, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        out = {k: v[index] for k, v in self.tensors.items()}
+        if self.lengths is not None:
+            width = int(self.lengths[index].max())
+            out = {k: v[:, :width] for k, v in out.items()}
+        return out
+
+    def to(self, device: torch.device | str) -> Encoded:
+        lengths = self.lengths
+        return Encoded({k: v.to(device) for k, v in self.tensors.items()}, lengths)
+
+    def length_order(self) -> torch.Tensor:
+        """Sample order that groups similar lengths (identity for images)."""
+        if self.lengths is None:
+            return torch.arange(len(self))
+        return torch.argsort(self.lengths, stable=True)
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registry entry: a name and what builds the model and its encoder."""
+
+    name: str
+    modality: str  # "text" or "image"
+    description: str
+    build: Callable[[int], Classifier]  # num_classes -> Classifier (pretrained backbone, zero head)
+    encode: Callable[[Sequence | torch.Tensor], Encoded]  # raw split inputs -> Encoded
+    # Module-name suffixes adapted by LoRA / RandLoRA (peft `target_modules`).
+    targets: tuple[str, ...] = field(default_factory=tuple)
+    # Defaults that suit the model: per-method learning rates, adapter ranks.
+    defaults: dict = field(default_factory=dict)

@@ -1,0 +1,113 @@
+"""Evaluating the loss over a plane of weights.
+
+The evaluation set is encoded once, cut into batches once (sorted by length, so text
+padding costs almost nothing) and kept on the device. The model's plane parameters are
+written in place from the chart for each point, ``W = origin + x·U + y·V`` — never
+accumulated step to step (no drift), never through ``load_state_dict``. Loss sums
+accumulate on the device in fp64 and are read once per point.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adapters.models.base import Encoded
+from landscape.plane import Chart
+
+
+@dataclass
+class EvalSet:
+    """Device-resident evaluation batches in a fixed order."""
+
+    batches: list[tuple[dict[str, torch.Tensor], torch.Tensor]]
+    n: int
+
+    @classmethod
+    def prepare(cls, data: Encoded, labels: torch.Tensor, batch_size: int, device: torch.device | str) -> EvalSet:
+        order = data.length_order()
+        batches = []
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            inputs = {k: v.to(device) for k, v in data.batch(index).items()}
+            batches.append((inputs, labels[index].to(device)))
+        return cls(batches, len(order))
+
+
+@dataclass
+class PointResult:
+    loss: float
+    accuracy: float
+    loss_se: float  # standard error of the mean per-sample loss
+
+
+class PlaneEvaluator:
+    """Sets a model's plane parameters to chart points and evaluates the loss there."""
+
+    def __init__(self, model: nn.Module, chart: Chart, eval_set: EvalSet, device: torch.device | str):
+        self.model = model.to(device).eval()
+        self.chart = chart.to(device)
+        self.eval_set = eval_set
+        params = dict(self.model.named_parameters())
+        self.names = list(self.chart.origin)
+        self.params = [params[n] for n in self.names]
+        self.origin = [self.chart.origin[n] for n in self.names]
+        self.u = [self.chart.u[n] for n in self.names]
+        self.v = [self.chart.v[n] for n in self.names]
+
+    @torch.no_grad()
+    def set_point(self, x: float, y: float) -> None:
+        # Same arithmetic order at every point, so a vertex evaluated inside or outside a grid
+        # gets bit-identical weights.
+        for p, o, u, v in zip(self.params, self.origin, self.u, self.v, strict=True):
+            p.copy_(o).add_(u, alpha=float(x)).add_(v, alpha=float(y))
+
+    @torch.no_grad()
+    def evaluate(self, x: float, y: float) -> PointResult:
+        self.set_point(x, y)
+        device = self.origin[0].device if self.origin else "cpu"
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        loss_sq = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for inputs, target in self.eval_set.batches:
+            logits = self.model(**inputs).float()
+            losses = F.cross_entropy(logits, target, reduction="none").double()
+            loss_sum += losses.sum()
+            loss_sq += (losses * losses).sum()
+            correct += (logits.argmax(-1) == target).sum()
+        n = self.eval_set.n
+        total, sq, right = torch.stack([loss_sum, loss_sq, correct.double()]).tolist()  # one host sync
+        mean = total / n
+        var = max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        return PointResult(mean, right / n, (var / n) ** 0.5)
+
+    def grid(
+        self,
+        xs: np.ndarray,
+        ys: np.ndarray,
+        progress: bool = True,
+        on_point: Callable[[int, int, PointResult], None] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Evaluate every (x[j], y[i]); arrays are (ny, nx) with [i, j] at (x[j], y[i])."""
+        shape = (len(ys), len(xs))
+        out = {k: np.full(shape, np.nan) for k in ("loss", "accuracy", "loss_se")}
+        start = time.perf_counter()
+        bar = tqdm(total=shape[0] * shape[1], desc="grid", disable=not progress, dynamic_ncols=True)
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                r = self.evaluate(x, y)
+                out["loss"][i, j], out["accuracy"][i, j], out["loss_se"][i, j] = r.loss, r.accuracy, r.loss_se
+                if on_point is not None:
+                    on_point(i, j, r)
+                bar.update(1)
+                bar.set_postfix(loss=f"{r.loss:.3f}")
+        bar.close()
+        out["seconds"] = np.array(time.perf_counter() - start)
+        return out

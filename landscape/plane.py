@@ -1,0 +1,163 @@
+"""Plane charts through three solutions: grid coordinates <-> weights.
+
+Every chart is affine, ``θ(x, y) = origin + x·U + y·V``, over the parameters that differ
+between the solutions (all others stay at the base model's values).
+
+- ``paper``: the RandLoRA paper's chart (not orthonormal). With a = 1 − x − y/2, b = y,
+  c = x − y/2: θ = a·θ_RandLoRA + b·θ_FT + c·θ_LoRA, i.e. origin = θ_R, U = θ_L − θ_R,
+  V = θ_F − (θ_R + θ_L)/2. Vertices: RandLoRA (0, 0), LoRA (1, 0), FT (0.5, 1).
+- ``orthonormal``: Garipov et al. 2018 with w0 = RandLoRA, w2 = LoRA, w1 = FT:
+  u = (w2 − w0)/‖w2 − w0‖, v = Gram–Schmidt of (w1 − w0) against u. Coordinates are
+  Euclidean distances in weight space, so lengths and angles in the picture are true.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from adapters.errors import UserError
+
+SOLUTIONS = ("ft", "lora", "randlora")
+CHARTS = ("paper", "orthonormal")
+PAPER_RANGE = {"x": (-1.0, 1.4), "y": (-0.5, 1.9)}
+
+
+@dataclass
+class Chart:
+    name: str
+    origin: dict[str, torch.Tensor]
+    u: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    vertices: dict[str, tuple[float, float]]  # solution -> (x, y)
+    info: dict = field(default_factory=dict)
+
+    def weights_at(self, x: float, y: float) -> dict[str, torch.Tensor]:
+        return {n: self.origin[n] + x * self.u[n] + y * self.v[n] for n in self.origin}
+
+    def to(self, device: torch.device | str) -> Chart:
+        move = lambda d: {k: t.to(device) for k, t in d.items()}  # noqa: E731
+        return Chart(self.name, move(self.origin), move(self.u), move(self.v), self.vertices, self.info)
+
+
+def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    # float64 accumulation: millions of terms, and the Gram–Schmidt step subtracts near-equal numbers.
+    return float(sum(torch.sum(a[n].double() * b[n].double()) for n in a))
+
+
+def solution_weights(
+    base: dict[str, torch.Tensor], deltas: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """θ_s = W0 + Δ_s over the union of parameters any solution changes (fp32)."""
+    missing = [s for s in SOLUTIONS if s not in deltas]
+    if missing:
+        raise UserError(f"the plane needs the solutions ft, lora and randlora; missing: {', '.join(missing)}")
+    names = sorted(set().union(*(deltas[s] for s in SOLUTIONS)))
+    thetas = {}
+    for s in SOLUTIONS:
+        thetas[s] = {}
+        for n in names:
+            w = base[n].detach().float()
+            thetas[s][n] = w + deltas[s][n].to(w.device) if n in deltas[s] else w.clone()
+    return thetas
+
+
+def paper_chart(thetas: dict[str, dict[str, torch.Tensor]]) -> Chart:
+    r, lo, ft = thetas["randlora"], thetas["lora"], thetas["ft"]
+    origin = {n: r[n].clone() for n in r}
+    u = {n: lo[n] - r[n] for n in r}
+    v = {n: ft[n] - 0.5 * (r[n] + lo[n]) for n in r}
+    vertices = {"randlora": (0.0, 0.0), "lora": (1.0, 0.0), "ft": (0.5, 1.0)}
+    return Chart("paper", origin, u, v, vertices, _geometry(thetas))
+
+
+def orthonormal_chart(thetas: dict[str, dict[str, torch.Tensor]]) -> Chart:
+    w0, w1, w2 = thetas["randlora"], thetas["ft"], thetas["lora"]
+    e2 = {n: w2[n] - w0[n] for n in w0}
+    e1 = {n: w1[n] - w0[n] for n in w0}
+    norm_u = math.sqrt(_dot(e2, e2))
+    if norm_u == 0:
+        raise UserError("the LoRA and RandLoRA solutions are identical: no orthonormal plane through them")
+    u = {n: e2[n] / norm_u for n in e2}
+    along = _dot(e1, u)
+    v_raw = {n: e1[n] - along * u[n] for n in e1}
+    norm_v = math.sqrt(_dot(v_raw, v_raw))
+    if norm_v == 0:
+        raise UserError("the three solutions are collinear: no plane through them")
+    v = {n: v_raw[n] / norm_v for n in v_raw}
+    vertices = {"randlora": (0.0, 0.0), "lora": (norm_u, 0.0), "ft": (along, norm_v)}
+    return Chart("orthonormal", {n: w0[n].clone() for n in w0}, u, v, vertices, _geometry(thetas))
+
+
+def _geometry(thetas: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """Pairwise distances and the triangle's angles (degrees) in weight space."""
+    diff = lambda a, b: {n: thetas[a][n] - thetas[b][n] for n in thetas[a]}  # noqa: E731
+    dist = {}
+    for a, b in (("ft", "lora"), ("ft", "randlora"), ("lora", "randlora")):
+        d = diff(a, b)
+        dist[f"{a}-{b}"] = math.sqrt(_dot(d, d))
+    angles = {}
+    for at, (p, q) in {"ft": ("lora", "randlora"), "lora": ("ft", "randlora"), "randlora": ("ft", "lora")}.items():
+        a, b = diff(p, at), diff(q, at)
+        cos = _dot(a, b) / max(math.sqrt(_dot(a, a) * _dot(b, b)), 1e-300)
+        angles[at] = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+    return {"distances": dist, "triangle_angles_deg": angles}
+
+
+def build_chart(name: str, thetas: dict[str, dict[str, torch.Tensor]]) -> Chart:
+    if name == "paper":
+        return paper_chart(thetas)
+    if name == "orthonormal":
+        return orthonormal_chart(thetas)
+    raise UserError(f"unknown chart '{name}': choose one of {', '.join(CHARTS)}")
+
+
+def paper_axis(n: int, lo: float, hi: float, anchors: list[float]) -> np.ndarray:
+    """n uniformly spaced values near [lo, hi] whose step divides 0.5, holding every anchor.
+
+    The paper's vertices sit at multiples of 0.5, so a step of 1/(2k) puts them exactly on
+    grid lines. n = 25 on the paper's ranges gives exactly the paper's grid (step 0.1).
+    Values are computed as integers / (2k), so the anchors are exact in floating point.
+    """
+    k = max(1, round(0.5 * (n - 1) / (hi - lo)))
+    step = 1.0 / (2 * k)
+    start = round(((lo + hi) / 2 - (n - 1) * step / 2) / step)
+    a_lo, a_hi = math.floor(min(anchors) / step + 1e-9), math.ceil(max(anchors) / step - 1e-9)
+    if a_hi - a_lo <= n - 1:  # the vertices fit: make sure they are inside
+        start = min(start, a_lo)
+        start = max(start, a_hi - (n - 1))
+    return (start + np.arange(n)) / (2 * k)
+
+
+def snapped_axis(lo: float, hi: float, n: int, anchors: list[float]) -> np.ndarray:
+    """linspace(lo, hi, n) with the line nearest each anchor moved onto it (still increasing)."""
+    axis = np.linspace(lo, hi, n)
+    used: set[int] = set()
+    for a in sorted(set(anchors)):
+        order = np.argsort(np.abs(axis - a), kind="stable")
+        j = next(int(i) for i in order if int(i) not in used)
+        axis[j] = a
+        used.add(j)
+    if np.any(np.diff(axis) <= 0):  # anchors too close for this resolution: add them as extra lines
+        axis = np.union1d(np.linspace(lo, hi, n), anchors)
+    return axis
+
+
+def default_axes(chart: Chart, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The default grid of n × n points for a chart; the three vertices are grid points."""
+    if n < 2:
+        raise UserError(f"--grid {n} is too small: a surface needs at least 2 points per axis (try --grid 11)")
+    xs = [p[0] for p in chart.vertices.values()]
+    ys = [p[1] for p in chart.vertices.values()]
+    if chart.name == "paper":
+        return paper_axis(n, *PAPER_RANGE["x"], xs), paper_axis(n, *PAPER_RANGE["y"], ys)
+    # Orthonormal: the vertices' bounding box widened by the paper's proportions (2.4× the extent).
+    extent = max(max(xs) - min(xs), max(ys) - min(ys))
+    margin = 0.7 * extent
+    return (
+        snapped_axis(min(xs) - margin, max(xs) + margin, n, xs),
+        snapped_axis(min(ys) - margin, max(ys) + margin, n, ys),
+    )

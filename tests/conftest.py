@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny BERT classifier and tiny datasets written in the real formats."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_entry():
+    from adapters.models import get_model
+
+    return get_model("tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def wordnet_root(tmp_path_factory):
+    from tests.fakes import write_wordnet
+
+    folder = tmp_path_factory.mktemp("wordnet")
+    write_wordnet(folder, per_category=40)
+    return folder

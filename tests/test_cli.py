@@ -1,0 +1,148 @@
+"""The main job end to end on a tiny BERT and tiny data files, and exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from landscape import connectivity, spectrum
+
+TINY = ["--model", "tiny-bert", "--train-steps", "3", "--grid", "3", "--eval-samples", "16",
+        "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
+OUTPUTS = ["landscape.npz", "landscape.json", "landscape.html", "landscape.png", "landscape.pdf",
+           "spectrum.json", "spectrum.png"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, wordnet_root):
+    out = tmp_path_factory.mktemp("run") / "wordnet"
+    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_end_to_end_writes_the_output_contract(run_dir):
+    for name in OUTPUTS:
+        assert (run_dir / name).stat().st_size > 0, name
+    data = np.load(run_dir / "landscape.npz")
+    nx, ny = len(data["x"]), len(data["y"])
+    for key in ("loss", "accuracy", "loss_se"):
+        assert data[key].shape == (ny, nx) and np.isfinite(data[key]).all()
+    assert list(data["point_names"]) == ["ft", "lora", "randlora"]
+    meta = json.loads((run_dir / "landscape.json").read_text())
+    assert meta["seed"] == 0 and meta["eval_samples"] == 16 and meta["chart"] == "paper"
+    assert set(meta["solutions"]) == {"ft", "lora", "randlora", "head_only"}
+    # Vertices are grid points, and the stored vertex loss is the grid value there.
+    for name, (px, py) in zip(data["point_names"], data["points"], strict=True):
+        j, i = list(data["x"]).index(px), list(data["y"]).index(py)
+        assert meta["solutions"][name]["vertex_loss"] == pytest.approx(data["loss"][i, j], abs=1e-12)
+    spec = json.loads((run_dir / "spectrum.json").read_text())
+    layer = spec["layers"][0]
+    assert {"name", "shape", "ft", "lora", "randlora"} <= set(layer)
+    assert {"singular_values", "rank", "effective_rank", "stable_rank", "energy_rank_90", "energy_rank_99"} <= set(
+        layer["lora"]
+    )
+    html = (run_dir / "landscape.html").read_text()
+    assert '<script src="http' not in html and "Plotly" in html
+    for name in ("ft", "lora", "randlora", "head_only"):
+        assert (run_dir / "solutions" / name / "solution.json").exists()
+    assert (run_dir / "solutions" / "lora" / "adapter_model.safetensors").exists()
+
+
+def test_peft_loads_saved_adapters(run_dir):
+    from peft import PeftModel
+
+    from adapters.models import get_model
+
+    for name in ("lora", "randlora"):
+        model = PeftModel.from_pretrained(get_model("tiny-bert").build(8), run_dir / "solutions" / name)
+        assert sum(p.numel() for n, p in model.named_parameters() if "lora" in n) > 0
+
+
+def test_rerun_reuses_solutions_and_gives_the_same_numbers(run_dir, wordnet_root, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(run_dir / "solutions", out / "solutions")
+    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
+    a, b = np.load(run_dir / "landscape.npz"), np.load(out / "landscape.npz")
+    assert np.array_equal(a["loss"], b["loss"]) and np.array_equal(a["x"], b["x"])
+
+
+def test_solutions_option_and_orthonormal_chart(run_dir, wordnet_root, tmp_path):
+    out = tmp_path / "reuse"
+    sols = [f"{n}={run_dir / 'solutions' / n}" for n in ("ft", "lora", "randlora")]
+    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), "--chart", "orthonormal",
+            "--solutions", *sols, *TINY]  # fmt: skip
+    assert connectivity.main(argv) == 0
+    meta = json.loads((out / "landscape.json").read_text())
+    assert meta["chart"] == "orthonormal" and meta["chart_geometry"]["distances"]["ft-lora"] > 0
+    assert not (out / "solutions" / "ft").exists()  # reused, not retrained
+    data = np.load(out / "landscape.npz")
+    (x0, y0), (x1, y1) = data["points"][0], data["points"][1]  # ft, lora
+    assert np.hypot(x0 - x1, y0 - y1) == pytest.approx(meta["chart_geometry"]["distances"]["ft-lora"], rel=1e-5)
+
+
+def test_spectrum_cli_on_a_run(run_dir, tmp_path):
+    assert spectrum.main(["--run", str(run_dir), "--out", str(tmp_path), "--no-progress"]) == 0
+    ours = json.loads((tmp_path / "spectrum.json").read_text())
+    assert ours["layers"] == json.loads((run_dir / "spectrum.json").read_text())["layers"]
+
+
+def _bad(argv, capsys, out):
+    code = connectivity.main([*TINY, *argv, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and "Traceback" not in "\n".join(err)
+    assert not out.exists(), "bad input must leave no output behind"
+    return err[-1]
+
+
+def test_bad_inputs_exit_2_with_one_line(run_dir, wordnet_root, tmp_path, capsys):
+    wn = ["--dataset", "wordnet", "--data-root", str(wordnet_root)]
+    assert "unknown dataset 'cifar10'" in _bad(["--dataset", "cifar10"], capsys, tmp_path / "a")
+    assert "unknown model 'gpt9'" in _bad([*wn, "--model", "gpt9"], capsys, tmp_path / "b")
+    assert "apt-get install wordnet-base" in _bad(
+        ["--dataset", "wordnet", "--data-root", str(tmp_path)], capsys, tmp_path / "c"
+    )
+    assert "NAME one of ft, lora, randlora" in _bad([*wn, "--solutions", f"dora={run_dir}"], capsys, tmp_path / "d")
+    assert "does not exist" in _bad([*wn, "--solutions", f"ft={tmp_path / 'nope'}"], capsys, tmp_path / "e")
+    assert "too small" in _bad([*wn, "--grid", "1"], capsys, tmp_path / "f")
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir / "solutions" / "ft", corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "corrupt" in _bad([*wn, "--solutions", f"ft={corrupt}"], capsys, tmp_path / "g")
+
+    bad_json = tmp_path / "bad_json"
+    shutil.copytree(run_dir / "solutions" / "lora", bad_json)
+    (bad_json / "solution.json").write_text("{ not json")
+    assert "corrupt" in _bad([*wn, "--solutions", f"lora={bad_json}"], capsys, tmp_path / "h")
+
+    other_base = tmp_path / "other_base"
+    shutil.copytree(run_dir / "solutions" / "randlora", other_base)
+    info = json.loads((other_base / "solution.json").read_text())
+    info["base_fingerprint"] = "0123456789abcdef"
+    (other_base / "solution.json").write_text(json.dumps(info))
+    assert "different base model" in _bad([*wn, "--solutions", f"randlora={other_base}"], capsys, tmp_path / "i")
+
+    other_model = tmp_path / "other_model"
+    shutil.copytree(run_dir / "solutions" / "ft", other_model)
+    info = json.loads((other_model / "solution.json").read_text())
+    info["model"] = "minilm"
+    (other_model / "solution.json").write_text(json.dumps(info))
+    assert "pass matching solutions" in _bad([*wn, "--solutions", f"ft={other_model}"], capsys, tmp_path / "j")
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "landscape.connectivity", "--dataset", "nope", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
