@@ -36,14 +36,28 @@ class TrainConfig:
         return asdict(self)
 
 
-def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless stream of batches: a fresh seeded permutation each epoch, last partial batch dropped."""
+def batch_indices(
+    n: int, batch_size: int, seed: int, lengths: torch.Tensor | None = None, group: int = 16
+) -> Iterator[torch.Tensor]:
+    """Endless stream of batches: a fresh seeded permutation each epoch, last partial batch dropped.
+
+    With ``lengths`` (text), each run of ``group`` batches of the permutation is sorted by
+    length before being cut into batches, and the batches are then shuffled: batches hold
+    similar lengths, so padding (trimmed per batch) costs little, as in HF's group_by_length.
+    """
     generator = torch.Generator().manual_seed(seed)
     per_epoch = max(1, n // batch_size)
     while True:
-        order = torch.randperm(n, generator=generator)
-        for i in range(per_epoch):
-            yield order[i * batch_size : (i + 1) * batch_size]
+        order = torch.randperm(n, generator=generator)[: per_epoch * batch_size]
+        if lengths is not None:
+            chunks = []
+            for start in range(0, len(order), group * batch_size):
+                chunk = order[start : start + group * batch_size]
+                chunks.append(chunk[torch.argsort(lengths[chunk], stable=True)])
+            order = torch.cat(chunks)
+        batches = order.view(per_epoch, batch_size)
+        for i in torch.randperm(per_epoch, generator=generator):
+            yield batches[i]
 
 
 def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -55,6 +69,14 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
             (head if is_head else rest).append(p)
     groups = [{"params": rest, "lr": config.lr}] if rest else []
     return groups + [{"params": head, "lr": config.head_lr}]
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = _param_groups(model, config)
+    try:  # the fused kernel is ~7x faster than the per-tensor loop on CPU, same maths
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
 def train(
@@ -69,14 +91,14 @@ def train(
     """Train in place; returns a small history (loss every step, wall time)."""
     torch.manual_seed(config.seed)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(_param_groups(model, config), weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses = []
     start = time.perf_counter()
-    batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed)
+    batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
     bar = tqdm(range(config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
     for _ in bar:
         index = next(batches)

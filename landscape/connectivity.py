@@ -41,7 +41,7 @@ PROG = "python -m landscape.connectivity"
 METHOD_ORDER = ("head_only", "ft", "lora", "randlora")
 # Presets: `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on 2 CPU cores.
 PRESETS = {
-    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 300},
+    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 200},
     "full": {"grid": 25, "eval_samples": 2000, "train_steps": 1500},
 }
 
@@ -67,7 +67,7 @@ def build_parser() -> Parser:
         "--train-per-class",
         type=int,
         default=None,
-        help="training samples per class (default: the dataset's, wordnet 250, fashion-mnist 500)",
+        help="training samples per class (default: the dataset's, wordnet 500, fashion-mnist 500)",
     )
     a("--test-per-class", type=int, default=None, help="test samples per class (default: 100)")
     a(
@@ -97,7 +97,7 @@ def build_parser() -> Parser:
         help="size of the fixed evaluation subset (quick: 512, full: 2000); 0 = the whole split",
     )
     a("--preset", default="quick", choices=sorted(PRESETS), help="quick (minutes on a laptop CPU) or full")
-    a("--train-steps", type=int, default=None, help="optimizer steps per solution (quick: 300, full: 1500)")
+    a("--train-steps", type=int, default=None, help="optimizer steps per solution (quick: 200, full: 1500)")
     a("--batch-size", type=int, default=32, help="training batch size (default: 32)")
     a("--randlora-rank", type=int, default=None, help="RandLoRA rank r (default: the model's, minilm: 8)")
     a(

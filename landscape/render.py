@@ -131,6 +131,10 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
         dtype=object,
     )
     hover = f"{xt}=%{{x:.3f}}<br>{yt}=%{{y:.3f}}<br>%{{text}}<extra></extra>"
+    # One explicit colour scale and range per trace: plotly.js drops a coloraxis shared by a
+    # Surface and a Contour ("incompatible colorscales") and falls back to its default scale.
+    colorscale = pcolors.make_colorscale(pcolors.sequential.tempo_r)
+    lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
     fig = make_subplots(
         rows=1,
         cols=2,
@@ -143,7 +147,10 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
             x=x,
             y=y,
             z=z,  # z[i][j] at (x[j], y[i]) — same convention as ours, so no transpose
-            coloraxis="coloraxis",
+            colorscale=colorscale,
+            cmin=lo,
+            cmax=hi,
+            showscale=False,
             contours_z=dict(show=True, project_z=True, usecolormap=True),
             text=text,
             hovertemplate=hover,
@@ -153,7 +160,18 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
         col=1,
     )
     fig.add_trace(
-        go.Contour(x=x, y=y, z=z, coloraxis="coloraxis", text=text, hovertemplate=hover, name="loss"),
+        go.Contour(
+            x=x,
+            y=y,
+            z=z,
+            colorscale=colorscale,
+            zmin=lo,
+            zmax=hi,
+            colorbar=dict(title="loss", tickformat=".3f"),
+            text=text,
+            hovertemplate=hover,
+            name="loss",
+        ),
         row=1,
         col=2,
     )
@@ -165,7 +183,8 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
             go.Scatter3d(
                 x=[px],
                 y=[py],
-                z=[min(pz, zmax)],
+                # lifted by 3% of the z range so the marker is not buried in the surface
+                z=[min(pz, zmax) + 0.03 * (zmax - float(np.nanmin(z)))],
                 marker=style,
                 textposition="top center",
                 textfont=dict(color=_color(name, i), size=14),
@@ -191,7 +210,6 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
         )
     fig.update_layout(
         title=title,
-        coloraxis=dict(colorscale=COLORSCALE, colorbar=dict(title="loss")),
         scene=dict(xaxis_title=xt, yaxis_title=yt, zaxis_title="loss"),
         legend=dict(x=0.0, y=1.0),
         width=1400,

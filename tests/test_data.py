@@ -193,8 +193,8 @@ def test_unknown_dataset_and_option():
 @pytest.mark.skipif(not REAL_WORDNET.is_file(), reason="apt wordnet-base not installed")
 def test_real_wordnet():
     ds = load_dataset("wordnet", data_root=REAL_WORDNET.parent)
-    assert len(ds.train) == 250 * 8 and len(ds.test) == 100 * 8
-    assert Counter(ds.train.labels.tolist()) == {c: 250 for c in range(8)}
+    assert len(ds.train) == 500 * 8 and len(ds.test) == 100 * 8
+    assert Counter(ds.train.labels.tolist()) == {c: 500 for c in range(8)}
     assert all(n >= 1500 for n in ds.info["synsets_per_category"].values())
     # train/test hold disjoint synsets; a few distinct synsets share an identical definition
     assert len(set(ds.train.inputs) & set(ds.test.inputs)) < 20

@@ -111,7 +111,7 @@ def parse_data_noun(path: str | os.PathLike) -> dict[str, list[tuple[int, str]]]
 def load(
     data_root: str | os.PathLike | None = None,
     seed: int = 0,
-    train_per_class: int = 250,
+    train_per_class: int = 500,
     test_per_class: int = 100,
     categories: tuple[str, ...] | list[str] = DEFAULT_CATEGORIES,
 ) -> Dataset:
