@@ -111,3 +111,64 @@ class PlaneEvaluator:
         bar.close()
         out["seconds"] = np.array(time.perf_counter() - start)
         return out
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def run_grid(
+    evaluator: PlaneEvaluator, xs: np.ndarray, ys: np.ndarray, store=None, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Evaluate a grid, resuming from ``store`` and spreading points over torch.distributed ranks.
+
+    Rank 0 reads the finished points and broadcasts them, so every rank agrees on what is left;
+    rank r evaluates points r, r + K, r + 2K, … of the remaining ones (any K, also more ranks
+    than points), checkpointing each into its own file; the results are gathered to every rank.
+    Each point is computed exactly as in a single process, so the grid is the same.
+    """
+    dist = _dist()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    done = store.load() if (store is not None and rank == 0) else {}
+    if dist:
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    shape = (len(ys), len(xs))
+    todo = [(i, j) for i in range(shape[0]) for j in range(shape[1]) if (i, j) not in done]
+    mine = todo[rank::world]
+    computed: dict[tuple[int, int], tuple[float, float, float]] = {}
+    start = time.perf_counter()
+    bar = tqdm(
+        total=len(mine),
+        desc=f"grid (rank {rank})" if dist else "grid",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
+    for i, j in mine:
+        r = evaluator.evaluate(xs[j], ys[i])
+        computed[(i, j)] = (r.loss, r.accuracy, r.loss_se)
+        if store is not None:
+            store.add(i, j, computed[(i, j)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{r.loss:.4f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    if dist:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, computed)
+        for part in parts:
+            done.update(part)
+    else:
+        done.update(computed)
+    if store is not None and rank == 0 and dist:
+        store.mine.update(done)  # rank 0's file then holds the whole grid
+        store.flush()
+    out = {k: np.full(shape, np.nan) for k in ("loss", "accuracy", "loss_se")}
+    for (i, j), (lo, acc, se) in done.items():
+        out["loss"][i, j], out["accuracy"][i, j], out["loss_se"][i, j] = lo, acc, se
+    out["points_computed"] = np.array(len(computed))
+    out["seconds"] = np.array(seconds)
+    return out
