@@ -30,13 +30,18 @@ def run_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     return 0
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, rank: int = 0):
+    """auto -> cuda when present; under torchrun each process takes GPU LOCAL_RANK."""
+    import os
+
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"unknown device '{name}': choose auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available: use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"unknown device '{name}': choose auto, cpu or cuda")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)

@@ -11,6 +11,7 @@ the output contract under --out:
   landscape.html  interactive 3D surface (plotly, self-contained)
   landscape.png / landscape.pdf   static surface + contour map
   spectrum.json / spectrum.png    singular-value spectra of each ΔW (see landscape.spectrum)
+  paths.npz / paths.json / paths.png / paths.pdf   loss along the lines between pairs (see landscape.paths)
 """
 
 from __future__ import annotations
@@ -32,17 +33,18 @@ from adapters.methods.budget import lora_params, randlora_params
 from adapters.models import DEFAULT_MODEL, get_model, model_names
 from adapters.solution import Solution, fingerprint, load_solution, read_info, save_solution
 from adapters.train import TrainConfig, evaluate, train
-from landscape import render, spectrum, store
+from landscape import paths, render, spectrum, store
 from landscape.cli import Parser, resolve_device, run_main
-from landscape.grid import EvalSet, PlaneEvaluator
+from landscape.grid import EvalSet, PlaneEvaluator, run_grid
 from landscape.plane import CHARTS, SOLUTIONS, build_chart, default_axes, solution_weights
+from landscape.store import GridStore
 
 PROG = "python -m landscape.connectivity"
 METHOD_ORDER = ("head_only", "ft", "lora", "randlora")
 # Presets: `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on 2 CPU cores.
 PRESETS = {
-    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 200},
-    "full": {"grid": 25, "eval_samples": 2000, "train_steps": 1500},
+    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 200, "path_points": 11},
+    "full": {"grid": 25, "eval_samples": 2000, "train_steps": 1500, "path_points": 21},
 }
 
 
@@ -115,6 +117,25 @@ def build_parser() -> Parser:
         metavar="NAME=PATH",
         help="reuse solutions trained elsewhere instead of training them: ft=PATH lora=PATH randlora=PATH (any subset)",
     )
+    a(
+        "--path-points",
+        type=int,
+        default=None,
+        help="values of t on each 1-D path between two solutions (quick: 11, full: 21; 0 = no paths)",
+    )
+    a("--path-extend", type=float, default=0.0, help="the paths run over t in [-E, 1 + E] (default: 0)")
+    a(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="forward precision of the landscape evaluation: bfloat16 autocast (loss reduced in fp32) or float32 "
+        "(default auto: bfloat16 on GPU, float32 on CPU)",
+    )
+    a(
+        "--restart",
+        action="store_true",
+        help="discard grid points checkpointed in --out by an earlier run (needed when its configuration differs)",
+    )
     a("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -132,7 +153,8 @@ def parse_solutions(items: Sequence[str]) -> dict[str, Path]:
 class Stages:
     """Wall time per stage, printed as it goes."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
         self.seconds: dict[str, float] = {}
 
     def __call__(self, name: str):
@@ -144,7 +166,7 @@ class Stages:
 
             def __exit__(self, *exc):
                 stages.seconds[name] = round(stages.seconds.get(name, 0.0) + time.perf_counter() - self.t, 3)
-                if exc[0] is None:
+                if exc[0] is None and not stages.quiet:
                     print(f"[{name}] done in {stages.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
         return _Stage()
@@ -160,10 +182,20 @@ def run(argv: Sequence[str] | None = None) -> Path:
         raise UserError(f"--grid {grid_n} is too small: a surface needs at least 2 points per axis (try --grid 11)")
     if eval_samples < 0 or steps < 1 or args.batch_size < 1:
         raise UserError("--eval-samples must be >= 0, --train-steps and --batch-size >= 1")
+    if args.path_points is None:
+        args.path_points = preset["path_points"]
+    if args.path_points != 0:
+        try:
+            paths.check_options(args.path_points, args.path_extend)
+        except UserError as e:
+            raise UserError(f"--path-points/--path-extend: {e} (--path-points 0 disables the paths)") from None
     given = parse_solutions(args.solutions)
     given_info = {name: read_info(path) for name, path in given.items()}
-    device = resolve_device(args.device)
-    stages = Stages()
+    rank, world = init_distributed()
+    device = resolve_device(args.device, rank)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    lead = rank == 0  # rank 0 trains, gathers and writes; the others only evaluate grid points
+    stages = Stages(quiet=not lead)
 
     with stages("load"):
         sizes = {
@@ -225,7 +257,9 @@ def run(argv: Sequence[str] | None = None) -> Path:
             "data_root": args.data_root,
             "sizes": sizes,
         }
-        if _reusable(folder, key):
+        if not lead:
+            pass
+        elif _reusable(folder, key):
             print(f"[train {method}] reusing {folder}", file=sys.stderr)
         else:
             with stages(f"train_{method}"):
@@ -244,6 +278,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
                     args.seed,
                     not args.no_progress,
                 )
+        barrier()  # the other ranks wait for rank 0's solution
         solutions[method] = load_solution(folder, base=base)
 
     for name, sol in solutions.items():
@@ -265,14 +300,32 @@ def run(argv: Sequence[str] | None = None) -> Path:
         split = dataset.train if args.eval_split == "train" else dataset.test
         subset = eval_subset(split, eval_samples or None, args.seed)
         eval_set = EvalSet.prepare(entry.encode(subset.inputs), subset.labels, 128, device)
-        evaluator = PlaneEvaluator(copy.deepcopy(base), chart, eval_set, device)
+        evaluator = PlaneEvaluator(copy.deepcopy(base), chart, eval_set, device, dtype=dtype)
+        grid_key = {
+            "model": model_name, "base_fingerprint": base_print, "chart": args.chart, "dtype": dtype,
+            "x": xs.tolist(), "y": ys.tolist(), "eval": [args.dataset, args.eval_split, eval_set.n, args.seed,
+            args.data_root, sizes], "solutions": {s: delta_fingerprint(solutions[s]) for s in SOLUTIONS},
+        }  # fmt: skip
+        grid_store = GridStore(out / ".grid", grid_key, rank=rank)
+        if args.restart and lead:
+            grid_store.clear()
+        barrier()
 
     with stages("grid"):
-        result = evaluator.grid(xs, ys, progress=not args.no_progress)
-        vertex = {s: evaluator.evaluate(*chart.vertices[s]) for s in SOLUTIONS}
-    for s in SOLUTIONS:
-        summary[s]["vertex_loss"] = vertex[s].loss
-        summary[s]["vertex_accuracy"] = vertex[s].accuracy
+        try:
+            result = run_grid(evaluator, xs, ys, store=grid_store, progress=not args.no_progress)
+        except ValueError as e:
+            raise UserError(
+                f"{out} holds grid points of another configuration ({e}): rerun with --restart to discard "
+                "them, or pick another --out"
+            ) from None
+    if not lead:
+        return out
+    for s in SOLUTIONS:  # the vertices are grid points by construction
+        x, y = chart.vertices[s]
+        i, j = int(np.flatnonzero(ys == y)[0]), int(np.flatnonzero(xs == x)[0])
+        summary[s]["vertex_loss"] = float(result["loss"][i, j])
+        summary[s]["vertex_accuracy"] = float(result["accuracy"][i, j])
     summary["head_only"]["vertex_loss"] = None
 
     points = np.array([chart.vertices[s] for s in SOLUTIONS], dtype=np.float64)
@@ -287,11 +340,27 @@ def run(argv: Sequence[str] | None = None) -> Path:
     }
     store.write_npz(out / "landscape.npz", **arrays)
 
+    path_summary = None
+    if args.path_points:
+        with stages("paths"):
+            path_result = paths.compute_paths(
+                base,
+                {s: solutions[s] for s in SOLUTIONS},
+                eval_set,
+                device,
+                args.path_points,
+                args.path_extend,
+                progress=not args.no_progress,
+            )
+            path_info = {"dataset": args.dataset, "model": model_name, "seed": args.seed, "eval_split": args.eval_split}
+            paths.write_paths(path_result, out, info=path_info, title=f"{model_name} on {args.dataset}: linear paths")
+            path_summary = paths.summary(path_result)
+
     with stages("spectrum"):
         spectrum.write_spectrum({s: solutions[s] for s in SOLUTIONS}, out, device=device, progress=not args.no_progress)
 
     with stages("render"):
-        data = {**arrays, "vertex_loss": np.array([vertex[s].loss for s in SOLUTIONS]), "chart": args.chart}
+        data = {**arrays, "vertex_loss": np.array([summary[s]["vertex_loss"] for s in SOLUTIONS]), "chart": args.chart}
         title = f"{model_name} on {args.dataset}: loss on the plane through FT, LoRA, RandLoRA ({args.chart} chart)"
         render.landscape_html(data, out / "landscape.html", title)
         render.landscape_static(data, out / "landscape.png", out / "landscape.pdf", title)
@@ -304,6 +373,10 @@ def run(argv: Sequence[str] | None = None) -> Path:
         "eval_split": args.eval_split,
         "eval_samples": eval_set.n,
         "seed": args.seed,
+        # what landscape.paths needs to rebuild the evaluation set exactly
+        "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
+        "train_per_class": dataset.info.get("train_per_class"),
+        "test_per_class": dataset.info.get("test_per_class"),
         "grid": {
             "nx": len(xs),
             "ny": len(ys),
@@ -313,11 +386,14 @@ def run(argv: Sequence[str] | None = None) -> Path:
         "preset": args.preset,
         "train_steps": steps,
         "device": str(device),
-        "dtype": "float32",
+        "dtype": dtype,
+        "world_size": world,
+        "grid_points_computed_this_run": int(result["points_computed"]),
         "base_fingerprint": base_print,
         "data_source": dataset.source,
         "classes": dataset.classes,
         "solutions": summary,
+        "paths": path_summary,
         "wall_time_s": stages.seconds,
         "versions": _versions(),
         "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
@@ -325,6 +401,42 @@ def run(argv: Sequence[str] | None = None) -> Path:
     store.write_json(out / "landscape.json", meta)
     _print_summary(out, summary, stages.seconds)
     return out
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Long timeout: the other ranks wait at a barrier while rank 0 trains the solutions.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def delta_fingerprint(solution: Solution) -> str:
+    """sha256 of a solution's ΔW, so a checkpointed grid is never resumed with other solutions."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, d in sorted(solution.delta().items()):
+        h.update(name.encode())
+        h.update(d.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _reusable(folder: Path, key: dict) -> bool:

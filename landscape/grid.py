@@ -51,7 +51,15 @@ class PointResult:
 class PlaneEvaluator:
     """Sets a model's plane parameters to chart points and evaluates the loss there."""
 
-    def __init__(self, model: nn.Module, chart: Chart, eval_set: EvalSet, device: torch.device | str):
+    def __init__(
+        self, model: nn.Module, chart: Chart, eval_set: EvalSet, device: torch.device | str, dtype: str = "float32"
+    ):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, not {dtype}")
+        # bf16 autocast for the forward only; weights stay fp32 (so W = W0 + x·U + y·V is exact to
+        # fp32) and the loss is reduced in fp32/fp64 from fp32 logits.
+        self.autocast = dtype == "bfloat16"
+        self.device_type = torch.device(device).type
         self.model = model.to(device).eval()
         self.chart = chart.to(device)
         self.eval_set = eval_set
@@ -77,7 +85,9 @@ class PlaneEvaluator:
         loss_sq = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         for inputs, target in self.eval_set.batches:
-            logits = self.model(**inputs).float()
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(**inputs)
+            logits = logits.float()
             losses = F.cross_entropy(logits, target, reduction="none").double()
             loss_sum += losses.sum()
             loss_sq += (losses * losses).sum()

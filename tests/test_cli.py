@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from landscape import connectivity, spectrum
 
-TINY = ["--model", "tiny-bert", "--train-steps", "3", "--grid", "3", "--eval-samples", "16",
+TINY = ["--model", "tiny-bert", "--train-steps", "3", "--grid", "3", "--eval-samples", "16", "--path-points", "3",
         "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
 OUTPUTS = ["landscape.npz", "landscape.json", "landscape.html", "landscape.png", "landscape.pdf",
            "spectrum.json", "spectrum.png"]  # fmt: skip
@@ -146,3 +149,55 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def _reuse_argv(run_dir, wordnet_root, out, *extra):
+    sols = [f"{n}={run_dir / 'solutions' / n}" for n in ("ft", "lora", "randlora")]
+    return ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY,
+            "--path-points", "0", "--solutions", *sols, *extra]  # fmt: skip
+
+
+def test_torchrun_two_gloo_processes_equal_one_process(run_dir, wordnet_root, tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert connectivity.main(_reuse_argv(run_dir, wordnet_root, single, "--grid", "5")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "landscape.connectivity", *_reuse_argv(run_dir, wordnet_root, multi, "--grid", "5")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = np.load(single / "landscape.npz"), np.load(multi / "landscape.npz")
+    for key in ("x", "y", "loss", "accuracy", "loss_se"):
+        np.testing.assert_array_equal(a[key], b[key])
+    assert json.loads((multi / "landscape.json").read_text())["world_size"] == 2
+
+
+def test_sigkill_mid_grid_then_resume_equals_uninterrupted(run_dir, wordnet_root, tmp_path, capsys):
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    argv = ["--grid", "9", "--eval-samples", "96"]
+    assert connectivity.main(_reuse_argv(run_dir, wordnet_root, clean, *argv)) == 0
+    cmd = [sys.executable, "-m", "landscape.connectivity", *_reuse_argv(run_dir, wordnet_root, killed, *argv)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / ".grid" / "rank0.npz"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists():
+            with np.load(checkpoint) as f:
+                if len(f["i"]) >= 3:
+                    break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "landscape.npz").exists()
+    assert connectivity.main(_reuse_argv(run_dir, wordnet_root, killed, *argv)) == 0
+    meta = json.loads((killed / "landscape.json").read_text())
+    assert meta["grid_points_computed_this_run"] < 81
+    a, b = np.load(clean / "landscape.npz"), np.load(killed / "landscape.npz")
+    for key in ("loss", "accuracy", "loss_se"):
+        np.testing.assert_array_equal(a[key], b[key])
+
+    # the same folder with another configuration is refused, and --restart discards the old points
+    capsys.readouterr()
+    assert connectivity.main(_reuse_argv(run_dir, wordnet_root, killed, "--grid", "9", "--eval-samples", "64")) == 2
+    assert "--restart" in capsys.readouterr().err
+    assert connectivity.main(_reuse_argv(run_dir, wordnet_root, killed, "--grid", "9", "--eval-samples", "64",
+                                         "--restart")) == 0  # fmt: skip

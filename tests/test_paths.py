@@ -1,0 +1,187 @@
+"""1-D linear paths: endpoints are the solutions, interior points equal a naive evaluation,
+barriers match a direct computation, and the command works on a tiny run (exit 2 on bad input)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.solution import Solution
+from landscape import connectivity, paths
+from landscape.grid import EvalSet
+
+N_CLASSES = 4
+
+
+def _solutions(model, seed=0, scale=0.05):
+    """Synthetic solutions: ft changes everything, lora/randlora a few matrices and the head."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
+    some = [n for n in params if n.endswith(("query.weight", "value.weight")) or n.startswith("head.")]
+    for s in ("lora", "randlora"):
+        deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
+    return {s: Solution(path=Path(s), info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_entry):
+    torch.manual_seed(0)
+    model = tiny_entry.build(N_CLASSES)
+    sols = _solutions(model)
+    texts = [f"sample {i} " + "word " * (i % 7) for i in range(23)]
+    data = tiny_entry.encode(texts)
+    labels = torch.arange(23) % N_CLASSES
+    eval_set = EvalSet.prepare(data, labels, 8, "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = paths.compute_paths(model, sols, eval_set, "cpu", points=5, extend=0.25, progress=False)
+    return model, sols, data, labels, result, before
+
+
+@torch.no_grad()
+def _loss(model, data, labels):
+    model.eval()
+    logits = model(**data.batch(torch.arange(len(labels))))
+    return F.cross_entropy(logits.float(), labels).item()
+
+
+def test_axis_holds_0_and_1_exactly():
+    for n, e in [(2, 0.0), (5, 0.25), (21, 0.0), (21, 0.5), (7, 0.3), (3, 1.0)]:
+        t = paths.path_axis(n, e)
+        assert len(t) == n and 0.0 in t and 1.0 in t and np.all(np.diff(t) > 0), (n, e, t)
+    assert paths.path_axis(5, 0.25).tolist() == [-0.25, 0.0, 0.5, 1.0, 1.25]
+    assert paths.path_axis(3).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_endpoints_are_the_solutions(setup):
+    model, sols, data, labels, result, before = setup
+    t = result["t"]
+    assert result["pairs"] == ["ft-lora", "ft-randlora", "lora-randlora"]
+    assert result["loss"].shape == result["accuracy"].shape == result["loss_se"].shape == (3, len(t))
+    i0, i1 = list(t).index(0.0), list(t).index(1.0)
+    for k, pair in enumerate(result["pairs"]):
+        a, b = pair.split("-")
+        for name, i in ((a, i0), (b, i1)):
+            solved = copy.deepcopy(model)
+            params = dict(solved.named_parameters())
+            with torch.no_grad():
+                for n, d in sols[name].delta().items():
+                    params[n].add_(d)
+            assert result["loss"][k, i] == pytest.approx(_loss(solved, data, labels), rel=1e-5, abs=1e-6), (pair, name)
+    # the base model is left untouched
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_interior_point_equals_naive_evaluation(setup):
+    model, sols, data, labels, result, _ = setup
+    k, j = 2, 2  # lora-randlora at t = 0.5
+    t = float(result["t"][j])
+    assert t == 0.5
+    state = copy.deepcopy(model.state_dict())
+    for n in set(sols["lora"].delta()) | set(sols["randlora"].delta()):
+        w0 = model.state_dict()[n].float()
+        theta_a = w0 + sols["lora"].delta().get(n, 0.0)
+        theta_b = w0 + sols["randlora"].delta().get(n, 0.0)
+        state[n] = (1 - t) * theta_a + t * theta_b
+    fresh = copy.deepcopy(model)
+    fresh.load_state_dict(state)
+    assert result["loss"][k, j] == pytest.approx(_loss(fresh, data, labels), rel=1e-5, abs=1e-6)
+    # outside [0, 1] too: t = 1.25 on ft-lora
+    t = float(result["t"][-1])
+    state = copy.deepcopy(model.state_dict())
+    for n, d in sols["ft"].delta().items():
+        w0 = model.state_dict()[n].float()
+        state[n] = (1 - t) * (w0 + d) + t * (w0 + sols["lora"].delta().get(n, 0.0))
+    fresh.load_state_dict(state)
+    assert result["loss"][0, -1] == pytest.approx(_loss(fresh, data, labels), rel=1e-5, abs=1e-6)
+
+
+def test_barrier_equals_direct_numpy(setup):
+    result = setup[4]
+    t, loss = result["t"], result["loss"]
+    inside = (t >= 0) & (t <= 1)
+    for k, pair in enumerate(result["pairs"]):
+        expected = loss[k][inside].max() - (loss[k][t == 0][0] + loss[k][t == 1][0]) / 2
+        got = result["barriers"][pair]
+        assert got["barrier"] == pytest.approx(expected, abs=1e-12) and got["barrier"] >= 0
+        assert got["loss_max"] == pytest.approx(loss[k][inside].max(), abs=1e-12)
+        assert 0.0 <= got["t_max"] <= 1.0
+    # a hand-made path with a known barrier; the peak outside [0, 1] does not count
+    b = paths.barrier(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), np.array([9.0, 1.0, 4.0, 3.0, 9.0]))
+    assert b["barrier"] == pytest.approx(2.0) and b["t_max"] == 0.5
+
+
+def test_write_paths(setup, tmp_path):
+    result = setup[4]
+    paths.write_paths(result, tmp_path, info={"seed": 0})
+    data = np.load(tmp_path / "paths.npz")
+    assert data["loss"].shape == (3, 5) and list(data["pairs"]) == ["ft-lora", "ft-randlora", "lora-randlora"]
+    assert np.array_equal(data["t"], result["t"])
+    meta = json.loads((tmp_path / "paths.json").read_text())
+    assert meta["seed"] == 0 and meta["points"] == 5 and meta["extend"] == 0.25
+    assert meta["pairs"]["ft-lora"]["barrier"] == result["barriers"]["ft-lora"]["barrier"]
+    assert (tmp_path / "paths.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "paths.pdf").read_bytes()[:4] == b"%PDF"
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+
+
+# ---------------------------------------------------------------------------- tiny run + CLI ----
+
+TINY = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "2", "--eval-samples", "16",
+        "--train-per-class", "6", "--test-per-class", "2", "--no-progress", "--path-points", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, wordnet_root):
+    out = tmp_path_factory.mktemp("run") / "wordnet"
+    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_connectivity_records_paths(run_dir):
+    meta = json.loads((run_dir / "landscape.json").read_text())
+    assert set(meta["paths"]["barrier"]) == {"ft-lora", "ft-randlora", "lora-randlora"}
+    assert meta["paths"]["points"] == 3 and meta["train_per_class"] == 6 and meta["data_root"]
+    for name in ("paths.npz", "paths.json", "paths.png", "paths.pdf"):
+        assert (run_dir / name).stat().st_size > 0, name
+
+
+def test_cli_rebuilds_the_run_exactly(run_dir, tmp_path, capsys):
+    assert paths.main(["--run", str(run_dir), "--out", str(tmp_path), "--points", "3", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    ours, runs = np.load(tmp_path / "paths.npz"), np.load(run_dir / "paths.npz")
+    assert np.allclose(ours["loss"], runs["loss"], rtol=1e-6, atol=1e-7)
+    meta = json.loads((tmp_path / "paths.json").read_text())
+    assert meta["seed"] == 0 and meta["eval_samples"] == 16 and meta["dataset"] == "wordnet"
+    # the path endpoints are the solutions the run evaluated at the plane's vertices
+    run_meta = json.loads((run_dir / "landscape.json").read_text())
+    assert meta["pairs"]["ft-lora"]["loss_t0"] == pytest.approx(run_meta["solutions"]["ft"]["vertex_loss"], rel=1e-5)
+    for name in ("paths.png", "paths.pdf", "paths.json"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
+    def bad(argv):
+        assert paths.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0]
+        return err[0]
+
+    assert "does not exist" in bad(["--run", str(tmp_path / "nope")])
+    assert "no landscape.json" in bad(["--run", str(tmp_path)])
+    assert "at least 2 points" in bad(["--run", str(run_dir), "--points", "1"])
+    assert ">= 0" in bad(["--run", str(run_dir), "--extend", "-1"])
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "landscape.json").write_text("{ not json")
+    assert "corrupt" in bad(["--run", str(corrupt)])
+    assert not list(tmp_path.glob("**/paths.*")), "bad input must write nothing"
+    assert connectivity.main([*TINY, "--path-points", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--path-points" in capsys.readouterr().err and not (tmp_path / "x").exists()
