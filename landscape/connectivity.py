@@ -327,6 +327,15 @@ def run(argv: Sequence[str] | None = None) -> Path:
         summary[s]["vertex_loss"] = float(result["loss"][i, j])
         summary[s]["vertex_accuracy"] = float(result["accuracy"][i, j])
     summary["head_only"]["vertex_loss"] = None
+    precision_check = None
+    if evaluator.autocast:  # measure what bf16 costs in accuracy: the vertices again in fp32
+        evaluator.autocast = False
+        fp32 = {s: evaluator.evaluate(*chart.vertices[s]).loss for s in SOLUTIONS}
+        evaluator.autocast = True
+        precision_check = {
+            "vertex_loss_fp32": fp32,
+            "max_abs_diff_bf16_vs_fp32": max(abs(summary[s]["vertex_loss"] - fp32[s]) for s in SOLUTIONS),
+        }
 
     points = np.array([chart.vertices[s] for s in SOLUTIONS], dtype=np.float64)
     arrays = {
@@ -387,6 +396,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         "train_steps": steps,
         "device": str(device),
         "dtype": dtype,
+        "bf16_check": precision_check,
         "world_size": world,
         "grid_points_computed_this_run": int(result["points_computed"]),
         "base_fingerprint": base_print,

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters.data import fashion_mnist, wordnet
+from adapters.data import cifar100, fashion_mnist, food101, ucf101, wordnet
 from adapters.data.base import Dataset, Split, balanced_indices, eval_subset
 from adapters.errors import UserError
 
@@ -34,6 +34,9 @@ DATASETS: dict[str, DatasetEntry] = {
     for e in (
         DatasetEntry("wordnet", "text", "WordNet 3.0 noun gloss -> lexicographer category", wordnet.load),
         DatasetEntry("fashion-mnist", "image", "Fashion-MNIST 28x28 grayscale, 10 classes", fashion_mnist.load),
+        DatasetEntry("cifar100", "image", "CIFAR-100 32x32 colour, 100 classes (torchvision files)", cifar100.load),
+        DatasetEntry("food101", "image", "Food-101 dishes, 101 classes, decoded at image_size", food101.load),
+        DatasetEntry("ucf101", "image", "UCF101 middle frames, 101 actions, CoOp split", ucf101.load),
     )
 }
 
