@@ -7,6 +7,9 @@ A solution folder holds:
 - the weights: ``model.safetensors`` (``ft``: every parameter; ``head_only``: the head) or
   peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``, for
   ``lora`` / ``randlora``), so ``PeftModel.from_pretrained(base, folder)`` loads them.
+  RandLoRA adapters are saved without the random bases (``save_projection: false``: peft
+  regenerates them from ``projection_prng_key``) plus a checksum of the bases that loading
+  verifies, so a solution is never silently applied with different bases.
 
 ``Solution.delta()`` gives ``{parameter name: dense fp32 ΔW}`` relative to the base model
 for every parameter the solution changes. Adapter updates come from peft's own
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,7 +93,13 @@ def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: d
         _rmtree(tmp)
     tmp.mkdir(parents=True)
     method = info["method"]
-    if method in ADAPTERS:
+    if method == "randlora":
+        # peft writes the shared random bases once per adapted layer (~350 MB for MiniLM); we store
+        # none and a checksum instead: peft regenerates them from projection_prng_key on load.
+        from adapters.methods.randlora import save_compact
+
+        save_compact(trained, tmp)
+    elif method in ADAPTERS:
         trained.save_pretrained(tmp)
     else:
         state = {
@@ -190,13 +200,22 @@ def _adapter_delta(folder: Path, base: Classifier, base_params: dict) -> dict[st
     if not (folder / "adapter_config.json").exists():
         raise UserError(f"{folder} has no adapter_config.json: the adapter weights are missing; re-train it")
     try:
-        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder)
+        with warnings.catch_warnings():  # "bases regenerated from the PRNG key": we verify them below
+            warnings.filterwarnings("ignore", message=".*save_projection.*")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
             f"cannot load the adapter in {folder} onto {type(base).__name__} ({first_line[:200]}): the files are "
             "corrupt or come from another base model"
         ) from None
+    from adapters.methods.randlora import BASES_FILE, verify_bases
+
+    if (folder / BASES_FILE).exists():
+        try:
+            verify_bases(peft_model, folder)
+        except ValueError as e:
+            raise UserError(f"{folder}: {e}") from None
     delta = {}
     with torch.no_grad():
         for name, module in peft_model.named_modules():

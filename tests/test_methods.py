@@ -97,3 +97,24 @@ def test_delta_equals_merged_weights_minus_base(base, tiny_entry, tmp_path):
         expected = merged[name].detach() - p.detach()
         got = delta.get(name, torch.zeros_like(p))
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_randlora_solution_is_compact_and_a_tampered_basis_checksum_is_refused(base, tiny_entry, tmp_path):
+    import json
+
+    from adapters.errors import UserError
+
+    model = attach(copy.deepcopy(base), MethodSpec("randlora", 4), tiny_entry.targets)
+    _randomise_adapter(model, seed=3)
+    save_solution(tmp_path / "r", model, {"method": "randlora", "model": "tiny-bert", "num_classes": 5}, {})
+    config = json.loads((tmp_path / "r" / "adapter_config.json").read_text())
+    assert config["save_projection"] is False  # bases regenerated from the seed, not stored
+    expected = dict(model.merge_and_unload().named_parameters())
+    delta = load_solution(tmp_path / "r", base=base).delta()
+    name = "backbone.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(delta[name], expected[name].detach() - dict(base.named_parameters())[name].detach())
+    record = tmp_path / "r" / "randlora_bases.json"
+    text = record.read_text()
+    record.write_text(text.replace(text[text.index('"sha256"') + 12 : text.index('"sha256"') + 20], "00000000"))
+    with pytest.raises(UserError, match="differ"):
+        load_solution(tmp_path / "r", base=base)

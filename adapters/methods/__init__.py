@@ -29,6 +29,9 @@ ADAPTERS = ("lora", "randlora")
 # it needs the larger end to move as far per step as LoRA.
 LORA_ALPHA_PER_RANK = 2.0
 RANDLORA_ALPHA_PER_RANK = 20.0
+# RandLoRA trains through adapters.methods.randlora's fast forward (same maths as peft, chooses
+# per layer between peft's factored path and a materialized W + s·ΔW); False: peft's forward.
+FAST_RANDLORA = True
 
 
 @dataclass(frozen=True)
@@ -67,14 +70,24 @@ def peft_config(spec: MethodSpec, targets: tuple[str, ...]):
     )
 
 
-def attach(model: nn.Module, spec: MethodSpec, targets: tuple[str, ...]) -> nn.Module:
-    """Return the module to train, with exactly the method's parameters trainable."""
+def attach(
+    model: nn.Module, spec: MethodSpec, targets: tuple[str, ...], fast_randlora: bool | None = None
+) -> nn.Module:
+    """Return the module to train, with exactly the method's parameters trainable.
+
+    ``fast_randlora`` (default: :data:`FAST_RANDLORA`) installs the fast RandLoRA forward.
+    """
     if spec.method in ADAPTERS:
         from peft import get_peft_model
 
         if not target_shapes(model, targets):
             raise UserError(f"no nn.Linear matches the adapter targets {list(targets)}: pass other --targets")
-        return get_peft_model(model, peft_config(spec, targets))
+        peft_model = get_peft_model(model, peft_config(spec, targets))
+        if spec.method == "randlora" and (FAST_RANDLORA if fast_randlora is None else fast_randlora):
+            from adapters.methods.randlora import enable_fast_randlora
+
+            enable_fast_randlora(peft_model)
+        return peft_model
     for name, p in model.named_parameters():
         p.requires_grad_(spec.method == "ft" or name.startswith(HEAD + "."))
     return model

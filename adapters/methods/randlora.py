@@ -1,0 +1,449 @@
+"""RandLoRA training at LoRA's cost: a faster forward for peft's RandLoRA layers, same maths.
+
+peft's ``randlora.layer.Linear.forward`` computes, per adapted Linear and per step,
+``base(x) + F.linear(F.linear(x, first), second) · s`` where ``(first, second)`` come from
+``get_scaled_bases`` (``ΔW = second @ first``, K = r·N columns, N = ⌈d/r⌉). Those are two
+extra token-sized matmuls forward and three backward. When a step holds many tokens it is
+cheaper to build ``ΔW`` once (one out×K×in product, independent of the batch) and run a
+single ``F.linear(x, W + s·ΔW, bias)``.
+
+:func:`enable_fast_randlora` installs, on every ``peft.tuners.randlora.layer.Linear`` of a
+peft model, a forward that picks per call between
+
+- ``"factored"``: peft's own computation (identical expression), and
+- ``"materialized"``: ``F.linear(x, W + s·ΔW, bias)`` in a custom autograd function that
+  saves ``x``, λ, γ and W + s·ΔW (``keep_weight=True``, the default: one weight-sized tensor
+  per materialized layer until the backward) or rebuilds W + s·ΔW in the backward
+  (``keep_weight=False``: no weight-sized tensor kept, one more out×K×in product), and gets
+  the λ/γ gradients from ``G = s·gradᵀ·x`` through peft's own graph (``get_scaled_bases`` →
+  ``UniqueBaseGrad``).
+
+Both paths build the bases with peft's own ``get_scaled_bases`` (called on a light proxy
+that carries the cached bases and the layer's λ, γ), so the permuted basis layout is
+peft's by construction. Module structure, parameter and buffer names are untouched:
+``save_pretrained`` / ``PeftModel.from_pretrained`` work as before.
+
+Choice rule (``mode="auto"``), multiply-adds beyond the frozen layer's own ``x·Wᵀ`` and its
+input gradient, with T tokens (``x.numel() / in``), d = min(in, out), D = max(in, out),
+K = r·N:
+
+====================  ===========================  =====================================
+                      factored (peft)              materialized (ours)
+====================  ===========================  =====================================
+training (grad on)    T·K·(2·(in + out) + d)       D·d·(2·K + T)   [keep_weight=False: 3·K + T]
+no grad (eval)        T·K·(in + out)               D·d·K
+====================  ===========================  =====================================
+
+Factored, training: forward x·firstᵀ and h·secondᵀ (T·K·(in+out)), backward the two input
+gradients (the same again) and the trainable factor's gradient (T·K·d). Materialized: build
+ΔW in the forward (D·K·d), the weight gradient gradᵀ·x (T·D·d), the trainable factor's
+gradient from it (D·K·d), and with ``keep_weight=False`` a rebuild of ΔW in the backward
+(D·K·d). The materialized path is taken when its count is strictly lower; for a square
+layer with K = d that is T > d/2 in training (3d/4 with keep_weight=False) and in eval; for
+out = 4·in (K = d = in) T > 8d/7 (12d/7). The input is assumed to
+need a gradient. Dropout on the adapter input (``randlora_dropout > 0`` in training),
+several active adapters, merged or disabled adapters, extra forward arguments and Conv1D
+base layers always take peft's original forward.
+
+Bases: peft stores the shared A and B once, in bf16 (fp16 without bf16), and on CPU every
+layer casts the whole shared B to fp32 on every call. Here one converted copy per
+(device, dtype) is cached for all layers together (outside the state dict), in the base
+weight's dtype unless ``bases_dtype`` says otherwise; bf16 → fp32 is exact, so the maths is
+unchanged. It is refreshed when peft's buffers are replaced or modified in place.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("auto", "factored", "materialized")
+
+
+def _peft_linear():
+    from peft.tuners.randlora.layer import Linear
+
+    return Linear
+
+
+# --------------------------------------------------------------------------- choice rule
+
+
+def path_costs(
+    in_features: int, out_features: int, rank: int, num_bases: int, tokens: int, training: bool = True,
+    keep_weight: bool = True,
+) -> tuple[int, int]:  # fmt: skip
+    """(factored, materialized) multiply-adds of one call, beyond the frozen layer's own work."""
+    d, big = min(in_features, out_features), max(in_features, out_features)
+    k = rank * num_bases
+    if training:
+        factored = tokens * k * (2 * (in_features + out_features) + d)
+        materialized = big * d * ((2 if keep_weight else 3) * k + tokens)
+    else:
+        factored = tokens * k * (in_features + out_features)
+        materialized = big * d * k
+    return factored, materialized
+
+
+def choose_path(
+    in_features: int, out_features: int, rank: int, num_bases: int, tokens: int, training: bool = True,
+    keep_weight: bool = True,
+) -> str:  # fmt: skip
+    """``"materialized"`` when its multiply-add count is strictly lower, else ``"factored"``."""
+    factored, materialized = path_costs(in_features, out_features, rank, num_bases, tokens, training, keep_weight)
+    return "materialized" if materialized < factored else "factored"
+
+
+def threshold_tokens(
+    in_features: int, out_features: int, rank: int, num_bases: int, training: bool = True, keep_weight: bool = True
+) -> int:
+    """Smallest token count per call at which ``auto`` materializes."""
+    lo, hi = 1, 1
+    while choose_path(in_features, out_features, rank, num_bases, hi, training, keep_weight) != "materialized":
+        hi *= 2
+        if hi > 1 << 40:
+            return hi
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if choose_path(in_features, out_features, rank, num_bases, mid, training, keep_weight) == "materialized":
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# --------------------------------------------------------------------------- shared bases
+
+
+class SharedBases:
+    """One converted copy of peft's shared random bases, for every layer of a model.
+
+    One copy per (adapter, device, dtype, layer shape): peft's slices of the shared A and B
+    for that shape, made contiguous once (peft's own forward re-slices, re-casts and, via
+    ``flatten`` of a non-contiguous slice, copies B on every call). Refreshed when peft's buffer is replaced (e.g. by
+    ``model.to``) or modified in place (its version counter moves). Not a module and not a
+    buffer: it never enters the state dict.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        self._cache: dict = {}
+        self.conversions = 0
+
+    def get(self, layer, adapter: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) sliced as peft slices them for ``layer``'s shape, B contiguous (its flatten is then a view)."""
+        src_a, src_b = layer.randlora_A[adapter], layer.randlora_B[adapter]
+        small, big = min(layer.in_features, layer.out_features), max(layer.in_features, layer.out_features)
+        key = (adapter, device, dtype, big, small, layer.num_bases)
+        hit = self._cache.get(key)
+        stamp = (src_a._version, src_b._version)
+        if hit is not None and hit[0] is src_a and hit[1] is src_b and hit[2] == stamp:
+            return hit[3], hit[4]
+        with torch.no_grad():
+            a = src_a[:, : layer.num_bases, :small].to(device=device, dtype=dtype).contiguous()
+            b = src_b[:big, : layer.num_bases, :].to(device=device, dtype=dtype).contiguous()
+        self._cache[key] = (src_a, src_b, stamp, a, b)
+        self.conversions += 1
+        return a, b
+
+
+@dataclass
+class _LayerState:
+    name: str
+    mode: str
+    keep_weight: bool
+    shared: SharedBases
+    last: str | None = None  # the path taken by the latest call
+    counts: dict = field(default_factory=lambda: {"factored": 0, "materialized": 0})
+
+
+def _scaled_bases(layer, adapter: str, lam, gam, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's ``get_scaled_bases`` on the cached bases and the given λ, γ: (first, second), ΔW = second @ first."""
+    state: _LayerState = layer._fast_randlora
+    a, b = state.shared.get(layer, adapter, device, dtype)
+    proxy = types.SimpleNamespace(
+        randlora_A={adapter: a},
+        randlora_B={adapter: b},
+        randlora_lambda={adapter: lam},
+        randlora_gamma={adapter: gam},
+        in_features=layer.in_features,
+        out_features=layer.out_features,
+        num_bases=layer.num_bases,
+    )
+    first, second = _peft_linear().get_scaled_bases(proxy, adapter, device=device)
+    return first.to(dtype), second.to(dtype)
+
+
+def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
+    """ΔW·s of ``layer`` as the materialized path builds it (equals peft's ``get_delta_weight``)."""
+    weight = layer.get_base_layer().weight
+    dtype = _compute_dtype(layer, weight)
+    first, second = _scaled_bases(
+        layer, adapter, layer.randlora_lambda[adapter], layer.randlora_gamma[adapter], weight.device, dtype
+    )
+    return (second @ first) * layer.scaling[adapter]
+
+
+def _compute_dtype(layer, weight: torch.Tensor) -> torch.dtype:
+    chosen = layer._fast_randlora.shared.dtype
+    if chosen is not None:
+        return chosen
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+# --------------------------------------------------------------------------- materialized path
+
+
+class _MaterializedLinear(torch.autograd.Function):
+    """y = x·(W + s·ΔW(λ, γ))ᵀ + b, saving x, λ, γ (and W + s·ΔW only with keep_weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lam, gam, build, scaling, keep_weight):
+        first, second = build(lam, gam)
+        w = torch.addmm(weight.to(first.dtype), second, first, alpha=scaling)
+        y = F.linear(x, w, None if bias is None else bias.to(w.dtype))
+        ctx.build, ctx.scaling, ctx.keep_weight = build, scaling, keep_weight
+        ctx.save_for_backward(x, weight, lam, gam, w if keep_weight else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lam, gam, w = ctx.saved_tensors
+        need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
+        grad_x = grad_w = grad_b = grad_lam = grad_gam = None
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        first = second = None
+        if need_w or need_lam or need_gam:
+            grad_delta = gy.t().to(x2.dtype) @ x2  # (out, in): T·D·d
+            if need_w:
+                grad_w = grad_delta.to(weight.dtype)
+            if need_lam or need_gam:
+                with torch.enable_grad():
+                    lam_ = lam.detach().requires_grad_(need_lam)
+                    gam_ = gam.detach().requires_grad_(need_gam)
+                    first, second = ctx.build(lam_, gam_)
+                    g = grad_delta * ctx.scaling
+                    outs, grads = [], []
+                    if first.requires_grad:  # in <= out: first = scaled A (K×in), second = B (out×K)
+                        outs.append(first)
+                        grads.append(second.detach().t() @ g)  # D·K·d
+                    if second.requires_grad:  # in > out: second = scaled Aᵀ (out×K), first = Bᵀ (K×in)
+                        outs.append(second)
+                        grads.append(g @ first.detach().t())  # D·K·d
+                    inputs = [t for t, need in ((lam_, need_lam), (gam_, need_gam)) if need]
+                    found = iter(torch.autograd.grad(outs, inputs, grads))
+                grad_lam = next(found) if need_lam else None
+                grad_gam = next(found) if need_gam else None
+        if need_x:
+            if w is None:
+                if first is None:
+                    first, second = ctx.build(lam, gam)
+                w = torch.addmm(weight.to(first.dtype), second.detach(), first.detach(), alpha=ctx.scaling)
+            grad_x = (gy.to(w.dtype) @ w).reshape(x.shape)
+        if need_b:
+            grad_b = gy.sum(0)
+        return grad_x, grad_w, grad_b, grad_lam, grad_gam, None, None, None
+
+
+# --------------------------------------------------------------------------- the forward
+
+
+def _single_adapter(layer, x, args, kwargs) -> str | None:
+    """The one active adapter when the fast forward applies, else None (use peft's forward)."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    if not isinstance(layer.get_base_layer(), nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        return None
+    active = [a for a in layer.active_adapters if a in layer.randlora_lambda]
+    if len(active) != 1:
+        return None
+    dropout = layer.randlora_dropout[active[0]]
+    if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+        return None
+    if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+        return None
+    return active[0]
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapter = _single_adapter(self, x, args, kwargs)
+    if adapter is None:
+        return _peft_linear().forward(self, x, *args, **kwargs)
+    state: _LayerState = self._fast_randlora
+    base = self.get_base_layer()
+    lam, gam = self.randlora_lambda[adapter], self.randlora_gamma[adapter]
+    scaling = self.scaling[adapter]
+    dtype = _compute_dtype(self, base.weight)
+    training = torch.is_grad_enabled() and (lam.requires_grad or gam.requires_grad)
+    path = state.mode
+    if path == "auto":
+        tokens = x.numel() // max(1, x.shape[-1])
+        path = choose_path(
+            self.in_features, self.out_features, self.r[adapter], self.num_bases, tokens, training, state.keep_weight
+        )
+    state.last = path
+    state.counts[path] += 1
+    previous_dtype = x.dtype
+    if path == "factored":  # peft's expression, on the cached bases
+        result = self.base_layer(x)
+        first, second = _scaled_bases(self, adapter, lam, gam, x.device, dtype)
+        result = result + F.linear(F.linear(x.to(first.dtype), first), second) * scaling
+        return result.to(previous_dtype)
+
+    def build(lam_, gam_):
+        return _scaled_bases(self, adapter, lam_, gam_, x.device, dtype)
+
+    result = _MaterializedLinear.apply(x.to(dtype), base.weight, base.bias, lam, gam, build, scaling, state.keep_weight)
+    return result.to(previous_dtype)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def randlora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: peft RandLoRA Linear} of ``model``."""
+    linear = _peft_linear()
+    return {name: m for name, m in model.named_modules() if isinstance(m, linear)}
+
+
+def enable_fast_randlora(
+    model: nn.Module, mode: str = "auto", keep_weight: bool = True, bases_dtype: torch.dtype | None = None
+) -> dict[str, dict]:
+    """Install the fast forward on every peft RandLoRA Linear of ``model`` (in place; idempotent).
+
+    ``mode``: ``"auto"`` (per call, the cheaper path by :func:`path_costs`), ``"factored"``
+    or ``"materialized"`` (forced). ``keep_weight``: the materialized path keeps W + s·ΔW
+    for the backward instead of rebuilding it (faster, one weight-sized tensor per layer).
+    ``bases_dtype``: dtype of the cached shared bases (default: the base weight's dtype).
+
+    Returns per layer: shape, rank, number of bases, the mode and, for ``auto``, the token
+    counts per call from which training / eval calls materialize.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown fast RandLoRA mode '{mode}': choose one of {', '.join(MODES)}")
+    shared_by_buffers: dict[int, SharedBases] = {}
+    plan = {}
+    for name, layer in randlora_layers(model).items():
+        key = id(layer.randlora_B)  # peft gives every layer the same BufferDict
+        shared = shared_by_buffers.setdefault(key, SharedBases(bases_dtype))
+        layer.__dict__["_fast_randlora"] = _LayerState(name, mode, keep_weight, shared)
+        layer.forward = types.MethodType(_fast_forward, layer)
+        adapter = next(iter(layer.randlora_lambda), None)
+        rank = layer.r.get(adapter, 0) if adapter is not None else 0
+        info = {"shape": (layer.out_features, layer.in_features), "rank": rank, "num_bases": layer.num_bases}
+        info["mode"] = mode
+        if mode == "auto" and rank:
+            args = (layer.in_features, layer.out_features, rank, layer.num_bases)
+            info["train_threshold_tokens"] = threshold_tokens(*args, training=True, keep_weight=keep_weight)
+            info["eval_threshold_tokens"] = threshold_tokens(*args, training=False)
+        plan[name] = info
+    return plan
+
+
+def disable_fast_randlora(model: nn.Module) -> None:
+    """Restore peft's own forward on every RandLoRA Linear of ``model``."""
+    for layer in randlora_layers(model).values():
+        layer.__dict__.pop("forward", None)
+        layer.__dict__.pop("_fast_randlora", None)
+
+
+def last_choices(model: nn.Module) -> dict[str, str | None]:
+    """{layer name: path taken by its latest call} (None: fast forward not installed or not called)."""
+    out = {}
+    for name, layer in randlora_layers(model).items():
+        state = layer.__dict__.get("_fast_randlora")
+        out[name] = None if state is None else state.last
+    return out
+
+
+# --------------------------------------------------------------------------- compact saving
+
+BASES_FILE = "randlora_bases.json"
+
+
+def bases_fingerprint(model: nn.Module) -> dict[str, dict]:
+    """Per adapter: shapes, projection key and sha256 of the shared bases' fp32 bytes."""
+    import hashlib
+
+    out = {}
+    for layer in randlora_layers(model).values():
+        for adapter in layer.randlora_A:
+            if adapter in out:
+                continue
+            h = hashlib.sha256()
+            for t in (layer.randlora_A[adapter], layer.randlora_B[adapter]):
+                h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+            config = getattr(model, "peft_config", {}).get(adapter)
+            out[adapter] = {
+                "A_shape": list(layer.randlora_A[adapter].shape),
+                "B_shape": list(layer.randlora_B[adapter].shape),
+                "projection_prng_key": getattr(config, "projection_prng_key", None),
+                "sha256": h.hexdigest(),
+            }
+    return out
+
+
+def save_compact(model: nn.Module, folder, **kwargs) -> None:
+    """``save_pretrained`` without the random bases, plus their checksum.
+
+    peft writes the shared bases once per adapted layer (safetensors un-aliases them); here
+    they are dropped and ``save_projection`` is set to false in ``adapter_config.json``, so
+    ``PeftModel.from_pretrained`` regenerates them from ``projection_prng_key``.
+    :data:`BASES_FILE` records their checksum: call :func:`verify_bases` after loading.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    model.save_pretrained(folder, **kwargs)
+    for weights in folder.rglob("adapter_model.safetensors"):
+        tensors = load_file(weights)
+        kept = {k: v for k, v in tensors.items() if ".randlora_A" not in k and ".randlora_B" not in k}
+        save_file(kept, weights, metadata={"format": "pt"})
+        config_file = weights.parent / "adapter_config.json"
+        config = json.loads(config_file.read_text())
+        config["save_projection"] = False
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (folder / BASES_FILE).write_text(json.dumps(bases_fingerprint(model), indent=2, sort_keys=True))
+
+
+def verify_bases(model: nn.Module, folder) -> None:
+    """Raise ValueError when ``model``'s regenerated bases differ from those recorded at saving."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(folder) / BASES_FILE).read_text())
+    current = bases_fingerprint(model)
+    for adapter, want in recorded.items():
+        got = current.get(adapter)
+        if got != want:
+            raise ValueError(
+                f"RandLoRA bases of adapter '{adapter}' differ from those it was trained with "
+                f"(saved {want}, regenerated {got}): load on the torch/peft versions it was saved with, "
+                "or save it with save_pretrained (bases included)"
+            )
+
+
+__all__ = [
+    "BASES_FILE",
+    "bases_fingerprint",
+    "save_compact",
+    "verify_bases",
+    "MODES",
+    "SharedBases",
+    "choose_path",
+    "delta_weight",
+    "disable_fast_randlora",
+    "enable_fast_randlora",
+    "last_choices",
+    "path_costs",
+    "randlora_layers",
+    "threshold_tokens",
+]

@@ -1,0 +1,202 @@
+"""The fast RandLoRA forward (adapters.methods.randlora) against peft's own RandLoRA layer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from adapters.methods import MethodSpec, attach
+from adapters.methods.randlora import (
+    choose_path,
+    delta_weight,
+    disable_fast_randlora,
+    enable_fast_randlora,
+    last_choices,
+    path_costs,
+    randlora_layers,
+    threshold_tokens,
+)
+
+TARGETS = ("up", "down", "square")
+RTOL = 1e-5  # of the reference's largest magnitude: fp32 sums in another order
+
+
+class Toy(nn.Module):
+    """Linears with out > in (up), out < in (down) and out = in (square), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 40)
+        self.down = nn.Linear(40, 24)
+        self.square = nn.Linear(24, 24, bias=False)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        return self.head(self.square(torch.tanh(self.down(torch.tanh(self.up(x))))))
+
+
+def _randlora(seed: int = 0, rank: int = 5):
+    from peft import RandLoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = RandLoraConfig(r=rank, randlora_alpha=4.0 * rank, target_modules=list(TARGETS), projection_prng_key=seed)
+    model = get_peft_model(Toy(), config)
+    with torch.no_grad():  # away from peft's zero init, so every gradient is non-trivial
+        for name, p in model.named_parameters():
+            if "randlora_lambda" in name:
+                p.normal_()
+            elif "randlora_gamma" in name:
+                p.normal_().div_(p.shape[-1])
+    return model
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "randlora_" in n}
+
+
+def _run(model, x):
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.pow(2).sum().backward()
+    return y.detach(), x.grad, _grads(model)
+
+
+def _assert_close(a, b):
+    torch.testing.assert_close(a, b, atol=RTOL * float(b.detach().abs().max()) + 1e-7, rtol=0.0)
+
+
+@pytest.mark.parametrize("mode", ["materialized", "factored", "auto"])
+@pytest.mark.parametrize("keep_weight", [True, False])
+def test_matches_peft_outputs_and_gradients(mode, keep_weight):
+    ref = _randlora()
+    fast = copy.deepcopy(ref)
+    enable_fast_randlora(fast, mode, keep_weight=keep_weight)
+    x = torch.randn(4, 9, 24)
+    y_ref, gx_ref, g_ref = _run(ref, x)
+    y, gx, g = _run(fast, x)
+    _assert_close(y, y_ref)
+    _assert_close(gx, gx_ref)
+    assert set(g) == set(g_ref) and len(g) == 2 * len(TARGETS)
+    for name in g_ref:
+        assert g_ref[name].abs().max() > 0, name
+        _assert_close(g[name], g_ref[name])
+    if mode != "auto":
+        assert set(last_choices(fast).values()) == {mode}
+
+
+def test_delta_weight_equals_peft():
+    model = _randlora()
+    enable_fast_randlora(model, "materialized")
+    layers = randlora_layers(model)
+    shapes = {layer.get_base_layer().weight.shape for layer in layers.values()}
+    assert shapes == {(40, 24), (24, 40), (24, 24)}
+    for layer in layers.values():
+        with torch.no_grad():
+            _assert_close(delta_weight(layer), layer.get_delta_weight("default"))
+
+
+def test_auto_choice_follows_token_count_and_is_exact_either_way():
+    ref = _randlora()
+    fast = copy.deepcopy(ref)
+    plan = enable_fast_randlora(fast, "auto")
+    square = plan["base_model.model.square"]
+    k = square["rank"] * square["num_bases"]
+    assert square["train_threshold_tokens"] == threshold_tokens(24, 24, 5, square["num_bases"])
+    for tokens in (2, 400):  # below and above every layer's threshold
+        x = torch.randn(tokens, 24)
+        expected = {
+            n: choose_path(info["shape"][1], info["shape"][0], info["rank"], info["num_bases"], tokens)
+            for n, info in plan.items()
+        }
+        y_ref, gx_ref, g_ref = _run(ref, x)
+        ref.zero_grad(set_to_none=True)
+        y, gx, g = _run(fast, x)
+        fast.zero_grad(set_to_none=True)
+        assert last_choices(fast) == expected
+        assert set(expected.values()) == ({"factored"} if tokens == 2 else {"materialized"})
+        _assert_close(y, y_ref)
+        _assert_close(gx, gx_ref)
+        for name in g_ref:
+            _assert_close(g[name], g_ref[name])
+    # the documented counts: square layer, K >= d, keep_weight: T·K·(2·(in+out)+d) vs D·d·(2K+T)
+    assert path_costs(24, 24, 5, square["num_bases"], 100) == (100 * k * (2 * 48 + 24), 24 * 24 * (2 * k + 100))
+
+
+def test_eval_no_grad_and_disabled_adapter_match_peft():
+    ref = _randlora()
+    fast = copy.deepcopy(ref)
+    enable_fast_randlora(fast, "materialized")
+    x = torch.randn(3, 5, 24)
+    with torch.no_grad():
+        _assert_close(fast.eval()(x), ref.eval()(x))
+        with fast.disable_adapter(), ref.disable_adapter():
+            _assert_close(fast(x), ref(x))
+
+
+def test_bases_cached_once_per_shape_and_refreshed_on_change():
+    model = _randlora()
+    enable_fast_randlora(model, "materialized")
+    shared = {id(layer._fast_randlora.shared) for layer in randlora_layers(model).values()}
+    assert len(shared) == 1  # one cache for all layers
+    cache = next(iter(randlora_layers(model).values()))._fast_randlora.shared
+    x = torch.randn(2, 24)
+    for _ in range(3):
+        model(x).sum().backward()
+    assert cache.conversions == 2  # (40, 24) and (24, 40) share one slice, (24, 24) the other: once each
+    with torch.no_grad():
+        model.base_model.randlora_B["default"].mul_(2.0)  # in place: the cache notices
+    ref = copy.deepcopy(model)
+    disable_fast_randlora(ref)
+    _assert_close(model(x), ref(x))
+
+
+def test_attach_uses_fast_path_by_default():
+    fast = attach(Toy(), MethodSpec("randlora", rank=4), TARGETS)
+    plain = attach(Toy(), MethodSpec("randlora", rank=4), TARGETS, fast_randlora=False)
+    assert all("_fast_randlora" in m.__dict__ for m in randlora_layers(fast).values())
+    assert not any("_fast_randlora" in m.__dict__ for m in randlora_layers(plain).values())
+
+
+def test_save_and_load_round_trip_is_bit_identical(tmp_path):
+    from peft import PeftModel
+
+    model = _randlora()
+    enable_fast_randlora(model, "materialized")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(16, 24)).pow(2).mean().backward()
+        optimizer.step()
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(Toy(), tmp_path)  # the same base weights as _randlora(0)
+    saved = {n: p for n, p in model.named_parameters() if "randlora_" in n}
+    got = dict(loaded.named_parameters())
+    assert saved and all(torch.equal(got[n], p) for n, p in saved.items())
+    x = torch.randn(5, 24)
+    with torch.no_grad():
+        enable_fast_randlora(loaded, "materialized")
+        _assert_close(loaded.eval()(x), model.eval()(x))
+
+
+def test_compact_save_regenerates_identical_bases(tmp_path):
+    from peft import PeftModel
+
+    from adapters.methods.randlora import BASES_FILE, save_compact, verify_bases
+
+    model = _randlora()
+    save_compact(model, tmp_path / "compact")
+    model.save_pretrained(tmp_path / "full")
+    size = (tmp_path / "compact" / "adapter_model.safetensors").stat().st_size
+    assert size < (tmp_path / "full" / "adapter_model.safetensors").stat().st_size / 2
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(Toy(), tmp_path / "compact")
+    verify_bases(loaded, tmp_path / "compact")
+    for layer, ref in zip(randlora_layers(loaded).values(), randlora_layers(model).values(), strict=True):
+        assert torch.equal(layer.get_delta_weight("default"), ref.get_delta_weight("default"))
+    (tmp_path / "compact" / BASES_FILE).write_text((tmp_path / "compact" / BASES_FILE).read_text().replace("a", "b"))
+    with pytest.raises(ValueError, match="differ"):
+        verify_bases(loaded, tmp_path / "compact")
