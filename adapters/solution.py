@@ -153,10 +153,10 @@ def load_solution(folder: str | Path, base: Classifier | None = None) -> Solutio
 
 def check_base(folder: Path, info: dict, base: Classifier) -> None:
     expected = info.get("base_fingerprint")
-    if base.head.out_features != int(info["num_classes"]):
+    if base.task_head.out_features != int(info["num_classes"]):
         raise UserError(
             f"solution {folder} has {info['num_classes']} classes but the base model has "
-            f"{base.head.out_features}: use a solution trained on the same dataset"
+            f"{base.task_head.out_features}: use a solution trained on the same dataset"
         )
     if expected and expected != fingerprint(base):
         raise UserError(

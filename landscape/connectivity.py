@@ -173,6 +173,7 @@ class Stages:
 
 
 def run(argv: Sequence[str] | None = None) -> Path:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
     preset = PRESETS[args.preset]
     grid_n = args.grid if args.grid is not None else preset["grid"]
@@ -321,11 +322,15 @@ def run(argv: Sequence[str] | None = None) -> Path:
             ) from None
     if not lead:
         return out
-    for s in SOLUTIONS:  # the vertices are grid points by construction
+    for s in SOLUTIONS:  # the vertices are grid points, except on grids too small to hold them
         x, y = chart.vertices[s]
-        i, j = int(np.flatnonzero(ys == y)[0]), int(np.flatnonzero(xs == x)[0])
-        summary[s]["vertex_loss"] = float(result["loss"][i, j])
-        summary[s]["vertex_accuracy"] = float(result["accuracy"][i, j])
+        i, j = np.flatnonzero(ys == y), np.flatnonzero(xs == x)
+        if len(i) and len(j):
+            loss, acc = float(result["loss"][i[0], j[0]]), float(result["accuracy"][i[0], j[0]])
+        else:
+            point = evaluator.evaluate(x, y)
+            loss, acc = point.loss, point.accuracy
+        summary[s]["vertex_loss"], summary[s]["vertex_accuracy"] = loss, acc
     summary["head_only"]["vertex_loss"] = None
     precision_check = None
     if evaluator.autocast:  # measure what bf16 costs in accuracy: the vertices again in fp32
@@ -405,6 +410,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         "solutions": summary,
         "paths": path_summary,
         "wall_time_s": stages.seconds,
+        "wall_time_total_s": round(time.perf_counter() - started, 1),
         "versions": _versions(),
         "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
     }
@@ -460,7 +466,7 @@ def _train_one(method, rank, entry, base, dataset, train_data, test_data, config
     torch.manual_seed(seed)  # peft's LoRA initialises A from the global generator
     spec = MethodSpec(method, rank=rank, seed=seed)
     model = attach(copy.deepcopy(base), spec, entry.targets)
-    head = sum(p.numel() for p in base.head.parameters())
+    head = sum(p.numel() for p in base.task_head.parameters())
     history = train(
         model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}", progress=progress
     )

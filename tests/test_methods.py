@@ -27,7 +27,7 @@ def base(tiny_entry):
 
 
 def _head_params(model) -> int:
-    return sum(p.numel() for p in model.head.parameters())
+    return sum(p.numel() for p in model.task_head.parameters())
 
 
 @pytest.mark.parametrize("rank", [1, 3, 4, 7])
@@ -75,7 +75,7 @@ def test_update_ranks_randlora_full_lora_at_most_r(base, tiny_entry, tmp_path):
         info = {"method": method, "model": "tiny-bert", "num_classes": 5, "rank": rank}
         save_solution(tmp_path / method, model, info, {})
         delta = load_solution(tmp_path / method, base=base).delta()
-        layers = [n for n in delta if not n.startswith("head.")]
+        layers = [n for n in delta if not n.startswith("task_head.")]
         assert len(layers) == len(target_shapes(base, tiny_entry.targets))
         for name in layers:
             d = delta[name].numpy()  # float32: numpy uses the float32 tolerance

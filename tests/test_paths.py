@@ -24,7 +24,7 @@ def _solutions(model, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
-    some = [n for n in params if n.endswith(("query.weight", "value.weight")) or n.startswith("head.")]
+    some = [n for n in params if n.endswith(("query.weight", "value.weight")) or n.startswith("task_head.")]
     for s in ("lora", "randlora"):
         deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
     return {s: Solution(path=Path(s), info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()}

@@ -83,6 +83,7 @@ def attach(
         if not target_shapes(model, targets):
             raise UserError(f"no nn.Linear matches the adapter targets {list(targets)}: pass other --targets")
         peft_model = get_peft_model(model, peft_config(spec, targets))
+        _check_only_head_saved(peft_model)
         if spec.method == "randlora" and (FAST_RANDLORA if fast_randlora is None else fast_randlora):
             from adapters.methods.randlora import enable_fast_randlora
 
@@ -91,6 +92,16 @@ def attach(
     for name, p in model.named_parameters():
         p.requires_grad_(spec.method == "ft" or name.startswith(HEAD + "."))
     return model
+
+
+def _check_only_head_saved(peft_model: nn.Module) -> None:
+    """peft picks modules_to_save by name suffix; make sure it wrapped the classification head alone."""
+    from peft.utils import ModulesToSaveWrapper
+
+    wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    stray = [n for n in wrapped if not n.endswith("model." + HEAD)]
+    if stray:
+        raise UserError(f"peft would train {stray} in full besides the head: rename those modules")
 
 
 def trainable_params(model: nn.Module) -> int:

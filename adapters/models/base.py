@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-HEAD = "head"
+# Not "head": peft matches modules_to_save by name suffix, and e.g. EfficientNet's `_conv_head` ends in "head".
+HEAD = "task_head"
 
 
 class Classifier(nn.Module):
@@ -23,15 +24,15 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.task_head = nn.Linear(feature_dim, num_classes)
+        nn.init.zeros_(self.task_head.weight)
+        nn.init.zeros_(self.task_head.bias)
 
     def features(self, **inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(**inputs))
+        return self.task_head(self.features(**inputs))
 
     def train(self, mode: bool = True) -> Classifier:
         # Normalisation statistics stay at their pretrained values in every method, so all

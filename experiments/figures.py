@@ -1,0 +1,210 @@
+"""python -m experiments.figures — regenerate every figure under figures/ and the README gallery.
+
+Runs the connectivity job for each run of the set whose outputs are missing (offline set:
+wordnet + MiniLM and fashion-mnist + EfficientNet-Lite0; ``--paper`` adds the CLIP runs of
+experiments/paper when their data and weights are present), copies the figures into
+``figures/`` and rewrites the README section between the gallery markers with the measured
+numbers read from each run's JSON files. Nothing in the gallery is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from adapters.errors import UserError
+from landscape import connectivity
+from landscape.cli import Parser, run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
+OFFLINE = {
+    "wordnet": ["--dataset", "wordnet"],
+    "fashion-mnist": ["--dataset", "fashion-mnist"],
+}
+PAPER = {name: ["--dataset", name, "--preset", "paper"] for name in ("cifar100", "food101", "ucf101")}
+FIGURES = ("landscape.png", "paths.png", "spectrum.png", "rank.png", "similarity.png")
+LABELS = {"head_only": "head only (baseline)", "ft": "full fine-tuning", "lora": "LoRA", "randlora": "RandLoRA"}
+
+
+def ensure_run(name: str, argv: list[str], runs: Path, force: bool) -> Path:
+    out = runs / name
+    if force or not (out / "landscape.json").exists():
+        print(f"[figures] running {' '.join(argv)} --out {out}", file=sys.stderr)
+        code = connectivity.main([*argv, "--out", str(out), "--no-progress"])
+        if code != 0:
+            raise UserError(f"the run '{name}' failed (exit {code}): see the message above")
+    return out
+
+
+def screenshot(html: Path, png: Path) -> bool:
+    """Headless Chromium screenshot of a landscape.html, networking disabled; False if no Chromium."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        return False
+    cmd = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--proxy-server=http://127.0.0.1:9",
+        "--window-size=1500,700",
+        "--virtual-time-budget=10000",
+        f"--screenshot={png}",
+        html.resolve().as_uri(),
+    ]
+    return subprocess.run(cmd, capture_output=True, timeout=180).returncode == 0 and png.exists()
+
+
+def section(name: str, out: Path, figures: Path) -> str:
+    meta = json.loads((out / "landscape.json").read_text())
+    spec = json.loads((out / "spectrum.json").read_text())
+    lines = [f"### {meta['model']} on {meta['dataset']}", ""]
+    lines += [
+        f"`{meta['command']}` — {meta['wall_time_total_s'] / 60:.1f} min end to end on "
+        f"{meta['device']} ({meta['dtype']}), seed {meta['seed']}.",
+        "",
+    ]
+    for fig in FIGURES:
+        if (out / fig).exists():
+            target = figures / f"{name}_{fig}"
+            shutil.copyfile(out / fig, target)
+            lines += [f"![{name} {fig[:-4]}]({target.relative_to(ROOT).as_posix()})", ""]
+    shot = figures / f"{name}_landscape_html.png"
+    if screenshot(out / "landscape.html", shot):
+        lines += [
+            "The interactive `landscape.html` (headless Chromium, networking disabled):",
+            "",
+            f"![{name} landscape.html]({shot.relative_to(ROOT).as_posix()})",
+            "",
+        ]
+    n = meta["eval_samples"]
+    lines += [
+        "| solution | trainable params | rank | test accuracy | test loss | "
+        f"vertex loss ({n} {meta['eval_split']} samples) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    sols = meta["solutions"]
+    for key in ("head_only", "ft", "lora", "randlora"):
+        s = sols[key]
+        vl = "–" if s.get("vertex_loss") is None else f"{s['vertex_loss']:.4f}"
+        lines.append(
+            f"| {LABELS[key]} | {s['trainable_params']:,} | {s['rank'] or '–'} | {s['test_accuracy']:.4f} | "
+            f"{s['test_loss']:.4f} | {vl} |"
+        )
+    lines += [
+        "",
+        "Wall time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in meta["wall_time_s"].items()) + ".",
+        "",
+    ]
+    lines += ["Measured readings:", ""] + [f"- {r}" for r in readings(meta, spec)] + [""]
+    return "\n".join(lines)
+
+
+def readings(meta: dict, spec: dict) -> list[str]:
+    sols = meta["solutions"]
+    out = []
+    base = sols["head_only"]["test_accuracy"]
+    beat = [k for k in ("ft", "lora", "randlora") if sols[k]["test_accuracy"] > base]
+    out.append(
+        f"{len(beat)} of 3 solutions beat the head-only baseline's test accuracy ({base:.4f}): "
+        f"{', '.join(LABELS[k] for k in beat) or 'none'}."
+    )
+    order = sorted(("ft", "lora", "randlora"), key=lambda k: sols[k]["vertex_loss"])
+    out.append(
+        "Depth on the plane (vertex loss, lowest first): "
+        + " < ".join(f"{LABELS[k]} {sols[k]['vertex_loss']:.4f}" for k in order)
+        + "."
+    )
+    layers = spec["layers"]
+    r_lora = sols["lora"]["rank"]
+    lora_ranks = [layer["lora"]["rank"] for layer in layers]
+    rl_ranks = [layer["randlora"]["rank"] for layer in layers]
+    full = [min(layer["shape"]) for layer in layers]
+    out.append(
+        f"LoRA (r = {r_lora}): numerical rank of ΔW {min(lora_ranks)}–{max(lora_ranks)} over "
+        f"{len(layers)} layers (never above r: {all(r <= r_lora for r in lora_ranks)})."
+    )
+    out.append(
+        f"RandLoRA (r = {sols['randlora']['rank']}): numerical rank {min(rl_ranks)}–{max(rl_ranks)} "
+        f"(full rank is {min(full)}–{max(full)}); mean effective rank "
+        + ", ".join(
+            f"{LABELS[k]} {np.mean([layer[k]['effective_rank'] for layer in layers]):.1f}"
+            for k in ("ft", "lora", "randlora")
+        )
+        + "."
+    )
+    sim = _similarity(layers)
+    if sim:
+        out.append(sim)
+    geo = meta.get("chart_geometry", {}).get("distances")
+    if geo:
+        out.append("Weight-space distances: " + ", ".join(f"{k} {v:.2f}" for k, v in geo.items()) + ".")
+    if meta.get("paths"):
+        barriers = meta["paths"]["barrier"]
+        out.append("Barriers on the straight paths: " + ", ".join(f"{k} {v:.4f}" for k, v in barriers.items()) + ".")
+    return out
+
+
+def _similarity(layers: list[dict]) -> str | None:
+    """Which adapter's update is closer to full fine-tuning's, if the spectrum has overlap curves."""
+    means = {}
+    for method in ("lora", "randlora"):
+        vals = [layer[method].get("overlap_with_ft") for layer in layers]
+        vals = [v for v in vals if isinstance(v, list) and v]
+        if not vals:
+            return None
+        k = min(len(v) for v in vals)
+        means[method] = float(np.mean([v[k - 1] for v in vals])), k
+    closer = max(means, key=lambda m: means[m][0])
+    return (
+        f"Subspace overlap with full fine-tuning's update at k = {means['lora'][1]}: "
+        + ", ".join(f"{LABELS[m]} {v:.3f}" for m, (v, _) in means.items())
+        + f" — {LABELS[closer]}'s update is closer to full fine-tuning's."
+    )
+
+
+def rewrite_readme(text: str, readme: Path) -> None:
+    body = readme.read_text()
+    if START not in body or END not in body:
+        raise UserError(f"{readme} has no {START} … {END} markers: add them where the gallery goes")
+    head, rest = body.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def _run(argv: Sequence[str] | None) -> None:
+    p = Parser(prog="python -m experiments.figures", description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=str(ROOT / "runs"), help="where the runs live (default: runs/)")
+    p.add_argument("--paper", action="store_true", help="add the CLIP paper runs (needs their data and weights)")
+    p.add_argument("--force", action="store_true", help="rerun even when a run's outputs exist")
+    p.add_argument("--only", nargs="+", default=None, help="only these runs (names of the set)")
+    args = p.parse_args(argv)
+    figures = ROOT / "figures"
+    figures.mkdir(exist_ok=True)
+    todo = {**OFFLINE, **(PAPER if args.paper else {})}
+    if args.only:
+        unknown = sorted(set(args.only) - set(todo))
+        if unknown:
+            raise UserError(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(todo)}")
+        todo = {k: v for k, v in todo.items() if k in args.only}
+    parts = []
+    for name, run_argv in todo.items():
+        out = ensure_run(name, run_argv, Path(args.runs), args.force)
+        parts.append(section(name, out, figures))
+    rewrite_readme("\n".join(parts), ROOT / "README.md")
+    print(f"[figures] wrote figures/ and the README gallery ({', '.join(todo)})", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_run, argv, "python -m experiments.figures")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
