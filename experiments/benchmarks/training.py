@@ -45,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from adapters.models.base import HEAD
+
 VARIANTS = ("lora", "randlora_peft", "randlora_ours")
 
 
@@ -277,7 +279,7 @@ def run_case(case: Case, warmup: int, timed: int, log=print) -> dict:
             for _ in range(warmup):
                 stepper.step()
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".head." in f".{n}")
+        head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and f".{HEAD}." in f".{n}")
         entry = {
             "trainable_params": trainable,
             "adapter_params": trainable - head,
