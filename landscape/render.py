@@ -386,3 +386,91 @@ def spectrum_figure(spectrum: Mapping, png_path: str | os.PathLike, max_layers: 
     ax.grid(True, alpha=0.3)
     fig.suptitle("Singular-value spectra of the weight updates ΔW")
     _save(fig, png_path, "png")
+
+
+# ------------------------------------------------------- ranks and similarity to full FT ----
+
+
+def rank_figure(
+    spectrum: Mapping,
+    png_path: str | os.PathLike,
+    pdf_path: str | os.PathLike | None = None,
+) -> None:
+    """Effective rank (top) and stable rank (bottom) per layer, the methods as grouped bars.
+
+    ``spectrum`` is the output of :func:`landscape.spectrum.analyse`; log scale, one colour per method.
+    """
+    layers = list(spectrum["layers"])
+    if not layers:
+        raise ValueError("spectrum has no layers")
+    methods = _methods(layers)
+    idx = np.arange(len(layers))
+    width = 0.8 / max(1, len(methods))
+    fig = Figure(figsize=(max(8.0, 0.28 * len(layers) * max(1, len(methods)) + 2), 7.5), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, key, label in zip(axes, ("effective_rank", "stable_rank"), ("effective rank", "stable rank"), strict=True):
+        for mi, m in enumerate(methods):
+            values = np.array([float(layer[m].get(key) or 0.0) for layer in layers])
+            offset = (mi - (len(methods) - 1) / 2) * width
+            ax.bar(idx + offset, np.where(values > 0, values, np.nan), width, color=_color(m, mi), label=_label(m))
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0].legend(fontsize=9, ncols=len(methods))
+    if len(layers) <= 40:
+        axes[1].set_xticks(idx, [_wrap_name(layer["name"], 60).replace("\n", "") for layer in layers], rotation=90,
+                           fontsize=7)  # fmt: skip
+    else:
+        axes[1].set_xlabel("layer index (order in the spectrum file)")
+    fig.suptitle("Effective and stable rank of the weight updates ΔW per layer")
+    _save(fig, png_path, "png")
+    if pdf_path is not None:
+        _save(fig, pdf_path, "pdf")
+
+
+def similarity_figure(
+    spectrum: Mapping,
+    png_path: str | os.PathLike,
+    pdf_path: str | os.PathLike | None = None,
+) -> None:
+    """Subspace overlap ‖U_X,kᵀ U_ft,k‖²_F / k with full fine-tuning versus k, mean over layers.
+
+    The band spans the 10th to 90th percentile over layers; the vertical line marks k = LoRA's r;
+    the dotted grey curve is the mean k / out expected for random subspaces.
+    """
+    layers = list(spectrum["layers"])
+    settings = spectrum.get("settings", {})
+    ref = settings.get("reference") or "ft"
+    key = f"similarity_to_{ref}"
+    methods = [m for m in _methods(layers) if m != ref and layers and key in layers[0][m]]
+    if not methods:
+        raise ValueError(f"spectrum has no similarity to {ref!r}")
+    fig = Figure(figsize=(7.5, 5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    kmax = max(len(layer[m][key]["overlap"]) for layer in layers for m in methods)
+    for mi, m in enumerate(methods):
+        curves = np.full((len(layers), kmax), np.nan)
+        for li, layer in enumerate(layers):
+            c = layer[m][key]["overlap"]
+            curves[li, : len(c)] = c
+        k = np.arange(1, kmax + 1)
+        mean = np.nanmean(curves, axis=0)
+        lo, hi = np.nanpercentile(curves, 10, axis=0), np.nanpercentile(curves, 90, axis=0)
+        ax.fill_between(k, lo, hi, color=_color(m, mi), alpha=0.2, lw=0)
+        ax.plot(k, mean, color=_color(m, mi), lw=2, label=f"{_label(m)} (mean, 10–90 % band)")
+    k = np.arange(1, kmax + 1)
+    rand = np.mean([np.minimum(k, layer["shape"][0]) / layer["shape"][0] for layer in layers], axis=0)
+    ax.plot(k, rand, color="0.5", ls=":", lw=1.2, label="random subspaces (k / out)")
+    r = settings.get("lora_rank")
+    if r:
+        ax.axvline(r, color=_color("lora"), ls="--", lw=1.2, label=f"LoRA rank r = {r}")
+    ax.set_xlabel("k (top-k left singular vectors)")
+    ax.set_ylabel(rf"overlap with {_label(ref)}: $\|U_{{X,k}}^\top U_{{ref,k}}\|_F^2\,/\,k$")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(1, kmax)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9)
+    ax.set_title(f"Similarity of the update's top singular subspace to {_label(ref)}'s ({len(layers)} layers)")
+    _save(fig, png_path, "png")
+    if pdf_path is not None:
+        _save(fig, pdf_path, "pdf")

@@ -1,0 +1,268 @@
+"""Similarity to full fine-tuning, intruder dimensions, the LoRA fast path, the Gram method and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from landscape import spectrum
+from landscape.spectrum import (
+    LowRank,
+    analyse,
+    intruder_cosines,
+    lowrank_svd,
+    overlap_curve,
+    principal_angles,
+)
+
+
+def orthonormal(rng, m, k):
+    return np.linalg.qr(rng.standard_normal((m, k)))[0]
+
+
+def test_principal_angles_match_scipy():
+    rng = np.random.default_rng(0)
+    for m, ka, kb in [(30, 4, 4), (50, 3, 7), (40, 9, 2), (20, 1, 1)]:
+        qa, qb = orthonormal(rng, m, ka), orthonormal(rng, m, kb)
+        ref = np.sort(np.degrees(scipy.linalg.subspace_angles(qa, qb)))
+        np.testing.assert_allclose(principal_angles(qa, qb), ref, atol=1e-10)
+    # nearly identical subspaces: small angles must stay accurate (arccos alone would not)
+    qa = orthonormal(rng, 40, 5)
+    qb = np.linalg.qr(qa + 1e-7 * rng.standard_normal(qa.shape))[0]
+    ref = np.sort(np.degrees(scipy.linalg.subspace_angles(qa, qb)))
+    np.testing.assert_allclose(principal_angles(qa, qb), ref, rtol=1e-6, atol=1e-12)
+    assert principal_angles(qa, qa).max() < 1e-6
+
+
+def test_overlap_curve_against_direct_numpy():
+    rng = np.random.default_rng(1)
+    ua, ub = orthonormal(rng, 50, 12), orthonormal(rng, 50, 12)
+    direct = [np.linalg.norm(ua[:, :k].T @ ub[:, :k]) ** 2 / k for k in range(1, 13)]
+    np.testing.assert_allclose(overlap_curve(ua, ub, 12), direct, rtol=1e-12)
+    np.testing.assert_allclose(overlap_curve(ua, ua, 12), np.ones(12), rtol=1e-12)
+    # a rank-3 update: its subspace stops growing at k = 3
+    trunc = [np.linalg.norm(ua[:, : min(k, 3)].T @ ub[:, :k]) ** 2 / k for k in range(1, 13)]
+    np.testing.assert_allclose(overlap_curve(ua, ub, 12, rank_a=3), trunc, rtol=1e-12)
+
+
+def _match_up_to_sign(u, v, atol):
+    signs = np.sign(np.sum(u * v, axis=0))
+    np.testing.assert_allclose(u * signs, v, atol=atol)
+
+
+@pytest.mark.parametrize("m,n,r", [(80, 30, 4), (20, 70, 6), (25, 25, 25)])
+def test_lora_fast_path_equals_dense_svd(m, n, r):
+    g = torch.Generator().manual_seed(m)
+    B, A, scale = (
+        torch.randn(m, r, generator=g, dtype=torch.float64),
+        torch.randn(r, n, generator=g, dtype=torch.float64),
+        0.7,
+    )
+    u, s, v = lowrank_svd(B, A, scale)
+    dense = (scale * B @ A).numpy()
+    ud, sd, vdh = np.linalg.svd(dense, full_matrices=False)
+    np.testing.assert_allclose(s.numpy(), sd[:r], rtol=1e-10)
+    np.testing.assert_allclose(sd[r:], 0, atol=1e-10 * sd[0])
+    _match_up_to_sign(u.numpy(), ud[:, :r], atol=1e-8)
+    _match_up_to_sign(v.numpy(), vdh[:r].T, atol=1e-8)
+    # through analyse: factors and the dense matrix give the same metrics
+    low = LowRank(B.float(), A.float(), scale)
+    out = analyse({"lora": {"w": low}, "dense": {"w": low.dense()}}, progress=False)["layers"][0]
+    np.testing.assert_allclose(out["lora"]["singular_values"], out["dense"]["singular_values"], rtol=1e-4, atol=1e-5)
+    assert out["lora"]["rank"] == out["dense"]["rank"] == min(r, m, n)
+
+
+@pytest.mark.parametrize("shape", [(90, 30), (30, 90), (40, 40)])
+def test_gram_and_svd_methods_agree_with_numpy(shape):
+    rng = np.random.default_rng(2)
+    d = min(shape)
+    s_true = np.logspace(0, -4, d)  # condition number 1e4
+    x = (orthonormal(rng, shape[0], d) * s_true) @ orthonormal(rng, shape[1], d).T
+    x = torch.from_numpy(x.astype(np.float32))
+    ref_u, ref_s, _ = np.linalg.svd(x.numpy().astype(np.float64), full_matrices=False)
+    for method in ("gram", "svd"):
+        dec = spectrum._decompose(x[None], 5, method)
+        np.testing.assert_allclose(dec.s[0].numpy(), ref_s, rtol=1e-4, atol=1e-6)
+        _match_up_to_sign(dec.left(5)[0].numpy(), ref_u[:, :5], atol=1e-4)
+
+
+def test_energy_beyond_rank_and_streaming():
+    g = torch.Generator().manual_seed(3)
+    names = [f"blocks.{i}.w" for i in range(5)]
+    shapes = {n: (12, 8) if i % 2 else (8, 16) for i, n in enumerate(names)}
+    deltas = {s: {n: torch.randn(*shapes[n], generator=g) for n in names} for s in ("ft", "lora", "randlora")}
+    base = {n: torch.randn(*shapes[n], generator=g) for n in names}
+    big = analyse(deltas, progress=False, base=base, rank=3)
+    small = analyse(deltas, progress=False, base=base, rank=3, chunk_bytes=1)  # one layer at a time
+    assert big == small
+    assert [e["name"] for e in big["layers"]] == names
+    for e in big["layers"]:
+        s = np.linalg.svd(deltas["randlora"][e["name"]].numpy().astype(np.float64), compute_uv=False)
+        assert e["randlora"]["energy_beyond_rank"] == pytest.approx(np.sum(s[3:] ** 2) / np.sum(s**2), rel=1e-5)
+        sim = e["lora"]["similarity_to_ft"]
+        assert set(sim["principal_angles_deg"]) == {"1", "3", "4"} | ({"16"} if min(e["shape"]) >= 16 else set())
+        assert len(sim["overlap"]) == min(64, *e["shape"])
+        assert "similarity_to_ft" not in e["ft"]
+        assert len(e["ft"]["intruders"]["max_cos"]) == min(10, *e["shape"])
+
+
+def _known_base(rng, m=60, n=20):
+    u0, v0 = orthonormal(rng, m, n), orthonormal(rng, n, n)
+    s0 = np.linspace(10, 1, n)
+    s0[-1] = 1e-3
+    return u0, s0, v0
+
+
+def test_planted_intruder_is_counted_and_aligned_update_is_not():
+    rng = np.random.default_rng(4)
+    m, n = 60, 20
+    u0, s0, v0 = _known_base(rng, m, n)
+    w0 = (u0 * s0) @ v0.T
+    x = rng.standard_normal(m)
+    x -= u0 @ (u0.T @ x)  # orthogonal to every left singular vector of W0
+    x /= np.linalg.norm(x)
+    planted = 30.0 * np.outer(x, v0[:, -1])  # larger than W0's top singular value
+    aligned = 5.0 * np.outer(u0[:, 0], v0[:, 0])  # along W0's top direction
+
+    t = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731
+    for method in ("gram", "svd"):
+        cos = intruder_cosines(t(w0), t(w0 + planted), method=method)
+        assert cos[0] < 1e-3 and np.all(cos[1:] > 0.99)
+        assert np.all(intruder_cosines(t(w0), t(w0 + aligned), method=method) > 0.99)
+
+    deltas = {"ft": {"w": t(aligned)}, "lora": {"w": t(planted)}}
+    out = analyse(deltas, progress=False, base={"w": t(w0)})["layers"][0]
+    assert out["lora"]["intruders"]["count"] == {"0.3": 1, "0.5": 1, "0.7": 1}
+    assert out["ft"]["intruders"]["count"] == {"0.3": 0, "0.5": 0, "0.7": 0}
+
+
+def test_intruder_cosines_match_the_direct_definition():
+    # peft's reduce_intruder_dimension: max over W0's left vectors of |U_mergedᵀ U_base|, top 10
+    rng = np.random.default_rng(5)
+    for m, n in [(50, 20), (20, 50), (150, 60), (60, 150)]:  # d >= 40: the partial (top-10 only) eigensolver
+        w0 = rng.standard_normal((m, n))
+        w = w0 + 0.8 * rng.standard_normal((m, n))
+        u0 = np.linalg.svd(w0, full_matrices=False)[0]
+        u1 = np.linalg.svd(w, full_matrices=False)[0]
+        ref = np.abs(u1[:, :10].T @ u0).max(axis=1)
+        got = intruder_cosines(torch.from_numpy(w0.astype(np.float32)), torch.from_numpy(w.astype(np.float32)))
+        np.testing.assert_allclose(got, ref, atol=2e-4)
+
+
+def test_lowrank_and_dense_lora_give_the_same_intruders_and_similarity():
+    g = torch.Generator().manual_seed(6)
+    for m, n in [(90, 50), (50, 90)]:
+        w0 = torch.randn(m, n, generator=g)
+        low = LowRank(torch.randn(m, 4, generator=g), torch.randn(4, n, generator=g), 1.5)
+        ft = torch.randn(m, n, generator=g)
+        for method in ("gram", "svd"):
+            fast = analyse({"ft": {"w": ft}, "lora": {"w": low}}, progress=False, base={"w": w0}, method=method)
+            slow = analyse({"ft": {"w": ft}, "lora": {"w": low.dense()}}, progress=False, base={"w": w0}, rank=4,
+                           method=method)  # fmt: skip
+            a, b = fast["layers"][0]["lora"], slow["layers"][0]["lora"]
+            np.testing.assert_allclose(a["intruders"]["max_cos"], b["intruders"]["max_cos"], atol=1e-4)
+            sa, sb = a["similarity_to_ft"], b["similarity_to_ft"]
+            np.testing.assert_allclose(sa["overlap"], sb["overlap"], atol=1e-4)
+            for k in sa["principal_angles_deg"]:
+                np.testing.assert_allclose(sa["principal_angles_deg"][k], sb["principal_angles_deg"][k], atol=1e-2)
+
+
+# --------------------------------------------------------------------------------- CLI ----
+
+NUM_CLASSES = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_entry):
+    """A run folder with ft / lora / randlora solutions of tiny-bert, written by save_solution.
+
+    Instead of training (slow), every trainable tensor is perturbed at random: the spectra
+    only need updates of the right structure (LoRA: B·A of rank r; RandLoRA: peft's formula).
+    """
+    import copy
+
+    from adapters.methods import MethodSpec, attach
+    from adapters.solution import fingerprint, save_solution
+
+    out = tmp_path_factory.mktemp("spec_run")
+    base = tiny_entry.build(NUM_CLASSES)
+    g = torch.Generator().manual_seed(0)
+    for method, rank in (("ft", None), ("lora", 4), ("randlora", 4)):
+        model = attach(copy.deepcopy(base), MethodSpec(method, rank=rank), tiny_entry.targets)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        info = {"name": method, "method": method, "model": tiny_entry.name, "num_classes": NUM_CLASSES,
+                "rank": rank, "base_fingerprint": fingerprint(base)}  # fmt: skip
+        save_solution(out / "solutions" / method, model, info, {})
+    return out
+
+
+def test_lora_factors_reproduce_peft_delta(tiny_run):
+    from adapters.solution import load_solution
+
+    sol = load_solution(tiny_run / "solutions" / "lora")
+    factors = spectrum.lora_factors(sol)
+    assert factors
+    for name, low in factors.items():
+        torch.testing.assert_close(low.dense(), sol.delta()[name], rtol=1e-5, atol=1e-7)
+        assert low.r == sol.info["rank"]
+
+
+def test_cli_solution_options_and_outputs(tiny_run, tmp_path):
+    sols = tiny_run / "solutions"
+    out_run, out_given = tmp_path / "run", tmp_path / "given"
+    assert spectrum.main(["--run", str(tiny_run), "--out", str(out_run), "--no-progress"]) == 0
+    argv = ["--solution", *(f"{n}={sols / n}" for n in ("ft", "lora", "randlora")), "--out", str(out_given)]
+    assert spectrum.main([*argv, "--no-progress"]) == 0
+    for name in spectrum.OUTPUTS:
+        assert (out_given / name).stat().st_size > 0, name
+    spec = json.loads((out_given / "spectrum.json").read_text())
+    assert spec["layers"] == json.loads((out_run / "spectrum.json").read_text())["layers"]
+    r = spec["settings"]["lora_rank"]
+    assert r == json.loads((sols / "lora" / "solution.json").read_text())["rank"]
+    layer = spec["layers"][0]
+    for sol in ("ft", "lora", "randlora"):
+        assert {"singular_values", "rank", "effective_rank", "energy_beyond_rank", "intruders"} <= set(layer[sol])
+    assert layer["lora"]["energy_beyond_rank"] == pytest.approx(0.0, abs=1e-6)  # rank-r update
+    assert str(min(r, *layer["shape"])) in layer["randlora"]["similarity_to_ft"]["principal_angles_deg"]
+    rows = list(csv.DictReader((out_given / "spectrum.csv").open()))
+    assert len(rows) == 3 * len(spec["layers"])
+    assert {"layer", "solution", "effective_rank", "energy_beyond_rank", f"overlap_k{r}", "intruders_eps0.5"} <= set(
+        rows[0]
+    )
+
+    # a bare peft adapter folder (adapter_config.json, no solution.json) with --base / --num-classes
+    bare = tmp_path / "bare_lora"
+    shutil.copytree(sols / "lora", bare)
+    (bare / "solution.json").unlink()
+    argv = ["--solution", f"ft={sols / 'ft'}", f"lora={bare}", "--out", str(tmp_path / "bare"), "--no-progress"]
+    assert spectrum.main([*argv, "--base", "tiny-bert", "--num-classes", "8"]) == 0
+    bare_spec = json.loads((tmp_path / "bare" / "spectrum.json").read_text())
+    lora_layers = [e["lora"]["singular_values"] for e in bare_spec["layers"]]
+    assert lora_layers == [e["lora"]["singular_values"] for e in spec["layers"]]
+
+
+def test_cli_bad_solution_inputs_exit_2(tiny_run, tmp_path, capsys):
+    sols = tiny_run / "solutions"
+    bare = tmp_path / "bare"
+    shutil.copytree(sols / "lora", bare)
+    (bare / "solution.json").unlink()
+    cases = [
+        (["--solution", f"lora={bare}", "--out", str(tmp_path / "o1")], "--base MODEL_NAME"),
+        (["--solution", "lora", "--out", str(tmp_path / "o2")], "NAME=PATH"),
+        (["--solution", f"ft={tmp_path / 'nope'}", "--out", str(tmp_path / "o3")], "does not exist"),
+        (["--solution", f"ft={sols / 'ft'}"], "--out"),
+        ([], "--run DIR"),
+    ]
+    for argv, message in cases:
+        assert spectrum.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
