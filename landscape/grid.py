@@ -31,11 +31,32 @@ class EvalSet:
     n: int
 
     @classmethod
-    def prepare(cls, data: Encoded, labels: torch.Tensor, batch_size: int, device: torch.device | str) -> EvalSet:
+    def prepare(
+        cls,
+        data: Encoded,
+        labels: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str,
+        tokens_per_batch: int | None = None,
+    ) -> EvalSet:
+        """Batches in length order; text batches hold up to ``tokens_per_batch`` padded tokens
+        (default 16 × batch_size), so short sequences travel in larger batches and padding stays small."""
         order = data.length_order()
+        if data.lengths is None:
+            cuts = list(range(0, len(order), batch_size)) + [len(order)]
+        else:
+            budget = tokens_per_batch or 16 * batch_size
+            lengths = data.lengths[order].tolist()
+            cuts, start = [0], 0
+            for k, length in enumerate(lengths):
+                # sorted ascending: a batch's padded size is (count) × (its last sample's length)
+                if k > start and (k - start + 1) * length > budget:
+                    cuts.append(k)
+                    start = k
+            cuts.append(len(order))
         batches = []
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            index = order[a:b]
             inputs = {k: v.to(device) for k, v in data.batch(index).items()}
             batches.append((inputs, labels[index].to(device)))
         return cls(batches, len(order))
@@ -75,7 +96,7 @@ class PlaneEvaluator:
         # Same arithmetic order at every point, so a vertex evaluated inside or outside a grid
         # gets bit-identical weights.
         for p, o, u, v in zip(self.params, self.origin, self.u, self.v, strict=True):
-            p.copy_(o).add_(u, alpha=float(x)).add_(v, alpha=float(y))
+            torch.add(o, u, alpha=float(x), out=p).add_(v, alpha=float(y))
 
     @torch.no_grad()
     def evaluate(self, x: float, y: float) -> PointResult:
