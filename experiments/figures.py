@@ -62,6 +62,14 @@ def screenshot(html: Path, png: Path) -> bool:
     return subprocess.run(cmd, capture_output=True, timeout=180).returncode == 0 and png.exists()
 
 
+def _rel(path: Path) -> str:
+    """Path as the README links it: relative to the repository when inside it."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
 def section(name: str, out: Path, figures: Path) -> str:
     meta = json.loads((out / "landscape.json").read_text())
     spec = json.loads((out / "spectrum.json").read_text())
@@ -75,13 +83,13 @@ def section(name: str, out: Path, figures: Path) -> str:
         if (out / fig).exists():
             target = figures / f"{name}_{fig}"
             shutil.copyfile(out / fig, target)
-            lines += [f"![{name} {fig[:-4]}]({target.relative_to(ROOT).as_posix()})", ""]
+            lines += [f"![{name} {fig[:-4]}]({_rel(target)})", ""]
     shot = figures / f"{name}_landscape_html.png"
     if screenshot(out / "landscape.html", shot):
         lines += [
             "The interactive `landscape.html` (headless Chromium, networking disabled):",
             "",
-            f"![{name} landscape.html]({shot.relative_to(ROOT).as_posix()})",
+            f"![{name} landscape.html]({_rel(shot)})",
             "",
         ]
     n = meta["eval_samples"]
@@ -140,9 +148,7 @@ def readings(meta: dict, spec: dict) -> list[str]:
         )
         + "."
     )
-    sim = _similarity(layers)
-    if sim:
-        out.append(sim)
+    out += _similarity(layers, r_lora)
     geo = meta.get("chart_geometry", {}).get("distances")
     if geo:
         out.append("Weight-space distances: " + ", ".join(f"{k} {v:.2f}" for k, v in geo.items()) + ".")
@@ -152,22 +158,36 @@ def readings(meta: dict, spec: dict) -> list[str]:
     return out
 
 
-def _similarity(layers: list[dict]) -> str | None:
-    """Which adapter's update is closer to full fine-tuning's, if the spectrum has overlap curves."""
+def _similarity(layers: list[dict], k: int) -> list[str]:
+    """Which adapter's update is closer to full fine-tuning's, and intruder dimensions, from spectrum.json."""
+    out = []
     means = {}
     for method in ("lora", "randlora"):
-        vals = [layer[method].get("overlap_with_ft") for layer in layers]
-        vals = [v for v in vals if isinstance(v, list) and v]
-        if not vals:
-            return None
-        k = min(len(v) for v in vals)
-        means[method] = float(np.mean([v[k - 1] for v in vals])), k
-    closer = max(means, key=lambda m: means[m][0])
-    return (
-        f"Subspace overlap with full fine-tuning's update at k = {means['lora'][1]}: "
-        + ", ".join(f"{LABELS[m]} {v:.3f}" for m, (v, _) in means.items())
-        + f" — {LABELS[closer]}'s update is closer to full fine-tuning's."
-    )
+        curves = [layer[method].get("similarity_to_ft", {}).get("overlap") for layer in layers]
+        curves = [c for c in curves if c]
+        if curves:
+            kk = min(k, min(len(c) for c in curves))
+            means[method] = (float(np.mean([c[kk - 1] for c in curves])), kk)
+    if len(means) == 2:
+        closer = max(means, key=lambda m: means[m][0])
+        out.append(
+            f"Overlap of the top-{means['lora'][1]} singular subspace with full fine-tuning's (mean over layers; "
+            "1 = same subspace): "
+            + ", ".join(f"{LABELS[m]} {v:.3f}" for m, (v, _) in means.items())
+            + f" — {LABELS[closer]}'s update is closer to full fine-tuning's at this k."
+        )
+    counts = {}
+    for method in ("ft", "lora", "randlora"):
+        vals = [layer[method].get("intruders", {}).get("count", {}).get("0.5") for layer in layers]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            counts[method] = sum(vals)
+    if counts:
+        out.append(
+            "Intruder dimensions (top-10 singular vectors of W0 + ΔW with max |cos| < 0.5 to every singular "
+            "vector of W0), summed over layers: " + ", ".join(f"{LABELS[m]} {c}" for m, c in counts.items()) + "."
+        )
+    return out
 
 
 def rewrite_readme(text: str, readme: Path) -> None:
@@ -185,9 +205,11 @@ def _run(argv: Sequence[str] | None) -> None:
     p.add_argument("--paper", action="store_true", help="add the CLIP paper runs (needs their data and weights)")
     p.add_argument("--force", action="store_true", help="rerun even when a run's outputs exist")
     p.add_argument("--only", nargs="+", default=None, help="only these runs (names of the set)")
+    p.add_argument("--figures", default=str(ROOT / "figures"), help="where the figures go (default: figures/)")
+    p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose gallery is rewritten")
     args = p.parse_args(argv)
-    figures = ROOT / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
     todo = {**OFFLINE, **(PAPER if args.paper else {})}
     if args.only:
         unknown = sorted(set(args.only) - set(todo))
@@ -198,7 +220,7 @@ def _run(argv: Sequence[str] | None) -> None:
     for name, run_argv in todo.items():
         out = ensure_run(name, run_argv, Path(args.runs), args.force)
         parts.append(section(name, out, figures))
-    rewrite_readme("\n".join(parts), ROOT / "README.md")
+    rewrite_readme("\n".join(parts), Path(args.readme))
     print(f"[figures] wrote figures/ and the README gallery ({', '.join(todo)})", file=sys.stderr)
 
 

@@ -201,3 +201,21 @@ def test_sigkill_mid_grid_then_resume_equals_uninterrupted(run_dir, wordnet_root
     assert "--restart" in capsys.readouterr().err
     assert connectivity.main(_reuse_argv(run_dir, wordnet_root, killed, "--grid", "9", "--eval-samples", "64",
                                          "--restart")) == 0  # fmt: skip
+
+
+def test_figures_command_on_a_tiny_run(run_dir, tmp_path):
+    from experiments import figures
+
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir, runs / "wordnet")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{figures.START}\nold\n{figures.END}\nafter\n")
+    argv = ["--only", "wordnet", "--runs", str(runs), "--figures", str(tmp_path / "fig"), "--readme", str(readme)]
+    assert figures.main(argv) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n")
+    assert "| LoRA |" in text and "beat the head-only baseline" in text
+    meta = json.loads((run_dir / "landscape.json").read_text())
+    assert f"{meta['solutions']['randlora']['test_accuracy']:.4f}" in text  # numbers come from the run
+    for name in ("landscape.png", "spectrum.png", "rank.png", "similarity.png"):
+        assert (tmp_path / "fig" / f"wordnet_{name}").stat().st_size > 0
