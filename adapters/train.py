@@ -9,9 +9,11 @@ quickly even when the backbone moves slowly (full fine-tuning at 1e-5..1e-4).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -87,32 +89,87 @@ def train(
     device: torch.device | str = "cpu",
     desc: str = "train",
     progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
 ) -> dict:
-    """Train in place; returns a small history (loss every step, wall time)."""
+    """Train in place; returns a small history (loss every step, wall time).
+
+    With ``checkpoint``, the trainable parameters, optimizer, schedule, RNG state and step are
+    written atomically every ``checkpoint_every`` steps; calling ``train`` again with the same
+    arguments after a crash (or SIGKILL) resumes there and ends with the same weights as an
+    uninterrupted run (on CPU, bit-exact). The file is removed when training completes.
+    """
     torch.manual_seed(config.seed)
     model.to(device).train()
     optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
     )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    losses = []
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    losses: list[float] = []
+    first = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config)
     start = time.perf_counter()
     batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
-    bar = tqdm(range(config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
-    for _ in bar:
+    for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
+        next(batches)
+    bar = tqdm(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+    for step in bar:
         index = next(batches)
         inputs = {k: v.to(device) for k, v in data.batch(index).items()}
         loss = F.cross_entropy(model(**inputs), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        done = step + 1
+        if checkpoint is not None and done % checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(Path(checkpoint), done, losses, trainable, optimizer, schedule, config)
     model.eval()
-    return {"train_loss": losses, "train_seconds": time.perf_counter() - start}
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
+    return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first}
+
+
+def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig) -> None:
+    state = {
+        "step": step,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "config": repr(config.to_dict()),
+        "params": {n: p.detach().clone() for n, p in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+
+
+def _resume(path: Path, trainable, optimizer, schedule, config: TrainConfig) -> tuple[int, list[float]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file means: start over
+        print(f"[train] ignoring unreadable checkpoint {path} ({type(e).__name__}); starting over")
+        return 0, []
+    if state.get("config") != repr(config.to_dict()) or set(state["params"]) != set(trainable):
+        print(f"[train] checkpoint {path} is from another configuration; starting over")
+        return 0, []
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state["params"][name])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), state["losses"].tolist()
 
 
 @torch.no_grad()

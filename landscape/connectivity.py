@@ -467,9 +467,11 @@ def _train_one(method, rank, entry, base, dataset, train_data, test_data, config
     spec = MethodSpec(method, rank=rank, seed=seed)
     model = attach(copy.deepcopy(base), spec, entry.targets)
     head = sum(p.numel() for p in base.task_head.parameters())
+    # Checkpointed every 50 steps: a killed run resumes training where it died.
     history = train(
-        model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}", progress=progress
-    )
+        model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}", progress=progress,
+        checkpoint=folder.with_name(f".{method}.ckpt"), checkpoint_every=50,
+    )  # fmt: skip
     test_loss, test_acc = evaluate(model, test_data, dataset.test.labels, config.eval_batch_size, device)
     n_train = trainable_params(model)
     print(
