@@ -101,6 +101,11 @@ def train(
     """
     torch.manual_seed(config.seed)
     model.to(device).train()
+    rank, world = _dist_rank_world()
+    # Under torchrun every rank draws the same global batch and computes on its slice
+    # index[rank::world]; DDP averages the gradients, which equals the gradient of the global
+    # mean loss when the slices are equal (global batch divisible by the world size).
+    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
@@ -116,23 +121,41 @@ def train(
         next(batches)
     bar = tqdm(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
     for step in bar:
-        index = next(batches)
+        index = next(batches)[rank::world]
         inputs = {k: v.to(device) for k, v in data.batch(index).items()}
-        loss = F.cross_entropy(model(**inputs), labels[index].to(device))
+        loss = F.cross_entropy(forward(**inputs), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
         optimizer.step()
         schedule.step()
-        losses.append(loss.item())
+        losses.append(_global_mean(loss.detach(), world))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
-        if checkpoint is not None and done % checkpoint_every == 0 and done < config.steps:
+        if checkpoint is not None and rank == 0 and done % checkpoint_every == 0 and done < config.steps:
             _save_checkpoint(Path(checkpoint), done, losses, trainable, optimizer, schedule, config)
     model.eval()
-    if checkpoint is not None and Path(checkpoint).exists():
+    if checkpoint is not None and rank == 0 and Path(checkpoint).exists():
         Path(checkpoint).unlink()
     return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first}
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _global_mean(loss: torch.Tensor, world: int) -> float:
+    if world > 1:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= world
+    return loss.item()
 
 
 def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig) -> None:

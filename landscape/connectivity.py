@@ -195,7 +195,9 @@ def run(argv: Sequence[str] | None = None) -> Path:
     rank, world = init_distributed()
     device = resolve_device(args.device, rank)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    lead = rank == 0  # rank 0 trains, gathers and writes; the others only evaluate grid points
+    lead = rank == 0  # rank 0 saves, gathers and writes; all ranks train (DDP) and evaluate grid points
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} torchrun processes")
     stages = Stages(quiet=not lead)
 
     with stages("load"):
@@ -258,10 +260,9 @@ def run(argv: Sequence[str] | None = None) -> Path:
             "data_root": args.data_root,
             "sizes": sizes,
         }
-        if not lead:
-            pass
-        elif _reusable(folder, key):
-            print(f"[train {method}] reusing {folder}", file=sys.stderr)
+        if _reusable(folder, key):
+            if lead:
+                print(f"[train {method}] reusing {folder}", file=sys.stderr)
         else:
             with stages(f"train_{method}"):
                 _train_one(
@@ -437,11 +438,15 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def barrier() -> None:
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def delta_fingerprint(solution: Solution) -> str:
@@ -468,10 +473,14 @@ def _train_one(method, rank, entry, base, dataset, train_data, test_data, config
     model = attach(copy.deepcopy(base), spec, entry.targets)
     head = sum(p.numel() for p in base.task_head.parameters())
     # Checkpointed every 50 steps: a killed run resumes training where it died.
+    # Under torchrun all ranks train together (DDP, each on a slice of the global batch); rank 0 saves.
+    lead = not _distributed() or torch.distributed.get_rank() == 0
     history = train(
-        model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}", progress=progress,
-        checkpoint=folder.with_name(f".{method}.ckpt"), checkpoint_every=50,
+        model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}",
+        progress=progress and lead, checkpoint=folder.with_name(f".{method}.ckpt"), checkpoint_every=50,
     )  # fmt: skip
+    if not lead:
+        return
     test_loss, test_acc = evaluate(model, test_data, dataset.test.labels, config.eval_batch_size, device)
     n_train = trainable_params(model)
     print(
@@ -529,7 +538,12 @@ def _print_summary(out: Path, summary: dict, seconds: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(run, argv, PROG)
+    code = run_main(run, argv, PROG)
+    if _distributed():
+        if code == 0:
+            barrier()  # the other ranks wait until rank 0 has written every output
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":

@@ -25,3 +25,12 @@ def wordnet_root(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wordnet")
     write_wordnet(folder, per_category=40)
     return folder
+
+
+def free_port() -> str:
+    """A TCP port nothing listens on now (for torchrun's rendezvous in tests)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from landscape import connectivity, spectrum
+from tests.conftest import free_port
 
 TINY = ["--model", "tiny-bert", "--train-steps", "3", "--grid", "3", "--eval-samples", "16", "--path-points", "3",
         "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
@@ -160,7 +161,7 @@ def _reuse_argv(run_dir, wordnet_root, out, *extra):
 def test_torchrun_two_gloo_processes_equal_one_process(run_dir, wordnet_root, tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     assert connectivity.main(_reuse_argv(run_dir, wordnet_root, single, "--grid", "5")) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            "-m", "landscape.connectivity", *_reuse_argv(run_dir, wordnet_root, multi, "--grid", "5")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]

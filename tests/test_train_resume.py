@@ -53,3 +53,29 @@ def test_killed_training_resumes_to_the_same_weights(tiny_entry, tmp_path, metho
     ref_params, got = dict(reference.named_parameters()), dict(resumed.named_parameters())
     for name, p in ref_params.items():
         assert torch.equal(p, got[name]), name
+
+
+@pytest.mark.parametrize("method", ["ft", "randlora"])
+def test_torchrun_two_processes_train_like_one(tmp_path, method):
+    """DDP over 2 gloo processes with the same global batch ends at the weights of one process."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    worker = [sys.executable, "-m", "tests.ddp_worker"]
+    subprocess.run([*worker, str(one), method], check=True, env=env, timeout=300)
+    from tests.conftest import free_port
+
+    port = free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    proc = subprocess.run([*launch, "-m", "tests.ddp_worker", str(two), method], env=env, timeout=300,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = load_file(one), load_file(two)
+    assert a.keys() == b.keys()
+    for name in a:  # equal up to fp32 reduction order (gradients summed across processes)
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -1,0 +1,37 @@
+"""Trains a tiny dropout-free BERT for a few steps and saves its weights: run alone or under torchrun."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from adapters.methods import MethodSpec, attach
+from adapters.models import get_model
+from adapters.train import TrainConfig, train
+
+
+def main(out: str, method: str) -> None:
+    torch.set_num_threads(1)
+    if "WORLD_SIZE" in __import__("os").environ:
+        dist.init_process_group("gloo")
+    entry = get_model("tiny-bert")
+    base = entry.build(4)
+    for m in base.modules():  # dropout would draw different masks in 1 and 2 processes
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    torch.manual_seed(0)
+    model = attach(base, MethodSpec(method, rank=4 if method != "ft" else None), entry.targets)
+    texts = [f"gloss {i} " + "word " * (i % 5) for i in range(48)]
+    train(model, entry.encode(texts), torch.arange(48) % 4, TrainConfig(steps=5, batch_size=8, seed=1), progress=False)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}, out)
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still works (gloo aborts otherwise)
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
