@@ -188,28 +188,42 @@ def load(
     root = find_root(data_root)
     raw_names = read_classes(root)
     listed = {split: read_split(root, split, raw_names) for split in ("train", "test")}  # all checks first
-    chosen = {}
+    info = {"listed_images": {split: len(paths) for split, (paths, _) in listed.items()}}
+    return image_dataset(
+        "food101", root, listed, raw_names, train_per_class, test_per_class, image_size, seed, info, FIX
+    )
+
+
+def image_dataset(
+    name: str,
+    root: Path,
+    listed: dict,
+    raw_names: list[str],
+    train_per_class: int | None,
+    test_per_class: int | None,
+    image_size: int,
+    seed: int,
+    info: dict,
+    fix: str,
+) -> Dataset:
+    """Balanced selection of listed (paths, labels) per split, decoded once; shared by food101 and ucf101."""
+    chosen = []
     for split, per_class, offset in (("train", train_per_class, 0), ("test", test_per_class, 1)):
         paths, labels = listed[split]
-        idx = balanced_indices(labels, per_class, seed + offset)
-        chosen[split] = ([paths[i] for i in idx.tolist()], labels[idx])
-    splits = [Split(decode_images(paths, image_size, FIX), labels) for paths, labels in chosen.values()]
-    train, test = splits
+        idx = balanced_indices(labels, per_class, seed + offset)  # both selections checked before decoding
+        chosen.append(([paths[i] for i in idx.tolist()], labels[idx]))
+    train, test = (Split(decode_images(paths, image_size, fix), labels) for paths, labels in chosen)
+    counts = {f"{k}_counts": torch.bincount(v.labels, minlength=len(raw_names)).tolist() for k, v in
+              (("train", train), ("test", test))}  # fmt: skip
     return Dataset(
-        name="food101",
+        name=name,
         modality="image",
         classes=[n.replace("_", " ") for n in raw_names],
         train=train,
         test=test,
         source=str(root),
         info={
-            "seed": seed,
-            "train_per_class": train_per_class,
-            "test_per_class": test_per_class,
-            "image_size": image_size,
-            "raw_class_names": raw_names,
-            "listed_images": {split: len(paths) for split, (paths, _) in listed.items()},
-            "train_counts": torch.bincount(train.labels, minlength=len(raw_names)).tolist(),
-            "test_counts": torch.bincount(test.labels, minlength=len(raw_names)).tolist(),
+            "seed": seed, "train_per_class": train_per_class, "test_per_class": test_per_class,
+            "image_size": image_size, "raw_class_names": raw_names, **info, **counts,
         },
-    )
+    )  # fmt: skip

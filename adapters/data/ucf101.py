@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from adapters.data import cifar100
-from adapters.data.base import Dataset, Split, balanced_indices
-from adapters.data.food101 import decode_images
+from adapters.data.base import Dataset
+from adapters.data.food101 import image_dataset
 from adapters.errors import UserError
 
 FOLDER = "ucf101"
@@ -104,30 +104,10 @@ def load(
     root = find_root(data_root)
     raw_names, table = read_split_file(root)
     parts = {"train": table["train"] + (table["val"] if include_val else []), "test": table["test"]}
-    chosen = []
-    for split, per_class, offset in (("train", train_per_class, 0), ("test", test_per_class, 1)):
-        paths = [p for p, _ in parts[split]]
-        labels = torch.tensor([lab for _, lab in parts[split]], dtype=torch.long)
-        idx = balanced_indices(labels, per_class, seed + offset)  # both selections checked before decoding
-        chosen.append(([paths[i] for i in idx.tolist()], labels[idx]))
-    splits = [Split(decode_images(paths, image_size, FIX), labels) for paths, labels in chosen]
-    train, test = splits
-    return Dataset(
-        name="ucf101",
-        modality="image",
-        classes=[n.replace("_", " ") for n in raw_names],
-        train=train,
-        test=test,
-        source=str(root),
-        info={
-            "seed": seed,
-            "train_per_class": train_per_class,
-            "test_per_class": test_per_class,
-            "image_size": image_size,
-            "include_val": include_val,
-            "raw_class_names": raw_names,
-            "split_sizes": {k: len(v) for k, v in table.items()},
-            "train_counts": torch.bincount(train.labels, minlength=len(raw_names)).tolist(),
-            "test_counts": torch.bincount(test.labels, minlength=len(raw_names)).tolist(),
-        },
+    listed = {}
+    for split, rows in parts.items():
+        listed[split] = ([p for p, _ in rows], torch.tensor([lab for _, lab in rows], dtype=torch.long))
+    info = {"include_val": include_val, "split_sizes": {k: len(v) for k, v in table.items()}}
+    return image_dataset(
+        "ucf101", root, listed, raw_names, train_per_class, test_per_class, image_size, seed, info, FIX
     )
