@@ -16,6 +16,7 @@ the output contract under --out:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import sys
@@ -157,19 +158,13 @@ class Stages:
         self.quiet = quiet
         self.seconds: dict[str, float] = {}
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        stages = self
-
-        class _Stage:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                stages.seconds[name] = round(stages.seconds.get(name, 0.0) + time.perf_counter() - self.t, 3)
-                if exc[0] is None and not stages.quiet:
-                    print(f"[{name}] done in {stages.seconds[name]:.1f} s", file=sys.stderr, flush=True)
-
-        return _Stage()
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        if not self.quiet:
+            print(f"[{name}] done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
 
 
 def run(argv: Sequence[str] | None = None) -> Path:

@@ -10,7 +10,6 @@ accumulate on the device in fp64 and are read once per point.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,30 +117,6 @@ class PlaneEvaluator:
         mean = total / n
         var = max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
         return PointResult(mean, right / n, (var / n) ** 0.5)
-
-    def grid(
-        self,
-        xs: np.ndarray,
-        ys: np.ndarray,
-        progress: bool = True,
-        on_point: Callable[[int, int, PointResult], None] | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Evaluate every (x[j], y[i]); arrays are (ny, nx) with [i, j] at (x[j], y[i])."""
-        shape = (len(ys), len(xs))
-        out = {k: np.full(shape, np.nan) for k in ("loss", "accuracy", "loss_se")}
-        start = time.perf_counter()
-        bar = tqdm(total=shape[0] * shape[1], desc="grid", disable=not progress, dynamic_ncols=True)
-        for i, y in enumerate(ys):
-            for j, x in enumerate(xs):
-                r = self.evaluate(x, y)
-                out["loss"][i, j], out["accuracy"][i, j], out["loss_se"][i, j] = r.loss, r.accuracy, r.loss_se
-                if on_point is not None:
-                    on_point(i, j, r)
-                bar.update(1)
-                bar.set_postfix(loss=f"{r.loss:.3f}")
-        bar.close()
-        out["seconds"] = np.array(time.perf_counter() - start)
-        return out
 
 
 def _dist():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.models.base import Encoded
-from landscape.grid import EvalSet, PlaneEvaluator
+from landscape.grid import EvalSet, PlaneEvaluator, run_grid
 from landscape.plane import build_chart, default_axes, paper_axis, solution_weights
 
 
@@ -121,7 +121,7 @@ def test_grid_equals_naive_loop_and_orientation(setup):
     chart = build_chart("paper", solution_weights(base, deltas))
     evaluator = PlaneEvaluator(copy.deepcopy(model), chart, EvalSet.prepare(data, labels, 5, "cpu"), "cpu")
     xs, ys = np.array([-0.5, 0.0, 0.5, 1.0]), np.array([0.0, 1.0, 1.5])  # nx != ny catches a transpose
-    result = evaluator.grid(xs, ys, progress=False)
+    result = run_grid(evaluator, xs, ys, progress=False)
     assert result["loss"].shape == (3, 4)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):

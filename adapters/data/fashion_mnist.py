@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import socket
 import struct
 import zlib
 from pathlib import Path
@@ -27,7 +26,7 @@ IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 SIDE = 28
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 CACHE_ROOT = Path.home() / ".cache" / "randlora-landscape" / "data"
-DOWNLOAD_TIMEOUT_S = 10.0
+DOWNLOAD_HOST = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"  # torchvision's mirror
 _FILES = tuple(f"{s}-{k}-ubyte" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1"))
 
 
@@ -77,16 +76,16 @@ def _files_in(folder: Path) -> list[Path] | None:
 
 
 def _download(root: Path) -> None:
-    """torchvision's download into ``root`` with a short socket timeout (fails fast offline)."""
-    from torchvision import datasets
+    """torchvision's download into ``root``; fails in seconds offline (see cifar100.fetch_online)."""
+    from adapters.data.cifar100 import fetch_online
 
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
+    def fetch() -> None:
+        from torchvision import datasets
+
         for train in (True, False):
             datasets.FashionMNIST(root=str(root), train=train, download=True)
-    finally:
-        socket.setdefaulttimeout(old)
+
+    fetch_online(fetch, DOWNLOAD_HOST)
 
 
 def find_files(data_root: str | os.PathLike | None = None) -> list[Path]:

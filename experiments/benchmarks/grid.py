@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -842,10 +841,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for row in r["engine_profile_top_ops"]:
                 print(f"  {row['share']:6.1%}  {row['self_cpu_s']:8.4f} s  {row['calls']:5d}×  {row['op']}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        tmp.replace(args.json)
+        from landscape.store import write_json
+
+        write_json(args.json, out)
     return 0
 
 

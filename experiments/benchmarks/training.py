@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import platform
 import statistics
@@ -382,10 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + "  ".join(f"{k}={v:.2f}" for k, v in r["ratios"].items()))
         print("  targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in r["targets_met"].items()))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2))
-        tmp.replace(args.json)
+        from landscape.store import write_json
+
+        write_json(args.json, out)
     return 0
 
 
