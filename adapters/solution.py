@@ -142,7 +142,7 @@ def load_solution(folder: str | Path, base: Classifier | None = None) -> Solutio
     folder = Path(folder)
     info = read_info(folder)
     if base is None:
-        base = get_model(info["model"]).build(int(info["num_classes"]))
+        base = build_base(info)
     check_base(folder, info, base)
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -151,12 +151,19 @@ def load_solution(folder: str | Path, base: Classifier | None = None) -> Solutio
     return solution
 
 
+def build_base(info: dict) -> Classifier:
+    """The base model a solution was trained from (its model, classes and model options)."""
+    n = int(info["num_classes"])
+    classes = info.get("classes") or [f"class {i}" for i in range(n)]
+    return get_model(info["model"]).create(classes, info.get("model_options"))
+
+
 def check_base(folder: Path, info: dict, base: Classifier) -> None:
     expected = info.get("base_fingerprint")
-    if base.task_head.out_features != int(info["num_classes"]):
+    if base.num_classes != int(info["num_classes"]):
         raise UserError(
             f"solution {folder} has {info['num_classes']} classes but the base model has "
-            f"{base.task_head.out_features}: use a solution trained on the same dataset"
+            f"{base.num_classes}: use a solution trained on the same dataset"
         )
     if expected and expected != fingerprint(base):
         raise UserError(
@@ -192,6 +199,19 @@ def _compute_delta(solution: Solution) -> dict[str, torch.Tensor]:
     return delta
 
 
+def _peft_config(folder: Path):
+    """The adapter's peft config, with our layers for attention / convolutions registered."""
+    from peft import LoraConfig, PeftConfig
+
+    from adapters.methods import layers
+
+    config = PeftConfig.from_pretrained(str(folder))
+    if isinstance(config, LoraConfig):
+        layers.register_lora(config)
+    layers.install()
+    return config
+
+
 def _adapter_delta(folder: Path, base: Classifier, base_params: dict) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -202,7 +222,7 @@ def _adapter_delta(folder: Path, base: Classifier, base_params: dict) -> dict[st
     try:
         with warnings.catch_warnings():  # "bases regenerated from the PRNG key": we verify them below
             warnings.filterwarnings("ignore", message=".*save_projection.*")
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder)
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder, config=_peft_config(folder))
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -226,7 +246,7 @@ def _adapter_delta(folder: Path, base: Classifier, base_params: dict) -> dict[st
                     key = f"{short}.{pname}"
                     delta[key] = p.detach().float() - base_params[key].detach().float()
             elif isinstance(module, BaseTunerLayer) and hasattr(module, "get_delta_weight"):
-                key = f"{short}.weight"
+                key = f"{short}.{getattr(module, 'adapted_weight', 'weight')}"
                 d = module.get_delta_weight("default").detach().float()
                 if d.shape != base_params[key].shape:
                     d = d.reshape(base_params[key].shape)

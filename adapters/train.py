@@ -8,10 +8,11 @@ quickly even when the backbone moves slowly (full fine-tuning at 1e-5..1e-4).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     seed: int = 0
     eval_batch_size: int = 128
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the effective batch)
+    autocast: str = "none"  # "bfloat16": bf16 autocast for forward and loss (weights and optimizer fp32)
+    augment: bool = False  # apply the model's training augmentation (per step, seeded)
+    grad_checkpointing: bool = False  # recompute activations in the backward (models that support it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,7 +75,7 @@ def _param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
             is_head = name.startswith(HEAD + ".") or f".{HEAD}." in name
             (head if is_head else rest).append(p)
     groups = [{"params": rest, "lr": config.lr}] if rest else []
-    return groups + [{"params": head, "lr": config.head_lr}]
+    return groups + ([{"params": head, "lr": config.head_lr}] if head else [])
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -91,6 +96,7 @@ def train(
     progress: bool = True,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
+    augment: Callable | None = None,
 ) -> dict:
     """Train in place; returns a small history (loss every step, wall time).
 
@@ -98,8 +104,19 @@ def train(
     written atomically every ``checkpoint_every`` steps; calling ``train`` again with the same
     arguments after a crash (or SIGKILL) resumes there and ends with the same weights as an
     uninterrupted run (on CPU, bit-exact). The file is removed when training completes.
+
+    ``augment(inputs, generator)`` (used when ``config.augment``) transforms each batch on the
+    device; its generator is seeded by (seed, step), so augmentation survives a resume exactly.
+    ``config.grad_accum`` splits each rank's batch into that many micro-batches whose summed
+    losses give the same gradient as the whole batch at once.
     """
+    if config.augment and augment is None:
+        raise ValueError("config.augment is set but no augment function was given")
+    if config.grad_accum < 1 or config.batch_size % config.grad_accum:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by grad_accum {config.grad_accum}")
     torch.manual_seed(config.seed)
+    if config.grad_checkpointing and hasattr(_unwrap(model), "set_grad_checkpointing"):
+        _unwrap(model).set_grad_checkpointing(True)
     model.to(device).train()
     rank, world = _dist_rank_world()
     # Under torchrun every rank draws the same global batch and computes on its slice
@@ -120,12 +137,27 @@ def train(
     for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
         next(batches)
     bar = tqdm(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
     for step in bar:
         index = next(batches)[rank::world]
-        inputs = {k: v.to(device) for k, v in data.batch(index).items()}
-        loss = F.cross_entropy(forward(**inputs), labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        micro = index.chunk(config.grad_accum) if config.grad_accum > 1 else (index,)
+        loss = torch.zeros((), device=device)
+        for k, part in enumerate(micro):
+            inputs = {key: v.to(device) for key, v in data.batch(part).items()}
+            if config.augment:
+                inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
+            sync = k == len(micro) - 1 or world == 1
+            with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
+                with autocast:
+                    logits = forward(**inputs).float()
+                target = labels[part].to(device)
+                if len(micro) == 1:
+                    part_loss = F.cross_entropy(logits, target)
+                else:  # the sum over micro-batches is the mean over the whole batch
+                    part_loss = F.cross_entropy(logits, target, reduction="sum") / len(index)
+                part_loss.backward()
+            loss += part_loss.detach()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
         optimizer.step()
         schedule.step()
@@ -138,6 +170,12 @@ def train(
     if checkpoint is not None and rank == 0 and Path(checkpoint).exists():
         Path(checkpoint).unlink()
     return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -202,9 +240,12 @@ def evaluate(
     labels: torch.Tensor,
     batch_size: int = 128,
     device: torch.device | str = "cpu",
+    autocast: str = "none",
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over the whole set (batches in length order)."""
+    """Mean cross-entropy and accuracy over the whole set (batches in length order; ``autocast="bfloat16"``:
+    bf16 forward, fp32 loss)."""
     model.to(device).eval()
+    bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast == "bfloat16")
     order = data.length_order()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -212,7 +253,8 @@ def evaluate(
         index = order[start : start + batch_size]
         inputs = {k: v.to(device) for k, v in data.batch(index).items()}
         target = labels[index].to(device)
-        logits = model(**inputs).float()
+        with bf16:
+            logits = model(**inputs).float()
         loss_sum += F.cross_entropy(logits, target, reduction="sum")
         correct += (logits.argmax(-1) == target).sum()
     n = len(order)

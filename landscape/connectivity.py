@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import platform
 import sys
 import time
@@ -29,24 +30,20 @@ import torch
 
 from adapters.data import dataset_names, eval_subset, load_dataset
 from adapters.errors import UserError
-from adapters.methods import MethodSpec, attach, match_lora_rank, target_shapes, trainable_params
+from adapters.methods import MethodSpec, attach, has_head, match_lora_rank, target_shapes, trainable_params
 from adapters.methods.budget import lora_params, randlora_params
-from adapters.models import DEFAULT_MODEL, get_model, model_names
+from adapters.models import DEFAULT_MODEL, clip, get_model, is_clip, model_names
 from adapters.solution import Solution, fingerprint, load_solution, read_info, save_solution
 from adapters.train import TrainConfig, evaluate, train
-from landscape import paths, render, spectrum, store
+from landscape import paths, recipe, render, spectrum, store
 from landscape.cli import Parser, resolve_device, run_main
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import CHARTS, SOLUTIONS, build_chart, default_axes, solution_weights
+from landscape.grid import EvalSet, PlaneEvaluator, points_per_forward_arg, run_grid
+from landscape.plane import CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
+from landscape.recipe import PAPER_DATASETS, PRESETS
 from landscape.store import GridStore
 
 PROG = "python -m landscape.connectivity"
 METHOD_ORDER = ("head_only", "ft", "lora", "randlora")
-# Presets: `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on 2 CPU cores.
-PRESETS = {
-    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 200, "path_points": 11},
-    "full": {"grid": 25, "eval_samples": 2000, "train_steps": 1500, "path_points": 21},
-}
 
 
 def build_parser() -> Parser:
@@ -75,7 +72,7 @@ def build_parser() -> Parser:
     a("--test-per-class", type=int, default=None, help="test samples per class (default: 100)")
     a(
         "--chart",
-        default="paper",
+        default=None,
         choices=CHARTS,
         help="plane chart: 'paper' = the RandLoRA paper's affine "
         "chart (RandLoRA (0,0), LoRA (1,0), FT (0.5,1)); 'orthonormal' = Garipov et al., Euclidean units "
@@ -89,7 +86,7 @@ def build_parser() -> Parser:
     )
     a(
         "--eval-split",
-        default="train",
+        default=None,
         choices=("train", "test"),
         help="split the landscape is evaluated on (default: train, as the paper)",
     )
@@ -99,9 +96,36 @@ def build_parser() -> Parser:
         default=None,
         help="size of the fixed evaluation subset (quick: 512, full: 2000); 0 = the whole split",
     )
-    a("--preset", default="quick", choices=sorted(PRESETS), help="quick (minutes on a laptop CPU) or full")
+    a(
+        "--preset",
+        default=None,
+        choices=[*sorted(PRESETS), "paper"],
+        help="quick (minutes on a laptop CPU), full, or paper (the RandLoRA paper's CLIP recipe from "
+        f"experiments/paper/<dataset>.toml; the default for {', '.join(PAPER_DATASETS)}; quick otherwise)",
+    )
+    a("--config", default=None, metavar="FILE", help="a TOML experiment config (layout of experiments/paper/*.toml)")
     a("--train-steps", type=int, default=None, help="optimizer steps per solution (quick: 200, full: 1500)")
-    a("--batch-size", type=int, default=32, help="training batch size (default: 32)")
+    a("--epochs", type=float, default=None, help="training length in epochs (paper: 6 / 15 / 20); --train-steps wins")
+    a("--batch-size", type=int, default=None, help="effective training batch size (default: 32; paper: 128)")
+    a("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: 1)")
+    a("--grad-checkpointing", action="store_true", help="recompute activations in the backward (CLIP): less memory")
+    a(
+        "--pretrained",
+        default=None,
+        help="CLIP weights: an open_clip tag (default: openai), a local checkpoint file, or none (random init)",
+    )
+    a(
+        "--prompt-template",
+        default=None,
+        help="CLIP class prompt, with {c} for the class name (default: 'An image of {c}')",
+    )
+    a(
+        "--paper-temperature",
+        action="store_true",
+        default=None,
+        help="CLIP: scale logits by the raw logit_scale as the paper's code does "
+        "(default: exp(logit_scale), CLIP's own temperature)",
+    )
     a("--randlora-rank", type=int, default=None, help="RandLoRA rank r (default: the model's, minilm: 8)")
     a(
         "--lora-rank",
@@ -131,6 +155,13 @@ def build_parser() -> Parser:
         choices=("auto", "float32", "bfloat16"),
         help="forward precision of the landscape evaluation: bfloat16 autocast (loss reduced in fp32) or float32 "
         "(default auto: bfloat16 on GPU, float32 on CPU)",
+    )
+    a(
+        "--points-per-forward",
+        type=points_per_forward_arg,
+        default="auto",
+        help="grid points evaluated by one vmapped forward (torch.func): a number or auto (1 on CPU, where batching "
+        "does not pay; on GPU min(16, 1024 // samples per batch) = 8 for batches of 128) (default: auto)",
     )
     a(
         "--restart",
@@ -170,16 +201,23 @@ class Stages:
 def run(argv: Sequence[str] | None = None) -> Path:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
-    preset = PRESETS[args.preset]
-    grid_n = args.grid if args.grid is not None else preset["grid"]
-    eval_samples = args.eval_samples if args.eval_samples is not None else preset["eval_samples"]
-    steps = args.train_steps if args.train_steps is not None else preset["train_steps"]
+    preset_name, preset = recipe.resolve(args.dataset, args.preset, args.config)
+    grid_n = args.grid if args.grid is not None else preset.get("grid", 11)
+    eval_samples = args.eval_samples if args.eval_samples is not None else preset.get("eval_samples", 512)
+    args.chart = args.chart or preset.get("chart", "paper")
+    args.eval_split = args.eval_split or preset.get("eval_split", "train")
+    args.batch_size = args.batch_size or preset.get("batch_size", 32)
+    grad_accum = args.grad_accum or preset.get("grad_accum", 1)
+    if args.chart not in CHARTS or args.eval_split not in ("train", "test"):
+        raise UserError(f"config: chart must be one of {', '.join(CHARTS)} and eval_split train or test")
     if grid_n < 2:
         raise UserError(f"--grid {grid_n} is too small: a surface needs at least 2 points per axis (try --grid 11)")
-    if eval_samples < 0 or steps < 1 or args.batch_size < 1:
+    if eval_samples < 0 or (args.train_steps is not None and args.train_steps < 1) or args.batch_size < 1:
         raise UserError("--eval-samples must be >= 0, --train-steps and --batch-size >= 1")
+    if grad_accum < 1 or args.batch_size % grad_accum:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {grad_accum}")
     if args.path_points is None:
-        args.path_points = preset["path_points"]
+        args.path_points = preset.get("path_points", 11)
     if args.path_points != 0:
         try:
             paths.check_options(args.path_points, args.path_extend)
@@ -189,7 +227,10 @@ def run(argv: Sequence[str] | None = None) -> Path:
     given_info = {name: read_info(path) for name, path in given.items()}
     rank, world = init_distributed()
     device = resolve_device(args.device, rank)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    if args.dtype == "auto":  # bf16 autocast on GPU (the config's choice), fp32 on CPU
+        dtype = preset.get("dtype", "bfloat16") if device.type == "cuda" else "float32"
+    else:
+        dtype = args.dtype
     lead = rank == 0  # rank 0 saves, gathers and writes; all ranks train (DDP) and evaluate grid points
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} torchrun processes")
@@ -198,12 +239,25 @@ def run(argv: Sequence[str] | None = None) -> Path:
     with stages("load"):
         sizes = {
             k: v
-            for k, v in (("train_per_class", args.train_per_class), ("test_per_class", args.test_per_class))
-            if v is not None
+            for k in ("train_per_class", "test_per_class")
+            if (v := getattr(args, k) if getattr(args, k) is not None else preset.get(k)) is not None
         }
-        dataset = load_dataset(args.dataset, data_root=args.data_root, seed=args.seed, **sizes)
-        model_name = args.model or DEFAULT_MODEL[dataset.modality]
+        model_name = args.model or preset.get("model") or DEFAULT_MODEL[dataset_modality(args.dataset)]
         entry = get_model(model_name)
+        model_options = resolve_model_options(args, preset, entry)
+        # Data and weights are checked together, so one line names everything that is missing.
+        problems, dataset = [], None
+        try:
+            dataset = load_dataset(args.dataset, data_root=args.data_root, seed=args.seed, **sizes)
+        except UserError as e:
+            problems.append(str(e))
+        if is_clip(entry):
+            try:
+                clip.resolve_pretrained(entry.name, model_options.get("pretrained"))
+            except UserError as e:
+                problems.append(str(e))
+        if problems:
+            raise UserError("; and ".join(problems))
         if entry.modality != dataset.modality:
             raise UserError(
                 f"model '{model_name}' takes {entry.modality} but dataset '{args.dataset}' is "
@@ -216,22 +270,31 @@ def run(argv: Sequence[str] | None = None) -> Path:
                     f"{info.get('dataset')}, not {model_name} on {args.dataset}: pass matching solutions"
                 )
         torch.manual_seed(args.seed)
-        base = entry.build(len(dataset.classes))
+        base = entry.create(dataset.classes, model_options)
         base_print = fingerprint(base)
         solutions: dict[str, Solution] = {n: load_solution(p, base=base) for n, p in given.items()}
         train_data = entry.encode(dataset.train.inputs)
         test_data = entry.encode(dataset.test.inputs)
+    steps = args.train_steps or preset.get("train_steps")
+    if steps is None:  # epochs over the training split at the effective batch size
+        epochs = args.epochs or preset.get("epochs", 1)
+        steps = max(1, math.ceil(epochs * len(dataset.train) / min(args.batch_size, len(dataset.train))))
+    elif args.epochs and not args.train_steps:
+        steps = max(1, math.ceil(args.epochs * len(dataset.train) / min(args.batch_size, len(dataset.train))))
 
     out = Path(args.out or f"runs/{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)
     shapes = target_shapes(base, entry.targets)
-    randlora_rank = args.randlora_rank or entry.defaults.get("randlora_rank", 8)
-    lora_rank = args.lora_rank or match_lora_rank(shapes, randlora_rank)
-    print(
-        f"budget: RandLoRA r={randlora_rank}: {randlora_params(shapes, randlora_rank):,} adapter parameters; "
-        f"LoRA r={lora_rank}{' (matched)' if not args.lora_rank else ''}: {lora_params(shapes, lora_rank):,}",
-        file=sys.stderr,
-    )
+    randlora_rank = args.randlora_rank or preset.get("randlora_rank") or entry.defaults.get("randlora_rank", 8)
+    given_lora = args.lora_rank or preset.get("lora_rank")
+    lora_rank = given_lora or match_lora_rank(shapes, randlora_rank)
+    if lead:
+        print(
+            f"budget: RandLoRA r={randlora_rank}: {randlora_params(shapes, randlora_rank):,} adapter parameters; "
+            f"LoRA r={lora_rank}{'' if given_lora else ' (matched)'}: {lora_params(shapes, lora_rank):,} "
+            f"({len(shapes)} adapted weights)",
+            file=sys.stderr,
+        )
     ranks = {"lora": lora_rank, "randlora": randlora_rank}
     summary: dict[str, dict] = {}
     for method in METHOD_ORDER:
@@ -241,9 +304,16 @@ def run(argv: Sequence[str] | None = None) -> Path:
         config = TrainConfig(
             steps=steps,
             batch_size=args.batch_size,
-            lr=entry.defaults["lr"][method],
+            lr={**entry.defaults["lr"], **preset.get("lr", {})}[method],
             head_lr=entry.defaults.get("head_lr", 3e-3),
+            weight_decay=preset.get("weight_decay", entry.defaults.get("weight_decay", 0.01)),
+            grad_clip=preset.get("grad_clip", 1.0),
             seed=args.seed,
+            eval_batch_size=preset.get("eval_batch", 128),
+            grad_accum=grad_accum,
+            autocast="bfloat16" if device.type == "cuda" and preset.get("train_dtype") == "bfloat16" else "none",
+            augment=bool(preset.get("augment")) and entry.augment is not None,
+            grad_checkpointing=args.grad_checkpointing or preset.get("grad_checkpointing", False),
         )
         key = {
             "dataset": args.dataset,
@@ -254,6 +324,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
             "base_fingerprint": base_print,
             "data_root": args.data_root,
             "sizes": sizes,
+            "model_options": model_options,
         }
         if _reusable(folder, key):
             if lead:
@@ -294,10 +365,18 @@ def run(argv: Sequence[str] | None = None) -> Path:
         chart = build_chart(args.chart, thetas)
         del thetas
         xs, ys = default_axes(chart, grid_n)
+        if "x_range" in preset or "y_range" in preset:  # the config's window, the vertices kept on the grid
+            verts = list(chart.vertices.values())
+            if "x_range" in preset:
+                xs = paper_axis(grid_n, *preset["x_range"], [v[0] for v in verts])
+            if "y_range" in preset:
+                ys = paper_axis(grid_n, *preset["y_range"], [v[1] for v in verts])
         split = dataset.train if args.eval_split == "train" else dataset.test
         subset = eval_subset(split, eval_samples or None, args.seed)
-        eval_set = EvalSet.prepare(entry.encode(subset.inputs), subset.labels, 128, device)
-        evaluator = PlaneEvaluator(copy.deepcopy(base), chart, eval_set, device, dtype=dtype)
+        eval_set = EvalSet.prepare(entry.encode(subset.inputs), subset.labels, preset.get("eval_batch", 128), device)
+        evaluator = PlaneEvaluator(
+            copy.deepcopy(base), chart, eval_set, device, dtype=dtype, points_per_forward=args.points_per_forward
+        )
         grid_key = {
             "model": model_name, "base_fingerprint": base_print, "chart": args.chart, "dtype": dtype,
             "x": xs.tolist(), "y": ys.tolist(), "eval": [args.dataset, args.eval_split, eval_set.n, args.seed,
@@ -361,6 +440,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
                 args.path_points,
                 args.path_extend,
                 progress=not args.no_progress,
+                points_per_forward=evaluator.points_per_forward,
             )
             path_info = {"dataset": args.dataset, "model": model_name, "seed": args.seed, "eval_split": args.eval_split}
             paths.write_paths(path_result, out, info=path_info, title=f"{model_name} on {args.dataset}: linear paths")
@@ -378,6 +458,9 @@ def run(argv: Sequence[str] | None = None) -> Path:
     meta = {
         "dataset": args.dataset,
         "model": model_name,
+        "model_options": model_options,
+        "preset": preset_name,
+        "config_file": preset.get("config_file"),
         "chart": args.chart,
         "chart_geometry": chart.info,
         "eval_split": args.eval_split,
@@ -393,7 +476,6 @@ def run(argv: Sequence[str] | None = None) -> Path:
             "x_range": [float(xs[0]), float(xs[-1])],
             "y_range": [float(ys[0]), float(ys[-1])],
         },
-        "preset": args.preset,
         "train_steps": steps,
         "device": str(device),
         "dtype": dtype,
@@ -413,6 +495,34 @@ def run(argv: Sequence[str] | None = None) -> Path:
     store.write_json(out / "landscape.json", meta)
     _print_summary(out, summary, stages.seconds)
     return out
+
+
+def dataset_modality(name: str) -> str:
+    from adapters.data import DATASETS
+
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}': choose one of {', '.join(dataset_names())}")
+    return DATASETS[name].modality
+
+
+def resolve_model_options(args, preset: dict, entry) -> dict:
+    """Build options of CLIP models (pretrained weights, prompt, temperature); none for the others."""
+    given = {
+        "pretrained": args.pretrained,
+        "template": args.prompt_template,
+        "paper_temperature": args.paper_temperature,
+    }
+    if not is_clip(entry):
+        flags = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        if flags:
+            raise UserError(f"{', '.join(flags)} apply to CLIP models only, not '{entry.name}': drop them")
+        return {}
+    options = {
+        "pretrained": given["pretrained"] or preset.get("pretrained") or entry.defaults.get("pretrained", "openai"),
+        "template": given["template"] or preset.get("template") or clip.TEMPLATE,
+        "paper_temperature": bool(given["paper_temperature"] or preset.get("paper_temperature", False)),
+    }
+    return options
 
 
 def init_distributed() -> tuple[int, int]:
@@ -466,17 +576,23 @@ def _train_one(method, rank, entry, base, dataset, train_data, test_data, config
     torch.manual_seed(seed)  # peft's LoRA initialises A from the global generator
     spec = MethodSpec(method, rank=rank, seed=seed)
     model = attach(copy.deepcopy(base), spec, entry.targets)
-    head = sum(p.numel() for p in base.task_head.parameters())
+    head = sum(p.numel() for p in base.task_head.parameters()) if has_head(base) else 0
     # Checkpointed every 50 steps: a killed run resumes training where it died.
     # Under torchrun all ranks train together (DDP, each on a slice of the global batch); rank 0 saves.
     lead = not _distributed() or torch.distributed.get_rank() == 0
-    history = train(
-        model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}",
-        progress=progress and lead, checkpoint=folder.with_name(f".{method}.ckpt"), checkpoint_every=50,
-    )  # fmt: skip
+    if method == "head_only" and not has_head(base):  # CLIP: the baseline is zero-shot, nothing to train
+        history = {"train_loss": [], "train_seconds": 0.0}
+    else:
+        history = train(
+            model, train_data, dataset.train.labels, config, device=device, desc=f"train {method}",
+            progress=progress and lead, checkpoint=folder.with_name(f".{method}.ckpt"), checkpoint_every=50,
+            augment=entry.augment,
+        )  # fmt: skip
     if not lead:
         return
-    test_loss, test_acc = evaluate(model, test_data, dataset.test.labels, config.eval_batch_size, device)
+    test_loss, test_acc = evaluate(
+        model, test_data, dataset.test.labels, config.eval_batch_size, device, autocast=config.autocast
+    )
     n_train = trainable_params(model)
     print(
         f"[train {method}] test accuracy {test_acc:.4f}, loss {test_loss:.4f}, {n_train:,} trainable", file=sys.stderr
@@ -485,6 +601,7 @@ def _train_one(method, rank, entry, base, dataset, train_data, test_data, config
         "name": method,
         "method": method,
         "model": entry.name,
+        "model_options": key["model_options"],
         "dataset": dataset.name,
         "num_classes": len(dataset.classes),
         "classes": dataset.classes,
@@ -501,7 +618,7 @@ def _train_one(method, rank, entry, base, dataset, train_data, test_data, config
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "train_seconds": history["train_seconds"],
-        "final_train_loss": float(np.mean(losses[-20:])),
+        "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
         "steps": len(losses),
     }
     save_solution(folder, model.cpu(), info, metrics)

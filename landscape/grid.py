@@ -5,11 +5,34 @@ padding costs almost nothing) and kept on the device. The model's plane paramete
 written in place from the chart for each point, ``W = origin + x·U + y·V`` — never
 accumulated step to step (no drift), never through ``load_state_dict``. Loss sums
 accumulate on the device in fp64 and are read once per point.
+
+Several points per forward (``points_per_forward`` = P > 1): the P points' plane parameters
+are stacked, ``(P, *shape)``, written in place from the chart with the same arithmetic as
+:meth:`PlaneEvaluator.set_point`, and the model runs once per batch under
+``torch.func.vmap(functional_call)`` over the point dimension — only the plane parameters are
+batched; the other parameters, the buffers and the input batch are shared, unbatched. Per-point
+fp64 loss sums, squared sums and correct counts accumulate on the device, read once per group.
+Every group has exactly P points (the last one is padded with copies of its last point, whose
+results are dropped), so each point is computed by kernels of the same shapes whatever its
+companions: a grid resumed or sharded over ranks gives the same numbers as an uninterrupted one.
+A batched point agrees with the single-point path to fp32 rounding (not bit for bit: batched
+matmuls reduce in another order). A model that cannot be vmapped falls back to P = 1 with a
+warning; an out-of-memory group halves P.
+
+``points_per_forward="auto"`` (:func:`auto_points_per_forward`): 1 on CPU — measured not to pay
+there (``python -m experiments.benchmarks.grid``: a CPU forward of one point's batch already
+keeps the cores busy; MiniLM runs at ~0.95× with P = 2–4 and EfficientNet-Lite0 ~20× slower,
+its convolutions with batched weights becoming grouped convolutions). On CUDA, P fills the
+device: ``P = min(16, max(1, 1024 // n))`` with n the median number of samples per evaluation
+batch (P = 8 for the main job's batches of 128), capped so that the P stacked copies of the
+plane parameters take at most 1/8 of the device's memory.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +91,57 @@ class PointResult:
     loss_se: float  # standard error of the mean per-sample loss
 
 
+TARGET_SAMPLES_PER_FORWARD = 1024  # auto P on CUDA: P × (samples per batch) ≈ this
+MAX_POINTS_PER_FORWARD = 16
+
+
+def auto_points_per_forward(device: torch.device | str, eval_set: EvalSet, plane_bytes: int) -> int:
+    """Points per forward for ``"auto"``: 1 on CPU, else enough points to fill the device (module docstring)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not eval_set.batches:
+        return 1
+    rows = sorted(len(target) for _, target in eval_set.batches)
+    p = min(MAX_POINTS_PER_FORWARD, max(1, TARGET_SAMPLES_PER_FORWARD // rows[len(rows) // 2]))
+    memory = torch.cuda.get_device_properties(device).total_memory
+    return max(1, min(p, memory // 8 // max(plane_bytes, 1)))
+
+
+def points_per_forward_arg(text: str) -> int | str:
+    """argparse type of ``--points-per-forward``: ``auto`` or a positive integer."""
+    import argparse
+
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}")
+    return value
+
+
+def _result(total: float, sq: float, right: float, n: int) -> PointResult:
+    mean = total / n
+    var = max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    return PointResult(mean, right / n, (var / n) ** 0.5)
+
+
 class PlaneEvaluator:
-    """Sets a model's plane parameters to chart points and evaluates the loss there."""
+    """Sets a model's plane parameters to chart points and evaluates the loss there.
+
+    ``points_per_forward``: grid points evaluated by one vmapped forward (module docstring);
+    1 (default) is the plain per-point path, ``"auto"`` picks by device.
+    """
 
     def __init__(
-        self, model: nn.Module, chart: Chart, eval_set: EvalSet, device: torch.device | str, dtype: str = "float32"
+        self,
+        model: nn.Module,
+        chart: Chart,
+        eval_set: EvalSet,
+        device: torch.device | str,
+        dtype: str = "float32",
+        points_per_forward: int | str = 1,
     ):
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {dtype}")
@@ -89,6 +158,14 @@ class PlaneEvaluator:
         self.origin = [self.chart.origin[n] for n in self.names]
         self.u = [self.chart.u[n] for n in self.names]
         self.v = [self.chart.v[n] for n in self.names]
+        if points_per_forward == "auto":
+            plane_bytes = sum(p.numel() * p.element_size() for p in self.params)
+            points_per_forward = auto_points_per_forward(device, eval_set, plane_bytes)
+        if not isinstance(points_per_forward, int) or points_per_forward < 1:
+            raise ValueError(f"points_per_forward must be a positive integer or 'auto', not {points_per_forward!r}")
+        self.points_per_forward = points_per_forward if self.names else 1  # nothing on the plane: nothing to batch
+        self.note: str | None = None  # why batching was reduced or turned off, if it was
+        self._stacked: list[torch.Tensor] = []  # (P, *shape) plane parameters, allocated on first use
 
     @torch.no_grad()
     def set_point(self, x: float, y: float) -> None:
@@ -112,11 +189,78 @@ class PlaneEvaluator:
             loss_sum += losses.sum()
             loss_sq += (losses * losses).sum()
             correct += (logits.argmax(-1) == target).sum()
-        n = self.eval_set.n
         total, sq, right = torch.stack([loss_sum, loss_sq, correct.double()]).tolist()  # one host sync
-        mean = total / n
-        var = max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
-        return PointResult(mean, right / n, (var / n) ** 0.5)
+        return _result(total, sq, right, self.eval_set.n)
+
+    def evaluate_iter(self, points: Iterable[tuple[float, float]]) -> Iterator[PointResult]:
+        """Results at ``points`` in order, yielded as they complete: one by one with
+        :meth:`evaluate` when ``points_per_forward`` is 1, else a group of P points at a time."""
+        points = [(float(x), float(y)) for x, y in points]
+        k = 0
+        while k < len(points):
+            p = self.points_per_forward
+            if p == 1:
+                yield self.evaluate(*points[k])
+                k += 1
+                continue
+            group = points[k : k + p]
+            try:
+                results = self._evaluate_group(group + [group[-1]] * (p - len(group)))
+            except torch.OutOfMemoryError:
+                self._stacked = []
+                torch.cuda.empty_cache()
+                self.points_per_forward = p // 2
+                self.note = f"out of memory with {p} points per forward: now {p // 2}"
+                warnings.warn(f"grid engine: {self.note}", RuntimeWarning, stacklevel=2)
+                continue
+            except Exception as e:  # an op without a vmap rule, data-dependent control flow, ...
+                self._stacked = []
+                self.points_per_forward = 1
+                self.note = f"this model cannot be vmapped over grid points ({type(e).__name__}: {e}); using 1 point"
+                warnings.warn(f"grid engine: {self.note}", RuntimeWarning, stacklevel=2)
+                continue
+            yield from results[: len(group)]
+            k += len(group)
+
+    def evaluate_many(self, points: Iterable[tuple[float, float]]) -> list[PointResult]:
+        return list(self.evaluate_iter(points))
+
+    @torch.no_grad()
+    def _evaluate_group(self, points: list[tuple[float, float]]) -> list[PointResult]:
+        """One vmapped forward per batch for all ``points`` at once; one host sync."""
+        from torch.func import functional_call, vmap
+
+        p = len(points)
+        if not self._stacked or self._stacked[0].shape[0] != p:
+            self._stacked = [torch.empty((p, *o.shape), dtype=o.dtype, device=o.device) for o in self.origin]
+        for w, o, u, v in zip(self._stacked, self.origin, self.u, self.v, strict=True):
+            for k, (x, y) in enumerate(points):  # set_point's arithmetic: bit-identical weights
+                torch.add(o, u, alpha=x, out=w[k]).add_(v, alpha=y)
+        stacked = dict(zip(self.names, self._stacked, strict=True))
+
+        def forward(params: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return functional_call(self.model, params, args=(), kwargs=inputs)
+
+        batched = vmap(forward, in_dims=(0, None))  # plane parameters batched; the rest and the inputs shared
+        device = self.origin[0].device
+        loss_sum = torch.zeros(p, dtype=torch.float64, device=device)
+        loss_sq = torch.zeros(p, dtype=torch.float64, device=device)
+        correct = torch.zeros(p, dtype=torch.int64, device=device)
+        with warnings.catch_warnings():
+            # e.g. CPU attention has no batching rule and loops over the points: correct, no extra FLOPs
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            for inputs, target in self.eval_set.batches:
+                with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = batched(stacked, inputs)
+                logits = logits.float()  # (P, B, C)
+                targets = target.expand(p, -1)
+                losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+                losses = losses.view(p, -1).double()
+                loss_sum += losses.sum(1)
+                loss_sq += (losses * losses).sum(1)
+                correct += (logits.argmax(-1) == targets).sum(1)
+        values = torch.stack([loss_sum, loss_sq, correct.double()]).tolist()  # one host sync per group
+        return [_result(*column, self.eval_set.n) for column in zip(*values, strict=True)]
 
 
 def _dist():
@@ -133,7 +277,9 @@ def run_grid(
     Rank 0 reads the finished points and broadcasts them, so every rank agrees on what is left;
     rank r evaluates points r, r + K, r + 2K, … of the remaining ones (any K, also more ranks
     than points), checkpointing each into its own file; the results are gathered to every rank.
-    Each point is computed exactly as in a single process, so the grid is the same.
+    Each point is computed exactly as in a single process, so the grid is the same. With
+    ``evaluator.points_per_forward`` = P > 1 each rank evaluates its points P at a time and
+    checkpoints a group's points as the group completes.
     """
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
@@ -153,8 +299,8 @@ def run_grid(
         disable=not progress or rank != 0,
         dynamic_ncols=True,
     )
-    for i, j in mine:
-        r = evaluator.evaluate(xs[j], ys[i])
+    results = evaluator.evaluate_iter((xs[j], ys[i]) for i, j in mine)
+    for (i, j), r in zip(mine, results, strict=True):
         computed[(i, j)] = (r.loss, r.accuracy, r.loss_se)
         if store is not None:
             store.add(i, j, computed[(i, j)])

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from adapters.errors import UserError
 from adapters.solution import Solution
 from landscape import render, store
-from landscape.grid import EvalSet, PlaneEvaluator
+from landscape.grid import EvalSet, PlaneEvaluator, points_per_forward_arg
 from landscape.plane import SOLUTIONS, Chart, snapped_axis, solution_weights
 
 PROG = "python -m landscape.paths"
@@ -116,9 +116,11 @@ def compute_paths(
     points: int = 21,
     extend: float = 0.0,
     progress: bool = True,
+    points_per_forward: int | str = 1,
 ) -> dict:
     """Loss, accuracy and its standard error along the three pairwise lines; barriers per pair.
 
+    ``points_per_forward``: values of t per vmapped forward (see :mod:`landscape.grid`).
     Returns ``{"t": (n,), "pairs": [..3], "loss"/"accuracy"/"loss_se": (3, n), "barriers": {pair: {...}},
     "points", "extend", "eval_samples", "seconds"}``. ``base_model`` is not modified.
     """
@@ -131,9 +133,9 @@ def compute_paths(
     start = time.perf_counter()
     bar = tqdm(total=len(PAIRS) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(PAIRS):
-        evaluator = PlaneEvaluator(model, line_chart(thetas[a], thetas[b], pairs[k]), eval_set, device)
-        for j, tj in enumerate(t):
-            r = evaluator.evaluate(float(tj), 0.0)
+        chart = line_chart(thetas[a], thetas[b], pairs[k])
+        evaluator = PlaneEvaluator(model, chart, eval_set, device, points_per_forward=points_per_forward)
+        for j, r in enumerate(evaluator.evaluate_iter((float(tj), 0.0) for tj in t)):
             out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
             bar.update(1)
             bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
@@ -314,7 +316,7 @@ def run_context(run_dir: str | Path, device: torch.device | str = "cpu") -> RunC
         )
     entry = get_model(meta["model"])
     torch.manual_seed(int(meta["seed"]))
-    base = entry.build(len(dataset.classes))
+    base = entry.create(dataset.classes, meta.get("model_options"))
     expected = meta.get("base_fingerprint")
     if expected and expected != fingerprint(base):
         raise UserError(
@@ -351,6 +353,13 @@ def build_parser():
     p.add_argument("--points", type=int, default=21, help="values of t per path, 0 and 1 included (default: 21)")
     p.add_argument("--extend", type=float, default=0.0, help="t runs over [-E, 1 + E] (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument(
+        "--points-per-forward",
+        type=points_per_forward_arg,
+        default="auto",
+        help="values of t evaluated by one vmapped forward: a number or auto (1 on CPU, where batching does not "
+        "pay; on GPU enough to fill it, 8 for batches of 128) (default: auto)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -363,8 +372,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(args.device)
     ctx = run_context(args.run, device)
     result = compute_paths(
-        ctx.base, ctx.solutions, ctx.eval_set, device, args.points, args.extend, progress=not args.no_progress
-    )
+        ctx.base, ctx.solutions, ctx.eval_set, device, args.points, args.extend, progress=not args.no_progress,
+        points_per_forward=args.points_per_forward,
+    )  # fmt: skip
     meta = ctx.meta
     # The endpoints are the solutions: their loss must match what the run measured at the vertices.
     for pair, (a, b) in zip(result["pairs"], PAIRS, strict=True):

@@ -266,3 +266,168 @@ def test_cli_bad_solution_inputs_exit_2(tiny_run, tmp_path, capsys):
         assert spectrum.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+# ------------------------------------------------------- CPU path: LAPACK computing only what is needed ----
+
+
+def _sym(rng, d, kind, dtype):
+    if kind == "random":
+        x = rng.standard_normal((3 * d, d))
+        g = x.T @ x
+    elif kind == "rank3":  # a cluster of zero eigenvalues, as for a dense rank-r update
+        x = rng.standard_normal((d, 3))
+        g = x @ x.T
+    elif kind == "identity":  # one fully degenerate cluster
+        g = np.eye(d)
+    else:
+        g = np.zeros((d, d))
+    return g.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["random", "rank3", "identity", "zero"])
+def test_lapack_eigh_matches_numpy(dtype, kind):
+    rng = np.random.default_rng(7)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    for d in (1, 2, 3, 70):
+        g = _sym(rng, d, kind, dtype)
+        ref_lam, ref_vec = np.linalg.eigh(g.astype(np.float64))
+        ref_lam, ref_vec = ref_lam[::-1], ref_vec[:, ::-1]
+        scale = max(abs(ref_lam[0]), 1.0)
+        for k in (0, 1, 10, d - 1, d, None):
+            if k is not None and (k < 0 or k > d):
+                continue
+            for all_values in (True, False):
+                upper_garbage = np.asfortranarray(g + np.triu(np.full((d, d), 7.0, dtype), 1))  # lower triangle only
+                lam, vec = spectrum._lapack_eigh(upper_garbage, k, all_values=all_values)
+                kk = d if k is None else k
+                n_values = d if all_values or k in (0, None) or kk >= d else kk
+                np.testing.assert_allclose(lam[:n_values], ref_lam[:n_values], atol=rtol * scale * 10)
+                if kk == 0:
+                    assert vec is None
+                    continue
+                assert vec.shape == (d, kk)
+                # orthonormal eigenvectors of the right eigenvalues (any basis inside a degenerate cluster)
+                np.testing.assert_allclose(vec.T @ vec, np.eye(kk), atol=100 * rtol)
+                resid = g.astype(np.float64) @ vec - vec * ref_lam[:kk]
+                assert np.abs(resid).max() <= 100 * rtol * scale
+                if kind == "random":  # distinct eigenvalues: the vectors themselves, up to sign
+                    _match_up_to_sign(vec, ref_vec[:, :kk], atol=1e-8 if dtype == np.float64 else 2e-3)
+
+
+def test_lapack_eigh_implicit_vectors_and_projections():
+    rng = np.random.default_rng(8)
+    for d in (1, 2, 50):
+        g = _sym(rng, d, "random", np.float64)
+        ref_lam, ref_vec = np.linalg.eigh(g)
+        lam, tri = spectrum._lapack_eigh_implicit(np.asfortranarray(np.tril(g) + np.triu(np.ones((d, d)), 1)))
+        np.testing.assert_allclose(lam, ref_lam[::-1], rtol=1e-12, atol=1e-12 * ref_lam[-1])
+        v = tri.vectors(d)
+        _match_up_to_sign(v, ref_vec[:, ::-1], atol=1e-8)
+        y = rng.standard_normal((d, 4))
+        np.testing.assert_allclose(tri.vt(y), v.T @ y, atol=1e-12 * np.abs(y).max() * d)
+        np.testing.assert_allclose(tri.apply_q(tri.apply_q(y, "T"), "N"), y, atol=1e-12)  # Q orthogonal
+
+
+@pytest.mark.parametrize("shape", [(50, 20), (20, 50), (30, 30)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_syrk_gram_lower_triangle(shape, dtype):
+    x = np.random.default_rng(9).standard_normal(shape).astype(dtype)
+    ref = x.T @ x if shape[0] >= shape[1] else x @ x.T
+    g = spectrum._syrk(x)
+    assert g.dtype == dtype and g.shape == ref.shape
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(np.tril(g), np.tril(ref), rtol=rtol, atol=rtol * np.abs(ref).max())
+    np.testing.assert_allclose(spectrum._symmetric(g), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shape", [(120, 80), (80, 120), (90, 90)])
+def test_lapack_and_torch_gram_paths_agree(shape):
+    """The CPU path (LAPACK, only the needed eigenpairs) against the torch path (full eigh) used off the CPU."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, *shape, generator=g)
+    u = torch.linalg.qr(torch.randn(2, shape[0], 10, generator=g, dtype=torch.float64))[0]
+    d = min(shape)
+    for vectors in (0, 5, 64, None):
+        fast = spectrum._decompose(x, vectors, "gram", lapack=True)
+        ref = spectrum._decompose(x, vectors, "gram", lapack=False)
+        np.testing.assert_allclose(fast.s.numpy(), ref.s.numpy(), rtol=1e-10, atol=1e-12 * float(ref.s.max()))
+        if vectors == 0:
+            continue
+        k = d if vectors is None else vectors
+        for i in range(2):
+            _match_up_to_sign(fast.left(k)[i].numpy(), ref.left(k)[i].numpy(), atol=1e-7)
+        if vectors is None:  # |U0ᵀ u| against all vectors: W0's decomposition in the intruder test
+            want = ref.abs_cos_with_left(u).numpy()
+            np.testing.assert_allclose(fast.abs_cos_with_left(u).numpy(), want, atol=1e-9)
+    np.testing.assert_allclose(
+        spectrum._decompose(x, None, "gram", lapack=True).gram.numpy(),
+        spectrum._decompose(x, None, "gram", lapack=False).gram.numpy(),
+        rtol=1e-12,
+    )
+    fast = spectrum._decompose(x, 10, "gram", top_only=True, lapack=True)
+    ref = spectrum._decompose(x, 10, "gram", top_only=True, lapack=False)
+    np.testing.assert_allclose(fast.s[:, :10].numpy(), ref.s[:, :10].numpy(), rtol=1e-5)
+    for i in range(2):
+        _match_up_to_sign(fast.left(10)[i].numpy(), ref.left(10)[i].numpy(), atol=1e-4)
+
+
+def _naive_reference(w0, deltas, rank, ks=(1, 4, 16)):
+    """The definitions with numpy.linalg.svd on dense float64 matrices (as the benchmark's naive side)."""
+    ks = sorted({*ks, rank})
+    u0 = np.linalg.svd(w0, full_matrices=False)[0]
+    out, lefts = {}, {}
+    for sol, dw in deltas.items():
+        u, s, _ = np.linalg.svd(dw, full_matrices=False)
+        r = int(np.sum(s > s[0] * max(dw.shape) * np.finfo(np.float32).eps))
+        lefts[sol] = u[:, : min(r, 64)]
+        u1 = np.linalg.svd(w0 + dw, full_matrices=False)[0][:, :10]
+        out[sol] = {"s": s, "rank": r, "max_cos": np.abs(u1.T @ u0).max(axis=1)}
+    for sol in deltas:
+        if sol != "ft":
+            qa, qb = lefts[sol], lefts["ft"]
+            out[sol]["angles"] = {k: principal_angles(qa[:, :k], qb[:, :k]) for k in ks}
+            out[sol]["overlap"] = overlap_curve(qa, qb, min(64, *w0.shape))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(200, 96), (96, 200), (100, 100)])
+def test_analyse_cpu_path_matches_naive_numpy(shape):
+    """Every metric of analyse (CPU: LAPACK, partial eigenpairs, implicit W0 vectors) against numpy SVDs."""
+    m, n = shape
+    g = torch.Generator().manual_seed(11)
+    r = 8
+    w0 = torch.randn(m, n, generator=g) / n**0.5
+    w0 += (torch.randn(m, 4, generator=g) * torch.tensor([4.0, 3.0, 2.5, 2.0])) @ torch.randn(4, n, generator=g) / n
+    task = 0.3 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) / n**0.5
+    low = LowRank(torch.randn(m, r, generator=g) * 0.1, torch.randn(r, n, generator=g) * 0.1, 2.0)
+    deltas = {"ft": task + 1e-3 * torch.randn(m, n, generator=g), "lora": low,
+              "randlora": 0.5 * task + 0.01 * torch.randn(m, n, generator=g)}  # fmt: skip
+    dense = {k: (v.dense() if isinstance(v, LowRank) else v).double().numpy() for k, v in deltas.items()}
+    ref = _naive_reference(w0.double().numpy(), dense, r)
+    out = analyse({k: {"w": v} for k, v in deltas.items()}, progress=False, base={"w": w0}, rank=r)["layers"][0]
+    for sol, want in ref.items():
+        got = out[sol]
+        s = np.asarray(got["singular_values"])
+        assert np.abs(s - want["s"]).max() <= 1e-5 * want["s"][0]
+        assert got["rank"] == want["rank"]
+        np.testing.assert_allclose(got["intruders"]["max_cos"], want["max_cos"], atol=1e-4)
+        if sol != "ft":
+            sim = got["similarity_to_ft"]
+            np.testing.assert_allclose(sim["overlap"], want["overlap"], atol=1e-6)
+            for k, angles in want["angles"].items():
+                np.testing.assert_allclose(sim["principal_angles_deg"][str(k)], angles, atol=1e-3)
+
+
+def test_is_finite_fast_path_and_fallback():
+    assert spectrum._is_finite(torch.ones(3, 3))
+    assert spectrum._is_finite(torch.full((3, 3), 3e38))  # a sum overflowing to inf, every value finite
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            t = torch.ones(4, 4, dtype=dtype)
+            t[1, 2] = bad
+            assert not spectrum._is_finite(t)
+        low = LowRank(torch.ones(4, 2), torch.ones(2, 4))
+        low.A[0, 1] = bad
+        assert not spectrum._is_finite(low)

@@ -79,3 +79,32 @@ def test_torchrun_two_processes_train_like_one(tmp_path, method):
     assert a.keys() == b.keys()
     for name in a:  # equal up to fp32 reduction order (gradients summed across processes)
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tiny_entry, monkeypatch):
+    """grad_accum micro-batches give the whole batch's gradient (fp32 summation order aside).
+
+    Compared on the gradient each step hands to clipping: Adam's first steps are ~lr·sign(g),
+    so weights would amplify last-bit differences of near-zero gradients.
+    """
+    texts = [f"gloss number {i} " + "word " * (i % 6) for i in range(40)]
+    data, labels = tiny_entry.encode(texts), torch.arange(40) % 4
+    base = tiny_entry.build(4)
+    clip = torch.nn.utils.clip_grad_norm_
+    grads = {}
+    for accum in (1, 2, 4):
+        seen = grads.setdefault(accum, [])
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                            lambda ps, c, _s=seen: _s.append([p.grad.clone() for p in ps]) or clip(ps, c))  # fmt: skip
+        torch.manual_seed(0)
+        model = attach(copy.deepcopy(base), MethodSpec("ft"), tiny_entry.targets)
+        for module in model.modules():  # dropout masks depend on how the batch is cut
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        train(model, data, labels, TrainConfig(steps=1, batch_size=8, lr=1e-3, seed=3, grad_accum=accum),
+              progress=False)  # fmt: skip
+    for accum in (2, 4):
+        for got, want in zip(grads[accum][0], grads[1][0], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="not divisible"):
+        train(model, data, labels, TrainConfig(steps=1, batch_size=8, grad_accum=3), progress=False)

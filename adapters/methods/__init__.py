@@ -2,8 +2,14 @@
 
 - ``ft``: every parameter trains.
 - ``head_only``: only the classification head trains (the baseline).
-- ``lora``: peft LoRA on the model's target Linears; the head trains in full.
-- ``randlora``: peft RandLoRA on the same Linears; the head trains in full.
+- ``lora``: peft LoRA on the model's targets; the head trains in full.
+- ``randlora``: peft RandLoRA on the same targets; the head trains in full.
+
+Targets are module-name suffixes (peft's rule) selecting ``nn.Linear``, ``nn.Conv2d`` and
+``nn.MultiheadAttention`` (its q/k/v ``in_proj_weight``). peft adapts Linears (and LoRA adapts
+convolutions); :mod:`adapters.methods.layers` adds RandLoRA on attention and convolutions and
+LoRA on ``in_proj_weight`` alone, with peft's maths and the model's one set of shared bases.
+Models without a trainable head (CLIP's zero-shot head) train the adapters alone.
 """
 
 from __future__ import annotations
@@ -47,27 +53,39 @@ class MethodSpec:
             raise UserError(f"method '{self.method}' needs a rank >= 1 (got {self.rank})")
 
 
-def peft_config(spec: MethodSpec, targets: tuple[str, ...]):
+def peft_config(spec: MethodSpec, targets: tuple[str, ...], head: bool = True):
+    """peft's config for ``spec``; ``head``: the model has a trainable classification head to save."""
     from peft import LoraConfig, RandLoraConfig
 
+    from adapters.methods import layers
+
+    save = [HEAD] if head else None
     if spec.method == "lora":
-        return LoraConfig(
+        config = LoraConfig(
             r=spec.rank,
             lora_alpha=LORA_ALPHA_PER_RANK * spec.rank,
             target_modules=list(targets),
             lora_dropout=0.0,
             bias="none",
-            modules_to_save=[HEAD],
+            modules_to_save=save,
         )
+        layers.register_lora(config)
+        return config
+    layers.install()
     return RandLoraConfig(
         r=spec.rank,
         randlora_alpha=RANDLORA_ALPHA_PER_RANK * spec.rank,
         target_modules=list(targets),
         randlora_dropout=0.0,
         bias="none",
-        modules_to_save=[HEAD],
+        modules_to_save=save,
         projection_prng_key=spec.seed,
     )
+
+
+def has_head(model: nn.Module) -> bool:
+    """Whether ``model`` has a trainable classification head (:data:`HEAD`)."""
+    return isinstance(getattr(model, HEAD, None), nn.Module)
 
 
 def attach(
@@ -81,8 +99,11 @@ def attach(
         from peft import get_peft_model
 
         if not target_shapes(model, targets):
-            raise UserError(f"no nn.Linear matches the adapter targets {list(targets)}: pass other --targets")
-        peft_model = get_peft_model(model, peft_config(spec, targets))
+            raise UserError(
+                f"no nn.Linear, nn.Conv2d or nn.MultiheadAttention matches the adapter targets {list(targets)}: "
+                "pass other --targets"
+            )
+        peft_model = get_peft_model(model, peft_config(spec, targets, head=has_head(model)))
         _check_only_head_saved(peft_model)
         if spec.method == "randlora" and (FAST_RANDLORA if fast_randlora is None else fast_randlora):
             from adapters.methods.randlora import enable_fast_randlora
@@ -113,6 +134,7 @@ __all__ = [
     "METHODS",
     "MethodSpec",
     "attach",
+    "has_head",
     "lora_params",
     "match_lora_rank",
     "match_randlora_rank",

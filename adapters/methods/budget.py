@@ -1,6 +1,7 @@
 """Trainable-parameter counts of LoRA and RandLoRA in closed form, and budget matching.
 
-For a weight of shape (out, in), with d = min(in, out):
+For a weight of shape (out, in), with d = min(in, out) (attention ``in_proj_weight``: (3E, E);
+a convolution: (C_out, C_in/groups·kh·kw), the Linear it equals on unfolded patches):
   LoRA rank r:      r · (in + out)                 (A is r×in, B is out×r)
   RandLoRA rank r:  N · (r + d),  N = ceil(d / r)  (λ is r×N, γ is N×d; peft's layout)
 Lowering RandLoRA's r raises its count. Counts exclude the classification head, which
@@ -54,9 +55,12 @@ def matches_target(module_name: str, targets: Sequence[str]) -> bool:
 
 
 def target_shapes(model: nn.Module, targets: Sequence[str]) -> list[Shape]:
-    """(out, in) of every nn.Linear that ``targets`` selects."""
-    return [
-        (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and matches_target(name, targets)
-    ]
+    """(out, in) of every adaptable module that ``targets`` selects: nn.Linear, the ``in_proj_weight``
+    of nn.MultiheadAttention (3E, E), nn.Conv2d as its equivalent Linear (C_out, C_in/groups·kh·kw)."""
+    from adapters.methods.layers import linear_shape
+
+    shapes = []
+    for name, m in model.named_modules():
+        if matches_target(name, targets) and (shape := linear_shape(m)) is not None:
+            shapes.append(shape)
+    return shapes

@@ -55,6 +55,7 @@ unchanged. It is refreshed when peft's buffers are replaced or modified in place
 from __future__ import annotations
 
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -161,10 +162,26 @@ class _LayerState:
     counts: dict = field(default_factory=lambda: {"factored": 0, "materialized": 0})
 
 
-def _scaled_bases(layer, adapter: str, lam, gam, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """peft's ``get_scaled_bases`` on the cached bases and the given λ, γ: (first, second), ΔW = second @ first."""
-    state: _LayerState = layer._fast_randlora
-    a, b = state.shared.get(layer, adapter, device, dtype)
+# One SharedBases per model: keyed by peft's BufferDict of bases, which every layer of a model shares.
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_bases(layer, dtype: torch.dtype | None = None) -> SharedBases:
+    """The cache of converted bases of ``layer``'s model (created on first use)."""
+    shared = _SHARED.get(layer.randlora_B)
+    if shared is None:
+        shared = _SHARED[layer.randlora_B] = SharedBases(dtype)
+    return shared
+
+
+def scaled_bases(layer, adapter: str, lam, gam, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """peft's ``get_scaled_bases`` on the cached bases and the given λ, γ: (first, second), ΔW = second @ first.
+
+    ``layer`` is any peft RandLoRA layer (peft's Linear or :class:`adapters.methods.layers.RandLoraWeight`).
+    """
+    state = layer.__dict__.get("_fast_randlora")
+    shared = state.shared if state is not None else shared_bases(layer)
+    a, b = shared.get(layer, adapter, device, dtype)
     proxy = types.SimpleNamespace(
         randlora_A={adapter: a},
         randlora_B={adapter: b},
@@ -182,7 +199,7 @@ def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
     """ΔW·s of ``layer`` as the materialized path builds it (equals peft's ``get_delta_weight``)."""
     weight = layer.get_base_layer().weight
     dtype = _compute_dtype(layer, weight)
-    first, second = _scaled_bases(
+    first, second = scaled_bases(
         layer, adapter, layer.randlora_lambda[adapter], layer.randlora_gamma[adapter], weight.device, dtype
     )
     return (second @ first) * layer.scaling[adapter]
@@ -291,12 +308,12 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     previous_dtype = x.dtype
     if path == "factored":  # peft's expression, on the cached bases
         result = self.base_layer(x)
-        first, second = _scaled_bases(self, adapter, lam, gam, x.device, dtype)
+        first, second = scaled_bases(self, adapter, lam, gam, x.device, dtype)
         result = result + F.linear(F.linear(x.to(first.dtype), first), second) * scaling
         return result.to(previous_dtype)
 
     def build(lam_, gam_):
-        return _scaled_bases(self, adapter, lam_, gam_, x.device, dtype)
+        return scaled_bases(self, adapter, lam_, gam_, x.device, dtype)
 
     result = _MaterializedLinear.apply(x.to(dtype), base.weight, base.bias, lam, gam, build, scaling, state.keep_weight)
     return result.to(previous_dtype)
@@ -305,10 +322,13 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 # --------------------------------------------------------------------------- public API
 
 
-def randlora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{module name: peft RandLoRA Linear} of ``model``."""
-    linear = _peft_linear()
-    return {name: m for name, m in model.named_modules() if isinstance(m, linear)}
+def randlora_layers(model: nn.Module, linear_only: bool = True) -> dict[str, nn.Module]:
+    """{module name: peft RandLoRA Linear} of ``model`` (``linear_only=False``: every RandLoRA layer)."""
+    if linear_only:
+        kind = _peft_linear()
+    else:
+        from peft.tuners.randlora.layer import RandLoraLayer as kind
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
 
 
 def enable_fast_randlora(
@@ -330,7 +350,9 @@ def enable_fast_randlora(
     plan = {}
     for name, layer in randlora_layers(model).items():
         key = id(layer.randlora_B)  # peft gives every layer the same BufferDict
-        shared = shared_by_buffers.setdefault(key, SharedBases(bases_dtype))
+        if key not in shared_by_buffers:
+            shared_by_buffers[key] = _SHARED[layer.randlora_B] = SharedBases(bases_dtype)
+        shared = shared_by_buffers[key]
         layer.__dict__["_fast_randlora"] = _LayerState(name, mode, keep_weight, shared)
         layer.forward = types.MethodType(_fast_forward, layer)
         adapter = next(iter(layer.randlora_lambda), None)
@@ -371,7 +393,7 @@ def bases_fingerprint(model: nn.Module) -> dict[str, dict]:
     import hashlib
 
     out = {}
-    for layer in randlora_layers(model).values():
+    for layer in randlora_layers(model, linear_only=False).values():
         for adapter in layer.randlora_A:
             if adapter in out:
                 continue
@@ -439,6 +461,8 @@ __all__ = [
     "MODES",
     "SharedBases",
     "choose_path",
+    "scaled_bases",
+    "shared_bases",
     "delta_weight",
     "disable_fast_randlora",
     "enable_fast_randlora",

@@ -11,14 +11,38 @@ MODELS: dict[str, ModelEntry] = {e.name: e for e in (minilm.ENTRY, minilm.TINY_E
 DEFAULT_MODEL = {"text": "minilm", "image": "efficientnet-lite0"}
 
 
+CLIP_ALIAS = "clip"  # = open_clip ViT-B-32
+
+
 def model_names() -> list[str]:
-    return sorted(MODELS)
+    return sorted(MODELS) + [f"{CLIP_ALIAS} / any open_clip architecture (e.g. ViT-B-32)"]
 
 
 def get_model(name: str) -> ModelEntry:
-    if name not in MODELS:
-        raise UserError(f"unknown model '{name}': choose one of {', '.join(model_names())}")
-    return MODELS[name]
+    """A registered model, or an open_clip CLIP architecture (``clip`` = ViT-B-32)."""
+    if name in MODELS:
+        return MODELS[name]
+    from adapters.models import clip
+
+    if name == CLIP_ALIAS:
+        return clip.entry(clip.DEFAULT_ARCH)
+    if name in clip.architectures():
+        return clip.entry(name)
+    raise UserError(f"unknown model '{name}': choose one of {', '.join(model_names())}")
 
 
-__all__ = ["HEAD", "MODELS", "DEFAULT_MODEL", "Classifier", "Encoded", "ModelEntry", "get_model", "model_names"]
+def is_clip(entry: ModelEntry) -> bool:
+    return "pretrained" in entry.options
+
+
+__all__ = [
+    "HEAD",
+    "MODELS",
+    "DEFAULT_MODEL",
+    "is_clip",
+    "Classifier",
+    "Encoded",
+    "ModelEntry",
+    "get_model",
+    "model_names",
+]

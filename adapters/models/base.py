@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adapters.errors import UserError
+
 # Not "head": peft matches modules_to_save by name suffix, and e.g. EfficientNet's `_conv_head` ends in "head".
 HEAD = "task_head"
 
@@ -33,6 +35,10 @@ class Classifier(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.task_head(self.features(**inputs))
+
+    @property
+    def num_classes(self) -> int:
+        return self.task_head.out_features
 
     def train(self, mode: bool = True) -> Classifier:
         # Normalisation statistics stay at their pretrained values in every method, so all
@@ -90,3 +96,17 @@ class ModelEntry:
     targets: tuple[str, ...] = field(default_factory=tuple)
     # Defaults that suit the model: per-method learning rates, adapter ranks.
     defaults: dict = field(default_factory=dict)
+    # Training augmentation: (inputs on the device, torch.Generator) -> inputs; None: none.
+    augment: Callable | None = None
+    # Names of the build options the model accepts (e.g. CLIP's "pretrained"), recorded with solutions.
+    options: tuple[str, ...] = ()
+
+    def create(self, classes: Sequence[str], options: dict | None = None) -> nn.Module:
+        """The base model for a dataset's ``classes`` with build ``options`` (see :attr:`options`)."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise UserError(f"model '{self.name}' takes no option {', '.join(unknown)}: those apply to CLIP models")
+        if self.options:
+            return self.build(len(classes), classes=list(classes), **options)
+        return self.build(len(classes))

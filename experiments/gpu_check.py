@@ -1,0 +1,163 @@
+"""GPU check: CLIP ViT-B/32 at full size (random init, synthetic images) on one GPU, in ≤ 5 minutes.
+
+    python -m experiments.gpu_check [--json PATH] [--steps 10] [--eval-images 4096] [--points 4]
+
+Measures, in one run:
+
+- training: median optimizer-step time and peak memory (``torch.cuda.max_memory_allocated``)
+  for full fine-tuning, LoRA r=32 and RandLoRA r=6 on both encoders (the paper's three
+  solutions; batch 128, bf16 autocast, AdamW, the main job's training loop body);
+- grid evaluation: the landscape engine (:class:`landscape.grid.PlaneEvaluator`, bf16) on a
+  plane through three synthetic solutions, in images/s, and as a fraction of the bf16 matmul
+  peak measured in the same run (useful FLOPs counted by ``FlopCounterMode`` on one batch);
+- the projection of the paper's CIFAR-100 figure (625 points × 50,000 training images) from that
+  throughput, with text features computed once per point (the text tower is on the plane).
+
+``--smoke`` runs the same code on the CPU with the reduced ``clip-tiny`` architecture (seconds;
+used by the tests). Results are printed and, with ``--json``, written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from adapters.methods import MethodSpec, attach, trainable_params
+from adapters.models import get_model
+from adapters.train import TrainConfig, make_optimizer
+from experiments.benchmarks.grid import counted_flops, matmul_peak
+from landscape import store
+from landscape.grid import EvalSet, PlaneEvaluator
+from landscape.plane import build_chart, solution_weights
+
+PAPER_POINTS, PAPER_IMAGES = 625, 50_000
+METHODS = (("ft", None), ("lora", 32), ("randlora", 6))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_case(base, entry, method, rank, images, labels, steps, device, bf16) -> dict:
+    torch.manual_seed(0)
+    model = attach(copy.deepcopy(base), MethodSpec(method, rank=rank), entry.targets).to(device).train()
+    lr = {"ft": 1e-5}.get(method, 1e-3)
+    optimizer = make_optimizer(model, TrainConfig(lr=lr, weight_decay=0.1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    augment = entry.augment
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(steps + 2):  # two warm-up steps
+        sync(device)
+        start = time.perf_counter()
+        inputs = augment({"pixels": images}, torch.Generator().manual_seed(step))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**inputs).float()
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sync(device)
+        if step >= 2:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    out = {"trainable_params": trainable_params(model), "step_s": statistics.median(times), "peak_mem_bytes": peak}
+    del model, optimizer
+    return out
+
+
+def grid_case(base, images, labels, points, device, bf16, batch) -> dict:
+    g = torch.Generator().manual_seed(0)
+    base_params = dict(base.named_parameters())
+    adapted = [n for n, p in base_params.items() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
+    deltas = {s: {n: 1e-3 * torch.randn(base_params[n].shape, generator=g) for n in adapted}
+              for s in ("ft", "lora", "randlora")}  # fmt: skip
+    chart = build_chart("paper", solution_weights(base_params, deltas))
+    eval_set = EvalSet.prepare(get_model("clip").encode(images), labels, batch, device)
+    evaluator = PlaneEvaluator(copy.deepcopy(base), chart, eval_set, device, dtype="bfloat16" if bf16 else "float32")
+    evaluator.evaluate(0.0, 0.0)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for k in range(points):
+        evaluator.evaluate(0.1 * k, 0.05 * k)
+    sync(device)
+    seconds = (time.perf_counter() - start) / points
+    model = evaluator.model
+    first_inputs, _ = eval_set.batches[0]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        flops = counted_flops(model, first_inputs) / len(eval_set.batches[0][1])
+    per_s = eval_set.n / seconds
+    return {"s_per_point": seconds, "images_per_s": per_s, "forward_flops_per_image": flops}
+
+
+def run(args) -> dict:
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check needs a CUDA GPU (or --smoke for a CPU dry run)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    arch = "clip-tiny" if args.smoke else "ViT-B-32"
+    entry = get_model(arch)
+    torch.manual_seed(0)
+    base = entry.create([f"class {i}" for i in range(100)], {"pretrained": "none"})
+    size = base.image_size
+    g = torch.Generator().manual_seed(1)
+    batch = 8 if args.smoke else 128
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g).to(device)
+    labels = torch.randint(0, 100, (batch,), generator=g).to(device)
+    bf16 = device.type == "cuda"
+    report = {"device": torch.cuda.get_device_name(device) if bf16 else "cpu", "model": arch, "batch": batch,
+              "dtype": "bfloat16" if bf16 else "float32", "training": {}}  # fmt: skip
+    started = time.perf_counter()
+    for method, rank in METHODS:
+        report["training"][method] = train_case(base, entry, method, rank, images, labels, args.steps, device, bf16)
+        print(f"[train {method}] {report['training'][method]}", file=sys.stderr, flush=True)
+    n_eval = 32 if args.smoke else args.eval_images
+    eval_images = torch.randint(0, 256, (n_eval, 3, size, size), dtype=torch.uint8, generator=g)
+    eval_labels = torch.randint(0, 100, (n_eval,), generator=g)
+    grid = grid_case(base, eval_images, eval_labels, args.points, device, bf16, 8 if args.smoke else 512)
+    peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
+    grid["peak_flops_per_s"] = peak
+    grid["utilization"] = grid["images_per_s"] * grid["forward_flops_per_image"] / peak
+    # text features once per point: 100 prompts through the text tower, small next to 50,000 images
+    grid["paper_figure_projection_s"] = PAPER_POINTS * PAPER_IMAGES / grid["images_per_s"]
+    report["grid"] = grid
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the report here (atomically)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per method (default: 10)")
+    p.add_argument("--eval-images", type=int, default=4096, help="images per grid point (default: 4096)")
+    p.add_argument("--points", type=int, default=4, help="timed grid points (default: 4)")
+    p.add_argument("--smoke", action="store_true", help="CPU dry run with clip-tiny (for tests)")
+    args = p.parse_args(argv)
+    report = run(args)
+    t, gr = report["training"], report["grid"]
+    print(f"{report['model']} on {report['device']} ({report['dtype']}), batch {report['batch']}")
+    for method in t:
+        mem = t[method]["peak_mem_bytes"]
+        mem_text = f"{mem / 2**30:.2f} GiB" if mem else "n/a"
+        step_ms = t[method]["step_s"] * 1e3
+        count = t[method]["trainable_params"]
+        print(f"  train {method:<9} {count:>12,} params  step {step_ms:8.1f} ms  peak {mem_text}")
+    print(f"  grid: {gr['images_per_s']:,.0f} images/s, utilization {gr['utilization']:.2f} of the measured peak; "
+          f"paper CIFAR-100 figure projected at {gr['paper_figure_projection_s'] / 60:.1f} min")  # fmt: skip
+    if args.json:
+        store.write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
