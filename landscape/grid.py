@@ -19,13 +19,14 @@ A batched point agrees with the single-point path to fp32 rounding (not bit for 
 matmuls reduce in another order). A model that cannot be vmapped falls back to P = 1 with a
 warning; an out-of-memory group halves P.
 
-``points_per_forward="auto"`` (:func:`auto_points_per_forward`): 1 on CPU — measured not to pay
-there (``python -m experiments.benchmarks.grid``: a CPU forward of one point's batch already
-keeps the cores busy; MiniLM runs at ~0.95× with P = 2–4 and EfficientNet-Lite0 ~20× slower,
-its convolutions with batched weights becoming grouped convolutions). On CUDA, P fills the
-device: ``P = min(16, max(1, 1024 // n))`` with n the median number of samples per evaluation
-batch (P = 8 for the main job's batches of 128), capped so that the P stacked copies of the
-plane parameters take at most 1/8 of the device's memory.
+``points_per_forward="auto"`` (:func:`auto_points_per_forward`): 1 on CPU, where it was measured
+not to pay: one point's batch of 128 already runs the matmuls at full speed, the batched matmuls
+are no faster per FLOP, and vmap adds copies and unfused bias adds (MiniLM, 256 samples, one
+thread: 0.88× / 0.80× / 0.76× the per-point speed at P = 2 / 4 / 8; EfficientNet-Lite0, whose
+convolutions with batched weights become grouped convolutions: 0.34× / 0.27× at P = 2 / 4). On
+CUDA, P fills the device: ``P = min(16, max(1, 1024 // n))`` with n the median number of
+samples per evaluation batch (P = 8 for the main job's batches of 128), capped so that the P
+stacked copies of the plane parameters take at most 1/8 of the device's memory.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class PlaneEvaluator:
         if points_per_forward == "auto":
             plane_bytes = sum(p.numel() * p.element_size() for p in self.params)
             points_per_forward = auto_points_per_forward(device, eval_set, plane_bytes)
+            if not getattr(model, "batch_grid_points", True):  # the model asks for one point per forward
+                points_per_forward = 1
         if not isinstance(points_per_forward, int) or points_per_forward < 1:
             raise ValueError(f"points_per_forward must be a positive integer or 'auto', not {points_per_forward!r}")
         self.points_per_forward = points_per_forward if self.names else 1  # nothing on the plane: nothing to batch

@@ -142,7 +142,7 @@ def spectrum_metrics(s: np.ndarray, shape: tuple[int, int]) -> dict:
 def _default_layers(deltas: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
     solutions = list(deltas.values())
     common = set(solutions[0]).intersection(*solutions[1:]) if solutions else set()
-    return sorted((n for n in common if all(sol[n].ndim == 2 for sol in solutions)), key=natural_key)
+    return sorted((n for n in common if all(sol[n].ndim >= 2 for sol in solutions)), key=natural_key)
 
 
 # ------------------------------------------------------------------------ building blocks ----
@@ -833,7 +833,8 @@ PROG = "python -m landscape.spectrum"
 
 
 def adapted_layers(deltas: Mapping[str, Mapping[str, torch.Tensor]]) -> list[str]:
-    """The 2-D weights every solution changes, minus the classification head (trained in full by all)."""
+    """The matrix-shaped weights every solution changes (a convolution as out × in·kh·kw), minus the
+    classification head (trained in full by all)."""
     return [n for n in _default_layers(deltas) if not n.startswith(HEAD + ".")]
 
 

@@ -431,3 +431,16 @@ def test_is_finite_fast_path_and_fallback():
         low = LowRank(torch.ones(4, 2), torch.ones(2, 4))
         low.A[0, 1] = bad
         assert not spectrum._is_finite(low)
+
+
+def test_convolution_updates_are_analysed_as_out_by_in_kh_kw():
+    """A Conv2d ΔW (out, in, kh, kw) is the matrix (out, in·kh·kw): its spectrum equals numpy's on that matrix."""
+    g = torch.Generator().manual_seed(0)
+    base = {"conv.weight": torch.randn(8, 4, 3, 3, generator=g)}
+    deltas = {s: {"conv.weight": 0.1 * torch.randn(8, 4, 3, 3, generator=g)} for s in ("ft", "lora", "randlora")}
+    result = analyse(deltas, base=base, progress=False)
+    (layer,) = result["layers"]
+    assert layer["name"] == "conv.weight" and layer["shape"] == [8, 36]
+    for s in ("ft", "lora", "randlora"):
+        want = np.linalg.svd(deltas[s]["conv.weight"].reshape(8, 36).double().numpy(), compute_uv=False)
+        np.testing.assert_allclose(layer[s]["singular_values"], want, rtol=1e-5, atol=1e-6)

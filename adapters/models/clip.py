@@ -141,6 +141,10 @@ def encode_text(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 class CLIPClassifier(nn.Module):
     """τ · norm(image features) · norm(class-prompt text features)ᵀ; no separate head."""
 
+    # The landscape engine evaluates one grid point per forward ("auto"): text features are
+    # cached per set of weights, which a vmapped forward over several points cannot share.
+    batch_grid_points = False
+
     def __init__(
         self, clip: nn.Module, tokens: torch.Tensor, mean, std, image_size: int, paper_temperature: bool = False
     ):

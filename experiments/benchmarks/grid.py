@@ -35,8 +35,9 @@ methods evaluate the same number of points at the same places in weight space.
 ``engine_batched`` (extra measurement, not one of the three methods): the engine with P grid
 points per forward (``points_per_forward``: the P points' plane parameters stacked and the model
 run under ``torch.func.vmap(functional_call)``, see :mod:`landscape.grid`) against the same
-engine with P = 1, on ``--batched-groups`` groups of P grid points (the grid points in order,
-cycled), group by group with the order of the two alternating, one untimed warm-up group each.
+engine with P = 1, on ``--batched-groups`` groups of P grid points (quick: 1, full: 2; the grid
+points in order, cycled), group by group with the order of the two alternating, one untimed
+warm-up group each.
 P = ``--points-per-forward`` (default: 4 on CPU; on CUDA the engine's ``auto`` rule).
 
 Timing. The three methods run interleaved, point by point (:func:`interleaved_grid`):
@@ -90,7 +91,10 @@ from landscape.plane import build_chart, solution_weights
 PROG = "python -m experiments.benchmarks.grid"
 CASES = ("minilm-wordnet", "efficientnet-fashion-mnist", "vit-b32-cifar")
 BATCH_SIZE = 128  # the paper's evaluation batch and the main job's
-PRESETS = {"quick": {"steps": 3, "samples": 256}, "full": {"steps": 5, "samples": 512}}
+PRESETS = {
+    "quick": {"steps": 3, "samples": 256, "batched_groups": 1},
+    "full": {"steps": 5, "samples": 512, "batched_groups": 2},
+}
 TOLERANCE = 1e-4  # |engine − paper loop| at every point
 
 
@@ -894,7 +898,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="P of the batched-engine measurement (default: 4 on CPU, the engine's auto rule on CUDA; 0 = skip it)",
     )
-    p.add_argument("--batched-groups", type=int, default=2, help="groups of P points timed per engine (default 2)")
+    p.add_argument(
+        "--batched-groups", type=int, default=None, help="groups of P points timed per engine (quick: 1, full: 2)"
+    )
     p.add_argument("--profile", action="store_true", help="profile one engine point per case (torch.profiler)")
     p.add_argument(
         "--vit-on-cpu", action="store_true", help="run vit-b32-cifar on CPU when CUDA is absent (smoke test only)"
@@ -910,10 +916,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = PRESETS["quick" if args.quick else "full"]
     steps = args.steps or preset["steps"]
     samples = args.samples or preset["samples"]
+    groups = preset["batched_groups"] if args.batched_groups is None else args.batched_groups
     if steps < 2 or samples < 1:
         print(f"{PROG}: --steps must be >= 2 and --samples >= 1", file=sys.stderr)
         return 2
-    if (args.points_per_forward or 0) < 0 or args.batched_groups < 1:
+    if (args.points_per_forward or 0) < 0 or groups < 1:
         print(f"{PROG}: --points-per-forward must be >= 0 and --batched-groups >= 1", file=sys.stderr)
         return 2
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -946,7 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.profile,
                 log,
                 args.points_per_forward,
-                args.batched_groups,
+                groups,
             )
         )
         results[-1]["case_wall_s"] = time.perf_counter() - t
