@@ -59,7 +59,8 @@ def build_parser() -> Parser:
     a(
         "--model",
         default=None,
-        help=f"model: {', '.join(model_names())} (default: minilm for text, efficientnet-lite0 for images)",
+        help=f"model: {', '.join(model_names())} (default: minilm for text, efficientnet-lite0 for "
+        "fashion-mnist, ViT-B-32 for cifar100/food101/ucf101 through --preset paper)",
     )
     a("--data-root", default=None, help="folder holding the dataset files (default: the system install)")
     a("--out", default=None, help="output folder (default: runs/<dataset>)")
@@ -378,7 +379,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
             copy.deepcopy(base), chart, eval_set, device, dtype=dtype, points_per_forward=args.points_per_forward
         )
         grid_key = {
-            "model": model_name, "base_fingerprint": base_print, "chart": args.chart, "dtype": dtype,
+            "model": model_name, "model_options": model_options, "base_fingerprint": base_print, "chart": args.chart,
+            "dtype": dtype,
             "x": xs.tolist(), "y": ys.tolist(), "eval": [args.dataset, args.eval_split, eval_set.n, args.seed,
             args.data_root, sizes], "solutions": {s: delta_fingerprint(solutions[s]) for s in SOLUTIONS},
         }  # fmt: skip

@@ -109,6 +109,9 @@ def test_pretrained_path_and_bad_values(tiny, tmp_path):
 
     with pytest.raises(UserError, match="no such checkpoint file"):
         get_model("clip-tiny").create(CLASSES, {"pretrained": str(tmp_path / "missing.pt")})
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot load CLIP clip-tiny weights"):
+        get_model("clip-tiny").create(CLASSES, {"pretrained": str(tmp_path / "corrupt.pt")})
     with pytest.raises(UserError, match="lacks '\\{c\\}'"):
         get_model("clip-tiny").create(CLASSES, {"pretrained": "none", "template": "a photo"})
 

@@ -223,14 +223,18 @@ def build(
     kwargs = {"force_quick_gelu": True} if cfg.get("quick_gelu") else {}
     import logging
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # open_clip's "random init" note
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # open_clip logs "random init" notes on the root logger
     try:
         clip = open_clip.create_model(arch, pretrained=source, **kwargs)
-    except (RuntimeError, OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - a user file (corrupt, pickled code refused, other model): one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"cannot load CLIP {arch} weights from {source} ({first}): pass a matching checkpoint"
+            f"cannot load CLIP {arch} weights from {source} ({first}): pass a matching open_clip checkpoint"
         ) from None
+    finally:
+        root.setLevel(level)
     clip.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     tokens = tokenizer([template.format(c=c) for c in classes])
