@@ -75,7 +75,7 @@ def section(name: str, out: Path, figures: Path) -> str:
     spec = json.loads((out / "spectrum.json").read_text())
     lines = [f"### {meta['model']} on {meta['dataset']}", ""]
     lines += [
-        f"`{meta['command']}` — {meta['wall_time_total_s'] / 60:.1f} min end to end on "
+        f"`{meta['command'].replace(str(ROOT) + '/', '')}` — {meta['wall_time_total_s'] / 60:.1f} min end to end on "
         f"{meta['device']} ({meta['dtype']}), seed {meta['seed']}.",
         "",
     ]
@@ -210,16 +210,20 @@ def _run(argv: Sequence[str] | None) -> None:
     args = p.parse_args(argv)
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
-    todo = {**OFFLINE, **(PAPER if args.paper else {})}
+    every = todo = {**OFFLINE, **(PAPER if args.paper else {})}
     if args.only:
         unknown = sorted(set(args.only) - set(todo))
         if unknown:
             raise UserError(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(todo)}")
         todo = {k: v for k, v in todo.items() if k in args.only}
     parts = []
-    for name, run_argv in todo.items():
-        out = ensure_run(name, run_argv, Path(args.runs), args.force)
-        parts.append(section(name, out, figures))
+    for name, run_argv in every.items():
+        out = Path(args.runs) / name
+        if name in todo:
+            out = ensure_run(name, run_argv, Path(args.runs), args.force)
+        elif not (out / "landscape.json").exists():
+            continue  # --only left out a run that does not exist: no section for it
+        parts.append(section(name, out, figures))  # --only reruns its runs; the others keep their section
     rewrite_readme("\n".join(parts), Path(args.readme))
     print(f"[figures] wrote figures/ and the README gallery ({', '.join(todo)})", file=sys.stderr)
 
