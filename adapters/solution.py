@@ -152,10 +152,16 @@ def load_solution(folder: str | Path, base: Classifier | None = None) -> Solutio
 
 
 def build_base(info: dict) -> Classifier:
-    """The base model a solution was trained from (its model, classes and model options)."""
+    """The base model a solution was trained from (its model, classes and model options).
+
+    Built under the solution's seed, as the main job builds it, so randomly initialised bases
+    (``--pretrained none``, tiny test models) are rebuilt identically; the global RNG is left as it was.
+    """
     n = int(info["num_classes"])
     classes = info.get("classes") or [f"class {i}" for i in range(n)]
-    return get_model(info["model"]).create(classes, info.get("model_options"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(info.get("seed", 0)))
+        return get_model(info["model"]).create(classes, info.get("model_options"))
 
 
 def check_base(folder: Path, info: dict, base: Classifier) -> None:

@@ -945,7 +945,6 @@ def _load_given(items: Sequence[str], model: str | None, num_classes: int | None
     from pathlib import Path
 
     from adapters.errors import UserError
-    from adapters.models import get_model
     from adapters.solution import Solution, _compute_delta, check_base, load_solution, read_info
 
     parsed = []
@@ -981,9 +980,11 @@ def _load_given(items: Sequence[str], model: str | None, num_classes: int | None
     for name, info in infos.items():
         if info["model"] != model:
             raise UserError(f"--solution {name} was trained from {info['model']}, not {model}: pass matching solutions")
+    from adapters.solution import build_base
+
     first = next(iter(infos.values()))
     names = first.get("classes") if int(first.get("num_classes", -1)) == classes else None
-    base = get_model(model).create(names or [f"class {i}" for i in range(classes)], first.get("model_options"))
+    base = build_base({**first, "model": model, "num_classes": classes, "classes": names})
     solutions = {}
     for name, path in parsed:
         info = infos[name]

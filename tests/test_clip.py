@@ -156,6 +156,10 @@ def test_clip_end_to_end_on_cifar100(cifar_root, tmp_path):
     assert np.isfinite(data["loss"]).all()
     key = json.loads((out / "solutions" / "ft" / "solution.json").read_text())["train_key"]["train_config"]
     assert key["weight_decay"] == 0.1 and key["augment"] and key["grad_accum"] == 2 and key["lr"] == 1e-5
+    from adapters.solution import load_solution
+
+    alone = load_solution(out / "solutions" / "randlora")  # rebuilds the random-init base from the seed
+    assert alone.info["model_options"]["pretrained"] == "none" and alone.delta()
     spec = json.loads((out / "spectrum.json").read_text())
     layers = spec["layers"] if "layers" in spec else spec
     assert any("attn.in_proj_weight" in str(name) for name in layers)  # q/k/v analysed
