@@ -205,7 +205,7 @@ def _compute_delta(solution: Solution) -> dict[str, torch.Tensor]:
     return delta
 
 
-def _peft_config(folder: Path):
+def peft_config_of(folder: Path):
     """The adapter's peft config, with our layers for attention / convolutions registered."""
     from peft import LoraConfig, PeftConfig
 
@@ -228,7 +228,7 @@ def _adapter_delta(folder: Path, base: Classifier, base_params: dict) -> dict[st
     try:
         with warnings.catch_warnings():  # "bases regenerated from the PRNG key": we verify them below
             warnings.filterwarnings("ignore", message=".*save_projection.*")
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder, config=_peft_config(folder))
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder, config=peft_config_of(folder))
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(

@@ -31,18 +31,13 @@ import torch.nn.functional as F
 from adapters.methods import MethodSpec, attach, trainable_params
 from adapters.models import get_model
 from adapters.train import TrainConfig, make_optimizer
-from experiments.benchmarks.grid import counted_flops, matmul_peak
+from experiments.benchmarks.grid import counted_flops, matmul_peak, sync
 from landscape import store
 from landscape.grid import EvalSet, PlaneEvaluator
 from landscape.plane import build_chart, solution_weights
 
 PAPER_POINTS, PAPER_IMAGES = 625, 50_000
 METHODS = (("ft", None), ("lora", 32), ("randlora", 6))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_case(base, entry, method, rank, images, labels, steps, device, bf16) -> dict:

@@ -276,12 +276,13 @@ def run(argv: Sequence[str] | None = None) -> Path:
         solutions: dict[str, Solution] = {n: load_solution(p, base=base) for n, p in given.items()}
         train_data = entry.encode(dataset.train.inputs)
         test_data = entry.encode(dataset.test.inputs)
-    steps = args.train_steps or preset.get("train_steps")
-    if steps is None:  # epochs over the training split at the effective batch size
+    if args.train_steps:
+        steps = args.train_steps
+    elif args.epochs or "train_steps" not in preset:  # epochs over the training split at the effective batch
         epochs = args.epochs or preset.get("epochs", 1)
         steps = max(1, math.ceil(epochs * len(dataset.train) / min(args.batch_size, len(dataset.train))))
-    elif args.epochs and not args.train_steps:
-        steps = max(1, math.ceil(args.epochs * len(dataset.train) / min(args.batch_size, len(dataset.train))))
+    else:
+        steps = preset["train_steps"]
 
     out = Path(args.out or f"runs/{args.dataset}")
     out.mkdir(parents=True, exist_ok=True)

@@ -851,9 +851,9 @@ def lora_factors(sol) -> dict[str, LowRank]:
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from adapters.solution import PEFT_PREFIX, _peft_config
+    from adapters.solution import PEFT_PREFIX, peft_config_of
 
-    model = PeftModel.from_pretrained(copy.deepcopy(sol.base), sol.path, config=_peft_config(sol.path))
+    model = PeftModel.from_pretrained(copy.deepcopy(sol.base), sol.path, config=peft_config_of(sol.path))
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or "default" not in getattr(module, "lora_A", {}):

@@ -31,7 +31,7 @@ def tiny(tiny_entry):
     encoded = tiny_entry.encode(texts)
     eval_set = EvalSet.prepare(encoded, labels, 8, "cpu")
     head = bench.fit_head(model, eval_set, NUM_CLASSES)
-    targets = bench.linear_targets(model, tiny_entry.targets)
+    targets = bench.adapted_weights(model, tiny_entry.targets)
     deltas = bench.synthetic_deltas(model, targets, head, scale=0.05, seed=0, lora_rank=2)
     return model, texts, labels, encoded, eval_set, deltas, targets, tiny_entry
 

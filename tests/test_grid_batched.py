@@ -17,7 +17,7 @@ from landscape.grid import EvalSet, PlaneEvaluator, auto_points_per_forward, poi
 from landscape.plane import build_chart, solution_weights
 from landscape.store import GridStore
 from tests.test_paths import _solutions
-from tests.test_plane_grid import _naive_loss, _random_solutions
+from tests.test_plane_grid import _naive_loss, make_setup
 
 # 3 × 5 = 15 points, P = 4: three full groups and one of three points
 XS, YS = np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), np.array([0.0, 1.0, 1.5])
@@ -26,13 +26,7 @@ P = 4
 
 @pytest.fixture(scope="module")
 def setup(tiny_entry):
-    torch.manual_seed(0)
-    model = tiny_entry.build(4)
-    deltas = _random_solutions(model)
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    texts = [f"sample {i} " + "word " * (i % 7) for i in range(23)]
-    data = tiny_entry.encode(texts)
-    labels = torch.arange(23) % 4
+    model, base, deltas, data, labels = make_setup(tiny_entry)
     chart = build_chart("paper", solution_weights(base, deltas))
     eval_set = EvalSet.prepare(data, labels, 5, "cpu")  # several batches of different lengths
     return model, base, deltas, data, labels, chart, eval_set

@@ -26,8 +26,8 @@ def _random_solutions(model, seed=0, scale=0.05):
     return deltas
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_entry):
+def make_setup(tiny_entry):
+    """The tiny model, its weights, three synthetic solutions and 23 texts of mixed lengths."""
     torch.manual_seed(0)
     model = tiny_entry.build(4)
     deltas = _random_solutions(model)
@@ -36,6 +36,11 @@ def setup(tiny_entry):
     data = tiny_entry.encode(texts)
     labels = torch.arange(23) % 4
     return model, base, deltas, data, labels
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_entry):
+    return make_setup(tiny_entry)
 
 
 @pytest.mark.parametrize("chart_name", ["paper", "orthonormal"])

@@ -104,12 +104,6 @@ class _WeightAdapterMixin:
 # --------------------------------------------------------------------------- RandLoRA
 
 
-def _randlora_layer_cls():
-    from peft.tuners.randlora.layer import RandLoraLayer
-
-    return RandLoraLayer
-
-
 def _make_randlora_weight():
     from peft.tuners.randlora.layer import Linear as RandLoraLinear
     from peft.tuners.randlora.layer import RandLoraLayer

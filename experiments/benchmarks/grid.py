@@ -105,16 +105,20 @@ def rms(t: torch.Tensor) -> float:
     return float(t.detach().float().pow(2).mean().sqrt())
 
 
-def linear_targets(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
-    """Weight names of the Linears whose module name ends in one of ``suffixes`` (head excluded)."""
-    return [
-        f"{name}.weight"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-        and name.endswith(tuple(suffixes))
-        and name != HEAD
-        and not name.startswith(HEAD + ".")
-    ]
+def adapted_weights(model: nn.Module, suffixes: Sequence[str]) -> list[str]:
+    """Names of the weights the adapters would adapt: Linears, convolutions and attention in_proj whose
+    module matches ``suffixes`` (peft's rule), head excluded."""
+    from adapters.methods.budget import matches_target
+    from adapters.methods.layers import weight_name
+
+    names = []
+    for name, m in model.named_modules():
+        if name == HEAD or name.startswith(HEAD + ".") or not matches_target(name, suffixes):
+            continue
+        weight = "weight" if isinstance(m, nn.Linear) else weight_name(m)
+        if weight is not None:
+            names.append(f"{name}.{weight}")
+    return names
 
 
 @torch.no_grad()
@@ -620,34 +624,30 @@ def _image_flops(train_mode: bool = False):
     return flops
 
 
-def minilm_case(samples: int, seed: int = 0) -> Case:
+def _offline_case(name: str, model_name: str, dataset: str, samples: int, seed: int, flops, info: dict) -> Case:
+    """A CPU case on an offline model and dataset: a fixed evaluation subset of the training split."""
     from adapters.data import eval_subset, load_dataset
     from adapters.models import get_model
 
-    entry = get_model("minilm")
-    data = load_dataset("wordnet", seed=seed)
+    entry = get_model(model_name)
+    data = load_dataset(dataset, seed=seed)
     subset = eval_subset(data.train, samples, seed)
     model = entry.build(len(data.classes))
     return Case(
-        "minilm-wordnet", torch.device("cpu"), model, subset.inputs, subset.labels, entry.encode,
-        linear_targets(model, entry.targets), len(data.classes), _bert_flops(len(data.classes)),
-        {"model": "all-MiniLM-L6-v2", "data": data.source},
+        name, torch.device("cpu"), model, subset.inputs, subset.labels, entry.encode,
+        adapted_weights(model, entry.targets), len(data.classes), flops(len(data.classes)),
+        {**info, "data": data.source},
     )  # fmt: skip
+
+
+def minilm_case(samples: int, seed: int = 0) -> Case:
+    return _offline_case("minilm-wordnet", "minilm", "wordnet", samples, seed, _bert_flops,
+                         {"model": "all-MiniLM-L6-v2"})  # fmt: skip
 
 
 def efficientnet_case(samples: int, seed: int = 0) -> Case:
-    from adapters.data import eval_subset, load_dataset
-    from adapters.models import get_model
-
-    entry = get_model("efficientnet-lite0")
-    data = load_dataset("fashion-mnist", seed=seed)
-    subset = eval_subset(data.train, samples, seed)
-    model = entry.build(len(data.classes))
-    return Case(
-        "efficientnet-fashion-mnist", torch.device("cpu"), model, subset.inputs, subset.labels, entry.encode,
-        linear_targets(model, entry.targets), len(data.classes), _image_flops(),
-        {"model": "EfficientNet-Lite0 @ 64 px", "data": data.source},
-    )  # fmt: skip
+    return _offline_case("efficientnet-fashion-mnist", "efficientnet-lite0", "fashion-mnist", samples, seed,
+                         lambda classes: _image_flops(), {"model": "EfficientNet-Lite0 @ 64 px"})  # fmt: skip
 
 
 class ClipImageClassifier(Classifier):
