@@ -20,7 +20,6 @@ order, see REFERENCE.md §1).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -32,23 +31,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapters.errors import UserError
+from adapters.io import atomic_folder, digest
 from adapters.methods import ADAPTERS, METHODS
-from adapters.models import HEAD, Classifier, get_model
+from adapters.models import HEAD, Classifier
+from adapters.models import build_base as build_base_model
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over the names, shapes and bytes of the backbone's parameters (not the head)."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        if name.startswith(HEAD + "."):
-            continue
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(p.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    """Digest of the names, shapes and bytes of the backbone's parameters (not the head)."""
+    return digest((n, p) for n, p in sorted(model.named_parameters()) if not n.startswith(HEAD + "."))
+
+
+def delta_fingerprint(solution: Solution) -> str:
+    """Digest of a solution's ΔW, so results computed from one solution are never reused with another."""
+    return digest(sorted(solution.delta().items()))
 
 
 @dataclass
@@ -72,7 +71,7 @@ class Solution:
     def delta(self) -> dict[str, torch.Tensor]:
         """{parameter name of the base model: dense fp32 ΔW} for every parameter this solution changes."""
         if self._delta is None:
-            self._delta = _compute_delta(self)
+            self._delta = compute_delta(self)
         return self._delta
 
     def model(self) -> Classifier:
@@ -86,40 +85,26 @@ class Solution:
 
 
 def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: dict) -> None:
-    """Write a solution folder. ``trained`` is the Classifier (ft, head_only) or the PeftModel."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        _rmtree(tmp)
-    tmp.mkdir(parents=True)
+    """Write a solution folder atomically. ``trained`` is the Classifier (ft, head_only) or the PeftModel."""
     method = info["method"]
-    if method == "randlora":
-        # peft writes the shared random bases once per adapted layer (~350 MB for MiniLM); we store
-        # none and a checksum instead: peft regenerates them from projection_prng_key on load.
-        from adapters.methods.randlora import save_compact
+    with atomic_folder(folder) as tmp:
+        if method == "randlora":
+            # peft writes the shared random bases once per adapted layer (~350 MB for MiniLM); we store
+            # none and a checksum instead: peft regenerates them from projection_prng_key on load.
+            from adapters.methods.randlora import save_compact
 
-        save_compact(trained, tmp)
-    elif method in ADAPTERS:
-        trained.save_pretrained(tmp)
-    else:
-        state = {
-            name: p.detach().cpu().contiguous()
-            for name, p in trained.named_parameters()
-            if method == "ft" or name.startswith(HEAD + ".")
-        }
-        save_file(state, tmp / "model.safetensors")
-    (tmp / "solution.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    # Replace the old folder only once the new one is complete.
-    if folder.exists():
-        _rmtree(folder)
-    tmp.rename(folder)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
+            save_compact(trained, tmp)
+        elif method in ADAPTERS:
+            trained.save_pretrained(tmp)
+        else:
+            state = {
+                name: p.detach().cpu().contiguous()
+                for name, p in trained.named_parameters()
+                if method == "ft" or name.startswith(HEAD + ".")
+            }
+            save_file(state, tmp / "model.safetensors")
+        (tmp / "solution.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def read_info(folder: str | Path) -> dict:
@@ -137,10 +122,12 @@ def read_info(folder: str | Path) -> dict:
     return info
 
 
-def load_solution(folder: str | Path, base: Classifier | None = None) -> Solution:
-    """Load a solution folder. ``base`` (optional) is a base model already built for it."""
+def load_solution(folder: str | Path, base: Classifier | None = None, expect_method: str | None = None) -> Solution:
+    """Load a solution folder. ``base`` (optional) is a base model already built for it;
+    ``expect_method``: the method the caller takes it for (a LoRA folder given as ``ft=`` is refused)."""
     folder = Path(folder)
     info = read_info(folder)
+    check_method(folder, info, expect_method)
     if base is None:
         base = build_base(info)
     check_base(folder, info, base)
@@ -151,17 +138,78 @@ def load_solution(folder: str | Path, base: Classifier | None = None) -> Solutio
     return solution
 
 
-def build_base(info: dict) -> Classifier:
-    """The base model a solution was trained from (its model, classes and model options).
+def load_solutions(
+    named: dict[str, Path], model: str | None = None, num_classes: int | None = None
+) -> dict[str, Solution]:
+    """Load solutions given by name (``{name: folder}``) onto one shared base model.
 
-    Built under the solution's seed, as the main job builds it, so randomly initialised bases
-    (``--pretrained none``, tiny test models) are rebuilt identically; the global RNG is left as it was.
+    A folder is a solution written by this tool (``solution.json``: :func:`load_solution`) or a bare peft
+    LoRA / RandLoRA adapter folder (``adapter_config.json`` only), which needs ``model`` and
+    ``num_classes``. The base is ``model`` with ``num_classes`` classes, by default those of the first
+    solution; every solution must come from that model (and its base weights: fingerprint checked).
     """
+    infos = {name: _given_info(name, Path(folder), model, num_classes) for name, folder in named.items()}
+    if not infos:
+        raise UserError("no solutions given: pass NAME=PATH for each solution folder")
+    first = next(iter(infos.values()))
+    model = model or first["model"]
+    classes = num_classes or int(first["num_classes"])
+    for name, info in infos.items():
+        if info["model"] != model:
+            raise UserError(f"solution {name} was trained from {info['model']}, not {model}: pass matching solutions")
+    names = first.get("classes") if int(first.get("num_classes", -1)) == classes else None
+    base = build_base({**first, "model": model, "num_classes": classes, "classes": names})
+    solutions = {}
+    for name, folder in named.items():
+        folder, info = Path(folder), infos[name]
+        if info.get("peft_only"):
+            check_base(folder, info, base)
+            solutions[name] = Solution(path=folder, info=info, metrics={}, base=base)
+            solutions[name].delta()  # read and validate the weights now, as load_solution does
+        else:
+            solutions[name] = load_solution(folder, base=base)
+    return solutions
+
+
+def _given_info(name: str, folder: Path, model: str | None, num_classes: int | None) -> dict:
+    """The solution.json of a tool-written folder, or the info of a bare peft adapter folder."""
+    if not folder.is_dir():
+        raise UserError(f"solution folder {folder} does not exist: pass a folder written by landscape.connectivity")
+    if (folder / "solution.json").exists():
+        return read_info(folder)
+    # Adapters trained elsewhere: each format we read is recognised here and described by an info dict
+    # (method, model, num_classes, rank, name, peft_only) that load_solutions can load. Today: peft's own
+    # LoRA and RandLoRA adapter folders; other formats will be added here.
+    if (folder / "adapter_config.json").exists():
+        try:
+            cfg = json.loads((folder / "adapter_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{folder}/adapter_config.json is corrupt ({e.msg})") from None
+        method = {"LORA": "lora", "RANDLORA": "randlora"}.get(str(cfg.get("peft_type", "")).upper())
+        if method is None:
+            raise UserError(f"{folder}: peft type {cfg.get('peft_type')!r} is not supported (LORA or RANDLORA)")
+        if model is None or num_classes is None:
+            raise UserError(f"{folder} is a bare peft adapter: pass --base MODEL_NAME and --num-classes N")
+        return {"method": method, "model": model, "num_classes": num_classes, "rank": cfg.get("r"), "name": name,
+                "peft_only": True}  # fmt: skip
+    raise UserError(f"{folder} has neither solution.json nor adapter_config.json: not a solution folder")
+
+
+def check_method(folder: Path, info: dict, expect_method: str | None) -> None:
+    """UserError when a solution is given under another method's name (``ft=<a LoRA folder>``)."""
+    if expect_method is not None and info["method"] != expect_method:
+        raise UserError(
+            f"{folder} is a {info['method']} solution, not {expect_method}: pass {info['method']}={folder} "
+            f"or a {expect_method} solution folder"
+        )
+
+
+def build_base(info: dict) -> Classifier:
+    """The base model a solution was trained from (its model, classes and model options), built
+    under the solution's seed as the main job builds it (:func:`adapters.models.build_base`)."""
     n = int(info["num_classes"])
     classes = info.get("classes") or [f"class {i}" for i in range(n)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(info.get("seed", 0)))
-        return get_model(info["model"]).create(classes, info.get("model_options"))
+    return build_base_model(info["model"], classes, info.get("model_options"), int(info.get("seed", 0)))
 
 
 def check_base(folder: Path, info: dict, base: Classifier) -> None:
@@ -178,7 +226,7 @@ def check_base(folder: Path, info: dict, base: Classifier) -> None:
         )
 
 
-def _compute_delta(solution: Solution) -> dict[str, torch.Tensor]:
+def compute_delta(solution: Solution) -> dict[str, torch.Tensor]:
     folder, method = solution.path, solution.method
     base_params = dict(solution.base.named_parameters())
     if method in ADAPTERS:

@@ -9,19 +9,25 @@ quickly even when the backbone moves slowly (full fine-tuning at 1e-5..1e-4).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapters.models.base import HEAD, Encoded
+from adapters import distributed
+from adapters.data.base import Dataset
+from adapters.io import key_digest, write_torch
+from adapters.methods import MethodSpec
+from adapters.models.base import HEAD, Encoded, ModelEntry
+from adapters.objectives import OBJECTIVES, Classification, score
 
 
 @dataclass
@@ -97,13 +103,17 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     augment: Callable | None = None,
+    checkpoint_key: str = "",
+    objective: Classification = OBJECTIVES["classification"],
 ) -> dict:
     """Train in place; returns a small history (loss every step, wall time).
 
     With ``checkpoint``, the trainable parameters, optimizer, schedule, RNG state and step are
     written atomically every ``checkpoint_every`` steps; calling ``train`` again with the same
     arguments after a crash (or SIGKILL) resumes there and ends with the same weights as an
-    uninterrupted run (on CPU, bit-exact). The file is removed when training completes.
+    uninterrupted run (on CPU, bit-exact). A checkpoint is resumed only when it records the same
+    ``checkpoint_key`` (the caller's key of everything that changes the result) and config. The file is
+    kept when training ends: the caller removes it once the trained solution is safely saved.
 
     ``augment(inputs, generator)`` (used when ``config.augment``) transforms each batch on the
     device; its generator is seeded by (seed, step), so augmentation survives a resume exactly.
@@ -118,7 +128,7 @@ def train(
     if config.grad_checkpointing and hasattr(_unwrap(model), "set_grad_checkpointing"):
         _unwrap(model).set_grad_checkpointing(True)
     model.to(device).train()
-    rank, world = _dist_rank_world()
+    rank, world = distributed.rank_world()
     # Under torchrun every rank draws the same global batch and computes on its slice
     # index[rank::world]; DDP averages the gradients, which equals the gradient of the global
     # mean loss when the slices are equal (global batch divisible by the world size).
@@ -131,45 +141,51 @@ def train(
     losses: list[float] = []
     first = 0
     if checkpoint is not None and Path(checkpoint).exists():
-        first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config)
+        first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config, checkpoint_key)
     start = time.perf_counter()
     batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
     for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
         next(batches)
     bar = tqdm(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
     for step in bar:
-        index = next(batches)[rank::world]
         optimizer.zero_grad(set_to_none=True)
-        micro = index.chunk(config.grad_accum) if config.grad_accum > 1 else (index,)
-        loss = torch.zeros((), device=device)
-        for k, part in enumerate(micro):
-            inputs = {key: v.to(device) for key, v in data.batch(part).items()}
-            if config.augment:
-                inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
-            sync = k == len(micro) - 1 or world == 1
-            with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
-                with autocast:
-                    logits = forward(**inputs).float()
-                target = labels[part].to(device)
-                if len(micro) == 1:
-                    part_loss = F.cross_entropy(logits, target)
-                else:  # the sum over micro-batches is the mean over the whole batch
-                    part_loss = F.cross_entropy(logits, target, reduction="sum") / len(index)
-                part_loss.backward()
-            loss += part_loss.detach()
+        loss = _backward(forward, data, labels, next(batches)[rank::world], step, config, device, augment, objective)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
         optimizer.step()
         schedule.step()
-        losses.append(_global_mean(loss.detach(), world))
+        losses.append(distributed.global_mean(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
-        if checkpoint is not None and rank == 0 and done % checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(Path(checkpoint), done, losses, trainable, optimizer, schedule, config)
+        # Also after the last step: the trained weights survive a kill before the caller has saved them.
+        if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == config.steps):
+            _save_checkpoint(Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key)
     model.eval()
-    if checkpoint is not None and rank == 0 and Path(checkpoint).exists():
-        Path(checkpoint).unlink()
     return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first}
+
+
+def _backward(forward, data: Encoded, labels, index, step: int, config: TrainConfig, device, augment, objective):
+    """Gradients of one step's batch (``index``), in ``config.grad_accum`` micro-batches whose summed
+    losses give the whole batch's mean; returns the batch's loss (detached)."""
+    world = distributed.rank_world()[1]
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
+    micro = index.chunk(config.grad_accum) if config.grad_accum > 1 else (index,)
+    loss = torch.zeros((), device=device)
+    for k, part in enumerate(micro):
+        inputs = {key: v.to(device) for key, v in data.batch(part).items()}
+        if config.augment:
+            inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
+        sync = k == len(micro) - 1 or world == 1
+        with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
+            with autocast:
+                outputs = forward(**inputs).float()
+            target = labels[part].to(device)
+            if len(micro) == 1:
+                part_loss = objective.loss(outputs, target)
+            else:  # the sum over micro-batches is the mean over the whole batch
+                part_loss = objective.loss(outputs, target, reduction="sum") / len(index)
+            part_loss.backward()
+        loss += part_loss.detach()
+    return loss
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -178,26 +194,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _global_mean(loss: torch.Tensor, world: int) -> float:
-    if world > 1:
-        import torch.distributed as dist
-
-        loss = loss.clone()
-        dist.all_reduce(loss)
-        loss /= world
-    return loss.item()
-
-
-def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig) -> None:
+def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig, key: str) -> None:
     state = {
+        "key": key,
         "step": step,
         "losses": torch.tensor(losses, dtype=torch.float64),
         "config": repr(config.to_dict()),
@@ -207,19 +206,21 @@ def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, c
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
+    write_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
-def _resume(path: Path, trainable, optimizer, schedule, config: TrainConfig) -> tuple[int, list[float]]:
+def _resume(path: Path, trainable, optimizer, schedule, config: TrainConfig, key: str) -> tuple[int, list[float]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file means: start over
         print(f"[train] ignoring unreadable checkpoint {path} ({type(e).__name__}); starting over")
         return 0, []
-    if state.get("config") != repr(config.to_dict()) or set(state["params"]) != set(trainable):
+    if (
+        state.get("key", "") != key
+        or state.get("config") != repr(config.to_dict())
+        or set(state["params"]) != set(trainable)
+        or any(state["params"][n].shape != p.shape for n, p in trainable.items())
+    ):
         print(f"[train] checkpoint {path} is from another configuration; starting over")
         return 0, []
     with torch.no_grad():
@@ -241,21 +242,111 @@ def evaluate(
     batch_size: int = 128,
     device: torch.device | str = "cpu",
     autocast: str = "none",
+    objective: Classification = OBJECTIVES["classification"],
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over the whole set (batches in length order; ``autocast="bfloat16"``:
+    """Mean loss and accuracy over the whole set (batches in length order; ``autocast="bfloat16"``:
     bf16 forward, fp32 loss)."""
     model.to(device).eval()
-    bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast == "bfloat16")
     order = data.length_order()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        inputs = {k: v.to(device) for k, v in data.batch(index).items()}
-        target = labels[index].to(device)
-        with bf16:
-            logits = model(**inputs).float()
-        loss_sum += F.cross_entropy(logits, target, reduction="sum")
-        correct += (logits.argmax(-1) == target).sum()
-    n = len(order)
-    return loss_sum.item() / n, correct.item() / n
+    batches = (
+        ({k: v.to(device) for k, v in data.batch(index).items()}, labels[index].to(device))
+        for index in order.split(batch_size)
+    )
+    forward = lambda inputs: model(**inputs)  # noqa: E731
+    result = score(forward, batches, len(order), objective, bf16=autocast == "bfloat16")[0]
+    return result.loss, result.accuracy
+
+
+# --------------------------------------------------------------------------- one solution, end to end
+
+
+@dataclass
+class Task:
+    """What a solution is trained and tested on: the dataset, its model entry and base model, the
+    splits encoded once for that model, and the objective."""
+
+    dataset: Dataset
+    entry: ModelEntry
+    base: nn.Module
+    train: Encoded
+    test: Encoded
+    objective: Classification = OBJECTIVES["classification"]
+
+
+def checkpoint_path(folder: str | os.PathLike, key: dict) -> Path:
+    """Where the training checkpoint of the solution ``folder`` with training ``key`` lives: derived from
+    the key, so a run with other settings never resumes it (and never deletes it)."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}-{key_digest(key)}.ckpt")
+
+
+def train_solution(
+    task: Task,
+    spec: MethodSpec,
+    config: TrainConfig,
+    key: dict,
+    folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> None:
+    """Train one solution of ``spec`` on ``task`` and save it (with its test metrics) to ``folder``.
+
+    Checkpointed every 50 steps at :func:`checkpoint_path` (``key`` covers everything that changes
+    the result), so a killed run resumes where it died; the checkpoint is removed only after the
+    solution folder is saved atomically. Under torchrun all ranks train together (DDP, each on a
+    slice of the global batch); rank 0 evaluates and saves.
+    """
+    from adapters.methods import attach, has_head, trainable_params
+    from adapters.solution import save_solution
+
+    folder = Path(folder)
+    ckpt = checkpoint_path(folder, key)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)  # peft's LoRA initialises A from the global generator
+        model = attach(copy.deepcopy(task.base), spec, task.entry.targets)
+    if spec.method == "head_only" and not has_head(task.base):  # CLIP: the baseline is zero-shot
+        history = {"train_loss": [], "train_seconds": 0.0}
+    else:
+        history = train(
+            model, task.train, task.dataset.train.labels, config, device=device, desc=f"train {spec.method}",
+            progress=progress and distributed.is_lead(), checkpoint=ckpt, checkpoint_every=50,
+            augment=task.entry.augment, checkpoint_key=key_digest(key), objective=task.objective,
+        )  # fmt: skip
+    if not distributed.is_lead():
+        return
+    test_loss, test_acc = evaluate(
+        model, task.test, task.dataset.test.labels, config.eval_batch_size, device, config.autocast, task.objective
+    )
+    n_train = trainable_params(model)
+    head = sum(p.numel() for p in task.base.task_head.parameters()) if has_head(task.base) else 0
+    print(
+        f"[train {spec.method}] test accuracy {test_acc:.4f}, loss {test_loss:.4f}, {n_train:,} trainable"
+        + (f" ({n_train - head:,} adapter + {head:,} head)" if spec.method in ("lora", "randlora") and head else ""),
+        file=sys.stderr,
+    )
+    info = {
+        "name": spec.method,
+        "method": spec.method,
+        "model": task.entry.name,
+        "model_options": key.get("model_options"),
+        "dataset": task.dataset.name,
+        "num_classes": len(task.dataset.classes),
+        "classes": task.dataset.classes,
+        "rank": spec.rank,
+        "seed": spec.seed,
+        "trainable_params": n_train,
+        "adapter_params": n_train - head if spec.method in ("lora", "randlora") else None,
+        "targets": list(task.entry.targets),
+        "base_fingerprint": key.get("base_fingerprint"),
+        "train_key": key,
+    }
+    losses = history["train_loss"]
+    metrics = {
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "train_seconds": history["train_seconds"],
+        "final_train_loss": float(sum(losses[-20:]) / len(losses[-20:])) if losses else None,
+        "steps": len(losses),
+    }
+    save_solution(folder, model.cpu(), info, metrics)
+    ckpt.unlink(missing_ok=True)  # only now: a kill before the save resumes from the checkpoint

@@ -115,21 +115,33 @@ def section(name: str, out: Path, figures: Path) -> str:
     return "\n".join(lines)
 
 
+NOISE_SE = 2.0  # a difference counts as measured when it exceeds 2 standard errors
+
+
 def readings(meta: dict, spec: dict) -> list[str]:
     sols = meta["solutions"]
     out = []
     base = sols["head_only"]["test_accuracy"]
+    n_test = meta.get("test_samples")
     beat = [k for k in ("ft", "lora", "randlora") if sols[k]["test_accuracy"] > base]
-    out.append(
+    line = (
         f"{len(beat)} of 3 solutions beat the head-only baseline's test accuracy ({base:.4f}): "
-        f"{', '.join(LABELS[k] for k in beat) or 'none'}."
+        f"{', '.join(LABELS[k] for k in beat) or 'none'}"
     )
-    order = sorted(("ft", "lora", "randlora"), key=lambda k: sols[k]["vertex_loss"])
-    out.append(
-        "Depth on the plane (vertex loss, lowest first): "
-        + " < ".join(f"{LABELS[k]} {sols[k]['vertex_loss']:.4f}" for k in order)
-        + "."
-    )
+    if n_test:  # binomial standard error of each accuracy on n_test samples
+        se = {k: (sols[k]["test_accuracy"] * (1 - sols[k]["test_accuracy"]) / n_test) ** 0.5 for k in sols}
+        noisy = [
+            LABELS[k]
+            for k in beat
+            if sols[k]["test_accuracy"] - base < NOISE_SE * (se[k] ** 2 + se["head_only"] ** 2) ** 0.5
+        ]
+        line += (
+            f" ({n_test} test samples; within noise: {', '.join(noisy)})"
+            if noisy
+            else f" ({n_test} test samples; each by more than 2 SE)"
+        )
+    out.append(line + ".")
+    out.append(_depth(sols))
     layers = spec["layers"]
     r_lora = sols["lora"]["rank"]
     lora_ranks = [layer["lora"]["rank"] for layer in layers]
@@ -153,9 +165,45 @@ def readings(meta: dict, spec: dict) -> list[str]:
     if geo:
         out.append("Weight-space distances: " + ", ".join(f"{k} {v:.2f}" for k, v in geo.items()) + ".")
     if meta.get("paths"):
-        barriers = meta["paths"]["barrier"]
-        out.append("Barriers on the straight paths: " + ", ".join(f"{k} {v:.4f}" for k, v in barriers.items()) + ".")
+        out.append(_barriers(meta["paths"]))
+    check = meta.get("bf16_check")
+    if check:
+        verdict = "below" if check["bf16_below_smallest_gap"] else "NOT below"
+        out.append(
+            f"bf16 vs fp32 at the vertices: max difference {check['max_abs_diff_bf16_vs_fp32']:.2g}, {verdict} the "
+            f"smallest vertex-loss gap ({check['smallest_vertex_loss_gap']:.2g})."
+        )
     return out
+
+
+def _within(diff: float, se: float) -> bool:
+    return abs(diff) <= NOISE_SE * se
+
+
+def _depth(sols: dict) -> str:
+    """The vertex losses in order, each step marked '<' when it exceeds 2 standard errors, else '≈'."""
+    order = sorted(("ft", "lora", "randlora"), key=lambda k: sols[k]["vertex_loss"])
+    text = f"{LABELS[order[0]]} {sols[order[0]]['vertex_loss']:.4f}"
+    noisy = False
+    for a, b in zip(order, order[1:], strict=False):
+        se = (sols[a].get("vertex_loss_se") or 0.0) ** 2 + (sols[b].get("vertex_loss_se") or 0.0) ** 2
+        close = _within(sols[b]["vertex_loss"] - sols[a]["vertex_loss"], se**0.5)
+        noisy |= close
+        text += f" {'≈' if close else '<'} {LABELS[b]} {sols[b]['vertex_loss']:.4f}"
+    ses = ", ".join(f"{sols[k].get('vertex_loss_se') or 0:.4f}" for k in order)
+    note = "; '≈': within noise (2 SE)" if noisy else "; every step larger than 2 SE"
+    return f"Depth on the plane (vertex loss, lowest first): {text} (standard errors {ses}{note})."
+
+
+def _barriers(paths: dict) -> str:
+    parts = []
+    for pair, value in paths["barrier"].items():
+        se = (paths.get("barrier_se") or {}).get(pair)
+        if se is None:
+            parts.append(f"{pair} {value:.4f}")
+        else:
+            parts.append(f"{pair} {value:.4f} ± {se:.4f}{' (within noise)' if _within(value, se) else ''}")
+    return "Barriers on the straight paths (max loss − mean endpoint loss, ± SE): " + ", ".join(parts) + "."
 
 
 def _similarity(layers: list[dict], k: int) -> list[str]:

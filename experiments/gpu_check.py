@@ -7,9 +7,12 @@ Measures, in one run:
 - training: median optimizer-step time and peak memory (``torch.cuda.max_memory_allocated``)
   for full fine-tuning, LoRA r=32 and RandLoRA r=6 on both encoders (the paper's three
   solutions; batch 128, bf16 autocast, AdamW, the main job's training loop body);
-- grid evaluation: the landscape engine (:class:`landscape.grid.PlaneEvaluator`, bf16) on a
-  plane through three synthetic solutions, in images/s, and as a fraction of the bf16 matmul
-  peak measured in the same run (useful FLOPs counted by ``FlopCounterMode`` on one batch);
+- grid evaluation: the landscape engine (:class:`landscape.grid.PlaneEvaluator`, bf16, losses
+  through :func:`adapters.objectives.score`) on a plane through three synthetic solutions over
+  the weights the adapters adapt (:func:`adapters.methods.adapted_weights`: q/k/v, ``c_fc`` and
+  ``c_proj`` of both towers), in images/s, and as a fraction of the bf16 matmul peak measured in
+  the same run (useful FLOPs counted by ``FlopCounterMode`` on one batch, the text features once
+  per point: :func:`experiments.benchmarks.grid.point_flops`);
 - the projection of the paper's CIFAR-100 figure (625 points × 50,000 training images) from that
   throughput, with text features computed once per point (the text tower is on the plane).
 
@@ -26,18 +29,20 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from adapters.methods import MethodSpec, attach, trainable_params
-from adapters.models import get_model
+from adapters.io import write_json
+from adapters.methods import MethodSpec, adapted_weights, attach, trainable_params
+from adapters.models import build_base, get_model
+from adapters.objectives import OBJECTIVES
 from adapters.train import TrainConfig, make_optimizer
-from experiments.benchmarks.grid import counted_flops, matmul_peak, sync
-from landscape import store
+from experiments.benchmarks.grid import matmul_peak, point_flops
+from experiments.benchmarks.peers import sync
 from landscape.grid import EvalSet, PlaneEvaluator
 from landscape.plane import build_chart, solution_weights
 
 PAPER_POINTS, PAPER_IMAGES = 625, 50_000
 METHODS = (("ft", None), ("lora", 32), ("randlora", 6))
+OBJECTIVE = OBJECTIVES["classification"]
 
 
 def train_case(base, entry, method, rank, images, labels, steps, device, bf16) -> dict:
@@ -57,7 +62,7 @@ def train_case(base, entry, method, rank, images, labels, steps, device, bf16) -
         inputs = augment({"pixels": images}, torch.Generator().manual_seed(step))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**inputs).float()
-        loss = F.cross_entropy(logits, labels)
+        loss = OBJECTIVE.loss(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -71,28 +76,36 @@ def train_case(base, entry, method, rank, images, labels, steps, device, bf16) -
     return out
 
 
-def grid_case(base, images, labels, points, device, bf16, batch) -> dict:
+def grid_case(base, entry, images, labels, points, device, bf16, batch) -> dict:
     g = torch.Generator().manual_seed(0)
     base_params = dict(base.named_parameters())
-    adapted = [n for n, p in base_params.items() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
+    adapted = list(adapted_weights(base, entry.targets))
     deltas = {s: {n: 1e-3 * torch.randn(base_params[n].shape, generator=g) for n in adapted}
               for s in ("ft", "lora", "randlora")}  # fmt: skip
     chart = build_chart("paper", solution_weights(base_params, deltas))
-    eval_set = EvalSet.prepare(get_model("clip").encode(images), labels, batch, device)
-    evaluator = PlaneEvaluator(copy.deepcopy(base), chart, eval_set, device, dtype="bfloat16" if bf16 else "float32")
-    evaluator.evaluate(0.0, 0.0)  # warm-up
+    eval_set = EvalSet.prepare(entry.encode(images), labels, batch, device)
+    dtype = "bfloat16" if bf16 else "float32"
+    evaluator = PlaneEvaluator(copy.deepcopy(base), chart, eval_set, device, dtype=dtype, objective=OBJECTIVE)
+    vertex = evaluator.evaluate(0.0, 0.0)  # warm-up, at RandLoRA's vertex
     sync(device)
     start = time.perf_counter()
     for k in range(points):
         evaluator.evaluate(0.1 * k, 0.05 * k)
     sync(device)
     seconds = (time.perf_counter() - start) / points
-    model = evaluator.model
     first_inputs, _ = eval_set.batches[0]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        flops = counted_flops(model, first_inputs) / len(eval_set.batches[0][1])
-    per_s = eval_set.n / seconds
-    return {"s_per_point": seconds, "images_per_s": per_s, "forward_flops_per_image": flops}
+        flops = point_flops(evaluator.model, first_inputs, eval_set.n, train_mode=True)
+    return {
+        "adapted_weights": len(adapted),
+        "plane_params": sum(base_params[n].numel() for n in adapted),
+        "s_per_point": seconds,
+        "images_per_s": eval_set.n / seconds,
+        "forward_flops_per_image": flops["per_sample"],
+        "text_flops_per_point": flops["once"],
+        "flops_per_point": flops["total"],
+        "loss_at_randlora": vertex.loss,
+    }
 
 
 def run(args) -> dict:
@@ -102,8 +115,7 @@ def run(args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     arch = "clip-tiny" if args.smoke else "ViT-B-32"
     entry = get_model(arch)
-    torch.manual_seed(0)
-    base = entry.create([f"class {i}" for i in range(100)], {"pretrained": "none"})
+    base = build_base(arch, [f"class {i}" for i in range(100)], {"pretrained": "none"}, seed=0)
     size = base.image_size
     g = torch.Generator().manual_seed(1)
     batch = 8 if args.smoke else 128
@@ -119,10 +131,10 @@ def run(args) -> dict:
     n_eval = 32 if args.smoke else args.eval_images
     eval_images = torch.randint(0, 256, (n_eval, 3, size, size), dtype=torch.uint8, generator=g)
     eval_labels = torch.randint(0, 100, (n_eval,), generator=g)
-    grid = grid_case(base, eval_images, eval_labels, args.points, device, bf16, 8 if args.smoke else 512)
+    grid = grid_case(base, entry, eval_images, eval_labels, args.points, device, bf16, 8 if args.smoke else 512)
     peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
     grid["peak_flops_per_s"] = peak
-    grid["utilization"] = grid["images_per_s"] * grid["forward_flops_per_image"] / peak
+    grid["utilization"] = grid["flops_per_point"] / grid["s_per_point"] / peak
     # text features once per point: 100 prompts through the text tower, small next to 50,000 images
     grid["paper_figure_projection_s"] = PAPER_POINTS * PAPER_IMAGES / grid["images_per_s"]
     report["grid"] = grid
@@ -150,7 +162,7 @@ def main(argv=None) -> int:
     print(f"  grid: {gr['images_per_s']:,.0f} images/s, utilization {gr['utilization']:.2f} of the measured peak; "
           f"paper CIFAR-100 figure projected at {gr['paper_figure_projection_s'] / 60:.1f} min")  # fmt: skip
     if args.json:
-        store.write_json(args.json, report)
+        write_json(args.json, report)
     return 0
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from adapters.errors import UserError
 
@@ -27,7 +31,54 @@ def run_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        sys.stderr.write(f"{prog}: error: no space left on the device{where}: free space and rerun the same command "
+                         "(finished work is kept and resumed)\n")  # fmt: skip
+        return 2
     return 0
+
+
+class Stages:
+    """Wall time per stage of a recipe, printed as it goes."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.seconds: dict[str, float] = {}
+        self.reused: set[str] = set()
+
+    def reuse(self, name: str, previous: dict, say: bool = True) -> None:
+        """A stage whose earlier result is kept: its time is the earlier run's (when it recorded one)."""
+        seconds = (previous.get("wall_time_s") or {}).get(name)
+        if seconds is not None:
+            self.seconds[name] = seconds
+        self.reused.add(name)
+        if say and not self.quiet:
+            print(f"[{name}] reused from the earlier run (same inputs)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        if not self.quiet:
+            print(f"[{name}] done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
+
+
+def versions() -> dict:
+    """Python and package versions, recorded in every output's metadata."""
+    import importlib.metadata as md
+    import platform
+
+    found = {"python": platform.python_version()}
+    for pkg in ("torch", "peft", "transformers", "numpy", "scipy", "plotly", "matplotlib", "safetensors"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return found
 
 
 def resolve_device(name: str, rank: int = 0):
@@ -45,3 +96,28 @@ def resolve_device(name: str, rank: int = 0):
     local = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (e.g. ``--threads``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text!r}")
+    return value
+
+
+def parse_named_paths(items, option: str, names: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """``NAME=PATH`` items as {name: Path}; ``names`` (optional) restricts NAME; each name once."""
+    parsed: dict[str, Path] = {}
+    allowed = f" with NAME one of {', '.join(names)}" if names else ""
+    for item in [items] if isinstance(items, str) else items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path or (names and name not in names):
+            raise UserError(f"{option} takes NAME=PATH{allowed} (got '{item}')")
+        if name in parsed:
+            raise UserError(f"{option} {name} is given twice: pass each name once")
+        parsed[name] = Path(path)
+    return parsed

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapters import compat
 from adapters.models.base import Encoded
+from adapters.objectives import OBJECTIVES, Classification, PointResult, score
 from landscape.plane import Chart
 
 
@@ -85,13 +86,6 @@ class EvalSet:
         return cls(batches, len(order))
 
 
-@dataclass
-class PointResult:
-    loss: float
-    accuracy: float
-    loss_se: float  # standard error of the mean per-sample loss
-
-
 TARGET_SAMPLES_PER_FORWARD = 1024  # auto P on CUDA: P × (samples per batch) ≈ this
 MAX_POINTS_PER_FORWARD = 16
 
@@ -122,12 +116,6 @@ def points_per_forward_arg(text: str) -> int | str:
     return value
 
 
-def _result(total: float, sq: float, right: float, n: int) -> PointResult:
-    mean = total / n
-    var = max(sq / n - mean * mean, 0.0) * n / max(n - 1, 1)
-    return PointResult(mean, right / n, (var / n) ** 0.5)
-
-
 class PlaneEvaluator:
     """Sets a model's plane parameters to chart points and evaluates the loss there.
 
@@ -143,6 +131,7 @@ class PlaneEvaluator:
         device: torch.device | str,
         dtype: str = "float32",
         points_per_forward: int | str = 1,
+        objective: Classification = OBJECTIVES["classification"],
     ):
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {dtype}")
@@ -153,6 +142,7 @@ class PlaneEvaluator:
         self.model = model.to(device).eval()
         self.chart = chart.to(device)
         self.eval_set = eval_set
+        self.objective = objective
         params = dict(self.model.named_parameters())
         self.names = list(self.chart.origin)
         self.params = [params[n] for n in self.names]
@@ -180,20 +170,8 @@ class PlaneEvaluator:
     @torch.no_grad()
     def evaluate(self, x: float, y: float) -> PointResult:
         self.set_point(x, y)
-        device = self.origin[0].device if self.origin else "cpu"
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        loss_sq = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        for inputs, target in self.eval_set.batches:
-            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(**inputs)
-            logits = logits.float()
-            losses = F.cross_entropy(logits, target, reduction="none").double()
-            loss_sum += losses.sum()
-            loss_sq += (losses * losses).sum()
-            correct += (logits.argmax(-1) == target).sum()
-        total, sq, right = torch.stack([loss_sum, loss_sq, correct.double()]).tolist()  # one host sync
-        return _result(total, sq, right, self.eval_set.n)
+        forward = lambda inputs: self.model(**inputs)  # noqa: E731
+        return score(forward, self.eval_set.batches, self.eval_set.n, self.objective, bf16=self.autocast)[0]
 
     def evaluate_iter(self, points: Iterable[tuple[float, float]]) -> Iterator[PointResult]:
         """Results at ``points`` in order, yielded as they complete: one by one with
@@ -209,7 +187,7 @@ class PlaneEvaluator:
             group = points[k : k + p]
             try:
                 results = self._evaluate_group(group + [group[-1]] * (p - len(group)))
-            except torch.OutOfMemoryError:
+            except compat.OutOfMemoryError:  # torch.OutOfMemoryError is torch >= 2.4
                 self._stacked = []
                 torch.cuda.empty_cache()
                 self.points_per_forward = p // 2
@@ -245,25 +223,13 @@ class PlaneEvaluator:
             return functional_call(self.model, params, args=(), kwargs=inputs)
 
         batched = vmap(forward, in_dims=(0, None))  # plane parameters batched; the rest and the inputs shared
-        device = self.origin[0].device
-        loss_sum = torch.zeros(p, dtype=torch.float64, device=device)
-        loss_sq = torch.zeros(p, dtype=torch.float64, device=device)
-        correct = torch.zeros(p, dtype=torch.int64, device=device)
         with warnings.catch_warnings():
             # e.g. CPU attention has no batching rule and loops over the points: correct, no extra FLOPs
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            for inputs, target in self.eval_set.batches:
-                with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = batched(stacked, inputs)
-                logits = logits.float()  # (P, B, C)
-                targets = target.expand(p, -1)
-                losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-                losses = losses.view(p, -1).double()
-                loss_sum += losses.sum(1)
-                loss_sq += (losses * losses).sum(1)
-                correct += (logits.argmax(-1) == targets).sum(1)
-        values = torch.stack([loss_sum, loss_sq, correct.double()]).tolist()  # one host sync per group
-        return [_result(*column, self.eval_set.n) for column in zip(*values, strict=True)]
+            return score(
+                lambda inputs: batched(stacked, inputs), self.eval_set.batches, self.eval_set.n, self.objective,
+                points=p, bf16=self.autocast,
+            )  # fmt: skip
 
 
 def _dist():
@@ -277,20 +243,22 @@ def run_grid(
 ) -> dict[str, np.ndarray]:
     """Evaluate a grid, resuming from ``store`` and spreading points over torch.distributed ranks.
 
-    Rank 0 reads the finished points and broadcasts them, so every rank agrees on what is left;
-    rank r evaluates points r, r + K, r + 2K, … of the remaining ones (any K, also more ranks
-    than points), checkpointing each into its own file; the results are gathered to every rank.
+    Every rank reads every finished point from the store (so its own file keeps its earlier points
+    when it rewrites it) and the ranks check they agree on what is left; rank r evaluates points
+    r, r + K, r + 2K, … of the remaining ones (any K, also more ranks than points), checkpointing
+    each into its own file; the results are gathered to every rank.
     Each point is computed exactly as in a single process, so the grid is the same. With
     ``evaluator.points_per_forward`` = P > 1 each rank evaluates its points P at a time and
     checkpoints a group's points as the group completes.
     """
     dist = _dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    done = store.load() if (store is not None and rank == 0) else {}
-    if dist:
-        box = [done]
-        dist.broadcast_object_list(box, src=0)
-        done = box[0]
+    done = store.load() if store is not None else {}
+    if dist:  # every rank read the same files before anyone writes: they agree, unless the files changed
+        counts: list = [None] * world
+        dist.all_gather_object(counts, sorted(done))
+        if any(c != counts[0] for c in counts):
+            raise RuntimeError("grid ranks read different finished points: is another run writing to the folder?")
     shape = (len(ys), len(xs))
     todo = [(i, j) for i in range(shape[0]) for j in range(shape[1]) if (i, j) not in done]
     mine = todo[rank::world]
@@ -316,14 +284,16 @@ def run_grid(
         dist.all_gather_object(parts, computed)
         for part in parts:
             done.update(part)
+        points_computed = sum(len(part) for part in parts)  # by every rank, not only this one
     else:
         done.update(computed)
+        points_computed = len(computed)
     if store is not None and rank == 0 and dist:
         store.mine.update(done)  # rank 0's file then holds the whole grid
         store.flush()
     out = {k: np.full(shape, np.nan) for k in ("loss", "accuracy", "loss_se")}
     for (i, j), (lo, acc, se) in done.items():
         out["loss"][i, j], out["accuracy"][i, j], out["loss_se"][i, j] = lo, acc, se
-    out["points_computed"] = np.array(len(computed))
+    out["points_computed"] = np.array(points_computed)
     out["seconds"] = np.array(seconds)
     return out

@@ -1,4 +1,5 @@
-"""Figures: the loss landscape over the plane of three solutions, and ΔW spectra.
+"""Figures: the loss landscape over the plane of three solutions, the loss along the straight
+paths between them, and the spectra and ranks of the weight updates ΔW.
 
 One colour and one label per method, used by every figure, so a reader can match
 "LoRA" across the 3-D surface, the contour map and the spectrum plots.
@@ -13,6 +14,7 @@ Unlike the paper's plotting code we do NOT transpose z: ``loss[i, j]`` is drawn 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -23,7 +25,9 @@ import plotly.graph_objects as go
 # and it renders with Agg whatever backend the caller has (works headless).
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
+from mpl_toolkits.mplot3d import proj3d
 from plotly.subplots import make_subplots
 
 from landscape.store import write_with
@@ -35,6 +39,13 @@ __all__ = [
     "landscape_figure",
     "landscape_html",
     "landscape_static",
+    "chart_note",
+    "marker_z",
+    "PAIR_STYLES",
+    "paths_figure",
+    "rank_figure",
+    "short_layer_names",
+    "similarity_figure",
     "spectrum_figure",
 ]
 
@@ -83,6 +94,7 @@ def _unpack(data: Mapping) -> dict:
     points = np.asarray(data["points"], dtype=np.float64).reshape(-1, 2)
     if not len(names) == len(points) == len(vertex):
         raise ValueError(f"{len(names)} point_names, {len(points)} points, {len(vertex)} vertex_loss")
+    chart = _str(data["chart"]) if "chart" in data else "paper"
     accuracy = data.get("accuracy")
     if accuracy is not None and np.shape(accuracy) != loss.shape:
         raise ValueError(f"accuracy has shape {np.shape(accuracy)}, loss has {loss.shape}")
@@ -95,8 +107,44 @@ def _unpack(data: Mapping) -> dict:
         "points": points,
         "names": names,
         "vertex": vertex,
-        "axes": AXIS_TITLES.get(_str(data["chart"]) if "chart" in data else "paper", ("x", "y")),
+        "axes": AXIS_TITLES.get(chart, ("x", "y")),
+        "note": chart_note(chart, _distances(data.get("distances"))),
     }
+
+
+# Short method names for the distance note (|FT−LoRA| reads better than |Full FT−LoRA|).
+_SHORT = {"ft": "FT", "head_only": "head"}
+
+
+def _distances(value) -> dict[str, float] | None:
+    """``{"ft-lora": 9.21, ...}`` from a mapping, or from the 0-d object array an npz gives back."""
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray) and value.dtype == object and value.shape == ():
+        value = value.item()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"distances must map a pair name such as 'ft-lora' to a number, got {type(value).__name__}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def _pair_label(pair: str) -> str:
+    parts = pair.split("-", 1) if pair.count("-") == 1 else [pair]
+    return "|" + "−".join(_SHORT.get(p, LABELS.get(p, p)) for p in parts) + "|"
+
+
+def chart_note(chart: str, distances: Mapping[str, float] | None = None) -> str:
+    """What the plane's axes mean, for the reader: the paper chart is affine and NOT to scale.
+
+    ``distances`` (pair name such as ``"ft-lora"`` -> Euclidean distance in weight space, as in
+    :attr:`landscape.plane.Chart.info` ``["distances"]``) are appended when given.
+    """
+    dist = ", ".join(f"{_pair_label(k)} = {v:.2f}" for k, v in (distances or {}).items())
+    if chart == "orthonormal":
+        return "orthonormal chart: true distances" + (f" ({dist})" if dist else " (axes in weight-space units)")
+    if chart == "paper":
+        head = "paper chart (affine, not to scale)"
+        return f"{head}: {dist}" if dist else f"{head}: the axes are not weight-space distances"
+    return f"{chart} chart" + (f": {dist}" if dist else "")
 
 
 # Remaining Okabe-Ito colours for methods outside COLORS (valid in both matplotlib and plotly).
@@ -114,106 +162,229 @@ def _label(name: str) -> str:
 # ------------------------------------------------------------------ interactive (plotly) ----
 
 
+# Default camera of the 3-D surface: from the front (−y) and to the right (+x), looking down at about
+# 40°, as the static figure does. Orthographic, so the line of sight is the same for every point and
+# :func:`marker_z` can lift the vertex markers exactly as far as this view needs.
+CAMERA_EYE = (0.6, -1.1, 1.0)
+ASPECT_Z = 0.6  # height of the 3-D box relative to its x side
+BOX_SCALE = 1.35  # with an orthographic camera, the size of the box is the zoom
+
+
+def _scene_aspect(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """Aspect ratio (x, y, z) of the 3-D box: x:y as the data's ranges (within 1:2 and 2:1), z flatter."""
+    sx, sy = float(x[-1] - x[0]), float(y[-1] - y[0])
+    ratio = float(np.clip(sy / sx, 0.5, 2.0)) if sx > 0 and sy > 0 else 1.0
+    return (BOX_SCALE, BOX_SCALE * ratio, BOX_SCALE * ASPECT_Z)
+
+
+def _around(axis: np.ndarray, v: float) -> slice:
+    """Grid lines of the cell holding ``v`` plus one more line on each side."""
+    return slice(max(0, int(np.searchsorted(axis, v, "right")) - 2), int(np.searchsorted(axis, v, "left")) + 2)
+
+
+def marker_z(
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    px: float,
+    py: float,
+    *,
+    lift: float,
+    zrange: tuple[float, float],
+    aspect: Sequence[float],
+    eye: Sequence[float] | None = None,
+) -> float:
+    """Height at which a vertex marker at (px, py) is not hidden by the surface ``z[i, j]`` at (x[j], y[i]).
+
+    ``lift`` above the higher of: the surface's maximum over the grid cells around (px, py), and the
+    lowest height from which the line of sight towards the (orthographic) camera ``eye`` passes
+    above the surface (drawn as any interpolation between grid nodes: bilinear, triangles).
+    ``zrange`` and ``aspect`` are the scene's z axis range and box aspect ratio, which fix the
+    direction of that line in data units.
+    """
+    eye = CAMERA_EYE if eye is None else eye
+    zf = np.where(np.isfinite(z), z, -np.inf)
+    need = float(np.max(zf[_around(y, py), _around(x, px)], initial=-np.inf))
+    # the scene box in units where the camera direction is what plotly uses: axis range -> aspect
+    sx = aspect[0] / max(float(x[-1] - x[0]), 1e-300)
+    sy = aspect[1] / max(float(y[-1] - y[0]), 1e-300)
+    sz = aspect[2] / max(float(zrange[1] - zrange[0]), 1e-300)
+    e = np.asarray(eye, dtype=np.float64)
+    e = e / np.linalg.norm(e)
+    eh = e[:2]
+    if e[2] > 0 and float(eh @ eh) > 0:
+        X, Y = np.meshgrid((x - px) * sx, (y - py) * sy)  # node offsets from the marker, box units
+        t = (X * eh[0] + Y * eh[1]) / float(eh @ eh)  # along the sight line's horizontal trace
+        off = np.hypot(X - t * eh[0], Y - t * eh[1])  # distance from that trace
+        cell = np.hypot(np.max(np.diff(x), initial=0.0) * sx, np.max(np.diff(y), initial=0.0) * sy)
+        # Every node of every cell the line crosses: within one cell of its trace, and at most one
+        # cell (along the trace) behind the marker. If each such node q satisfies
+        # z_m + t_q·e_z >= z_q, so does any convex combination of them, i.e. the drawn surface.
+        front = (t > -cell / np.sqrt(float(eh @ eh))) & (off <= cell) & np.isfinite(zf)
+        if front.any():
+            need = max(need, float(np.max(zf[front] - t[front] * e[2] / sz)))  # e_z / sz: data units
+    if not np.isfinite(need):
+        need = float(zrange[0])
+    return need + lift
+
+
+_LABEL_PX = 38  # pixels from a marker to its label in the plotly figure
+
+
+def _screen_xy(x, y, zrange, aspect, points, heights, eye: Sequence[float] | None = None) -> np.ndarray:
+    """Where the orthographic default camera puts 3-D points on screen (right, up), in box units."""
+    eye = CAMERA_EYE if eye is None else eye
+    lo = np.array([x[0], y[0], zrange[0]], dtype=np.float64)
+    span = np.array([x[-1] - x[0], y[-1] - y[0], zrange[1] - zrange[0]], dtype=np.float64)
+    box = (np.column_stack([np.asarray(points, dtype=np.float64), heights]) - lo) / np.maximum(span, 1e-300)
+    box = box * np.asarray(aspect, dtype=np.float64)
+    f = -np.asarray(eye, dtype=np.float64) / np.linalg.norm(eye)  # viewing direction
+    right = np.cross(f, (0.0, 0.0, 1.0))
+    right = right / n if (n := np.linalg.norm(right)) > 0 else np.array([1.0, 0.0, 0.0])
+    return np.column_stack([box @ right, box @ np.cross(right, f)])
+
+
+def _outward(xy) -> np.ndarray:
+    """Unit vectors from the centroid of the points to each point (straight up for the centroid itself)."""
+    xy = np.asarray(xy, dtype=np.float64)
+    v = xy - xy.mean(axis=0)
+    n = np.hypot(v[:, 0], v[:, 1])
+    scale = max(float(n.max(initial=0.0)), 1e-300)
+    up = np.tile([0.0, 1.0], (len(xy), 1))
+    return np.where((n > 1e-9 * scale)[:, None], v / np.where(n > 0, n, 1.0)[:, None], up)
+
+
+def _z_ticks(lo: float, hi: float) -> dict:
+    """Tick values and texts for the 3-D z axis, none near the middle: plotly puts the axis title
+    there and offers no padding, so a tick in the middle would print over "loss". None at the very
+    bottom either, where it would print over the first x or y tick in the corner."""
+    step_ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
+    span = hi - lo
+    ticks = [float(t) for t in step_ticks if lo + 0.06 * span <= t <= hi and abs(t - (lo + hi) / 2) > 0.12 * span]
+    step = float(step_ticks[1] - step_ticks[0]) if len(step_ticks) > 1 else 1.0
+    # as many decimals as the step needs (0.025 needs 3)
+    digits = next((k for k in range(10) if abs(round(step, k) - step) <= 1e-6 * step), 3)
+    return dict(tickvals=ticks, ticktext=[f"{t:.{digits}f}" for t in ticks])
+
+
+def _hover_text(d: dict) -> np.ndarray:
+    """Hover text per cell with the true loss (not the clipped display value) and accuracy.
+
+    An object array: plotly.py keeps it 2-D (a nested list of str would be flattened row-wise into
+    strings for Surface), and plotly.js reads text[i][j] for cell (x[j], y[i])."""
+    acc = d["accuracy"] if d["accuracy"] is not None else np.full_like(d["z"], np.nan)
+    rows = [
+        [f"loss {lo:.4g}<br>accuracy {ac:.4g}" for lo, ac in zip(row_l, row_a, strict=True)]
+        for row_l, row_a in zip(d["loss"], acc, strict=True)
+    ]
+    return np.array(rows, dtype=object)
+
+
+def _surface_and_contour(fig: go.Figure, d: dict, lo: float, hi: float) -> None:
+    x, y, z = d["x"], d["y"], d["z"]
+    xt, yt = d["axes"]
+    text, hover = _hover_text(d), f"{xt}=%{{x:.3f}}<br>{yt}=%{{y:.3f}}<br>%{{text}}<extra></extra>"
+    # One explicit colour scale and range per trace: plotly.js drops a coloraxis shared by a
+    # Surface and a Contour ("incompatible colorscales") and falls back to its default scale.
+    colorscale = pcolors.make_colorscale(pcolors.sequential.tempo_r)
+    lighting = dict(ambient=0.75, diffuse=0.5, specular=0.05, roughness=0.9, fresnel=0.05)
+    fig.add_trace(
+        go.Surface(  # z[i][j] at (x[j], y[i]) — same convention as ours, so no transpose
+            x=x, y=y, z=z, colorscale=colorscale, cmin=lo, cmax=hi, showscale=False, lighting=lighting,
+            contours_z=dict(show=True, project_z=True, usecolormap=True), text=text, hovertemplate=hover, name="loss",
+        ),
+        row=1, col=1,
+    )  # fmt: skip
+    fig.add_trace(
+        go.Contour(
+            x=x, y=y, z=z, colorscale=colorscale, zmin=lo, zmax=hi, colorbar=dict(title="loss", tickformat=".3f"),
+            text=text, hovertemplate=hover, name="loss",
+        ),
+        row=1, col=2,
+    )  # fmt: skip
+
+
+def _marker_heights(d: dict, lo: float, hi: float, aspect) -> tuple[list[float], tuple[float, float], float]:
+    """Marker heights above the surface around each solution, the z range that holds them, and the lift."""
+    x, y, z = d["x"], d["y"], d["z"]
+    top = hi + (0.15 * (hi - lo) if hi > lo else 0.5 * max(abs(hi), 1.0))
+    lift = 0.04 * (top - lo)
+    for _ in range(10):  # the z range holds the markers; a taller range flattens the view: iterate
+        zrange = (lo, top)
+        heights = [marker_z(x, y, z, px, py, lift=lift, zrange=zrange, aspect=aspect) for px, py in d["points"]]
+        if max(heights) + lift <= top:
+            break
+        top = lo + 1.1 * (max(heights) + lift - lo)
+    return heights, zrange, lift
+
+
+def _solution_markers(fig: go.Figure, d: dict, heights: list[float], hi: float, away2, away3) -> list[dict]:
+    """Each solution: a stem and a marker in the scene, a marker and a label on the contour map; returns
+    the scene's labels (annotations drawn over the WebGL scene, so the surface never hides them)."""
+    xt, yt = d["axes"]
+    scene_labels = []
+    for i, (name, (px, py), pz, mz) in enumerate(zip(d["names"], d["points"], d["vertex"], heights, strict=True)):
+        c = _color(name, i)
+        style = dict(color=c, size=10, line=dict(color="white", width=2))
+        fig.add_trace(  # a stem from the solution's loss on the surface up to its marker
+            go.Scatter3d(x=[px, px], y=[py, py], z=[min(pz, hi), mz], mode="lines", line=dict(color=c, width=4),
+                         legendgroup=name, showlegend=False, hoverinfo="skip"),
+            row=1, col=1,
+        )  # fmt: skip
+        fig.add_trace(
+            go.Scatter3d(
+                x=[px], y=[py], z=[mz], mode="markers", marker=style, name=_label(name), legendgroup=name,
+                hovertemplate=f"{_label(name)}<br>{xt}={px:.3f}<br>{yt}={py:.3f}<br>loss {pz:.4g}"
+                "<br>(marker drawn above the surface so it stays visible)<extra></extra>",
+            ),
+            row=1, col=1,
+        )  # fmt: skip
+        fig.add_trace(
+            go.Scatter(x=[px], y=[py], mode="markers", marker=dict(style, size=11, line=dict(color="white", width=1)),
+                       name=_label(name), legendgroup=name, showlegend=False,
+                       hovertemplate=f"{_label(name)}<br>loss {pz:.4g}<extra></extra>"),
+            row=1, col=2,
+        )  # fmt: skip
+        label = dict(text=f"<b>{_label(name)}</b>", font=dict(color=c, size=14), bgcolor="rgba(255,255,255,0.85)",
+                     borderpad=2, showarrow=True, arrowcolor=c, arrowwidth=1.5, arrowhead=0, standoff=7)  # fmt: skip
+        u3, u2 = away3[i], away2[i]
+        scene_labels.append(dict(label, x=px, y=py, z=mz, ax=_LABEL_PX * u3[0], ay=-_LABEL_PX * u3[1]))
+        fig.add_annotation(label, x=px, y=py, ax=_LABEL_PX * u2[0], ay=-_LABEL_PX * u2[1], row=1, col=2)
+    return scene_labels
+
+
 def landscape_figure(data: Mapping, title: str) -> go.Figure:
     """Plotly figure: 3-D surface (left) and contour map (right) sharing one colour axis."""
     d = _unpack(data)
     x, y, z = d["x"], d["y"], d["z"]
     xt, yt = d["axes"]
-    acc = d["accuracy"] if d["accuracy"] is not None else np.full_like(z, np.nan)
-    # Hover shows the true loss, not the clipped display value.
-    # An object array: plotly.py keeps it 2-D (a nested list of str would be flattened row-wise
-    # into strings for Surface), and plotly.js reads text[i][j] for cell (x[j], y[i]).
-    text = np.array(
-        [
-            [f"loss {lo:.4g}<br>accuracy {ac:.4g}" for lo, ac in zip(row_l, row_a, strict=True)]
-            for row_l, row_a in zip(d["loss"], acc, strict=True)
-        ],
-        dtype=object,
-    )
-    hover = f"{xt}=%{{x:.3f}}<br>{yt}=%{{y:.3f}}<br>%{{text}}<extra></extra>"
-    # One explicit colour scale and range per trace: plotly.js drops a coloraxis shared by a
-    # Surface and a Contour ("incompatible colorscales") and falls back to its default scale.
-    colorscale = pcolors.make_colorscale(pcolors.sequential.tempo_r)
     lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
     fig = make_subplots(
-        rows=1,
-        cols=2,
-        specs=[[{"type": "scene"}, {"type": "xy"}]],
-        column_widths=[0.58, 0.42],
-        subplot_titles=("surface (clipped at 1.2 × max solution loss)", "contour map"),
-    )
-    fig.add_trace(
-        go.Surface(
-            x=x,
-            y=y,
-            z=z,  # z[i][j] at (x[j], y[i]) — same convention as ours, so no transpose
-            colorscale=colorscale,
-            cmin=lo,
-            cmax=hi,
-            showscale=False,
-            contours_z=dict(show=True, project_z=True, usecolormap=True),
-            text=text,
-            hovertemplate=hover,
-            name="loss",
-        ),
-        row=1,
-        col=1,
-    )
-    fig.add_trace(
-        go.Contour(
-            x=x,
-            y=y,
-            z=z,
-            colorscale=colorscale,
-            zmin=lo,
-            zmax=hi,
-            colorbar=dict(title="loss", tickformat=".3f"),
-            text=text,
-            hovertemplate=hover,
-            name="loss",
-        ),
-        row=1,
-        col=2,
-    )
-    zmax = float(np.nanmax(z))
-    for i, (name, (px, py), pz) in enumerate(zip(d["names"], d["points"], d["vertex"], strict=True)):
-        style = dict(color=_color(name, i), size=7, line=dict(color="white", width=1))
-        common = dict(mode="markers+text", text=[_label(name)], name=_label(name), legendgroup=name)
-        fig.add_trace(
-            go.Scatter3d(
-                x=[px],
-                y=[py],
-                # lifted by 3% of the z range so the marker is not buried in the surface
-                z=[min(pz, zmax) + 0.03 * (zmax - float(np.nanmin(z)))],
-                marker=style,
-                textposition="top center",
-                textfont=dict(color=_color(name, i), size=14),
-                hovertemplate=f"{_label(name)}<br>{xt}={px:.3f}<br>{yt}={py:.3f}<br>loss {pz:.4g}<extra></extra>",
-                **common,
-            ),
-            row=1,
-            col=1,
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=[px],
-                y=[py],
-                marker=dict(style, size=11),
-                textposition="top center",
-                textfont=dict(color="white", size=13),
-                showlegend=False,
-                hovertemplate=f"{_label(name)}<br>loss {pz:.4g}<extra></extra>",
-                **common,
-            ),
-            row=1,
-            col=2,
-        )
+        rows=1, cols=2, specs=[[{"type": "scene"}, {"type": "xy"}]], column_widths=[0.58, 0.42],
+        subplot_titles=("surface (clipped at 1.2 × max solution loss; markers drawn above it)", "contour map"),
+    )  # fmt: skip
+    _surface_and_contour(fig, d, lo, hi)
+    aspect = _scene_aspect(x, y)
+    heights, zrange, _ = _marker_heights(d, lo, hi, aspect)
+    # Labels are pushed away from the other markers: outwards from the centroid, on screen.
+    away3 = _outward(_screen_xy(x, y, zrange, aspect, d["points"], heights))
+    scene_labels = _solution_markers(fig, d, heights, hi, _outward(d["points"]), away3)
+    eye = dict(zip("xyz", CAMERA_EYE, strict=True))
     fig.update_layout(
-        title=title,
-        scene=dict(xaxis_title=xt, yaxis_title=yt, zaxis_title="loss"),
+        title=dict(text=f"{title}<br><sup>{d['note']}</sup>"),
+        scene=dict(
+            xaxis=dict(title=xt, range=[float(x[0]), float(x[-1])]),
+            yaxis=dict(title=yt, range=[float(y[0]), float(y[-1])]),
+            zaxis=dict(title="loss", range=list(zrange), tickangle=0, **_z_ticks(*zrange)),
+            aspectmode="manual",
+            aspectratio=dict(zip("xyz", aspect, strict=True)),
+            camera=dict(eye=eye, projection=dict(type="orthographic")),
+            annotations=scene_labels,
+        ),
         legend=dict(x=0.0, y=1.0),
         width=1400,
-        height=650,
+        height=700,
+        margin=dict(t=110),
     )
     fig.update_xaxes(title_text=xt, row=1, col=2)
     # equal units on both axes so distances and angles on the plane are not distorted
@@ -230,6 +401,40 @@ def landscape_html(data: Mapping, path: str | os.PathLike, title: str) -> None:
 # ---------------------------------------------------------------------- static (matplotlib) --
 
 
+def _static_surface(ax3, d: dict, X, Y, zm, vmin: float, vmax: float) -> None:
+    xt, yt = d["axes"]
+    # mplot3d sorts artists by depth and tends to hide markers under the surface; draw in zorder.
+    ax3.computed_zorder = False
+    ax3.plot_surface(X, Y, zm, cmap=TEMPO_R, vmin=vmin, vmax=vmax, rstride=1, cstride=1, linewidth=0.2,
+                     edgecolor=(1, 1, 1, 0.25), antialiased=True, zorder=1)  # fmt: skip
+    ax3.set_xlabel(xt)
+    ax3.set_ylabel(yt)
+    # few z ticks, and the "loss" label pushed clear of them
+    ax3.zaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax3.set_zlabel("loss", labelpad=14)
+    ax3.tick_params(axis="z", pad=6)
+    # x to the right and y into the page, as in the contour map next to it
+    ax3.view_init(elev=48, azim=-60)
+    ax3.set_box_aspect(None, zoom=0.85)  # room for the z label inside the constrained layout
+
+
+def _static_labels(fig: Figure, ax3, ax2, d: dict, heights: list[float]) -> None:
+    """Label each marker on the side where its label box is farthest from the other markers and labels
+    (the 3-D view, limits included, is fixed before the markers are projected)."""
+    fig.draw_without_rendering()
+    proj = ax3.get_proj()
+    on3 = [proj3d.proj_transform(px, py, pz, proj)[:2] for (px, py), pz in zip(d["points"], heights, strict=True)]
+    labels = [_label(n) for n in d["names"]]
+    colors = [_color(n, i) for i, n in enumerate(d["names"])]
+    for ax, xy in ((ax3, on3), (ax2, [tuple(p) for p in d["points"]])):
+        for (lx, ly), (dx, dy, ha, va), text, c in zip(xy, _label_offsets(ax, xy, labels), labels, colors, strict=True):
+            ax.annotate(
+                text, (lx, ly), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=11,
+                fontweight="bold", color=c, zorder=11, annotation_clip=False,
+                bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8),
+            )  # fmt: skip
+
+
 def _static_figure(data: Mapping, title: str) -> Figure:
     d = _unpack(data)
     x, y, z = d["x"], d["y"], d["z"]
@@ -240,72 +445,84 @@ def _static_figure(data: Mapping, title: str) -> Figure:
     fig = Figure(figsize=(14, 6), layout="constrained")
     ax3 = fig.add_subplot(1, 2, 1, projection="3d")
     ax2 = fig.add_subplot(1, 2, 2)
-
-    # mplot3d sorts artists by depth and tends to hide markers under the surface; draw in zorder.
-    ax3.computed_zorder = False
-    ax3.plot_surface(
-        X,
-        Y,
-        zm,
-        cmap=TEMPO_R,
-        vmin=vmin,
-        vmax=vmax,
-        rstride=1,
-        cstride=1,
-        linewidth=0.2,
-        edgecolor=(1, 1, 1, 0.25),
-        antialiased=True,
-        zorder=1,
-    )
-    ax3.set_xlabel(xt)
-    ax3.set_ylabel(yt)
-    ax3.set_zlabel("loss")
-    # x to the right and y into the page, as in the contour map next to it
-    ax3.view_init(elev=48, azim=-60)
-    ax3.set_box_aspect(None, zoom=0.88)  # room for the z label inside the constrained layout
-
+    _static_surface(ax3, d, X, Y, zm, vmin, vmax)
     levels = MaxNLocator(nbins=20).tick_values(vmin, vmax) if vmax > vmin else None
     cf = ax2.contourf(x, y, zm, levels=levels, cmap=TEMPO_R, vmin=vmin, vmax=vmax)
     ax2.contour(x, y, zm, levels=cf.levels, colors="white", linewidths=0.4, alpha=0.5)
     ax2.set_xlabel(xt)
     ax2.set_ylabel(yt)
     ax2.set_aspect("equal")
-
-    top = vmax + 0.12 * (vmax - vmin)
-    for i, (name, (px, py), pz) in enumerate(zip(d["names"], d["points"], d["vertex"], strict=True)):
+    heights = [min(pz, vmax) for pz in d["vertex"]]
+    for i, (name, (px, py), pz) in enumerate(zip(d["names"], d["points"], heights, strict=True)):
         c = _color(name, i)
-        ax3.scatter(
-            [px],
-            [py],
-            [min(pz, vmax)],
-            color=c,
-            s=70,
-            edgecolors="white",
-            linewidths=1.2,
-            depthshade=False,
-            zorder=10,
-            label=_label(name),
-        )
-        # A stem from the solution up through the surface, labelled above it: the marker can sit
-        # behind a basin wall, the stem shows where on the plane it is.
-        ax3.plot([px, px], [py, py], [min(pz, vmax), top], color=c, lw=1.5, zorder=9)
-        ax3.text(px, py, top, _label(name), color=c, fontsize=11, fontweight="bold", zorder=11)
+        ax3.scatter([px], [py], [pz], color=c, s=70, edgecolors="white", linewidths=1.2, depthshade=False,
+                    zorder=10, label=_label(name))  # fmt: skip
         ax2.scatter([px], [py], color=c, s=80, edgecolors="white", linewidths=1.2, zorder=10)
-        ax2.annotate(
-            _label(name),
-            (px, py),
-            xytext=(6, 6),
-            textcoords="offset points",
-            fontsize=11,
-            fontweight="bold",
-            color=c,
-            zorder=11,
-            bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8),
-        )
     ax3.legend(loc="upper left")
     fig.colorbar(cf, ax=ax2, label="loss (clipped at 1.2 × max solution loss)")
     fig.suptitle(title)
+    fig.supxlabel(d["note"], fontsize=10, color="0.2")
+    ax3.set_xlim(float(x[0]), float(x[-1]))
+    ax3.set_ylim(float(y[0]), float(y[-1]))
+    ax3.set_zlim(vmin, vmax if vmax > vmin else vmin + 1.0)
+    _static_labels(fig, ax3, ax2, d, heights)
     return fig
+
+
+_LABEL_GAP = 9.0  # points from a marker's centre to its label
+_MARKER_RADIUS = 5.0  # points
+
+
+def _label_offsets(ax, xy: Sequence[tuple[float, float]], labels: Sequence[str], fontsize: float = 11) -> list:
+    """Per marker (data coordinates of ``ax``) an offset (points) and alignment for its label.
+
+    Of eight directions around the marker, the one whose label box keeps the largest clearance
+    from every other marker and every label placed before it, inside the axes; ties go to the
+    direction pointing away from the markers' centroid.
+    """
+    fig = ax.get_figure()
+    k = fig.dpi / 72.0  # display pixels per point
+    pts = ax.transData.transform(np.asarray(xy, dtype=np.float64))
+    centre = pts.mean(axis=0)
+    box = ax.bbox
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for m, (p, text) in enumerate(zip(pts, labels, strict=True)):
+        w, h = (0.68 * fontsize * len(text) + 6) * k, (1.5 * fontsize) * k  # bold text + bbox padding
+        away = p - centre
+        away = away / n if (n := float(np.hypot(*away))) > 0 else np.zeros(2)
+        best = None
+        for angle in np.deg2rad(np.arange(0, 360, 45)):
+            u = np.array([np.cos(angle), np.sin(angle)])
+            ax_, ay_ = p + _LABEL_GAP * k * u
+            ha = "left" if u[0] > 0.3 else "right" if u[0] < -0.3 else "center"
+            va = "bottom" if u[1] > 0.3 else "top" if u[1] < -0.3 else "center"
+            x0 = ax_ if ha == "left" else ax_ - w if ha == "right" else ax_ - w / 2
+            y0 = ay_ if va == "bottom" else ay_ - h if va == "top" else ay_ - h / 2
+            rect = (x0, y0, x0 + w, y0 + h)
+            clear = [_rect_distance(rect, q, q) - _MARKER_RADIUS * k for j, q in enumerate(pts) if j != m]
+            clear += [_rect_gap(rect, r) for r in placed]
+            score = min(clear, default=np.inf)
+            if rect[0] < box.x0 or rect[2] > box.x1 or rect[1] < box.y0 or rect[3] > box.y1:
+                score -= 1e6  # outside the axes: only if nothing else fits
+            score = min(score, 40.0 * k) + float(u @ away)  # beyond 40 points, only the direction matters
+            if best is None or score > best[0]:
+                best = (score, u, ha, va, rect)
+        _, u, ha, va, rect = best
+        placed.append(rect)
+        out.append((float(_LABEL_GAP * u[0]), float(_LABEL_GAP * u[1]), ha, va))
+    return out
+
+
+def _rect_distance(rect: tuple[float, float, float, float], lo, hi) -> float:
+    """Distance between an axis-aligned rectangle and the box [lo, hi] (a point when lo == hi)."""
+    dx = max(rect[0] - hi[0], lo[0] - rect[2], 0.0)
+    dy = max(rect[1] - hi[1], lo[1] - rect[3], 0.0)
+    return float(np.hypot(dx, dy))
+
+
+def _rect_gap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    return _rect_distance(a, (b[0], b[1]), (b[2], b[3]))
 
 
 def _save(fig: Figure, path: str | os.PathLike, fmt: str, dpi: int = 150) -> None:
@@ -317,6 +534,65 @@ def landscape_static(data: Mapping, png_path: str | os.PathLike, pdf_path: str |
     fig = _static_figure(data, title)
     _save(fig, png_path, "png")
     _save(fig, pdf_path, "pdf")
+
+
+# ------------------------------------------------------------------ linear paths (1-D) -----
+
+# One colour per pair, from the Okabe-Ito colours the methods do not use, plus a line style
+# per pair so the figure also reads in grayscale.
+PAIR_STYLES = {"ft-lora": ("#E69F00", "-"), "ft-randlora": ("#0072B2", "--"), "lora-randlora": ("#009E73", "-.")}
+
+
+def paths_figure(result: Mapping, title: str | None = None) -> Figure:
+    """Loss along t per pair; solutions marked in their method colours, barriers as vertical arrows."""
+    t = np.asarray(result["t"], dtype=np.float64)
+    loss = np.asarray(result["loss"], dtype=np.float64)
+    pairs = [str(p) for p in result["pairs"]]
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.axvspan(0.0, 1.0, color="0.93", zorder=0)
+    for k, pair in enumerate(pairs):
+        color, style = PAIR_STYLES.get(pair, ("0.3", "-"))
+        a, b = pair.split("-", 1)
+        info = result["barriers"][pair]
+        label = f"{LABELS.get(a, a)} → {LABELS.get(b, b)}  (barrier {info['barrier']:.3g})"
+        ax.plot(t, loss[k], color=color, linestyle=style, linewidth=1.8, marker=".", markersize=4, label=label)
+        # The barrier: from the mean of the endpoint losses up to the highest loss on [0, 1].
+        ax.hlines(info["mean_endpoint_loss"], 0.0, 1.0, colors=color, linestyles=":", linewidth=1)
+        ax.annotate(
+            "",
+            xy=(info["t_max"], info["loss_max"]),
+            xytext=(info["t_max"], info["mean_endpoint_loss"]),
+            arrowprops=dict(arrowstyle="<->", color=color, linewidth=1.2, shrinkA=0, shrinkB=0),
+        )
+        for end, name in ((0.0, a), (1.0, b)):
+            y = info["loss_t0"] if end == 0.0 else info["loss_t1"]
+            ax.plot([end], [y], "o", color=COLORS.get(name, "0.2"), markersize=9, markeredgecolor="white", zorder=5)
+    handles, _ = ax.get_legend_handles_labels()
+    ends = [n for p in pairs for n in p.split("-", 1)]
+    names = [n for n in LABELS if n in ends] + [n for n in dict.fromkeys(ends) if n not in LABELS]
+    handles += [
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            color=COLORS.get(n, "0.2"),
+            markersize=9,
+            markeredgecolor="white",
+            label=LABELS.get(n, n),
+        )
+        for n in names
+    ]
+    handles.append(Line2D([], [], color="0.3", linestyle=":", label="mean endpoint loss; ↕ barrier"))
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set_xlabel("t   (θ = (1 − t)·θ_A + t·θ_B)")
+    ax.set_ylabel("mean cross-entropy loss")
+    pad = 0.03 * float(t[-1] - t[0])  # room for the solutions' markers and barrier arrows at the ends
+    ax.set_xlim(float(t[0]) - pad, float(t[-1]) + pad)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "Loss along the linear paths between the solutions", fontsize=10)
+    return fig
 
 
 # ---------------------------------------------------------------------------- spectra -------
@@ -391,38 +667,90 @@ def spectrum_figure(spectrum: Mapping, png_path: str | os.PathLike, max_layers: 
 # ------------------------------------------------------- ranks and similarity to full FT ----
 
 
+_RANK_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+RANK_FIG_WIDTH = 11.0  # inches, whatever the number of layers (1650 px at 150 dpi)
+
+
+def short_layer_names(names: Sequence[str]) -> list[str]:
+    """Layer names without ``.weight`` and without the leading components every name shares.
+
+    Everything that tells layers apart stays (``visual.`` vs ``transformer.``), and a name never
+    starts with a bare block number: ``layer.0.attention.self.query``, not ``0.attention...``.
+    """
+    names = [str(n).removesuffix(".weight") for n in names]
+    if len(names) < 2:
+        return names
+    prefix = os.path.commonprefix(names)
+    dots = [i for i, ch in enumerate(prefix) if ch == "."]
+    cut = dots[-1] + 1 if dots else 0
+    if len(dots) >= 1 and any(n[cut : cut + 1].isdigit() for n in names):
+        cut = dots[-2] + 1 if len(dots) >= 2 else 0
+    return [n[cut:] for n in names]
+
+
+def _rank_figure(spectrum: Mapping) -> Figure:
+    layers = list(spectrum["layers"])
+    if not layers:
+        raise ValueError("spectrum has no layers")
+    methods = _methods(layers)
+    n = len(layers)
+    names = short_layer_names([layer["name"] for layer in layers])
+    width = max(len(f"{n - 1} {s}") for s in names)
+    # one row per layer: the figure grows downwards with the layers, never sideways
+    fig = Figure(figsize=(RANK_FIG_WIDTH, 1.9 + 0.17 * n), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    idx = np.arange(n)
+    # alternate shading per block (the name up to its first number): layer.0.*, layer.1.*, ...
+    blocks = [re.match(r"\D*\d+", s).group(0) if re.match(r"\D*\d+", s) else s for s in names]
+    band, shade = 0, []
+    for i in range(n):
+        band ^= int(i > 0 and blocks[i] != blocks[i - 1])
+        shade.append(band)
+    for ax, key, label in zip(axes, ("effective_rank", "stable_rank"), ("effective rank", "stable rank"), strict=True):
+        for i in idx[np.asarray(shade, dtype=bool)]:
+            ax.axhspan(i - 0.5, i + 0.5, color="0.93", lw=0, zorder=0)
+        for mi, m in enumerate(methods):
+            values = np.array([float(layer[m].get(key) or 0.0) for layer in layers])
+            ax.plot(
+                np.where(values > 0, values, np.nan),  # log axis: a zero update has no rank to draw
+                idx,
+                linestyle="",
+                marker=_RANK_MARKERS[mi % len(_RANK_MARKERS)],
+                markersize=5,
+                markeredgecolor="white",
+                markeredgewidth=0.5,
+                color=_color(m, mi),
+                alpha=0.9,
+                label=_label(m),
+                zorder=3,
+            )
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 3, 10, 100 rather than 3×10⁰
+        # minor ticks labelled only where the axis spans less than about a decade
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.tick_params(axis="y", length=0)
+    axes[0].set_yticks(idx, [f"{i} {s}" for i, s in enumerate(names)], fontsize=7 if width <= 48 else 6)
+    axes[0].set_ylim(n - 0.5, -0.5)  # first layer at the top
+    axes[0].set_ylabel("layer (order in the spectrum file)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=len(methods), fontsize=9)
+    fig.suptitle(f"Effective and stable rank of the weight updates ΔW per layer ({n} layers)")
+    return fig
+
+
 def rank_figure(
     spectrum: Mapping,
     png_path: str | os.PathLike,
     pdf_path: str | os.PathLike | None = None,
 ) -> None:
-    """Effective rank (top) and stable rank (bottom) per layer, the methods as grouped bars.
+    """Effective rank (left) and stable rank (right) per layer, one row per layer, one marker per method.
 
-    ``spectrum`` is the output of :func:`landscape.spectrum.analyse`; log scale, one colour per method.
+    ``spectrum`` is the output of :func:`landscape.spectrum.analyse`; log scale, one colour and marker
+    per method. The figure is :data:`RANK_FIG_WIDTH` inches wide for any number of layers.
     """
-    layers = list(spectrum["layers"])
-    if not layers:
-        raise ValueError("spectrum has no layers")
-    methods = _methods(layers)
-    idx = np.arange(len(layers))
-    width = 0.8 / max(1, len(methods))
-    fig = Figure(figsize=(max(8.0, 0.28 * len(layers) * max(1, len(methods)) + 2), 7.5), layout="constrained")
-    axes = fig.subplots(2, 1, sharex=True)
-    for ax, key, label in zip(axes, ("effective_rank", "stable_rank"), ("effective rank", "stable rank"), strict=True):
-        for mi, m in enumerate(methods):
-            values = np.array([float(layer[m].get(key) or 0.0) for layer in layers])
-            offset = (mi - (len(methods) - 1) / 2) * width
-            ax.bar(idx + offset, np.where(values > 0, values, np.nan), width, color=_color(m, mi), label=_label(m))
-        ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.grid(True, axis="y", which="both", alpha=0.3)
-    axes[0].legend(fontsize=9, ncols=len(methods))
-    if len(layers) <= 40:
-        axes[1].set_xticks(idx, [_wrap_name(layer["name"], 60).replace("\n", "") for layer in layers], rotation=90,
-                           fontsize=7)  # fmt: skip
-    else:
-        axes[1].set_xlabel("layer index (order in the spectrum file)")
-    fig.suptitle("Effective and stable rank of the weight updates ΔW per layer")
+    fig = _rank_figure(spectrum)
     _save(fig, png_path, "png")
     if pdf_path is not None:
         _save(fig, pdf_path, "pdf")

@@ -1,77 +1,41 @@
-"""Atomic result files: every output is written to a temporary file beside it and renamed.
+"""Result files of the output contract and the grid checkpoints.
 
-A reader (or a crashed run) therefore never sees a half-written ``landscape.npz``,
-``spectrum.json`` or figure: the file is either the old one, absent, or complete.
+Every output is written atomically through :mod:`adapters.io` (re-exported here): a reader, or
+a run killed at any moment, never sees a half-written ``landscape.npz``, ``spectrum.json`` or
+figure. :class:`GridStore` keeps finished grid points so a killed run resumes where it died.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tempfile
-from collections.abc import Callable
-from contextlib import contextmanager
+import zipfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from adapters.io import atomic_path, json_default, write_bytes, write_json, write_npz, write_text, write_with
 
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path in the same folder; on success rename it onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable like any file
+# Files a stage writes; a rerun reuses them when the stage's key (its inputs) is unchanged.
+STAGE_FILES = {
+    "paths": ("paths.npz", "paths.json", "paths.png", "paths.pdf"),
+    "spectrum": ("spectrum.json", "spectrum.csv", "spectrum.png", "rank.png", "rank.pdf"),
+}
+
+
+def previous_run(out: Path) -> dict:
+    """The landscape.json an earlier run left in ``out`` ({} when there is none or it is unreadable)."""
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return json.loads((Path(out) / "landscape.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes(path, buf.getvalue())
-
-
-def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
-    """Atomically write a file produced by a library that wants a path (matplotlib, plotly)."""
-    with atomic_path(path) as tmp:
-        writer(tmp)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+def reusable(previous: dict, keys: dict, stage: str, out: Path) -> bool:
+    """Whether ``stage``'s files in ``out`` came from the same inputs (its key in the earlier landscape.json)."""
+    return (previous.get("stage_keys") or {}).get(stage) == keys[stage] and all(
+        (Path(out) / name).exists() for name in STAGE_FILES[stage]
+    )
 
 
 class GridStore:
@@ -79,36 +43,60 @@ class GridStore:
 
     Each rank owns one file ``<folder>/rank<R>.npz`` holding the points it finished, rewritten
     atomically after every point: after SIGKILL at any moment the file is the previous or the
-    new complete version. Every file carries a key describing the configuration (solutions,
-    chart, grid, evaluation set, dtype); files with another key are refused, so a resume never
-    mixes numbers from different configurations. Resuming with another number of ranks works:
-    points are merged from all files.
+    new complete version. Every rank reads every file on resume (so a rank's rewrite keeps the
+    points it saved before), and resuming with another number of ranks works: points are
+    merged from all files.
+
+    Every file carries the key of its configuration, ``{"config": ..., "solutions": ...}``: the
+    run's settings (model, chart, grid, evaluation set, dtype), known before any training, and
+    the fingerprints of the solutions' ΔW. :meth:`check` compares the settings up front, before
+    any training; :meth:`load` compares the whole key. A mismatch raises :class:`StaleGrid`, so
+    a resume never mixes numbers from different configurations.
     """
 
     FIELDS = ("loss", "accuracy", "loss_se")
 
-    def __init__(self, folder: str | os.PathLike, key: dict, rank: int = 0):
+    def __init__(self, folder: str | os.PathLike, config: dict, solutions: dict | None = None, rank: int = 0):
         self.folder = Path(folder)
-        self.key = json.dumps(key, sort_keys=True, default=_json_default)
+        self.config = _canonical(config)
+        self.solutions = _canonical(solutions or {})
         self.rank = rank
         self.mine: dict[tuple[int, int], tuple[float, float, float]] = {}
+
+    def set_solutions(self, solutions: dict) -> None:
+        """The second part of the key, known once the solutions are trained (their ΔW fingerprints)."""
+        self.solutions = _canonical(solutions)
+
+    @property
+    def key(self) -> str:
+        return json.dumps({"config": self.config, "solutions": self.solutions}, sort_keys=True)
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("rank*.npz")) if self.folder.is_dir() else []
 
+    def _read(self, path: Path) -> tuple[dict, dict[tuple[int, int], tuple[float, float, float]]]:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                key = json.loads(str(f["key"]))
+                rows = zip(f["i"].tolist(), f["j"].tolist(), *(f[k].tolist() for k in self.FIELDS), strict=True)
+                return key, {(i, j): (lo, acc, se) for i, j, lo, acc, se in rows}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: truncated, bad CRC
+            raise StaleGrid(f"{path.name} is unreadable ({type(e).__name__})") from e
+
+    def check(self) -> None:
+        """Raise :class:`StaleGrid` if a file holds points of other settings (the solutions aside)."""
+        for path in self.files():
+            key, _ = self._read(path)
+            if not isinstance(key, dict) or key.get("config") != self.config:
+                raise StaleGrid(f"{path.name} holds points of a different configuration: other settings")
+
     def load(self) -> dict[tuple[int, int], tuple[float, float, float]]:
-        """All finished points of this configuration; a different configuration raises ValueError."""
+        """All finished points of this configuration (every file); another configuration raises StaleGrid."""
         done: dict[tuple[int, int], tuple[float, float, float]] = {}
         for path in self.files():
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    key = str(f["key"])
-                    rows = zip(f["i"].tolist(), f["j"].tolist(), *(f[k].tolist() for k in self.FIELDS), strict=True)
-                    points = {(i, j): (lo, acc, se) for i, j, lo, acc, se in rows}
-            except (OSError, KeyError, ValueError) as e:
-                raise ValueError(f"{path} is unreadable ({e})") from e
-            if key != self.key:
-                raise ValueError(f"{path} holds points of a different configuration")
+            key, points = self._read(path)
+            if key != {"config": self.config, "solutions": self.solutions}:
+                raise StaleGrid(f"{path.name} holds points of a different configuration: other settings or solutions")
             done.update(points)
             if path.name == f"rank{self.rank}.npz":
                 self.mine.update(points)  # rewriting this file later must keep them
@@ -132,3 +120,24 @@ class GridStore:
     def clear(self) -> None:
         for path in self.files():
             path.unlink()
+
+
+class StaleGrid(ValueError):
+    """The grid folder holds points of another configuration (or an unreadable file)."""
+
+
+def _canonical(obj) -> object:
+    """``obj`` as it reads back from JSON (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
+
+
+__all__ = [
+    "GridStore",
+    "StaleGrid",
+    "atomic_path",
+    "write_bytes",
+    "write_json",
+    "write_npz",
+    "write_text",
+    "write_with",
+]

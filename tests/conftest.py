@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+
+# Before torch: `import adapters` puts the OpenMP wait policy in the environment (adapters.threads),
+# which torch's OpenMP runtime reads once, when it loads.
+import adapters  # noqa: F401
+
+# isort: split
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -223,3 +223,39 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_leaves_the_batchnorm_statistics_of_a_resnet_tower_alone():
+    """ResNet towers (RN50, ...) have BatchNorm: training must not move running statistics that no
+    solution saves (they stay at their pretrained values, as in every other model)."""
+    import open_clip
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from adapters.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    vision = {"layers": [1, 1, 1, 1], "width": 8, "head_width": 8, "image_size": 32}  # ModifiedResNet, as RN50
+    text = {"context_length": 8, "vocab_size": 16, "width": 16, "heads": 2, "layers": 1}
+    model = open_clip.CLIP(16, vision_cfg=vision, text_cfg=text)
+    assert type(model.visual).__name__ == "ModifiedResNet"
+    tokens = torch.tensor([[1, 2 + c, 15, 0, 0] for c in range(len(CLASSES))])  # 15: end of text (the argmax)
+    classifier = clip.CLIPClassifier(model, tokens, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, 32)
+    norms = {n: m for n, m in classifier.named_modules() if isinstance(m, _BatchNorm)}
+    assert len(norms) > 10
+    stats = {f"{n}.{b}": t.clone() for n, m in norms.items() for b, t in m.named_buffers()}
+    weights = {n: p.detach().clone() for n, p in classifier.named_parameters() if p.requires_grad}
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small: an idle second OpenMP thread only spins
+    try:
+        train(classifier, clip.encode(images), torch.arange(8) % len(CLASSES), TrainConfig(steps=2, batch_size=8),
+              progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+    moved = [n for n, p in classifier.named_parameters() if n in weights and not torch.equal(p, weights[n])]
+    assert any(n.startswith("clip.visual.") for n in moved)  # the image tower did train
+    buffers = dict(classifier.named_buffers())
+    for name, before in stats.items():
+        assert torch.equal(buffers[name], before), f"{name} changed in training"

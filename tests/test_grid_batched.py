@@ -196,10 +196,10 @@ def test_auto_and_the_cli_option(setup):
     for bad in (0, "fast"):
         with pytest.raises(ValueError, match="points_per_forward"):
             _evaluator(setup, bad)
-    from landscape.connectivity import build_parser
+    from landscape.config import from_argv
 
-    assert build_parser().parse_args([]).points_per_forward == "auto"
-    assert build_parser().parse_args(["--points-per-forward", "4"]).points_per_forward == 4
+    assert from_argv([]).points_per_forward == "auto"
+    assert from_argv(["--points-per-forward", "4"]).points_per_forward == 4
     assert paths.build_parser().parse_args(["--run", "x", "--points-per-forward", "2"]).points_per_forward == 2
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from adapters import network
 from adapters.data import DATASETS, cifar100, dataset_names, food101, load_dataset, ucf101
 from adapters.errors import UserError
 from tests.fakes import CIFAR_FINE_NAMES, write_cifar100, write_food101, write_ucf101
@@ -150,7 +151,7 @@ def test_fetch_online_fails_fast_and_restores_timeout(monkeypatch):
     fetched = []
     start = time.perf_counter()
     with pytest.raises(OSError, match="unreachable"):
-        cifar100.fetch_online(lambda: fetched.append(1), "127.0.0.1", port)
+        network.fetch_online(lambda: fetched.append(1), "127.0.0.1", port)
     assert time.perf_counter() - start < 5 and not fetched
 
     def seen_timeout():
@@ -161,8 +162,8 @@ def test_fetch_online_fails_fast_and_restores_timeout(monkeypatch):
         server.bind(("127.0.0.1", 0))
         server.listen()
         with pytest.raises(RuntimeError):
-            cifar100.fetch_online(seen_timeout, "127.0.0.1", server.getsockname()[1])
-    assert fetched == [cifar100.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == before
+            network.fetch_online(seen_timeout, "127.0.0.1", server.getsockname()[1])
+    assert fetched == [network.DOWNLOAD_TIMEOUT_S] and socket.getdefaulttimeout() == before
 
 
 # --- Food-101 ---------------------------------------------------------------------------------------

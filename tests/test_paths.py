@@ -114,7 +114,7 @@ def test_barrier_equals_direct_numpy(setup):
         assert got["loss_max"] == pytest.approx(loss[k][inside].max(), abs=1e-12)
         assert 0.0 <= got["t_max"] <= 1.0
     # a hand-made path with a known barrier; the peak outside [0, 1] does not count
-    b = paths.barrier(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), np.array([9.0, 1.0, 4.0, 3.0, 9.0]))
+    b = paths.loss_barrier(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), np.array([9.0, 1.0, 4.0, 3.0, 9.0]))
     assert b["barrier"] == pytest.approx(2.0) and b["t_max"] == 0.5
 
 
@@ -148,7 +148,7 @@ def run_dir(tmp_path_factory, wordnet_root):
 def test_connectivity_records_paths(run_dir):
     meta = json.loads((run_dir / "landscape.json").read_text())
     assert set(meta["paths"]["barrier"]) == {"ft-lora", "ft-randlora", "lora-randlora"}
-    assert meta["paths"]["points"] == 3 and meta["train_per_class"] == 6 and meta["data_root"]
+    assert meta["paths"]["points"] == 3 and meta["config"]["train_per_class"] == 6 and meta["config"]["data_root"]
     for name in ("paths.npz", "paths.json", "paths.png", "paths.pdf"):
         assert (run_dir / name).stat().st_size > 0, name
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 
@@ -15,6 +17,7 @@ from landscape import spectrum
 from landscape.spectrum import (
     LowRank,
     analyse,
+    decomposition,
     intruder_cosines,
     lowrank_svd,
     overlap_curve,
@@ -87,7 +90,7 @@ def test_gram_and_svd_methods_agree_with_numpy(shape):
     x = torch.from_numpy(x.astype(np.float32))
     ref_u, ref_s, _ = np.linalg.svd(x.numpy().astype(np.float64), full_matrices=False)
     for method in ("gram", "svd"):
-        dec = spectrum._decompose(x[None], 5, method)
+        dec = decomposition.decompose(x[None], 5, method)
         np.testing.assert_allclose(dec.s[0].numpy(), ref_s, rtol=1e-4, atol=1e-6)
         _match_up_to_sign(dec.left(5)[0].numpy(), ref_u[:, :5], atol=1e-4)
 
@@ -202,7 +205,29 @@ def tiny_run(tmp_path_factory, tiny_entry):
         info = {"name": method, "method": method, "model": tiny_entry.name, "num_classes": NUM_CLASSES,
                 "rank": rank, "base_fingerprint": fingerprint(base)}  # fmt: skip
         save_solution(out / "solutions" / method, model, info, {})
+    # what --run reads of a run's landscape.json: the solutions it was given (none: its own solutions/)
+    (out / "landscape.json").write_text(json.dumps({"config": {"solutions": {}}}))
     return out
+
+
+def _spectrum_main(argv) -> tuple[int, list[str]]:
+    """landscape.spectrum.main and the lines it printed."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = spectrum.main(argv)
+    return code, buf.getvalue().splitlines()
+
+
+@pytest.fixture(scope="module")
+def given_spectrum(tiny_run, tmp_path_factory):
+    """The CLI on the three solutions given one by one: (out folder, printed lines)."""
+    out = tmp_path_factory.mktemp("given")
+    sols = tiny_run / "solutions"
+    code, lines = _spectrum_main(
+        ["--solution", *(f"{n}={sols / n}" for n in ("ft", "lora", "randlora")), "--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    return out, lines
 
 
 def test_lora_factors_reproduce_peft_delta(tiny_run):
@@ -216,14 +241,14 @@ def test_lora_factors_reproduce_peft_delta(tiny_run):
         assert low.r == sol.info["rank"]
 
 
-def test_cli_solution_options_and_outputs(tiny_run, tmp_path):
+def test_cli_solution_options_and_outputs(tiny_run, given_spectrum, tmp_path):
     sols = tiny_run / "solutions"
-    out_run, out_given = tmp_path / "run", tmp_path / "given"
+    out_run, (out_given, printed) = tmp_path / "run", given_spectrum
     assert spectrum.main(["--run", str(tiny_run), "--out", str(out_run), "--no-progress"]) == 0
-    argv = ["--solution", *(f"{n}={sols / n}" for n in ("ft", "lora", "randlora")), "--out", str(out_given)]
-    assert spectrum.main([*argv, "--no-progress"]) == 0
     for name in spectrum.OUTPUTS:
         assert (out_given / name).stat().st_size > 0, name
+    # the message lists exactly the files written (with an FT reference: the similarity figures too)
+    assert printed[-1] == "wrote " + ", ".join(str(out_given / name) for name in spectrum.OUTPUTS)
     spec = json.loads((out_given / "spectrum.json").read_text())
     assert spec["layers"] == json.loads((out_run / "spectrum.json").read_text())["layers"]
     r = spec["settings"]["lora_rank"]
@@ -260,12 +285,84 @@ def test_cli_bad_solution_inputs_exit_2(tiny_run, tmp_path, capsys):
         (["--solution", "lora", "--out", str(tmp_path / "o2")], "NAME=PATH"),
         (["--solution", f"ft={tmp_path / 'nope'}", "--out", str(tmp_path / "o3")], "does not exist"),
         (["--solution", f"ft={sols / 'ft'}"], "--out"),
+        (["--solution", f"ft={sols / 'ft'}", f"ft={sols / 'lora'}", "--out", str(tmp_path / "o4")], "given twice"),
+        (["--solution", f"ft={sols / 'ft'}", "--run", str(tiny_run)], "not both"),
+        (["--run", str(sols)], "no landscape.json"),
         ([], "--run DIR"),
     ]
     for argv, message in cases:
         assert spectrum.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_without_ft_no_similarity_is_written_or_claimed(tiny_run, tmp_path):
+    sols = tiny_run / "solutions"
+    out = tmp_path / "no_ft"
+    code, printed = _spectrum_main(
+        ["--solution", f"lora={sols / 'lora'}", f"randlora={sols / 'randlora'}", "--out", str(out), "--no-progress"]
+    )
+    assert code == 0
+    names = ["spectrum.json", "spectrum.csv", "spectrum.png", "rank.png", "rank.pdf"]
+    assert printed[-1] == "wrote " + ", ".join(str(out / name) for name in names)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert json.loads((out / "spectrum.json").read_text())["settings"]["reference"] is None
+
+
+def test_write_spectrum_returns_the_paths_it_wrote(tiny_run, tmp_path):
+    from adapters.solution import load_solutions
+
+    sols = tiny_run / "solutions"
+    solutions = load_solutions({n: sols / n for n in ("ft", "randlora")})
+    written = spectrum.write_spectrum(solutions, tmp_path, progress=False)
+    assert written == [tmp_path / name for name in spectrum.OUTPUTS]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(spectrum.OUTPUTS)
+
+
+def test_analyse_solutions_gives_what_the_cli_writes(tiny_run, given_spectrum):
+    """The Python API: the same layers (adapted ones, head excluded), rank, reference and values as spectrum.json."""
+    from adapters.models.base import HEAD
+    from adapters.solution import load_solutions
+    from landscape.spectrum.updates import default_layers
+
+    sols = tiny_run / "solutions"
+    solutions = load_solutions({n: sols / n for n in ("ft", "lora", "randlora")})
+    result = spectrum.analyse_solutions(solutions, progress=False)
+    assert json.loads(json.dumps(result)) == json.loads((given_spectrum[0] / "spectrum.json").read_text())
+    deltas = {name: sol.delta() for name, sol in solutions.items()}
+    names = [layer["name"] for layer in result["layers"]]
+    assert names == spectrum.adapted_layers(deltas)
+    assert [n for n in default_layers(deltas) if n not in names] == [f"{HEAD}.weight"]  # the head only
+    assert result["settings"]["lora_rank"] == 4 and result["settings"]["reference"] == "ft"
+    assert result["settings"]["intruders"] is not None
+    assert all("energy_beyond_rank" in layer["randlora"] and "intruders" in layer["randlora"]
+               for layer in result["layers"])  # fmt: skip
+
+
+TINY_RUN = ["--dataset", "wordnet", "--model", "tiny-bert", "--train-steps", "3", "--grid", "3",
+            "--eval-samples", "16", "--path-points", "0", "--train-per-class", "12", "--test-per-class", "4",
+            "--no-progress"]  # fmt: skip
+
+
+def test_spectrum_of_a_run_made_with_solutions(wordnet_root, tmp_path):
+    """--run on a run whose solutions were given with --solutions: it has no solutions/ folder for them, its
+    landscape.json records where they are."""
+    from landscape import connectivity
+
+    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "spectrum"
+    common = [*TINY_RUN, "--data-root", str(wordnet_root)]
+    assert connectivity.main([*common, "--out", str(first)]) == 0
+    folders = {n: first / "solutions" / n for n in ("ft", "lora", "randlora")}
+    given = [f"{n}={p}" for n, p in folders.items()]
+    assert connectivity.main([*common, "--out", str(second), "--solutions", *given]) == 0
+    assert not (second / "solutions" / "ft").exists()
+
+    code, printed = _spectrum_main(["--run", str(second), "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert printed[-1] == "wrote " + ", ".join(str(out / name) for name in spectrum.OUTPUTS)
+    spec = json.loads((out / "spectrum.json").read_text())
+    assert {n: s["path"] for n, s in spec["solutions"].items()} == {n: str(p) for n, p in folders.items()}
+    assert spec["layers"] == json.loads((first / "spectrum.json").read_text())["layers"]
 
 
 # ------------------------------------------------------- CPU path: LAPACK computing only what is needed ----
@@ -300,7 +397,7 @@ def test_lapack_eigh_matches_numpy(dtype, kind):
                 continue
             for all_values in (True, False):
                 upper_garbage = np.asfortranarray(g + np.triu(np.full((d, d), 7.0, dtype), 1))  # lower triangle only
-                lam, vec = spectrum._lapack_eigh(upper_garbage, k, all_values=all_values)
+                lam, vec = decomposition.lapack_eigh(upper_garbage, k, all_values=all_values)
                 kk = d if k is None else k
                 n_values = d if all_values or k in (0, None) or kk >= d else kk
                 np.testing.assert_allclose(lam[:n_values], ref_lam[:n_values], atol=rtol * scale * 10)
@@ -321,7 +418,7 @@ def test_lapack_eigh_implicit_vectors_and_projections():
     for d in (1, 2, 50):
         g = _sym(rng, d, "random", np.float64)
         ref_lam, ref_vec = np.linalg.eigh(g)
-        lam, tri = spectrum._lapack_eigh_implicit(np.asfortranarray(np.tril(g) + np.triu(np.ones((d, d)), 1)))
+        lam, tri = decomposition.lapack_eigh_implicit(np.asfortranarray(np.tril(g) + np.triu(np.ones((d, d)), 1)))
         np.testing.assert_allclose(lam, ref_lam[::-1], rtol=1e-12, atol=1e-12 * ref_lam[-1])
         v = tri.vectors(d)
         _match_up_to_sign(v, ref_vec[:, ::-1], atol=1e-8)
@@ -335,11 +432,11 @@ def test_lapack_eigh_implicit_vectors_and_projections():
 def test_syrk_gram_lower_triangle(shape, dtype):
     x = np.random.default_rng(9).standard_normal(shape).astype(dtype)
     ref = x.T @ x if shape[0] >= shape[1] else x @ x.T
-    g = spectrum._syrk(x)
+    g = decomposition.syrk(x)
     assert g.dtype == dtype and g.shape == ref.shape
     rtol = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(np.tril(g), np.tril(ref), rtol=rtol, atol=rtol * np.abs(ref).max())
-    np.testing.assert_allclose(spectrum._symmetric(g), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+    np.testing.assert_allclose(decomposition.symmetric(g), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("shape", [(120, 80), (80, 120), (90, 90)])
@@ -350,8 +447,8 @@ def test_lapack_and_torch_gram_paths_agree(shape):
     u = torch.linalg.qr(torch.randn(2, shape[0], 10, generator=g, dtype=torch.float64))[0]
     d = min(shape)
     for vectors in (0, 5, 64, None):
-        fast = spectrum._decompose(x, vectors, "gram", lapack=True)
-        ref = spectrum._decompose(x, vectors, "gram", lapack=False)
+        fast = decomposition.decompose(x, vectors, "gram", lapack=True)
+        ref = decomposition.decompose(x, vectors, "gram", lapack=False)
         np.testing.assert_allclose(fast.s.numpy(), ref.s.numpy(), rtol=1e-10, atol=1e-12 * float(ref.s.max()))
         if vectors == 0:
             continue
@@ -362,12 +459,12 @@ def test_lapack_and_torch_gram_paths_agree(shape):
             want = ref.abs_cos_with_left(u).numpy()
             np.testing.assert_allclose(fast.abs_cos_with_left(u).numpy(), want, atol=1e-9)
     np.testing.assert_allclose(
-        spectrum._decompose(x, None, "gram", lapack=True).gram.numpy(),
-        spectrum._decompose(x, None, "gram", lapack=False).gram.numpy(),
+        decomposition.decompose(x, None, "gram", lapack=True).gram.numpy(),
+        decomposition.decompose(x, None, "gram", lapack=False).gram.numpy(),
         rtol=1e-12,
     )
-    fast = spectrum._decompose(x, 10, "gram", top_only=True, lapack=True)
-    ref = spectrum._decompose(x, 10, "gram", top_only=True, lapack=False)
+    fast = decomposition.decompose(x, 10, "gram", top_only=True, lapack=True)
+    ref = decomposition.decompose(x, 10, "gram", top_only=True, lapack=False)
     np.testing.assert_allclose(fast.s[:, :10].numpy(), ref.s[:, :10].numpy(), rtol=1e-5)
     for i in range(2):
         _match_up_to_sign(fast.left(10)[i].numpy(), ref.left(10)[i].numpy(), atol=1e-4)
@@ -421,16 +518,16 @@ def test_analyse_cpu_path_matches_naive_numpy(shape):
 
 
 def test_is_finite_fast_path_and_fallback():
-    assert spectrum._is_finite(torch.ones(3, 3))
-    assert spectrum._is_finite(torch.full((3, 3), 3e38))  # a sum overflowing to inf, every value finite
+    assert decomposition.is_finite(torch.ones(3, 3))
+    assert decomposition.is_finite(torch.full((3, 3), 3e38))  # a sum overflowing to inf, every value finite
     for bad in (float("inf"), float("-inf"), float("nan")):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             t = torch.ones(4, 4, dtype=dtype)
             t[1, 2] = bad
-            assert not spectrum._is_finite(t)
+            assert not decomposition.is_finite(t)
         low = LowRank(torch.ones(4, 2), torch.ones(2, 4))
         low.A[0, 1] = bad
-        assert not spectrum._is_finite(low)
+        assert not decomposition.is_finite(low)
 
 
 def test_convolution_updates_are_analysed_as_out_by_in_kh_kw():

@@ -19,11 +19,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import socket
 import tarfile
-import threading
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ import torch
 
 from adapters.data.base import Dataset, Split, balanced_indices
 from adapters.errors import UserError
+from adapters.network import fetch_online
 
 FOLDER = "cifar-100-python"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -39,8 +37,6 @@ SIDE = 32
 NUM_CLASSES = 100
 CACHE_ROOT = Path.home() / ".cache" / "randlora-landscape" / "data"
 DOWNLOAD_HOST = "www.cs.toronto.edu"
-DOWNLOAD_TIMEOUT_S = 10.0  # socket timeout while torchvision downloads
-CONNECT_TIMEOUT_S = 3.0  # reachability probe of the download host before any download
 FIX = f"pass --data-root DIR holding {FOLDER}/ (torchvision layout) or {ARCHIVE}"
 
 # numpy's array-rebuilding function, whatever module this numpy version keeps it in.
@@ -115,43 +111,6 @@ def _source_in(dirs: list[Path]) -> Path | None:
         if all((d / m).is_file() for m in MEMBERS):
             return d
     return next((d / ARCHIVE for d in dirs if (d / ARCHIVE).is_file()), None)
-
-
-def _proxied() -> bool:
-    return any(os.environ.get(k) for k in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy"))
-
-
-def reachable(host: str, port: int = 443, timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``host:port`` opens within ``timeout`` s (DNS included)."""
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)  # bounds a hanging DNS lookup too
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(ok)
-
-
-def fetch_online(fetch: Callable[[], object], host: str, port: int = 443) -> None:
-    """Run ``fetch`` (a torchvision download) if ``host`` answers; short socket timeout, restored after.
-
-    Raises OSError at once when the host is unreachable (offline), so a missing dataset fails in
-    seconds. With an HTTP(S) proxy configured the probe is skipped and the socket timeout bounds it.
-    """
-    if not _proxied() and not reachable(host, port):
-        raise OSError(f"{host}:{port} unreachable (no TCP connection within {CONNECT_TIMEOUT_S:g} s)")
-    old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        fetch()
-    finally:
-        socket.setdefaulttimeout(old)
 
 
 def _download(root: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 
 from adapters.data.base import Dataset, Split, balanced_indices
 from adapters.errors import UserError
+from adapters.network import fetch_online
 
 CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -76,8 +77,7 @@ def _files_in(folder: Path) -> list[Path] | None:
 
 
 def _download(root: Path) -> None:
-    """torchvision's download into ``root``; fails in seconds offline (see cifar100.fetch_online)."""
-    from adapters.data.cifar100 import fetch_online
+    """torchvision's download into ``root``; fails in seconds offline (see adapters.network.fetch_online)."""
 
     def fetch() -> None:
         from torchvision import datasets

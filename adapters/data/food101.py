@@ -28,6 +28,7 @@ import torch
 from adapters.data import cifar100
 from adapters.data.base import Dataset, Split, balanced_indices
 from adapters.errors import UserError
+from adapters.network import fetch_online
 
 FOLDER = "food-101"
 CACHE_ROOT = cifar100.CACHE_ROOT
@@ -115,7 +116,7 @@ def _download(root: Path) -> None:
 
         datasets.Food101(root=str(root), split="train", download=True)
 
-    cifar100.fetch_online(fetch, DOWNLOAD_HOST)
+    fetch_online(fetch, DOWNLOAD_HOST)
 
 
 def find_root(data_root: str | os.PathLike | None = None) -> Path:

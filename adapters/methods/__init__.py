@@ -20,6 +20,7 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.methods.budget import (
+    adapted_weights,
     lora_params,
     match_lora_rank,
     match_randlora_rank,
@@ -131,6 +132,7 @@ def trainable_params(model: nn.Module) -> int:
 
 __all__ = [
     "ADAPTERS",
+    "adapted_weights",
     "METHODS",
     "MethodSpec",
     "attach",

@@ -54,13 +54,25 @@ def matches_target(module_name: str, targets: Sequence[str]) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
-def target_shapes(model: nn.Module, targets: Sequence[str]) -> list[Shape]:
-    """(out, in) of every adaptable module that ``targets`` selects: nn.Linear, the ``in_proj_weight``
-    of nn.MultiheadAttention (3E, E), nn.Conv2d as its equivalent Linear (C_out, C_in/groups·kh·kw)."""
-    from adapters.methods.layers import linear_shape
+def adapted_weights(model: nn.Module, targets: Sequence[str]) -> dict[str, Shape]:
+    """{parameter name: (out, in)} of every weight that ``targets`` selects (peft's suffix rule), in
+    module order: an nn.Linear's ``weight``, nn.MultiheadAttention's ``in_proj_weight`` (3E, E), an
+    nn.Conv2d's ``weight`` as its equivalent Linear (C_out, C_in/groups·kh·kw). The classification
+    head is never adapted. This is the one rule used by training, budgets, benchmarks and checks."""
+    from adapters.methods.layers import linear_shape, weight_name
+    from adapters.models.base import HEAD
 
-    shapes = []
+    out = {}
     for name, m in model.named_modules():
-        if matches_target(name, targets) and (shape := linear_shape(m)) is not None:
-            shapes.append(shape)
-    return shapes
+        if name == HEAD or name.startswith(HEAD + ".") or not matches_target(name, targets):
+            continue
+        shape = linear_shape(m)
+        weight = "weight" if isinstance(m, nn.Linear | nn.Conv2d) else weight_name(m)
+        if shape is not None and weight is not None:
+            out[f"{name}.{weight}" if name else weight] = shape
+    return out
+
+
+def target_shapes(model: nn.Module, targets: Sequence[str]) -> list[Shape]:
+    """(out, in) of every adaptable weight that ``targets`` selects (see :func:`adapted_weights`)."""
+    return list(adapted_weights(model, targets).values())

@@ -390,22 +390,20 @@ BASES_FILE = "randlora_bases.json"
 
 def bases_fingerprint(model: nn.Module) -> dict[str, dict]:
     """Per adapter: shapes, projection key and sha256 of the shared bases' fp32 bytes."""
-    import hashlib
+    from adapters.io import digest
 
     out = {}
     for layer in randlora_layers(model, linear_only=False).values():
         for adapter in layer.randlora_A:
             if adapter in out:
                 continue
-            h = hashlib.sha256()
-            for t in (layer.randlora_A[adapter], layer.randlora_B[adapter]):
-                h.update(t.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+            bases = [("A", layer.randlora_A[adapter]), ("B", layer.randlora_B[adapter])]
             config = getattr(model, "peft_config", {}).get(adapter)
             out[adapter] = {
                 "A_shape": list(layer.randlora_A[adapter].shape),
                 "B_shape": list(layer.randlora_B[adapter].shape),
                 "projection_prng_key": getattr(config, "projection_prng_key", None),
-                "sha256": h.hexdigest(),
+                "sha256": digest(bases, length=64),
             }
     return out
 

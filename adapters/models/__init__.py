@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
 from adapters.errors import UserError
 from adapters.models import efficientnet, minilm
 from adapters.models.base import HEAD, Classifier, Encoded, ModelEntry
@@ -31,6 +36,18 @@ def get_model(name: str) -> ModelEntry:
     raise UserError(f"unknown model '{name}': choose one of {', '.join(model_names())}")
 
 
+def build_base(name: str, classes: Sequence[str], options: dict | None = None, seed: int = 0) -> nn.Module:
+    """The base model ``name`` for ``classes``, built under ``seed`` with the global RNG left as it was.
+
+    The one way every recipe and loader builds a base: randomly initialised parts (``--pretrained
+    none``, the tiny test models) come out identical for the same seed, wherever they are built.
+    """
+    entry = get_model(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return entry.create(list(classes), options)
+
+
 def is_clip(entry: ModelEntry) -> bool:
     return "pretrained" in entry.options
 
@@ -39,6 +56,7 @@ __all__ = [
     "HEAD",
     "MODELS",
     "DEFAULT_MODEL",
+    "build_base",
     "is_clip",
     "Classifier",
     "Encoded",

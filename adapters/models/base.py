@@ -41,13 +41,18 @@ class Classifier(nn.Module):
         return self.task_head.out_features
 
     def train(self, mode: bool = True) -> Classifier:
-        # Normalisation statistics stay at their pretrained values in every method, so all
-        # solutions share them and the landscape is a function of the parameters alone.
         super().train(mode)
-        for module in self.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        freeze_norm_statistics(self)
         return self
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Keep every BatchNorm in eval mode: its running statistics stay at their pretrained values in
+    every method, so all solutions share them, the saved parameters describe the trained model
+    completely, and the landscape is a function of the parameters alone."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 @dataclass

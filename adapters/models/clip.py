@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.compat import autocast_enabled
 from adapters.errors import UserError
-from adapters.models.base import Encoded, ModelEntry
+from adapters.models.base import Encoded, ModelEntry, freeze_norm_statistics
 
 DEFAULT_ARCH = "ViT-B-32"
 TEMPLATE = "An image of {c}"
@@ -83,11 +84,9 @@ def _cached_weights(cfg: dict) -> str | None:
 
 
 def _offline() -> bool:
-    from adapters.data.cifar100 import _proxied, reachable
+    from adapters.network import hub_offline
 
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return True
-    return not _proxied() and not reachable(HUB_HOST)
+    return hub_offline(HUB_HOST)
 
 
 def resolve_pretrained(arch: str, pretrained: str | None) -> tuple[str | None, dict]:
@@ -169,7 +168,7 @@ class CLIPClassifier(nn.Module):
             self._text_cache = None
             return F.normalize(encode_text(self.clip, self.prompt_tokens), dim=-1)
         key = tuple((p.data_ptr(), p._version) for p in params)
-        autocast = torch.is_autocast_enabled(self.prompt_tokens.device.type)
+        autocast = autocast_enabled(self.prompt_tokens.device.type)
         if self._text_cache is None or self._text_cache[0] != (key, autocast):
             with torch.no_grad():
                 feats = F.normalize(encode_text(self.clip, self.prompt_tokens), dim=-1)
@@ -200,7 +199,9 @@ class CLIPClassifier(nn.Module):
 
     def train(self, mode: bool = True) -> CLIPClassifier:
         self._text_cache = None
-        return super().train(mode)
+        super().train(mode)
+        freeze_norm_statistics(self)  # ResNet towers (RN50, ...): statistics are not trained, as in Classifier
+        return self
 
 
 def build(

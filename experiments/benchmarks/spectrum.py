@@ -39,6 +39,7 @@ import time
 import numpy as np
 import torch
 
+from adapters import threads
 from landscape.spectrum import LowRank, analyse, overlap_curve, principal_angles, spectrum_metrics
 
 LORA_R = 32
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         "calls swing 10x)",
     )
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads.configure(args.threads)
     import scipy.linalg  # noqa: F401  (load scipy's own OpenBLAS now, so that the limit below reaches it too)
 
     try:

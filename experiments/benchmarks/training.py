@@ -9,9 +9,10 @@ Per case, at matched trainable-parameter budgets (LoRA's rank from
 - ``randlora_peft``: peft RandLoRA, peft's own forward (``attach(..., fast_randlora=False)``);
 - ``randlora_ours``: peft RandLoRA through ``adapters.methods.randlora`` (``mode="auto"``).
 
-Measured per variant: ``step_s`` = median wall time of one training step (forward, cross-
-entropy, backward, gradient clipping, AdamW step) after warm-up, the steps of the three
-variants interleaved so background load hits them alike; ``peak_mem_bytes`` = peak memory
+Measured per variant: ``step_s`` = median wall time of one training step (forward, the
+objective's loss as ``adapters.train`` computes it — cross-entropy —, backward, gradient
+clipping, AdamW step) after warm-up, the steps of the three variants interleaved so background
+load hits them alike; ``peak_mem_bytes`` = peak memory
 over the warm-up steps above the level just before them (CPU: the process's peak RSS, reset
 through ``/proc/self/clear_refs`` after ``malloc_trim``, or a 1 ms RSS sampler where that is
 not allowed; GPU: ``torch.cuda.max_memory_allocated``); ``adapter_bytes`` = the files the tool
@@ -44,9 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from adapters import threads
 from adapters.models.base import HEAD
+from adapters.objectives import OBJECTIVES
 
 VARIANTS = ("lora", "randlora_peft", "randlora_ours")
 
@@ -243,7 +245,7 @@ class Stepper:
         start, cpu = time.perf_counter(), time.process_time()
         with torch.autocast(case.device.type, dtype=torch.bfloat16, enabled=case.autocast):
             logits = self.model(**inputs)
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = OBJECTIVES["classification"].loss(logits, labels)  # the training loss adapters.train uses
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads or min(8, os.cpu_count() or 1))
+    threads.configure(args.threads)
     warmup, timed = (5, 15) if args.quick else (10, 40)
     started = time.perf_counter()
     cases = [minilm_case(warmup + timed, batch_size=b) for b in args.batch_sizes]
@@ -424,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  FLOP model at {fm['tokens_per_step']:.0f} tokens/step (adapted layers): peft/ours <= "
                   f"{fm['peft_over_ours_max']:.2f}, ours/LoRA >= {fm['ours_over_lora_min']:.2f}")  # fmt: skip
     if args.json:
-        from landscape.store import write_json
+        from adapters.io import write_json
 
         write_json(args.json, out)
     return 0

@@ -1,0 +1,31 @@
+"""Shims for the declared floors in pyproject.toml: ``tomllib`` on Python 3.10 (``tomli``), and torch's
+device-generic OOM error and autocast query, spelled differently before torch 2.4 (the floor is 2.4
+for other reasons; these keep the call sites free of it). tests/test_floors.py runs the call sites
+with the newer APIs hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Python >= 3.11
+    import tomllib  # novm (vermin: the 3.10 fallback is below)
+except ImportError:  # Python 3.10: the same API from the `tomli` backport (a dependency there)
+    import tomli as tomllib  # type: ignore[no-redef]
+
+# torch >= 2.4 has the device-generic torch.OutOfMemoryError; older torch raises (and names) the
+# CUDA one, which newer torch keeps as an alias of the generic class.
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` ("cpu", "cuda", ...) in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)  # torch >= 2.4
+    except TypeError:  # torch < 2.4: no argument, CUDA only; other devices have their own function
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        return getattr(torch, f"is_autocast_{device_type}_enabled", lambda: False)()
+
+
+__all__ = ["OutOfMemoryError", "autocast_enabled", "tomllib"]

@@ -1,0 +1,418 @@
+"""The run configuration: one dataclass, built once from preset ← TOML file ← command line, validated once.
+
+Every setting of ``python -m landscape.connectivity`` is a field of :class:`RunConfig`, whose metadata
+carries its help text, its command-line flag and its TOML key. :func:`from_argv` layers the sources
+(later wins): the field defaults, the preset (``quick``/``full``, or ``paper`` read from
+``experiments/paper/<dataset>.toml``) or a ``--config FILE``, then the command line. :meth:`RunConfig.validate`
+checks every value before any work starts and names where a bad value came from
+(``--batch-size 0``, ``cifar100.toml [train] dtype = "fp8"``). Everything downstream receives the
+config, and ``landscape.json`` records it resolved.
+
+``None`` means "the model's default" (model, RandLoRA rank, learning rates, weight decay) or
+"derived" (LoRA rank matched to RandLoRA's parameter count; training steps from epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from adapters.compat import tomllib
+from adapters.errors import UserError
+
+PAPER_DATASETS = ("cifar100", "food101", "ucf101")
+PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
+SOLUTION_NAMES = ("ft", "lora", "randlora")
+LR_METHODS = ("ft", "lora", "randlora", "head_only")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on 2 CPU cores.
+    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 200, "path_points": 11},
+    "full": {"grid": 25, "eval_samples": 2000, "train_steps": 1500, "path_points": 21},
+}
+
+
+def option(default: Any, help: str, flag: str | None = "", toml: str | None = None, **cli: Any) -> Any:
+    """A config field: its default, help text, command-line flag ('' = from the name, None = none),
+    its TOML key ("section.key", None = not in files) and extra argparse settings."""
+    meta = {"help": help, "flag": flag, "toml": toml, "cli": cli}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run of landscape.connectivity."""
+
+    # --- data and model
+    dataset: str = option("wordnet", "dataset: wordnet, fashion-mnist, cifar100, food101, ucf101")
+    model: str | None = option(
+        None,
+        "model: minilm, efficientnet-lite0, ViT-B-32 / clip / any open_clip architecture, tiny-bert, clip-tiny "
+        "(default: minilm for text, efficientnet-lite0 for fashion-mnist, ViT-B-32 for the paper's datasets)",
+        toml="model.name",
+    )
+    data_root: str | None = option(
+        None, "folder holding the dataset files (default: the system install)", metavar="DIR"
+    )
+    train_per_class: int | None = option(
+        None, "training samples per class (default: the dataset's; wordnet 500)", toml="data.train_per_class"
+    )
+    test_per_class: int | None = option(None, "test samples per class (default: 100)", toml="data.test_per_class")
+    pretrained: str | None = option(
+        None, "CLIP weights: an open_clip tag (default openai), a checkpoint file, or none", toml="model.pretrained"
+    )
+    prompt_template: str | None = option(
+        None, "CLIP class prompt with {c} for the class (default 'An image of {c}')", toml="model.template"
+    )
+    paper_temperature: bool = option(
+        False,
+        "CLIP: scale logits by the raw logit_scale as the paper's code does (default exp(logit_scale))",
+        toml="model.paper_temperature",
+        action="store_true",
+    )
+    # --- training
+    train_steps: int | None = option(None, "optimizer steps per solution (quick: 200, full: 1500)", toml="train.steps")
+    epochs: float | None = option(
+        None, "training length in epochs (paper: 6/15/20); --train-steps wins", toml="train.epochs"
+    )
+    batch_size: int = option(32, "effective training batch size (paper: 128)", toml="train.batch_size")
+    grad_accum: int = option(1, "micro-batches per optimizer step", toml="train.grad_accum")
+    grad_checkpointing: bool = option(
+        False, "recompute activations in the backward (CLIP): less memory", toml="train.grad_checkpointing",
+        action="store_true",
+    )  # fmt: skip
+    weight_decay: float | None = option(
+        None, "AdamW weight decay (default: the model's, 0.01)", flag=None, toml="train.weight_decay"
+    )
+    grad_clip: float = option(1.0, "max global gradient norm", flag=None, toml="train.grad_clip")
+    augment: bool = option(
+        False, "the model's training augmentation (CLIP: crop + flip)", flag=None, toml="train.augment"
+    )
+    train_dtype: str = option(
+        "float32", "training precision on GPU: float32 or bfloat16 autocast (CPU trains in fp32)", flag=None,
+        toml="train.dtype", choices=("float32", "bfloat16"),
+    )  # fmt: skip
+    lr: dict = option({}, "learning rate per method {ft, lora, randlora, head_only} (default: the model's)", flag=None,
+                      toml="train.lr")  # fmt: skip
+    # --- adapters
+    randlora_rank: int | None = option(
+        None, "RandLoRA rank r (default: the model's; minilm 8)", toml="adapters.randlora_rank"
+    )
+    lora_rank: int | None = option(
+        None, "LoRA rank (default: matched to RandLoRA's trainable parameter count)", toml="adapters.lora_rank"
+    )
+    solutions: dict = option(
+        {}, "reuse solutions trained elsewhere: ft=PATH lora=PATH randlora=PATH (any subset)", nargs="+",
+        metavar="NAME=PATH",
+    )  # fmt: skip
+    # --- landscape
+    chart: str = option(
+        "paper",
+        "plane chart: paper = the RandLoRA paper's affine chart (RandLoRA (0,0), LoRA (1,0), FT (0.5,1)); "
+        "orthonormal = Garipov et al., Euclidean units",
+        toml="landscape.chart",
+        choices=("paper", "orthonormal"),
+    )
+    grid: int = option(
+        11, "grid points per axis; the vertices are grid points (full: 25 = the paper's)", toml="landscape.grid"
+    )
+    x_range: list | None = option(None, "x window [low, high] (paper chart)", flag=None, toml="landscape.x_range")
+    y_range: list | None = option(None, "y window [low, high] (paper chart)", flag=None, toml="landscape.y_range")
+    eval_split: str = option(
+        "train", "split the landscape is evaluated on (train, as the paper)", toml="landscape.eval_split",
+        choices=("train", "test"),
+    )  # fmt: skip
+    eval_samples: int = option(512, "size of the fixed evaluation subset (full: 2000); 0 = the whole split",
+                               toml="landscape.eval_samples")  # fmt: skip
+    eval_batch: int = option(128, "evaluation batch size", flag=None, toml="landscape.eval_batch")
+    dtype: str = option(
+        "auto",
+        "forward precision of the landscape and paths: bfloat16 autocast (loss reduced in fp32) or float32 "
+        "(auto: bfloat16 on GPU, float32 on CPU)",
+        toml="landscape.dtype",
+        choices=("auto", "float32", "bfloat16"),
+    )
+    points_per_forward: int | str = option(
+        "auto",
+        "grid points evaluated by one vmapped forward: a number or auto (1 on CPU; on GPU min(16, 1024 // "
+        "samples per batch))",
+        metavar="P",
+    )
+    path_points: int = option(11, "values of t on each 1-D path (full: 21; 0 = no paths)", toml="landscape.path_points")
+    path_extend: float = option(0.0, "the paths run over t in [-E, 1 + E]", toml="landscape.path_extend")
+    # --- the run
+    seed: int = option(0, "seed for data split, initialisation, batches and bases")
+    device: str = option("auto", "device", choices=("auto", "cpu", "cuda"))
+    threads: int | None = option(None, "CPU threads (default: the CPUs available to this process)")
+    out: str | None = option(None, "output folder (default: runs/<dataset>)", metavar="DIR")
+    restart: bool = option(
+        False, "discard grid points checkpointed in --out by an earlier run of other settings", action="store_true"
+    )
+    progress: bool = option(True, "progress bars", flag="--no-progress", action="store_false")
+    preset: str | None = option(
+        None, "quick (minutes on a laptop CPU), full, or paper (experiments/paper/<dataset>.toml; the default "
+        "for cifar100, food101, ucf101; quick otherwise)", choices=("quick", "full", "paper"),
+    )  # fmt: skip
+    config_file: str | None = option(None, "a TOML experiment config (layout of experiments/paper/*.toml)",
+                                     flag="--config", metavar="FILE")  # fmt: skip
+    # where each value came from (for error messages); not a setting
+    sources: dict = field(default_factory=dict, repr=False, compare=False, metadata={"flag": None, "toml": None})
+
+    # ----------------------------------------------------------------------------- derived values
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.dataset}")
+
+    def steps_for(self, train_samples: int) -> int:
+        """Optimizer steps per solution: ``train_steps``, else ``epochs`` (default 1) over the training split."""
+        if self.train_steps is not None:
+            return self.train_steps
+        epochs = self.epochs if self.epochs is not None else 1.0
+        return max(1, math.ceil(epochs * train_samples / min(self.batch_size, train_samples)))
+
+    def landscape_dtype(self, device_type: str) -> str:
+        return ("bfloat16" if device_type == "cuda" else "float32") if self.dtype == "auto" else self.dtype
+
+    def to_dict(self) -> dict:
+        """The resolved settings, as recorded in landscape.json."""
+        d = asdict(self)
+        d.pop("sources")
+        d["solutions"] = {k: str(v) for k, v in self.solutions.items()}
+        return d
+
+    # ----------------------------------------------------------------------------- validation
+
+    def where(self, name: str) -> str:
+        """How the user set ``name``: '--batch-size', 'FILE [train] batch_size', 'preset quick' or 'default'."""
+        return self.sources.get(name, "default")
+
+    def _fail(self, name: str, problem: str, fix: str) -> None:
+        where, value = self.where(name), getattr(self, name)
+        shown = f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+        raise UserError(f"{shown}: {problem}: {fix}")
+
+    def validate(self) -> RunConfig:
+        """Check every value (ranges, choices, combinations); a UserError names the first bad one."""
+        from adapters.data import dataset_names
+
+        if self.dataset not in dataset_names():
+            raise UserError(f"unknown dataset '{self.dataset}': choose one of {', '.join(dataset_names())}")
+        for f in fields(self):
+            choices = f.metadata.get("cli", {}).get("choices") if f.metadata else None
+            if choices and f.name != "preset" and getattr(self, f.name) not in choices:
+                self._fail(f.name, "not a valid choice", f"use one of {', '.join(choices)}")
+        at_least = {
+            "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
+            "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
+            "threads": 1,
+        }  # fmt: skip
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                why = "is too small: a surface needs at least 2 points per axis" if name == "grid" else ""
+                self._fail(name, why or f"must be an integer >= {low}", f"pass a value >= {low}")
+        for name, low, strict in (("epochs", 0, True), ("weight_decay", 0, False), ("grad_clip", 0, True),
+                                  ("path_extend", 0, False)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not _number_above(value, low, strict):
+                self._fail(name, f"must be a finite number {'>' if strict else '>='} {low}", "fix the value")
+        if self.batch_size % self.grad_accum:
+            self._fail("grad_accum", f"does not divide the batch size {self.batch_size}", "pass a divisor")
+        if self.path_points != 0 and (not isinstance(self.path_points, int) or self.path_points < 2):
+            self._fail("path_points", "a path needs at least 2 points (0 and 1)", "pass 0 (no paths) or >= 2, e.g. 11")
+        if self.points_per_forward != "auto" and not (
+            isinstance(self.points_per_forward, int) and self.points_per_forward >= 1
+        ):
+            self._fail("points_per_forward", "must be a positive integer or auto", "pass e.g. 1 or auto")
+        for key, lr in self.lr.items():
+            if key not in LR_METHODS or not _number_above(lr, 0, strict=key != "head_only"):
+                self._fail("lr", f"'{key}' must be one of {', '.join(LR_METHODS)} with a finite rate > 0", "fix it")
+        for name in ("x_range", "y_range"):
+            value = getattr(self, name)
+            if value is not None and not (
+                len(value) == 2 and all(_number_above(v, -math.inf, True) for v in value) and value[0] < value[1]
+            ):
+                self._fail(name, "must be [low, high] with low < high", "fix the range")
+        for name in self.solutions:
+            if name not in SOLUTION_NAMES:
+                raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
+        return self
+
+
+def _number_above(value: Any, low: float, strict: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > low if strict else value >= low
+
+
+# --------------------------------------------------------------------------------- the sources
+
+
+def _field_map() -> dict[str, Any]:
+    return {f.name: f for f in fields(RunConfig)}
+
+
+TOML_KEYS = {f.metadata["toml"]: f.name for f in fields(RunConfig) if f.metadata.get("toml")}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML experiment config as {field: value}; unknown sections/keys and wrong types are errors."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist: pass an existing TOML file to --config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid TOML ({e}): fix the file") from None
+    sections = sorted({k.split(".")[0] for k in TOML_KEYS})
+    values: dict[str, Any] = {}
+    for section, table in raw.items():
+        if section not in sections or not isinstance(table, dict):
+            raise UserError(f"{path}: unknown section [{section}]: use {', '.join(f'[{s}]' for s in sections)}")
+        for key, value in table.items():
+            name = TOML_KEYS.get(f"{section}.{key}")
+            if name is None:
+                known = ", ".join(k.split(".")[1] for k in TOML_KEYS if k.startswith(section + "."))
+                raise UserError(f"{path}: unknown key '{key}' in [{section}]: use {known}")
+            if not _type_ok(_field_map()[name], value):
+                raise UserError(f"{path}: [{section}] {key} = {value!r} has the wrong type: fix the file")
+            values[name] = value
+    return values
+
+
+def _type_ok(f, value: Any) -> bool:
+    kind = str(f.type)
+    if "bool" in kind:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if "dict" in kind:
+        return isinstance(value, dict)
+    if "list" in kind:
+        return isinstance(value, list)
+    if "float" in kind:
+        return isinstance(value, int | float)
+    if "int" in kind:
+        return isinstance(value, int)
+    return isinstance(value, str)
+
+
+def build_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+    """The command line of :class:`RunConfig`: one flag per field (help from the field), no defaults
+    filled in (argparse.SUPPRESS), so only what the user typed overrides the preset and the file."""
+    from landscape.cli import Parser
+
+    p = Parser(prog=prog, description=description, epilog=epilog, argument_default=argparse.SUPPRESS)
+    for f in fields(RunConfig):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        flag = flag or "--" + f.name.replace("_", "-")
+        extra = dict(f.metadata["cli"])
+        default = f.default if f.default is not MISSING else None
+        shown = default is not None and not isinstance(default, bool)
+        help_text = f.metadata["help"] + (f" (default: {default})" if shown else "")
+        if "action" not in extra:
+            extra.setdefault("type", _cli_type(f))
+            if "choices" not in extra:
+                extra.setdefault("metavar", {int: "N", float: "X"}.get(extra["type"], f.name.split("_")[-1].upper()))
+        p.add_argument(flag, dest=f.name, help=help_text, **extra)
+    return p
+
+
+def _cli_type(f):
+    kind = str(f.type)
+    if f.name == "points_per_forward":
+        return _points_per_forward
+    if f.name == "solutions":
+        return str
+    if "float" in kind:
+        return float
+    if "int" in kind:
+        return int
+    return str
+
+
+def _points_per_forward(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}") from None
+
+
+def preset_values(dataset: str, preset: str | None, config_file: str | None) -> tuple[str, dict, str]:
+    """(preset name, {field: value}, where they came from): ``--config`` wins, then ``--preset``, then the
+    dataset's default (paper for the paper's datasets, else quick)."""
+    if config_file:
+        return "config", read_toml(config_file), str(config_file)
+    name = preset or ("paper" if dataset in PAPER_DATASETS else "quick")
+    if name != "paper":
+        return name, dict(PRESETS[name]), f"preset {name}"
+    file = PAPER_DIR / f"{dataset}.toml"
+    if dataset not in PAPER_DATASETS or not file.exists():
+        raise UserError(
+            f"--preset paper exists for {', '.join(PAPER_DATASETS)}, not '{dataset}': use --preset quick or full"
+        )
+    return name, read_toml(file), str(file)
+
+
+EPILOG = (
+    "Settings are layered: the defaults, then the preset (or --config FILE), then the flags given here. "
+    "Example: python -m landscape.connectivity --dataset wordnet --out runs/wordnet (the offline default; "
+    "under 10 minutes on 2 CPU cores)"
+)
+
+
+def from_argv(argv, prog: str = "python -m landscape.connectivity", description: str = "") -> RunConfig:
+    """Parse the command line and layer defaults ← preset or TOML file ← command line; validate."""
+    given = vars(build_parser(prog, description, EPILOG).parse_args(argv))
+    return resolve(given)
+
+
+def resolve(given: dict[str, Any]) -> RunConfig:
+    """A validated :class:`RunConfig` from command-line values ``given`` ({field: value}, only those set)."""
+    given = dict(given)
+    if "solutions" in given:
+        from landscape.cli import parse_named_paths
+
+        given["solutions"] = parse_named_paths(given["solutions"], "--solutions", SOLUTION_NAMES)
+    config = RunConfig()
+    dataset = given.get("dataset", config.dataset)
+    preset, values, origin = preset_values(dataset, given.get("preset"), given.get("config_file"))
+    _apply(config, values, lambda name: _toml_where(origin, name) if origin.endswith(".toml") else origin)
+    _apply(config, given, lambda name: _flag(name))
+    config.preset = preset
+    if config.data_root is not None:  # recorded resolved, so the run can be reopened from anywhere
+        config.data_root = str(Path(config.data_root).expanduser().resolve())
+    return config.validate()
+
+
+def _apply(config: RunConfig, values: dict[str, Any], where) -> None:
+    # A layer that sets the training length in steps or epochs replaces both of the layers below.
+    if "train_steps" in values or "epochs" in values:
+        config.train_steps, config.epochs = None, None
+    for name, value in values.items():
+        setattr(config, name, value)
+        config.sources[name] = where(name)
+
+
+def _flag(name: str) -> str:
+    f = _field_map()[name]
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def _toml_where(origin: str, name: str) -> str:
+    key = _field_map()[name].metadata.get("toml") or name
+    section, _, short = key.partition(".")
+    return f"{Path(origin).name} [{section}] {short}"
+
+
+__all__ = ["PAPER_DATASETS", "PRESETS", "RunConfig", "build_parser", "from_argv", "read_toml", "resolve"]

