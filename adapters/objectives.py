@@ -12,6 +12,7 @@ plugs in here once.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -26,6 +27,14 @@ class PointResult:
     loss: float  # mean per-sample loss
     accuracy: float
     loss_se: float  # standard error of the mean per-sample loss
+    samples: torch.Tensor | None = None  # the per-sample losses (fp64, batch order), when asked for
+
+
+def paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of mean(a − b) for per-sample losses a, b on the same samples (paired: the
+    samples' shared difficulty cancels, unlike combining the two standard errors)."""
+    d = (a - b).double()
+    return float(d.std(unbiased=True) / d.numel() ** 0.5) if d.numel() > 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -68,15 +77,17 @@ def score(
     objective: Classification = OBJECTIVES["classification"],
     points: int | None = None,
     bf16: bool = False,
+    keep_samples: bool = False,
 ) -> list[PointResult]:
     """Mean loss, accuracy and standard error over ``batches`` (``n`` samples in all).
 
     ``forward(inputs)`` gives the outputs of one set of weights, or of ``points`` sets stacked on a
     leading dimension. ``bf16``: the forward runs under bf16 autocast; losses are reduced from fp32
-    outputs in fp64. Returns one result per point (a list of one when ``points`` is None).
+    outputs in fp64. Returns one result per point (a list of one when ``points`` is None);
+    ``keep_samples`` (one point only) also returns the per-sample losses, for paired comparisons.
     """
     shape = () if points is None else (points,)
-    totals = None
+    totals, kept = None, []
     for inputs, target in batches:
         if totals is None:
             totals = [torch.zeros(shape, dtype=torch.float64, device=target.device) for _ in range(3)]
@@ -84,13 +95,18 @@ def score(
             outputs = forward(inputs)
         losses, correct = objective.per_sample(outputs, target)
         losses = losses.double()
+        if keep_samples:
+            kept.append(losses)
         totals[0] += losses.sum(-1)
         totals[1] += (losses * losses).sum(-1)
         totals[2] += correct.sum(-1)
     if totals is None:
         raise ValueError("score() needs at least one batch")
     values = torch.stack(totals).reshape(3, -1).tolist()  # one host sync
-    return [_result(*column, n) for column in zip(*values, strict=True)]
+    results = [_result(*column, n) for column in zip(*values, strict=True)]
+    if keep_samples:
+        results[0] = dataclasses.replace(results[0], samples=torch.cat(kept, -1).cpu())
+    return results
 
 
-__all__ = ["OBJECTIVES", "Batch", "Classification", "PointResult", "objective_for", "score"]
+__all__ = ["OBJECTIVES", "Batch", "Classification", "PointResult", "objective_for", "paired_se", "score"]

@@ -74,8 +74,9 @@ def section(name: str, out: Path, figures: Path) -> str:
     meta = json.loads((out / "landscape.json").read_text())
     spec = json.loads((out / "spectrum.json").read_text())
     lines = [f"### {meta['model']} on {meta['dataset']}", ""]
+    minutes = sum(meta["wall_time_s"].values()) / 60  # reused stages keep the times of the run that computed them
     lines += [
-        f"`{meta['command'].replace(str(ROOT) + '/', '')}` — {meta['wall_time_total_s'] / 60:.1f} min end to end on "
+        f"`{meta['command'].replace(str(ROOT) + '/', '')}` — stages took {minutes:.1f} min in all on "
         f"{meta['device']} ({meta['dtype']}), seed {meta['seed']}.",
         "",
     ]
@@ -141,7 +142,7 @@ def readings(meta: dict, spec: dict) -> list[str]:
             else f" ({n_test} test samples; each by more than 2 SE)"
         )
     out.append(line + ".")
-    out.append(_depth(sols))
+    out.append(_depth(sols, meta.get("vertex_gap_se") or {}))
     layers = spec["layers"]
     r_lora = sols["lora"]["rank"]
     lora_ranks = [layer["lora"]["rank"] for layer in layers]
@@ -180,19 +181,24 @@ def _within(diff: float, se: float) -> bool:
     return abs(diff) <= NOISE_SE * se
 
 
-def _depth(sols: dict) -> str:
-    """The vertex losses in order, each step marked '<' when it exceeds 2 standard errors, else '≈'."""
+def _depth(sols: dict, gap_se: dict) -> str:
+    """The vertex losses in order, each step marked '<' when it exceeds 2 standard errors of the paired
+    difference (same evaluation samples), else '≈'."""
     order = sorted(("ft", "lora", "randlora"), key=lambda k: sols[k]["vertex_loss"])
     text = f"{LABELS[order[0]]} {sols[order[0]]['vertex_loss']:.4f}"
-    noisy = False
+    noisy, shown = False, []
     for a, b in zip(order, order[1:], strict=False):
-        se = (sols[a].get("vertex_loss_se") or 0.0) ** 2 + (sols[b].get("vertex_loss_se") or 0.0) ** 2
-        close = _within(sols[b]["vertex_loss"] - sols[a]["vertex_loss"], se**0.5)
+        se = gap_se.get(f"{a}-{b}", gap_se.get(f"{b}-{a}"))
+        if se is None:  # runs from before the paired errors: the two errors combined, which overstates the noise
+            se = ((sols[a].get("vertex_loss_se") or 0.0) ** 2 + (sols[b].get("vertex_loss_se") or 0.0) ** 2) ** 0.5
+        close = _within(sols[b]["vertex_loss"] - sols[a]["vertex_loss"], se)
         noisy |= close
+        shown.append(f"{se:.4f}")
         text += f" {'≈' if close else '<'} {LABELS[b]} {sols[b]['vertex_loss']:.4f}"
-    ses = ", ".join(f"{sols[k].get('vertex_loss_se') or 0:.4f}" for k in order)
-    note = "; '≈': within noise (2 SE)" if noisy else "; every step larger than 2 SE"
-    return f"Depth on the plane (vertex loss, lowest first): {text} (standard errors {ses}{note})."
+    note = "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
+    return (
+        f"Depth on the plane (vertex loss, lowest first): {text} (SE of each step, paired: {', '.join(shown)}; {note})."
+    )
 
 
 def _barriers(paths: dict) -> str:
@@ -203,7 +209,7 @@ def _barriers(paths: dict) -> str:
             parts.append(f"{pair} {value:.4f}")
         else:
             parts.append(f"{pair} {value:.4f} ± {se:.4f}{' (within noise)' if _within(value, se) else ''}")
-    return "Barriers on the straight paths (max loss − mean endpoint loss, ± SE): " + ", ".join(parts) + "."
+    return "Barriers on the straight paths (max loss − mean endpoint loss, ± paired SE): " + ", ".join(parts) + "."
 
 
 def _similarity(layers: list[dict], k: int) -> list[str]:

@@ -329,7 +329,9 @@ def build_parser(prog: str, description: str, epilog: str = "") -> argparse.Argu
 def _cli_type(f):
     kind = str(f.type)
     if f.name == "points_per_forward":
-        return _points_per_forward
+        from landscape.grid import points_per_forward_arg
+
+        return points_per_forward_arg
     if f.name == "solutions":
         return str
     if "float" in kind:
@@ -337,15 +339,6 @@ def _cli_type(f):
     if "int" in kind:
         return int
     return str
-
-
-def _points_per_forward(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}") from None
 
 
 def preset_values(dataset: str, preset: str | None, config_file: str | None) -> tuple[str, dict, str]:

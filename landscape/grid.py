@@ -105,15 +105,12 @@ def points_per_forward_arg(text: str) -> int | str:
     """argparse type of ``--points-per-forward``: ``auto`` or a positive integer."""
     import argparse
 
-    if text == "auto":
-        return text
+    from landscape.cli import positive_int
+
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}")
-    return value
+        return text if text == "auto" else positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}") from None
 
 
 class PlaneEvaluator:
@@ -168,10 +165,11 @@ class PlaneEvaluator:
             torch.add(o, u, alpha=float(x), out=p).add_(v, alpha=float(y))
 
     @torch.no_grad()
-    def evaluate(self, x: float, y: float) -> PointResult:
+    def evaluate(self, x: float, y: float, keep_samples: bool = False) -> PointResult:
         self.set_point(x, y)
         forward = lambda inputs: self.model(**inputs)  # noqa: E731
-        return score(forward, self.eval_set.batches, self.eval_set.n, self.objective, bf16=self.autocast)[0]
+        batches, n = self.eval_set.batches, self.eval_set.n
+        return score(forward, batches, n, self.objective, bf16=self.autocast, keep_samples=keep_samples)[0]
 
     def evaluate_iter(self, points: Iterable[tuple[float, float]]) -> Iterator[PointResult]:
         """Results at ``points`` in order, yielded as they complete: one by one with

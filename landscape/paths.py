@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapters.errors import UserError
-from adapters.objectives import OBJECTIVES, Classification
+from adapters.objectives import OBJECTIVES, Classification, paired_se
 from adapters.solution import Solution
 from landscape import render, store
 from landscape.grid import EvalSet, PlaneEvaluator, points_per_forward_arg
@@ -72,13 +72,8 @@ def line_chart(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.
     return Chart(name, dict(theta_a), u, v, {"a": (0.0, 0.0), "b": (1.0, 0.0)})
 
 
-def loss_barrier(t: np.ndarray, loss: np.ndarray, loss_se: np.ndarray | None = None) -> dict:
-    """Loss barrier of one path: max over t ∈ [0, 1] of the loss minus the mean of the losses at t = 0 and 1.
-
-    With ``loss_se`` (the standard error of each point's mean loss over the evaluation samples),
-    ``barrier_se`` is the barrier's standard error with the three points' errors combined as if
-    independent: an approximation, since all points are evaluated on the same samples.
-    """
+def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
+    """Loss barrier of one path: max over t ∈ [0, 1] of the loss minus the mean of the losses at t = 0 and 1."""
     t, loss = np.asarray(t, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     inside = np.flatnonzero((t >= 0.0) & (t <= 1.0))
     i0, i1 = int(np.flatnonzero(t == 0.0)[0]), int(np.flatnonzero(t == 1.0)[0])
@@ -91,12 +86,15 @@ def loss_barrier(t: np.ndarray, loss: np.ndarray, loss_se: np.ndarray | None = N
         "loss_t0": float(loss[i0]),
         "loss_t1": float(loss[i1]),
         "mean_endpoint_loss": float(mean_ends),
-        **({} if loss_se is None else {"barrier_se": _barrier_se(np.asarray(loss_se, dtype=np.float64), k, i0, i1)}),
     }
 
 
-def _barrier_se(se: np.ndarray, k: int, i0: int, i1: int) -> float:
-    return float(np.sqrt(se[k] ** 2 + (se[i0] ** 2 + se[i1] ** 2) / 4))
+def barrier_se(evaluator: PlaneEvaluator, info: dict) -> float:
+    """Standard error of a path's barrier, paired over the evaluation samples: of the mean over samples of
+    l(t_max) − (l(0) + l(1)) / 2 (the points share their samples, so their errors largely cancel)."""
+    ends = [evaluator.evaluate(t, 0.0, keep_samples=True).samples for t in (0.0, 1.0)]
+    peak = evaluator.evaluate(info["t_max"], 0.0, keep_samples=True).samples
+    return paired_se(peak, (ends[0] + ends[1]) / 2)
 
 
 def compute_paths(
@@ -124,6 +122,7 @@ def compute_paths(
     model = copy.deepcopy(base_model)  # one working copy: every pair overwrites the same parameters
     pairs = [pair_name(a, b) for a, b in PAIRS]
     out = {k: np.full((len(PAIRS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
+    barriers: dict[str, dict] = {}
     start = time.perf_counter()
     bar = tqdm(total=len(PAIRS) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(PAIRS):
@@ -133,13 +132,15 @@ def compute_paths(
             out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
             bar.update(1)
             bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
+        barriers[pairs[k]] = loss_barrier(t, out["loss"][k])
+        barriers[pairs[k]]["barrier_se"] = barrier_se(evaluator, barriers[pairs[k]])
         del evaluator
     bar.close()
     return {
         "t": t,
         "pairs": pairs,
         **out,
-        "barriers": {p: loss_barrier(t, out["loss"][k], out["loss_se"][k]) for k, p in enumerate(pairs)},
+        "barriers": barriers,
         "points": len(t),
         "extend": float(extend),
         "eval_samples": eval_set.n,

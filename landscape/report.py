@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters import threads
+from adapters.objectives import paired_se
 from landscape import paths
 from landscape.cli import versions
 from landscape.plane import SOLUTIONS
@@ -46,6 +47,12 @@ def precision_check(summary: dict, chart, evaluator) -> dict | None:
             "bf16_below_smallest_gap": diff < min(gaps)}  # fmt: skip
 
 
+def vertex_gap_se(chart, evaluator) -> dict[str, float]:
+    """Paired standard error of the vertex-loss difference of each pair of solutions (same samples)."""
+    samples = {s: evaluator.evaluate(*chart.vertices[s], keep_samples=True).samples for s in SOLUTIONS}
+    return {f"{a}-{b}": paired_se(samples[a], samples[b]) for a, b in paths.PAIRS}
+
+
 def metadata(loaded: Loaded, chart, xs, ys, result, summary, path_summary, evaluator, device, world) -> dict:
     config, dataset = loaded.config, loaded.task.dataset
     return {
@@ -56,6 +63,7 @@ def metadata(loaded: Loaded, chart, xs, ys, result, summary, path_summary, evalu
                  "y_range": [float(ys[0]), float(ys[-1])]},
         "train_steps": config.steps_for(len(dataset.train)), "device": str(device),
         "dtype": config.landscape_dtype(device.type), "bf16_check": precision_check(summary, chart, evaluator),
+        "vertex_gap_se": vertex_gap_se(chart, evaluator),
         "threads": threads.info(), "world_size": world,
         "grid_points_computed_this_run": int(result["points_computed"]), "base_fingerprint": loaded.base_fingerprint,
         "data_source": dataset.source, "classes": dataset.classes, "test_samples": len(dataset.test),
@@ -76,4 +84,4 @@ def print_summary(written: list[Path], summary: dict, seconds: dict) -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))  # fmt: skip
 
 
-__all__ = ["metadata", "precision_check", "print_summary", "summarise"]
+__all__ = ["metadata", "precision_check", "print_summary", "summarise", "vertex_gap_se"]
