@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from adapters import compat
 from adapters.compat import tomllib
-from adapters.models.base import Encoded
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import build_chart, solution_weights
+from landscape.grid import PlaneEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,27 +124,10 @@ def test_spectrum_runs_on_the_declared_scipy_floor(monkeypatch):
             assert b[s]["intruders"]["count"] == a[s]["intruders"]["count"], s
 
 
-class _Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(6, 8)
-        self.task_head = nn.Linear(8, 4)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.task_head(torch.tanh(self.body(features)))
-
-
 def _evaluator(points_per_forward: int) -> PlaneEvaluator:
-    torch.manual_seed(0)
-    model = _Tiny().eval()
-    g = torch.Generator().manual_seed(1)
-    params = dict(model.named_parameters())
-    deltas = {
-        s: {n: 0.1 * torch.randn(p.shape, generator=g) for n, p in params.items() if s == "ft" or "head" in n}
-        for s in ("ft", "lora", "randlora")
-    }
-    chart = build_chart("paper", solution_weights(params, deltas))
-    eval_set = EvalSet.prepare(Encoded({"features": torch.randn(11, 6, generator=g)}), torch.arange(11) % 4, 4, "cpu")
+    from tests.test_grid_batched import ConvBN, _image_setup
+
+    model, chart, eval_set = _image_setup(ConvBN)
     return PlaneEvaluator(model, chart, eval_set, "cpu", points_per_forward=points_per_forward)
 
 
