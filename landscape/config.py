@@ -23,14 +23,16 @@ from typing import Any
 from adapters.compat import tomllib
 from adapters.errors import UserError
 
-PAPER_DATASETS = ("cifar100", "food101", "ucf101")
+PAPER_DATASETS = ("cifar100", "food101", "ucf101", "commonsense")
+PAPER_BY_DEFAULT = ("cifar100", "food101", "ucf101")  # paper-sized by default; commonsense: --preset paper
 PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on 2 CPU cores.
-    "quick": {"grid": 11, "eval_samples": 512, "train_steps": 200, "path_points": 11},
+    # `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on a 2-core CPU with AVX2 only
+    # (README: measured stage times); 320 evaluation samples keep the vertex-loss standard error near 0.02.
+    "quick": {"grid": 11, "eval_samples": 320, "train_steps": 150, "path_points": 11},
     "full": {"grid": 25, "eval_samples": 2000, "train_steps": 1500, "path_points": 21},
 }
 
@@ -49,13 +51,38 @@ class RunConfig:
     """Everything that defines a run of landscape.connectivity."""
 
     # --- data and model
-    dataset: str = option("wordnet", "dataset: wordnet, fashion-mnist, cifar100, food101, ucf101")
+    dataset: str = option("wordnet", "dataset: wordnet, fashion-mnist, cifar100, food101, ucf101, commonsense")
     model: str | None = option(
         None,
-        "model: minilm, efficientnet-lite0, ViT-B-32 / clip / any open_clip architecture, tiny-bert, clip-tiny "
-        "(default: minilm for text, efficientnet-lite0 for fashion-mnist, ViT-B-32 for the paper's datasets)",
+        "model: minilm, efficientnet-lite0, ViT-B-32 / clip / any open_clip architecture, tiny-bert, clip-tiny, "
+        "or hf:ID_OR_FOLDER for any Hugging Face transformers model (a causal LM for commonsense; an encoder "
+        "with mean pooling + a linear head for classification) (default: minilm for text, efficientnet-lite0 "
+        "for fashion-mnist, ViT-B-32 for the paper's datasets)",
         toml="model.name",
     )
+    targets: list | None = option(
+        None, "module-name suffixes the adapters attach to (default: the model's; hf: per architecture family, "
+        "e.g. q_proj k_proj v_proj up_proj down_proj for Llama/Qwen2/Mistral)", nargs="+", metavar="NAME",
+        toml="adapters.targets",
+    )  # fmt: skip
+    torch_dtype: str = option(
+        "float32", "hf: models: the dtype the weights are loaded in", toml="model.torch_dtype",
+        choices=("float32", "float16", "bfloat16", "auto"),
+    )  # fmt: skip
+    load_4bit: bool = option(
+        False, "hf: causal LMs: load the base in 4 bits (bitsandbytes, CUDA only) for training",
+        toml="model.load_4bit", action="store_true",
+    )  # fmt: skip
+    cutoff_len: int = option(256, "hf: models: max tokens per sequence (the paper's cutoff length)",
+                             toml="data.cutoff_len")  # fmt: skip
+    tasks: list | None = option(
+        None, "commonsense: the test tasks (default all eight: boolq piqa social_i_qa hellaswag winogrande "
+        "ARC-Challenge ARC-Easy openbookqa)", nargs="+", metavar="TASK", toml="data.tasks",
+    )  # fmt: skip
+    generate_eval: bool = option(
+        False, "causal LMs: also measure the solutions' test accuracy the paper's way (beam-4 generation, "
+        "answer extracted by regex); slow", toml="train.generate_eval", action="store_true",
+    )  # fmt: skip
     data_root: str | None = option(
         None, "folder holding the dataset files (default: the system install)", metavar="DIR"
     )
@@ -103,6 +130,16 @@ class RunConfig:
     randlora_rank: int | None = option(
         None, "RandLoRA rank r (default: the model's; minilm 8)", toml="adapters.randlora_rank"
     )
+    randlora_alpha: float | None = option(
+        None, "RandLoRA alpha (scale alpha / r; default 20 r, the authors' advice; the seed and the LLM preset: 2 r)",
+        flag=None, toml="adapters.randlora_alpha",
+    )  # fmt: skip
+    randlora_dropout: float = option(0.0, "RandLoRA dropout (the seed: 0.05)", flag=None,
+                                     toml="adapters.randlora_dropout")  # fmt: skip
+    projection_prng_key: str = option(
+        "seed", "RandLoRA bases' key: seed (= --seed) or seed-formula (the authors' int(exp(seed) * 3.1415 * 1000))",
+        flag=None, toml="adapters.projection_prng_key", choices=("seed", "seed-formula"),
+    )  # fmt: skip
     lora_rank: int | None = option(
         None, "LoRA rank (default: matched to RandLoRA's trainable parameter count)", toml="adapters.lora_rank"
     )
@@ -142,6 +179,13 @@ class RunConfig:
         "grid points evaluated by one vmapped forward: a number or auto (1 on CPU; on GPU min(16, 1024 // "
         "samples per batch))",
         metavar="P",
+    )
+    plane_storage: str = option(
+        "auto",
+        "how the plane holds the solutions: dense (origin + x U + y V per parameter: fastest, ~6 model copies) or "
+        "factored (W0 + the FT update + the adapters' factors, weights built per module as it runs: ~1 extra "
+        "model copy); auto = dense when it fits in a quarter of the free memory",
+        toml="landscape.plane_storage", choices=("auto", "dense", "factored"),
     )
     path_points: int = option(11, "values of t on each 1-D path (full: 21; 0 = no paths)", toml="landscape.path_points")
     path_extend: float = option(0.0, "the paths run over t in [-E, 1 + E]", toml="landscape.path_extend")
@@ -210,7 +254,7 @@ class RunConfig:
         at_least = {
             "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
             "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
-            "threads": 1,
+            "threads": 1, "cutoff_len": 8,
         }  # fmt: skip
         for name, low in at_least.items():
             value = getattr(self, name)
@@ -218,10 +262,13 @@ class RunConfig:
                 why = "is too small: a surface needs at least 2 points per axis" if name == "grid" else ""
                 self._fail(name, why or f"must be an integer >= {low}", f"pass a value >= {low}")
         for name, low, strict in (("epochs", 0, True), ("weight_decay", 0, False), ("grad_clip", 0, True),
-                                  ("path_extend", 0, False)):  # fmt: skip
+                                  ("path_extend", 0, False), ("randlora_alpha", 0, True),
+                                  ("randlora_dropout", 0, False)):  # fmt: skip
             value = getattr(self, name)
             if value is not None and not _number_above(value, low, strict):
                 self._fail(name, f"must be a finite number {'>' if strict else '>='} {low}", "fix the value")
+        if self.randlora_dropout >= 1:
+            self._fail("randlora_dropout", "must be below 1", "pass e.g. 0.05")
         if self.batch_size % self.grad_accum:
             self._fail("grad_accum", f"does not divide the batch size {self.batch_size}", "pass a divisor")
         if self.path_points != 0 and (not isinstance(self.path_points, int) or self.path_points < 2):
@@ -346,7 +393,7 @@ def preset_values(dataset: str, preset: str | None, config_file: str | None) -> 
     dataset's default (paper for the paper's datasets, else quick)."""
     if config_file:
         return "config", read_toml(config_file), str(config_file)
-    name = preset or ("paper" if dataset in PAPER_DATASETS else "quick")
+    name = preset or ("paper" if dataset in PAPER_BY_DEFAULT else "quick")
     if name != "paper":
         return name, dict(PRESETS[name]), f"preset {name}"
     file = PAPER_DIR / f"{dataset}.toml"

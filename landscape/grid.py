@@ -171,20 +171,23 @@ class PlaneEvaluator:
         batches, n = self.eval_set.batches, self.eval_set.n
         return score(forward, batches, n, self.objective, bf16=self.autocast, keep_samples=keep_samples)[0]
 
-    def evaluate_iter(self, points: Iterable[tuple[float, float]]) -> Iterator[PointResult]:
+    def evaluate_iter(
+        self, points: Iterable[tuple[float, float]], keep_samples: bool = False
+    ) -> Iterator[PointResult]:
         """Results at ``points`` in order, yielded as they complete: one by one with
-        :meth:`evaluate` when ``points_per_forward`` is 1, else a group of P points at a time."""
+        :meth:`evaluate` when ``points_per_forward`` is 1, else a group of P points at a time.
+        ``keep_samples``: each result also holds its per-sample losses."""
         points = [(float(x), float(y)) for x, y in points]
         k = 0
         while k < len(points):
             p = self.points_per_forward
             if p == 1:
-                yield self.evaluate(*points[k])
+                yield self.evaluate(*points[k], keep_samples=keep_samples)
                 k += 1
                 continue
             group = points[k : k + p]
             try:
-                results = self._evaluate_group(group + [group[-1]] * (p - len(group)))
+                results = self._evaluate_group(group + [group[-1]] * (p - len(group)), keep_samples)
             except compat.OutOfMemoryError:  # torch.OutOfMemoryError is torch >= 2.4
                 self._stacked = []
                 torch.cuda.empty_cache()
@@ -205,7 +208,7 @@ class PlaneEvaluator:
         return list(self.evaluate_iter(points))
 
     @torch.no_grad()
-    def _evaluate_group(self, points: list[tuple[float, float]]) -> list[PointResult]:
+    def _evaluate_group(self, points: list[tuple[float, float]], keep_samples: bool = False) -> list[PointResult]:
         """One vmapped forward per batch for all ``points`` at once; one host sync."""
         from torch.func import functional_call, vmap
 
@@ -226,7 +229,7 @@ class PlaneEvaluator:
             warnings.filterwarnings("ignore", message="There is a performance drop")
             return score(
                 lambda inputs: batched(stacked, inputs), self.eval_set.batches, self.eval_set.n, self.objective,
-                points=p, bf16=self.autocast,
+                points=p, bf16=self.autocast, keep_samples=keep_samples,
             )  # fmt: skip
 
 

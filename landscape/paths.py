@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification, paired_se
 from adapters.solution import Solution
-from landscape import render, store
+from landscape import factored, render, store
 from landscape.grid import EvalSet, PlaneEvaluator, points_per_forward_arg
 from landscape.plane import SOLUTIONS, Chart, snapped_axis, solution_weights
 
@@ -89,12 +89,12 @@ def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
     }
 
 
-def barrier_se(evaluator: PlaneEvaluator, info: dict) -> float:
+def barrier_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> float:
     """Standard error of a path's barrier, paired over the evaluation samples: of the mean over samples of
-    l(t_max) − (l(0) + l(1)) / 2 (the points share their samples, so their errors largely cancel)."""
-    ends = [evaluator.evaluate(t, 0.0, keep_samples=True).samples for t in (0.0, 1.0)]
-    peak = evaluator.evaluate(info["t_max"], 0.0, keep_samples=True).samples
-    return paired_se(peak, (ends[0] + ends[1]) / 2)
+    l(t_max) − (l(0) + l(1)) / 2 (the points share their samples, so their errors largely cancel).
+    ``samples[j]`` holds the per-sample losses at ``t[j]``."""
+    at = {float(tj): s for tj, s in zip(t, samples, strict=True)}
+    return paired_se(at[info["t_max"]], (at[0.0] + at[1.0]) / 2)
 
 
 def compute_paths(
@@ -108,32 +108,49 @@ def compute_paths(
     points_per_forward: int | str = 1,
     dtype: str = "float32",
     objective: Classification = OBJECTIVES["classification"],
+    storage: str = "auto",
+    chart: factored.FactoredChart | None = None,
 ) -> dict:
     """Loss, accuracy and its standard error along the three pairwise lines; barriers per pair.
 
     ``points_per_forward``: values of t per vmapped forward (see :mod:`landscape.grid`); ``dtype``: the
     forward precision, the plane's (``bfloat16`` autocast or ``float32``), so paths and surface agree.
+    ``storage``: as the plane's (:mod:`landscape.factored`): ``dense`` (θ_A + t·(θ_B − θ_A) per parameter on
+    a copy of the model), ``factored`` (W0 + (1 − t)·ΔW_A + t·ΔW_B built per module on ``base_model`` itself,
+    one point per forward) or ``auto`` (:func:`landscape.factored.choose_storage`); ``chart``: a factored
+    chart through the solutions whose updates the lines share (implies ``factored``; the plane's, so full
+    fine-tuning's update is not held twice).
     Returns ``{"t": (n,), "pairs": [..3], "loss"/"accuracy"/"loss_se": (3, n), "barriers": {pair: {...}},
-    "points", "extend", "eval_samples", "seconds"}``. ``base_model`` is not modified.
+    "points", "extend", "eval_samples", "seconds", "storage"}``. ``base_model``'s weights are not modified.
     """
     t = path_axis(points, extend)
-    base = dict(base_model.named_parameters())
-    thetas = solution_weights(base, {s: solutions[s].delta() for s in SOLUTIONS if s in solutions})
-    model = copy.deepcopy(base_model)  # one working copy: every pair overwrites the same parameters
+    storage = "factored" if chart is not None else factored.choose_storage(storage, base_model, device)
+    if storage == "factored":
+        make = factored.line_evaluators(base_model, solutions, eval_set, device, dtype, objective, chart)
+    else:
+        base = dict(base_model.named_parameters())
+        thetas = solution_weights(base, {s: solutions[s].delta() for s in SOLUTIONS if s in solutions})
+        model = copy.deepcopy(base_model)  # one working copy: every pair overwrites the same parameters
+        make = lambda a, b, name: PlaneEvaluator(  # noqa: E731
+            model, line_chart(thetas[a], thetas[b], name), eval_set, device, dtype, points_per_forward, objective
+        )
     pairs = [pair_name(a, b) for a, b in PAIRS]
     out = {k: np.full((len(PAIRS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
     barriers: dict[str, dict] = {}
     start = time.perf_counter()
     bar = tqdm(total=len(PAIRS) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(PAIRS):
-        chart = line_chart(thetas[a], thetas[b], pairs[k])
-        evaluator = PlaneEvaluator(model, chart, eval_set, device, dtype, points_per_forward, objective)
-        for j, r in enumerate(evaluator.evaluate_iter((float(tj), 0.0) for tj in t)):
+        evaluator = make(a, b, pairs[k])
+        samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward
+        for j, r in enumerate(evaluator.evaluate_iter(((float(tj), 0.0) for tj in t), keep_samples=True)):
             out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
+            samples.append(r.samples)
             bar.update(1)
             bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
         barriers[pairs[k]] = loss_barrier(t, out["loss"][k])
-        barriers[pairs[k]]["barrier_se"] = barrier_se(evaluator, barriers[pairs[k]])
+        barriers[pairs[k]]["barrier_se"] = barrier_se(t, samples, barriers[pairs[k]])
+        if storage == "factored":  # the hooks go; the base model goes home after the last pair
+            evaluator.close(restore_device=k == len(PAIRS) - 1)
         del evaluator
     bar.close()
     return {
@@ -145,6 +162,7 @@ def compute_paths(
         "extend": float(extend),
         "eval_samples": eval_set.n,
         "seconds": round(time.perf_counter() - start, 3),
+        "storage": storage,
     }
 
 

@@ -24,7 +24,7 @@ def resolve(*argv: str) -> run_config.RunConfig:
 
 def test_layers_defaults_preset_file_command_line(tmp_path):
     quick = resolve()
-    assert (quick.preset, quick.grid, quick.eval_samples, quick.train_steps) == ("quick", 11, 512, 200)
+    assert (quick.preset, quick.grid, quick.eval_samples, quick.train_steps) == ("quick", 11, 320, 150)
     full = resolve("--preset", "full", "--grid", "7")
     assert (full.grid, full.eval_samples, full.train_steps) == (7, 2000, 1500)
     toml = tmp_path / "run.toml"
