@@ -6,8 +6,18 @@ correct flags (:meth:`Classification.per_sample`), and to the scalar training lo
 evaluation set — on the device, in fp64, read with one host sync — into a mean loss, its
 standard error over samples and an accuracy, for one set of weights or for P sets evaluated by
 one batched forward (leading dimension P on the outputs). Training, the grid engine, the paths
-and the benchmarks all score through it, so a new objective (e.g. a causal LM's answer loss)
-plugs in here once.
+and the benchmarks all score through it, so every analysis works for every objective:
+
+- :class:`Classification`: cross-entropy of class logits, accuracy = arg-max;
+- :class:`AnswerLoss`: a causal LM's answer loss (the RandLoRA paper's commonsense setup): the
+  model scores C candidate responses per sample (:class:`adapters.models.hf.CausalLMScorer`:
+  outputs ``(..., B, C, 2)`` = summed next-token cross-entropy over each candidate's answer
+  tokens and their count); the loss is the gold response's mean over its answer tokens (prompt
+  masked), per sample, then averaged over samples (so ``loss_se`` stays a per-sample standard
+  error); correct = the gold candidate has the highest likelihood among the task's fixed answers.
+
+``training_view`` gives what a training step needs from a batch (the gold response alone for
+:class:`AnswerLoss`, so training costs one sequence per sample, not C).
 """
 
 from __future__ import annotations
@@ -55,11 +65,47 @@ class Classification:
         return losses.view(targets.shape), logits.argmax(-1) == targets
 
 
-OBJECTIVES = {"classification": Classification()}
+    def training_view(self, inputs: dict[str, torch.Tensor], target: torch.Tensor):
+        """What a training step feeds the model and the loss: the whole batch."""
+        return inputs, target
+
+
+@dataclass(frozen=True)
+class AnswerLoss(Classification):
+    """A causal LM's answer loss over candidate responses (module docstring).
+
+    ``outputs[..., b, c, 0]``: the summed cross-entropy of candidate c's answer tokens, ``[..., 1]``: their
+    count (0 marks a padding candidate of a task with fewer answers); ``target[b]``: the gold candidate.
+    """
+
+    name: str = "answer"
+
+    def per_sample(self, outputs: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nll, count = outputs[..., 0].double(), outputs[..., 1].double()  # (..., B, C)
+        gold = target.expand(nll.shape[:-1]).unsqueeze(-1)
+        losses = (nll.gather(-1, gold) / count.gather(-1, gold).clamp_min(1.0)).squeeze(-1)
+        # likelihood of a candidate = exp(-summed cross-entropy); padding candidates can never win
+        choice = nll.masked_fill(count == 0, float("inf")).argmin(-1)
+        return losses, choice == gold.squeeze(-1)
+
+    def loss(self, outputs: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        nll, count = outputs[..., 0], outputs[..., 1]
+        gold = target.unsqueeze(-1)
+        losses = (nll.gather(-1, gold) / count.gather(-1, gold).clamp_min(1.0)).squeeze(-1)
+        return losses.mean() if reduction == "mean" else losses.sum()
+
+    def training_view(self, inputs: dict[str, torch.Tensor], target: torch.Tensor):
+        """The gold response of each sample alone, ``(B, 1, T)``, and target 0."""
+        index = target.view(-1, 1, 1)
+        picked = {k: v.gather(1, index.expand(-1, 1, v.shape[-1])) for k, v in inputs.items()}
+        return picked, torch.zeros_like(target)
+
+
+OBJECTIVES = {"classification": Classification(), "answer": AnswerLoss()}
 
 
 def objective_for(dataset) -> Classification:
-    """The objective a dataset is scored with (every dataset today is a classification task)."""
+    """The objective a dataset is scored with: its ``objective`` attribute (default classification)."""
     return OBJECTIVES[getattr(dataset, "objective", "classification")]
 
 
@@ -84,7 +130,7 @@ def score(
     ``forward(inputs)`` gives the outputs of one set of weights, or of ``points`` sets stacked on a
     leading dimension. ``bf16``: the forward runs under bf16 autocast; losses are reduced from fp32
     outputs in fp64. Returns one result per point (a list of one when ``points`` is None);
-    ``keep_samples`` (one point only) also returns the per-sample losses, for paired comparisons.
+    ``keep_samples`` also returns each point's per-sample losses (batch order), for paired comparisons.
     """
     shape = () if points is None else (points,)
     totals, kept = None, []
@@ -105,8 +151,9 @@ def score(
     values = torch.stack(totals).reshape(3, -1).tolist()  # one host sync
     results = [_result(*column, n) for column in zip(*values, strict=True)]
     if keep_samples:
-        results[0] = dataclasses.replace(results[0], samples=torch.cat(kept, -1).cpu())
+        samples = torch.cat(kept, -1).cpu().reshape(len(results), -1)
+        results = [dataclasses.replace(r, samples=s) for r, s in zip(results, samples, strict=True)]
     return results
 
 
-__all__ = ["OBJECTIVES", "Batch", "Classification", "PointResult", "objective_for", "paired_se", "score"]
+__all__ = ["OBJECTIVES", "AnswerLoss", "Batch", "Classification", "PointResult", "objective_for", "paired_se", "score"]

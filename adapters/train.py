@@ -172,13 +172,13 @@ def _backward(forward, data: Encoded, labels, index, step: int, config: TrainCon
     loss = torch.zeros((), device=device)
     for k, part in enumerate(micro):
         inputs = {key: v.to(device) for key, v in data.batch(part).items()}
+        inputs, target = objective.training_view(inputs, labels[part].to(device))
         if config.augment:
             inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
         sync = k == len(micro) - 1 or world == 1
         with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
             with autocast:
                 outputs = forward(**inputs).float()
-            target = labels[part].to(device)
             if len(micro) == 1:
                 part_loss = objective.loss(outputs, target)
             else:  # the sum over micro-batches is the mean over the whole batch

@@ -45,7 +45,14 @@ FAST_RANDLORA = True
 class MethodSpec:
     method: str
     rank: int | None = None  # adapters only
-    seed: int = 0  # RandLoRA's projection_prng_key
+    seed: int = 0  # RandLoRA's projection_prng_key unless prng_key is given
+    alpha: float | None = None  # RandLoRA alpha (None: RANDLORA_ALPHA_PER_RANK × rank)
+    dropout: float = 0.0  # RandLoRA dropout (the seed: 0.05)
+    prng_key: int | None = None  # RandLoRA projection_prng_key (None: seed)
+
+    @property
+    def projection_prng_key(self) -> int:
+        return self.seed if self.prng_key is None else self.prng_key
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,13 +82,20 @@ def peft_config(spec: MethodSpec, targets: tuple[str, ...], head: bool = True):
     layers.install()
     return RandLoraConfig(
         r=spec.rank,
-        randlora_alpha=RANDLORA_ALPHA_PER_RANK * spec.rank,
+        randlora_alpha=RANDLORA_ALPHA_PER_RANK * spec.rank if spec.alpha is None else spec.alpha,
         target_modules=list(targets),
-        randlora_dropout=0.0,
+        randlora_dropout=spec.dropout,
         bias="none",
         modules_to_save=save,
-        projection_prng_key=spec.seed,
+        projection_prng_key=spec.projection_prng_key,
     )
+
+
+def seed_prng_key(seed: int) -> int:
+    """The RandLoRA authors' projection_prng_key for a seed: ``int(exp(seed) * 3.1415 * 1000)`` (their README)."""
+    import torch
+
+    return int(torch.exp(torch.tensor(seed)) * 3.1415 * 1000)
 
 
 def has_head(model: nn.Module) -> bool:
@@ -142,6 +156,7 @@ __all__ = [
     "match_randlora_rank",
     "peft_config",
     "randlora_params",
+    "seed_prng_key",
     "target_shapes",
     "trainable_params",
 ]
