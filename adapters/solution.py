@@ -24,6 +24,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +36,9 @@ from adapters.io import atomic_folder, digest
 from adapters.methods import ADAPTERS, METHODS
 from adapters.models import HEAD, Classifier
 from adapters.models import build_base as build_base_model
+
+if TYPE_CHECKING:
+    from adapters.deltas import Delta
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
@@ -73,6 +77,14 @@ class Solution:
         if self._delta is None:
             self._delta = compute_delta(self)
         return self._delta
+
+    def module_deltas(self, check: bool = True) -> dict[str, Delta]:
+        """{parameter name of the base model: a callable returning its dense fp32 ΔW}, the same values as
+        :meth:`delta` but computed lazily, one parameter at a time, without a second copy of the model and
+        without caching (:mod:`adapters.deltas`; ``check``: drop all-zero updates and refuse NaN/inf now)."""
+        from adapters.deltas import module_deltas
+
+        return module_deltas(self, check)
 
     def model(self) -> Classifier:
         """A fresh copy of the base model with this solution's update applied."""
@@ -209,12 +221,13 @@ def build_base(info: dict) -> Classifier:
     under the solution's seed as the main job builds it (:func:`adapters.models.build_base`)."""
     n = int(info["num_classes"])
     classes = info.get("classes") or [f"class {i}" for i in range(n)]
-    return build_base_model(info["model"], classes, info.get("model_options"), int(info.get("seed", 0)))
+    return build_base_model(info["model"], classes, info.get("model_options"), int(info.get("seed", 0)),
+                            modality=info.get("modality", "text"))  # fmt: skip
 
 
 def check_base(folder: Path, info: dict, base: Classifier) -> None:
     expected = info.get("base_fingerprint")
-    if base.num_classes != int(info["num_classes"]):
+    if hasattr(base, "num_classes") and base.num_classes != int(info["num_classes"]):  # LMs have no classes
         raise UserError(
             f"solution {folder} has {info['num_classes']} classes but the base model has "
             f"{base.num_classes}: use a solution trained on the same dataset"

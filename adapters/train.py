@@ -44,6 +44,7 @@ class TrainConfig:
     autocast: str = "none"  # "bfloat16": bf16 autocast for forward and loss (weights and optimizer fp32)
     augment: bool = False  # apply the model's training augmentation (per step, seeded)
     grad_checkpointing: bool = False  # recompute activations in the backward (models that support it)
+    generate_eval: bool = False  # causal LMs: also the paper's generation accuracy on the test split (slow)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -317,6 +318,11 @@ def train_solution(
     test_loss, test_acc = evaluate(
         model, task.test, task.dataset.test.labels, config.eval_batch_size, device, config.autocast, task.objective
     )
+    if config.generate_eval and task.objective.name == "answer":
+        from adapters.models.hf import generate_accuracy
+
+        generated = generate_accuracy(_unwrap(model), task.entry, task.dataset.test.inputs, config.eval_batch_size)
+        print(f"[train {spec.method}] generation accuracy {generated['accuracy']:.4f} (beam 4)", file=sys.stderr)
     n_train = trainable_params(model)
     head = sum(p.numel() for p in task.base.task_head.parameters()) if has_head(task.base) else 0
     print(
@@ -330,6 +336,7 @@ def train_solution(
         "model": task.entry.name,
         "model_options": key.get("model_options"),
         "dataset": task.dataset.name,
+        "modality": task.dataset.modality,
         "num_classes": len(task.dataset.classes),
         "classes": task.dataset.classes,
         "rank": spec.rank,
@@ -347,6 +354,7 @@ def train_solution(
         "train_seconds": history["train_seconds"],
         "final_train_loss": float(sum(losses[-20:]) / len(losses[-20:])) if losses else None,
         "steps": len(losses),
+        **({"generate_accuracy": generated} if config.generate_eval and task.objective.name == "answer" else {}),
     }
     save_solution(folder, model.cpu(), info, metrics)
     ckpt.unlink(missing_ok=True)  # only now: a kill before the save resumes from the checkpoint

@@ -11,6 +11,7 @@ analysis share. :func:`open_run` rebuilds all of it from a run folder's ``landsc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from adapters import distributed
 from adapters.data import eval_subset, load_dataset
 from adapters.errors import UserError
 from adapters.io import digest, key_digest
-from adapters.methods import MethodSpec, adapted_weights, match_lora_rank
+from adapters.methods import MethodSpec, adapted_weights, match_lora_rank, seed_prng_key
 from adapters.methods.budget import lora_params, randlora_params
-from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip
+from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip, is_hf
 from adapters.objectives import objective_for
 from adapters.solution import Solution, check_method, fingerprint, load_solution, read_info
 from adapters.train import Task, TrainConfig, train_solution
@@ -51,14 +52,42 @@ class Loaded:
         return {k: v for k in ("train_per_class", "test_per_class") if (v := getattr(self.config, k)) is not None}
 
 
-def model_name(config: RunConfig) -> str:
+def modality(config: RunConfig) -> str:
     from adapters.data import DATASETS
 
-    return config.model or DEFAULT_MODEL[DATASETS[config.dataset].modality]
+    return DATASETS[config.dataset].modality
+
+
+def model_name(config: RunConfig) -> str:
+    if config.model:
+        return config.model
+    if modality(config) == "lm":
+        raise UserError(
+            f"--dataset {config.dataset} needs a causal language model: pass --model hf:ID_OR_FOLDER "
+            "(e.g. hf:Qwen/Qwen2-0.5B-Instruct, as in the RandLoRA paper)"
+        )
+    return DEFAULT_MODEL[modality(config)]
+
+
+HF_OPTIONS = ("torch_dtype", "load_4bit", "cutoff_len")
+
+
+def hf_options(config: RunConfig, name: str) -> dict:
+    """The build options of an hf: model; for the other models, an error if the user set any of them."""
+    if is_hf(name):
+        return {k: getattr(config, k) for k in HF_OPTIONS}
+    given = [config.where(k) for k in HF_OPTIONS if config.where(k) != "default"]
+    if given:
+        raise UserError(f"{', '.join(given)} apply to hf: models only, not '{name}': drop them")
+    return {}
 
 
 def model_options(config: RunConfig, entry) -> dict:
-    """CLIP's build options (pretrained weights, prompt, temperature); none for the other models."""
+    """CLIP's build options (pretrained weights, prompt, temperature), hf: models' (dtype, 4-bit, cutoff);
+    none for the other models."""
+    if is_hf(entry.name):
+        return hf_options(config, entry.name)
+    hf_options(config, entry.name)
     if not is_clip(entry):
         flags = [config.where(k) for k in ("pretrained", "prompt_template") if getattr(config, k) is not None]
         flags += [config.where("paper_temperature")] if config.paper_temperature else []
@@ -88,12 +117,15 @@ def load(config: RunConfig) -> Loaded:
     """Dataset, model and base weights of a run; every missing input is named in one line."""
     name = model_name(config)
     check_given(config, name)  # cheap file reads first: a wrong folder fails before any loading
-    entry = get_model(name)
+    entry = get_model(name, modality(config), hf_options(config, name))
+    if config.targets:
+        entry = dataclasses.replace(entry, targets=tuple(config.targets))
     options = model_options(config, entry)
     sizes = {k: v for k in ("train_per_class", "test_per_class") if (v := getattr(config, k)) is not None}
     problems, dataset = [], None
     try:
-        dataset = load_dataset(config.dataset, data_root=config.data_root, seed=config.seed, **sizes)
+        data_options = {**sizes, **({"tasks": config.tasks} if config.tasks else {})}
+        dataset = load_dataset(config.dataset, data_root=config.data_root, seed=config.seed, **data_options)
     except UserError as e:
         problems.append(str(e))
     if is_clip(entry):  # data and weights are checked together, so one line names all that is missing
@@ -108,7 +140,7 @@ def load(config: RunConfig) -> Loaded:
             f"model '{name}' takes {entry.modality} but dataset '{config.dataset}' is {dataset.modality}: "
             f"pick a {dataset.modality} model"
         )
-    base = build_base(name, dataset.classes, options, config.seed)
+    base = build_base(name, dataset.classes, options, config.seed, modality=dataset.modality)
     task = Task(dataset, entry, base, entry.encode(dataset.train.inputs), entry.encode(dataset.test.inputs),
                 objective_for(dataset))  # fmt: skip
     shapes = list(adapted_weights(base, entry.targets).values())
@@ -121,7 +153,7 @@ def load(config: RunConfig) -> Loaded:
         print(
             f"budget: RandLoRA r={randlora_rank}: {randlora_params(shapes, randlora_rank):,} adapter parameters; "
             f"LoRA r={lora_rank}{'' if config.lora_rank else ' (matched)'}: {lora_params(shapes, lora_rank):,} "
-            f"({len(shapes)} adapted weights; each also trains the {head:,}-parameter head)",
+            f"({len(shapes)} adapted weights" + (f"; each also trains the {head:,}-parameter head)" if head else ")"),
             file=sys.stderr,
         )
     return loaded
@@ -144,6 +176,7 @@ def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConf
         autocast="bfloat16" if device.type == "cuda" and config.train_dtype == "bfloat16" else "none",
         augment=config.augment and entry.augment is not None,
         grad_checkpointing=config.grad_checkpointing,
+        generate_eval=config.generate_eval,
     )
 
 
@@ -163,9 +196,23 @@ def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
         "data_source": dataset.source,
         "train_labels": digest([("labels", dataset.train.labels)]),
         "sizes": loaded.sizes,
+        **({"tasks": list(config.tasks)} if config.tasks else {}),
         "model_options": loaded.model_options,
         "targets": list(loaded.task.entry.targets),
+        **({"randlora": randlora_settings(config)} if method == "randlora" else {}),
     }
+
+
+def randlora_settings(config: RunConfig) -> dict:
+    """RandLoRA's alpha, dropout and bases' key (None alpha: the method's default, 20 r)."""
+    key = seed_prng_key(config.seed) if config.projection_prng_key == "seed-formula" else config.seed
+    return {"alpha": config.randlora_alpha, "dropout": config.randlora_dropout, "prng_key": key}
+
+
+def method_spec(loaded: Loaded, method: str) -> MethodSpec:
+    config = loaded.config
+    extra = randlora_settings(config) if method == "randlora" else {}
+    return MethodSpec(method, rank=loaded.ranks.get(method), seed=config.seed, **extra)
 
 
 def solution_keys(loaded: Loaded, device: torch.device) -> dict[str, str]:
@@ -191,7 +238,7 @@ def train_solutions(loaded: Loaded, device: torch.device, stages) -> dict[str, S
                 print(f"[train {method}] reusing {folder}", file=sys.stderr)
         else:
             with stages(f"train_{method}"):
-                spec = MethodSpec(method, rank=loaded.ranks.get(method), seed=loaded.config.seed)
+                spec = method_spec(loaded, method)
                 config = train_config(loaded, method, device)
                 train_solution(loaded.task, spec, config, key, folder, device, loaded.config.progress)
         distributed.wait_for_all()  # the other ranks wait for rank 0's saved solution
@@ -286,6 +333,7 @@ __all__ = [
     "OpenRun",
     "eval_set",
     "load",
+    "method_spec",
     "open_run",
     "read_meta",
     "solution_folders",

@@ -180,8 +180,8 @@ def test_fashion_mnist_corrupt(tmp_path, damage):
 
 
 def test_unknown_dataset_and_option():
-    assert dataset_names() == ["cifar100", "fashion-mnist", "food101", "ucf101", "wordnet"]
-    choices = "cifar100, fashion-mnist, food101, ucf101, wordnet"
+    assert dataset_names() == ["cifar100", "commonsense", "fashion-mnist", "food101", "ucf101", "wordnet"]
+    choices = "cifar100, commonsense, fashion-mnist, food101, ucf101, wordnet"
     with pytest.raises(UserError, match=f"unknown dataset 'cifar10': choose one of {choices}"):
         load_dataset("cifar10")
     with pytest.raises(UserError, match="unknown option"):

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from adapters.data import cifar100, fashion_mnist, food101, ucf101, wordnet
+from adapters.data import cifar100, commonsense, fashion_mnist, food101, ucf101, wordnet
 from adapters.data.base import Dataset, Split, balanced_indices, eval_subset
 from adapters.errors import UserError
 
@@ -24,7 +24,7 @@ __all__ = [
 @dataclass(frozen=True)
 class DatasetEntry:
     name: str
-    modality: str  # "text" or "image"
+    modality: str  # "text", "image" or "lm" (prompt + candidate responses)
     description: str
     load: Callable[..., Dataset]
 
@@ -37,6 +37,9 @@ DATASETS: dict[str, DatasetEntry] = {
         DatasetEntry("cifar100", "image", "CIFAR-100 32x32 colour, 100 classes (torchvision files)", cifar100.load),
         DatasetEntry("food101", "image", "Food-101 dishes, 101 classes, decoded at image_size", food101.load),
         DatasetEntry("ucf101", "image", "UCF101 middle frames, 101 actions, CoOp split", ucf101.load),
+        DatasetEntry(
+            "commonsense", "lm", "LLM-Adapters commonsense reasoning (8 tasks), causal-LM answer loss", commonsense.load
+        ),
     )
 }
 

@@ -54,6 +54,7 @@ class Dataset:
     test: Split
     source: str  # the folder/files it was read from
     info: dict = field(default_factory=dict)  # recorded in run metadata (seed, counts, categories ...)
+    objective: str = "classification"  # the name in adapters.objectives.OBJECTIVES it is scored with
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -74,7 +74,7 @@ class Encoded:
         out = {k: v[index] for k, v in self.tensors.items()}
         if self.lengths is not None:
             width = int(self.lengths[index].max())
-            out = {k: v[:, :width] for k, v in out.items()}
+            out = {k: v[..., :width] for k, v in out.items()}
         return out
 
     def to(self, device: torch.device | str) -> Encoded:

@@ -1,0 +1,668 @@
+"""Any Hugging Face transformers model as a toolkit model: ``--model hf:ID_OR_PATH``.
+
+``ID_OR_PATH`` is a local folder written by ``save_pretrained`` (config.json, weights, tokenizer) or a hub
+id; a hub id is read from the local Hugging Face cache when it is there, downloaded otherwise, and
+refused in seconds, with one line, when it is not cached and the hub is offline (``HF_HUB_OFFLINE``
+or unreachable). What the model becomes depends on the dataset's modality:
+
+- ``text`` (classification): ``AutoModel`` as the backbone, mean pooling over the attention mask
+  and a zero-initialised linear head: :class:`adapters.models.minilm.MiniLMClassifier`'s maths, so
+  ``hf:<MiniLM's folder>`` is the built-in ``minilm`` model. Encoder: the model's tokenizer, padded
+  right, truncated to ``cutoff_len`` tokens.
+- ``lm`` (a causal-LM dataset: records ``{"prompt", "candidates", "task", "answer"}``):
+  ``AutoModelForCausalLM`` wrapped by :class:`CausalLMScorer`, which returns per candidate response
+  the summed next-token cross-entropy over its answer tokens and their count (the prompt is masked,
+  as LLM-Adapters does with ``train_on_inputs=False``). Sequences longer than ``cutoff_len`` lose
+  tokens from the LEFT of the prompt, so the scored answer stays whole (a deviation: LLM-Adapters
+  truncates the right end). :func:`generate_accuracy` is the paper's generation-based evaluation.
+
+Build options (``--torch-dtype``, ``--load-4bit``, ``--cutoff-len``) are baked into the entry, so the
+encoder and the model agree. Adapter targets default per architecture family (:func:`targets_for`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.errors import UserError
+from adapters.models import minilm
+from adapters.models.base import Encoded, ModelEntry
+
+PREFIX = "hf:"
+HUB_HOST = "huggingface.co"
+MODALITIES = ("text", "lm")
+OPTIONS = ("torch_dtype", "load_4bit", "cutoff_len")
+DEFAULT_OPTIONS = {"torch_dtype": "float32", "load_4bit": False, "cutoff_len": 256}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+
+# The RandLoRA seed's targets for Llama-like decoders (attention q/k/v, MLP up/down).
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+LLAMA_FAMILY = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "olmo3",
+    "granite", "smollm3", "helium", "cohere", "stablelm",
+)  # fmt: skip
+FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(LLAMA_FAMILY, LLAMA_TARGETS),
+    "phi3": ("qkv_proj", "gate_up_proj", "down_proj"),  # Phi-3 fuses q/k/v and gate/up
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), minilm.TARGETS),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"),
+}
+# Output heads, never adapted by the generic rule (any dotted component of a module name).
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "task_head", "pooler"})
+
+TEXT_DEFAULTS = minilm.ENTRY.defaults
+LM_DEFAULTS = {"lr": {"ft": 2e-5, "lora": 2e-4, "randlora": 1e-4, "head_only": 1e-4}, "randlora_rank": 30}
+
+# LLM-Adapters' answer extraction (commonsense_evaluate.py): the first match in the generated text.
+ANSWERS_1_5 = r"answer1|answer2|answer3|answer4|answer5"
+ANSWER_PATTERNS = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": ANSWERS_1_5,
+    "arc-challenge": ANSWERS_1_5,
+    "arc-easy": ANSWERS_1_5,
+    "openbookqa": ANSWERS_1_5,
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+}
+
+
+# --------------------------------------------------------------------------- options and loading
+
+
+def check_options(options: Mapping | None) -> dict:
+    """The build options with defaults filled in (None = default); a bad value is a UserError."""
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise UserError(f"hf: models take no option {', '.join(unknown)}: use {', '.join(OPTIONS)}")
+    opts = {**DEFAULT_OPTIONS, **given}
+    if opts["torch_dtype"] not in DTYPES:
+        raise UserError(f"--torch-dtype {opts['torch_dtype']}: choose one of {', '.join(DTYPES)}")
+    cutoff = opts["cutoff_len"]
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int) or cutoff < 2:
+        raise UserError(f"--cutoff-len {cutoff}: must be an integer >= 2: pass a larger value")
+    opts["load_4bit"] = bool(opts["load_4bit"])
+    return opts
+
+
+def _looks_like_path(spec: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else with slashes or a leading . / ~ is meant as a folder
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
+def _cached_snapshot(spec: str) -> str | None:
+    """The local snapshot folder of hub id ``spec`` in the Hugging Face cache, without any network access."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(spec, local_files_only=True)
+    except Exception:  # not cached, incomplete, or not a valid repo id: all mean "not usable from the cache"
+        return None
+    return folder if (Path(folder) / "config.json").is_file() else None
+
+
+def resolve(spec: str) -> str:
+    """Where to load ``spec`` from: a local folder (given, or a cached hub snapshot) or, online, the hub id.
+
+    Fails with one line when the folder lacks config.json, or the id is not cached and the hub is offline.
+    """
+    from adapters.network import hub_offline
+
+    if not spec:
+        raise UserError("--model hf: needs a hub id or a folder after 'hf:' (e.g. hf:Qwen/Qwen2-0.5B-Instruct)")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model folder {path} has no config.json: pass a folder written by save_pretrained "
+                "(config.json, weights and tokenizer)"
+            )
+        return str(path.resolve())
+    if _looks_like_path(spec):
+        raise UserError(f"--model hf:{spec}: no such folder: pass an existing model folder or a hub id (org/name)")
+    cached = _cached_snapshot(spec)
+    if cached is not None:
+        return cached
+    if hub_offline(HUB_HOST):
+        offline_env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline_env else f"{HUB_HOST} is unreachable"
+        raise UserError(
+            f"hub model '{spec}' is not in the local Hugging Face cache and {why}: "
+            f"pass a local folder (--model hf:/path/to/model) or download it first"
+        )
+    return spec
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def load_config(where: str):
+    """The model's transformers config (one line naming the folder or id when it cannot be read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read the model config of {where} ({_first_line(e)}): check the id or folder") from e
+
+
+def is_causal_lm(config) -> bool:
+    """Whether ``config`` describes a causal LM with its head (its saved architectures, else its model type)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
+
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        classes = set(CAUSAL.values())
+        return any(a in classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    return config.model_type in CAUSAL
+
+
+def check_4bit() -> None:
+    """``--load-4bit`` needs CUDA and bitsandbytes: checked before any loading."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise UserError("--load-4bit needs a CUDA GPU with bitsandbytes (no CUDA device here): drop --load-4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--load-4bit needs bitsandbytes: run 'pip install bitsandbytes'")
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer(where: str):
+    """The model's tokenizer, padding on the right (``Encoded.batch`` trims the right end); pad = eos if none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UserError(
+            f"cannot load the tokenizer of {where} ({_first_line(e)}): save the model's tokenizer into the folder"
+        ) from e
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"the tokenizer of {where} has neither a pad nor an eos token: add one to it")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _load_kwargs(opts: dict) -> dict:
+    """from_pretrained keyword arguments for the dtype and 4-bit options."""
+    import transformers
+    from packaging.version import Version
+
+    # transformers renamed torch_dtype to dtype in 4.56 (the old name warns in 5.x)
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    kwargs = {key: DTYPES[opts["torch_dtype"]]}
+    if opts["load_4bit"]:
+        check_4bit()
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # 4-bit weights are placed on load
+    return kwargs
+
+
+# --------------------------------------------------------------------------- the models
+
+
+def set_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Activation checkpointing of a transformers model (non-reentrant); adapters keep their gradients."""
+    kwargs = {"use_reentrant": False}
+    if enable:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        embeddings = model.get_input_embeddings()
+        # With frozen embeddings (adapters) the checkpointed blocks' input needs requires_grad for older
+        # transformers / reentrant fallbacks; harmless otherwise.
+        if embeddings is not None and not embeddings.weight.requires_grad:
+            model.enable_input_require_grads()
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+class HFClassifier(minilm.MiniLMClassifier):
+    """MiniLM's mean pooling + zero linear head on any ``AutoModel`` (features cast to the head's dtype)."""
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # fp32 models: a no-op, so hf:<MiniLM> equals the built-in minilm exactly
+        return super().features(input_ids, attention_mask).to(self.task_head.weight.dtype)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        set_checkpointing(self.backbone, enable)
+
+
+class CausalLMScorer(nn.Module):
+    """Scores candidate responses with a causal LM: ``(B, C, T)`` inputs -> ``(B, C, 2)`` float32.
+
+    ``[..., 0]``: the summed next-token cross-entropy (fp32, from the logits) over the candidate's answer
+    tokens (logits at t-1 predict token t where ``answer_mask[t]``); ``[..., 1]``: their count. A row
+    whose attention mask is all zero is a padding candidate: it is not run and gives (0, 0).
+    """
+
+    # Rows are selected by content (data-dependent shapes): one grid point per forward, never vmapped.
+    batch_grid_points = False
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor):
+        shape = input_ids.shape[:-1]
+        ids, mask = input_ids.reshape(-1, input_ids.shape[-1]), attention_mask.reshape(-1, input_ids.shape[-1])
+        answer = answer_mask.reshape(ids.shape).bool()
+        rows = mask.bool().any(-1).nonzero().squeeze(-1)
+        out = torch.zeros(ids.shape[0], 2, dtype=torch.float32, device=ids.device)
+        if rows.numel() == 0:
+            return out.view(*shape, 2)
+        ids, mask = ids[rows], mask[rows]
+        counted = answer[rows, 1:] & mask[:, 1:].bool()  # token t is scored from the logits at t - 1
+        nll = self._answer_nll(ids, mask, counted)
+        scored = torch.stack([nll, counted.sum(-1).to(torch.float32)], -1)
+        return out.index_copy(0, rows, scored).view(*shape, 2)
+
+    def _answer_nll(self, ids: torch.Tensor, mask: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        """Per row, the summed cross-entropy of the tokens ``counted`` marks (positions 1.. of ``ids``)."""
+        # Only the positions some row scores go through the LM head: the vocabulary projection of a
+        # whole sequence is the largest activation of an LLM (T x 150k for Qwen2).
+        positions = counted.any(0).nonzero().squeeze(-1)  # logits positions t - 1
+        kwargs = {"logits_to_keep": positions} if self._keeps_logits() else {}
+        logits = self.backbone(input_ids=ids, attention_mask=mask, **kwargs).logits
+        if not kwargs:
+            logits = logits[:, positions]
+        targets = ids[:, positions + 1]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        return torch.where(counted[:, positions], nll, torch.zeros_like(nll)).sum(-1)
+
+    def _keeps_logits(self) -> bool:
+        import inspect
+
+        forward = type(self.backbone).forward
+        return "logits_to_keep" in inspect.signature(forward).parameters
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        set_checkpointing(self.backbone, enable)
+
+
+def _pooling_kwargs(config) -> dict:
+    """``add_pooling_layer=False`` for backbones that have one (BERT's pooler would train without gradients)."""
+    import inspect
+
+    from transformers import AutoModel
+
+    try:
+        cls = AutoModel._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return {}
+    return {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def build(
+    num_classes: int, classes: Sequence[str] | None = None, *, where: str, modality: str, baked: dict, **options
+) -> nn.Module:
+    """The base model: :class:`HFClassifier` (``text``) or :class:`CausalLMScorer` (``lm``, classes unused)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    opts = check_options({**baked, **{k: v for k, v in options.items() if v is not None}})
+    kwargs = _load_kwargs(opts)
+    _quiet_transformers()
+    if modality == "lm":
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        if opts["load_4bit"]:
+            from peft import prepare_model_for_kbit_training
+
+            # checkpointing stays the run's choice (--grad-checkpointing), not peft's default
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return CausalLMScorer(model)
+    backbone = AutoModel.from_pretrained(where, **kwargs, **_pooling_kwargs(load_config(where)))
+    if opts["load_4bit"]:
+        from peft import prepare_model_for_kbit_training
+
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+    return HFClassifier(backbone, _hidden_size(backbone.config), num_classes)
+
+
+def _hidden_size(config) -> int:
+    for name in ("hidden_size", "d_model", "dim"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise UserError(f"cannot tell the hidden size of a {config.model_type} model: it is not a text encoder")
+
+
+# --------------------------------------------------------------------------- adapter targets
+
+
+def _config_of(model: nn.Module):
+    for candidate in (model, getattr(model, "backbone", None)):
+        config = getattr(candidate, "config", None)
+        if config is not None:
+            return config
+    return None
+
+
+def targets_for(model: nn.Module) -> tuple[str, ...]:
+    """Default adapter targets (module-name suffixes, peft's rule) for a transformers model or its wrapper.
+
+    The family's projections when ``config.model_type`` is known (:data:`FAMILY_TARGETS`); otherwise
+    every ``nn.Linear`` except the output heads (:data:`HEAD_NAMES`, the output embeddings).
+    """
+    config = _config_of(model)
+    known = FAMILY_TARGETS.get(getattr(config, "model_type", None))
+    return known if known is not None else linear_suffixes(model)
+
+
+def linear_suffixes(model: nn.Module) -> tuple[str, ...]:
+    """The shortest suffix names that select exactly the non-head ``nn.Linear`` modules of ``model``."""
+    hf = getattr(model, "backbone", model)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    modules = dict(model.named_modules())
+    targets = [
+        n for n, m in modules.items()
+        if isinstance(m, nn.Linear) and m is not head and not HEAD_NAMES.intersection(n.split("."))
+    ]  # fmt: skip
+    chosen = set(targets)
+    # every dotted suffix of a module peft must not wrap: a target suffix must be none of them
+    blocked = {".".join(n.split(".")[i:]) for n in modules if n and n not in chosen for i in range(n.count(".") + 1)}
+    out: dict[str, None] = {}
+    for name in targets:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if suffix not in blocked:
+                out[suffix] = None
+                break
+    return tuple(out)
+
+
+def _config_targets(config, modality: str) -> tuple[str, ...]:
+    """Default targets from the config alone: the family table, or the generic rule on a weightless model."""
+    known = FAMILY_TARGETS.get(config.model_type)
+    if known is not None:
+        return known
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with torch.device("meta"):  # module names only: no memory, no weights read
+        if modality == "lm":
+            return targets_for(CausalLMScorer(AutoModelForCausalLM.from_config(config)))
+        backbone = AutoModel.from_config(config, **_pooling_kwargs(config))
+        return targets_for(HFClassifier(backbone, _hidden_size(config), 1))
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def encode_text(texts: Sequence[str], *, where: str, cutoff_len: int) -> Encoded:
+    """Classification inputs exactly as :func:`adapters.models.minilm.encode`, truncated to ``cutoff_len``."""
+    tok = tokenizer(where)(list(texts), padding=True, truncation=True, max_length=cutoff_len, return_tensors="pt")
+    mask = tok["attention_mask"]
+    return Encoded({"input_ids": tok["input_ids"], "attention_mask": mask}, lengths=mask.sum(1))
+
+
+def candidate_ids(
+    full: list[int], prompt_len: int, eos: int, bos: int | None, cutoff_len: int
+) -> tuple[list[int], int]:
+    """(token ids, prompt length) of one candidate: ``tok(prompt + candidate)`` + eos, the prompt cut on the left.
+
+    The answer tokens are those beyond ``prompt_len`` (LLM-Adapters' ``train_on_inputs=False`` mask). When the
+    sequence is longer than ``cutoff_len``, prompt tokens go from the left (after the BOS, which stays) so
+    the answer stays whole; at least one token precedes it, to predict its first token.
+    """
+    ids = list(full)
+    if not ids or ids[-1] != eos:
+        ids.append(eos)
+    prompt_len = min(prompt_len, len(ids) - 1)  # the eos is always scored
+    excess = len(ids) - cutoff_len
+    if excess > 0:
+        if excess > prompt_len - 1:
+            raise ValueError(f"its answer takes {len(ids) - prompt_len} tokens, and --cutoff-len {cutoff_len} "
+                             "leaves room for at most one token less")  # fmt: skip
+        keep = 1 if bos is not None and ids[0] == bos else 0
+        ids = ids[:keep] + ids[keep + excess :]
+        prompt_len -= excess
+    return ids, prompt_len
+
+
+def encode_lm(records: Sequence[Mapping], *, where: str, cutoff_len: int) -> Encoded:
+    """Causal-LM records -> ``input_ids``/``attention_mask`` (N, C, T) int64, ``answer_mask`` (N, C, T) bool.
+
+    C is the most candidates of any record (missing ones are all-padding rows); ``lengths`` holds the
+    longest real candidate per record, so ``Encoded.batch`` trims the common right padding.
+    """
+    tok = tokenizer(where)
+    eos, bos = tok.eos_token_id, tok.bos_token_id
+    if eos is None:
+        raise UserError(f"the tokenizer of {where} has no eos token: a causal LM's answers end with one")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    prompts = tok([r["prompt"] for r in records])["input_ids"]
+    fulls = iter(tok([r["prompt"] + c for r in records for c in r["candidates"]])["input_ids"])
+    rows: list[list[tuple[list[int], int]]] = []
+    for i, (record, prompt) in enumerate(zip(records, prompts, strict=True)):
+        try:
+            rows.append([candidate_ids(next(fulls), len(prompt), eos, bos, cutoff_len) for _ in record["candidates"]])
+        except ValueError as e:
+            raise UserError(f"record {i} ({record.get('task', '?')}): {e}: raise --cutoff-len") from e
+    n, c = len(rows), max((len(r) for r in rows), default=0)
+    t = max((len(ids) for r in rows for ids, _ in r), default=1)
+    input_ids = torch.full((n, c, t), pad, dtype=torch.int64)
+    attention = torch.zeros((n, c, t), dtype=torch.int64)
+    answer = torch.zeros((n, c, t), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        for j, (ids, prompt_len) in enumerate(row):
+            input_ids[i, j, : len(ids)] = torch.tensor(ids)
+            attention[i, j, : len(ids)] = 1
+            answer[i, j, prompt_len : len(ids)] = True
+    lengths = attention.sum(-1).amax(-1)
+    return Encoded({"input_ids": input_ids, "attention_mask": attention, "answer_mask": answer}, lengths=lengths)
+
+
+# --------------------------------------------------------------------------- the entry
+
+
+def entry(spec: str, modality: str, options: Mapping | None = None) -> ModelEntry:
+    """The registry entry of ``hf:spec`` for a ``text`` (classification) or ``lm`` dataset.
+
+    Everything that can fail fast is checked here, before any weights are read: the options, the
+    folder or cached id, the config, a causal LM for ``lm``, 4-bit's needs, the tokenizer.
+    """
+    if modality not in MODALITIES:
+        raise UserError(f"hf: models take text or lm datasets, not {modality}: pick another --model")
+    opts = check_options(options)
+    where = resolve(spec)
+    config = load_config(where)
+    if modality == "lm" and not is_causal_lm(config):
+        archs = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UserError(
+            f"{where} holds {archs}, not a causal language model: the {modality} datasets need one "
+            "(an AutoModelForCausalLM checkpoint, e.g. hf:Qwen/Qwen2-0.5B-Instruct)"
+        )
+    if opts["load_4bit"]:
+        check_4bit()
+    tokenizer(where)  # a missing tokenizer fails now, not after the weights are loaded
+    encoder = encode_lm if modality == "lm" else encode_text
+    what = "causal LM, answer loss over candidate responses" if modality == "lm" else "mean pooling + linear head"
+    return ModelEntry(
+        name=PREFIX + spec,
+        modality=modality,
+        description=f"{spec} ({config.model_type}, transformers), {what}",
+        build=functools.partial(build, where=where, modality=modality, baked=opts),
+        encode=functools.partial(encoder, where=where, cutoff_len=opts["cutoff_len"]),
+        targets=_config_targets(config, modality),
+        defaults=LM_DEFAULTS if modality == "lm" else TEXT_DEFAULTS,
+        options=OPTIONS,
+    )
+
+
+# --------------------------------------------------------------------------- generation-based accuracy
+
+
+def answer_pattern(task: str) -> str:
+    """LLM-Adapters' answer pattern of a commonsense task (case-insensitive task name)."""
+    pattern = ANSWER_PATTERNS.get(task.lower())
+    if pattern is None:
+        raise UserError(f"no answer pattern for task '{task}': use one of {', '.join(ANSWER_PATTERNS)}")
+    return pattern
+
+
+def extract_answer(task: str, text: str) -> str:
+    """The first match of the task's answer pattern in ``text`` ('' when none)."""
+    found = re.search(answer_pattern(task), text)
+    return found.group(0) if found else ""
+
+
+def _tokenizer_of(tokenizer_or_entry):
+    if isinstance(tokenizer_or_entry, ModelEntry):
+        return tokenizer(resolve(tokenizer_or_entry.name.removeprefix(PREFIX)))
+    return tokenizer_or_entry
+
+
+def generation_config(tok, max_new_tokens: int, num_beams: int):
+    """The paper's decoding (LLM-Adapters: beam search, no sampling); no penalties from the model's defaults."""
+    from transformers import GenerationConfig
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        do_sample=False,
+        repetition_penalty=1.0,
+        length_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+    )
+
+
+@torch.no_grad()
+def _generate_batch(model: nn.Module, prompts: list[list[int]], pad: int, config) -> torch.Tensor:
+    """Generated token ids after the prompts (left-padded to one width), ``(B, new tokens)``."""
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+    return out[:, width:].cpu()
+
+
+def generate_texts(
+    scorer: nn.Module,
+    tokenizer_or_entry,
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    num_beams: int = 4,
+) -> list[str]:
+    """Per prompt, the text the model generates after it (special tokens dropped).
+
+    Prompts are batched by length (left padding within a batch) to waste little compute on padding.
+    """
+    tok = _tokenizer_of(tokenizer_or_entry)
+    model = getattr(scorer, "backbone", scorer)  # through peft's wrappers too
+    config = generation_config(tok, max_new_tokens, num_beams)
+    ids = tok(list(prompts))["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    texts = [""] * len(ids)
+    training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            new = _generate_batch(model, [ids[i] for i in index], config.pad_token_id, config)
+            for i, text in zip(index, tok.batch_decode(new, skip_special_tokens=True), strict=True):
+                texts[i] = text
+    finally:
+        model.train(training)
+    return texts
+
+
+def generate_answers(
+    scorer: nn.Module,
+    tokenizer_or_entry,
+    records: Sequence[Mapping],
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    num_beams: int = 4,
+) -> list[str]:
+    """Per record, the answer extracted from the text generated after its prompt ('' if none)."""
+    for record in records:
+        answer_pattern(record["task"])  # an unknown task fails before any generation
+    prompts = [r["prompt"] for r in records]
+    texts = generate_texts(scorer, tokenizer_or_entry, prompts, batch_size, max_new_tokens, num_beams)
+    return [extract_answer(r["task"], text) for r, text in zip(records, texts, strict=True)]
+
+
+def generate_accuracy(
+    scorer: nn.Module,
+    tokenizer_or_entry,
+    records: Sequence[Mapping],
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    num_beams: int = 4,
+) -> dict:
+    """The paper's evaluation: generated answer == ``record["answer"]``.
+
+    Returns ``{"accuracy", "per_task": {task: {"accuracy", "n"}}, "n"}``.
+    """
+    if not records:
+        raise UserError("no records to evaluate: pass a non-empty split")
+    predicted = generate_answers(scorer, tokenizer_or_entry, records, batch_size, max_new_tokens, num_beams)
+    per_task: dict[str, list[bool]] = {}
+    for record, answer in zip(records, predicted, strict=True):
+        per_task.setdefault(record["task"], []).append(answer == record["answer"])
+    hits = [h for v in per_task.values() for h in v]
+    return {
+        "accuracy": sum(hits) / len(hits),
+        "per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
+        "n": len(hits),
+    }
+
+
+__all__ = [
+    "CausalLMScorer",
+    "HFClassifier",
+    "answer_pattern",
+    "build",
+    "candidate_ids",
+    "check_options",
+    "encode_lm",
+    "encode_text",
+    "entry",
+    "extract_answer",
+    "generate_accuracy",
+    "generate_answers",
+    "generate_texts",
+    "is_causal_lm",
+    "linear_suffixes",
+    "resolve",
+    "targets_for",
+    "tokenizer",
+]
