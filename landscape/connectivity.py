@@ -30,7 +30,7 @@ import numpy as np
 from adapters import distributed, threads
 from adapters.errors import UserError
 from landscape import config as run_config
-from landscape import paths, render, spectrum, store
+from landscape import factored, paths, render, spectrum, store
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
 from landscape.plane import SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
@@ -113,7 +113,8 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, 
         result = paths.compute_paths(
             loaded.task.base, solutions, evaluator.eval_set, device, config.path_points, config.path_extend,
             progress=config.progress, points_per_forward=evaluator.points_per_forward, dtype=dtype,
-            objective=loaded.task.objective,
+            objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
+            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) else None,
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip
@@ -180,21 +181,35 @@ def solution_fingerprints(solutions) -> dict[str, str]:
 
 
 def plane(loaded: Loaded, solutions, device):
-    """The chart through the three solutions, its grid axes, and the evaluator on the evaluation set."""
+    """The chart through the three solutions, its grid axes, and the evaluator on the evaluation set.
+
+    ``config.plane_storage``: ``dense`` (:mod:`landscape.plane`: origin + x·U + y·V per parameter, written
+    into a copy of the model), ``factored`` (:mod:`landscape.factored`: W0 + the solutions' updates, weights
+    built per module on the base model itself: ~1 model copy instead of ~6) or ``auto`` (factored when the
+    dense plane would need more than a quarter of the free memory). ``chart.info["storage"]`` records it.
+    """
     config, base = loaded.config, loaded.task.base
-    thetas = solution_weights(dict(base.named_parameters()), {s: solutions[s].delta() for s in SOLUTIONS})
-    chart = build_chart(config.chart, thetas)
-    del thetas
+    storage = factored.choose_storage(config.plane_storage, base, device)
+    dtype, evals = config.landscape_dtype(device.type), eval_set(loaded, device)
+    if storage == "factored":
+        deltas = {s: solutions[s].module_deltas(check=False) for s in SOLUTIONS}
+        chart = factored.build_chart(config.chart, base, deltas)
+        evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
+                                               loaded.task.objective)  # fmt: skip
+    else:
+        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[s].delta() for s in SOLUTIONS})
+        chart = build_chart(config.chart, thetas)
+        del thetas
+        evaluator = PlaneEvaluator(
+            copy.deepcopy(base), chart, evals, device, dtype, config.points_per_forward, loaded.task.objective
+        )
+    chart.info["storage"] = storage
     xs, ys = default_axes(chart, config.grid)
     verts = list(chart.vertices.values())
     if config.x_range:  # the config's window, the vertices kept on the grid
         xs = paper_axis(config.grid, *config.x_range, [v[0] for v in verts])
     if config.y_range:
         ys = paper_axis(config.grid, *config.y_range, [v[1] for v in verts])
-    evaluator = PlaneEvaluator(
-        copy.deepcopy(base), chart, eval_set(loaded, device), device, dtype=config.landscape_dtype(device.type),
-        points_per_forward=config.points_per_forward, objective=loaded.task.objective,
-    )  # fmt: skip
     return chart, xs, ys, evaluator
 
 

@@ -115,11 +115,9 @@ def compute_paths(
 
     ``points_per_forward``: values of t per vmapped forward (see :mod:`landscape.grid`); ``dtype``: the
     forward precision, the plane's (``bfloat16`` autocast or ``float32``), so paths and surface agree.
-    ``storage``: as the plane's (:mod:`landscape.factored`): ``dense`` (θ_A + t·(θ_B − θ_A) per parameter on
-    a copy of the model), ``factored`` (W0 + (1 − t)·ΔW_A + t·ΔW_B built per module on ``base_model`` itself,
-    one point per forward) or ``auto`` (:func:`landscape.factored.choose_storage`); ``chart``: a factored
-    chart through the solutions whose updates the lines share (implies ``factored``; the plane's, so full
-    fine-tuning's update is not held twice).
+    ``storage``: ``dense``, ``factored`` (W0 + (1 − t)·ΔW_A + t·ΔW_B built per module on ``base_model`` itself)
+    or ``auto``, as the plane's (:mod:`landscape.factored`); ``chart``: the plane's factored chart, whose
+    updates the lines then share (implies ``factored``: full fine-tuning's update is not held twice).
     Returns ``{"t": (n,), "pairs": [..3], "loss"/"accuracy"/"loss_se": (3, n), "barriers": {pair: {...}},
     "points", "extend", "eval_samples", "seconds", "storage"}``. ``base_model``'s weights are not modified.
     """

@@ -1,0 +1,294 @@
+"""Per-parameter weight updates ΔW computed lazily, one parameter at a time, without a second model copy.
+
+:func:`module_deltas` (also ``Solution.module_deltas()``) maps each parameter a solution changes to a
+:class:`Delta`: a callable that returns that parameter's dense ΔW in **fp32** (whatever the model's
+dtype), shaped like the base parameter, on the device of the tensors it is built from — the same
+values as :meth:`adapters.solution.Solution.delta` (the same arithmetic: ``W_file.float() − W0.float()``
+and peft's ``get_delta_weight``), but nothing is computed until it is called and nothing is cached.
+
+- ``ft`` / ``head_only`` folders (``model.safetensors``): each call reads that one tensor through
+  ``safetensors.safe_open`` (opened and closed per call, so the file's pages do not stay mapped) and
+  subtracts W0. Kind ``"stored"``.
+- peft adapter folders (``lora`` / ``randlora``): the adapter is attached with peft to a *skeleton* of
+  the base model — a deep copy that shares every parameter and buffer tensor of the base (no weight is
+  copied) — and each adapted module's ΔW is peft's ``get_delta_weight`` for that module (kind
+  ``"factored"``: rebuilt from the factors on every call; :meth:`Delta.add_to` adds it into a tensor in
+  one ``addmm`` from the factors, without a ΔW-sized temporary, for peft's Linear layers). Convolution /
+  attention updates are reshaped to the base weight's shape exactly as
+  :func:`adapters.solution.compute_delta` does. The classification
+  head (peft's ``modules_to_save``) is a dense difference of peft's trained copy and W0 (kind
+  ``"stored"``). DoRA adapters are refused: their update is not ``W0 + ΔW`` per module.
+
+With ``check=True`` (the default) every ΔW is computed once up front, streaming: NaN/inf raises the
+same :class:`~adapters.errors.UserError` as ``delta()``, and all-zero updates are left out (``delta()``
+leaves them out too), so the keys equal ``delta()``'s. ``check=False`` skips that pass (callers that
+stream over the deltas anyway, like :mod:`landscape.factored`, check as they go).
+
+The base model's tensors are shared, never modified: attaching peft to the skeleton changes
+``requires_grad`` of the shared parameters, which is put back. The skeleton lives as long as the
+returned deltas do.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from adapters.errors import UserError
+
+KINDS = ("stored", "factored")
+
+
+class Delta:
+    """One parameter's ΔW, computed on call: fp32, shaped like the base parameter (module docstring).
+
+    ``kind``: ``"stored"`` (read from a file or a dense difference: a caller that needs it often keeps
+    it) or ``"factored"`` (rebuilt by peft from the adapter's factors on every call). ``source``: the
+    file or folder it comes from, for messages.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shape: torch.Size,
+        kind: str,
+        compute: Callable[[], torch.Tensor],
+        source: str,
+        mover: Callable[[torch.device], None] | None = None,
+        accumulate: Callable[[torch.Tensor, float], None] | None = None,
+    ):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        self.name, self.shape, self.kind, self.source = name, torch.Size(shape), kind, source
+        self._compute, self._mover, self._accumulate = compute, mover, accumulate
+
+    @torch.no_grad()
+    def __call__(self) -> torch.Tensor:
+        return self._compute()
+
+    @torch.no_grad()
+    def add_to(self, out: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``out += alpha·ΔW`` (``out`` shaped like the parameter). For peft's LoRA and RandLoRA Linear layers
+        one ``addmm`` from the factors, with no ΔW-sized temporary (equal to adding ``self()`` to fp32
+        rounding); otherwise ``self()`` is added."""
+        if self._accumulate is not None and out.dtype in (torch.float32, torch.float64):
+            self._accumulate(out, alpha)
+        else:
+            out.add_(self().to(out.device), alpha=alpha)
+        return out
+
+    def to(self, device: torch.device | str) -> Delta:
+        """Compute on ``device`` from now on (moves the adapter's own tensors, never the base model's)."""
+        if self._mover is not None:
+            self._mover(torch.device(device))
+        return self
+
+    def __repr__(self) -> str:
+        return f"Delta({self.name!r}, {tuple(self.shape)}, {self.kind})"
+
+
+def module_deltas(solution, check: bool = True) -> dict[str, Delta]:
+    """{parameter name of the base model: :class:`Delta`} for every parameter ``solution`` changes."""
+    from adapters.methods import ADAPTERS
+
+    base_params = dict(solution.base.named_parameters())
+    if solution.method in ADAPTERS:
+        deltas = adapter_deltas(Path(solution.path), solution.base)
+    else:
+        deltas = file_deltas(Path(solution.path) / "model.safetensors", base_params, solution.info.get("model"))
+    return checked(deltas) if check else deltas
+
+
+def checked(deltas: dict[str, Delta]) -> dict[str, Delta]:
+    """``deltas`` without the all-zero updates; UserError on NaN/inf (one ΔW in memory at a time)."""
+    kept = {}
+    for name, delta in deltas.items():
+        d = delta()
+        if not torch.isfinite(d).all():
+            raise UserError(non_finite_message(delta))
+        if d.any():
+            kept[name] = delta
+        del d
+    return kept
+
+
+def non_finite_message(delta: Delta) -> str:
+    """The one-line error of a ΔW holding NaN/inf (the same words as ``Solution.delta()``)."""
+    if delta.kind == "factored" or not delta.source.endswith(".safetensors"):
+        return f"the adapter in {delta.source} has NaN/inf in '{delta.name}': training diverged; re-train it"
+    return f"{delta.source} has NaN/inf in '{delta.name}': the training diverged; re-train it"
+
+
+# --------------------------------------------------------------------------- ft / head_only: safetensors
+
+
+def file_deltas(weights: Path, base_params: dict[str, torch.Tensor], model_name: str | None) -> dict[str, Delta]:
+    """Lazy ``W_file − W0`` per tensor of ``weights``; names and shapes are checked now, from the header."""
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except FileNotFoundError:
+        raise UserError(f"{weights} is missing: re-train or re-copy the solution") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights} is corrupt ({e}): re-train or re-copy the solution") from None
+    deltas = {}
+    for name, shape in shapes.items():
+        if name not in base_params or tuple(base_params[name].shape) != shape:
+            raise UserError(
+                f"{weights} holds '{name}' {shape}, which the base model {model_name} lacks: the solution comes "
+                "from another model"
+            )
+        deltas[name] = Delta(name, base_params[name].shape, "stored", _file_reader(weights, name, base_params[name]),
+                             str(weights))  # fmt: skip
+    return deltas
+
+
+def _file_reader(weights: Path, name: str, w0: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def compute() -> torch.Tensor:
+        try:
+            with safe_open(str(weights), framework="pt", device="cpu") as f:
+                value = f.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{weights} is corrupt ({e}): re-train or re-copy the solution") from None
+        # compute_delta's arithmetic, on W0's device
+        return value.to(w0.device).float() - w0.detach().float()
+
+    return compute
+
+
+# --------------------------------------------------------------------------- lora / randlora: peft
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares all its parameter and buffer tensors (only structure is copied)."""
+    shared = [*model.parameters(), *model.buffers()]
+    return copy.deepcopy(model, memo={id(t): t for t in shared})
+
+
+def load_adapter(folder: Path, base: nn.Module) -> nn.Module:
+    """peft's model of the adapter in ``folder`` on a skeleton of ``base`` (bases verified for RandLoRA)."""
+    from peft import PeftModel
+
+    from adapters.methods.randlora import BASES_FILE, verify_bases
+    from adapters.solution import peft_config_of
+
+    if not (folder / "adapter_config.json").exists():
+        raise UserError(f"{folder} has no adapter_config.json: the adapter weights are missing; re-train it")
+    flags = [(p, p.requires_grad) for p in base.parameters()]
+    try:
+        with warnings.catch_warnings():  # "bases regenerated from the PRNG key": verified below
+            warnings.filterwarnings("ignore", message=".*save_projection.*")
+            peft_model = PeftModel.from_pretrained(skeleton(base), folder, config=peft_config_of(folder))
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load the adapter in {folder} onto {type(base).__name__} ({first_line[:200]}): the files are "
+            "corrupt or come from another base model"
+        ) from None
+    finally:
+        for p, flag in flags:  # peft froze the shared base parameters: the base model is not ours to change
+            p.requires_grad_(flag)
+    if (folder / BASES_FILE).exists():
+        try:
+            verify_bases(peft_model, folder)
+        except ValueError as e:
+            raise UserError(f"{folder}: {e}") from None
+    return peft_model
+
+
+def adapter_deltas(folder: Path, base: nn.Module) -> dict[str, Delta]:
+    """Lazy ΔW of every module the adapter in ``folder`` changes (module docstring)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    from adapters.solution import PEFT_PREFIX
+
+    peft_model = load_adapter(folder, base)
+    base_params = dict(base.named_parameters())
+    shared = {id(t) for t in (*base.parameters(), *base.buffers())}
+    mover = _adapter_mover(peft_model, shared)
+    deltas: dict[str, Delta] = {}
+    for name, module in peft_model.named_modules():
+        short = name.removeprefix(PEFT_PREFIX)
+        if isinstance(module, ModulesToSaveWrapper):
+            for pname, p in module.modules_to_save["default"].named_parameters():
+                key = f"{short}.{pname}"
+                compute = _difference(p, base_params[key])
+                deltas[key] = Delta(key, base_params[key].shape, "stored", compute, str(folder), mover)
+        elif isinstance(module, BaseTunerLayer) and hasattr(module, "get_delta_weight"):
+            if any(getattr(module, "use_dora", {}).values()):
+                raise UserError(f"the adapter in {folder} uses DoRA: its update is not W0 + ΔW per module; "
+                                "use the dense plane (--plane-storage dense)")  # fmt: skip
+            key = f"{short}.{getattr(module, 'adapted_weight', 'weight')}"
+            shape = base_params[key].shape
+            deltas[key] = Delta(key, shape, "factored", _peft_delta(module, shape), str(folder), mover,
+                                _peft_accumulator(module, shape))  # fmt: skip
+    return deltas
+
+
+def _difference(trained: torch.Tensor, w0: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: trained.detach().to(w0.device).float() - w0.detach().float()
+
+
+def _peft_delta(module: nn.Module, shape: torch.Size) -> Callable[[], torch.Tensor]:
+    def compute() -> torch.Tensor:
+        d = module.get_delta_weight("default").detach().float()
+        return d.reshape(shape) if d.shape != shape else d  # compute_delta's rule (conv, attention)
+
+    return compute
+
+
+def _peft_accumulator(module: nn.Module, shape: torch.Size) -> Callable[[torch.Tensor, float], None] | None:
+    """``out += alpha·ΔW`` in one ``addmm`` from the factors of peft's LoRA / RandLoRA ``Linear`` (the maths of
+    their ``get_delta_weight``: LoRA ``s·B@A``; RandLoRA ``(second.T @ first.T).T·s = first @ second·s`` from
+    ``get_scaled_bases``); None for other layers (the caller adds the materialised ΔW)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.randlora.layer import Linear as RandLoraLinear
+
+    if getattr(module, "fan_in_fan_out", False) or len(shape) != 2:
+        return None
+    if type(module) is LoraLinear:
+
+        def add_lora(out: torch.Tensor, alpha: float) -> None:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            out.addmm_(b.to(out), a.to(out), alpha=alpha * module.scaling["default"])
+
+        return add_lora
+    if type(module) is RandLoraLinear:
+
+        def add_randlora(out: torch.Tensor, alpha: float) -> None:
+            second, first = module.get_scaled_bases("default")
+            out.addmm_(first.to(out), second.to(out), alpha=alpha * module.scaling["default"])
+
+        return add_randlora
+    return None
+
+
+def _adapter_mover(peft_model: nn.Module, shared: set[int]) -> Callable[[torch.device], None]:
+    """Moves the adapter's own tensors (factors, bases, the head's trained copy) to a device; the base
+    model's shared tensors are left where they are (the caller owns them)."""
+    state = {"device": None}
+
+    def move(device: torch.device) -> None:
+        if state["device"] == device:
+            return
+        with torch.no_grad():
+            for module in peft_model.modules():
+                for p in module._parameters.values():
+                    if p is not None and id(p) not in shared and p.device != device:
+                        p.data = p.data.to(device)
+                for key, b in module._buffers.items():
+                    if b is not None and id(b) not in shared and b.device != device:
+                        module._buffers[key] = b.to(device)
+        state["device"] = device
+
+    return move
+
+
+__all__ = ["KINDS", "Delta", "adapter_deltas", "checked", "file_deltas", "load_adapter", "module_deltas", "skeleton"]

@@ -1,0 +1,605 @@
+"""The plane held factored: the base model plus only what differs between the solutions.
+
+The dense plane (:mod:`landscape.plane` + :class:`landscape.grid.PlaneEvaluator`) holds θ_s = W0 + ΔW_s
+for the three solutions, the chart's origin, U and V, and writes origin + x·U + y·V into a copy of
+the model: about six dense fp32 copies of the model. That cannot study an 8B LLM. Here every point of
+an affine chart through the solutions is written as an affine combination of their updates,
+
+    θ(x, y) = W0 + Σ_s c_s(x, y)·ΔW_s,   Σ_s c_s = 1,
+
+with barycentric coefficients from the chart's vertices: paper chart c_randlora = 1 − x − y/2,
+c_ft = y, c_lora = x − y/2; orthonormal chart (origin RandLoRA, unit u towards LoRA, v by
+Gram–Schmidt of FT − RandLoRA, as :func:`landscape.plane.orthonormal_chart`) c_ft = y/‖v_raw‖,
+c_lora = (x − along·c_ft)/‖LoRA − RandLoRA‖, c_randlora = 1 − c_ft − c_lora; a line from A to B
+(:mod:`landscape.paths`) c_A = 1 − t, c_B = t.
+
+:func:`build_chart` makes a :class:`FactoredChart` by streaming once over the parameters with the
+solutions' lazy updates (:func:`adapters.deltas.module_deltas`), one parameter in memory at a time:
+"stored" updates (full fine-tuning's, every parameter it changes, and the adapters' heads) are kept,
+once, in the model's dtype; "factored" ones (the adapters' layers) stay what peft rebuilds them from.
+The orthonormal chart and the geometry (pairwise distances, triangle angles: the same values as
+``plane._geometry``) come from the 3 × 3 Gram matrix of the pairwise differences of the updates,
+accumulated in float64 over chunks of each parameter and released.
+
+:class:`FactoredEvaluator` has :class:`~landscape.grid.PlaneEvaluator`'s interface (``run_grid``, the
+paths and the report use it unchanged) but evaluates ON THE BASE MODEL ITSELF: W0 stays in the
+parameters; a forward pre-hook on each module that uses a plane parameter builds W0 + Σ c_s·ΔW_s into a
+scratch tensor (a view of a flat buffer from a pool shared by all modules, so a few buffers of the
+largest parameter's size serve the whole model; half-precision weights are summed in fp32 in chunks
+and rounded once) and swaps it in (``module._parameters[name]``); a forward hook swaps W0 back. A
+module's weights at a point exist only while it runs; the adapters' ΔW are rebuilt from their factors
+every time the module runs (once per evaluation batch: the price of holding nothing dense for them),
+for peft's Linear layers by one ``addmm`` into the scratch (:meth:`adapters.deltas.Delta.add_to`, no
+ΔW-sized temporary). The weights are built outside the forward's bf16 autocast, in the weights' own
+precision, as the dense plane builds them. Exact zero coefficients are skipped (adding 0·ΔW changes
+nothing), so the arithmetic is a function of the point alone: a vertex gets bit-identical weights
+inside or outside a grid.
+
+Which module uses a parameter: its owner, unless the owner's forward never runs (``nn.MultiheadAttention``
+reads ``out_proj.weight`` itself; CLIP's ``encode_text`` reads the root's ``positional_embedding``):
+one forward of the first evaluation batch finds the modules that run, and such parameters are
+swapped by the nearest ancestor that does. Tied parameters are swapped in every module that holds
+them. A parameter read outside the forward of its holder is not supported. Models that cache what
+they compute from their weights (CLIP's text features) drop those caches in ``eval()``, which
+:meth:`FactoredEvaluator.set_point` calls: the weights change here without their version counters
+moving. Hooks are removed by :meth:`FactoredEvaluator.close` (or when the evaluator is garbage
+collected); the base model's parameters are never written.
+
+:func:`choose_storage` picks ``dense`` or ``factored`` for ``auto``: factored when the dense plane
+(≈ 6 × the parameters' bytes in fp32) would need more than a quarter of the memory available.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapters.errors import UserError
+from adapters.objectives import OBJECTIVES, Classification, PointResult, score
+from landscape.grid import EvalSet
+from landscape.plane import CHARTS, SOLUTIONS
+
+STORAGES = ("auto", "dense", "factored")
+DENSE_COPIES = 6  # fp32 copies of the plane parameters the dense plane holds (thetas, origin/U/V, the model copy)
+CHUNK = 1 << 17  # elements per float64 block of the Gram accumulation (~6 MB of temporaries)
+HALF = (torch.float16, torch.bfloat16)
+HALF_CHUNK = 1 << 20  # elements of the fp32 accumulator of half-precision weights
+
+DeltaLike = torch.Tensor | Callable[[], torch.Tensor]
+
+__all__ = [
+    "STORAGES",
+    "FactoredChart",
+    "FactoredEvaluator",
+    "available_memory",
+    "build_chart",
+    "choose_storage",
+    "combine",
+    "line_evaluators",
+]
+
+
+# --------------------------------------------------------------------------- storage choice
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index (``cuda`` -> ``cuda:N``), so it compares equal to the tensors' devices."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes free for the plane: ``torch.cuda.mem_get_info`` on CUDA, MemAvailable on CPU (None: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def choose_storage(storage: str, base_model: nn.Module, device: torch.device | str) -> str:
+    """``dense`` or ``factored`` for the requested ``storage``; ``auto``: factored when the dense plane,
+    ≈ :data:`DENSE_COPIES` fp32 copies of the model's floating-point parameters (full fine-tuning changes
+    them all), would need more than a quarter of :func:`available_memory`."""
+    if storage not in STORAGES:
+        raise UserError(f"unknown plane storage '{storage}': choose one of {', '.join(STORAGES)}")
+    if storage != "auto":
+        return storage
+    need = DENSE_COPIES * 4 * sum(p.numel() for p in base_model.parameters() if p.is_floating_point())
+    free = available_memory(device)
+    return "factored" if free is not None and need > free / 4 else "dense"
+
+
+# --------------------------------------------------------------------------- the chart
+
+
+@dataclass
+class FactoredChart:
+    """An affine chart through the solutions, held as W0 and each solution's ΔW (module docstring).
+
+    ``base``: W0 of the plane parameters (the base model's own tensors, not copies); ``deltas``: per
+    solution its non-zero ΔW, a tensor (stored, in the model's dtype) or a callable returning it
+    (rebuilt from factors); ``form``: how coefficients follow from (x, y): ``("paper",)``,
+    ``("orthonormal", |LoRA − RandLoRA|, |v_raw|, along)`` or ``("line", A, B)``.
+    """
+
+    name: str
+    vertices: dict[str, tuple[float, float]]
+    info: dict
+    base: dict[str, torch.Tensor]
+    deltas: dict[str, dict[str, DeltaLike]]
+    form: tuple = ("paper",)
+    _device: torch.device | None = field(default=None, repr=False)
+
+    @property
+    def solutions(self) -> tuple[str, ...]:
+        """The solutions in the order their terms are added."""
+        return tuple(self.deltas)
+
+    @property
+    def names(self) -> list[str]:
+        """The plane parameters: those any of the chart's solutions changes."""
+        return sorted(set().union(*(d.keys() for d in self.deltas.values())))
+
+    def coefficients(self, x: float, y: float) -> dict[str, float]:
+        """c_s(x, y) per solution: θ(x, y) = W0 + Σ c_s·ΔW_s with Σ c_s = 1."""
+        x, y = float(x), float(y)
+        kind = self.form[0]
+        if kind == "paper":
+            return {"ft": y, "lora": x - y / 2, "randlora": 1.0 - x - y / 2}
+        if kind == "orthonormal":
+            norm_u, norm_v, along = self.form[1:]
+            c_ft = y / norm_v
+            c_lora = (x - along * c_ft) / norm_u  # exactly 0 at the FT vertex, 1 at LoRA's
+            return {"ft": c_ft, "lora": c_lora, "randlora": 1.0 - c_ft - c_lora}
+        if kind == "line":
+            a, b = self.form[1:]
+            return {a: 1.0 - x, b: x}
+        raise ValueError(f"unknown chart form {self.form!r}")
+
+    def terms(self, name: str) -> list[tuple[str, DeltaLike]]:
+        """(solution, ΔW) of parameter ``name``, in the fixed order of :attr:`solutions`."""
+        return [(s, self.deltas[s][name]) for s in self.solutions if name in self.deltas[s]]
+
+    def weights_at(self, x: float, y: float) -> dict[str, torch.Tensor]:
+        """Dense θ(x, y) of every plane parameter (new tensors; the evaluator's arithmetic)."""
+        coef = self.coefficients(x, y)
+        out = {}
+        for n in self.names:
+            w0 = self.base[n].detach()
+            acc = (
+                torch.empty(min(w0.numel(), HALF_CHUNK), dtype=torch.float32, device=w0.device)
+                if w0.dtype in HALF
+                else None
+            )
+            out[n] = combine(w0, self.terms(n), coef, torch.empty_like(w0), acc)
+        return out
+
+    def line(self, a: str, b: str, name: str = "line") -> FactoredChart:
+        """The line from solution ``a`` (x = 0) to ``b`` (x = 1), sharing this chart's updates (nothing copied)."""
+        deltas = {a: self.deltas[a], b: self.deltas[b]}
+        return FactoredChart(name, {"a": (0.0, 0.0), "b": (1.0, 0.0)}, {}, self.base, deltas, ("line", a, b),
+                             self._device)  # fmt: skip
+
+    @torch.no_grad()
+    def to(self, device: torch.device | str) -> FactoredChart:
+        """Move the stored updates and the adapters' factors to ``device``, in place (charts made by
+        :meth:`line` share them); W0 stays in the base model, which its evaluator moves."""
+        device = resolve_device(device)
+        if self._device == device:
+            return self
+        for per in self.deltas.values():
+            for n, d in per.items():
+                if isinstance(d, torch.Tensor):
+                    per[n] = d.to(device)
+                elif hasattr(d, "to"):
+                    d.to(device)
+        self._device = device
+        return self
+
+    def stored_bytes(self) -> int:
+        """Bytes of the updates held dense (full fine-tuning's and the heads)."""
+        return sum(d.numel() * d.element_size() for per in self.deltas.values() for d in per.values()
+                   if isinstance(d, torch.Tensor))  # fmt: skip
+
+
+def combine(
+    w0: torch.Tensor,
+    terms: list[tuple[str, DeltaLike]],
+    coef: Mapping[str, float],
+    out: torch.Tensor,
+    acc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out`` ← W0 + Σ c_s·ΔW_s, terms in order, exact zero coefficients skipped (``out`` may be ``W0``'s
+    shape viewed in a larger buffer). ``acc``: a flat fp32 buffer for half-precision weights: the sum is
+    accumulated in fp32, ``acc.numel()`` elements at a time, and rounded once into ``out``."""
+    active = [(c, d) for s, d in terms if (c := coef.get(s, 0.0)) != 0.0]
+    if acc is None:
+        out.copy_(w0)
+        for c, d in active:
+            if isinstance(d, torch.Tensor):
+                out.add_(d.to(out.device), alpha=c)
+            elif hasattr(d, "add_to"):  # adapters.deltas.Delta: from the factors, no ΔW-sized temporary
+                d.add_to(out, c)
+            else:
+                out.add_(d().to(out.device), alpha=c)
+        return out
+    # the lazy terms are materialised once each (fp32, full size); the sum goes through ``acc`` in chunks
+    parts = [(c, (d if isinstance(d, torch.Tensor) else d()).to(out.device).reshape(-1)) for c, d in active]
+    flat_w0, flat_out, n = w0.reshape(-1), out.view(-1), w0.numel()
+    for a in range(0, n, acc.numel()):
+        b = min(n, a + acc.numel())
+        chunk = acc[: b - a]
+        chunk.copy_(flat_w0[a:b])
+        for c, t in parts:
+            chunk.add_(t[a:b], alpha=c)
+        flat_out[a:b].copy_(chunk)
+    return out
+
+
+def build_chart(
+    name: str,
+    base: nn.Module | Mapping[str, torch.Tensor],
+    deltas: Mapping[str, Mapping[str, DeltaLike]],
+    geometry: bool = True,
+) -> FactoredChart:
+    """The factored ``name`` chart (``paper`` or ``orthonormal``) through the ft, lora and randlora updates.
+
+    ``base``: the base model (or its named parameters); ``deltas``: per solution ``{parameter: ΔW}`` as
+    :meth:`adapters.solution.Solution.module_deltas` gives them (a :class:`adapters.deltas.Delta` of kind
+    ``stored`` is kept dense in the model's dtype, of kind ``factored`` kept lazy) or plain tensors (kept)
+    or other callables (kept lazy). One pass over the parameters; ``geometry``: also the distances and
+    angles of ``plane._geometry`` (the orthonormal chart needs them anyway). UserError on NaN/inf.
+    """
+    if name not in CHARTS:
+        raise UserError(f"unknown chart '{name}': choose one of {', '.join(CHARTS)}")
+    missing = [s for s in SOLUTIONS if s not in deltas]
+    if missing:
+        raise UserError(f"the plane needs the solutions ft, lora and randlora; missing: {', '.join(missing)}")
+    params = dict(base.named_parameters()) if isinstance(base, nn.Module) else dict(base)
+    kept, gram = _stream(params, {s: deltas[s] for s in SOLUTIONS}, geometry or name == "orthonormal")
+    info = _geometry(gram) if gram is not None else {}
+    names = sorted(set().union(*(d.keys() for d in kept.values())))
+    chart_base = {n: params[n] for n in names}
+    if name == "paper":
+        vertices = {"randlora": (0.0, 0.0), "lora": (1.0, 0.0), "ft": (0.5, 1.0)}
+        return FactoredChart("paper", vertices, info, chart_base, kept, ("paper",))
+    norm_u = math.sqrt(max(gram[2, 2], 0.0))
+    if norm_u == 0:
+        raise UserError("the LoRA and RandLoRA solutions are identical: no orthonormal plane through them")
+    along = float(gram[1, 2]) / norm_u
+    norm_v = math.sqrt(max(float(gram[1, 1]) - along * along, 0.0))
+    if norm_v <= 1e-12 * math.sqrt(max(gram[1, 1], 0.0)):
+        raise UserError("the three solutions are collinear: no plane through them")
+    vertices = {"randlora": (0.0, 0.0), "lora": (norm_u, 0.0), "ft": (along, norm_v)}
+    return FactoredChart("orthonormal", vertices, info, chart_base, kept, ("orthonormal", norm_u, norm_v, along))
+
+
+def _stream(
+    params: dict[str, torch.Tensor], deltas: dict[str, Mapping[str, DeltaLike]], need_gram: bool
+) -> tuple[dict[str, dict[str, DeltaLike]], np.ndarray | None]:
+    """One pass over the parameters: what to keep per solution, and the Gram matrix of the differences."""
+    names = sorted(set().union(*(d.keys() for d in deltas.values())))
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise UserError(f"the solutions change {unknown[0]!r}, which the base model lacks: use solutions of this model")
+    kept: dict[str, dict[str, DeltaLike]] = {s: {} for s in deltas}
+    gram = np.zeros((3, 3)) if need_gram else None
+    with torch.no_grad():
+        for n in names:
+            w0, current = params[n], {}
+            for s, per in deltas.items():
+                if n not in per:
+                    continue
+                d, lazy = _materialise(per[n], n, s)
+                if not d.any():  # Solution.delta() leaves all-zero updates out too
+                    continue
+                kept[s][n] = per[n] if lazy else d.to(w0.dtype)
+                current[s] = d
+            if gram is not None and current:
+                gram += _difference_gram([current.get(s) for s in SOLUTIONS], w0.numel())
+            del current
+    return kept, gram
+
+
+def _materialise(value: DeltaLike, name: str, solution: str) -> tuple[torch.Tensor, bool]:
+    """(ΔW in fp32, whether to keep it lazy); UserError on NaN/inf."""
+    if isinstance(value, torch.Tensor):
+        d, lazy = value.detach().float(), False
+    else:
+        d, lazy = value(), getattr(value, "kind", "factored") == "factored"
+    if not torch.isfinite(d).all():
+        from adapters.deltas import Delta, non_finite_message
+
+        raise UserError(
+            non_finite_message(value) if isinstance(value, Delta)
+            else f"the {solution} solution's update of '{name}' has NaN/inf: the training diverged; re-train it"
+        )  # fmt: skip
+    return d, lazy
+
+
+def _difference_gram(ds: list[torch.Tensor | None], numel: int) -> np.ndarray:
+    """Gram matrix (float64) of Δ_ft − Δ_lora, Δ_ft − Δ_randlora, Δ_lora − Δ_randlora over one parameter.
+
+    Differences first, then products (no cancellation of large ⟨Δ_a, Δ_b⟩ terms), a chunk at a time; the
+    sums stay on the device and are read once per parameter."""
+    flat = [d.reshape(-1) if d is not None else None for d in ds]
+    device = next(d for d in flat if d is not None).device
+    sums = torch.zeros(3, 3, dtype=torch.float64, device=device)
+    for a in range(0, numel, CHUNK):
+        f, lo, r = (x[a : a + CHUNK].to(device, torch.float64) if x is not None else None for x in flat)
+        rows = (_minus(f, lo), _minus(f, r), _minus(lo, r))
+        for i in range(3):
+            for j in range(i, 3):
+                if rows[i] is not None and rows[j] is not None:
+                    sums[i, j] += torch.dot(rows[i], rows[j])
+        del f, lo, r, rows
+    out = sums.cpu().numpy()
+    return np.triu(out) + np.triu(out, 1).T
+
+
+def _minus(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
+    """x − y with None for zero (None when both are)."""
+    if y is None:
+        return x
+    return -y if x is None else x - y
+
+
+def _geometry(gram: np.ndarray) -> dict:
+    """``plane._geometry`` from the Gram matrix of (ft − lora, ft − randlora, lora − randlora)."""
+    dist = {p: math.sqrt(max(gram[k, k], 0.0)) for k, p in enumerate(("ft-lora", "ft-randlora", "lora-randlora"))}
+    # at each vertex, the two edges leaving it as signed rows of the Gram matrix: (row, sign)
+    edges = {"ft": ((0, -1), (1, -1)), "lora": ((0, 1), (2, -1)), "randlora": ((1, 1), (2, 1))}
+    angles = {}
+    for at, ((i, si), (j, sj)) in edges.items():
+        dot = si * sj * gram[i, j]
+        cos = dot / max(math.sqrt(max(gram[i, i] * gram[j, j], 0.0)), 1e-300)
+        angles[at] = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+    return {"distances": dist, "triangle_angles_deg": angles}
+
+
+# --------------------------------------------------------------------------- the evaluator
+
+
+class _Pool:
+    """Flat scratch buffers per (dtype, device), lent as views shaped like a parameter: a module's pre-hook
+    takes the smallest free buffer that is large enough (else makes one) and gives it back after the module
+    ran, so a few buffers of the largest parameters' size serve every module."""
+
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.allocated_bytes = 0  # every buffer ever made (they are kept for reuse)
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self.free.setdefault((dtype, device), [])
+        fits = [k for k, buf in enumerate(free) if buf.numel() >= numel]
+        if fits:
+            return free.pop(min(fits, key=lambda k: free[k].numel()))
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        self.allocated_bytes += buf.numel() * buf.element_size()
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        self.free.setdefault((buf.dtype, buf.device), []).append(buf)
+
+
+# (module owning the parameter, attribute, W0, its terms)
+_Entry = tuple[nn.Module, str, torch.Tensor, list[tuple[str, DeltaLike]]]
+
+
+class _Swapper:
+    """What the hooks do; holds no reference to the evaluator, so the evaluator can be garbage collected."""
+
+    def __init__(self):
+        self.coef: dict[str, float] = {}
+        self.active = False  # hooks act only inside the evaluator's own evaluate()
+        self.pool = _Pool()
+        self.live: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []  # swapped, innermost last
+
+    @torch.no_grad()
+    def pre(self, entries: list[_Entry]) -> None:
+        if not self.active:
+            return
+        for owner, attr, w0, terms in entries:
+            buf = self.pool.take(w0.numel(), w0.dtype, w0.device)
+            acc = self.pool.take(min(w0.numel(), HALF_CHUNK), torch.float32, w0.device) if w0.dtype in HALF else None
+            # the forward may run under bf16 autocast; the weights (and the adapters' ΔW) are built as the
+            # dense plane builds them, outside it
+            with torch.autocast(w0.device.type, enabled=False):
+                owner._parameters[attr] = combine(w0, terms, self.coef, buf[: w0.numel()].view(w0.shape), acc)
+            if acc is not None:
+                self.pool.give(acc)
+            self.live.append((owner, attr, w0, buf))
+
+    def post(self, entries: list[_Entry]) -> None:
+        if self.active:
+            self.restore(len(entries))
+
+    def restore(self, count: int | None = None) -> None:
+        """Swap W0 back into the last ``count`` swapped parameters (all when None)."""
+        for _ in range(len(self.live) if count is None else min(count, len(self.live))):
+            owner, attr, w0, buf = self.live.pop()
+            owner._parameters[attr] = w0
+            self.pool.give(buf)
+
+
+def _detach(handles: list, swapper: _Swapper, model: nn.Module, training: bool) -> None:
+    """Finalizer: remove the hooks, put W0 back everywhere, restore the train/eval mode."""
+    swapper.restore()
+    for h in handles:
+        h.remove()
+    handles.clear()
+    swapper.pool.free.clear()
+    model.train(training)
+
+
+def _modules_that_run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[int]:
+    """ids of the modules whose forward runs on ``inputs`` (one probe forward at the current weights)."""
+    ran: set[int] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, args: ran.add(id(mod))) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+def _holders(model: nn.Module, chart: FactoredChart, probe: dict[str, torch.Tensor] | None) -> dict:
+    """{module whose pre-hook swaps: [entries]}: each plane parameter in every module holding it (tied
+    weights), hoisted to the nearest ancestor that runs when its owner's forward never does."""
+    params = dict(model.named_parameters())
+    missing = [n for n in chart.names if n not in params]
+    if missing:
+        raise ValueError(f"the chart's parameter {missing[0]!r} is not a parameter of the model")
+    wanted = {id(params[n]): n for n in chart.names}
+    ran = _modules_that_run(model, probe) if probe is not None else None
+    parents = {id(c): m for m in model.modules() for c in m.children()}
+    holders: dict[nn.Module, list[_Entry]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is None or id(p) not in wanted:
+                continue
+            holder = module
+            while ran is not None and id(holder) not in ran and id(holder) in parents:
+                holder = parents[id(holder)]
+            if ran is not None and id(holder) not in ran:
+                continue  # the forward never uses it: nothing to swap
+            holders.setdefault(holder, []).append((module, attr, p, chart.terms(wanted[id(p)])))
+    return holders
+
+
+class FactoredEvaluator:
+    """Evaluates the loss at chart points on the base model itself (module docstring).
+
+    The interface of :class:`landscape.grid.PlaneEvaluator` (``eval_set``, ``autocast``,
+    ``points_per_forward`` = 1, ``note``, ``objective``, :meth:`evaluate`, :meth:`evaluate_iter`,
+    :meth:`evaluate_many`, :meth:`set_point`). The model is moved to ``device`` and set to eval mode;
+    :meth:`close` (or ``with``) removes the hooks and restores its mode and device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        chart: FactoredChart,
+        eval_set: EvalSet,
+        device: torch.device | str,
+        dtype: str = "float32",
+        points_per_forward: int | str = 1,
+        objective: Classification = OBJECTIVES["classification"],
+    ):
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, not {dtype}")
+        self.autocast = dtype == "bfloat16"  # bf16 autocast of the forward; weights keep the model's dtype
+        self.device = resolve_device(device)
+        self.model, self.chart, self.eval_set, self.objective = model, chart, eval_set, objective
+        self.points_per_forward = 1
+        self.note = None if points_per_forward in (1, "auto") else (
+            f"the factored plane evaluates one point per forward ({points_per_forward} were asked for)"
+        )  # fmt: skip
+        first = next(model.parameters(), None)
+        self._home = first.device if first is not None else self.device
+        training = model.training
+        model.to(self.device).eval()
+        chart.to(self.device)
+        probe = eval_set.batches[0][0] if eval_set.batches else None
+        try:
+            holders = _holders(model, chart, probe)
+        except BaseException:
+            model.train(training)
+            raise
+        self._swapper = swapper = _Swapper()
+        handles = []
+        # The hooks hold the swapper, never the evaluator: the evaluator can then be garbage collected.
+        for holder, entries in holders.items():
+            handles.append(holder.register_forward_pre_hook(lambda m, a, e=entries, s=swapper: s.pre(e)))
+            handles.append(holder.register_forward_hook(lambda m, a, o, e=entries, s=swapper: s.post(e),
+                                                        always_call=True))  # fmt: skip
+        self._handles = handles
+        self._finalizer = weakref.finalize(self, _detach, handles, swapper, model, training)
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Bytes of the scratch tensors the hooks allocated (reused across modules and points)."""
+        return self._swapper.pool.allocated_bytes
+
+    @torch.no_grad()
+    def set_point(self, x: float, y: float) -> None:
+        """The point the next forward evaluates at (weights are built as each module runs)."""
+        if not self._finalizer.alive:
+            raise RuntimeError("this FactoredEvaluator is closed")
+        self._swapper.coef = self.chart.coefficients(x, y)
+        first = next(self.model.parameters(), None)
+        if first is not None and first.device != self.device:  # another evaluator's close() moved it home
+            self.model.to(self.device)
+        self.model.eval()  # drops caches computed from the weights (module docstring)
+
+    @torch.no_grad()
+    def evaluate(self, x: float, y: float, keep_samples: bool = False) -> PointResult:
+        self.set_point(x, y)
+        forward = lambda inputs: self.model(**inputs)  # noqa: E731
+        batches, n = self.eval_set.batches, self.eval_set.n
+        self._swapper.active = True
+        try:
+            return score(forward, batches, n, self.objective, bf16=self.autocast, keep_samples=keep_samples)[0]
+        finally:
+            self._swapper.active = False
+            self._swapper.restore()  # after an exception inside a forward too
+
+    def evaluate_iter(self, points: Iterable[tuple[float, float]], keep_samples: bool = False) -> Iterator[PointResult]:
+        """Results at ``points`` in order, one point per forward."""
+        for x, y in points:
+            yield self.evaluate(float(x), float(y), keep_samples=keep_samples)
+
+    def evaluate_many(self, points: Iterable[tuple[float, float]]) -> list[PointResult]:
+        return list(self.evaluate_iter(points))
+
+    def close(self, restore_device: bool = True) -> None:
+        """Remove the hooks and restore the model's train/eval mode (and device, unless told not to)."""
+        if self._finalizer.alive:
+            self._finalizer()
+            if restore_device and self._home != self.device:
+                self.model.to(self._home)
+
+    def __enter__(self) -> FactoredEvaluator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def line_evaluators(
+    base_model: nn.Module,
+    solutions: Mapping,
+    eval_set: EvalSet,
+    device: torch.device | str,
+    dtype: str = "float32",
+    objective: Classification = OBJECTIVES["classification"],
+    chart: FactoredChart | None = None,
+) -> Callable[[str, str, str], FactoredEvaluator]:
+    """For :func:`landscape.paths.compute_paths`: a function (A, B, name) → the evaluator of the line from
+    A to B. ``chart``: a factored chart through the solutions whose updates are shared (else one is built
+    from ``solutions[s].module_deltas()``, without geometry)."""
+    if chart is None:
+        deltas = {s: solutions[s].module_deltas(check=False) for s in SOLUTIONS if s in solutions}
+        chart = build_chart("paper", base_model, deltas, geometry=False)
+
+    def make(a: str, b: str, name: str) -> FactoredEvaluator:
+        return FactoredEvaluator(base_model, chart.line(a, b, name), eval_set, device, dtype, 1, objective)
+
+    return make
