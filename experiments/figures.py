@@ -27,13 +27,25 @@ START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 OFFLINE = {
     "wordnet": ["--dataset", "wordnet"],
     "fashion-mnist": ["--dataset", "fashion-mnist"],
+    "wordnet-hf": ["--dataset", "wordnet", "--model", "hf:MINILM"],  # the same MiniLM through --model hf:
 }
+# Runs shown as a comparison with another run of the set instead of a full section.
+COMPARED = {"wordnet-hf": "wordnet"}
+HF_TOLERANCE = 0.02  # the hf: entry must reach the built-in entry's test accuracies within this
 PAPER = {name: ["--dataset", name, "--preset", "paper"] for name in ("cifar100", "food101", "ucf101")}
 FIGURES = ("landscape.png", "paths.png", "spectrum.png", "rank.png", "similarity.png")
 LABELS = {"head_only": "head only (baseline)", "ft": "full fine-tuning", "lora": "LoRA", "randlora": "RandLoRA"}
 
 
+def resolve_argv(argv: list[str]) -> list[str]:
+    """``hf:MINILM`` stands for the installed MiniLM folder (an ordinary Hugging Face model folder)."""
+    from adapters.models import minilm
+
+    return [f"hf:{minilm.model_path()}" if a == "hf:MINILM" else a for a in argv]
+
+
 def ensure_run(name: str, argv: list[str], runs: Path, force: bool) -> Path:
+    argv = resolve_argv(argv)
     out = runs / name
     if force or not (out / "landscape.json").exists():
         print(f"[figures] running {' '.join(argv)} --out {out}", file=sys.stderr)
@@ -119,6 +131,33 @@ def section(name: str, out: Path, figures: Path) -> str:
 NOISE_SE = 2.0  # a difference counts as measured when it exceeds 2 standard errors
 
 
+def comparison(name: str, out: Path, reference: Path) -> str:
+    """The hf: run beside the built-in run it must match: test accuracy per solution and the largest gap."""
+    meta, ref = (json.loads((p / "landscape.json").read_text()) for p in (out, reference))
+    command = meta["command"].replace(str(ROOT) + "/", "")
+    lines = [
+        f"### The same MiniLM through `--model hf:` ({meta['dataset']})",
+        "",
+        f"`{command}` (the installed MiniLM folder as an ordinary Hugging Face model folder: `AutoModel` + mean "
+        f"pooling + a linear head, default targets of the BERT family; it truncates at `--cutoff-len` 256 tokens "
+        f"where the built-in entry truncates at 32, which changes a few long glosses), beside the built-in "
+        f"`{ref['model']}`:",
+        "",
+        "| solution | test accuracy, built-in | test accuracy, hf: | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    gaps = []
+    for key in ("head_only", "ft", "lora", "randlora"):
+        a, b = ref["solutions"][key]["test_accuracy"], meta["solutions"][key]["test_accuracy"]
+        gaps.append(abs(a - b))
+        lines.append(f"| {LABELS[key]} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+    verdict = "within" if max(gaps) <= HF_TOLERANCE else "NOT within"
+    lines += ["", f"Largest difference {max(gaps):.4f}: {verdict} {HF_TOLERANCE} of the built-in entry "
+              f"({meta['solutions']['ft']['trainable_params']:,} vs {ref['solutions']['ft']['trainable_params']:,} "
+              "trainable parameters in full fine-tuning).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
 def readings(meta: dict, spec: dict) -> list[str]:
     sols = meta["solutions"]
     out = []
@@ -202,14 +241,27 @@ def _depth(sols: dict, gap_se: dict) -> str:
 
 
 def _barriers(paths: dict) -> str:
+    """Both barriers of each straight path with their paired SE, each marked "within noise" (2 SE) when so;
+    runs from before the chord barrier give the first alone."""
+
+    def reading(value: float, se: float | None) -> str:
+        if se is None:
+            return f"{value:.4f}"
+        return f"{value:.4f} ± {se:.4f}{' (within noise)' if _within(value, se) else ''}"
+
+    chord, chord_se = paths.get("chord_barrier") or {}, paths.get("chord_barrier_se") or {}
     parts = []
     for pair, value in paths["barrier"].items():
-        se = (paths.get("barrier_se") or {}).get(pair)
-        if se is None:
-            parts.append(f"{pair} {value:.4f}")
-        else:
-            parts.append(f"{pair} {value:.4f} ± {se:.4f}{' (within noise)' if _within(value, se) else ''}")
-    return "Barriers on the straight paths (max loss − mean endpoint loss, ± paired SE): " + ", ".join(parts) + "."
+        text = f"{pair} {reading(value, (paths.get('barrier_se') or {}).get(pair))}"
+        if pair in chord:
+            text += f", above the chord {reading(chord[pair], chord_se.get(pair))}"
+        parts.append(text)
+    if not chord:
+        return "Barriers on the straight paths (max loss − mean endpoint loss, ± paired SE): " + ", ".join(parts) + "."
+    return (
+        "Barriers on the straight paths (± paired SE; max loss − mean endpoint loss, Frankle et al. 2020, and max "
+        "of loss − the chord (1 − t)·L(0) + t·L(1), Entezari et al. 2022): " + "; ".join(parts) + "."
+    )
 
 
 def _similarity(layers: list[dict], k: int) -> list[str]:
@@ -277,7 +329,10 @@ def _run(argv: Sequence[str] | None) -> None:
             out = ensure_run(name, run_argv, Path(args.runs), args.force)
         elif not (out / "landscape.json").exists():
             continue  # --only left out a run that does not exist: no section for it
-        parts.append(section(name, out, figures))  # --only reruns its runs; the others keep their section
+        if name in COMPARED:
+            parts.append(comparison(name, out, Path(args.runs) / COMPARED[name]))
+        else:
+            parts.append(section(name, out, figures))  # --only reruns its runs; the others keep their section
     rewrite_readme("\n".join(parts), Path(args.readme))
     print(f"[figures] wrote figures/ and the README gallery ({', '.join(todo)})", file=sys.stderr)
 

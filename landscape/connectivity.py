@@ -163,9 +163,13 @@ def stage_keys(grid_store: GridStore, config, device) -> dict[str, str]:
 
     dtype = config.landscape_dtype(device.type)
     return {
-        "paths": key_digest([grid_store.key, config.path_points, config.path_extend, dtype]),
-        "spectrum": key_digest([grid_store.solutions["deltas"], str(device)]),
+        "paths": key_digest([grid_store.key, config.path_points, config.path_extend, dtype, PATHS_FORMAT]),
+        "spectrum": key_digest([grid_store.solutions["deltas"], str(device), SPECTRUM_FORMAT]),
     }
+
+
+# What a stage writes changed (2: chord barriers; spectrum 2: W0 and W0 + ΔW spectra): older results are redone.
+PATHS_FORMAT, SPECTRUM_FORMAT = 2, 2
 
 
 def stale(config, error: Exception) -> UserError:

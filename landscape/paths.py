@@ -2,9 +2,16 @@
 
 For each pair (A, B) of (ft, lora), (ft, randlora), (lora, randlora) the loss is evaluated on
 the straight line ``θ(t) = (1 − t)·θ_A + t·θ_B = θ_A + t·(θ_B − θ_A)`` for ``points`` values
-of t in ``[−extend, 1 + extend]`` (0 and 1 are always exactly on the grid). The barrier of a
-pair is ``max_{t ∈ [0, 1]} L(θ(t)) − (L(θ_A) + L(θ_B)) / 2`` (REFERENCE.md §3), so it is
-never negative; a barrier near 0 means the two solutions are linearly mode-connected.
+of t in ``[−extend, 1 + extend]`` (0 and 1 are always exactly on the grid). Two barriers per pair:
+
+- ``barrier = max_{t ∈ [0, 1]} L(θ(t)) − (L(θ_A) + L(θ_B)) / 2`` (Frankle et al. 2020; REFERENCE.md §3),
+  never negative; but on a monotone path between endpoints of different loss it is half their gap,
+  positive with no bump at all;
+- ``chord_barrier = max_{t ∈ [0, 1]} [L(θ(t)) − ((1 − t)·L(θ_A) + t·L(θ_B))]`` (Entezari et al. 2022):
+  the height above the chord between the endpoint losses, 0 for any path that never rises above it.
+
+A barrier near 0 means the two solutions are linearly mode-connected. Each comes with its standard
+error paired over the evaluation samples, from the per-sample losses the paths keep (no extra forward).
 
 The line is an affine chart (origin θ_A, U = θ_B − θ_A, V = 0) evaluated by the same
 :class:`landscape.grid.PlaneEvaluator` and :class:`landscape.grid.EvalSet` as the plane, so
@@ -13,8 +20,9 @@ the path at t = 0 and t = 1 is the loss of the solutions themselves on the same 
 Writes under the run folder (or ``--out``):
 
   paths.npz   t (n,), loss / accuracy / loss_se (3, n) (row k = pairs[k]), pairs (3,) e.g. "ft-lora"
-  paths.json  per pair: barrier, t_max, loss_max, endpoint losses; points, extend, seed, eval info
-  paths.png / paths.pdf   loss along t, one line per pair, solutions marked, barriers drawn
+  paths.json  per pair: barrier, t_max, loss_max, endpoint losses, chord_barrier, chord_t_max, their paired
+              standard errors; both definitions; points, extend, seed, eval info
+  paths.png / paths.pdf   loss along t, one line per pair, solutions marked, barriers and chords drawn
 
 The command reopens a run with :func:`landscape.run.open_run` (the configuration recorded in
 ``landscape.json``), so the evaluation set, the device's precision and the solutions are the run's.
@@ -44,7 +52,24 @@ from landscape.plane import SOLUTIONS, Chart, snapped_axis, solution_weights
 PROG = "python -m landscape.paths"
 PAIRS = (("ft", "lora"), ("ft", "randlora"), ("lora", "randlora"))
 
-__all__ = ["PAIRS", "check_options", "compute_paths", "line_chart", "loss_barrier", "main", "path_axis", "write_paths"]
+__all__ = [
+    "BARRIER_DEFINITION",
+    "CHORD_BARRIER_DEFINITION",
+    "PAIRS",
+    "barrier_se",
+    "barriers_with_se",
+    "check_options",
+    "chord_barrier_se",
+    "compute_paths",
+    "line_chart",
+    "loss_barrier",
+    "main",
+    "path_axis",
+    "write_paths",
+]
+
+BARRIER_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - (L(theta_A) + L(theta_B)) / 2"
+CHORD_BARRIER_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - ((1-t)*L(theta_A) + t*L(theta_B))"
 
 
 def pair_name(a: str, b: str) -> str:
@@ -73,12 +98,19 @@ def line_chart(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.
 
 
 def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
-    """Loss barrier of one path: max over t ∈ [0, 1] of the loss minus the mean of the losses at t = 0 and 1."""
+    """Both barriers of one path (module docstring) from its losses at ``t`` (which holds 0 and 1).
+
+    ``barrier``: max over t ∈ [0, 1] of the loss minus the mean of the losses at t = 0 and 1, at ``t_max``;
+    ``chord_barrier``: max over t ∈ [0, 1] of the loss minus the chord ``(1 − t)·L(0) + t·L(1)``, at
+    ``chord_t_max`` (≥ 0: the chord meets the path at both ends).
+    """
     t, loss = np.asarray(t, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     inside = np.flatnonzero((t >= 0.0) & (t <= 1.0))
     i0, i1 = int(np.flatnonzero(t == 0.0)[0]), int(np.flatnonzero(t == 1.0)[0])
     k = int(inside[np.argmax(loss[inside])])
     mean_ends = 0.5 * (loss[i0] + loss[i1])
+    above_chord = loss[inside] - ((1.0 - t[inside]) * loss[i0] + t[inside] * loss[i1])
+    c = int(np.argmax(above_chord))
     return {
         "barrier": float(loss[k] - mean_ends),
         "t_max": float(t[k]),
@@ -86,6 +118,9 @@ def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
         "loss_t0": float(loss[i0]),
         "loss_t1": float(loss[i1]),
         "mean_endpoint_loss": float(mean_ends),
+        "chord_barrier": float(above_chord[c]),
+        "chord_t_max": float(t[inside[c]]),
+        "chord_loss_max": float(loss[inside[c]]),
     }
 
 
@@ -95,6 +130,22 @@ def barrier_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> fl
     ``samples[j]`` holds the per-sample losses at ``t[j]``."""
     at = {float(tj): s for tj, s in zip(t, samples, strict=True)}
     return paired_se(at[info["t_max"]], (at[0.0] + at[1.0]) / 2)
+
+
+def chord_barrier_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> float:
+    """Standard error of a path's chord barrier, paired over the evaluation samples: of the mean over samples
+    of l(t*) − ((1 − t*)·l(0) + t*·l(1)) at t* = ``info["chord_t_max"]``."""
+    at = {float(tj): s for tj, s in zip(t, samples, strict=True)}
+    tc = info["chord_t_max"]
+    return paired_se(at[tc], (1.0 - tc) * at[0.0] + tc * at[1.0])
+
+
+def barriers_with_se(t: np.ndarray, loss: np.ndarray, samples: Sequence[torch.Tensor]) -> dict:
+    """:func:`loss_barrier` of a path plus ``barrier_se`` and ``chord_barrier_se`` from its per-sample losses."""
+    info = loss_barrier(t, loss)
+    info["barrier_se"] = barrier_se(t, samples, info)
+    info["chord_barrier_se"] = chord_barrier_se(t, samples, info)
+    return info
 
 
 def compute_paths(
@@ -145,8 +196,7 @@ def compute_paths(
             samples.append(r.samples)
             bar.update(1)
             bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
-        barriers[pairs[k]] = loss_barrier(t, out["loss"][k])
-        barriers[pairs[k]]["barrier_se"] = barrier_se(t, samples, barriers[pairs[k]])
+        barriers[pairs[k]] = barriers_with_se(t, out["loss"][k], samples)
         if storage == "factored":  # the hooks go; the base model goes home after the last pair
             evaluator.close(restore_device=k == len(PAIRS) - 1)
         del evaluator
@@ -186,7 +236,8 @@ def write_paths(
         "extend": float(result["extend"]),
         "t_range": [float(result["t"][0]), float(result["t"][-1])],
         "eval_samples": int(result["eval_samples"]),
-        "barrier_definition": "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - (L(theta_A) + L(theta_B)) / 2",
+        "barrier_definition": BARRIER_DEFINITION,
+        "chord_barrier_definition": CHORD_BARRIER_DEFINITION,
         "pairs": {p: dict(result["barriers"][p]) for p in result["pairs"]},
         "seconds": result.get("seconds"),
     }
@@ -205,6 +256,10 @@ def summary(result: Mapping) -> dict:
         "barrier": {p: result["barriers"][p]["barrier"] for p in result["pairs"]},
         "t_max": {p: result["barriers"][p]["t_max"] for p in result["pairs"]},
         "barrier_se": {p: result["barriers"][p].get("barrier_se") for p in result["pairs"]},
+        "chord_barrier": {p: result["barriers"][p]["chord_barrier"] for p in result["pairs"]},
+        "chord_t_max": {p: result["barriers"][p]["chord_t_max"] for p in result["pairs"]},
+        "chord_barrier_se": {p: result["barriers"][p].get("chord_barrier_se") for p in result["pairs"]},
+        "definitions": {"barrier": BARRIER_DEFINITION, "chord_barrier": CHORD_BARRIER_DEFINITION},
     }
 
 
@@ -272,7 +327,10 @@ def _run(argv: Sequence[str] | None = None) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
     for p in result["pairs"]:
         b = result["barriers"][p]
-        print(f"{p:<14} barrier {b['barrier']:.4f} at t = {b['t_max']:.3f}")
+        print(
+            f"{p:<14} barrier {b['barrier']:.4f} ± {b['barrier_se']:.4f} at t = {b['t_max']:.3f}, "
+            f"chord barrier {b['chord_barrier']:.4f} ± {b['chord_barrier_se']:.4f} at t = {b['chord_t_max']:.3f}"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,6 +116,55 @@ def test_barrier_equals_direct_numpy(setup):
     # a hand-made path with a known barrier; the peak outside [0, 1] does not count
     b = paths.loss_barrier(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), np.array([9.0, 1.0, 4.0, 3.0, 9.0]))
     assert b["barrier"] == pytest.approx(2.0) and b["t_max"] == 0.5
+    assert b["chord_barrier"] == pytest.approx(2.0) and b["chord_t_max"] == 0.5  # chord at 0.5: (1 + 3) / 2
+    # the chord barrier of the computed paths, from numpy
+    for k, pair in enumerate(result["pairs"]):
+        above = loss[k][inside] - ((1 - t[inside]) * loss[k][t == 0][0] + t[inside] * loss[k][t == 1][0])
+        got = result["barriers"][pair]
+        assert got["chord_barrier"] == pytest.approx(above.max(), abs=1e-12) and got["chord_barrier"] >= 0
+        assert got["chord_t_max"] == t[inside][np.argmax(above)]
+        assert got["barrier_se"] > 0 and got["chord_barrier_se"] >= 0
+
+
+def test_both_barriers_against_a_closed_form_path():
+    # L(t) = L0 + Δ·t + 4h·t(1 − t): the chord is L0 + Δ·t, so the chord barrier is h at t = 1/2; the
+    # maximum is at t* = (Δ + 4h) / 8h with L(t*) = L0 + (Δ + 4h)² / 16h, so barrier = (Δ + 4h)² / 16h − Δ / 2.
+    l0, delta, h = 0.3, 1.0, 1.0
+    t = np.linspace(-0.25, 1.25, 13)  # step 1/8: t* = 5/8 and 1/2 are on the axis; the ends outside do not count
+    loss = l0 + delta * t + 4 * h * t * (1 - t)
+    b = paths.loss_barrier(t, loss)
+    assert b["barrier"] == pytest.approx((delta + 4 * h) ** 2 / (16 * h) - delta / 2, abs=1e-12)
+    assert b["t_max"] == 0.625 and b["loss_max"] == pytest.approx(l0 + (delta + 4 * h) ** 2 / (16 * h), abs=1e-12)
+    assert b["chord_barrier"] == pytest.approx(h, abs=1e-12) and b["chord_t_max"] == 0.5
+    assert b["chord_loss_max"] == pytest.approx(l0 + delta / 2 + h, abs=1e-12)
+    # a monotone path between endpoints of different loss: half their gap above the mean, nothing above the chord
+    line = paths.loss_barrier(t, l0 + delta * t)
+    assert line["barrier"] == pytest.approx(delta / 2, abs=1e-12) and line["t_max"] == 1.0
+    assert abs(line["chord_barrier"]) < 1e-12
+    # a path below its chord everywhere inside: the chord barrier is 0 (at an end), never negative
+    valley = paths.loss_barrier(t, l0 + delta * t - 4 * h * t * (1 - t))
+    assert valley["chord_barrier"] == 0.0 and valley["chord_t_max"] in (0.0, 1.0)
+
+
+def test_barrier_errors_against_numpy():
+    """Both paired standard errors from per-sample losses, against numpy on the per-sample differences."""
+    rng = np.random.default_rng(0)
+    t = paths.path_axis(9)
+    n = 50
+    difficulty = rng.gamma(2.0, 0.5, size=n)  # shared by every point: what pairing cancels
+    per_sample = [difficulty * (1 + 0.3 * tj) + 2 * tj * (1 - tj) + 0.1 * rng.normal(size=n) for tj in t]
+    loss = np.array([s.mean() for s in per_sample])
+    samples = [torch.tensor(s) for s in per_sample]
+    b = paths.barriers_with_se(t, loss, samples)
+    at = dict(zip(t.tolist(), per_sample, strict=True))
+    d = at[b["t_max"]] - (at[0.0] + at[1.0]) / 2
+    assert b["barrier_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
+    assert b["barrier"] == pytest.approx(d.mean(), abs=1e-12)
+    tc = b["chord_t_max"]
+    d = at[tc] - ((1 - tc) * at[0.0] + tc * at[1.0])
+    assert b["chord_barrier_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
+    assert b["chord_barrier"] == pytest.approx(d.mean(), abs=1e-12)
+    assert paths.chord_barrier_se(t, samples, b) == b["chord_barrier_se"]
 
 
 def test_write_paths(setup, tmp_path):
@@ -127,6 +176,10 @@ def test_write_paths(setup, tmp_path):
     meta = json.loads((tmp_path / "paths.json").read_text())
     assert meta["seed"] == 0 and meta["points"] == 5 and meta["extend"] == 0.25
     assert meta["pairs"]["ft-lora"]["barrier"] == result["barriers"]["ft-lora"]["barrier"]
+    for key in ("chord_barrier", "chord_barrier_se", "chord_t_max"):
+        assert meta["pairs"]["ft-lora"][key] == result["barriers"]["ft-lora"][key], key
+    assert meta["barrier_definition"] == paths.BARRIER_DEFINITION
+    assert meta["chord_barrier_definition"] == paths.CHORD_BARRIER_DEFINITION
     assert (tmp_path / "paths.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "paths.pdf").read_bytes()[:4] == b"%PDF"
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
@@ -151,6 +204,10 @@ def test_connectivity_records_paths(run_dir):
     assert meta["paths"]["points"] == 3 and meta["config"]["train_per_class"] == 6 and meta["config"]["data_root"]
     for name in ("paths.npz", "paths.json", "paths.png", "paths.pdf"):
         assert (run_dir / name).stat().st_size > 0, name
+    recorded = json.loads((run_dir / "paths.json").read_text())["pairs"]
+    for key in ("chord_barrier", "chord_barrier_se", "chord_t_max"):
+        assert meta["paths"][key] == {p: recorded[p][key] for p in recorded}, key
+    assert meta["paths"]["definitions"]["chord_barrier"] == paths.CHORD_BARRIER_DEFINITION
 
 
 def test_cli_rebuilds_the_run_exactly(run_dir, tmp_path, capsys):
@@ -185,3 +242,31 @@ def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("**/paths.*")), "bad input must write nothing"
     assert connectivity.main([*TINY, "--path-points", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--path-points" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_paths_figure_draws_the_chords(setup):
+    from landscape import render
+
+    result = setup[4]
+    (ax,) = render.paths_figure(result).axes
+    lines = [(tuple(ln.get_xdata()), tuple(ln.get_ydata())) for ln in ax.get_lines()]
+    for pair in result["pairs"]:
+        b = result["barriers"][pair]
+        assert ((0.0, 1.0), (b["loss_t0"], b["loss_t1"])) in lines, pair
+    legend = [x.get_text() for x in ax.get_legend().get_texts()]
+    assert f"chord {result['barriers']['ft-lora']['chord_barrier']:.3g}" in legend[0]
+
+
+def test_readings_mention_both_barriers():
+    from experiments.figures import _barriers
+
+    summary = {"barrier": {"ft-lora": 0.02, "lora-randlora": 0.01},
+               "barrier_se": {"ft-lora": 0.005, "lora-randlora": 0.01},
+               "chord_barrier": {"ft-lora": 0.004, "lora-randlora": 0.03},
+               "chord_barrier_se": {"ft-lora": 0.003, "lora-randlora": 0.01}}  # fmt: skip
+    text = _barriers(summary)
+    assert "ft-lora 0.0200 ± 0.0050, above the chord 0.0040 ± 0.0030 (within noise)" in text  # 0.004 < 2·0.003
+    assert "lora-randlora 0.0100 ± 0.0100 (within noise), above the chord 0.0300 ± 0.0100." in text
+    assert "chord" in text and "Entezari" in text
+    old = _barriers({"barrier": {"ft-lora": 0.02}, "barrier_se": {"ft-lora": 0.005}})  # a run from before the chord
+    assert "chord" not in old and "ft-lora 0.0200 ± 0.0050" in old

@@ -1,0 +1,505 @@
+"""python -m landscape.curves — a trained curve of low loss between two solutions (Garipov et al. 2018).
+
+The straight line between two solutions may cross a ridge (:mod:`landscape.paths`); a curve with the same
+endpoints can bend around it. As in dnn-mode-connectivity, the curve is a weighted sum of control points,
+``θ(t) = Σ_k w_k(t)·θ_k``, with ``θ_0 = θ_A`` and ``θ_{n+1} = θ_B`` fixed (the two solutions' full weights
+over the plane's parameters) and the ``n`` bends ``θ_1 … θ_n`` trainable:
+
+- ``bezier``: a Bézier curve of degree n + 1, Bernstein weights ``w_k(t) = C(n+1, k)·t^k·(1 − t)^(n+1−k)``
+  (one bend: the quadratic Bézier of the paper);
+- ``polychain``: the polygonal chain through the control points, ``w_k(t) = max(0, 1 − |(n + 1)·t − k|)``.
+
+At t = 0 and t = 1 every weight but one is exactly 0 and that one exactly 1, so θ(0) = θ_A and θ(1) = θ_B
+bit for bit. The bends start on the straight line (bend k at ``(1 − α)·θ_A + α·θ_B``, α = k/(n + 1)), where
+both kinds trace the straight line itself, and are trained to minimise ``E_{t ~ U(0, 1)} L(θ(t))``: one t
+per optimizer step, drawn from the seeded global generator, on the run's training batches and objective,
+the model run by ``torch.func.functional_call`` with the curve's weights. Training is
+:func:`adapters.train.train` itself (AdamW, cosine schedule, gradient clipping, atomic checkpoints that
+resume bit-exactly on CPU and only under the same key), with no weight decay: the objective is the loss
+alone, and decay would pull the bends towards zero, away from both solutions.
+
+The trained curve and the straight line are then evaluated at the same t on the run's evaluation set by
+:class:`CurveEvaluator`, the paths' :class:`landscape.grid.PlaneEvaluator` (the line bit-identical to the
+paths' dense evaluation), with both barriers and their paired standard errors
+(:func:`landscape.paths.barriers_with_se`).
+
+Memory: the bends are dense fp32 copies of the plane parameters (bends × model), and training adds their
+gradients and AdamW's two moments (4 × bends × model in all), plus θ_A, θ_B and θ(t).
+
+Writes under ``--out`` (default: the run folder), ``curves/``:
+
+  <A>-<B>.npz          t (n,), loss / accuracy / loss_se (2, n) with rows ``paths`` = (curve, line), train_loss
+  <A>-<B>.json         both paths' barriers (both definitions, paired SE), mean loss; settings, training summary
+  <A>-<B>.png          loss along the curve and along the straight line, chords and barriers drawn
+  <A>-<B>.safetensors  the bends: ``bend<k>.<parameter name>``; kind, bends, pair in the metadata
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from adapters.errors import UserError
+from adapters.models.base import Encoded
+from adapters.objectives import OBJECTIVES, Classification
+from adapters.train import TrainConfig, train
+from landscape import paths, render, store
+from landscape.grid import EvalSet, PlaneEvaluator
+from landscape.plane import SOLUTIONS, Chart
+
+PROG = "python -m landscape.curves"
+KINDS = ("bezier", "polychain")
+ROWS = ("curve", "line")  # the rows of the results: the trained curve, the straight line
+
+__all__ = [
+    "KINDS",
+    "Curve",
+    "CurveEvaluator",
+    "CurveModel",
+    "bezier_weights",
+    "curve_weights",
+    "evaluate_curve",
+    "load_curve",
+    "main",
+    "parse_pair",
+    "polychain_weights",
+    "train_curve",
+    "write_curve",
+]
+
+
+def bezier_weights(t: float, bends: int) -> list[float]:
+    """Bernstein weights of the ``bends + 2`` control points at ``t``: ``C(n, k)·t^k·(1 − t)^(n − k)``,
+    n = bends + 1."""
+    n = bends + 1
+    return [math.comb(n, k) * t**k * (1.0 - t) ** (n - k) for k in range(n + 1)]
+
+
+def polychain_weights(t: float, bends: int) -> list[float]:
+    """Weights of the ``bends + 2`` control points of the polygonal chain at ``t``:
+    ``max(0, 1 − |(bends + 1)·t − k|)``."""
+    n = bends + 1
+    return [max(0.0, 1.0 - abs(t * n - k)) for k in range(n + 1)]
+
+
+def curve_weights(kind: str, t: float, bends: int) -> list[float]:
+    """The control points' weights of a curve of ``kind`` at ``t``."""
+    if kind == "bezier":
+        return bezier_weights(float(t), bends)
+    if kind == "polychain":
+        return polychain_weights(float(t), bends)
+    raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
+
+
+def check_options(bends: int, kind: str) -> None:
+    """UserError unless ``kind`` is a curve kind and ``bends`` >= 1."""
+    if kind not in KINDS:
+        raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
+    if bends < 1:
+        raise UserError(f"a trained curve needs at least 1 bend, got {bends}: try --bends 1 (a quadratic Bézier)")
+
+
+class Curve(nn.Module):
+    """θ(t) between fixed endpoints θ_A, θ_B through ``bends`` trainable control points (module docstring).
+
+    The control points are flat fp32 vectors over the parameters named in ``theta_a`` (in that order):
+    buffers ``theta_a`` / ``theta_b`` and the parameter ``bends`` of shape (bends, total size).
+    """
+
+    def __init__(
+        self,
+        theta_a: Mapping[str, torch.Tensor],
+        theta_b: Mapping[str, torch.Tensor],
+        bends: int = 3,
+        kind: str = "bezier",
+    ):
+        super().__init__()
+        check_options(bends, kind)
+        if set(theta_a) != set(theta_b):
+            raise ValueError("the two endpoints must hold the same parameters")
+        self.kind, self.num_bends = kind, bends
+        self.names = list(theta_a)
+        self.shapes = [tuple(theta_a[n].shape) for n in self.names]
+        self.sizes = [theta_a[n].numel() for n in self.names]
+        a = torch.cat([theta_a[n].detach().float().reshape(-1) for n in self.names])
+        b = torch.cat([theta_b[n].detach().float().reshape(-1) for n in self.names])
+        self.register_buffer("theta_a", a)
+        self.register_buffer("theta_b", b)
+        alpha = [k / (bends + 1) for k in range(1, bends + 1)]
+        self.bends = nn.Parameter(torch.stack([(1.0 - x) * a + x * b for x in alpha]))
+
+    def flat_at(self, t: float) -> torch.Tensor:
+        """θ(t) as one flat vector; control points of weight 0 are skipped, so θ(0) is θ_A and θ(1) is θ_B exactly."""
+        controls = [self.theta_a, *self.bends, self.theta_b]
+        out = None
+        for w, c in zip(curve_weights(self.kind, t, self.num_bends), controls, strict=True):
+            if w != 0.0:
+                out = c * w if out is None else torch.add(out, c, alpha=w)
+        return out
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector as {parameter name: view of its shape}."""
+        parts = flat.split(self.sizes)
+        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+    def weights_at(self, t: float) -> dict[str, torch.Tensor]:
+        """{parameter name: θ(t)}, differentiable in the bends."""
+        return self.split(self.flat_at(t))
+
+    def bend_weights(self) -> dict[str, torch.Tensor]:
+        """{``bend<k>.<name>``: the k-th bend's weights (k from 1)}, contiguous CPU copies, for saving."""
+        return {
+            f"bend{k + 1}.{n}": w.detach().cpu().contiguous().clone()
+            for k, bend in enumerate(self.bends)
+            for n, w in self.split(bend).items()
+        }
+
+
+class CurveModel(nn.Module):
+    """What :func:`adapters.train.train` trains: the model run with the curve's weights at a random t.
+
+    One t ~ U(0, 1) per optimizer step (drawn at the first of its ``grad_accum`` micro-batches from the
+    global generator, whose state training checkpoints and restores); the model's own parameters are frozen
+    and replaced on the curve's parameters by ``θ(t)`` (cast to their dtype) through ``functional_call``.
+    """
+
+    def __init__(self, curve: Curve, model: nn.Module, grad_accum: int = 1):
+        super().__init__()
+        self.curve, self.model, self.grad_accum = curve, model, grad_accum
+        self.model.requires_grad_(False)
+        params = dict(model.named_parameters())
+        missing = [n for n in curve.names if n not in params]
+        if missing:
+            raise ValueError(f"the model has no parameters {missing[:3]}")
+        self.dtypes = {n: params[n].dtype for n in curve.names}
+        self.calls, self.t = 0, 0.0
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Training's ``grad_checkpointing``, passed on to the model when it supports it."""
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call
+
+        if self.calls % self.grad_accum == 0:
+            self.t = float(torch.rand(()))
+        self.calls += 1
+        weights = {n: w.to(self.dtypes[n]) for n, w in self.curve.weights_at(self.t).items()}
+        return functional_call(self.model, weights, args=(), kwargs=inputs)
+
+
+def train_curve(
+    curve: Curve,
+    model: nn.Module,
+    data: Encoded,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    device: torch.device | str = "cpu",
+    objective: Classification = OBJECTIVES["classification"],
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 50,
+    checkpoint_key: str = "",
+    augment=None,
+    progress: bool = True,
+) -> dict:
+    """Train ``curve``'s bends in place to minimise E_t L(θ(t)) on (``data``, ``labels``): returns the history
+    of :func:`adapters.train.train` (``train_loss`` per step, ``resumed_at_step``).
+
+    ``model`` is the base model the curve's weights are put into; it is frozen, moved to ``device`` and left
+    in evaluation mode. ``checkpoint`` / ``checkpoint_key`` / ``checkpoint_every``: as training's, so a
+    killed curve training resumes there and ends with the same bends (bit-exact on CPU).
+    """
+    # train() cuts each step's batch into index.chunk(grad_accum): fewer pieces when the set is smaller than
+    # a batch. The wrapper draws one t per step, so it must know how many forwards a step makes.
+    forwards = len(torch.empty(min(config.batch_size, len(labels))).chunk(config.grad_accum))
+    wrapper = CurveModel(curve, model, forwards)
+    return train(
+        wrapper, data, labels, config, device, desc="train curve", progress=progress, checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every, augment=augment, checkpoint_key=checkpoint_key, objective=objective,
+    )  # fmt: skip
+
+
+class CurveEvaluator(PlaneEvaluator):
+    """The paths' evaluator on the chart ``θ(x, y)``: y = 0 the straight line ``θ_A + x·(θ_B − θ_A)`` (the
+    paths' arithmetic: the same weights as :mod:`landscape.paths`), y = 1 the curve ``θ(x)``. One point per
+    forward; the model's parameters on the curve are overwritten in place."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        curve: Curve,
+        eval_set: EvalSet,
+        device: torch.device | str,
+        dtype: str = "float32",
+        objective: Classification = OBJECTIVES["classification"],
+    ):
+        self.curve = curve.to(device)
+        theta_a, theta_b = curve.split(curve.theta_a.detach()), curve.split(curve.theta_b.detach())
+        u = {n: theta_b[n] - theta_a[n] for n in curve.names}
+        zero = torch.zeros((), device=curve.theta_a.device)
+        v = {n: zero.expand(w.shape) for n, w in theta_a.items()}  # the line has no y: no memory for it
+        chart = Chart("line", theta_a, u, v, {"a": (0.0, 0.0), "b": (1.0, 0.0)})
+        super().__init__(model, chart, eval_set, device, dtype, 1, objective)
+
+    @torch.no_grad()
+    def set_point(self, x: float, y: float) -> None:
+        if y == 0.0:
+            super().set_point(x, 0.0)
+            return
+        if y != 1.0:
+            raise ValueError(f"a curve evaluator has y = 0 (the line) or 1 (the curve), not {y}")
+        weights = self.curve.weights_at(x)
+        for p, name in zip(self.params, self.names, strict=True):
+            p.copy_(weights[name])
+
+
+def evaluate_curve(
+    curve: Curve,
+    model: nn.Module,
+    eval_set: EvalSet,
+    device: torch.device | str,
+    points: int = 21,
+    dtype: str = "float32",
+    objective: Classification = OBJECTIVES["classification"],
+    progress: bool = True,
+) -> dict:
+    """Loss, accuracy and loss_se of the curve and of the straight line at ``points`` values of t in [0, 1],
+    each path's barriers (:func:`landscape.paths.barriers_with_se`) and mean loss over t. ``model``'s
+    parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve", "line"), "loss"/"accuracy"/
+    "loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
+    t = paths.path_axis(points, 0.0)
+    evaluator = CurveEvaluator(model, curve, eval_set, device, dtype, objective)
+    out = {k: np.full((len(ROWS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
+    barriers, start = {}, time.perf_counter()
+    bar = tqdm(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
+    for k, row in enumerate(ROWS):
+        y, samples = (1.0 if row == "curve" else 0.0), []
+        for j, r in enumerate(evaluator.evaluate_iter(((float(tj), y) for tj in t), keep_samples=True)):
+            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
+            samples.append(r.samples)
+            bar.update(1)
+            bar.set_postfix(path=row, loss=f"{r.loss:.3f}")
+        barriers[row] = paths.barriers_with_se(t, out["loss"][k], samples)
+    bar.close()
+    mean = {row: float(np.mean(out["loss"][k])) for k, row in enumerate(ROWS)}
+    seconds = round(time.perf_counter() - start, 3)
+    return {"t": t, "paths": list(ROWS), **out, "barriers": barriers, "mean_loss": mean, "seconds": seconds}
+
+
+def write_curve(
+    result: Mapping,
+    curve: Curve,
+    out_dir: str | Path,
+    pair: tuple[str, str],
+    info: Mapping | None = None,
+    title: str | None = None,
+) -> list[Path]:
+    """Write ``curves/<A>-<B>.{npz,json,png,safetensors}`` under ``out_dir`` atomically; returns them.
+
+    ``result``: :func:`evaluate_curve`'s, optionally with ``train_loss``; ``info`` is merged into the JSON."""
+    from safetensors.torch import save_file
+
+    name = paths.pair_name(*pair)
+    base = Path(out_dir) / "curves" / name
+    files = [base.with_suffix(f".{ext}") for ext in ("npz", "json", "png", "safetensors")]
+    train_loss = np.asarray(result.get("train_loss", []), dtype=np.float64)
+    arrays = {k: np.asarray(result[k], dtype=np.float64) for k in ("t", "loss", "accuracy", "loss_se")}
+    store.write_npz(files[0], **arrays, paths=np.array(ROWS), train_loss=train_loss)
+    meta = {
+        **(dict(info) if info else {}),
+        "pair": name,
+        "kind": curve.kind,
+        "bends": curve.num_bends,
+        "points": len(result["t"]),
+        "barrier_definition": paths.BARRIER_DEFINITION.replace("(1-t)*theta_A + t*theta_B", "theta(t)"),
+        "chord_barrier_definition": paths.CHORD_BARRIER_DEFINITION.replace("(1-t)*theta_A + t*theta_B", "theta(t)"),
+        **{row: {**result["barriers"][row], "mean_loss": result["mean_loss"][row]} for row in ROWS},
+        "seconds": result.get("seconds"),
+    }
+    store.write_json(files[1], meta)
+    figure = {**result, "pair": name, "kind": curve.kind, "bends": curve.num_bends}
+    fig = render.curve_figure(figure, title)
+    store.write_with(files[2], lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    header = {"kind": curve.kind, "bends": str(curve.num_bends), "pair": name, "format": "landscape.curves/1"}
+    store.write_with(files[3], lambda tmp: save_file(curve.bend_weights(), str(tmp), metadata=header))
+    return files
+
+
+def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor]) -> Curve:
+    """The curve saved by :func:`write_curve` at ``path`` between the endpoints ``theta_a`` and ``theta_b``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if header.get("format") != "landscape.curves/1":
+        raise UserError(f"{path} is not a curve written by {PROG}: pass a curves/<A>-<B>.safetensors file")
+    curve = Curve(theta_a, theta_b, int(header["bends"]), header["kind"])
+    expected = set(curve.bend_weights())
+    if set(tensors) != expected:
+        raise UserError(f"{path} holds other parameters than these endpoints: pass the endpoints it was trained on")
+    with torch.no_grad():
+        for k in range(curve.num_bends):
+            curve.bends[k].copy_(torch.cat([tensors[f"bend{k + 1}.{n}"].float().reshape(-1) for n in curve.names]))
+    return curve
+
+
+# ----------------------------------------------------------------------------- command line ----
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """``"A,B"`` → (A, B), two different solutions of the plane; anything else is a UserError."""
+    names = [s.strip() for s in str(text).split(",")]
+    if len(names) != 2 or any(n not in SOLUTIONS for n in names) or names[0] == names[1]:
+        raise UserError(
+            f"--pair {text!r} is not two different solutions of {', '.join(SOLUTIONS)}: pass e.g. --pair ft,lora"
+        )
+    return names[0], names[1]
+
+
+def build_parser():
+    from landscape.cli import Parser, positive_int
+
+    p = Parser(
+        prog=PROG,
+        description="Train a curve of low loss between two solutions of a run (written by landscape.connectivity): "
+        "fixed endpoints, trainable bends (Garipov et al. 2018), then the loss along it and along the straight "
+        "line, with both barriers. Memory: the bends are dense fp32 copies of the plane's parameters (bends × "
+        "model), and training holds their gradients and AdamW's two moments too (4 × bends × model).",
+        epilog="Example: python -m landscape.curves --run runs/wordnet --pair ft,lora --bends 1 --steps 300",
+    )
+    p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
+    p.add_argument("--pair", required=True, help="the two solutions to connect, A,B: two of ft, lora, randlora")
+    p.add_argument("--bends", type=int, default=3, help="trainable control points (each one dense copy of the "
+                   "plane's parameters); 1 with bezier is the quadratic Bézier (default: 3)")  # fmt: skip
+    p.add_argument("--kind", default="bezier", choices=KINDS, help="Bézier curve or polygonal chain (default: bezier)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps, one t per step (default: the run's "
+                   "training steps)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the bends (default: the run's full "
+                   "fine-tuning rate: the bends are full weights)")  # fmt: skip
+    p.add_argument("--points", type=int, default=21, help="values of t in [0, 1] evaluated, 0 and 1 included "
+                   "(default: 21)")  # fmt: skip
+    p.add_argument("--out", default=None, help="where curves/ goes (default: the run folder)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def check_args(args) -> tuple[str, str]:
+    """Every option checked before anything is loaded; returns the pair."""
+    pair = parse_pair(args.pair)
+    check_options(args.bends, args.kind)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}: try --steps 300")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {args.lr}: try --lr 1e-4")
+    paths.check_options(args.points, 0.0)
+    return pair
+
+
+def curve_key(ctx, pair: tuple[str, str], args, device: torch.device) -> dict:
+    """Everything that changes a trained curve: its checkpoint is resumed only under the same key."""
+    from adapters.solution import delta_fingerprint
+    from landscape.run import train_key
+
+    return {
+        "curve": 1,
+        "pair": list(pair),
+        "kind": args.kind,
+        "bends": args.bends,
+        "solutions": {s: delta_fingerprint(ctx.solutions[s]) for s in pair},
+        "data": train_key(ctx.loaded, "ft", device),  # the run's data, model, base weights and batches
+    }
+
+
+def _run(argv: Sequence[str] | None = None) -> None:
+    from adapters import threads
+    from adapters.io import key_digest
+    from adapters.train import checkpoint_path
+    from landscape.cli import resolve_device
+    from landscape.plane import solution_weights
+    from landscape.run import open_run, train_config
+
+    args = build_parser().parse_args(argv)
+    pair = check_args(args)
+    threads.configure(args.threads)
+    device = resolve_device(args.device)
+    ctx = open_run(args.run, device)
+    base = dict(ctx.base.named_parameters())
+    thetas = solution_weights(base, {s: ctx.solutions[s].delta() for s in SOLUTIONS})
+    curve = Curve(thetas[pair[0]], thetas[pair[1]], args.bends, args.kind)
+    del thetas
+    ft = train_config(ctx.loaded, "ft", device)
+    lr = args.lr if args.lr is not None else ft.lr
+    config = dataclasses.replace(ft, steps=args.steps or ft.steps, lr=lr, head_lr=lr, weight_decay=0.0,
+                                 generate_eval=False)  # fmt: skip
+    out = Path(args.out) if args.out else ctx.run_dir
+    key = curve_key(ctx, pair, args, device)
+    ckpt = checkpoint_path(out / "curves" / paths.pair_name(*pair), key)
+    task = ctx.loaded.task
+    history = train_curve(
+        curve, copy.deepcopy(ctx.base), task.train, task.dataset.train.labels, config, device, task.objective,
+        checkpoint=ckpt, checkpoint_key=key_digest(key), augment=task.entry.augment, progress=not args.no_progress,
+    )  # fmt: skip
+    dtype = ctx.loaded.config.landscape_dtype(device.type)
+    # A fresh copy, as the paths': training in train mode may have moved buffers (batch-norm statistics).
+    result = evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
+                            task.objective, progress=not args.no_progress)  # fmt: skip
+    result["train_loss"] = history["train_loss"]
+    meta = ctx.meta
+    title = (f"{meta.get('model')} on {meta.get('dataset')}: trained {render.CURVE_KINDS[args.kind]} ({args.bends} "
+             f"bend{'s' * (args.bends != 1)}) vs the straight line")  # fmt: skip
+    written = write_curve(result, curve, out, pair, _info(ctx, config, history, device, dtype), title)
+    ckpt.unlink(missing_ok=True)  # only now: a kill before the files are written resumes from the checkpoint
+    print("wrote " + ", ".join(str(p) for p in written))
+    for row in ROWS:
+        b = result["barriers"][row]
+        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, barrier {b['barrier']:.4f} ± {b['barrier_se']:.4f}, "
+              f"chord barrier {b['chord_barrier']:.4f} ± {b['chord_barrier_se']:.4f}")  # fmt: skip
+
+
+def _info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:
+    """What the JSON records besides the results: the run, the training settings and how it went."""
+    meta = ctx.meta
+    losses = history["train_loss"]
+    return {
+        **{k: meta.get(k) for k in ("dataset", "model", "seed", "eval_split", "eval_samples")},
+        "run": str(ctx.run_dir),
+        "device": str(device),
+        "dtype": dtype,
+        "train": {
+            "steps": config.steps,
+            "lr": config.lr,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "grad_clip": config.grad_clip,
+            "weight_decay": config.weight_decay,
+            "optimizer": "AdamW, cosine schedule",
+            "t_per_step": 1,
+            "resumed_at_step": history.get("resumed_at_step", 0),
+            "train_seconds": round(history.get("train_seconds", 0.0), 3),
+            "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from landscape.cli import run_main
+
+    return run_main(_run, argv, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

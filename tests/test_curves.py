@@ -1,0 +1,250 @@
+"""Trained curves between two solutions (landscape.curves): the curve's weights against hand computations,
+endpoints exact, its loss against a naive evaluation and the paths', training lowers the loss along it, a
+killed curve training resumes bit-exactly, and the command works on a tiny run (exit 2 on bad input)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adapters.solution import Solution
+from adapters.train import TrainConfig
+from landscape import connectivity, curves, paths
+from landscape.grid import EvalSet
+from landscape.plane import solution_weights
+
+N_CLASSES = 4
+
+
+def test_weights_against_hand_computation():
+    # quadratic Bézier (1 bend) at t = 1/4: (3/4)², 2·(1/4)·(3/4), (1/4)²
+    assert curves.bezier_weights(0.25, 1) == pytest.approx([0.5625, 0.375, 0.0625], abs=1e-15)
+    # cubic (2 bends) at t = 1/2: 1/8, 3/8, 3/8, 1/8
+    assert curves.bezier_weights(0.5, 2) == pytest.approx([0.125, 0.375, 0.375, 0.125], abs=1e-15)
+    # quartic (3 bends) at t = 1/4: C(4, k)·(1/4)^k·(3/4)^(4−k)
+    want = [81 / 256, 108 / 256, 54 / 256, 12 / 256, 1 / 256]
+    assert curves.bezier_weights(0.25, 3) == pytest.approx(want, abs=1e-15)
+    # polygonal chain through 2 bends (3 segments): t = 1/2 is the middle of the second segment
+    assert curves.polychain_weights(0.5, 2) == pytest.approx([0.0, 0.5, 0.5, 0.0], abs=1e-15)
+    assert curves.polychain_weights(0.25, 2) == pytest.approx([0.25, 0.75, 0.0, 0.0], abs=1e-15)
+    assert curves.polychain_weights(0.75, 1) == pytest.approx([0.0, 0.5, 0.5], abs=1e-15)
+    for kind in curves.KINDS:
+        for bends in (1, 2, 3, 5):
+            w0, w1 = curves.curve_weights(kind, 0.0, bends), curves.curve_weights(kind, 1.0, bends)
+            assert w0 == [1.0] + [0.0] * (bends + 1) and w1 == [0.0] * (bends + 1) + [1.0], (kind, bends)
+            for t in np.random.default_rng(bends).uniform(size=5):
+                w = curves.curve_weights(kind, t, bends)
+                assert sum(w) == pytest.approx(1.0, abs=1e-12) and min(w) >= 0.0
+
+
+def _solutions(model, seed=0, scale=0.3):
+    """Synthetic solutions: ft changes everything, lora/randlora a few matrices and the head."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
+    some = [n for n in params if n.endswith(("query.weight", "value.weight")) or n.startswith("task_head.")]
+    for s in ("lora", "randlora"):
+        deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
+    return {s: Solution(path=Path(s), info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_entry):
+    torch.manual_seed(0)
+    model = tiny_entry.build(N_CLASSES)
+    sols = _solutions(model)
+    thetas = solution_weights(dict(model.named_parameters()), {s: sols[s].delta() for s in sols})
+    texts = [f"sample {i} " + "word " * (i % 7) for i in range(48)]
+    data, labels = tiny_entry.encode(texts), torch.arange(48) % N_CLASSES
+    eval_set = EvalSet.prepare(data, labels, 16, "cpu")
+    return model, sols, thetas, data, labels, eval_set
+
+
+def _bent(thetas, a, b, bends, kind, seed=1):
+    """A curve whose bends are moved off the line (so nothing below holds by the line alone)."""
+    curve = curves.Curve(thetas[a], thetas[b], bends, kind)
+    with torch.no_grad():
+        curve.bends.add_(0.2 * torch.randn(curve.bends.shape, generator=torch.Generator().manual_seed(seed)))
+    return curve
+
+
+def test_endpoints_exact_and_curve_against_formula(setup):
+    thetas = setup[2]
+    a, b = thetas["ft"], thetas["lora"]
+    for kind in curves.KINDS:
+        for bends in (1, 3):
+            curve = _bent(thetas, "ft", "lora", bends, kind)
+            start, end = curve.weights_at(0.0), curve.weights_at(1.0)
+            for n in a:
+                assert torch.equal(start[n], a[n]) and torch.equal(end[n], b[n]), (kind, bends, n)
+    # quadratic Bézier by hand: (1 − t)²·θ_A + 2t(1 − t)·θ_1 + t²·θ_B
+    curve = _bent(thetas, "ft", "lora", 1, "bezier")
+    bend = curve.split(curve.bends[0].detach())
+    got = curve.weights_at(0.3)
+    for n in a:
+        want = 0.49 * a[n] + 0.42 * bend[n] + 0.09 * b[n]
+        torch.testing.assert_close(got[n].detach(), want, rtol=1e-5, atol=1e-6)
+    # polygonal chain through 2 bends at t = 1/2: the midpoint of the two bends
+    curve = _bent(thetas, "ft", "lora", 2, "polychain")
+    b1, b2 = (curve.split(curve.bends[k].detach()) for k in (0, 1))
+    got = curve.weights_at(0.5)
+    for n in a:
+        torch.testing.assert_close(got[n].detach(), 0.5 * b1[n] + 0.5 * b2[n], rtol=1e-6, atol=1e-7)
+
+
+def test_untrained_curve_is_the_straight_line(setup):
+    thetas = setup[2]
+    a, b = thetas["lora"], thetas["randlora"]
+    for kind in curves.KINDS:
+        curve = curves.Curve(a, b, 3, kind)
+        for t in (0.1, 0.37, 0.5, 0.9):
+            got = curve.weights_at(t)
+            for n in a:
+                torch.testing.assert_close(got[n].detach(), (1 - t) * a[n] + t * b[n], rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def _naive_loss(model, weights, data, labels):
+    fresh = copy.deepcopy(model)
+    state = fresh.state_dict()
+    state.update({n: w.detach().clone() for n, w in weights.items()})
+    fresh.load_state_dict(state)
+    fresh.eval()
+    return F.cross_entropy(fresh(**data.batch(torch.arange(len(labels)))).float(), labels).item()
+
+
+def test_evaluation_against_paths_and_naive(setup, tmp_path):
+    model, sols, thetas, data, labels, eval_set = setup
+    curve = _bent(thetas, "ft", "randlora", 1, "bezier")
+    result = curves.evaluate_curve(curve, copy.deepcopy(model), eval_set, "cpu", points=5, progress=False)
+    line = paths.compute_paths(model, sols, eval_set, "cpu", points=5, progress=False)
+    k = line["pairs"].index("ft-randlora")
+    t = result["t"]
+    assert t.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and result["paths"] == ["curve", "line"]
+    # the straight line is the paths' line, and the curve's ends are the solutions (the paths' losses at 0, 1)
+    np.testing.assert_allclose(result["loss"][1], line["loss"][k], rtol=1e-6, atol=1e-7)
+    assert result["loss"][0, 0] == pytest.approx(line["loss"][k, 0], rel=1e-6)
+    assert result["loss"][0, -1] == pytest.approx(line["loss"][k, -1], rel=1e-6)
+    assert abs(result["loss"][0, 2] - result["loss"][1, 2]) > 1e-3  # the bent curve is not the line
+    # an interior point equals a naive evaluation of the hand-computed weights
+    bend = curve.split(curve.bends[0].detach())
+    at = {n: 0.5625 * thetas["ft"][n] + 0.375 * bend[n] + 0.0625 * thetas["randlora"][n] for n in bend}
+    assert result["loss"][0, 1] == pytest.approx(_naive_loss(model, at, data, labels), rel=1e-5, abs=1e-6)
+    for k, row in enumerate(result["paths"]):
+        want = paths.loss_barrier(t, result["loss"][k])
+        assert {key: result["barriers"][row][key] for key in want} == want
+        assert result["mean_loss"][row] == pytest.approx(result["loss"][k].mean())
+    written = curves.write_curve(result, curve, tmp_path, ("ft", "randlora"), info={"seed": 0})
+    assert [p.name for p in written] == [f"ft-randlora.{e}" for e in ("npz", "json", "png", "safetensors")]
+    loaded = curves.load_curve(written[3], thetas["ft"], thetas["randlora"])
+    assert loaded.kind == "bezier" and loaded.num_bends == 1 and torch.equal(loaded.bends, curve.bends)
+    meta = json.loads(written[1].read_text())
+    assert meta["curve"]["chord_barrier"] == result["barriers"]["curve"]["chord_barrier"] and meta["seed"] == 0
+    assert not list(tmp_path.glob("**/.*tmp*")), "temporary files left behind"
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_curve_training_resumes_bit_exactly(setup, tmp_path):
+    model, sols, thetas, data, labels, _ = setup
+    config = TrainConfig(steps=7, batch_size=8, lr=1e-3, head_lr=1e-3, weight_decay=0.0, seed=3)
+
+    def run(base, checkpoint=None):
+        curve = curves.Curve(thetas["lora"], thetas["randlora"], 2, "bezier")
+        history = curves.train_curve(curve, base, data, labels, config, checkpoint=checkpoint, checkpoint_every=2,
+                                     checkpoint_key="k", progress=False)  # fmt: skip
+        return curve, history
+
+    reference, ref_history = run(copy.deepcopy(model))
+    crashing = copy.deepcopy(model)
+    forward, calls = crashing.forward, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # dies during step 6; the checkpoint of step 4 survives
+            raise Crash
+        return forward(*args, **kwargs)
+
+    crashing.forward = dying
+    ckpt = tmp_path / "curve.ckpt"
+    with pytest.raises(Crash):
+        run(crashing, ckpt)
+    assert ckpt.exists()
+    resumed, history = run(copy.deepcopy(model), ckpt)  # a new process rebuilds everything
+    assert history["resumed_at_step"] == 4 and history["train_loss"] == ref_history["train_loss"]
+    assert torch.equal(resumed.bends, reference.bends)
+    assert not torch.equal(reference.bends, curves.Curve(thetas["lora"], thetas["randlora"], 2).bends)  # it moved
+    # another key starts over instead of resuming
+    curve = curves.Curve(thetas["lora"], thetas["randlora"], 2, "bezier")
+    other = curves.train_curve(curve, copy.deepcopy(model), data, labels, config, checkpoint=ckpt,
+                               checkpoint_every=2, checkpoint_key="other", progress=False)  # fmt: skip
+    assert other["resumed_at_step"] == 0
+
+
+# ---------------------------------------------------------------------------- tiny run + CLI ----
+
+TINY = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "2", "--eval-samples", "16",
+        "--train-per-class", "6", "--test-per-class", "2", "--no-progress", "--path-points", "3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, wordnet_root):
+    out = tmp_path_factory.mktemp("run") / "wordnet"
+    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_cli_trains_a_curve_of_lower_loss(run_dir, tmp_path):
+    argv = ["--run", str(run_dir), "--pair", "ft,randlora", "--bends", "1", "--steps", "30", "--lr", "3e-3",
+            "--points", "3", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert curves.main(argv) == 0
+    folder = tmp_path / "curves"
+    got = np.load(folder / "ft-randlora.npz")
+    meta = json.loads((folder / "ft-randlora.json").read_text())
+    ran = np.load(run_dir / "paths.npz")
+    k = list(ran["pairs"]).index("ft-randlora")
+    # the straight line is the run's path; the curve's ends are the solutions
+    np.testing.assert_allclose(got["t"], ran["t"])
+    np.testing.assert_allclose(got["loss"][1], ran["loss"][k], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["loss"][0, [0, -1]], ran["loss"][k, [0, -1]], rtol=1e-6, atol=1e-7)
+    # training lowered the loss along the curve below the straight line's (where it started)
+    assert meta["curve"]["mean_loss"] < meta["line"]["mean_loss"] - 1e-3
+    assert got["loss"][0, 1] < got["loss"][1, 1]
+    assert len(got["train_loss"]) == 30 and meta["train"]["steps"] == 30 and meta["bends"] == 1
+    for row in ("curve", "line"):
+        assert {"barrier", "barrier_se", "chord_barrier", "chord_barrier_se", "chord_t_max"} <= set(meta[row])
+    assert (folder / "ft-randlora.png").read_bytes()[:4] == b"\x89PNG"
+    assert (folder / "ft-randlora.safetensors").stat().st_size > 0
+    assert not list(folder.glob(".*")), "the checkpoint goes once the curve is written"
+
+
+def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
+    def bad(argv):
+        assert curves.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0]
+        return err[0]
+
+    run = ["--run", str(run_dir), "--out", str(tmp_path)]
+    for pair in ("ft,foo", "ft,ft", "ft", "ft,lora,randlora", "head_only,ft"):
+        message = bad([*run, "--pair", pair])
+        assert "--pair" in message and "ft,lora" in message, message
+    # the pair is checked before the run is opened
+    assert "--pair" in bad(["--run", str(tmp_path / "nope"), "--pair", "ft,x"])
+    assert "does not exist" in bad(["--run", str(tmp_path / "nope"), "--pair", "ft,lora"])
+    assert "at least 1 bend" in bad([*run, "--pair", "ft,lora", "--bends", "0"])
+    assert "--steps" in bad([*run, "--pair", "ft,lora", "--steps", "0"])
+    assert "--lr" in bad([*run, "--pair", "ft,lora", "--lr", "-1"])
+    assert "at least 2 points" in bad([*run, "--pair", "ft,lora", "--points", "1"])
+    with pytest.raises(SystemExit) as exit_:  # argparse's own check of the choices
+        curves.main([*run, "--pair", "ft,lora", "--kind", "spline"])
+    assert exit_.value.code == 2 and "--kind" in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/curves*")), "bad input must write nothing"
