@@ -17,15 +17,22 @@ and peft's ``get_delta_weight``), but nothing is computed until it is called and
   attention updates are reshaped to the base weight's shape exactly as
   :func:`adapters.solution.compute_delta` does. The classification
   head (peft's ``modules_to_save``) is a dense difference of peft's trained copy and W0 (kind
-  ``"stored"``). DoRA adapters are refused: their update is not ``W0 + ΔW`` per module.
+  ``"stored"``). DoRA adapters are refused here: their update is not ``get_delta_weight``.
+- solutions trained elsewhere (:mod:`adapters.foreign`): a peft adapter of any type that can merge
+  (LoRA incl. DoRA / rsLoRA / ``lora_bias``, RandLoRA, VeRA, LoHa, LoKr, AdaLoRA, ...) gives per module
+  (the merged weight) − W0 by peft's own ``merge()`` (:func:`merged_deltas`: one module at a time, on a
+  private fp64 copy of that one layer's parameters; kind ``"factored"``, merged again on every call); a
+  full checkpoint gives ``W − W0`` per tensor (:func:`stored_deltas`, kind ``"stored"``).
 
 With ``check=True`` (the default) every ΔW is computed once up front, streaming: NaN/inf raises the
 same :class:`~adapters.errors.UserError` as ``delta()``, and all-zero updates are left out (``delta()``
-leaves them out too), so the keys equal ``delta()``'s. ``check=False`` skips that pass (callers that
-stream over the deltas anyway, like :mod:`landscape.factored`, check as they go).
+leaves them out too), so the keys equal ``delta()``'s — except for a foreign solution, whose exactly-zero
+updates are kept (and its ``delta()`` keeps them too: nothing is dropped silently). ``check=False`` skips
+that pass (callers that stream over the deltas anyway, like :mod:`landscape.factored`, check as they go).
 
 The base model's tensors are shared, never modified: attaching peft to the skeleton changes
-``requires_grad`` of the shared parameters, which is put back. The skeleton lives as long as the
+``requires_grad`` of the shared parameters, which is put back; a merge swaps private copies into the
+skeleton's layer only (the skeleton's modules are not the base's). The skeleton lives as long as the
 returned deltas do.
 """
 
@@ -43,6 +50,7 @@ from torch import nn
 from adapters.errors import UserError
 
 KINDS = ("stored", "factored")
+FOREIGN_SOURCES = ("peft-adapter", "checkpoint")  # solution info "source" of adapters.foreign's solutions
 
 
 class Delta:
@@ -97,6 +105,11 @@ def module_deltas(solution, check: bool = True) -> dict[str, Delta]:
     """{parameter name of the base model: :class:`Delta`} for every parameter ``solution`` changes."""
     from adapters.methods import ADAPTERS
 
+    if solution.info.get("source") in FOREIGN_SOURCES:  # trained elsewhere: adapters.foreign
+        from adapters import foreign
+
+        deltas = foreign.module_deltas(solution)
+        return foreign.checked(deltas) if check else deltas
     base_params = dict(solution.base.named_parameters())
     if solution.method in ADAPTERS:
         deltas = adapter_deltas(Path(solution.path), solution.base)
@@ -118,9 +131,12 @@ def checked(deltas: dict[str, Delta]) -> dict[str, Delta]:
     return kept
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
 def non_finite_message(delta: Delta) -> str:
     """The one-line error of a ΔW holding NaN/inf (the same words as ``Solution.delta()``)."""
-    if delta.kind == "factored" or not delta.source.endswith(".safetensors"):
+    if delta.kind == "factored" or not delta.source.endswith(CHECKPOINT_SUFFIXES):
         return f"the adapter in {delta.source} has NaN/inf in '{delta.name}': training diverged; re-train it"
     return f"{delta.source} has NaN/inf in '{delta.name}': the training diverged; re-train it"
 
@@ -171,8 +187,14 @@ def skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo={id(t): t for t in shared})
 
 
-def load_adapter(folder: Path, base: nn.Module) -> nn.Module:
-    """peft's model of the adapter in ``folder`` on a skeleton of ``base`` (bases verified for RandLoRA)."""
+def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[str, str] | None = None,
+                 quiet: bool = False) -> nn.Module:  # fmt: skip
+    """peft's model of the adapter in ``folder`` on a skeleton of ``base`` (bases verified for RandLoRA).
+
+    ``config``: the peft config to use (default: the folder's, :func:`adapters.solution.peft_config_of`);
+    ``key_mapping``: peft's renaming of the saved weights' module names (:func:`adapters.foreign.key_mapping`);
+    ``quiet``: silence peft's warnings (the caller checks what they would say and reports it in one line).
+    """
     from peft import PeftModel
 
     from adapters.methods.randlora import BASES_FILE, verify_bases
@@ -184,7 +206,10 @@ def load_adapter(folder: Path, base: nn.Module) -> nn.Module:
     try:
         with warnings.catch_warnings():  # "bases regenerated from the PRNG key": verified below
             warnings.filterwarnings("ignore", message=".*save_projection.*")
-            peft_model = PeftModel.from_pretrained(skeleton(base), folder, config=peft_config_of(folder))
+            if quiet:
+                warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(skeleton(base), folder, config=config or peft_config_of(folder),
+                                                   key_mapping=key_mapping or None)  # fmt: skip
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -230,6 +255,116 @@ def adapter_deltas(folder: Path, base: nn.Module) -> dict[str, Delta]:
             deltas[key] = Delta(key, shape, "factored", _peft_delta(module, shape), str(folder), mover,
                                 _peft_accumulator(module, shape))  # fmt: skip
     return deltas
+
+
+def stored_deltas(readers: dict[str, Callable[[], torch.Tensor]], base_params: dict[str, torch.Tensor],
+                  sources: dict[str, str]) -> dict[str, Delta]:  # fmt: skip
+    """Lazy ``W − W0`` per parameter: ``readers[name]()`` returns the stored W of base parameter ``name``
+    (any dtype, read when called); ``sources[name]`` names its file for messages. Kind ``"stored"``."""
+    deltas = {}
+    for name, read in readers.items():
+        w0 = base_params[name]
+        deltas[name] = Delta(name, w0.shape, "stored", _stored(read, w0), sources[name])
+    return deltas
+
+
+def _stored(read: Callable[[], torch.Tensor], w0: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: read().to(w0.device).float() - w0.detach().float()
+
+
+# --------------------------------------------------------------------------- any peft adapter: merge
+
+
+def merged_deltas(peft_model: nn.Module, base: nn.Module, source: str) -> tuple[dict[str, Delta], dict[str, int]]:
+    """ΔW of every module the adapter changes, as peft merges it, and the adapter's rank per adapted weight.
+
+    ``peft_model``: the adapter attached to a skeleton of ``base`` (:func:`load_adapter` or
+    :func:`adapters.foreign.attach`). Each tuner layer's ΔW is (its merged parameter) − W0 from the layer's
+    own ``merge()`` (every variant's maths is peft's: DoRA's magnitude, ``lora_bias``, LoHa, ...), run on a
+    private fp64 copy of that one layer's parameters and put back (:func:`merge_module`): fp64 so that
+    ``W0 + ΔW − W0`` gives ΔW to fp32 accuracy however small it is next to W0. The weight always gets a
+    :class:`Delta` (kind ``"factored"``, an all-zero one too); another parameter of the layer (a bias) only
+    when the merge changes it. ``modules_to_save`` copies are dense differences (kind ``"stored"``).
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    from adapters.solution import PEFT_PREFIX
+
+    base_params = dict(base.named_parameters())
+    mover = _adapter_mover(peft_model, {id(t) for t in (*base.parameters(), *base.buffers())})
+    deltas: dict[str, Delta] = {}
+    ranks: dict[str, int] = {}
+    for name, module in peft_model.named_modules():
+        short = name.removeprefix(PEFT_PREFIX)
+        if isinstance(module, ModulesToSaveWrapper):
+            for pname, p in module.modules_to_save["default"].named_parameters():
+                key = f"{short}.{pname}"
+                deltas[key] = Delta(key, base_params[key].shape, "stored", _difference(p, base_params[key]), source,
+                                    mover)  # fmt: skip
+        elif isinstance(module, BaseTunerLayer) and hasattr(module, "merge"):
+            weight = getattr(module, "adapted_weight", "weight")
+            for pname in _merged_params(module, weight, source):
+                key = f"{short}.{pname}"
+                compute = _merged(module, pname, source, base_params[key], mover)
+                deltas[key] = Delta(key, base_params[key].shape, "factored", compute, source, mover)
+            r = getattr(module, "r", None)
+            if isinstance(r, dict) and isinstance(r.get("default"), int):
+                ranks[f"{short}.{weight}"] = r["default"]
+    return deltas, ranks
+
+
+def _merged_params(module: nn.Module, weight: str, source: str) -> list[str]:
+    """The base layer's parameters a merge changes: the adapted weight, and any other one (a bias) that
+    one trial merge changes (layers with a single parameter need no trial)."""
+    layer = module.get_base_layer()
+    names = [k for k, p in layer._parameters.items() if p is not None]
+    if names == [weight]:
+        return names
+    changed = merge_module(module, source)
+    return [k for k in names if k == weight or bool(changed[k].any())]
+
+
+def _merged(
+    module: nn.Module, pname: str, source: str, w0: torch.Tensor, mover: Callable
+) -> Callable[[], torch.Tensor]:
+    def compute() -> torch.Tensor:
+        mover(w0.device)  # the merge adds the adapter's tensors to W0: they must be where W0 is (a no-op if so)
+        return merge_module(module, source)[pname]
+
+    return compute
+
+
+@torch.no_grad()
+def merge_module(module: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """{parameter name of the base layer: (merged − original) in fp32} for one peft tuner layer.
+
+    The layer's parameters are swapped for private fp64 copies, peft's ``merge()`` runs on them, and the
+    originals (shared with the base model) are put back whatever happens, the layer marked unmerged and
+    its merge caches (DoRA's weight norm) dropped: only this one layer's parameters are ever copied.
+    """
+    layer = module.get_base_layer()
+    originals = {k: p for k, p in layer._parameters.items() if p is not None}
+    try:
+        for k, p in originals.items():
+            layer._parameters[k] = nn.Parameter(p.detach().to(torch.float64, copy=True), requires_grad=False)
+        with warnings.catch_warnings():  # peft's notes on merging (e.g. rounding) are about its own use
+            warnings.simplefilter("ignore")
+            module.merge(adapter_names=["default"])
+        return {k: (layer._parameters[k].detach() - p.detach().double()).float() for k, p in originals.items()}
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"peft cannot merge the adapter in {source} into {type(layer).__name__} ({first_line[:200]}): this "
+            "adapter type or layer cannot be analysed as W0 + ΔW"
+        ) from None
+    finally:
+        for k, p in originals.items():
+            layer._parameters[k] = p
+        if isinstance(getattr(module, "merged_adapters", None), list):
+            module.merged_adapters.clear()
+        if isinstance(getattr(module, "_caches", None), dict):
+            module._caches.clear()
 
 
 def _difference(trained: torch.Tensor, w0: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -291,4 +426,16 @@ def _adapter_mover(peft_model: nn.Module, shared: set[int]) -> Callable[[torch.d
     return move
 
 
-__all__ = ["KINDS", "Delta", "adapter_deltas", "checked", "file_deltas", "load_adapter", "module_deltas", "skeleton"]
+__all__ = [
+    "KINDS",
+    "Delta",
+    "adapter_deltas",
+    "checked",
+    "file_deltas",
+    "load_adapter",
+    "merge_module",
+    "merged_deltas",
+    "module_deltas",
+    "skeleton",
+    "stored_deltas",
+]

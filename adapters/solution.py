@@ -14,7 +14,13 @@ A solution folder holds:
 ``Solution.delta()`` gives ``{parameter name: dense fp32 ΔW}`` relative to the base model
 for every parameter the solution changes. Adapter updates come from peft's own
 ``get_delta_weight`` (never by slicing the stored bases: peft flattens them in a permuted
-order, see REFERENCE.md §1).
+order, see REFERENCE.md §1). ``delta()`` is computed on each call and never kept on the
+Solution; loading and :func:`delta_fingerprint` stream over ``module_deltas()`` (one
+parameter's ΔW in memory at a time).
+
+Solutions trained elsewhere — a peft adapter folder of any type that merges, or a full
+checkpoint (model folder, .safetensors, state dict) — load through :mod:`adapters.foreign`:
+:func:`load_solution` and :func:`load_solutions` take them wherever a solution folder is taken.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapters import foreign
 from adapters.errors import UserError
 from adapters.io import atomic_folder, digest
 from adapters.methods import ADAPTERS, METHODS
@@ -42,6 +49,9 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
+# The attributes our models keep the wrapped model in (Classifier / CausalLMScorer: backbone; CLIP: clip):
+# a peft regex written for the plain model may omit them.
+WRAPPERS = ("backbone", "clip")
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -50,13 +60,23 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def delta_fingerprint(solution: Solution) -> str:
-    """Digest of a solution's ΔW, so results computed from one solution are never reused with another."""
-    return digest(sorted(solution.delta().items()))
+    """Digest of a solution's ΔW, so results computed from one solution are never reused with another.
+
+    Streams over ``module_deltas()`` in name order, one ΔW in memory at a time (all-zero updates included:
+    they change no result but are hashed like any other); a Solution built with explicit updates
+    (``_delta``) is hashed from those."""
+    if solution._delta is not None:
+        return digest(sorted(solution._delta.items()))
+    deltas = solution.module_deltas(check=False)
+    return digest((name, deltas[name]()) for name in sorted(deltas))
 
 
 @dataclass
 class Solution:
-    """A trained solution: its metadata, the base model it was trained from, and its weights."""
+    """A trained solution: its metadata, the base model it was trained from, and its weights.
+
+    ``_delta`` (optional) gives the updates explicitly instead of reading them from ``path`` (tests, in-memory
+    solutions); nothing computed is ever stored in it."""
 
     path: Path
     info: dict
@@ -73,15 +93,19 @@ class Solution:
         return self.info.get("name", self.method)
 
     def delta(self) -> dict[str, torch.Tensor]:
-        """{parameter name of the base model: dense fp32 ΔW} for every parameter this solution changes."""
-        if self._delta is None:
-            self._delta = compute_delta(self)
-        return self._delta
+        """{parameter name of the base model: dense fp32 ΔW} for every parameter this solution changes, computed
+        now and not kept (a foreign solution's exactly-zero updates included: :mod:`adapters.foreign`)."""
+        if self._delta is not None:
+            return self._delta
+        if self.info.get("source") in foreign.SOURCES:
+            return foreign.dense(self)
+        return compute_delta(self)
 
     def module_deltas(self, check: bool = True) -> dict[str, Delta]:
         """{parameter name of the base model: a callable returning its dense fp32 ΔW}, the same values as
         :meth:`delta` but computed lazily, one parameter at a time, without a second copy of the model and
-        without caching (:mod:`adapters.deltas`; ``check``: drop all-zero updates and refuse NaN/inf now)."""
+        without caching (:mod:`adapters.deltas`; ``check``: refuse NaN/inf now and drop all-zero updates —
+        a foreign solution keeps them)."""
         from adapters.deltas import module_deltas
 
         return module_deltas(self, check)
@@ -121,6 +145,11 @@ def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: d
 
 def read_info(folder: str | Path) -> dict:
     folder = Path(folder)
+    if folder.is_file():
+        raise UserError(
+            f"{folder} is a file but not a model checkpoint (.safetensors, .pt, .pth, .bin, .ckpt): pass a solution "
+            "folder, a peft adapter folder or a model checkpoint"
+        )
     if not folder.is_dir():
         raise UserError(f"solution folder {folder} does not exist: pass a folder written by landscape.connectivity")
     try:
@@ -134,10 +163,18 @@ def read_info(folder: str | Path) -> dict:
     return info
 
 
-def load_solution(folder: str | Path, base: Classifier | None = None, expect_method: str | None = None) -> Solution:
+def load_solution(
+    folder: str | Path, base: Classifier | None = None, expect_method: str | None = None, model: str | None = None
+) -> Solution:
     """Load a solution folder. ``base`` (optional) is a base model already built for it;
-    ``expect_method``: the method the caller takes it for (a LoRA folder given as ``ft=`` is refused)."""
+    ``expect_method``: the method the caller takes it for (a LoRA folder given as ``ft=`` is refused).
+
+    A path trained elsewhere (a peft adapter folder, a full checkpoint: :mod:`adapters.foreign`) loads onto
+    ``base`` (default: an adapter's ``base_model_name_or_path``); ``model`` names that base in messages.
+    The weights are read and checked (NaN/inf, names, shapes) now, streaming, and not kept."""
     folder = Path(folder)
+    if foreign.is_foreign(folder):
+        return _load_foreign(folder, base, expect_method, model)
     info = read_info(folder)
     check_method(folder, info, expect_method)
     if base is None:
@@ -146,65 +183,73 @@ def load_solution(folder: str | Path, base: Classifier | None = None, expect_met
     metrics_file = folder / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     solution = Solution(path=folder, info=info, metrics=metrics, base=base)
-    solution.delta()  # read and validate the weights now, so errors surface at load time
+    solution.module_deltas()  # read and validate the weights now (one ΔW at a time), so errors surface at load
     return solution
+
+
+def _load_foreign(folder: Path, base: Classifier | None, expect_method: str | None, model: str | None) -> Solution:
+    info = foreign.describe(folder)
+    foreign.check_slot(folder, info, expect_method)
+    if base is None:
+        model = model or foreign.default_model(folder, info)
+        base = build_base({"model": model, "num_classes": 1, "modality": foreign.modality_of(model)})
+    return foreign.load(folder, base, info, model)
 
 
 def load_solutions(
     named: dict[str, Path], model: str | None = None, num_classes: int | None = None
 ) -> dict[str, Solution]:
-    """Load solutions given by name (``{name: folder}``) onto one shared base model.
+    """Load solutions given by name (``{name: path}``) onto one shared base model.
 
-    A folder is a solution written by this tool (``solution.json``: :func:`load_solution`) or a bare peft
-    LoRA / RandLoRA adapter folder (``adapter_config.json`` only), which needs ``model`` and
-    ``num_classes``. The base is ``model`` with ``num_classes`` classes, by default those of the first
-    solution; every solution must come from that model (and its base weights: fingerprint checked).
+    A path is a solution folder written by this tool (``solution.json``: :func:`load_solution`) or one
+    trained elsewhere (:mod:`adapters.foreign`: a peft adapter folder of any type that merges, a full
+    checkpoint). The base is ``model`` (default: the first tool solution's, else the first adapter's
+    ``base_model_name_or_path``) with ``num_classes`` classes (default: the first tool solution's, else 1),
+    built for the tool solutions' modality, else the model's own (:func:`adapters.foreign.modality_of`:
+    ``lm`` for a causal LM). Every tool solution must come from that model (and its base weights:
+    fingerprint checked); a foreign one must fit it (module names and shapes checked).
     """
-    infos = {name: _given_info(name, Path(folder), model, num_classes) for name, folder in named.items()}
-    if not infos:
+    if not named:
         raise UserError("no solutions given: pass NAME=PATH for each solution folder")
-    first = next(iter(infos.values()))
-    model = model or first["model"]
-    classes = num_classes or int(first["num_classes"])
+    infos = {name: _given_info(name, Path(path)) for name, path in named.items()}
+    own = [info for info in infos.values() if info.get("source") not in foreign.SOURCES]
+    first = own[0] if own else {}
+    if model is None:
+        name = next(iter(infos))
+        model = first["model"] if first else foreign.default_model(named[name], infos[name])
+    classes = num_classes or int(first.get("num_classes", 1))
     for name, info in infos.items():
-        if info["model"] != model:
+        if info.get("source") not in foreign.SOURCES and info["model"] != model:
             raise UserError(f"solution {name} was trained from {info['model']}, not {model}: pass matching solutions")
     names = first.get("classes") if int(first.get("num_classes", -1)) == classes else None
-    base = build_base({**first, "model": model, "num_classes": classes, "classes": names})
+    modality = first.get("modality") or foreign.modality_of(model)
+    base = build_base({**first, "model": model, "num_classes": classes, "classes": names, "modality": modality})
     solutions = {}
-    for name, folder in named.items():
-        folder, info = Path(folder), infos[name]
-        if info.get("peft_only"):
-            check_base(folder, info, base)
-            solutions[name] = Solution(path=folder, info=info, metrics={}, base=base)
-            solutions[name].delta()  # read and validate the weights now, as load_solution does
+    for name, path in named.items():
+        if infos[name].get("source") in foreign.SOURCES:
+            solutions[name] = foreign.load(Path(path), base, infos[name], model)
         else:
-            solutions[name] = load_solution(folder, base=base)
+            solutions[name] = load_solution(path, base=base)
     return solutions
 
 
-def _given_info(name: str, folder: Path, model: str | None, num_classes: int | None) -> dict:
-    """The solution.json of a tool-written folder, or the info of a bare peft adapter folder."""
-    if not folder.is_dir():
-        raise UserError(f"solution folder {folder} does not exist: pass a folder written by landscape.connectivity")
-    if (folder / "solution.json").exists():
-        return read_info(folder)
-    # Adapters trained elsewhere: each format we read is recognised here and described by an info dict
-    # (method, model, num_classes, rank, name, peft_only) that load_solutions can load. Today: peft's own
-    # LoRA and RandLoRA adapter folders; other formats will be added here.
-    if (folder / "adapter_config.json").exists():
-        try:
-            cfg = json.loads((folder / "adapter_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{folder}/adapter_config.json is corrupt ({e.msg})") from None
-        method = {"LORA": "lora", "RANDLORA": "randlora"}.get(str(cfg.get("peft_type", "")).upper())
-        if method is None:
-            raise UserError(f"{folder}: peft type {cfg.get('peft_type')!r} is not supported (LORA or RANDLORA)")
-        if model is None or num_classes is None:
-            raise UserError(f"{folder} is a bare peft adapter: pass --base MODEL_NAME and --num-classes N")
-        return {"method": method, "model": model, "num_classes": num_classes, "rank": cfg.get("r"), "name": name,
-                "peft_only": True}  # fmt: skip
-    raise UserError(f"{folder} has neither solution.json nor adapter_config.json: not a solution folder")
+def _given_info(name: str, path: Path) -> dict:
+    """The solution.json of a tool-written folder, or the info of a solution trained elsewhere."""
+    if foreign.is_foreign(path):
+        return foreign.describe(path, name)
+    if not path.exists():
+        raise UserError(f"solution folder {path} does not exist: pass a folder written by landscape.connectivity")
+    if not path.is_dir():
+        raise UserError(
+            f"{path} is not a solution: pass a solution folder, a peft adapter folder, a model folder, a "
+            ".safetensors file or a state-dict file (.pt, .pth, .bin)"
+        )
+    if not (path / "solution.json").exists():
+        raise UserError(
+            f"{path} has neither solution.json, adapter_config.json nor config.json: not a solution folder, a peft "
+            "adapter or a model folder"
+        )
+    return read_info(path)
 
 
 def check_method(folder: Path, info: dict, expect_method: str | None) -> None:
@@ -276,6 +321,13 @@ def peft_config_of(folder: Path):
     if isinstance(config, LoraConfig):
         layers.register_lora(config)
     layers.install()
+    # Only the weights are read: the plain PeftModel, whatever task the adapter was trained for (peft's
+    # task classes, e.g. for CAUSAL_LM, expect a transformers model, not our wrapper of one).
+    config.task_type = None
+    for option in ("target_modules", "exclude_modules"):
+        pattern = getattr(config, option, None)
+        if isinstance(pattern, str) and pattern != "all-linear":  # a regex matched against full module names
+            setattr(config, option, rf"(?:(?:{'|'.join(WRAPPERS)})\.)?(?:{pattern})")
     return config
 
 

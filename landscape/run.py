@@ -102,8 +102,19 @@ def model_options(config: RunConfig, entry) -> dict:
 
 
 def check_given(config: RunConfig, name: str) -> None:
-    """The solutions given with --solutions are of the method, model and dataset they are given for."""
+    """The solutions given with --solutions are of the method, model and dataset they are given for.
+
+    A solution trained elsewhere (:mod:`adapters.foreign`: a peft adapter folder, a full checkpoint) is checked
+    for what its files say: readable, and of a kind that can be the method it is given for (a full checkpoint
+    only ``ft=``; an adapter ``lora=`` / ``randlora=``, a LoRA not as randlora= nor a RandLoRA as lora=).
+    That it fits the base (module names, shapes, NaN/inf) is checked when it is loaded onto the base, before
+    any training."""
+    from adapters import foreign
+
     for method, path in config.solutions.items():
+        if foreign.is_foreign(path):
+            foreign.check_slot(path, foreign.describe(path, method), method)
+            continue
         info = read_info(path)
         check_method(Path(path), info, method)
         if info["model"] != name or info.get("dataset", config.dataset) != config.dataset:
@@ -147,7 +158,7 @@ def load(config: RunConfig) -> Loaded:
     randlora_rank = config.randlora_rank or entry.defaults.get("randlora_rank", 8)
     lora_rank = config.lora_rank or match_lora_rank(shapes, randlora_rank)
     loaded = Loaded(config, task, name, options, fingerprint(base), {"lora": lora_rank, "randlora": randlora_rank}, {})
-    loaded.solutions = {m: load_solution(p, base=base, expect_method=m) for m, p in config.solutions.items()}
+    loaded.solutions = {m: load_solution(p, base, m, name) for m, p in config.solutions.items()}  # also foreign
     if distributed.is_lead():
         head = sum(p.numel() for p in base.task_head.parameters()) if hasattr(base, "task_head") else 0
         print(

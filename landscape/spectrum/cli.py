@@ -1,4 +1,10 @@
-"""python -m landscape.spectrum: the spectra of a run's solutions (--run) or of solution folders (--solution)."""
+"""python -m landscape.spectrum: the spectra of a run's solutions (--run) or of given solutions (--solution).
+
+``--solution NAME=PATH`` takes this tool's solution folders and solutions trained elsewhere
+(:mod:`adapters.foreign`: peft adapters of every type that merges, full checkpoints) on one base model:
+``--model`` (``--base`` is its earlier spelling; an ``hf:`` causal LM is built as the answer scorer, any
+other ``hf:`` model as an encoder), by default the solutions' own or an adapter's ``base_model_name_or_path``.
+"""
 
 from __future__ import annotations
 
@@ -31,10 +37,18 @@ def build_parser():
         nargs="+",
         default=[],
         metavar="NAME=PATH",
-        help="solution folders written by this tool, or peft adapter folders (adapter_config.json; need --base "
-        "and --num-classes); NAME is free (the ft one is the similarity reference, the lora one gives r)",
+        help="solutions: folders written by this tool, peft adapter folders of any type that merges (LoRA, DoRA, "
+        "RandLoRA, VeRA, LoHa, LoKr, AdaLoRA, ...), or full checkpoints (a transformers model folder, a "
+        ".safetensors or a state-dict .pt/.pth/.bin file: method ft); NAME is free (the ft one is the similarity "
+        "reference, the lora one gives r)",
     )
-    p.add_argument("--base", default=None, help="model name of the base (default: from the solutions' solution.json)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the base model (e.g. hf:DIR): default the solutions' solution.json, else an adapter's "
+        "base_model_name_or_path (as hf:); needed for full checkpoints",
+    )
+    p.add_argument("--base", default=None, help="the same as --model (its earlier spelling)")
     p.add_argument("--num-classes", type=int, default=None, help="class count of the base model's head")
     p.add_argument("--out", default=None, help="where to write the outputs (default: the run folder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device for the SVDs")
@@ -70,6 +84,8 @@ def _run(argv: Sequence[str] | None = None) -> None:
         raise UserError("pass --run DIR (a run folder) or --solution NAME=PATH ... (solution folders)")
     if args.run is not None and args.solution:
         raise UserError("pass --run DIR or --solution NAME=PATH ..., not both")
+    if args.model is not None and args.base is not None and args.model != args.base:
+        raise UserError(f"--model {args.model} and --base {args.base} differ: pass one of them (--base is --model)")
     if args.solution:
         named = parse_named_paths(args.solution, "--solution")
         if args.out is None:
@@ -77,7 +93,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     threads.configure(args.threads)
     device = resolve_device(args.device)
     if args.solution:
-        solutions = load_solutions(named, args.base, args.num_classes)
+        solutions = load_solutions(named, args.model or args.base, args.num_classes)
     else:
         solutions = run_solutions(args.run)
     out = Path(args.out) if args.out else Path(args.run)
