@@ -28,6 +28,8 @@ PAPER_BY_DEFAULT = ("cifar100", "food101", "ucf101")  # paper-sized by default; 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
+RANDOM_CHARTS = ("random", "random-line")  # landscape.plane.RANDOM_CHARTS (tested equal)
+RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on a 2-core CPU with AVX2 only
@@ -151,10 +153,33 @@ class RunConfig:
     chart: str = option(
         "paper",
         "plane chart: paper = the RandLoRA paper's affine chart (RandLoRA (0,0), LoRA (1,0), FT (0.5,1)); "
-        "orthonormal = Garipov et al., Euclidean units",
+        "orthonormal = Garipov et al., Euclidean units; random = Li et al. 2018, two filter-normalised Gaussian "
+        "directions around one solution (--center), axes [-1, 1]; random-line = the 1-D cut along the first",
         toml="landscape.chart",
-        choices=("paper", "orthonormal"),
+        choices=("paper", "orthonormal", "random", "random-line"),
     )
+    center: str = option(
+        "ft", "random charts: the solution at the centre: ft, lora, randlora, or a solution folder PATH",
+        toml="landscape.center", metavar="ft|lora|randlora|PATH",
+    )  # fmt: skip
+    direction_seed: int | None = option(
+        None, "random charts: seed of the Gaussian directions (default: --seed)", toml="landscape.direction_seed"
+    )
+    direction_norm: str = option(
+        "filter", "random charts: rescale each direction per filter (row / output channel), per layer (parameter "
+        "tensor) or as a whole to the centre's norm (loss-landscapes' names)", toml="landscape.direction_norm",
+        choices=("filter", "layer", "model"),
+    )  # fmt: skip
+    ignore: str = option(
+        "biasbn", "random charts: biasbn = biases and norm parameters (every tensor with <= 1 dimension) get no "
+        "direction (Li et al.'s --xignore biasbn); none = they move too", toml="landscape.ignore",
+        choices=("biasbn", "none"),
+    )  # fmt: skip
+    coordinates: str = option(
+        "weights", "random charts: weights = the directions span every weight of the model; adapter = they span "
+        "the centre's adapter parameters (LoRA A/B, RandLoRA lambda/gamma, the head) in its peft model (needs a "
+        "lora or randlora centre)", toml="landscape.coordinates", choices=("weights", "adapter"),
+    )  # fmt: skip
     grid: int = option(
         11, "grid points per axis; the vertices are grid points (full: 25 = the paper's)", toml="landscape.grid"
     )
@@ -186,7 +211,7 @@ class RunConfig:
         "factored (W0 + the FT update + the adapters' factors, weights built per module as it runs: ~1 extra "
         "model copy); auto = dense when it fits in a quarter of the free memory",
         toml="landscape.plane_storage", choices=("auto", "dense", "factored"),
-    )
+    )  # fmt: skip
     path_points: int = option(11, "values of t on each 1-D path (full: 21; 0 = no paths)", toml="landscape.path_points")
     path_extend: float = option(0.0, "the paths run over t in [-E, 1 + E]", toml="landscape.path_extend")
     # --- the run
@@ -236,10 +261,13 @@ class RunConfig:
         """How the user set ``name``: '--batch-size', 'FILE [train] batch_size', 'preset quick' or 'default'."""
         return self.sources.get(name, "default")
 
-    def _fail(self, name: str, problem: str, fix: str) -> None:
+    def _shown(self, name: str) -> str:
+        """The setting as the user gave it: '--batch-size 0' or "FILE [train] batch_size = 0"."""
         where, value = self.where(name), getattr(self, name)
-        shown = f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
-        raise UserError(f"{shown}: {problem}: {fix}")
+        return f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+
+    def _fail(self, name: str, problem: str, fix: str) -> None:
+        raise UserError(f"{self._shown(name)}: {problem}: {fix}")
 
     def validate(self) -> RunConfig:
         """Check every value (ranges, choices, combinations); a UserError names the first bad one."""
@@ -254,7 +282,7 @@ class RunConfig:
         at_least = {
             "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
             "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
-            "threads": 1, "cutoff_len": 8,
+            "threads": 1, "cutoff_len": 8, "direction_seed": 0,
         }  # fmt: skip
         for name, low in at_least.items():
             value = getattr(self, name)
@@ -289,7 +317,28 @@ class RunConfig:
         for name in self.solutions:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
+        self._validate_random_chart()
         return self
+
+    def _validate_random_chart(self) -> None:
+        """The random charts' settings: given only with a random chart; an adapter centre for adapter coordinates."""
+        random = self.chart in RANDOM_CHARTS
+        if not random:
+            given = [self._shown(k) for k in RANDOM_OPTIONS if self.where(k) != "default"]
+            if given:
+                verb = "apply" if len(given) > 1 else "applies"
+                raise UserError(f"{', '.join(given)} {verb} to --chart random / random-line only: drop "
+                                f"{'them' if len(given) > 1 else 'it'} or pass --chart random")  # fmt: skip
+            return
+        if self.center not in SOLUTION_NAMES and not Path(self.center).exists():
+            self._fail("center", "is neither ft, lora, randlora nor an existing solution folder",
+                       "pass ft, lora, randlora or a folder written by landscape.connectivity")  # fmt: skip
+        if self.coordinates == "adapter" and self.center == "ft":
+            self._fail("coordinates", "adapter coordinates need an adapter centre, and the centre is ft",
+                       "pass --center lora or randlora (or --coordinates weights)")  # fmt: skip
+        if self.plane_storage == "factored":
+            self._fail("plane_storage", "the random charts hold the dense plane (directions over every weight)",
+                       "pass --plane-storage dense or auto")  # fmt: skip
 
 
 def _number_above(value: Any, low: float, strict: bool) -> bool:
@@ -432,6 +481,8 @@ def resolve(given: dict[str, Any]) -> RunConfig:
     config.preset = preset
     if config.data_root is not None:  # recorded resolved, so the run can be reopened from anywhere
         config.data_root = str(Path(config.data_root).expanduser().resolve())
+    if config.center not in SOLUTION_NAMES:  # a solution folder, also recorded resolved
+        config.center = str(Path(config.center).expanduser().resolve())
     return config.validate()
 
 

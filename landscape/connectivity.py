@@ -30,10 +30,10 @@ import numpy as np
 from adapters import distributed, threads
 from adapters.errors import UserError
 from landscape import config as run_config
-from landscape import factored, paths, render, spectrum, store
+from landscape import directions, factored, paths, render, spectrum, store
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
-from landscape.plane import SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
+from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
 from landscape.report import metadata, print_summary, summarise
 from landscape.run import METHOD_ORDER, Loaded, eval_set, load, solution_keys, train_solutions
 from landscape.store import GridStore, StaleGrid
@@ -57,8 +57,11 @@ def run(argv: Sequence[str] | None = None) -> Path:
 
     with stages("load"):
         loaded = load(config)
+        center = directions.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
     solutions = train_solutions(loaded, device, stages)
+    if center is not None:
+        solutions[directions.CENTER_VERTEX] = center
     for method in METHOD_ORDER:  # solutions reused from the earlier run keep its training times
         if f"train_{method}" not in stages.seconds and method not in config.solutions:
             stages.reuse(f"train_{method}", previous, say=False)
@@ -91,12 +94,18 @@ def run(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
+def vertex_names(chart) -> list[str]:
+    """The chart's vertices in output order: ft, lora, randlora for the planes through them; a random chart's centre."""
+    return [s for s in SOLUTIONS if s in chart.vertices] + [s for s in chart.vertices if s not in SOLUTIONS]
+
+
 def landscape_arrays(chart, xs, ys, result) -> dict[str, np.ndarray]:
     """The content of landscape.npz."""
+    names = vertex_names(chart)
     return {
         "x": xs, "y": ys, "loss": result["loss"], "accuracy": result["accuracy"], "loss_se": result["loss_se"],
-        "points": np.array([chart.vertices[s] for s in SOLUTIONS], dtype=np.float64),
-        "point_names": np.array(SOLUTIONS),
+        "points": np.array([chart.vertices[s] for s in names], dtype=np.float64).reshape(-1, 2),
+        "point_names": np.array(names),
     }  # fmt: skip
 
 
@@ -125,11 +134,16 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, 
 
 def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list[Path]:
     config, out = loaded.config, loaded.config.out_dir
-    data = {**arrays, "vertex_loss": np.array([summary[s]["vertex_loss"] for s in SOLUTIONS]),
+    data = {**arrays, "vertex_loss": np.array([summary[s]["vertex_loss"] for s in vertex_names(chart)]),
             "chart": config.chart, "distances": chart.info.get("distances")}  # fmt: skip
     title = (
         f"{loaded.model_name} on {config.dataset}: loss on the plane through FT, LoRA, RandLoRA ({config.chart} chart)"
     )
+    if config.chart in RANDOM_CHARTS:
+        data.update(note=directions.note(chart.info), clip_factor=RANDOM_CLIP_FACTOR)
+        name = render.LABELS.get(vertex_names(chart)[0], "the solution")
+        cut = "a random line" if config.chart == "random-line" else "a random plane"
+        title = f"{loaded.model_name} on {config.dataset}: loss on {cut} through {name} (Li et al. 2018)"
     render.landscape_html(data, out / "landscape.html", title)
     render.landscape_static(data, out / "landscape.png", out / "landscape.pdf", title)
     return [out / f"landscape.{ext}" for ext in ("html", "png", "pdf")]
@@ -145,6 +159,8 @@ def check_grid_store(loaded: Loaded, device, rank: int) -> GridStore:
         "eval": [config.dataset, config.eval_split, config.eval_samples, config.seed, config.data_root, loaded.sizes],
         "solutions": solution_keys(loaded, device),
     }  # fmt: skip
+    if config.chart in RANDOM_CHARTS:  # only then, so the other charts' grids keep their keys
+        settings["random_chart"] = directions.grid_settings(config)
     grid_store = GridStore(config.out_dir / ".grid", settings, rank=rank)
     if config.restart and rank == 0:
         grid_store.clear()
@@ -168,6 +184,10 @@ def stage_keys(grid_store: GridStore, config, device) -> dict[str, str]:
     }
 
 
+# Random charts: the display clips losses above this × the centre's loss (the planes through three solutions: 1.2):
+# a filter-normalised direction soon leaves the basin for losses far above chance, which would flatten it.
+RANDOM_CLIP_FACTOR = 10.0
+
 # What a stage writes changed (2: chord barriers; spectrum 2: W0 and W0 + ΔW spectra): older results are redone.
 PATHS_FORMAT, SPECTRUM_FORMAT = 2, 2
 
@@ -181,7 +201,8 @@ def stale(config, error: Exception) -> UserError:
 def solution_fingerprints(solutions) -> dict[str, str]:
     from adapters.solution import delta_fingerprint
 
-    return {s: delta_fingerprint(solutions[s]) for s in SOLUTIONS}
+    names = [*SOLUTIONS, directions.CENTER_VERTEX]  # the centre of a random chart given as a folder, if any
+    return {s: delta_fingerprint(solutions[s]) for s in names if s in solutions}
 
 
 def plane(loaded: Loaded, solutions, device):
@@ -191,11 +212,19 @@ def plane(loaded: Loaded, solutions, device):
     into a copy of the model), ``factored`` (:mod:`landscape.factored`: W0 + the solutions' updates, weights
     built per module on the base model itself: ~1 model copy instead of ~6) or ``auto`` (factored when the
     dense plane would need more than a quarter of the free memory). ``chart.info["storage"]`` records it.
+    The random charts (``--chart random`` / ``random-line``, :mod:`landscape.directions`) are centred on one
+    solution and always dense: a PlaneEvaluator on a copy of the model, or over the centre's adapter
+    parameters (``--coordinates adapter``).
     """
     config, base = loaded.config, loaded.task.base
-    storage = factored.choose_storage(config.plane_storage, base, device)
+    random = config.chart in RANDOM_CHARTS  # always dense: the directions span every weight
+    storage = "dense" if random else factored.choose_storage(config.plane_storage, base, device)
     dtype, evals = config.landscape_dtype(device.type), eval_set(loaded, device)
-    if storage == "factored":
+    if random:  # Li et al.'s random directions around one solution (landscape.directions)
+        vertex, center = directions.center_of(config.center, solutions)
+        chart, evaluator = directions.build_evaluator(config, center, vertex, evals, device, dtype,
+                                                      loaded.task.objective)  # fmt: skip
+    elif storage == "factored":
         deltas = {s: solutions[s].module_deltas(check=False) for s in SOLUTIONS}
         chart = factored.build_chart(config.chart, base, deltas)
         evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
@@ -212,7 +241,7 @@ def plane(loaded: Loaded, solutions, device):
     verts = list(chart.vertices.values())
     if config.x_range:  # the config's window, the vertices kept on the grid
         xs = paper_axis(config.grid, *config.x_range, [v[0] for v in verts])
-    if config.y_range:
+    if config.y_range and config.chart != "random-line":  # a line has the one row y = 0
         ys = paper_axis(config.grid, *config.y_range, [v[1] for v in verts])
     return chart, xs, ys, evaluator
 

@@ -9,6 +9,10 @@ between the solutions (all others stay at the base model's values).
 - ``orthonormal``: Garipov et al. 2018 with w0 = RandLoRA, w2 = LoRA, w1 = FT:
   u = (w2 − w0)/‖w2 − w0‖, v = Gram–Schmidt of (w1 − w0) against u. Coordinates are
   Euclidean distances in weight space, so lengths and angles in the picture are true.
+- ``random`` / ``random-line``: Li et al. 2018's chart around ONE solution θ*, over every parameter of
+  the model: origin = θ*, U = δ, V = η, two filter-normalised Gaussian directions drawn by
+  :mod:`landscape.directions` (which builds it through :func:`random_chart`). One vertex, the centre,
+  at (0, 0); the default axes are [−1, 1] × [−1, 1] (a line: x only, y = [0]).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from adapters.errors import UserError
 
 SOLUTIONS = ("ft", "lora", "randlora")
 CHARTS = ("paper", "orthonormal")
+RANDOM_CHARTS = ("random", "random-line")  # built by landscape.directions (one solution, random directions)
 PAPER_RANGE = {"x": (-1.0, 1.4), "y": (-0.5, 1.9)}
 
 
@@ -107,6 +112,34 @@ def _geometry(thetas: dict[str, dict[str, torch.Tensor]]) -> dict:
     return {"distances": dist, "triangle_angles_deg": angles}
 
 
+def random_chart(
+    center: dict[str, torch.Tensor],
+    u: dict[str, torch.Tensor],
+    v: dict[str, torch.Tensor] | None,
+    vertex: str,
+    info: dict | None = None,
+) -> Chart:
+    """Li et al.'s chart around one solution: origin θ* (``center``), U = δ, V = η, the centre ``vertex`` at (0, 0).
+
+    ``v`` None makes the 1-D chart ``random-line``: V is a zero scalar per parameter (broadcast by
+    ``origin + x·U + y·V`` and by the grid engine), so a line holds no second model-sized direction."""
+    if v is None:
+        v = {n: torch.zeros((), dtype=t.dtype, device=t.device) for n, t in u.items()}
+        name = "random-line"
+    else:
+        name = "random"
+    return Chart(name, center, u, v, {vertex: (0.0, 0.0)}, dict(info or {}))
+
+
+def centred_axis(n: int, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    """n values over [lo, hi] holding 0 (lo < 0 < hi): uniform k/h for odd n on [−1, 1] (0 and the ends exact),
+    else linspace with its line nearest 0 moved onto it."""
+    if n % 2 and (lo, hi) == (-1.0, 1.0):
+        h = n // 2
+        return np.arange(-h, h + 1) / h
+    return snapped_axis(lo, hi, n, [0.0])
+
+
 def build_chart(name: str, thetas: dict[str, dict[str, torch.Tensor]]) -> Chart:
     if name == "paper":
         return paper_chart(thetas)
@@ -147,9 +180,12 @@ def snapped_axis(lo: float, hi: float, n: int, anchors: list[float]) -> np.ndarr
 
 
 def default_axes(chart: Chart, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The default grid of n × n points for a chart; the three vertices are grid points."""
+    """The default grid of n × n points for a chart; the vertices are grid points. A random chart: [−1, 1]²
+    around its centre (a line: n × 1, y = [0])."""
     if n < 2:
         raise UserError(f"--grid {n} is too small: a surface needs at least 2 points per axis (try --grid 11)")
+    if chart.name in RANDOM_CHARTS:
+        return centred_axis(n), (np.zeros(1) if chart.name == "random-line" else centred_axis(n))
     xs = [p[0] for p in chart.vertices.values()]
     ys = [p[1] for p in chart.vertices.values()]
     if chart.name == "paper":

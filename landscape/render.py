@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ __all__ = [
     "landscape_figure",
     "landscape_html",
     "landscape_static",
+    "line_figure",
+    "line_figure_html",
     "chart_note",
     "curve_figure",
     "marker_z",
@@ -64,6 +67,8 @@ TEMPO_R = LinearSegmentedColormap.from_list(
 AXIS_TITLES = {
     "paper": ("x", "y"),
     "orthonormal": ("α (weight-space distance)", "β (weight-space distance)"),
+    "random": ("α (along δ)", "β (along η)"),
+    "random-line": ("α (along δ)", "y"),
 }
 
 
@@ -96,6 +101,7 @@ def _unpack(data: Mapping) -> dict:
     if not len(names) == len(points) == len(vertex):
         raise ValueError(f"{len(names)} point_names, {len(points)} points, {len(vertex)} vertex_loss")
     chart = _str(data["chart"]) if "chart" in data else "paper"
+    factor = float(data.get("clip_factor", 1.2))  # a random chart's one centre: a wider window (connectivity)
     accuracy = data.get("accuracy")
     if accuracy is not None and np.shape(accuracy) != loss.shape:
         raise ValueError(f"accuracy has shape {np.shape(accuracy)}, loss has {loss.shape}")
@@ -103,13 +109,14 @@ def _unpack(data: Mapping) -> dict:
         "x": x,
         "y": y,
         "loss": loss,
-        "z": clip_for_display(loss, vertex),
+        "z": clip_for_display(loss, vertex, factor),
+        "clip": f"clipped at {factor:g} × max solution loss",
         "accuracy": None if accuracy is None else np.asarray(accuracy, dtype=np.float64),
         "points": points,
         "names": names,
         "vertex": vertex,
         "axes": AXIS_TITLES.get(chart, ("x", "y")),
-        "note": chart_note(chart, _distances(data.get("distances"))),
+        "note": _str(data["note"]) if "note" in data else chart_note(chart, _distances(data.get("distances"))),
     }
 
 
@@ -362,7 +369,7 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
     lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
     fig = make_subplots(
         rows=1, cols=2, specs=[[{"type": "scene"}, {"type": "xy"}]], column_widths=[0.58, 0.42],
-        subplot_titles=("surface (clipped at 1.2 × max solution loss; markers drawn above it)", "contour map"),
+        subplot_titles=(f"surface ({d['clip']}; markers drawn above it)", "contour map"),
     )  # fmt: skip
     _surface_and_contour(fig, d, lo, hi)
     aspect = _scene_aspect(x, y)
@@ -394,8 +401,9 @@ def landscape_figure(data: Mapping, title: str) -> go.Figure:
 
 
 def landscape_html(data: Mapping, path: str | os.PathLike, title: str) -> None:
-    """Self-contained HTML (plotly.js inlined, opens offline) of :func:`landscape_figure`."""
-    fig = landscape_figure(data, title)
+    """Self-contained HTML (plotly.js inlined, opens offline) of :func:`landscape_figure`, or of
+    :func:`line_figure_html` when the grid has one row (``random-line``)."""
+    fig = line_figure_html(data, title) if np.size(data["y"]) == 1 else landscape_figure(data, title)
     write_with(path, lambda tmp: fig.write_html(str(tmp), include_plotlyjs=True, full_html=True))
 
 
@@ -460,7 +468,7 @@ def _static_figure(data: Mapping, title: str) -> Figure:
                     zorder=10, label=_label(name))  # fmt: skip
         ax2.scatter([px], [py], color=c, s=80, edgecolors="white", linewidths=1.2, zorder=10)
     ax3.legend(loc="upper left")
-    fig.colorbar(cf, ax=ax2, label="loss (clipped at 1.2 × max solution loss)")
+    fig.colorbar(cf, ax=ax2, label=f"loss ({d['clip']})")
     fig.suptitle(title)
     fig.supxlabel(d["note"], fontsize=10, color="0.2")
     ax3.set_xlim(float(x[0]), float(x[-1]))
@@ -531,10 +539,51 @@ def _save(fig: Figure, path: str | os.PathLike, fmt: str, dpi: int = 150) -> Non
 
 
 def landscape_static(data: Mapping, png_path: str | os.PathLike, pdf_path: str | os.PathLike, title: str) -> None:
-    """3-D surface and contour map side by side, saved as PNG (150 dpi) and vector PDF."""
-    fig = _static_figure(data, title)
+    """3-D surface and contour map side by side (a one-row grid: :func:`line_figure`), saved as PNG (150 dpi)
+    and vector PDF."""
+    fig = line_figure(data, title) if np.size(data["y"]) == 1 else _static_figure(data, title)
     _save(fig, png_path, "png")
     _save(fig, pdf_path, "pdf")
+
+
+# ------------------------------------------------------------------ a one-row grid (1-D) ----
+
+
+def line_figure(data: Mapping, title: str) -> Figure:
+    """A landscape of one row (``random-line``): loss along x, unclipped, the solutions on it marked in their
+    colours. (No standard-error band: the points share their samples, so their differences are far surer than
+    each point's standard error says.)"""
+    d = _unpack(data)
+    x, loss = d["x"], d["loss"][0]
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(x, loss, color="0.2", linewidth=1.8, marker=".", markersize=5, label="loss")
+    for i, (name, (px, _), pz) in enumerate(zip(d["names"], d["points"], d["vertex"], strict=True)):
+        ax.plot([px], [pz], "o", color=_color(name, i), markersize=10, markeredgecolor="white", zorder=5,
+                label=_label(name))  # fmt: skip
+    ax.set_xlabel(d["axes"][0])
+    ax.set_ylabel("loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    fig.supxlabel("\n".join(textwrap.wrap(d["note"], 110)), fontsize=8, color="0.2")
+    return fig
+
+
+def line_figure_html(data: Mapping, title: str) -> go.Figure:
+    """:func:`line_figure` in plotly (the interactive landscape.html of a one-row grid)."""
+    d = _unpack(data)
+    x, loss = d["x"], d["loss"][0]
+    acc = d["accuracy"][0] if d["accuracy"] is not None else np.full_like(loss, np.nan)
+    fig = go.Figure(go.Scatter(x=x, y=loss, mode="lines+markers", line=dict(color="#333333"), name="loss",
+                               customdata=acc, hovertemplate="x=%{x:.3f}<br>loss %{y:.4g}<br>accuracy "
+                               "%{customdata:.4g}<extra></extra>"))  # fmt: skip
+    for i, (name, (px, _), pz) in enumerate(zip(d["names"], d["points"], d["vertex"], strict=True)):
+        marker = dict(color=_color(name, i), size=12, line=dict(color="white", width=2))
+        fig.add_trace(go.Scatter(x=[px], y=[pz], mode="markers", name=_label(name), marker=marker))
+    fig.update_layout(title=dict(text=f"{title}<br><sup>{d['note']}</sup>"), xaxis_title=d["axes"][0],
+                      yaxis_title="loss", width=1000, height=600)  # fmt: skip
+    return fig
 
 
 # ------------------------------------------------------------------ linear paths (1-D) -----
