@@ -1,6 +1,8 @@
-"""Memory of the loss-landscape plane: the factored plane against the dense one, on Llama-style models.
+"""Memory of the loss-landscape plane (the factored plane against the dense one) and of the streamed
+spectral analysis, on Llama-style models.
 
     python -m experiments.benchmarks.memory [--json PATH] [--sizes 256 512 1024] [--quick] [--storages ...]
+                                            [--parts plane spectrum] [--spectrum-sizes 256 512 1024]
 
 Per size (hidden size h, intermediate ≈ 8h/3 rounded to 64, 4 layers, h/64 heads, h/128 key/value
 heads, vocabulary 4096), a randomly initialised ``transformers.LlamaForCausalLM`` is saved with
@@ -39,6 +41,24 @@ The objective: :class:`adapters.models.hf.CausalLMScorer` (``hf.entry(folder, "l
 fabricated candidate responses per sample with the answer loss (:class:`adapters.objectives.AnswerLoss`);
 where ``adapters.models.hf`` cannot be imported, a tiny wrapper returning each sequence's mean
 next-token loss (recorded as ``objective`` in the JSON).
+
+Spectrum cases (``--parts spectrum``; sizes ``--spectrum-sizes``, default those above, quick 128, 256,
+512): the same saved model and solutions (FT a full-weight safetensors solution, LoRA and RandLoRA peft
+adapters); each case, in a fresh subprocess under the same malloc setting, loads the base and the
+solutions' metadata (``solution.json``: no weights) and warms up (:func:`spectrum_warm_up`: the base's
+weights paged in, as transformers maps them from the file; the math libraries' and peft's first calls on
+tiny inputs), reads the RSS, restarts the peak counter and runs
+:func:`landscape.spectrum.analyse_solutions` on the CPU (every metric and the weight spectra; the updates
+streamed layer by layer from the files). Reported per case in ``spectrum_cases``: ``params``,
+``largest_layer_bytes`` (the largest analysed weight matrix in fp32), ``spectrum_peak_rss_bytes`` (peak
+RSS of the analysis minus the RSS before it; ``ru_maxrss`` minus it where the peak counter cannot be
+restarted) and ``ratio`` = that / ``largest_layer_bytes``: the target is a ratio that does not grow with
+the model's size, at most ``SPECTRUM_TARGET_RATIO``. Also ``adapters_bytes`` (the RSS the loaded updates
+hold throughout: peft's adapters, RandLoRA's shared random bases — about 2.7 × the largest layer for these
+shapes — and LoRA's factors; part of the peak) and ``ratio_without_adapters``, ``result_bytes`` (the
+returned spectrum), ``live_after_trim_bytes`` (the RSS left once it is dropped), the seconds and the layer
+count. The BLAS thread count is the environment's (``OPENBLAS_NUM_THREADS``): it changes the time, not
+the memory.
 """
 
 from __future__ import annotations
@@ -67,6 +87,9 @@ ROOT = Path(__file__).resolve().parents[2]
 PROG = "python -m experiments.benchmarks.memory"
 SIZES = (256, 512, 1024)
 QUICK_SIZES = (128, 256)
+QUICK_SPECTRUM_SIZES = (128, 256, 512)
+PARTS = ("plane", "spectrum")
+SPECTRUM_TARGET_RATIO = 10.0
 STORAGES = ("factored", "dense")
 VOCAB = 4096
 LAYERS = 4
@@ -291,8 +314,13 @@ def worker(case: Path, storage: str, samples: int, length: int) -> dict:
 def run_case(case: Path, storage: str, samples: int, length: int, threads: int | None, mmap_threshold: int) -> dict:
     """:func:`worker` in a fresh Python process (its peak RSS is then this case's alone); ``mmap_threshold``
     > 0: glibc's ``MALLOC_MMAP_THRESHOLD_`` for it (module docstring)."""
-    cmd = [sys.executable, "-m", "experiments.benchmarks.memory", "--worker", str(case), storage,
-           "--samples", str(samples), "--length", str(length)]  # fmt: skip
+    return _subprocess(["--worker", str(case), storage, "--samples", str(samples), "--length", str(length)], threads,
+                       mmap_threshold)  # fmt: skip
+
+
+def _subprocess(args: list[str], threads: int | None, mmap_threshold: int) -> dict:
+    """This module with ``args`` in a fresh Python process; its last printed line, as JSON."""
+    cmd = [sys.executable, "-m", "experiments.benchmarks.memory", *args]
     cmd += ["--threads", str(threads)] if threads else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if mmap_threshold > 0:
@@ -302,6 +330,81 @@ def run_case(case: Path, storage: str, samples: int, length: int, threads: int |
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {done.returncode}: {tail}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def spectrum_warm_up(solutions: dict) -> int:
+    """What a first call costs once, whatever the model's size, done before the baseline: the base's weights
+    paged in (transformers maps the safetensors file: untouched pages are not resident), the first calls of
+    LAPACK / BLAS / torch.linalg on a tiny analysis (dense, factored, lazy), and each solution's adapter code
+    (peft) on its smallest layer. Returns the RSS the solutions' loaded updates hold (peft's adapters with
+    RandLoRA's shared bases, LoRA's factors), a part of the analysis' peak reported on its own."""
+    from landscape.spectrum import LowRank, analyse
+    from landscape.spectrum.updates import LazyDelta, is_lazy, lazy_deltas
+
+    base = next(iter(solutions.values())).base
+    with torch.no_grad():
+        for p in base.parameters():
+            float(p.float().sum())
+    g = torch.Generator().manual_seed(0)
+    w = lambda: torch.randn(48, 24, generator=g)  # noqa: E731
+    low = LowRank(torch.randn(48, 2, generator=g), torch.randn(2, 24, generator=g))
+    analyse({"ft": {"w": w()}, "lora": {"w": low}, "randlora": {"w": LazyDelta("w", (48, 24), w, "randlora")}},
+            progress=False, base={"w": w()})  # fmt: skip
+    trim()
+    before = status_bytes("VmRSS")
+    held = {name: lazy_deltas(sol, name) for name, sol in solutions.items()}
+    for updates in held.values():
+        lazy = [v for v in updates.values() if is_lazy(v)]
+        if lazy:
+            min(lazy, key=lambda v: v.shape.numel())()
+    trim()
+    adapters = status_bytes("VmRSS") - before
+    del held, lazy
+    return adapters
+
+
+def spectrum_worker(case: Path) -> dict:
+    """Load the base and the solutions' metadata, warm up, restart the peak and run the streamed analysis."""
+    import peft  # noqa: F401  (imported before the baseline: code, not spectrum memory)
+
+    from adapters.solution import Solution, read_info
+    from landscape.spectrum import analyse_solutions
+
+    model, _ = load_base(case)
+    solutions = {s: Solution(path=case / s, info=read_info(case / s), metrics={}, base=model)
+                 for s in ("ft", "lora", "randlora")}  # fmt: skip
+    adapters = spectrum_warm_up(solutions)
+    trim()
+    rss_base = status_bytes("VmRSS")
+    reset = reset_peak()
+    start = time.perf_counter()
+    result = analyse_solutions(solutions, device="cpu", progress=False)
+    seconds = time.perf_counter() - start
+    peak = status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    trim()
+    with_result = status_bytes("VmRSS")
+    layers = [layer["shape"] for layer in result["layers"]]
+    del result
+    trim()
+    live = status_bytes("VmRSS")
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "layers": len(layers),
+        "largest_layer_bytes": max(m * n * 4 for m, n in layers),
+        "rss_after_base_bytes": rss_base,
+        "spectrum_peak_rss_bytes": peak - rss_base,
+        "adapters_bytes": adapters,
+        "result_bytes": with_result - live,
+        "live_after_trim_bytes": live - rss_base,
+        "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss (includes loading)",
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "spectrum_s": round(seconds, 3),
+    }
+
+
+def run_spectrum_case(case: Path, threads: int | None, mmap_threshold: int) -> dict:
+    """:func:`spectrum_worker` in a fresh Python process (as :func:`run_case`)."""
+    return _subprocess(["--spectrum-worker", str(case)], threads, mmap_threshold)
 
 
 # --------------------------------------------------------------------------- report
@@ -354,12 +457,91 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--mmap-threshold", type=int, default=MMAP_THRESHOLD,
         help=f"glibc MALLOC_MMAP_THRESHOLD_ of the cases, bytes (default {MMAP_THRESHOLD}; 0: glibc's dynamic one)",
     )  # fmt: skip
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="plane and/or spectrum cases")
+    p.add_argument(
+        "--spectrum-sizes", type=int, nargs="+", default=None,
+        help=f"hidden sizes of the spectrum cases (default {SIZES}; quick {QUICK_SPECTRUM_SIZES})",
+    )  # fmt: skip
     p.add_argument("--worker", nargs=2, metavar=("CASE_DIR", "STORAGE"), help=argparse.SUPPRESS)
+    p.add_argument("--spectrum-worker", metavar="CASE_DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.samples = args.samples or (2 if args.quick else 8)
     args.length = args.length or (32 if args.quick else 64)
     args.sizes = args.sizes or list(QUICK_SIZES if args.quick else SIZES)
+    args.spectrum_sizes = args.spectrum_sizes or list(QUICK_SPECTRUM_SIZES if args.quick else SIZES)
     return args
+
+
+class Cases:
+    """The saved models and solutions of each hidden size, made on first use under one temporary folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.setup = root, {}
+
+    def folder(self, hidden: int) -> tuple[str, Path, dict]:
+        name, folder = f"llama-h{hidden}", self.root / f"h{hidden}"
+        if name not in self.setup:
+            self.setup[name] = make_case(folder, hidden)
+            trim()
+        return name, folder, self.setup[name]
+
+
+def plane_cases(args: argparse.Namespace, made: Cases) -> list[dict]:
+    """Every (size, storage) plane case, each in a fresh subprocess."""
+    cases = []
+    for hidden in args.sizes:
+        name, folder, setup = made.folder(hidden)
+        for storage in args.storages:
+            print(f"{name} {storage} ...", file=sys.stderr, flush=True)
+            reading = run_case(folder, storage, args.samples, args.length, args.threads, args.mmap_threshold)
+            case = {"name": name, "storage": storage, "params": setup["params"], "model_bytes": setup["model_bytes"],
+                    **reading}  # fmt: skip
+            if "error" not in reading:
+                base_rss, size = reading["rss_after_base_bytes"], case["model_bytes"]
+                case["ratio"] = (reading["grid_peak_rss_bytes"] - base_rss) / size
+                case["live_ratio"] = (reading["live_after_trim_bytes"] - base_rss) / size
+                if reading.get("forward_activation_bytes") is not None:
+                    case["forward_ratio"] = reading["forward_activation_bytes"] / size
+            cases.append(case)
+    return cases
+
+
+def spectrum_cases(args: argparse.Namespace, made: Cases) -> list[dict]:
+    """One streamed spectral analysis per size, each in a fresh subprocess."""
+    cases = []
+    for hidden in args.spectrum_sizes:
+        name, folder, setup = made.folder(hidden)
+        print(f"{name} spectrum ...", file=sys.stderr, flush=True)
+        reading = run_spectrum_case(folder, args.threads, args.mmap_threshold)
+        case = {"name": name, "model_bytes": setup["model_bytes"], **reading}
+        if "error" not in reading:
+            peak, layer = reading["spectrum_peak_rss_bytes"], reading["largest_layer_bytes"]
+            case["ratio"] = peak / layer
+            case["ratio_without_adapters"] = (peak - reading["adapters_bytes"]) / layer
+        cases.append(case)
+    return cases
+
+
+def spectrum_table(out: dict) -> str:
+    lines = [f"{'case':<12} {'params':>11} {'layers':>6} {'largest MiB':>11} {'peak MiB':>9} {'ratio':>6} "
+             f"{'adapters MiB':>12} {'w/o adapters':>12} {'result MiB':>10} {'seconds':>8}"]  # fmt: skip
+    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    for c in out["spectrum_cases"]:
+        if "error" in c:
+            lines.append(f"{c['name']:<12} ERROR {c['error']}")
+            continue
+        lines.append(
+            f"{c['name']:<12} {c['params']:>11,d} {c['layers']:>6} {mib(c['largest_layer_bytes']):>11} "
+            f"{mib(c['spectrum_peak_rss_bytes']):>9} {c['ratio']:>6.2f} {mib(c['adapters_bytes']):>12} "
+            f"{c['ratio_without_adapters']:>12.2f} {mib(c['result_bytes']):>10} {c['spectrum_s']:>8.2f}"
+        )
+    lines.append(
+        "ratio = (peak RSS of analyse_solutions - RSS after loading the base and the solutions' metadata) / the "
+        f"largest analysed layer's fp32 bytes; target: not growing with size, <= {SPECTRUM_TARGET_RATIO}; adapters = "
+        "RSS held by the loaded updates (peft adapters, RandLoRA's shared bases), in the peak; w/o adapters = the "
+        "ratio without them; result = the returned spectrum (lists of floats)"
+    )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,33 +553,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(Path(args.worker[0]), args.worker[1], args.samples, args.length)))
         return 0
-    started, cases, setup = time.perf_counter(), [], {}
+    if args.spectrum_worker:
+        print(json.dumps(spectrum_worker(Path(args.spectrum_worker))))
+        return 0
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
-        for hidden in args.sizes:
-            name, folder = f"llama-h{hidden}", Path(tmp) / f"h{hidden}"
-            setup[name] = make_case(folder, hidden)
-            trim()
-            for storage in args.storages:
-                print(f"{name} {storage} ...", file=sys.stderr, flush=True)
-                reading = run_case(folder, storage, args.samples, args.length, args.threads, args.mmap_threshold)
-                case = {"name": name, "storage": storage, "params": setup[name]["params"],
-                        "model_bytes": setup[name]["model_bytes"], **reading}  # fmt: skip
-                if "error" not in reading:
-                    base_rss, size = reading["rss_after_base_bytes"], case["model_bytes"]
-                    case["ratio"] = (reading["grid_peak_rss_bytes"] - base_rss) / size
-                    case["live_ratio"] = (reading["live_after_trim_bytes"] - base_rss) / size
-                    if reading.get("forward_activation_bytes") is not None:
-                        case["forward_ratio"] = reading["forward_activation_bytes"] / size
-                cases.append(case)
+        made = Cases(Path(tmp))
+        cases = plane_cases(args, made) if "plane" in args.parts else []
+        spectra = spectrum_cases(args, made) if "spectrum" in args.parts else []
     out = {
-        "benchmark": "memory", "quick": args.quick, "sizes": args.sizes, "layers": LAYERS, "vocab": VOCAB,
-        "ranks": RANKS, "samples": args.samples, "length": args.length, "target_ratio": TARGET_RATIO,
+        "benchmark": "memory", "quick": args.quick, "parts": args.parts, "sizes": args.sizes, "layers": LAYERS,
+        "vocab": VOCAB, "ranks": RANKS, "samples": args.samples, "length": args.length, "target_ratio": TARGET_RATIO,
         "malloc_mmap_threshold": args.mmap_threshold or "glibc default (dynamic)",
         "objective": next((c["objective"] for c in cases if "objective" in c), None),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "wall_s": round(time.perf_counter() - started, 1), "cases": cases, "max_rel_loss_diff": loss_differences(cases),
+        "spectrum_sizes": args.spectrum_sizes, "spectrum_target_ratio": SPECTRUM_TARGET_RATIO,
+        "spectrum_cases": spectra,
     }  # fmt: skip
-    print(table(out))
+    if cases:
+        print(table(out))
+    if spectra:
+        print(spectrum_table(out))
     if args.json:
         from adapters.io import write_json
 

@@ -1,16 +1,38 @@
 """The analysis: spectrum metrics, similarity to full fine-tuning and intruder dimensions of every layer's
 update, for dictionaries of updates (:func:`analyse`) or for solutions (:func:`analyse_solutions`,
-:func:`write_spectrum`).
+:func:`write_spectrum`), and the spectra of the weights themselves, W0 and W0 + ΔW (WeightWatcher-style
+context for each update).
 
-Layers are processed in chunks of equal shape: off the CPU stacked (at most ``chunk_bytes`` of fp64
-matrices resident at a time) for torch's batched calls; on the CPU (method "gram": LAPACK, matrix by
-matrix) one layer at a time, as stacking would only copy. Values are read one chunk at a time, so a
-lazy mapping of updates keeps memory bounded.
+Streaming: layers are processed in chunks of equal shape, and an update is read only when its chunk is
+reached, so a mapping of lazy updates (:func:`landscape.spectrum.updates.lazy_deltas`: one parameter's ΔW
+computed on call) keeps one chunk of one solution resident at a time; each chunk's updates are released
+before the next is read. :func:`analyse_solutions` streams this way: each solution's ΔW of a layer is
+computed from its files when the analysis reaches that layer (safetensors read per tensor, peft adapters
+per module; LoRA layers from their factors, never dense). Off the CPU the chunks are stacked for torch's
+batched calls, at most ``chunk_bytes`` of fp64 matrices each (a large layer alone); on the CPU (method
+"gram": LAPACK, matrix by matrix) one layer at a time, as stacking would only copy.
+
+spectrum.json (what :func:`analyse` returns; definitions in :mod:`landscape.spectrum.metrics` and
+:mod:`landscape.spectrum.similarity`)::
+
+    {"layers": [{"name": parameter name, "shape": [out, in],
+                 "base": W0's weight spectrum (below; when the base weights are given and weight_spectra),
+                 <solution>: {"singular_values": ΔW's, descending, "rank", "effective_rank", "stable_rank",
+                              "energy_rank_90", "energy_rank_99", ["energy_beyond_rank"],
+                              ["similarity_to_<reference>"], ["intruders"],
+                              ["weight_spectrum"]: the weight spectrum of W0 + ΔW}, ...}, ...],
+     "settings": {..., "weight_spectra": bool},
+     "solutions": {name: {"method", "rank", "path"}}}        (analyse_solutions only)
+
+A weight spectrum (:func:`landscape.spectrum.metrics.weight_metrics`) is the full set of singular values
+of the weight matrix (fp64 Gram eigenvalues on the CPU, as for ΔW) with its rank measures, its spectral
+norm ``s_max`` and Frobenius norm; ``relative_update`` in each solution's ``weight_spectrum`` is
+‖ΔW‖_F / ‖W0‖_F. Costs about one more Gram matrix and eigenvalue pass per layer and solution (W0's
+comes with the intruder test); ``weight_spectra=False`` skips it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +51,14 @@ from landscape.spectrum.decomposition import (
     lowrank_svd,
     matmul,
 )
-from landscape.spectrum.metrics import energy_beyond_rank, spectrum_metrics, write_csv
+from landscape.spectrum.metrics import (
+    BASE_KEY,
+    WEIGHT_KEY,
+    energy_beyond_rank,
+    spectrum_metrics,
+    weight_metrics,
+    write_csv,
+)
 from landscape.spectrum.similarity import (
     ANGLE_KS,
     INTRUDER_THRESHOLDS,
@@ -39,7 +68,15 @@ from landscape.spectrum.similarity import (
     intruder_max_cos,
     similarity_entry,
 )
-from landscape.spectrum.updates import adapted_layers, default_layers, solution_deltas
+from landscape.spectrum.updates import (
+    adapted_layers,
+    default_layers,
+    drops_zero_updates,
+    is_lazy,
+    lazy_deltas,
+    matrix_shape,
+    shape_of,
+)
 
 OUTPUTS = ("spectrum.json", "spectrum.csv", "spectrum.png", "rank.png", "rank.pdf", "similarity.png", "similarity.pdf")
 
@@ -55,6 +92,7 @@ class _Options:
     overlap_max_k: int
     intruder_top_k: int
     intruder_thresholds: tuple[float, ...]
+    weight_spectra: bool = True
 
 
 @dataclass
@@ -70,7 +108,7 @@ class _Updates:
 
 
 def analyse(
-    deltas: Mapping[str, Mapping[str, torch.Tensor | LowRank]],
+    deltas: Mapping[str, Mapping],
     layers: Iterable[str] | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
@@ -84,22 +122,24 @@ def analyse(
     intruder_top_k: int = INTRUDER_TOP_K,
     intruder_thresholds: Sequence[float] = INTRUDER_THRESHOLDS,
     chunk_bytes: int = 512 * 2**20,
+    weight_spectra: bool = True,
 ) -> dict:
     """Spectrum metrics of every solution's update for each layer.
 
     ``deltas`` maps a solution name ("ft", "lora", "randlora", ...) to {parameter name: ΔW}, ΔW a
-    dense tensor (any dtype, >2-D viewed as (shape[0], -1)) or a :class:`LowRank` (LoRA factors:
-    exact fast path). Values are read one chunk of layers at a time, so a lazy mapping keeps
-    memory bounded. ``layers`` defaults to the 2-D parameters present in every solution, in
-    natural order.
+    dense tensor (any dtype, >2-D viewed as (shape[0], -1)), a :class:`LowRank` (LoRA factors:
+    exact fast path) or a lazy update (a zero-argument callable with a ``shape`` returning the dense
+    ΔW: :func:`landscape.spectrum.updates.lazy_deltas`). Values are read one chunk of layers at a time
+    and released before the next chunk (module docstring), so lazy updates keep memory bounded.
+    ``layers`` defaults to the 2-D parameters present in every solution, in natural order.
 
-    Optional: ``base`` {parameter name: W0} adds intruder dimensions; ``rank`` (default: the r of
-    the first :class:`LowRank` found) adds ``energy_beyond_rank`` and k = r to the angle set; the
-    ``reference`` solution (default "ft"), when present, adds ``similarity_to_ft`` to the others.
+    Optional: ``base`` {parameter name: W0} adds intruder dimensions and, with ``weight_spectra``, the
+    weight spectra of W0 and of each W0 + ΔW; ``rank`` (default: the r of the first :class:`LowRank`
+    found) adds ``energy_beyond_rank`` and k = r to the angle set; the ``reference`` solution (default
+    "ft"), when present, adds ``similarity_to_ft`` to the others.
 
-    Returns ``{"layers": [{"name", "shape": [out, in], <solution>: metrics, ...}, ...],
-    "settings": {...}}`` with solutions in the order of ``deltas`` (definitions: the docstrings of
-    :mod:`landscape.spectrum.metrics` and :mod:`landscape.spectrum.similarity`).
+    Returns ``{"layers": [{"name", "shape": [out, in], ["base": ...], <solution>: metrics, ...}, ...],
+    "settings": {...}}`` with solutions in the order of ``deltas`` (layout: the module docstring).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
@@ -108,7 +148,8 @@ def analyse(
         rank = next((v.r for params in deltas.values() for v in params.values() if isinstance(v, LowRank)), None)
     ref = reference if reference in deltas else None
     shapes = _layer_shapes(deltas, names, base)
-    opts = _Options(method, device, rank, tuple(angle_ks), overlap_max_k, intruder_top_k, tuple(intruder_thresholds))
+    opts = _Options(method, device, rank, tuple(angle_ks), overlap_max_k, intruder_top_k, tuple(intruder_thresholds),
+                    weight_spectra and base is not None)  # fmt: skip
     results: dict[str, dict] = {n: {"name": n, "shape": list(shapes[n])} for n in names}
     on_cpu = method == "gram" and _analysis_device(deltas, names, device).type == "cpu"
     with tqdm(total=len(names), desc="spectrum", unit="layer", disable=not progress) as bar:
@@ -125,10 +166,10 @@ def _layer_shapes(deltas: Mapping, names: list[str], base: Mapping | None) -> di
         for solution, params in deltas.items():
             if name not in params:
                 raise KeyError(f"solution {solution!r} has no parameter {name!r}")
-            t = params[name]
-            if t.ndim < 2:
-                raise ValueError(f"need a 2-D (or higher) update, got shape {tuple(t.shape)}")
-            shape = (int(t.shape[0]), int(math.prod(t.shape[1:])))
+            full = shape_of(params[name])
+            if len(full) < 2:
+                raise ValueError(f"need a 2-D (or higher) update, got shape {full}")
+            shape = matrix_shape(full)
             if shapes.setdefault(name, shape) != shape:
                 raise ValueError(f"{name}: shape {list(shape)} in {solution!r} != {list(shapes[name])}")
         if base is not None and (name not in base or tuple(as_matrix(base[name]).shape) != shapes[name]):
@@ -137,12 +178,14 @@ def _layer_shapes(deltas: Mapping, names: list[str], base: Mapping | None) -> di
 
 
 def _analysis_device(deltas: Mapping, names: list[str], device: str | torch.device | None) -> torch.device:
-    """Where the analysis runs: ``device``, else where the updates are."""
+    """Where the analysis runs: ``device``, else where the updates are (a lazy update: the CPU)."""
     if device is not None:
         return torch.device(device)
     if not names:
         return torch.device("cpu")
     first = next(iter(deltas.values()))[names[0]]
+    if is_lazy(first):
+        return torch.device("cpu")
     return (first.B if isinstance(first, LowRank) else first).device
 
 
@@ -165,13 +208,18 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
 
 def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, base: Mapping | None,
                    ref: str | None, opts: _Options, results: dict[str, dict]) -> None:  # fmt: skip
-    """Metrics, intruder dimensions and similarity of one chunk of layers of equal ``shape``, into ``results``."""
+    """Metrics, intruder dimensions, weight spectra and similarity of one chunk of layers of equal ``shape``,
+    into ``results``. One solution's updates of the chunk are resident at a time."""
     d = min(shape)
     kvec = min(d, max([opts.overlap_max_k, *opts.angle_ks, opts.rank or 0]))  # vectors kept for the similarity
-    w0 = d0 = None
+    w0 = d0 = s0 = None
     if base is not None:
         w0 = _stack([as_matrix(base[nm]).detach().to(device=opts.device, dtype=torch.float32) for nm in chunk])
         d0 = decompose(w0, None, opts.method)
+        s0 = d0.s.cpu().numpy()  # all singular values of W0: its weight spectrum comes with the intruder test
+        if opts.weight_spectra:
+            for i, nm in enumerate(chunk):
+                results[nm][BASE_KEY] = weight_metrics(s0[i], shape)
     left: dict[str, tuple[np.ndarray, list[int]]] = {}
     for solution, params in deltas.items():
         updates = _decompose_updates(solution, chunk, [params[nm] for nm in chunk], d, kvec, opts)
@@ -184,22 +232,33 @@ def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, ba
             results[nm][solution] = metrics
         left[solution] = (updates.u, ranks)
         if d0 is not None:
-            max_cos = _intruders(w0, d0, updates, opts)
+            max_cos, weight_s = _intruders(w0, d0, updates, opts)
             for i, nm in enumerate(chunk):
                 results[nm][solution]["intruders"] = intruder_entry(max_cos[i], opts.intruder_thresholds)
+                if weight_s is not None:
+                    results[nm][solution][WEIGHT_KEY] = weight_metrics(weight_s[i], shape, updates.s[i], s0[i])
         del updates
     if ref is not None:
         _record_similarity(left, ref, chunk, d, kvec, opts, results)
 
 
+def _dense(solution: str, name: str, value, device) -> torch.Tensor:
+    """One update as a dense fp32 matrix on ``device`` (a lazy one computed now); NaN/inf: ValueError."""
+    t = value() if is_lazy(value) else value.dense() if isinstance(value, LowRank) else value
+    if not is_finite(t):
+        raise ValueError(f"{solution!r} {name}: update contains NaN or inf; its singular values are undefined")
+    return as_matrix(t).detach().to(device=device, dtype=torch.float32)
+
+
 def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kvec: int, opts: _Options) -> _Updates:
     """Singular values and top-``kvec`` left vectors of one solution's updates in a chunk: a LoRA update given by
-    factors (all of one rank) without forming it, any other as a dense fp32 stack."""
-    for nm, t in zip(chunk, items, strict=True):
-        if not is_finite(t):
-            raise ValueError(f"{solution!r} {nm}: update contains NaN or inf; its singular values are undefined")
+    factors (all of one rank) without forming it, any other as a dense fp32 stack (lazy updates computed here,
+    one at a time)."""
     device = opts.device
     if all(isinstance(t, LowRank) for t in items) and len({t.r for t in items}) == 1:
+        for nm, t in zip(chunk, items, strict=True):
+            if not is_finite(t):
+                raise ValueError(f"{solution!r} {nm}: update contains NaN or inf; its singular values are undefined")
         B = _stack([t.B.detach().to(device=device, dtype=torch.float64) for t in items])
         A = _stack([t.A.detach().to(device=device, dtype=torch.float64) for t in items])
         scale = torch.tensor([float(t.scale) for t in items], dtype=torch.float64, device=B.device)
@@ -208,16 +267,14 @@ def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kve
         s_all = torch.zeros(len(items), d, dtype=torch.float64, device=B.device)
         s_all[:, : min(s.shape[1], d)] = s[:, :d]
         return _Updates(s_all.to(torch.float32).cpu().numpy(), u[..., :kvec].cpu().numpy(), bs=bs, a=A)
-    dense = _stack(
-        [(t.dense() if isinstance(t, LowRank) else as_matrix(t).detach()).to(device=device, dtype=torch.float32)
-         for t in items]
-    )  # fmt: skip
+    dense = _stack([_dense(solution, nm, t, device) for nm, t in zip(chunk, items, strict=True)])
     dec = decompose(dense, kvec, opts.method)
     return _Updates(dec.s.to(torch.float32).cpu().numpy(), dec.left(kvec).cpu().numpy(), dense=dense)
 
 
-def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options) -> np.ndarray:
-    """(b, top_k) max |cos| of the top left singular vectors of W0 + ΔW against all of W0's.
+def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options) -> tuple[np.ndarray, np.ndarray | None]:
+    """(b, top_k) max |cos| of the top left singular vectors of W0 + ΔW against all of W0's, and with
+    ``opts.weight_spectra`` all singular values of W0 + ΔW (b, d) (fp64 Gram, values only), else None.
 
     Frees ``updates.dense`` once W0 + ΔW is formed. A LoRA update stays factored: W0 + B·A from W0 in
     fp64 and, for the Gram method, its Gram matrix from W0's plus low-rank terms (no (out × in)² product).
@@ -225,21 +282,33 @@ def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options) 
     gram = None
     if updates.dense is None:
         bs, A = updates.bs, updates.a
-        w064 = w0.double() if d0.x is None else d0.x  # tall on the CPU: W0 in fp64 already there
-        w = w064 + matmul(bs, A)
-        if opts.method == "gram":
+        gram = d0.gram if opts.method == "gram" else None  # W0's first: its temporaries gone before W's exist
+        w064 = d0.x  # tall on the CPU: W0 in fp64
+        w064 = w0.double() if w064 is None else w064
+        w = matmul(bs, A)
+        w += w064  # = W0 + B·A (addition commutes exactly), without a second (out × in) fp64 temporary
+        if gram is not None:
+            # ((G0 + C) + Cᵀ) + low-rank term, summed in place: the same values with fewer d × d temporaries
             if w0.shape[-2] >= w0.shape[-1]:
                 c = matmul(matmul(w064.mT, bs), A)
-                gram = d0.gram + c + c.mT + A.mT @ (bs.mT @ bs) @ A
+                gram = gram + c
+                gram += c.mT
+                gram += A.mT @ (bs.mT @ bs) @ A
             else:
                 c = bs @ matmul(A, w064.mT)
-                gram = d0.gram + c + c.mT + bs @ (A @ A.mT) @ bs.mT
+                gram = gram + c
+                gram += c.mT
+                gram += bs @ (A @ A.mT) @ bs.mT
+            del c
+        del w064
     else:
         dense, updates.dense = updates.dense, None  # freed once W0 + ΔW is formed
         w = torch.from_numpy(w0.numpy() + dense.numpy()) if w0.device.type == "cpu" else w0 + dense
         del dense
+    # all values first (fp64, its temporaries freed), then the intruder test's top vectors exactly as before
+    weight_s = decompose(w, 0, opts.method, gram=gram).s.cpu().numpy() if opts.weight_spectra else None
     d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram, top_only=True)
-    return intruder_max_cos(d0, d1, opts.intruder_top_k)
+    return intruder_max_cos(d0, d1, opts.intruder_top_k), weight_s
 
 
 def _record_similarity(left: dict[str, tuple[np.ndarray, list[int]]], ref: str, chunk: list[str], d: int,
@@ -266,6 +335,7 @@ def _settings(opts: _Options, ref: str | None, intruders: bool) -> dict:
         "intruders": {"top_k": opts.intruder_top_k, "thresholds": list(opts.intruder_thresholds), "vectors": "left"}
         if intruders
         else None,
+        "weight_spectra": opts.weight_spectra,
     }
 
 
@@ -273,7 +343,7 @@ def _settings(opts: _Options, ref: str | None, intruders: bool) -> dict:
 
 
 def analyse_solutions(solutions: Mapping, device: str | torch.device | None = None, progress: bool = True,
-                      method: str = "gram") -> dict:  # fmt: skip
+                      method: str = "gram", weight_spectra: bool = True) -> dict:  # fmt: skip
     """What ``python -m landscape.spectrum`` computes and writes to spectrum.json, for loaded solutions.
 
     ``solutions``: {name: :class:`adapters.solution.Solution`} on one base model (e.g. from
@@ -281,20 +351,35 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
     classification head excluded (:func:`landscape.spectrum.updates.adapted_layers`: 36 layers for
     MiniLM); a LoRA solution's layers from its factors, its rank r giving ``energy_beyond_rank`` and
     k = r; the ``ft`` solution (the one of method ft, whatever its name) as the similarity reference;
-    intruder dimensions against the base model's weights. Returns :func:`analyse`'s result plus
-    ``"solutions"``: {name: {"method", "rank", "path"}}.
+    intruder dimensions against the base model's weights, and (``weight_spectra``) the weight spectra of
+    W0 and of each W0 + ΔW. Returns :func:`analyse`'s result plus ``"solutions"``: {name: {"method",
+    "rank", "path"}}.
+
+    Streams layer by layer (module docstring): each solution's ΔW of a layer is computed from its files
+    (:meth:`~adapters.solution.Solution.module_deltas`) when the analysis reaches that layer and released
+    before the next, so the memory beyond the base model is a few times the largest layer, whatever the
+    model's size. The values are those of the solutions' dense ``delta()``: a layer where one of this tool's
+    solutions has an all-zero ΔW is left out, as its ``delta()`` leaves such updates out (a solution trained
+    elsewhere keeps them: :func:`~landscape.spectrum.updates.drops_zero_updates`); NaN/inf raises
+    :class:`~adapters.errors.UserError` when the layer is reached (loading a solution checks it first).
 
     Takes about a minute on a CPU for MiniLM (three solutions); ``device="cuda"`` is much faster.
     """
     if not solutions:
         raise ValueError("no solutions to analyse")
-    deltas = {name: solution_deltas(sol) for name, sol in solutions.items()}
+    deltas = {name: lazy_deltas(sol, f"solution {name} ({sol.path})") for name, sol in solutions.items()}
     lora = next((s for s in solutions.values() if s.method == "lora"), None)
     rank = int(lora.info["rank"]) if lora is not None and lora.info.get("rank") else None
     ref = next((n for n, s in solutions.items() if s.method == "ft"), "ft")
-    base = dict(next(iter(solutions.values())).base.named_parameters())
+    base_model = next(iter(solutions.values())).base
+    base = dict(base_model.named_parameters())
+    if device is None:  # where the lazy updates are computed: the base model's device
+        device = next(base_model.parameters()).device
     result = analyse(deltas, layers=adapted_layers(deltas), progress=progress, device=device, base=base,
-                     rank=rank, reference=ref, method=method)  # fmt: skip
+                     rank=rank, reference=ref, method=method, weight_spectra=weight_spectra)  # fmt: skip
+    # this tool's delta() leaves all-zero updates out, so a layer such a solution does not change is not analysed
+    droppers = [n for n, sol in solutions.items() if drops_zero_updates(sol)]
+    result["layers"] = [layer for layer in result["layers"] if all(layer[n]["rank"] > 0 for n in droppers)]
     result["solutions"] = {
         name: {"method": sol.method, "rank": sol.info.get("rank"), "path": str(sol.path)}
         for name, sol in solutions.items()
@@ -309,13 +394,14 @@ def has_similarity(spectrum: Mapping) -> bool:
 
 
 def write_spectrum(solutions: Mapping, out: str | Path, device: str | torch.device | None = None,
-                   progress: bool = True, method: str = "gram") -> list[Path]:  # fmt: skip
+                   progress: bool = True, method: str = "gram", weight_spectra: bool = True) -> list[Path]:  # fmt: skip
     """:func:`analyse_solutions`, written under ``out``: spectrum.json, spectrum.csv, spectrum.png, rank.png,
     rank.pdf, and similarity.png/pdf when there is an FT reference. Returns the paths written."""
     from landscape import render, store
 
     out = Path(out)
-    result = analyse_solutions(solutions, device=device, progress=progress, method=method)
+    result = analyse_solutions(solutions, device=device, progress=progress, method=method,
+                               weight_spectra=weight_spectra)  # fmt: skip
     written = [out / name for name in OUTPUTS[:5]]
     store.write_json(written[0], result)
     write_csv(result, written[1])

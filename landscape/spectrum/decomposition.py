@@ -135,15 +135,18 @@ class Decomp:
 
     The vectors come as left vectors (``left``), as right vectors with the matrices (``right``, ``x``:
     tall Gram path, U = X V / s), or, for all vectors of a Gram matrix on the CPU, as
-    :class:`Tridiag` per matrix (``tridiag``; with ``x`` when tall). ``x``, when kept, is public: the
-    intruder test of a LoRA update reuses W0 in fp64 from it.
+    :class:`Tridiag` per matrix (``tridiag``; with ``x`` when tall). ``x`` is public: the intruder test of
+    a LoRA update reuses W0 in fp64 from it. For all vectors on the CPU (W0) the fp64 matrices and their
+    Gram matrices are not kept (each is 2× the fp32 matrix, for as long as the layer is analysed): ``x`` and
+    ``gram`` make them again from the matrices (``source``) on each access, with the same values.
     """
 
     def __init__(self, s: torch.Tensor, shape: tuple[int, int], left=None, right=None, x=None, tridiag=None,
-                 gram_lower: list[np.ndarray] | None = None):  # fmt: skip
+                 gram_lower: list[np.ndarray] | None = None, source: np.ndarray | None = None):  # fmt: skip
         self.s = s  # (b, d) float64, descending (intruder test: possibly only the top k)
         self.shape = shape
-        self.x = x  # (b, m, n) float64 matrices, for U = X V / s (tall Gram path), or None
+        self._x = x  # (b, m, n) float64 matrices, for U = X V / s (tall Gram path), or None
+        self._source = source  # (b, m, n) matrices (numpy) whose fp64 copy is x / gives the Gram matrix, or None
         self._left = left  # (b, m, k) left vectors, or None
         self._right = right  # (b, n, k) right vectors (tall Gram path: U = X V / s), or None
         self._tridiag = tridiag  # [Tridiag] per matrix: all eigenvectors of the Gram matrices, or None
@@ -151,11 +154,26 @@ class Decomp:
         self._gram_lower = gram_lower  # or their lower triangles (numpy, per matrix), symmetrised on first use
 
     @property
+    def has_x(self) -> bool:
+        """Whether the left vectors come as U = X V / s (tall Gram path)."""
+        return self._x is not None or (self._source is not None and self.shape[0] >= self.shape[1])
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        """The fp64 matrices (b, m, n) of the tall Gram path, else None; made from ``source`` on each access."""
+        if self._x is not None or not self.has_x:
+            return self._x
+        return torch.from_numpy(np.asarray(self._source, dtype=np.float64))
+
+    @property
     def gram(self) -> torch.Tensor | None:
-        """The fp64 Gram matrices, when they were kept (all vectors, method "gram")."""
+        """The fp64 Gram matrices (all vectors, method "gram"): kept ones, else made from ``source`` (not kept)."""
         if self._gram is None and self._gram_lower is not None:
             self._gram = torch.stack([torch.from_numpy(symmetric(g)) for g in self._gram_lower])
             self._gram_lower = None
+        if self._gram is None and self._source is not None:
+            grams = [torch.from_numpy(symmetric(syrk(np.asarray(x, dtype=np.float64)))) for x in self._source]
+            return grams[0][None] if len(grams) == 1 else torch.stack(grams)
         return self._gram
 
     @gram.setter
@@ -173,7 +191,7 @@ class Decomp:
         if self._left is not None:
             return self._left[..., :k]
         v = self._gram_vectors(k)
-        if self.x is None:  # wide Gram matrix XXᵀ: its eigenvectors are the left vectors
+        if not self.has_x:  # wide Gram matrix XXᵀ: its eigenvectors are the left vectors
             return v
         s = self.s[:, :k]
         u = matmul(self.x, v)
@@ -184,13 +202,13 @@ class Decomp:
         if self._left is not None:
             c = self._left.mT @ u
         else:  # tall: u0_i = X v_i / s_i  =>  u0_iᵀ u_j = v_iᵀ (Xᵀ u_j) / s_i; never forms all of U0
-            y = u if self.x is None else matmul(u.mT, self.x).mT
+            y = matmul(u.mT, self.x).mT if self.has_x else u
             if self._tridiag is None:
                 c = self._right.mT @ y
             else:
                 y = y.to(torch.float64).numpy()
                 c = torch.stack([torch.from_numpy(t.vt(y[i])) for i, t in enumerate(self._tridiag)])
-            if self.x is not None:
+            if self.has_x:
                 c = c / self.s.clamp_min(torch.finfo(self.s.dtype).tiny)[..., None]
         keep = self.s > torch.tensor([rank_tol(float(sm), self.shape) for sm in self.s[:, 0]], dtype=self.s.dtype,
                                      device=self.s.device)[:, None]  # fmt: skip
@@ -348,15 +366,17 @@ def _decompose_lapack(x: torch.Tensor, vectors: int | None, gram: torch.Tensor |
     top = bool(top_only and vectors)
     dtype = np.float32 if top else np.float64  # fp64: singular values accurate to 1e-9 · s_max
     xn = x.detach().cpu().numpy()
-    x64 = np.asarray(xn, dtype=np.float64) if tall and k else None  # for U = X V / s
+    implicit = vectors is None and gram is None  # W0: its fp64 copy and Gram matrix made again when needed
+    x64 = np.asarray(xn, dtype=np.float64) if tall and k and not implicit else None  # for U = X V / s
     values, vecs, tridiag, lower = [], [], [], []
     for i in range(b):
         if gram is not None:
             g = np.asfortranarray(gram[i].detach().cpu().numpy(), dtype=dtype)
         else:
             g = syrk(x64[i] if x64 is not None and dtype == np.float64 else np.asarray(xn[i], dtype=dtype))
-        if vectors is None:  # all vectors (W0): implicit; the Gram matrix kept for W0 + low-rank updates
-            lower.append(g.copy())
+        if vectors is None:  # all vectors (W0): implicit; a given Gram matrix kept for W0 + low-rank updates
+            if gram is not None:
+                lower.append(g.copy())
             lam, t = lapack_eigh_implicit(g)
             tridiag.append(t)
         else:
@@ -368,7 +388,7 @@ def _decompose_lapack(x: torch.Tensor, vectors: int | None, gram: torch.Tensor |
     if not k:
         return Decomp(s, (m, n))
     if vectors is None:
-        return Decomp(s, (m, n), x=x64, tridiag=tridiag, gram_lower=lower)
+        return Decomp(s, (m, n), x=x64, tridiag=tridiag, gram_lower=lower or None, source=xn if implicit else None)
     v = torch.from_numpy(np.stack(vecs).astype(np.float64))
     return Decomp(s, (m, n), right=v, x=x64) if tall else Decomp(s, (m, n), left=v)
 

@@ -8,6 +8,12 @@
 - ``energy_beyond_rank``: Σ_{i>r} s_i² / Σ_i s_i² (:func:`energy_beyond_rank`; the analysis uses
   r = the LoRA solution's rank for every solution: how much of the update a rank-r adapter could
   never express).
+
+Weight spectra (:func:`weight_metrics`, of W0 and of W0 + ΔW, WeightWatcher-style context for the
+update): the same measures plus ``s_max`` (spectral norm), ``frobenius_norm`` and, for W0 + ΔW,
+``relative_update`` = ‖ΔW‖_F / ‖W0‖_F; no power-law fit (stable and effective rank summarise the
+spectrum's shape without one). In ``spectrum.csv``: ``base_*`` (W0) and ``weight_*`` (W0 + ΔW) columns
+of s_max, stable rank and effective rank, and ``relative_update``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 ENERGY_LEVELS = (0.90, 0.99)
+WEIGHT_COLUMNS = ("s_max", "stable_rank", "effective_rank")  # of W0 and W0 + ΔW in spectrum.csv
+BASE_KEY = "base"  # a layer entry's key of W0's weight spectrum
+WEIGHT_KEY = "weight_spectrum"  # a solution entry's key of W0 + ΔW's weight spectrum
+LAYER_KEYS = ("name", "shape", BASE_KEY)  # a layer entry's keys that are not solutions
 
 
 def rank_tol(s_max: float, shape: Sequence[int]) -> float:
@@ -57,6 +67,22 @@ def spectrum_metrics(s: np.ndarray, shape: tuple[int, int]) -> dict:
     return out
 
 
+def weight_metrics(s: np.ndarray, shape: tuple[int, int], delta_s: np.ndarray | None = None,
+                   base_s: np.ndarray | None = None) -> dict:  # fmt: skip
+    """The weight spectrum of a weight matrix of ``shape`` with singular values ``s``: :func:`spectrum_metrics`
+    plus ``s_max`` and ``frobenius_norm``; with the singular values of its update ``delta_s`` and of the base
+    weight ``base_s``, ``relative_update`` = ‖ΔW‖_F / ‖W0‖_F (None when W0 is zero)."""
+    out = spectrum_metrics(s, shape)
+    s64 = np.asarray(s, dtype=np.float64)
+    out["s_max"] = float(s64.max()) if s64.size else 0.0
+    out["frobenius_norm"] = float(np.sqrt(np.sum(s64**2)))
+    if delta_s is not None and base_s is not None:
+        base_norm = float(np.sqrt(np.sum(np.asarray(base_s, dtype=np.float64) ** 2)))
+        delta_norm = float(np.sqrt(np.sum(np.asarray(delta_s, dtype=np.float64) ** 2)))
+        out["relative_update"] = delta_norm / base_norm if base_norm > 0 else None
+    return out
+
+
 def energy_beyond_rank(s: np.ndarray, rank: int) -> float:
     """Σ_{i>rank} s_i² / Σ_i s_i² for singular values ``s`` (any order); 0 for an all-zero update."""
     s64 = np.sort(np.asarray(s).astype(np.float64))[::-1]
@@ -74,10 +100,13 @@ def scalar_rows(spectrum: Mapping) -> tuple[list[str], list[dict]]:
             "energy_rank_99", "energy_beyond_rank", "s_max"]  # fmt: skip
     cols += [f"overlap_k{k}" for k in ks] + [f"mean_angle_deg_k{k}" for k in ks] + [f"max_angle_deg_k{k}" for k in ks]
     cols += [f"intruders_eps{t}" for t in thresholds]
+    weights = bool(settings.get("weight_spectra"))
+    if weights:
+        cols += [f"{side}_{key}" for side in ("base", "weight") for key in WEIGHT_COLUMNS] + ["relative_update"]
     rows = []
     for layer in spectrum["layers"]:
         for sol, met in layer.items():
-            if sol in ("name", "shape"):
+            if sol in LAYER_KEYS:
                 continue
             sv = met.get("singular_values") or [0.0]
             row = {"layer": layer["name"], "out": layer["shape"][0], "in": layer["shape"][1], "solution": sol,
@@ -88,8 +117,18 @@ def scalar_rows(spectrum: Mapping) -> tuple[list[str], list[dict]]:
             row.update(_similarity_columns(met.get(f"similarity_to_{ref}") if ref else None, ks))
             for t in thresholds:
                 row[f"intruders_eps{t}"] = (met.get("intruders") or {}).get("count", {}).get(str(t))
+            if weights:
+                row.update(_weight_columns(layer.get(BASE_KEY), met.get(WEIGHT_KEY)))
             rows.append(row)
     return cols, rows
+
+
+def _weight_columns(base: Mapping | None, weight: Mapping | None) -> dict:
+    """base_* (W0) and weight_* (W0 + ΔW) columns and relative_update of one row (None: empty)."""
+    row = {f"{side}_{key}": (spec or {}).get(key) for side, spec in (("base", base), ("weight", weight))
+           for key in WEIGHT_COLUMNS}  # fmt: skip
+    row["relative_update"] = (weight or {}).get("relative_update")
+    return row
 
 
 def _similarity_columns(sim: Mapping | None, ks: Sequence[int]) -> dict:
