@@ -182,7 +182,7 @@ class PlaneEvaluator:
         while k < len(points):
             p = self.points_per_forward
             if p == 1:
-                yield self.evaluate(*points[k], keep_samples=keep_samples)
+                yield self.evaluate(*points[k], keep_samples=True) if keep_samples else self.evaluate(*points[k])
                 k += 1
                 continue
             group = points[k : k + p]

@@ -138,10 +138,10 @@ def test_grid_engine_halves_points_on_oom_without_torch_OutOfMemoryError(monkeyp
     real_group = evaluator._evaluate_group
     oom = torch.cuda.OutOfMemoryError  # what torch < 2.4 raises; newer torch keeps it as an alias
 
-    def group_fits_two(group):
+    def group_fits_two(group, keep_samples=False):
         if len(group) > 2:
             raise oom("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_group(group)
+        return real_group(group, keep_samples)
 
     monkeypatch.setattr(evaluator, "_evaluate_group", group_fits_two)
     with monkeypatch.context() as m:
