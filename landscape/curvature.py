@@ -1,0 +1,780 @@
+"""python -m landscape.curvature — curvature of the loss at a solution: the top Hessian eigenvalues
+(Lanczos), the Hessian's trace (Hutchinson) and its spectral density (stochastic Lanczos quadrature).
+
+**Objective.** H = ∇²L(θ) of the run's objective, the mean loss over the run's evaluation set —
+the same objective (:mod:`adapters.objectives`) and the same samples as the plane and the paths
+(``--samples N``: the first N of the same seeded permutation). The model is in eval mode (dropout
+off; BatchNorm normalises with its frozen running statistics), fp32.
+
+**Hessian-vector products** (:class:`HessianOperator`). Forward-over-reverse with ``torch.func``:
+``jvp(grad(L), (θ,), (v,))`` through ``functional_call`` over the chosen parameters only (the rest
+of the model is constant), summed over the evaluation batches: one HVP is one pass over the data,
+and every pass is counted (``hvps``). Two rewrites make the models of this toolkit differentiable
+this way, both exact: attention runs on PyTorch's math SDPA kernel (the fused CPU/GPU kernels have
+no forward-mode derivative), and peft's RandLoRA ``UniqueBaseGrad`` — an ``autograd.Function``
+that torch.func cannot trace, whose forward is the product ``λ[:, :, None]·A·γ[None]`` and whose
+hand-written backward is that product's gradient — is replaced, for the duration of the
+computation, by the same product in plain tensor operations (same values, same derivatives).
+A model that still cannot run forward-mode AD falls back to reverse-over-reverse (double
+backward through ``torch.autograd``), recorded as ``hvp_mode``.
+
+**Coordinates.** ``weights``: the dense weights at the solution, θ = W0 + ΔW (:meth:`Solution.model`).
+By default (``weight_set="adapted"``) the adapted weights (:func:`adapters.methods.adapted_weights`,
+the same for every solution) plus the classification head: every solution is measured in the same
+space, the one the adapters move in. ``weight_set="plane"``: every parameter any of the run's
+solutions changes — what :func:`landscape.plane.solution_weights` puts on the plane; with a full
+fine-tuning solution that is every parameter of the model. ``adapter``: the coordinates the
+optimiser of a LoRA / RandLoRA solution sees — LoRA's A and B factors, RandLoRA's λ and γ (and the
+head), as parameters of the solution's peft model loaded from its folder; full fine-tuning has no
+adapter (its optimiser's coordinates are the weights), so its ``adapter`` entry is skipped.
+
+**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 — ARPACK's on the
+host, SLQ's on the model's device):
+
+- Top-k eigenvalues: ``scipy.sparse.linalg.eigsh(LinearOperator, k, which="LA", tol)`` — implicitly
+  restarted Lanczos (ARPACK); the largest *algebraic* eigenvalues, so a negative direction is never
+  mistaken for the top one. PyHessian's power iteration with deflation needs one HVP per iteration
+  per eigenvalue; Lanczos builds every Ritz value from one Krylov space (the benchmark
+  ``experiments.benchmarks.curvature`` measures both). scipy's eigsh over our own operator rather than
+  curvlinops: curvlinops' Hessian operator, exported with ``.to_scipy()``, would feed the same eigsh; it
+  takes a ``torch.nn`` loss module and ``(X, y)`` batches (dict inputs through a wrapper), while the
+  product here must go through the run's own objective (classification or the causal LM's answer
+  loss), over a subset of a peft model's parameters, with the kernel and peft rewrites above and a
+  count of passes — so it would add a dependency and two adapters and leave the solver unchanged.
+  eigsh's ``tol`` bounds each Ritz pair's residual, ‖Hx − θx‖ ≤ tol·|θ|, hence each eigenvalue's error
+  (for a symmetric H, some eigenvalue lies within the residual of θ); PyHessian's tolerance bounds the
+  change between two iterations, not the error. ARPACK keeps ``ncv = max(2k + 1, 20)`` float64 vectors
+  of the coordinates' size (so at least ``ncv`` HVPs). When ``k >= dim`` the Hessian is built column by
+  column (``dim`` HVPs) and diagonalised exactly.
+- Trace: Hutchinson, ``tr H ≈ mean_i zᵢᵀ H zᵢ`` over ``trace_probes`` Rademacher probes, with the
+  standard error of that mean.
+- Spectral density: SLQ (Ghorbani et al. 2019): per probe (Rademacher, normalised) ``slq_steps``
+  Lanczos steps with full reorthogonalisation give a tridiagonal T whose eigenvalues θⱼ and first
+  eigenvector components τⱼ² are the nodes and weights of a Gauss quadrature of the spectral
+  measure; the density is the probes' mean of ``Σⱼ τⱼ² N(t; θⱼ, σ²)`` on a grid, σ = ``broadening``
+  × the range of the nodes. It integrates to 1, and its mean ``Σⱼ τⱼ² θⱼ`` is an estimate of
+  ``tr H / dim``. Early exit when the Krylov space is invariant (then the quadrature is exact).
+
+Every random draw derives from ``seed`` (recorded): the same probes for every solution, so their
+differences are paired.
+
+**Outputs** (under ``--out``, default the run folder, written atomically): ``curvature.json`` — the
+settings and seed, and per solution and coordinates the eigenvalues, trace ± standard error,
+density grid and values (and the quadrature nodes and weights), the loss and gradient norm at the
+point, the number of HVPs and the seconds of each part; ``curvature.png`` / ``.pdf`` — top
+eigenvalues and densities of the solutions side by side. Each (solution, coordinates) entry is
+saved as soon as it is done, under a key of everything that determines it (settings, the
+solution's ΔW, the evaluation samples, the objective); a rerun after a kill reuses the entries
+whose key matches and computes the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from adapters import compat
+from adapters.errors import UserError
+from adapters.io import digest, key_digest, write_json, write_with
+from adapters.objectives import Classification
+from adapters.solution import Solution, delta_fingerprint
+from landscape.grid import EvalSet
+
+PROG = "python -m landscape.curvature"
+SOLUTION_CHOICES = ("ft", "lora", "randlora")
+COORDINATES = ("weights", "adapter")
+WEIGHT_SETS = ("adapted", "plane")
+HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ADAPTER_METHODS = ("lora", "randlora")
+NO_ADAPTER = "its optimiser's coordinates are the weights"
+
+__all__ = [
+    "COORDINATES",
+    "CurvatureSettings",
+    "HessianOperator",
+    "adapter_coordinates",
+    "batch_loss",
+    "broadened_density",
+    "curvature_at",
+    "curvature_figure",
+    "curvature_stage",
+    "eval_fingerprint",
+    "hutchinson_trace",
+    "lanczos",
+    "main",
+    "slq_density",
+    "top_eigenvalues",
+    "weight_coordinates",
+    "weight_names",
+    "write_figure",
+]
+
+
+@dataclass(frozen=True)
+class CurvatureSettings:
+    """What to compute at each solution (module docstring). ``trace_probes`` / ``slq_probes`` = 0 skips."""
+
+    top_k: int = 5
+    tol: float = 1e-3  # eigsh's: each Ritz pair's residual ‖Hx − θx‖ <= tol·|θ|
+    trace_probes: int = 30
+    slq_probes: int = 2
+    slq_steps: int = 40
+    coordinates: tuple[str, ...] = COORDINATES
+    weight_set: str = "adapted"
+    include_head: bool = True
+    seed: int = 0
+    density_points: int = 400
+    broadening: float = 0.01  # σ of the density's Gaussians, as a fraction of the range of the nodes
+    dtype: str = "float32"
+
+    def check(self) -> None:
+        """UserError naming the first bad setting and its fix."""
+        ints = {"top_k": (self.top_k, 1), "trace_probes": (self.trace_probes, 0), "slq_probes": (self.slq_probes, 0),
+                "slq_steps": (self.slq_steps, 2), "density_points": (self.density_points, 10)}  # fmt: skip
+        for name, (value, low) in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"{_flag(name)} {value!r}: must be an integer >= {low}: pass a value >= {low}")
+        for name, value in (("tol", self.tol), ("broadening", self.broadening)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and 0 < value < 1):
+                default = CurvatureSettings.__dataclass_fields__[name].default
+                raise UserError(f"{_flag(name)} {value!r}: must be a number in (0, 1): try {default}")
+        bad = [c for c in self.coordinates if c not in COORDINATES]
+        if bad or not self.coordinates:
+            raise UserError(f"--coordinates {' '.join(map(str, self.coordinates))}: choose weights, adapter or both")
+        if self.weight_set not in WEIGHT_SETS:
+            raise UserError(f"--weight-set {self.weight_set!r}: choose one of {', '.join(WEIGHT_SETS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "coordinates": list(self.coordinates)}
+
+    def key(self) -> dict:
+        """Every setting that changes an entry's numbers (which coordinates are asked for does not)."""
+        return {k: v for k, v in self.to_dict().items() if k != "coordinates"}
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a setting (the library's messages name the flags too)."""
+    return "--" + name.replace("_", "-")
+
+
+def _stream_seed(seed: int, stream: int) -> int:
+    """An independent integer seed per random stream (eigen start vector, trace probes, SLQ probes)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- Hessian-vector products
+
+
+class _PlainUniqueBaseGrad:
+    """peft's RandLoRA ``UniqueBaseGrad`` in plain tensor operations (module docstring): the same product,
+    differentiable by torch.func; its autograd gradient is what peft's hand-written backward returns."""
+
+    @staticmethod
+    def apply(randlora_a: torch.Tensor, randlora_lambda: torch.Tensor, randlora_gamma: torch.Tensor) -> torch.Tensor:
+        return randlora_lambda[:, :, None] * randlora_a * randlora_gamma[None,]
+
+
+@contextlib.contextmanager
+def _differentiable_twice():
+    """Math SDPA kernel and peft's RandLoRA product in plain operations, while Hessians are computed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    swapped = None
+    try:
+        from peft.tuners.randlora import layer as randlora_layer
+
+        swapped = (randlora_layer, randlora_layer.UniqueBaseGrad)
+        randlora_layer.UniqueBaseGrad = _PlainUniqueBaseGrad
+    except (ImportError, AttributeError):
+        pass
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        if swapped is not None:
+            swapped[0].UniqueBaseGrad = swapped[1]
+
+
+def batch_loss(objective: Classification, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The objective's summed loss over a batch. Classification in float64 is reduced in float64 (the
+    objective casts logits to fp32, which would limit a float64 check to fp32 accuracy)."""
+    if outputs.dtype == torch.float64 and type(objective) is Classification:
+        return F.cross_entropy(outputs, target, reduction="sum")
+    return objective.loss(outputs, target, reduction="sum")
+
+
+class HessianOperator:
+    """Hessian of the mean loss over ``eval_set`` w.r.t. the parameters ``names`` of ``model``, as products.
+
+    The model is put in eval mode, its parameters stop requiring gradients (only the chosen ones are
+    differentiated, functionally) and, for ``dtype="float64"``, it is converted: pass a copy you own.
+    ``hvps`` counts products (one pass over the data each); ``on_hvp`` is called after each.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        eval_set: EvalSet,
+        objective: Classification,
+        dtype: str = "float32",
+        mode: str = "auto",
+    ):
+        if mode not in HVP_MODES:
+            raise ValueError(f"mode must be one of {HVP_MODES}, not {mode!r}")
+        self.dtype = DTYPES[dtype]
+        self.model = model.to(self.dtype).eval()
+        self.model.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        missing = [n for n in names if n not in params]
+        if missing or not names:
+            raise ValueError(f"parameters not in the model: {missing[:3]} (of {len(names)} asked for)")
+        self.names = list(names)
+        self.params = {n: params[n].detach() for n in self.names}
+        self.shapes = [p.shape for p in self.params.values()]
+        self.sizes = [p.numel() for p in self.params.values()]
+        self.dim = sum(self.sizes)
+        self.device = next(iter(self.params.values())).device
+        self.batches = [
+            ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target) for inputs, target in eval_set.batches
+        ]
+        self.n = eval_set.n
+        self.objective = objective
+        self.mode = mode
+        self.note: str | None = None
+        self.hvps = 0
+        self.hvp_seconds = 0.0
+        self.loss: float | None = None  # at the point, from the first product's pass
+        self.grad_norm: float | None = None
+        self.on_hvp: Callable[[], None] | None = None
+
+    def _loss(self, params: dict[str, torch.Tensor], inputs: dict, target: torch.Tensor) -> torch.Tensor:
+        outputs = torch.func.functional_call(self.model, params, args=(), kwargs=inputs)
+        return batch_loss(self.objective, outputs, target) / self.n
+
+    def _forward_over_reverse(self, v: dict[str, torch.Tensor]) -> tuple[dict, dict, torch.Tensor]:
+        from torch.func import grad_and_value, jvp
+
+        hv, g, loss = None, None, 0.0
+        for inputs, target in self.batches:
+            step = grad_and_value(lambda p, i=inputs, t=target: self._loss(p, i, t))
+            (g_b, loss_b), (hv_b, _) = jvp(step, (self.params,), (v,))
+            hv = hv_b if hv is None else {n: hv[n] + hv_b[n] for n in hv}
+            g = g_b if g is None else {n: g[n] + g_b[n] for n in g}
+            loss = loss + loss_b.detach()
+        return hv, g, loss
+
+    def _reverse_over_reverse(self, v: dict[str, torch.Tensor]) -> tuple[dict, dict, torch.Tensor]:
+        params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        hv = {n: torch.zeros_like(p) for n, p in params.items()}
+        g = {n: torch.zeros_like(p) for n, p in params.items()}
+        loss = 0.0
+        with torch.enable_grad():
+            for inputs, target in self.batches:
+                loss_b = self._loss(params, inputs, target)
+                grads = torch.autograd.grad(loss_b, list(params.values()), create_graph=True)
+                dot = sum((gr * v[n]).sum() for n, gr in zip(params, grads, strict=True))
+                for n, h, gr in zip(params, torch.autograd.grad(dot, list(params.values())), grads, strict=True):
+                    hv[n] += h
+                    g[n] += gr.detach()
+                loss = loss + loss_b.detach()
+        return hv, g, loss
+
+    def hvp(self, v: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """H·v for ``v`` = {name: tensor shaped like the parameter}: one pass over the evaluation set."""
+        v = {n: v[n].to(device=self.device, dtype=self.dtype) for n in self.names}
+        start = time.perf_counter()
+        with _differentiable_twice():
+            if self.mode == "reverse-over-reverse":
+                hv, g, loss = self._reverse_over_reverse(v)
+            else:
+                try:
+                    hv, g, loss = self._forward_over_reverse(v)
+                except (RuntimeError, NotImplementedError) as e:
+                    if self.mode != "auto" or isinstance(e, compat.OutOfMemoryError):
+                        raise
+                    self.note = f"forward-mode AD failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                    warnings.warn(f"curvature: {self.note}; using reverse-over-reverse", RuntimeWarning, stacklevel=2)
+                    hv, g, loss = self._reverse_over_reverse(v)
+                self.mode = "reverse-over-reverse" if self.note else "forward-over-reverse"
+        if self.loss is None:
+            self.loss = float(loss)
+            self.grad_norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in g.values())))
+        self.hvps += 1
+        self.hvp_seconds += time.perf_counter() - start
+        if self.on_hvp is not None:
+            self.on_hvp()
+        return hv
+
+    def flat_hvp(self, x: torch.Tensor) -> torch.Tensor:
+        """H·x for a flat vector ``x`` (dim,) in the operator's dtype and device; returns the same layout."""
+        parts = x.to(device=self.device, dtype=self.dtype).split(self.sizes)
+        hv = self.hvp({n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)})
+        return torch.cat([hv[n].reshape(-1) for n in self.names])
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        """H·x on float64 numpy vectors (scipy's side)."""
+        out = self.flat_hvp(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1)))
+        return out.detach().double().cpu().numpy()
+
+    def linear_operator(self):
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator((self.dim, self.dim), matvec=self.matvec, rmatvec=self.matvec, dtype=np.float64)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() and dtype == torch.float64 else t
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+def top_eigenvalues(op: HessianOperator, k: int, tol: float = 1e-3, seed: int = 0) -> dict:
+    """The k largest (algebraic) eigenvalues, descending, by Lanczos (scipy's eigsh), or exactly for k >= dim."""
+    start, before = time.perf_counter(), op.hvps
+    method, converged = "lanczos (scipy.sparse.linalg.eigsh, which='LA')", True
+    if k >= op.dim:
+        columns = [op.flat_hvp(torch.eye(op.dim, dtype=op.dtype)[j]).double().cpu().numpy() for j in range(op.dim)]
+        h = np.stack(columns, axis=1)
+        values = np.linalg.eigvalsh(0.5 * (h + h.T))[::-1][:k]
+        method = "exact (Hessian built from dim HVPs, numpy.linalg.eigvalsh)"
+    else:
+        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+        v0 = np.random.default_rng(_stream_seed(seed, 0)).standard_normal(op.dim)
+        ncv = min(op.dim, max(2 * k + 1, 20))
+        try:
+            values = eigsh(op.linear_operator(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=False)
+        except ArpackNoConvergence as e:
+            values, converged = e.eigenvalues, False
+        values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    return {"eigenvalues": [float(x) for x in values], "method": method, "converged": converged, "tol": tol,
+            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+def _rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    return (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(dtype)
+
+
+def hutchinson_trace(op: HessianOperator, probes: int, seed: int = 0) -> dict:
+    """tr H ≈ mean of zᵀHz over ``probes`` Rademacher vectors z, with the standard error of that mean."""
+    start, before = time.perf_counter(), op.hvps
+    generator = torch.Generator().manual_seed(_stream_seed(seed, 1))
+    samples = []
+    for _ in range(probes):
+        z = _rademacher(op.dim, generator, op.dtype)  # ±1: exact in any precision
+        samples.append(float((z.double() * op.flat_hvp(z).double().cpu()).sum()))
+    x = np.asarray(samples)
+    se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    return {"trace": float(x.mean()), "trace_se": se, "probes": probes, "samples": samples,
+            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+def lanczos(op: HessianOperator, v: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` Lanczos steps from the unit vector ``v`` with full reorthogonalisation (twice, classical
+    Gram–Schmidt); stops early when the Krylov space is invariant. Returns (alpha, beta) of T.
+
+    The basis is kept in float64 on the operator's device: in fp32, the rounding of million-term dot
+    products moved the top Ritz value of EfficientNet-Lite0's Hessian by 2e-5 relative."""
+    steps = min(steps, op.dim)
+    basis = torch.empty((steps, op.dim), dtype=torch.float64, device=op.device)
+    basis[0] = v.to(device=op.device, dtype=torch.float64)
+    alpha, beta = [], []
+    for j in range(steps):
+        w = op.flat_hvp(basis[j]).double()
+        alpha.append(float(w @ basis[j]))
+        for _ in range(2):  # against every earlier vector: no ghost copies of converged eigenvalues
+            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        b = float(torch.linalg.vector_norm(w))
+        scale = max(abs(a) for a in alpha) or 1.0
+        if j + 1 == steps or b <= 1e-10 * scale:
+            break
+        beta.append(b)
+        basis[j + 1] = w / b
+    return np.asarray(alpha), np.asarray(beta)
+
+
+def slq_density(
+    op: HessianOperator, steps: int, probes: int, seed: int = 0, points: int = 400, broadening: float = 0.01
+) -> dict:
+    """Spectral density by stochastic Lanczos quadrature (module docstring): nodes, weights, and the
+    Gaussian-broadened density on a grid of ``points`` values."""
+    start, before = time.perf_counter(), op.hvps
+    generator = torch.Generator().manual_seed(_stream_seed(seed, 2))
+    nodes, weights = [], []
+    for _ in range(probes):
+        z = _rademacher(op.dim, generator, torch.float64)
+        alpha, beta = lanczos(op, z / math.sqrt(op.dim), steps)
+        theta, vectors = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
+        nodes.append(theta.tolist())
+        weights.append((vectors[0] ** 2).tolist())
+    grid, values, sigma = broadened_density(nodes, weights, points, broadening)
+    mean = float(np.mean([np.dot(t, w) for t, w in zip(nodes, weights, strict=True)]))
+    return {"grid": grid.tolist(), "values": values.tolist(), "sigma": sigma, "nodes": nodes, "weights": weights,
+            "mean": mean, "trace_estimate": mean * op.dim, "steps": steps, "probes": probes,
+            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+def broadened_density(
+    nodes: Sequence[Sequence[float]], weights: Sequence[Sequence[float]], points: int, broadening: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Mean over probes of Σⱼ wⱼ N(t; θⱼ, σ²) on a grid spanning the nodes ± 5σ; σ = broadening × their range."""
+    flat = np.concatenate([np.asarray(t, dtype=np.float64) for t in nodes])
+    lo, hi = float(flat.min()), float(flat.max())
+    sigma = broadening * (hi - lo) if hi > lo else broadening * max(abs(hi), 1.0)
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
+    values = np.zeros_like(grid)
+    for t, w in zip(nodes, weights, strict=True):
+        d = (grid[:, None] - np.asarray(t)[None, :]) / sigma
+        values += (np.exp(-0.5 * d * d) * np.asarray(w)[None, :]).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    return grid, values / len(nodes), float(sigma)
+
+
+def curvature_at(op: HessianOperator, settings: CurvatureSettings, bar: tqdm | None = None) -> dict:
+    """Eigenvalues, trace and density of one operator: one entry of curvature.json (without its key)."""
+    start = time.perf_counter()
+    parts = {}
+    say = (lambda stage: bar.set_postfix_str(stage)) if bar is not None else (lambda stage: None)  # noqa: E731
+    say("eigenvalues")
+    parts["eigen"] = top_eigenvalues(op, settings.top_k, settings.tol, settings.seed)
+    if settings.trace_probes:
+        say("trace")
+        parts["hutchinson"] = hutchinson_trace(op, settings.trace_probes, settings.seed)
+    if settings.slq_probes:
+        say("density")
+        parts["density"] = slq_density(op, settings.slq_steps, settings.slq_probes, settings.seed,
+                                       settings.density_points, settings.broadening)  # fmt: skip
+    return {
+        "dim": op.dim,
+        "parameters": len(op.names),
+        "loss": op.loss,
+        "grad_norm": op.grad_norm,
+        "eigenvalues": parts["eigen"]["eigenvalues"],
+        "trace": parts["hutchinson"]["trace"] if "hutchinson" in parts else None,
+        "trace_se": parts["hutchinson"]["trace_se"] if "hutchinson" in parts else None,
+        **parts,
+        "hvps": op.hvps,
+        "hvp_mode": op.mode,
+        "hvp_note": op.note,
+        "seconds_per_hvp": op.hvp_seconds / max(op.hvps, 1),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+# --------------------------------------------------------------------------- coordinates
+
+
+def weight_names(
+    base: nn.Module, targets: Sequence[str], weight_set: str, plane_solutions: Mapping[str, Solution], head: bool
+) -> list[str]:
+    """Names of the weight coordinates (module docstring), in the model's parameter order."""
+    from adapters.methods import adapted_weights
+    from adapters.models.base import HEAD
+
+    if weight_set == "plane":
+        chosen = set().union(*(s.delta() for s in plane_solutions.values())) if plane_solutions else set()
+    else:
+        chosen = set(adapted_weights(base, targets))
+    is_head = lambda n: n.startswith(HEAD + ".")  # noqa: E731
+    return [n for n, _ in base.named_parameters() if (n in chosen and not is_head(n)) or (head and is_head(n))]
+
+
+def weight_coordinates(solution: Solution, names: Sequence[str]) -> tuple[nn.Module, list[str]]:
+    """The dense model at the solution (a copy of the base with ΔW applied) and the weight names."""
+    return solution.model(), list(names)
+
+
+def adapter_coordinates(solution: Solution, head: bool = True) -> tuple[nn.Module, list[str]]:
+    """The solution's peft model, loaded from its folder, and the names of what its optimiser trained:
+    LoRA's A/B, RandLoRA's λ/γ, and (``head``) the classification head peft saves with them."""
+    from peft import PeftModel
+
+    from adapters.methods.randlora import BASES_FILE, verify_bases
+    from adapters.solution import peft_config_of
+
+    folder = solution.path
+    with warnings.catch_warnings():  # "bases regenerated from the PRNG key": verified just below
+        warnings.filterwarnings("ignore", message=".*save_projection.*")
+        model = PeftModel.from_pretrained(copy.deepcopy(solution.base), folder, config=peft_config_of(folder),
+                                          is_trainable=True)  # fmt: skip
+    if (folder / BASES_FILE).exists():
+        try:
+            verify_bases(model, folder)
+        except ValueError as e:
+            raise UserError(f"{folder}: {e}") from None
+    names = [n for n, p in model.named_parameters() if p.requires_grad and (head or "modules_to_save" not in n)]
+    return model, names
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def eval_fingerprint(eval_set: EvalSet) -> str:
+    """Digest of the evaluation batches (inputs and targets, in order)."""
+    return digest((f"{i}.{k}", t) for i, (inputs, target) in enumerate(eval_set.batches)
+                  for k, t in [*sorted(inputs.items()), ("target", target)])  # fmt: skip
+
+
+def _previous(path: Path) -> dict:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return old.get("solutions", {}) if isinstance(old, dict) else {}
+
+
+def _compute_entry(
+    name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
+    settings: CurvatureSettings, device: torch.device | str, progress: bool,
+) -> dict:  # fmt: skip
+    """One (solution, coordinates) entry, computed."""
+    if coordinates == "weights":
+        model, chosen = weight_coordinates(solution, names)
+    else:
+        model, chosen = adapter_coordinates(solution, settings.include_head)
+    op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype)
+    bar = tqdm(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
+    op.on_hvp = lambda: bar.update(1)
+    try:
+        return {**curvature_at(op, settings, bar), "device": str(device)}
+    finally:
+        bar.close()
+
+
+def curvature_stage(
+    source,
+    solutions: Mapping[str, Solution],
+    eval_set: EvalSet,
+    out: str | Path,
+    settings: CurvatureSettings,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    plane_solutions: Mapping[str, Solution] | None = None,
+    info: Mapping | None = None,
+) -> dict:
+    """Curvature of every solution in every coordinates of ``settings``; writes curvature.json after each
+    entry and curvature.png/.pdf at the end, under ``out``; returns what curvature.json holds.
+
+    ``source``: an :class:`landscape.run.OpenRun` or a :class:`landscape.run.Loaded` (its task gives the
+    base model, the adapter targets and the objective). ``plane_solutions``: whose changed parameters make
+    ``weight_set="plane"`` (default ``solutions``). ``info`` is merged into curvature.json (its ``title``
+    also heads the figure). Entries of an earlier curvature.json in ``out`` with the same key are reused.
+    """
+    from adapters.solution import fingerprint
+
+    settings.check()
+    task = getattr(source, "loaded", source).task
+    out = Path(out)
+    names = weight_names(task.base, task.entry.targets, settings.weight_set, plane_solutions or solutions,
+                         settings.include_head)  # fmt: skip
+    common = {"settings": settings.key(), "base": fingerprint(task.base), "eval": eval_fingerprint(eval_set),
+              "objective": task.objective.name, "weights": names}  # fmt: skip
+    previous = _previous(out / "curvature.json")
+    result = {**(dict(info) if info else {}), "settings": settings.to_dict(), "seed": settings.seed,
+              "eval_samples": eval_set.n, "device": str(device), "complete": False, "solutions": {}}  # fmt: skip
+    for name, solution in solutions.items():
+        result["solutions"][name] = per = {}
+        delta = delta_fingerprint(solution)
+        for coordinates in settings.coordinates:
+            if coordinates == "adapter" and solution.method not in ADAPTER_METHODS:
+                per[coordinates] = {"skipped": f"a {solution.method} solution has no adapter: {NO_ADAPTER}"}
+                continue
+            key = key_digest({**common, "coordinates": coordinates, "solution": delta})
+            old = previous.get(name, {}).get(coordinates, {})
+            if old.get("key") == key:
+                per[coordinates] = {**old, "reused": True}
+            else:
+                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device, progress)
+                per[coordinates] = {"key": key, **entry}
+            write_json(out / "curvature.json", result)  # saved as it completes: a rerun resumes here
+    result["complete"] = True
+    write_json(out / "curvature.json", result)
+    write_figure(result, out, (info or {}).get("title"))
+    return result
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def curvature_figure(result: Mapping, title: str | None = None):
+    """Top eigenvalues (left) and spectral densities (right) of the solutions, one row per coordinates."""
+    from matplotlib.figure import Figure
+
+    rows = [c for c in COORDINATES if any("eigenvalues" in (s.get(c) or {}) for s in result["solutions"].values())]
+    fig = Figure(figsize=(11, 3.8 * max(len(rows), 1)), layout="constrained")
+    axes = fig.subplots(max(len(rows), 1), 2, squeeze=False)
+    for row, coordinates in enumerate(rows):
+        entries = {n: per[coordinates] for n, per in result["solutions"].items()
+                   if "eigenvalues" in (per.get(coordinates) or {})}  # fmt: skip
+        _figure_row(axes[row], entries, coordinates)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _figure_row(axes, entries: Mapping[str, Mapping], coordinates: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    from landscape.render import COLORS, LABELS
+
+    ax_eig, ax_den = axes
+    peak = 0.0
+    for name, entry in entries.items():
+        color, label = COLORS.get(name, "#666666"), LABELS.get(name, name)
+        eig = entry["eigenvalues"]
+        ax_eig.plot(range(1, len(eig) + 1), eig, "o-", color=color, label=f"{label} (dim {entry['dim']:,})")
+        if "density" in entry:
+            d = entry["density"]
+            peak = max(peak, max(d["values"]))
+            trace = "" if entry.get("trace") is None else f", tr = {entry['trace']:.3g} ± {entry['trace_se']:.2g}"
+            ax_den.plot(d["grid"], d["values"], color=color, label=f"{label}{trace}")
+    values = [v for e in entries.values() for v in e["eigenvalues"]]
+    # a log axis only where the eigenvalues span a decade or more (and are all positive)
+    if values and min(values) > 0 and max(values) / min(values) >= 10:
+        ax_eig.set_yscale("log")
+    ax_eig.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_eig.set(xlabel="rank", ylabel="Hessian eigenvalue", title=f"top eigenvalues ({coordinates} coordinates)")
+    if peak > 0:  # the bulk near 0 dwarfs the outliers: log density, six decades below the peak
+        ax_den.set_yscale("log")
+        ax_den.set_ylim(peak * 1e-6, peak * 3)
+    ax_den.set(xlabel="eigenvalue", ylabel="density", title=f"spectral density (SLQ, {coordinates} coordinates)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+
+def write_figure(result: Mapping, out: str | Path, title: str | None = None) -> list[Path]:
+    fig = curvature_figure(result, title)
+    out = Path(out)
+    write_with(out / "curvature.png", lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    write_with(out / "curvature.pdf", lambda tmp: fig.savefig(tmp, format="pdf"))
+    return [out / "curvature.png", out / "curvature.pdf"]
+
+
+# ----------------------------------------------------------------------------- command line ----
+
+
+def build_parser():
+    from landscape.cli import Parser, positive_int
+
+    def count(text: str) -> int:  # an integer >= 0 (0 skips)
+        import argparse
+
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
+        return int(text)
+
+    p = Parser(
+        prog=PROG,
+        description="Curvature of the loss at the solutions of a run (written by landscape.connectivity): top "
+        "Hessian eigenvalues (Lanczos), Hessian trace (Hutchinson) and spectral density (SLQ).",
+        epilog="Example: python -m landscape.curvature --run runs/wordnet --solutions lora randlora --top-k 5",
+    )
+    p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
+    p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=list(SOLUTION_CHOICES),
+                   help="solutions to measure (default: ft lora randlora)")  # fmt: skip
+    p.add_argument("--top-k", type=positive_int, default=5, help="top Hessian eigenvalues (default: 5)")
+    p.add_argument(
+        "--tol", type=float, default=1e-3, help="eigsh tolerance: residual <= tol x |eigenvalue| (default: 1e-3)"
+    )
+    p.add_argument("--trace-probes", type=count, default=30, help="Hutchinson probes, 0 skips (default: 30)")
+    p.add_argument("--slq-probes", type=count, default=2, help="SLQ probes, 0 skips the density (default: 2)")
+    p.add_argument("--slq-steps", type=positive_int, default=40, help="Lanczos steps per SLQ probe (default: 40)")
+    p.add_argument(
+        "--coordinates",
+        choices=("weights", "adapter", "both"),
+        default="both",
+        help="dense weights at the solution, the adapter's own parameters, or both (default: both)",
+    )
+    p.add_argument("--weight-set", choices=WEIGHT_SETS, default="adapted",
+                   help="weights coordinates: the adapted weights + head, or every parameter the solutions change "
+                   "(the plane's) (default: adapted)")  # fmt: skip
+    p.add_argument("--no-head", action="store_true", help="leave the classification head out of the coordinates")
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=None,
+        help="evaluation samples: the first N of the run's seeded permutation of its evaluation split, so fewer "
+        "than the run's are a subset of them (default: the run's evaluation set)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--out", default=None, help="where to write curvature.{json,png,pdf} (default: the run folder)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from(args) -> CurvatureSettings:
+    coordinates = COORDINATES if args.coordinates == "both" else (args.coordinates,)
+    settings = CurvatureSettings(
+        top_k=args.top_k, tol=args.tol, trace_probes=args.trace_probes, slq_probes=args.slq_probes,
+        slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
+        include_head=not args.no_head, seed=args.seed,
+    )  # fmt: skip
+    settings.check()
+    return settings
+
+
+def _run(argv: Sequence[str] | None = None) -> None:
+    from adapters import threads
+    from landscape import run as run_module
+    from landscape.cli import resolve_device
+
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)  # every setting is checked before any loading
+    threads.configure(args.threads)
+    device = resolve_device(args.device)
+    ctx = run_module.open_run(args.run, device, with_eval_set=args.samples is None)
+    eval_set = ctx.eval_set
+    if args.samples is not None:
+        config = dataclasses.replace(ctx.loaded.config, eval_samples=args.samples)
+        eval_set = run_module.eval_set(dataclasses.replace(ctx.loaded, config=config), device)
+    meta = ctx.meta
+    info = {k: meta.get(k) for k in ("dataset", "model", "eval_split")}
+    info.update(run=str(ctx.run_dir), title=f"{meta.get('model')} on {meta.get('dataset')}: curvature at the solutions")
+    out = Path(args.out) if args.out else ctx.run_dir
+    solutions = {s: ctx.solutions[s] for s in dict.fromkeys(args.solutions)}
+    result = curvature_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
+                             plane_solutions=ctx.solutions, info=info)  # fmt: skip
+    print(f"wrote {out / 'curvature.json'}, {out / 'curvature.png'}, {out / 'curvature.pdf'}")
+    for name, per in result["solutions"].items():
+        for coordinates, e in per.items():
+            if "eigenvalues" not in e:
+                continue
+            trace = "" if e.get("trace") is None else f"; trace {e['trace']:.4g} ± {e['trace_se']:.2g}"
+            top = ", ".join(f"{v:.4g}" for v in e["eigenvalues"])
+            print(f"{name:<9} {coordinates:<8} dim {e['dim']:>10,}: top eigenvalues {top}{trace} ({e['hvps']} HVPs)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from landscape.cli import run_main
+
+    try:
+        return run_main(_run, argv, PROG)
+    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
+        return e.code if isinstance(e.code, int) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

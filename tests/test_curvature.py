@@ -1,0 +1,368 @@
+"""Curvature at a solution: Hessian-vector products, Lanczos top eigenvalues, Hutchinson trace and SLQ
+density against the exact Hessian of tiny models (torch.autograd.functional.hessian + numpy), adapter
+coordinates against a closed-form LoRA loss and against double backward through peft's own RandLoRA, and
+the command on a tiny run folder (outputs, the run's vertex losses, resume, one-line errors)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.objectives import OBJECTIVES
+from adapters.solution import Solution
+from landscape import curvature
+from landscape.grid import EvalSet
+
+CE = OBJECTIVES["classification"]
+trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 (the declared floor) has trapz only
+
+
+class TinyNet(nn.Module):
+    """8 → 20 → 4 with tanh: 264 parameters, a Hessian with positive and negative eigenvalues."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(8, 20)
+        self.task_head = nn.Linear(20, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.task_head(torch.tanh(self.l1(x)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny model, 30 samples in two batches of unequal size, and its exact Hessian (float64)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = torch.randn(30, 8), torch.randint(0, 4, (30,))
+    eval_set = EvalSet([({"x": x[:11]}, y[:11]), ({"x": x[11:]}, y[11:])], 30)
+    names = [n for n, _ in model.named_parameters()]
+    exact = exact_hessian(
+        model, names, lambda m, p: F.cross_entropy(torch.func.functional_call(m, p, (x.double(),)), y)
+    )
+    return model, eval_set, names, exact
+
+
+def exact_hessian(model: nn.Module, names, loss) -> np.ndarray:
+    """Hessian of ``loss(model64, params)`` w.r.t. ``names`` (flattened in order) by autograd, float64."""
+    model64 = copy.deepcopy(model).double()
+    params = dict(model64.named_parameters())
+    shapes, sizes = [params[n].shape for n in names], [params[n].numel() for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        return loss(model64, {n: t.view(s) for n, t, s in zip(names, w.split(sizes), shapes, strict=True)})
+
+    return torch.autograd.functional.hessian(f, flat, vectorize=True).numpy()
+
+
+def operator(model, names, eval_set, dtype="float64", mode="auto"):
+    return curvature.HessianOperator(copy.deepcopy(model), names, eval_set, CE, dtype, mode)
+
+
+def dense(op: curvature.HessianOperator) -> np.ndarray:
+    """The operator's matrix, column by column (dim HVPs)."""
+    return np.stack([op.matvec(np.eye(op.dim)[j]) for j in range(op.dim)], axis=1)
+
+
+@pytest.mark.parametrize("mode", ["forward-over-reverse", "reverse-over-reverse"])
+def test_hvp_equals_exact_hessian_times_v(tiny, mode):
+    model, eval_set, names, exact = tiny
+    op = operator(model, names, eval_set, mode=mode)
+    v = np.random.default_rng(1).standard_normal(op.dim)
+    np.testing.assert_allclose(op.matvec(v), exact @ v, rtol=1e-10, atol=1e-12 * np.abs(exact).max())
+    assert op.hvps == 1 and op.mode == mode
+    # the loss at the point is the mean cross-entropy over all 30 samples, whatever the batching
+    x, y = (torch.cat([b[0]["x"] for b in eval_set.batches]), torch.cat([b[1] for b in eval_set.batches]))
+    with torch.no_grad():
+        assert op.loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-6)
+
+
+def test_top_eigenvalues_equal_eigvalsh(tiny):
+    model, eval_set, names, exact = tiny
+    reference = np.linalg.eigvalsh(exact)[::-1]
+    assert reference.min() < 0 < reference.max()  # an indefinite Hessian: "LA" must not return |λ|-largest
+    op = operator(model, names, eval_set)
+    result = curvature.top_eigenvalues(op, 5, tol=1e-10, seed=3)
+    np.testing.assert_allclose(result["eigenvalues"], reference[:5], rtol=1e-6)
+    assert result["hvps"] == op.hvps > 0 and result["converged"]
+    # fp32 products, the default tolerance: still within 1e-4 relative
+    op32 = operator(model, names, eval_set, "float32")
+    np.testing.assert_allclose(curvature.top_eigenvalues(op32, 5)["eigenvalues"], reference[:5], rtol=1e-4)
+
+
+def test_top_eigenvalues_of_a_small_block_are_exact(tiny):
+    """k >= dim: the Hessian block of the head's bias (4 × 4) is built from HVPs and diagonalised."""
+    model, eval_set, names, exact = tiny
+    start = sum(dict(model.named_parameters())[n].numel() for n in names[:-1])
+    op = operator(model, ["task_head.bias"], eval_set)
+    result = curvature.top_eigenvalues(op, 4)
+    np.testing.assert_allclose(result["eigenvalues"], np.linalg.eigvalsh(exact[start:, start:])[::-1], rtol=1e-9,
+                               atol=1e-12)  # fmt: skip
+    assert result["hvps"] == 4 and result["method"].startswith("exact")
+
+
+def test_hutchinson_trace_within_its_standard_error(tiny):
+    model, eval_set, names, exact = tiny
+    trace = float(np.trace(exact))
+    op = operator(model, names, eval_set, mode="reverse-over-reverse")
+    few = curvature.hutchinson_trace(op, 30, seed=0)
+    assert few["hvps"] == 30 and few["trace_se"] > 0
+    assert abs(few["trace"] - trace) <= 4 * few["trace_se"]
+    many = curvature.hutchinson_trace(op, 400, seed=1)
+    assert abs(many["trace"] - trace) <= 4 * many["trace_se"]
+    assert many["trace_se"] < 0.3 * few["trace_se"]  # the error shrinks like 1/sqrt(probes)
+    assert abs(many["trace"] - trace) < 0.1 * abs(trace) + 0.1 * np.abs(np.linalg.eigvalsh(exact)).sum()
+    # each sample is zᵀHz for a ±1 vector z: the exact Hessian gives the same numbers for the same z
+    generator = torch.Generator().manual_seed(curvature._stream_seed(0, 1))
+    z = [curvature._rademacher(op.dim, generator, torch.float64).numpy() for _ in range(30)]
+    np.testing.assert_allclose(few["samples"], [zi @ exact @ zi for zi in z], rtol=1e-9)
+
+
+def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_dim(tiny):
+    model, eval_set, names, exact = tiny
+    op = operator(model, names, eval_set, mode="reverse-over-reverse")
+    result = curvature.slq_density(op, steps=12, probes=8, seed=0)
+    grid, values = np.asarray(result["grid"]), np.asarray(result["values"])
+    assert trapezoid(values, grid) == pytest.approx(1.0, abs=1e-6)
+    assert np.all(values >= 0) and result["hvps"] == 12 * 8
+    mean = trapezoid(grid * values, grid)
+    assert mean == pytest.approx(result["mean"], abs=1e-6 * np.ptp(grid))
+    # Gauss quadrature is exact for degree 1: the mean is the probes' mean of uᵀHu, u = z/‖z‖ (same z)
+    generator = torch.Generator().manual_seed(curvature._stream_seed(0, 2))
+    z = [curvature._rademacher(op.dim, generator, torch.float64).numpy() for _ in range(8)]
+    assert result["mean"] == pytest.approx(np.mean([zi @ exact @ zi for zi in z]) / op.dim, rel=1e-8)
+    per_probe = [zi @ exact @ zi / op.dim for zi in z]
+    se = np.std(per_probe, ddof=1) / math.sqrt(len(per_probe))
+    assert abs(result["mean"] - np.trace(exact) / op.dim) <= 4 * se
+
+
+def test_slq_with_dim_steps_finds_the_exact_spectrum(tiny):
+    model, eval_set, names, exact = tiny
+    op = operator(model, names, eval_set, mode="reverse-over-reverse")
+    result = curvature.slq_density(op, steps=op.dim, probes=1, seed=0)
+    nodes, reference = np.asarray(result["nodes"][0]), np.linalg.eigvalsh(exact)
+    scale = np.abs(reference).max()
+    assert max(np.abs(reference - t).min() for t in nodes) < 1e-8 * scale  # every node is an eigenvalue
+    assert nodes.max() == pytest.approx(reference.max(), rel=1e-9)
+    assert nodes.min() == pytest.approx(reference.min(), rel=1e-9)
+    assert sum(result["weights"][0]) == pytest.approx(1.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- adapter coordinates
+
+
+def _peft_folder(tmp_path, model, config, randomise):
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if randomise(name):
+                p.normal_(0, 0.3)  # away from the zero initialisation, where B's block would vanish
+    peft_model.save_pretrained(tmp_path)
+    return peft_model
+
+
+def test_lora_adapter_coordinates_equal_the_hessian_of_the_factors(tiny, tmp_path):
+    from peft import LoraConfig
+
+    model, eval_set, _, _ = tiny
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["l1"], modules_to_save=["task_head"], lora_dropout=0.0)
+    trained = _peft_folder(tmp_path, model, config, lambda n: "lora_" in n)
+    solution = Solution(path=tmp_path, info={"method": "lora"}, metrics={}, base=model)
+    loaded, names = curvature.adapter_coordinates(solution)
+    assert sorted(n.split(".")[-3] for n in names if "lora_" in n) == ["lora_A", "lora_B"]
+    assert sum("modules_to_save" in n for n in names) == 2  # the head's weight and bias
+    op = curvature.HessianOperator(loaded, names, eval_set, CE, "float64")
+    trained_params = dict(trained.named_parameters())
+    x = torch.cat([b[0]["x"] for b in eval_set.batches]).double()
+    y = torch.cat([b[1] for b in eval_set.batches])
+    w1, b1 = (model.l1.weight.detach().double(), model.l1.bias.detach().double())
+    shapes = [trained_params[n].shape for n in names]
+    flat = torch.cat([trained_params[n].detach().double().reshape(-1) for n in names])
+
+    def closed_form(w: torch.Tensor) -> torch.Tensor:  # W1 + (alpha / r)·B·A, then tanh, then the head
+        p = dict(zip(names, (t.view(s) for t, s in zip(w.split([s.numel() for s in shapes]), shapes, strict=True)),
+                     strict=True))  # fmt: skip
+        a, b = (p[next(n for n in names if k in n)] for k in ("lora_A", "lora_B"))
+        hw, hb = (p[next(n for n in names if n.endswith(f"modules_to_save.default.{k}"))] for k in ("weight", "bias"))
+        hidden = torch.tanh(x @ (w1 + 2.0 * b @ a).T + b1)
+        return F.cross_entropy(hidden @ hw.T + hb, y)
+
+    reference = torch.autograd.functional.hessian(closed_form, flat).numpy()
+    np.testing.assert_allclose(dense(op), reference, rtol=1e-9, atol=1e-12 * np.abs(reference).max())
+    assert op.loss == pytest.approx(float(closed_form(flat)), rel=1e-12)
+
+
+def test_randlora_adapter_hvp_equals_double_backward_through_peft(tiny, tmp_path):
+    """The plain product swapped in for peft's UniqueBaseGrad gives the Hessian peft's own backward does."""
+    from peft import RandLoraConfig
+
+    model, eval_set, _, _ = tiny
+    config = RandLoraConfig(r=4, target_modules=["l1"], modules_to_save=["task_head"], projection_prng_key=7,
+                            randlora_dropout=0.0)  # fmt: skip
+    _peft_folder(tmp_path, model, config, lambda n: "randlora_" in n)
+    solution = Solution(path=tmp_path, info={"method": "randlora"}, metrics={}, base=model)
+    loaded, names = curvature.adapter_coordinates(solution, head=False)
+    assert sorted({n.split(".")[-2] for n in names}) == ["randlora_gamma", "randlora_lambda"]
+    reference_model = copy.deepcopy(loaded).double()
+    op = curvature.HessianOperator(loaded, names, eval_set, CE, "float64", mode="forward-over-reverse")
+    v = np.random.default_rng(2).standard_normal(op.dim)
+    hv = op.matvec(v)
+    assert op.mode == "forward-over-reverse" and op.note is None
+    params = dict(reference_model.named_parameters())
+    ps = [params[n] for n in names]
+    vs = [t.view(p.shape) for t, p in zip(torch.from_numpy(v).split([p.numel() for p in ps]), ps, strict=True)]
+    reference_model.requires_grad_(False)
+    for p in ps:
+        p.requires_grad_(True)
+    loss = sum(F.cross_entropy(reference_model(**inputs), target, reduction="sum") for inputs, target in
+               ((({"x": i["x"].double()}), t) for i, t in eval_set.batches)) / eval_set.n  # fmt: skip
+    grads = torch.autograd.grad(loss, ps, create_graph=True)  # through peft's UniqueBaseGrad.backward
+    dot = sum((g * w).sum() for g, w in zip(grads, vs, strict=True))
+    reference = torch.cat([h.reshape(-1) for h in torch.autograd.grad(dot, ps)])
+    np.testing.assert_allclose(hv, reference.numpy(), rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+    from peft.tuners.randlora import layer
+
+    assert layer.UniqueBaseGrad is not curvature._PlainUniqueBaseGrad  # put back after the computation
+
+
+def test_settings_are_checked():
+    for bad in ({"top_k": 0}, {"tol": 0.0}, {"tol": float("nan")}, {"slq_steps": 1}, {"coordinates": ("hessian",)},
+                {"weight_set": "all"}, {"trace_probes": -1}):  # fmt: skip
+        with pytest.raises(curvature.UserError) as e:
+            curvature.CurvatureSettings(**bad).check()
+        assert "\n" not in str(e.value) and ":" in str(e.value)
+    curvature.CurvatureSettings().check()
+
+
+def _synthetic_solutions(model, scale=0.2):
+    """ft changes every parameter, lora/randlora l1.weight and the head (ΔW given, no folders)."""
+    g = torch.Generator().manual_seed(5)
+    params = dict(model.named_parameters())
+    some = ["l1.weight", "task_head.weight", "task_head.bias"]
+    deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
+    for s in ("lora", "randlora"):
+        deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
+    return {s: Solution(path=tmp, info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()
+            for tmp in [None]}  # fmt: skip
+
+
+def test_stage_saves_each_entry_and_resumes(tiny, tmp_path):
+    from types import SimpleNamespace
+
+    model, eval_set, names, _ = tiny
+    source = SimpleNamespace(task=SimpleNamespace(base=model, entry=SimpleNamespace(targets=("l1",)), objective=CE))
+    solutions = _synthetic_solutions(model)
+    assert curvature.weight_names(model, ("l1",), "adapted", solutions, True) == [
+        "l1.weight", "task_head.weight", "task_head.bias"]  # fmt: skip
+    assert curvature.weight_names(model, ("l1",), "plane", solutions, False) == ["l1.weight", "l1.bias"]
+    settings = curvature.CurvatureSettings(top_k=3, trace_probes=4, slq_probes=1, slq_steps=5, coordinates=("weights",))
+    first = curvature.curvature_stage(source, solutions, eval_set, tmp_path, settings, progress=False)
+    on_disk = json.loads((tmp_path / "curvature.json").read_text())
+    assert on_disk["complete"] and (tmp_path / "curvature.png").exists() and (tmp_path / "curvature.pdf").exists()
+    x, y = (torch.cat([b[0]["x"] for b in eval_set.batches]), torch.cat([b[1] for b in eval_set.batches]))
+    loss = lambda m, p: F.cross_entropy(torch.func.functional_call(m, p, (x.double(),)), y)  # noqa: E731
+    chosen = ["l1.weight", "task_head.weight", "task_head.bias"]
+    for name, solution in solutions.items():  # each entry is the Hessian at θ = W0 + ΔW in the chosen weights
+        entry = on_disk["solutions"][name]["weights"]
+        exact = exact_hessian(solution.model(), chosen, loss)
+        np.testing.assert_allclose(entry["eigenvalues"], np.linalg.eigvalsh(exact)[::-1][:3], rtol=1e-4)
+        assert entry["dim"] == exact.shape[0] and entry["hvps"] == entry["eigen"]["hvps"] + 4 + 5
+    # killed after the first entry (the file is written atomically after each one): resume reuses it
+    partial = {**on_disk, "complete": False, "solutions": {"ft": on_disk["solutions"]["ft"]}}
+    (tmp_path / "curvature.json").write_text(json.dumps(partial))
+    again = curvature.curvature_stage(source, solutions, eval_set, tmp_path, settings, progress=False)
+    assert again["solutions"]["ft"]["weights"]["reused"] and again["complete"]
+    for name in ("lora", "randlora"):
+        a, b = first["solutions"][name]["weights"], again["solutions"][name]["weights"]
+        assert "reused" not in b and b["eigenvalues"] == a["eigenvalues"] and b["trace"] == a["trace"]
+    # a solution trained again (another ΔW): its entry is computed again, the others reused
+    moved = dict(solutions, lora=_synthetic_solutions(model, scale=0.3)["lora"])
+    last = curvature.curvature_stage(source, moved, eval_set, tmp_path, settings, progress=False)
+    assert last["solutions"]["ft"]["weights"]["reused"] and last["solutions"]["randlora"]["weights"]["reused"]
+    assert "reused" not in last["solutions"]["lora"]["weights"]
+    assert last["solutions"]["lora"]["weights"]["eigenvalues"] != first["solutions"]["lora"]["weights"]["eigenvalues"]
+
+
+# --------------------------------------------------------------------------- the command on a run
+
+
+TINY_RUN = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "3",
+            "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
+FAST = ["--top-k", "2", "--trace-probes", "3", "--slq-probes", "1", "--slq-steps", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, wordnet_root):
+    from landscape import connectivity
+
+    out = tmp_path_factory.mktemp("curv") / "run"
+    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN]
+    assert connectivity.main(argv) == 0
+    return out
+
+
+def test_command_on_a_run_writes_curvature(run_dir, tmp_path):
+    out = tmp_path / "c"
+    assert curvature.main(["--run", str(run_dir), "--out", str(out), *FAST]) == 0
+    assert (out / "curvature.png").stat().st_size > 0 and (out / "curvature.pdf").stat().st_size > 0
+    result = json.loads((out / "curvature.json").read_text())
+    assert result["complete"] and result["seed"] == 0 and result["settings"]["top_k"] == 2
+    run = json.loads((run_dir / "landscape.json").read_text())
+    for name in ("ft", "lora", "randlora"):
+        weights = result["solutions"][name]["weights"]
+        eig = weights["eigenvalues"]
+        assert len(eig) == 2 and eig[0] >= eig[1] and weights["hvps"] == weights["eigen"]["hvps"] + 3 + 4
+        assert weights["trace_se"] > 0 and len(weights["density"]["grid"]) == len(weights["density"]["values"])
+        # the objective and the samples are the plane's: the loss at the point is the run's vertex loss
+        assert weights["loss"] == pytest.approx(run["solutions"][name]["vertex_loss"], rel=1e-5)
+        if name == "ft":
+            assert "skipped" in result["solutions"][name]["adapter"]
+        else:  # the peft model (adapter coordinates) and the merged weights are the same point
+            adapter = result["solutions"][name]["adapter"]
+            assert adapter["loss"] == pytest.approx(weights["loss"], rel=1e-5) and adapter["dim"] < weights["dim"]
+            assert adapter["hvp_mode"] == "forward-over-reverse"  # RandLoRA's too: peft's Function is swapped
+
+
+def test_command_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    cases = [
+        (["--run", str(tmp_path / "nope")], "does not exist"),
+        (["--run", str(run_dir), "--top-k", "0"], "--top-k"),
+        (["--run", str(run_dir), "--tol", "2"], "--tol"),
+        (["--run", str(run_dir), "--coordinates", "hessian"], "--coordinates"),
+        (["--run", str(run_dir), "--slq-steps", "1"], "--slq-steps"),
+        (["--run", str(run_dir), "--trace-probes", "-1"], "--trace-probes"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert curvature.main([*argv, "--out", str(out), "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, (argv, err)
+    assert not out.exists()
+
+
+def test_benchmark_packs_dict_inputs_for_pyhessian(tiny_entry):
+    """PyHessian calls model(tensor): the benchmark's wrapper gives the model's outputs on the dict batch."""
+    from experiments.benchmarks.curvature import PackedInputs
+
+    torch.manual_seed(0)
+    model = tiny_entry.build(3).eval()
+    nn.init.normal_(model.task_head.weight)  # the head starts at zero: outputs would be 0 whatever the inputs
+    inputs = tiny_entry.encode(["a short gloss", "a somewhat longer gloss of a noun"]).batch(torch.arange(2))
+    wrapped = PackedInputs(model, list(inputs))
+    packed = PackedInputs.pack(inputs)
+    assert packed.shape[0] == 2  # PyHessian weights each batch by inputs.size(0)
+    with torch.no_grad():
+        expected = model(**inputs)
+        torch.testing.assert_close(wrapped(packed), expected, rtol=0, atol=0)
+        assert not torch.allclose(expected[0], expected[1])
