@@ -64,7 +64,6 @@ class Classification:
         losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none")
         return losses.view(targets.shape), logits.argmax(-1) == targets
 
-
     def training_view(self, inputs: dict[str, torch.Tensor], target: torch.Tensor):
         """What a training step feeds the model and the loss: the whole batch."""
         return inputs, target

@@ -171,9 +171,7 @@ class PlaneEvaluator:
         batches, n = self.eval_set.batches, self.eval_set.n
         return score(forward, batches, n, self.objective, bf16=self.autocast, keep_samples=keep_samples)[0]
 
-    def evaluate_iter(
-        self, points: Iterable[tuple[float, float]], keep_samples: bool = False
-    ) -> Iterator[PointResult]:
+    def evaluate_iter(self, points: Iterable[tuple[float, float]], keep_samples: bool = False) -> Iterator[PointResult]:
         """Results at ``points`` in order, yielded as they complete: one by one with
         :meth:`evaluate` when ``points_per_forward`` is 1, else a group of P points at a time.
         ``keep_samples``: each result also holds its per-sample losses."""
