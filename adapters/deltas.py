@@ -2,9 +2,9 @@
 
 :func:`module_deltas` (also ``Solution.module_deltas()``) maps each parameter a solution changes to a
 :class:`Delta`: a callable that returns that parameter's dense ΔW in **fp32** (whatever the model's
-dtype), shaped like the base parameter, on the device of the tensors it is built from — the same
-values as :meth:`adapters.solution.Solution.delta` (the same arithmetic: ``W_file.float() − W0.float()``
-and peft's ``get_delta_weight``), but nothing is computed until it is called and nothing is cached.
+dtype), shaped like the base parameter, on the device of the tensors it is built from
+(``W_file.float() − W0.float()``, or peft's ``get_delta_weight``); nothing is computed until it is
+called and nothing is cached. :meth:`adapters.solution.Solution.delta` is :func:`materialise` of them.
 
 - ``ft`` / ``head_only`` folders (``model.safetensors``): each call reads that one tensor through
   ``safetensors.safe_open`` (opened and closed per call, so the file's pages do not stay mapped) and
@@ -14,8 +14,7 @@ and peft's ``get_delta_weight``), but nothing is computed until it is called and
   copied) — and each adapted module's ΔW is peft's ``get_delta_weight`` for that module (kind
   ``"factored"``: rebuilt from the factors on every call; :meth:`Delta.add_to` adds it into a tensor in
   one ``addmm`` from the factors, without a ΔW-sized temporary, for peft's Linear layers). Convolution /
-  attention updates are reshaped to the base weight's shape exactly as
-  :func:`adapters.solution.compute_delta` does. The classification
+  attention updates are reshaped to the base weight's shape (the flattened in_proj / conv kernel). The classification
   head (peft's ``modules_to_save``) is a dense difference of peft's trained copy and W0 (kind
   ``"stored"``). DoRA adapters are refused here: their update is not ``get_delta_weight``.
 - solutions trained elsewhere (:mod:`adapters.foreign`): a peft adapter of any type that can merge
@@ -118,6 +117,19 @@ def module_deltas(solution, check: bool = True) -> dict[str, Delta]:
     return checked(deltas) if check else deltas
 
 
+def materialise(deltas: dict[str, Delta], keep_zero: bool = False) -> dict[str, torch.Tensor]:
+    """Every ΔW of ``deltas`` as a dense fp32 tensor, computed once; UserError on NaN/inf; all-zero updates
+    left out unless ``keep_zero``."""
+    out = {}
+    for name, delta in deltas.items():
+        d = delta()
+        if not torch.isfinite(d).all():
+            raise UserError(non_finite_message(delta))
+        if keep_zero or d.any():
+            out[name] = d
+    return out
+
+
 def checked(deltas: dict[str, Delta]) -> dict[str, Delta]:
     """``deltas`` without the all-zero updates; UserError on NaN/inf (one ΔW in memory at a time)."""
     kept = {}
@@ -172,7 +184,7 @@ def _file_reader(weights: Path, name: str, w0: torch.Tensor) -> Callable[[], tor
                 value = f.get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{weights} is corrupt ({e}): re-train or re-copy the solution") from None
-        # compute_delta's arithmetic, on W0's device
+        # W_file − W0 in fp32, on W0's device
         return value.to(w0.device).float() - w0.detach().float()
 
     return compute
@@ -374,7 +386,7 @@ def _difference(trained: torch.Tensor, w0: torch.Tensor) -> Callable[[], torch.T
 def _peft_delta(module: nn.Module, shape: torch.Size) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
         d = module.get_delta_weight("default").detach().float()
-        return d.reshape(shape) if d.shape != shape else d  # compute_delta's rule (conv, attention)
+        return d.reshape(shape) if d.shape != shape else d  # conv kernels, attention in_proj
 
     return compute
 

@@ -216,14 +216,9 @@ def checked(deltas: dict) -> dict:
 
 def dense(solution) -> dict[str, torch.Tensor]:
     """Every ΔW of a foreign solution as a dense fp32 tensor, zero ones included; UserError on NaN/inf."""
-    from adapters.deltas import non_finite_message
+    from adapters.deltas import materialise
 
-    out = {}
-    for name, delta in module_deltas(solution).items():
-        out[name] = d = delta()
-        if not torch.isfinite(d).all():
-            raise UserError(non_finite_message(delta))
-    return out
+    return materialise(module_deltas(solution), keep_zero=True)
 
 
 def _zero_names(deltas: dict) -> list[str]:

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from adapters import foreign
@@ -99,7 +97,9 @@ class Solution:
             return self._delta
         if self.info.get("source") in foreign.SOURCES:
             return foreign.dense(self)
-        return compute_delta(self)
+        from adapters.deltas import materialise
+
+        return materialise(self.module_deltas(check=False))
 
     def module_deltas(self, check: bool = True) -> dict[str, Delta]:
         """{parameter name of the base model: a callable returning its dense fp32 ΔW}, the same values as
@@ -284,33 +284,6 @@ def check_base(folder: Path, info: dict, base: Classifier) -> None:
         )
 
 
-def compute_delta(solution: Solution) -> dict[str, torch.Tensor]:
-    folder, method = solution.path, solution.method
-    base_params = dict(solution.base.named_parameters())
-    if method in ADAPTERS:
-        return _adapter_delta(folder, solution.base, base_params)
-    weights = folder / "model.safetensors"
-    try:
-        state = load_file(weights)
-    except FileNotFoundError:
-        raise UserError(f"{weights} is missing: re-train or re-copy the solution") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{weights} is corrupt ({e}): re-train or re-copy the solution") from None
-    delta = {}
-    for name, value in state.items():
-        if name not in base_params or base_params[name].shape != value.shape:
-            raise UserError(
-                f"{weights} holds '{name}' {tuple(value.shape)}, which the base model {solution.info['model']} "
-                "lacks: the solution comes from another model"
-            )
-        d = value.float() - base_params[name].detach().float()
-        if not torch.isfinite(d).all():
-            raise UserError(f"{weights} has NaN/inf in '{name}': the training diverged; re-train it")
-        if d.any():
-            delta[name] = d
-    return delta
-
-
 def peft_config_of(folder: Path):
     """The adapter's peft config, with our layers for attention / convolutions registered."""
     from peft import LoraConfig, PeftConfig
@@ -329,48 +302,3 @@ def peft_config_of(folder: Path):
         if isinstance(pattern, str) and pattern != "all-linear":  # a regex matched against full module names
             setattr(config, option, rf"(?:(?:{'|'.join(WRAPPERS)})\.)?(?:{pattern})")
     return config
-
-
-def _adapter_delta(folder: Path, base: Classifier, base_params: dict) -> dict[str, torch.Tensor]:
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    if not (folder / "adapter_config.json").exists():
-        raise UserError(f"{folder} has no adapter_config.json: the adapter weights are missing; re-train it")
-    try:
-        with warnings.catch_warnings():  # "bases regenerated from the PRNG key": we verify them below
-            warnings.filterwarnings("ignore", message=".*save_projection.*")
-            peft_model = PeftModel.from_pretrained(copy.deepcopy(base), folder, config=peft_config_of(folder))
-    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"cannot load the adapter in {folder} onto {type(base).__name__} ({first_line[:200]}): the files are "
-            "corrupt or come from another base model"
-        ) from None
-    from adapters.methods.randlora import BASES_FILE, verify_bases
-
-    if (folder / BASES_FILE).exists():
-        try:
-            verify_bases(peft_model, folder)
-        except ValueError as e:
-            raise UserError(f"{folder}: {e}") from None
-    delta = {}
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            short = name.removeprefix(PEFT_PREFIX)
-            if isinstance(module, ModulesToSaveWrapper):
-                trained = module.modules_to_save["default"]
-                for pname, p in trained.named_parameters():
-                    key = f"{short}.{pname}"
-                    delta[key] = p.detach().float() - base_params[key].detach().float()
-            elif isinstance(module, BaseTunerLayer) and hasattr(module, "get_delta_weight"):
-                key = f"{short}.{getattr(module, 'adapted_weight', 'weight')}"
-                d = module.get_delta_weight("default").detach().float()
-                if d.shape != base_params[key].shape:
-                    d = d.reshape(base_params[key].shape)
-                delta[key] = d
-    for key, d in delta.items():
-        if not torch.isfinite(d).all():
-            raise UserError(f"the adapter in {folder} has NaN/inf in '{key}': training diverged; re-train it")
-    return {k: d for k, d in delta.items() if d.any()}
