@@ -214,6 +214,12 @@ class RunConfig:
     )  # fmt: skip
     path_points: int = option(11, "values of t on each 1-D path (full: 21; 0 = no paths)", toml="landscape.path_points")
     path_extend: float = option(0.0, "the paths run over t in [-E, 1 + E]", toml="landscape.path_extend")
+    curvature: bool = option(
+        False, "also measure the curvature at each solution (python -m landscape.curvature with its defaults: "
+        "top-5 Hessian eigenvalues, Hutchinson trace, SLQ density, in weight and adapter coordinates) into "
+        "curvature.json / .png; about 130 Hessian-vector products per solution and coordinates",
+        toml="landscape.curvature", action="store_true",
+    )  # fmt: skip
     # --- the run
     seed: int = option(0, "seed for data split, initialisation, batches and bases")
     device: str = option("auto", "device", choices=("auto", "cpu", "cuda"))

@@ -12,6 +12,8 @@ their weight updates, and writes the output contract under --out:
   landscape.png / landscape.pdf   static surface + contour map
   paths.npz / paths.json / paths.png / paths.pdf   loss along the lines between pairs (landscape.paths)
   spectrum.json / spectrum.csv / spectrum.png / rank.png / similarity.png   spectra of each ΔW (landscape.spectrum)
+  curvature.json / curvature.png / curvature.pdf   with --curvature: Hessian eigenvalues, trace, density
+                                                   at each solution (landscape.curvature)
 
 The recipe is the sequence of stages in :func:`run`; each stage is a function of the configuration
 and the previous stages' results.
@@ -30,7 +32,7 @@ import numpy as np
 from adapters import distributed, threads
 from adapters.errors import UserError
 from landscape import config as run_config
-from landscape import directions, factored, paths, render, spectrum, store
+from landscape import curvature, directions, factored, paths, render, spectrum, store
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
 from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
@@ -83,9 +85,12 @@ def run(argv: Sequence[str] | None = None) -> Path:
     else:
         with stages("spectrum"):
             written += spectrum.write_spectrum({s: solutions[s] for s in SOLUTIONS}, out, device, config.progress)
+    curvature_summary = curvature_stage(loaded, solutions, evaluator, device, stages, written)
     with stages("render"):
         written += render_landscape(loaded, chart, arrays, summary)
     meta = metadata(loaded, chart, xs, ys, result, summary, path_summary, evaluator, device, world)
+    if curvature_summary is not None:
+        meta["curvature"] = curvature_summary
     meta.update(wall_time_s=stages.seconds, reused_stages=sorted(stages.reused), stage_keys=keys,
                 wall_time_total_s=round(time.perf_counter() - started, 1),
                 command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
@@ -130,6 +135,23 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, 
         title = f"{loaded.model_name} on {config.dataset}: linear paths"
         written += paths.write_paths(result, out, info=info, title=title)
     return paths.summary(result)
+
+
+def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, written) -> dict | None:
+    """``--curvature``: :mod:`landscape.curvature` at the three solutions with its default settings and the run's
+    seed, on the plane's evaluation set; its entries are reused by key (curvature.json) when unchanged."""
+    if not loaded.config.curvature:
+        return None
+    config, out = loaded.config, loaded.config.out_dir
+    settings = curvature.CurvatureSettings(seed=config.seed)
+    chosen = {s: solutions[s] for s in SOLUTIONS}
+    info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
+            "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
+    with stages("curvature"):
+        result = curvature.curvature_stage(loaded, chosen, evaluator.eval_set, out, settings, device,
+                                           progress=config.progress, info=info)  # fmt: skip
+    written += [out / f"curvature.{ext}" for ext in ("json", "png", "pdf")]
+    return curvature.summary(result)
 
 
 def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list[Path]:

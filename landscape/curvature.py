@@ -28,24 +28,30 @@ optimiser of a LoRA / RandLoRA solution sees — LoRA's A and B factors, RandLoR
 head), as parameters of the solution's peft model loaded from its folder; full fine-tuning has no
 adapter (its optimiser's coordinates are the weights), so its ``adapter`` entry is skipped.
 
-**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 — ARPACK's on the
-host, SLQ's on the model's device):
+**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 on the model's
+device, ARPACK's on the host):
 
-- Top-k eigenvalues: ``scipy.sparse.linalg.eigsh(LinearOperator, k, which="LA", tol)`` — implicitly
-  restarted Lanczos (ARPACK); the largest *algebraic* eigenvalues, so a negative direction is never
-  mistaken for the top one. PyHessian's power iteration with deflation needs one HVP per iteration
-  per eigenvalue; Lanczos builds every Ritz value from one Krylov space (the benchmark
-  ``experiments.benchmarks.curvature`` measures both). scipy's eigsh over our own operator rather than
-  curvlinops: curvlinops' Hessian operator, exported with ``.to_scipy()``, would feed the same eigsh; it
-  takes a ``torch.nn`` loss module and ``(X, y)`` batches (dict inputs through a wrapper), while the
-  product here must go through the run's own objective (classification or the causal LM's answer
-  loss), over a subset of a peft model's parameters, with the kernel and peft rewrites above and a
-  count of passes — so it would add a dependency and two adapters and leave the solver unchanged.
-  eigsh's ``tol`` bounds each Ritz pair's residual, ‖Hx − θx‖ ≤ tol·|θ|, hence each eigenvalue's error
-  (for a symmetric H, some eigenvalue lies within the residual of θ); PyHessian's tolerance bounds the
-  change between two iterations, not the error. ARPACK keeps ``ncv = max(2k + 1, 20)`` float64 vectors
-  of the coordinates' size (so at least ``ncv`` HVPs). When ``k >= dim`` the Hessian is built column by
-  column (``dim`` HVPs) and diagonalised exactly.
+- Top-k eigenvalues: Lanczos with full reorthogonalisation from a seeded Gaussian start, stopped after
+  the first step at which the top k Ritz pairs (the largest *algebraic*, so a negative direction is never
+  mistaken for the top one) all have residual ‖Hx − θx‖ ≤ tol·|θ|. That is ARPACK's convergence test
+  (``scipy.sparse.linalg.eigsh(tol=...)``), and it bounds each eigenvalue's error: for a symmetric H some
+  eigenvalue lies within the residual of θ. The residual of every Ritz pair is known after each step
+  without another product (β_j times the last component of its eigenvector of T_j), so the solver stops
+  at the first HVP at which the answer is good enough; ARPACK instead fills a Krylov space of
+  ``ncv = max(2k + 1, 20)`` vectors before its first test, so it never takes fewer than 20 products and
+  then restarts in batches of ncv − k. Hand-written for that reason (a loop of 20 lines around the HVP);
+  the ``lanczos_vectors`` bound (default 60) caps its memory, and past it ARPACK's implicit restarts take
+  over from the top Ritz vectors (recorded in ``method``). PyHessian's power iteration with deflation
+  needs one HVP per iteration per eigenvalue (``experiments.benchmarks.curvature`` measures both) and
+  stops on the relative change between two iterations, which does not bound the error. scipy and our own
+  operator rather than curvlinops: curvlinops' Hessian operator, exported with ``.to_scipy()``, would feed
+  the same solver; it takes a ``torch.nn`` loss module and ``(X, y)`` batches (dict inputs through a
+  wrapper), while the product here must go through the run's own objective (classification or the causal
+  LM's answer loss), over a subset of a peft model's parameters, with the kernel and peft rewrites above
+  and a count of passes — so it would add a dependency and two adapters and leave the solver unchanged.
+  Memory: the Lanczos basis, up to ``lanczos_vectors`` float64 vectors of the coordinates' size on the
+  model's device (typically 15–30 are used). When ``k >= dim`` the Hessian is built column by column
+  (``dim`` HVPs) and diagonalised exactly.
 - Trace: Hutchinson, ``tr H ≈ mean_i zᵢᵀ H zᵢ`` over ``trace_probes`` Rademacher probes, with the
   standard error of that mean.
 - Spectral density: SLQ (Ghorbani et al. 2019): per probe (Rademacher, normalised) ``slq_steps``
@@ -102,6 +108,7 @@ WEIGHT_SETS = ("adapted", "plane")
 HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ADAPTER_METHODS = ("lora", "randlora")
+LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held by the top-k Lanczos
 NO_ADAPTER = "its optimiser's coordinates are the weights"
 
 __all__ = [
@@ -114,6 +121,7 @@ __all__ = [
     "curvature_at",
     "curvature_figure",
     "curvature_stage",
+    "summary",
     "eval_fingerprint",
     "hutchinson_trace",
     "lanczos",
@@ -131,7 +139,8 @@ class CurvatureSettings:
     """What to compute at each solution (module docstring). ``trace_probes`` / ``slq_probes`` = 0 skips."""
 
     top_k: int = 5
-    tol: float = 1e-3  # eigsh's: each Ritz pair's residual ‖Hx − θx‖ <= tol·|θ|
+    tol: float = 1e-3  # each Ritz pair's residual ‖Hx − θx‖ <= tol·|θ| (ARPACK's test)
+    lanczos_vectors: int = LANCZOS_VECTORS  # most Lanczos steps before ARPACK's restarts take over
     trace_probes: int = 30
     slq_probes: int = 2
     slq_steps: int = 40
@@ -146,7 +155,8 @@ class CurvatureSettings:
     def check(self) -> None:
         """UserError naming the first bad setting and its fix."""
         ints = {"top_k": (self.top_k, 1), "trace_probes": (self.trace_probes, 0), "slq_probes": (self.slq_probes, 0),
-                "slq_steps": (self.slq_steps, 2), "density_points": (self.density_points, 10)}  # fmt: skip
+                "slq_steps": (self.slq_steps, 2), "density_points": (self.density_points, 10),
+                "lanczos_vectors": (self.lanczos_vectors, 2)}  # fmt: skip
         for name, (value, low) in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{_flag(name)} {value!r}: must be an integer >= {low}: pass a value >= {low}")
@@ -348,27 +358,77 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # --------------------------------------------------------------------------- algorithms
 
 
-def top_eigenvalues(op: HessianOperator, k: int, tol: float = 1e-3, seed: int = 0) -> dict:
-    """The k largest (algebraic) eigenvalues, descending, by Lanczos (scipy's eigsh), or exactly for k >= dim."""
+def top_eigenvalues(
+    op: HessianOperator, k: int, tol: float = 1e-3, seed: int = 0, max_vectors: int = LANCZOS_VECTORS
+) -> dict:
+    """The k largest (algebraic) eigenvalues, descending: Lanczos stopped as soon as they have converged
+    (module docstring), ARPACK's ``eigsh`` if not within ``max_vectors`` steps, exactly for k >= dim."""
     start, before = time.perf_counter(), op.hvps
-    method, converged = "lanczos (scipy.sparse.linalg.eigsh, which='LA')", True
     if k >= op.dim:
         columns = [op.flat_hvp(torch.eye(op.dim, dtype=op.dtype)[j]).double().cpu().numpy() for j in range(op.dim)]
         h = np.stack(columns, axis=1)
-        values = np.linalg.eigvalsh(0.5 * (h + h.T))[::-1][:k]
-        method = "exact (Hessian built from dim HVPs, numpy.linalg.eigvalsh)"
+        values, method, converged = np.linalg.eigvalsh(0.5 * (h + h.T))[::-1][:k], EXACT, True
     else:
-        from scipy.sparse.linalg import ArpackNoConvergence, eigsh
-
-        v0 = np.random.default_rng(_stream_seed(seed, 0)).standard_normal(op.dim)
-        ncv = min(op.dim, max(2 * k + 1, 20))
-        try:
-            values = eigsh(op.linear_operator(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=False)
-        except ArpackNoConvergence as e:
-            values, converged = e.eigenvalues, False
-        values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
-    return {"eigenvalues": [float(x) for x in values], "method": method, "converged": converged, "tol": tol,
+        v0 = torch.from_numpy(np.random.default_rng(_stream_seed(seed, 0)).standard_normal(op.dim))
+        stop = _ritz_converged(k, tol)
+        alpha, beta, basis = lanczos(op, v0 / torch.linalg.vector_norm(v0), min(op.dim, max(max_vectors, k + 1)), stop)
+        values, converged, method = stop.values, stop.done, LANCZOS
+        if not converged:  # restart ARPACK from the Ritz vectors of the top k: its implicit restarts converge
+            values, converged = _eigsh(op, k, tol, _top_ritz_vector(alpha, beta, basis, k), len(alpha))
+            method = f"{LANCZOS}, then {EIGSH} from its top Ritz vectors"
+        del basis
+    values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    return {"eigenvalues": [float(x) for x in values], "method": method, "converged": bool(converged), "tol": tol,
             "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+
+
+LANCZOS = "lanczos (full reorthogonalisation, stopped when the top k Ritz residuals are below tol·|θ|)"
+EIGSH = "scipy.sparse.linalg.eigsh (ARPACK, which='LA')"
+EXACT = "exact (Hessian built from dim HVPs, numpy.linalg.eigvalsh)"
+
+
+class _ritz_converged:  # noqa: N801 (a callable used like a function)
+    """Stopping rule of :func:`lanczos` for the top k: after step j, T_j = V_jᵀHV_j has Ritz pairs
+    (θᵢ, V_j sᵢ) whose residual is exactly ‖H V_j sᵢ − θᵢ V_j sᵢ‖ = β_j·|s_{j,i}| (the Lanczos relation,
+    kept by full reorthogonalisation) — ARPACK's convergence test, computed for free from T_j."""
+
+    def __init__(self, k: int, tol: float):
+        self.k, self.tol, self.values, self.done = k, tol, np.zeros(0), False
+
+    def __call__(self, alpha: Sequence[float], beta: Sequence[float], next_beta: float) -> bool:
+        if len(alpha) < self.k:
+            return False
+        theta, s = _tridiagonal_eigh(alpha, beta)
+        top = np.argsort(theta)[::-1][: self.k]
+        self.values = theta[top]
+        residual = abs(next_beta) * np.abs(s[-1, top])
+        self.done = bool(np.all(residual <= self.tol * np.abs(self.values)))
+        return self.done
+
+
+def _tridiagonal_eigh(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.linalg import eigh_tridiagonal
+
+    return eigh_tridiagonal(np.asarray(alpha, dtype=np.float64), np.asarray(beta[: len(alpha) - 1], dtype=np.float64))
+
+
+def _top_ritz_vector(alpha: Sequence[float], beta: Sequence[float], basis: torch.Tensor, k: int) -> np.ndarray:
+    """The sum of the top k Ritz vectors: a start vector rich in the wanted eigenvectors."""
+    theta, s = _tridiagonal_eigh(alpha, beta)
+    top = np.argsort(theta)[::-1][:k]
+    coefficients = torch.from_numpy(s[:, top].sum(1)).to(basis)
+    return (coefficients @ basis[: len(alpha)]).cpu().numpy()
+
+
+def _eigsh(op: HessianOperator, k: int, tol: float, v0: np.ndarray, ncv: int) -> tuple[np.ndarray, bool]:
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    ncv = min(op.dim, max(ncv, 2 * k + 1))
+    try:
+        values = eigsh(op.linear_operator(), k=k, which="LA", tol=tol, v0=v0, ncv=ncv, return_eigenvectors=False)
+        return values, True
+    except ArpackNoConvergence as e:
+        return e.eigenvalues, False
 
 
 def _rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -389,9 +449,16 @@ def hutchinson_trace(op: HessianOperator, probes: int, seed: int = 0) -> dict:
             "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
 
 
-def lanczos(op: HessianOperator, v: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """``steps`` Lanczos steps from the unit vector ``v`` with full reorthogonalisation (twice, classical
-    Gram–Schmidt); stops early when the Krylov space is invariant. Returns (alpha, beta) of T.
+def lanczos(
+    op: HessianOperator,
+    v: torch.Tensor,
+    steps: int,
+    stop: Callable[[list[float], list[float], float], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """At most ``steps`` Lanczos steps from the unit vector ``v`` with full reorthogonalisation (twice,
+    classical Gram–Schmidt); stops early when the Krylov space is invariant or when ``stop(alpha, beta,
+    next_beta)`` says so after a step. Returns (alpha, beta) of T and the basis (rows; the first
+    ``len(alpha)`` are used).
 
     The basis is kept in float64 on the operator's device: in fp32, the rounding of million-term dot
     products moved the top Ritz value of EfficientNet-Lite0's Hessian by 2e-5 relative."""
@@ -405,12 +472,14 @@ def lanczos(op: HessianOperator, v: torch.Tensor, steps: int) -> tuple[np.ndarra
         for _ in range(2):  # against every earlier vector: no ghost copies of converged eigenvalues
             w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
         b = float(torch.linalg.vector_norm(w))
-        scale = max(abs(a) for a in alpha) or 1.0
-        if j + 1 == steps or b <= 1e-10 * scale:
+        invariant = b <= 1e-10 * (max(abs(a) for a in alpha) or 1.0)
+        if stop is not None and stop(alpha, beta, 0.0 if invariant else b):
+            break
+        if j + 1 == steps or invariant:
             break
         beta.append(b)
         basis[j + 1] = w / b
-    return np.asarray(alpha), np.asarray(beta)
+    return np.asarray(alpha), np.asarray(beta), basis
 
 
 def slq_density(
@@ -423,7 +492,7 @@ def slq_density(
     nodes, weights = [], []
     for _ in range(probes):
         z = _rademacher(op.dim, generator, torch.float64)
-        alpha, beta = lanczos(op, z / math.sqrt(op.dim), steps)
+        alpha, beta, _ = lanczos(op, z / math.sqrt(op.dim), steps)
         theta, vectors = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
         nodes.append(theta.tolist())
         weights.append((vectors[0] ** 2).tolist())
@@ -455,7 +524,7 @@ def curvature_at(op: HessianOperator, settings: CurvatureSettings, bar: tqdm | N
     parts = {}
     say = (lambda stage: bar.set_postfix_str(stage)) if bar is not None else (lambda stage: None)  # noqa: E731
     say("eigenvalues")
-    parts["eigen"] = top_eigenvalues(op, settings.top_k, settings.tol, settings.seed)
+    parts["eigen"] = top_eigenvalues(op, settings.top_k, settings.tol, settings.seed, settings.lanczos_vectors)
     if settings.trace_probes:
         say("trace")
         parts["hutchinson"] = hutchinson_trace(op, settings.trace_probes, settings.seed)
@@ -612,6 +681,14 @@ def curvature_stage(
     return result
 
 
+def summary(result: Mapping) -> dict:
+    """The headline numbers of curvature.json per solution and coordinates (for landscape.json):
+    top eigenvalues, trace ± SE, dimension and HVPs; a skipped entry keeps its reason."""
+    keep = ("eigenvalues", "trace", "trace_se", "dim", "hvps", "skipped")
+    return {name: {c: {k: e[k] for k in keep if k in e} for c, e in per.items()}
+            for name, per in result["solutions"].items()}  # fmt: skip
+
+
 # --------------------------------------------------------------------------- figure
 
 
@@ -694,9 +771,11 @@ def build_parser():
     p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=list(SOLUTION_CHOICES),
                    help="solutions to measure (default: ft lora randlora)")  # fmt: skip
     p.add_argument("--top-k", type=positive_int, default=5, help="top Hessian eigenvalues (default: 5)")
-    p.add_argument(
-        "--tol", type=float, default=1e-3, help="eigsh tolerance: residual <= tol x |eigenvalue| (default: 1e-3)"
-    )
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="Lanczos tolerance: each Ritz residual <= tol x |eigenvalue| (default: 1e-3)")  # fmt: skip
+    p.add_argument("--lanczos-vectors", type=positive_int, default=LANCZOS_VECTORS,
+                   help="most Lanczos vectors held (float64, the coordinates' size) before ARPACK's restarts take "
+                   f"over (default: {LANCZOS_VECTORS})")  # fmt: skip
     p.add_argument("--trace-probes", type=count, default=30, help="Hutchinson probes, 0 skips (default: 30)")
     p.add_argument("--slq-probes", type=count, default=2, help="SLQ probes, 0 skips the density (default: 2)")
     p.add_argument("--slq-steps", type=positive_int, default=40, help="Lanczos steps per SLQ probe (default: 40)")
@@ -728,8 +807,8 @@ def build_parser():
 def settings_from(args) -> CurvatureSettings:
     coordinates = COORDINATES if args.coordinates == "both" else (args.coordinates,)
     settings = CurvatureSettings(
-        top_k=args.top_k, tol=args.tol, trace_probes=args.trace_probes, slq_probes=args.slq_probes,
-        slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
+        top_k=args.top_k, tol=args.tol, lanczos_vectors=args.lanczos_vectors, trace_probes=args.trace_probes,
+        slq_probes=args.slq_probes, slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
         include_head=not args.no_head, seed=args.seed,
     )  # fmt: skip
     settings.check()

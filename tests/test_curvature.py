@@ -98,6 +98,35 @@ def test_top_eigenvalues_equal_eigvalsh(tiny):
     np.testing.assert_allclose(curvature.top_eigenvalues(op32, 5)["eigenvalues"], reference[:5], rtol=1e-4)
 
 
+def test_lanczos_stops_when_the_residuals_meet_tol(tiny):
+    """The stopping rule: at tol 1e-3, stopped before the Krylov space is full (264 coordinates), and each
+    eigenvalue within tol·|θ| of the exact one (the residual bound); the true residual ‖Hx − θx‖ of each
+    returned Ritz value's eigenvector, recomputed with the exact Hessian, is below tol·|θ| too."""
+    model, eval_set, names, exact = tiny
+    reference = np.linalg.eigvalsh(exact)[::-1][:5]
+    op = operator(model, names, eval_set)
+    stop = curvature._ritz_converged(5, 1e-3)
+    v0 = torch.from_numpy(np.random.default_rng(7).standard_normal(op.dim))
+    alpha, beta, basis = curvature.lanczos(op, v0 / torch.linalg.vector_norm(v0), 60, stop)
+    assert stop.done and len(alpha) < 60 and op.hvps == len(alpha)
+    theta, s = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
+    top = np.argsort(theta)[::-1][:5]
+    ritz = basis[: len(alpha)].numpy().T @ s[:, top]
+    residual = np.linalg.norm(exact @ ritz - ritz * theta[top], axis=0)
+    assert np.all(residual <= 1e-3 * np.abs(theta[top]) * (1 + 1e-6))
+    assert np.all(np.abs(stop.values - reference) <= 1e-3 * np.abs(reference))
+
+
+def test_top_eigenvalues_past_the_vector_cap_finish_with_arpack(tiny):
+    """Six Lanczos vectors cannot give the top 5 to 1e-10: ARPACK takes over from the top Ritz vectors
+    and the eigenvalues still equal numpy's; every product of both solvers is counted."""
+    model, eval_set, names, exact = tiny
+    op = operator(model, names, eval_set)
+    result = curvature.top_eigenvalues(op, 5, tol=1e-10, seed=3, max_vectors=6)
+    np.testing.assert_allclose(result["eigenvalues"], np.linalg.eigvalsh(exact)[::-1][:5], rtol=1e-6)
+    assert "eigsh" in result["method"] and result["converged"] and result["hvps"] == op.hvps > 6
+
+
 def test_top_eigenvalues_of_a_small_block_are_exact(tiny):
     """k >= dim: the Hessian block of the head's bias (4 × 4) is built from HVPs and diagonalised."""
     model, eval_set, names, exact = tiny
@@ -331,6 +360,43 @@ def test_command_on_a_run_writes_curvature(run_dir, tmp_path):
             adapter = result["solutions"][name]["adapter"]
             assert adapter["loss"] == pytest.approx(weights["loss"], rel=1e-5) and adapter["dim"] < weights["dim"]
             assert adapter["hvp_mode"] == "forward-over-reverse"  # RandLoRA's too: peft's Function is swapped
+
+
+def test_connectivity_curvature_stage_equals_the_command(run_dir, wordnet_root, tmp_path, monkeypatch):
+    """``--curvature`` on the connectivity run: curvature.json and figure in the run folder, the headline in
+    landscape.json, the same numbers as ``python -m landscape.curvature`` on that run (same objective,
+    samples and seed), and a rerun reuses every entry. (The stage's settings are the command's defaults;
+    fewer probes here, the same on both sides, to keep the test short.)"""
+    import functools
+    import shutil
+
+    from landscape import connectivity
+
+    few = {"top_k": 2, "trace_probes": 3, "slq_probes": 1, "slq_steps": 4}
+    monkeypatch.setattr(curvature, "CurvatureSettings", functools.partial(curvature.CurvatureSettings, **few))
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN, "--curvature"]
+    assert connectivity.main(argv) == 0
+    staged = json.loads((out / "curvature.json").read_text())
+    meta = json.loads((out / "landscape.json").read_text())
+    assert staged["complete"] and staged["seed"] == meta["seed"] and (out / "curvature.png").exists()
+    assert "curvature" in meta["wall_time_s"] and "train_ft" in meta["reused_stages"]  # solutions reused
+    for name in ("ft", "lora", "randlora"):
+        for coordinates, entry in staged["solutions"][name].items():
+            assert meta["curvature"][name][coordinates].get("eigenvalues") == entry.get("eigenvalues")
+    assert "skipped" in meta["curvature"]["ft"]["adapter"]
+    command = tmp_path / "command"
+    assert curvature.main(["--run", str(out), "--out", str(command), "--solutions", "randlora", "--coordinates",
+                           "adapter", *FAST]) == 0  # fmt: skip
+    alone = json.loads((command / "curvature.json").read_text())["solutions"]["randlora"]["adapter"]
+    entry = staged["solutions"]["randlora"]["adapter"]
+    np.testing.assert_allclose(alone["eigenvalues"], entry["eigenvalues"], rtol=1e-9)
+    assert alone["trace"] == pytest.approx(entry["trace"], rel=1e-9) and alone["loss"] == entry["loss"]
+    assert connectivity.main(argv) == 0
+    again = json.loads((out / "curvature.json").read_text())
+    assert all(e.get("reused") for per in again["solutions"].values() for e in per.values() if "key" in e)
 
 
 def test_command_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys):
