@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+# Before numpy/scipy load OpenBLAS (it reads this once): one BLAS thread. The tests' LAPACK calls are small,
+# and with two OpenBLAS threads on a 2-core machine that other work shares, each call's thread hand-offs
+# wait for the scheduler: a 200 x 96 numpy SVD took 1.5 s instead of 6 ms. Child processes inherit it.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import pytest
 
 # Before torch: `import adapters` puts the OpenMP wait policy in the environment (adapters.threads),
@@ -31,6 +36,43 @@ def wordnet_root(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wordnet")
     write_wordnet(folder, per_category=40)
     return folder
+
+
+# The main job on tiny-bert and the tiny WordNet: test_cli's end-to-end run, shared (read only) by the tests
+# of test_cli, test_curves, test_paths and test_spectrum_extra that need a finished run: one run, not four.
+TINY_RUN = ["--model", "tiny-bert", "--train-steps", "3", "--grid", "3", "--eval-samples", "16", "--path-points", "3",
+            "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_wordnet_run(tmp_path_factory, wordnet_root):
+    """The finished run of :data:`TINY_RUN` (figures drawn: test_cli checks the whole output contract).
+    Tests copy what they change; none writes into it."""
+    from landscape import connectivity
+
+    out = tmp_path_factory.mktemp("run") / "wordnet"
+    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out),
+                              *TINY_RUN]) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def no_figure_drawing():
+    """For tests whose assertions never read a figure: matplotlib figures are built but not drawn
+    (:mod:`tests.nodraw`), which is most of the time of a tiny run of the main job."""
+    from tests.nodraw import figures_not_drawn
+
+    with figures_not_drawn():
+        yield
+
+
+def pytest_collection_finish(session) -> None:
+    """When collected tests start runs through tests.procs, its server starts now and imports in the
+    background (seconds of imports that would otherwise wait in the first such test)."""
+    from tests import procs
+
+    if any(getattr(getattr(item, "module", None), "procs", None) is procs for item in session.items):
+        procs.warm()
 
 
 def free_port() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -14,19 +13,18 @@ import numpy as np
 import pytest
 
 from landscape import connectivity, spectrum
-from tests.conftest import free_port
+from tests import procs
+from tests.conftest import TINY_RUN, free_port
 
-TINY = ["--model", "tiny-bert", "--train-steps", "3", "--grid", "3", "--eval-samples", "16", "--path-points", "3",
-        "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
+TINY = TINY_RUN  # the arguments of run_dir, besides --dataset, --data-root and --out
 OUTPUTS = ["landscape.npz", "landscape.json", "landscape.html", "landscape.png", "landscape.pdf",
            "spectrum.json", "spectrum.png"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, wordnet_root):
-    out = tmp_path_factory.mktemp("run") / "wordnet"
-    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
-    return out
+@pytest.fixture
+def run_dir(tiny_wordnet_run):
+    """The main job's tiny run (conftest: shared with other test files, read only)."""
+    return tiny_wordnet_run
 
 
 def test_end_to_end_writes_the_output_contract(run_dir):
@@ -67,7 +65,7 @@ def test_peft_loads_saved_adapters(run_dir):
         assert sum(p.numel() for n, p in model.named_parameters() if "lora" in n) > 0
 
 
-def test_rerun_reuses_solutions_and_gives_the_same_numbers(run_dir, wordnet_root, tmp_path):
+def test_rerun_reuses_solutions_and_gives_the_same_numbers(run_dir, wordnet_root, tmp_path, no_figure_drawing):
     out = tmp_path / "again"
     shutil.copytree(run_dir / "solutions", out / "solutions")
     assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
@@ -75,7 +73,7 @@ def test_rerun_reuses_solutions_and_gives_the_same_numbers(run_dir, wordnet_root
     assert np.array_equal(a["loss"], b["loss"]) and np.array_equal(a["x"], b["x"])
 
 
-def test_solutions_option_and_orthonormal_chart(run_dir, wordnet_root, tmp_path):
+def test_solutions_option_and_orthonormal_chart(run_dir, wordnet_root, tmp_path, no_figure_drawing):
     out = tmp_path / "reuse"
     sols = [f"{n}={run_dir / 'solutions' / n}" for n in ("ft", "lora", "randlora")]
     argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), "--chart", "orthonormal",
@@ -89,7 +87,7 @@ def test_solutions_option_and_orthonormal_chart(run_dir, wordnet_root, tmp_path)
     assert np.hypot(x0 - x1, y0 - y1) == pytest.approx(meta["chart_geometry"]["distances"]["ft-lora"], rel=1e-5)
 
 
-def test_spectrum_cli_on_a_run(run_dir, tmp_path):
+def test_spectrum_cli_on_a_run(run_dir, tmp_path, no_figure_drawing):
     assert spectrum.main(["--run", str(run_dir), "--out", str(tmp_path), "--no-progress"]) == 0
     ours = json.loads((tmp_path / "spectrum.json").read_text())
     assert ours["layers"] == json.loads((run_dir / "spectrum.json").read_text())["layers"]
@@ -159,24 +157,24 @@ def _reuse_argv(run_dir, wordnet_root, out, *extra):
 
 
 def test_torchrun_two_gloo_processes_equal_one_process(run_dir, wordnet_root, tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    assert connectivity.main(_reuse_argv(run_dir, wordnet_root, single, "--grid", "5")) == 0
+    """The grid of run_dir (one process, which evaluated its solutions as saved) by torchrun on those solutions."""
+    multi = tmp_path / "multi"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
-           "-m", "landscape.connectivity", *_reuse_argv(run_dir, wordnet_root, multi, "--grid", "5")]  # fmt: skip
+           "-m", "landscape.connectivity", *_reuse_argv(run_dir, wordnet_root, multi)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = np.load(single / "landscape.npz"), np.load(multi / "landscape.npz")
+    a, b = np.load(run_dir / "landscape.npz"), np.load(multi / "landscape.npz")
     for key in ("x", "y", "loss", "accuracy", "loss_se"):
         np.testing.assert_array_equal(a[key], b[key])
     assert json.loads((multi / "landscape.json").read_text())["world_size"] == 2
 
 
-def test_sigkill_mid_grid_then_resume_equals_uninterrupted(run_dir, wordnet_root, tmp_path, capsys):
+def test_sigkill_mid_grid_then_resume_equals_uninterrupted(run_dir, wordnet_root, tmp_path, capsys, no_figure_drawing):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     argv = ["--grid", "9", "--eval-samples", "96"]
     assert connectivity.main(_reuse_argv(run_dir, wordnet_root, clean, *argv)) == 0
-    cmd = [sys.executable, "-m", "landscape.connectivity", *_reuse_argv(run_dir, wordnet_root, killed, *argv)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a process of its own, forked from a server that has imported the toolkit (tests.procs)
+    proc = procs.start(_reuse_argv(run_dir, wordnet_root, killed, *argv), tmp_path / "killed.log", draw=False)
     checkpoint = killed / ".grid" / "rank0.npz"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -186,7 +184,7 @@ def test_sigkill_mid_grid_then_resume_equals_uninterrupted(run_dir, wordnet_root
                     break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()  # SIGKILL
     proc.wait()
     assert not (killed / "landscape.npz").exists()
     assert connectivity.main(_reuse_argv(run_dir, wordnet_root, killed, *argv)) == 0

@@ -13,6 +13,7 @@ import pytest
 from adapters.errors import UserError
 from landscape import config as run_config
 from landscape import connectivity
+from tests import nodraw
 
 TINY = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "2",
         "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
@@ -89,18 +90,35 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_command_line_exits_2_with_one_line_before_any_work(tmp_path):
+    """In a process of its own (the real command line): exit status 2, one line, nothing written."""
+    out = tmp_path / "out"
+    done = _cli("--model", "tiny-bert", "--out", str(out), "--batch-size", "0", cwd=Path(__file__).parents[1])
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--batch-size" in lines[0] and "Traceback" not in done.stderr, done.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--batch-size", "0"], ["--grad-accum", "0"], ["--epochs", "0"], ["--randlora-rank", "0"]],
     ids=["batch-size", "grad-accum", "epochs", "randlora-rank"],
 )
-def test_command_line_exits_2_with_one_line_before_any_work(tmp_path, argv):
+def test_main_returns_2_with_one_line_naming_the_option(tmp_path, capsys, argv):
+    """The message of each (in this process: the real process's exit and output are checked above)."""
     out = tmp_path / "out"
-    done = _cli("--model", "tiny-bert", "--out", str(out), *argv, cwd=Path(__file__).parents[1])
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and argv[0] in lines[0], done.stderr
+    assert connectivity.main(["--model", "tiny-bert", "--out", str(out), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and argv[0] in lines[0], lines
     assert not out.exists()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures_not_drawn():
+    """No assertion here reads a figure: the runs build them but do not draw them (tests.nodraw)."""
+    with nodraw.figures_not_drawn():
+        yield
 
 
 @pytest.fixture(scope="module")

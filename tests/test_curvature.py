@@ -19,6 +19,7 @@ from adapters.objectives import OBJECTIVES
 from adapters.solution import Solution
 from landscape import curvature
 from landscape.grid import EvalSet
+from tests.conftest import TINY_RUN
 
 CE = OBJECTIVES["classification"]
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 (the declared floor) has trapz only
@@ -325,19 +326,13 @@ def test_stage_saves_each_entry_and_resumes(tiny, tmp_path):
 # --------------------------------------------------------------------------- the command on a run
 
 
-TINY_RUN = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "3",
-            "--train-per-class", "12", "--test-per-class", "4", "--no-progress"]  # fmt: skip
 FAST = ["--top-k", "2", "--trace-probes", "3", "--slq-probes", "1", "--slq-steps", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, wordnet_root):
-    from landscape import connectivity
-
-    out = tmp_path_factory.mktemp("curv") / "run"
-    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN]
-    assert connectivity.main(argv) == 0
-    return out
+@pytest.fixture
+def run_dir(tiny_wordnet_run):
+    """The session's finished tiny run (tests/conftest.py); the tests write elsewhere or into a copy."""
+    return tiny_wordnet_run
 
 
 def test_command_on_a_run_writes_curvature(run_dir, tmp_path):
@@ -362,7 +357,9 @@ def test_command_on_a_run_writes_curvature(run_dir, tmp_path):
             assert adapter["hvp_mode"] == "forward-over-reverse"  # RandLoRA's too: peft's Function is swapped
 
 
-def test_connectivity_curvature_stage_equals_the_command(run_dir, wordnet_root, tmp_path, monkeypatch):
+def test_connectivity_curvature_stage_equals_the_command(
+    run_dir, wordnet_root, tmp_path, monkeypatch, no_figure_drawing
+):
     """``--curvature`` on the connectivity run: curvature.json and figure in the run folder, the headline in
     landscape.json, the same numbers as ``python -m landscape.curvature`` on that run (same objective,
     samples and seed), and a rerun reuses every entry. (The stage's settings are the command's defaults;

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from adapters.solution import Solution
 from adapters.train import TrainConfig
-from landscape import connectivity, curves, paths
+from landscape import curves, paths
 from landscape.grid import EvalSet
 from landscape.plane import solution_weights
 
@@ -191,15 +191,11 @@ def test_killed_curve_training_resumes_bit_exactly(setup, tmp_path):
 
 # ---------------------------------------------------------------------------- tiny run + CLI ----
 
-TINY = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "2", "--eval-samples", "16",
-        "--train-per-class", "6", "--test-per-class", "2", "--no-progress", "--path-points", "3"]  # fmt: skip
 
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, wordnet_root):
-    out = tmp_path_factory.mktemp("run") / "wordnet"
-    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
-    return out
+@pytest.fixture
+def run_dir(tiny_wordnet_run):
+    """The main job's tiny run (conftest: shared with other test files, read only)."""
+    return tiny_wordnet_run
 
 
 def test_cli_trains_a_curve_of_lower_loss(run_dir, tmp_path):

@@ -11,6 +11,9 @@
 
 Every run here computes with one CPU thread, the uninterrupted reference in a process of its own, so
 bit-equality does not depend on the machine. ``FAULT_SEEDS=0,1,2`` draws more kill schedules (default: 0).
+The runs in processes of their own are forked from a server that has imported the toolkit (tests.procs):
+real processes, really SIGKILLed, without paying 5-8 s of imports each. No assertion here reads a figure,
+so figures are built but not drawn (tests.nodraw), in the children and in this process.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -33,14 +34,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from landscape import connectivity
+from tests import procs
 
 METHODS = ("head_only", "ft", "lora", "randlora")
 GRID = 7
-# 120 steps: training checkpoints at steps 50, 100 and 120, so a kill can land between two of them.
-RUN = ["--model", "tiny-bert", "--train-steps", "120", "--batch-size", "8", "--grid", str(GRID),
+# 60 steps: training checkpoints at steps 50 and 60 (checkpoints come every 50 steps and at the end), so a
+# kill can land between two of them.
+RUN = ["--model", "tiny-bert", "--train-steps", "60", "--batch-size", "8", "--grid", str(GRID),
        "--eval-samples", "96", "--path-points", "5", "--train-per-class", "12", "--test-per-class", "4",
        "--no-progress"]  # fmt: skip
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # of the runs in processes of their own
 SEEDS = [int(s) for s in os.environ.get("FAULT_SEEDS", "0").split(",")]
 
 
@@ -56,10 +59,14 @@ def _argv(wordnet_root, out, *extra) -> list[str]:
 def reference(tmp_path_factory, wordnet_root) -> Path:
     """An uninterrupted run, in a process of its own."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    cmd = [sys.executable, "-m", "landscape.connectivity", *_argv(wordnet_root, out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = out.with_name("run.log")
+    assert procs.run(_argv(wordnet_root, out), log, env=ENV, draw=False) == 0, log.read_text()[-3000:]
     return out
+
+
+@pytest.fixture(autouse=True)
+def _figures_not_drawn(no_figure_drawing):
+    """The in-process runs too (see the module docstring)."""
 
 
 @pytest.fixture
@@ -180,12 +187,12 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(reference, wo
     rng = random.Random(seed)
     seconds = json.loads((reference / "landscape.json").read_text())["wall_time_s"]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "landscape.connectivity", *_argv(wordnet_root, out)]
+    argv = _argv(wordnet_root, out)
 
     # (a trigger: progress of this run, then a random delay within the stage it fired in, as measured in the
-    # reference run): in training, after a checkpoint and before about the next one (50 of 120 steps later)
+    # reference run): in training, after a checkpoint and before about the next one (10 of 60 steps later)
     def training(method: str):
-        return lambda t: (_fresh(f"solutions/.{method}*.ckpt", t), rng.random() * seconds[f"train_{method}"] * 50 / 120)
+        return lambda t: (_fresh(f"solutions/.{method}*.ckpt", t), rng.random() * seconds[f"train_{method}"] * 10 / 60)
 
     plan = [
         training("head_only"),
@@ -199,8 +206,7 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(reference, wo
     for k, step in enumerate(plan):
         start = time.time()
         trigger, delay = step(start)
-        with open(tmp_path / f"run{k}.log", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        proc = procs.start(argv, tmp_path / f"run{k}.log", env=ENV, draw=False)
         try:
             while not trigger(out):
                 assert proc.poll() is None, f"run {k} ended before its kill:\n{(tmp_path / f'run{k}.log').read_text()}"
@@ -220,8 +226,8 @@ def test_sigkill_at_random_moments_then_rerun_equals_uninterrupted(reference, wo
         saved = now
     assert {"train", "grid", "paths"} <= set(stages), stages
 
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = tmp_path / "rerun.log"
+    assert procs.run(argv, log, env=ENV, draw=False) == 0, log.read_text()[-3000:]
     assert_same_results(out, reference)
     meta = json.loads((out / "landscape.json").read_text())
     assert meta["grid_points_computed_this_run"] == GRID * GRID - len(saved)

@@ -7,7 +7,8 @@
 - torchrun on the CPU joins a gloo process group even where CUDA exists.
 
 One tiny finished run (bf16 landscape on the CPU) is shared; the other runs reuse its solutions where
-their training key is the same, so only what a test is about is trained again.
+their training key is the same, so only what a test is about is trained again. No assertion here reads a
+figure: figures are built but not drawn (tests.nodraw).
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,8 +27,8 @@ from safetensors.torch import load_file
 import adapters.solution
 import adapters.train
 from landscape import connectivity
+from tests import nodraw, procs
 
-ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ("ft", "lora", "randlora")
 PAIRS = (("ft", "lora"), ("ft", "randlora"), ("lora", "randlora"))
 # 60 steps: a checkpoint is written at step 50 (every 50 steps) before training ends.
@@ -118,6 +117,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def figures_not_drawn():
+    with nodraw.figures_not_drawn():
+        yield
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, wordnet_root):
     out = tmp_path_factory.mktemp("fixes") / "run"
@@ -128,27 +133,16 @@ def run_dir(tmp_path_factory, wordnet_root):
 # ----------------------------------------------------------------------------- 1. resume only the same key
 
 
-# In a child process: run the command, SIGKILLed right after LoRA's first training checkpoint is written.
-KILLED_AFTER_LORA_CHECKPOINT = """
-import os, signal, sys
-from pathlib import Path
+def die_after_lora_checkpoint() -> None:
+    """In a child process, before the run: SIGKILL itself right after LoRA's first training checkpoint is written."""
+    real = adapters.train._save_checkpoint
 
-import adapters.train
+    def save_then_die(path, *args, **kwargs):
+        real(path, *args, **kwargs)
+        if Path(path).name.startswith(".lora"):
+            os.kill(os.getpid(), signal.SIGKILL)
 
-real = adapters.train._save_checkpoint
-
-
-def save_then_die(path, *args, **kwargs):
-    real(path, *args, **kwargs)
-    if Path(path).name.startswith(".lora"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-adapters.train._save_checkpoint = save_then_die
-from landscape import connectivity
-
-sys.exit(connectivity.main(sys.argv[1:]))
-"""
+    adapters.train._save_checkpoint = save_then_die
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +150,10 @@ def killed_mid_lora(run_dir, wordnet_root, tmp_path_factory):
     """A run SIGKILLed right after LoRA's step-50 checkpoint (head-only, FT and RandLoRA already saved)."""
     out = tmp_path_factory.mktemp("killed") / "run"
     copy_solutions(run_dir, out, ("head_only", "ft", "randlora"))  # same training key: reused
-    command = [sys.executable, "-c", KILLED_AFTER_LORA_CHECKPOINT, *argv(wordnet_root, out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    log = out.with_name("killed.log")  # a process of its own, forked from a preloaded server (tests.procs)
+    code = procs.run(argv(wordnet_root, out), log, env={"OMP_NUM_THREADS": "1"}, draw=False,
+                     patch=f"{__name__}:die_after_lora_checkpoint")  # fmt: skip
+    assert code == -signal.SIGKILL, log.read_text()[-3000:]
     assert checkpoints(out, "lora") and not (out / "solutions" / "lora").exists()
     return out
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import nodraw
 from tests.llm_data import write_commonsense
 from tests.llm_models import config as llm_config
 from tests.llm_models import save_tiny_causal_lm
@@ -145,12 +146,13 @@ def _assert_spectra(spec: dict, name: str, reference: dict) -> None:
 @pytest.fixture(scope="module")
 def spectrum_run(llama, made, checkpoints, tmp_path_factory) -> dict:
     """One in-process ``python -m landscape.spectrum --model hf:DIR --solution ...`` over every adapter kind
-    and both checkpoint formats (one set of figures: rendering is what costs)."""
+    and both checkpoint formats (figures built, not drawn: drawing is what costs)."""
     from landscape.spectrum import cli
 
     out = tmp_path_factory.mktemp("spectrum")
     named = [f"{k}={made[k][0]}" for k in KINDS] + [f"folder={checkpoints['folder']}", f"pt={checkpoints['pt']}"]
-    assert cli.main(["--model", f"hf:{llama}", "--solution", *named, "--out", str(out), "--no-progress"]) == 0
+    with nodraw.figures_not_drawn():  # only spectrum.json is read
+        assert cli.main(["--model", f"hf:{llama}", "--solution", *named, "--out", str(out), "--no-progress"]) == 0
     return json.loads((out / "spectrum.json").read_text())
 
 
@@ -485,7 +487,7 @@ def _connectivity(llama: Path, data_root: Path, out: Path, capsys, *solutions: s
     return code, [line for line in capsys.readouterr().err.splitlines() if "error" in line]
 
 
-def test_connectivity_with_foreign_solutions(llama, made, checkpoints, data_root, tmp_path, capsys):
+def test_connectivity_with_foreign_solutions(llama, made, checkpoints, data_root, tmp_path, capsys, no_figure_drawing):
     """A model folder, a DoRA and a LoHa adapter as the plane's ft / lora / randlora: the whole run, on the
     factored plane (the adapters' ΔW merged by peft per module at every forward, the checkpoint's stored).
     Each vertex's loss equals the plain model's (the checkpoint loaded by transformers, the adapters merged

@@ -11,9 +11,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +21,6 @@ from tests.llm_data import write_commonsense
 from tests.llm_models import save_tiny_causal_lm
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -148,12 +143,12 @@ def test_the_seeds_randlora_config_through_the_toolkit_equals_get_peft_model(lla
 
 
 def test_connectivity_on_a_causal_lm_writes_the_whole_output_contract(llama, data_root, tmp_path):
+    from landscape import connectivity
+
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "landscape.connectivity", "--model", f"hf:{llama}", "--dataset", "commonsense",
-           "--data-root", str(data_root), "--train-steps", "2", "--grid", "3", "--eval-samples", "8", "--out", str(out),
-           "--no-progress"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert connectivity.main(["--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root),
+                              "--train-steps", "2", "--grid", "3", "--eval-samples", "8", "--out", str(out),
+                              "--no-progress"]) == 0  # fmt: skip
     names = ["landscape.npz", "landscape.json", "landscape.html", "landscape.png", "landscape.pdf", "paths.npz",
              "paths.json", "paths.png", "spectrum.json", "spectrum.csv", "spectrum.png"]  # fmt: skip
     for name in names:
@@ -169,24 +164,30 @@ def test_connectivity_on_a_causal_lm_writes_the_whole_output_contract(llama, dat
     assert set(json.loads((out / "spectrum.json").read_text())["solutions"]) >= {"ft", "lora", "randlora"}
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "landscape.connectivity", *args, "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+def _main(capsys, *args: str) -> tuple[int, list[str]]:
+    """``landscape.connectivity.main`` in this process (a real process's exit status 2 and single stderr line
+    are checked in test_cli and test_config): its exit status and the lines it wrote to stderr."""
+    from landscape import connectivity
+
+    capsys.readouterr()
+    code = connectivity.main([*args, "--no-progress"])
+    return code, capsys.readouterr().err.strip().splitlines()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
-def test_load_4bit_on_cpu_exits_2_with_one_line(llama, data_root, tmp_path):
-    proc = _cli("--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root), "--load-4bit",
-                "--out", str(tmp_path / "out"))  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--load-4bit" in lines[0] and "CUDA" in lines[0]
+def test_load_4bit_on_cpu_exits_2_with_one_line(llama, data_root, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, lines = _main(capsys, "--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root),
+                        "--load-4bit", "--out", str(out))  # fmt: skip
+    assert code == 2 and len(lines) == 1, lines
+    assert "--load-4bit" in lines[0] and "CUDA" in lines[0] and not out.exists()
 
 
-def test_unknown_hub_id_offline_exits_2_within_30_s(tmp_path):
+def test_unknown_hub_id_offline_exits_2_within_30_s(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
-    proc = _cli("--model", "hf:nobody/no-such-model", "--dataset", "wordnet", "--out", str(tmp_path / "out"))
+    code, lines = _main(capsys, "--model", "hf:nobody/no-such-model", "--dataset", "wordnet", "--out",
+                        str(tmp_path / "out"))  # fmt: skip
     assert time.monotonic() - start < 30
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nobody/no-such-model" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert code == 2 and len(lines) == 1, lines
+    assert "nobody/no-such-model" in lines[0] and "HF_HUB_OFFLINE" in lines[0]

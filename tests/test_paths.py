@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from adapters.solution import Solution
 from landscape import connectivity, paths
 from landscape.grid import EvalSet
+from tests.conftest import TINY_RUN
 
 N_CLASSES = 4
 
@@ -187,21 +188,19 @@ def test_write_paths(setup, tmp_path):
 
 # ---------------------------------------------------------------------------- tiny run + CLI ----
 
-TINY = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "2", "--eval-samples", "16",
-        "--train-per-class", "6", "--test-per-class", "2", "--no-progress", "--path-points", "3"]  # fmt: skip
+TINY = TINY_RUN  # the arguments of run_dir, besides --dataset, --data-root and --out
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, wordnet_root):
-    out = tmp_path_factory.mktemp("run") / "wordnet"
-    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY]) == 0
-    return out
+@pytest.fixture
+def run_dir(tiny_wordnet_run):
+    """The main job's tiny run (conftest: shared with other test files, read only)."""
+    return tiny_wordnet_run
 
 
 def test_connectivity_records_paths(run_dir):
     meta = json.loads((run_dir / "landscape.json").read_text())
     assert set(meta["paths"]["barrier"]) == {"ft-lora", "ft-randlora", "lora-randlora"}
-    assert meta["paths"]["points"] == 3 and meta["config"]["train_per_class"] == 6 and meta["config"]["data_root"]
+    assert meta["paths"]["points"] == 3 and meta["config"]["train_per_class"] == 12 and meta["config"]["data_root"]
     for name in ("paths.npz", "paths.json", "paths.png", "paths.pdf"):
         assert (run_dir / name).stat().st_size > 0, name
     recorded = json.loads((run_dir / "paths.json").read_text())["pairs"]

@@ -23,6 +23,7 @@ from landscape.spectrum import (
     overlap_curve,
     principal_angles,
 )
+from tests import nodraw
 
 
 def orthonormal(rng, m, k):
@@ -244,7 +245,8 @@ def test_lora_factors_reproduce_peft_delta(tiny_run):
 def test_cli_solution_options_and_outputs(tiny_run, given_spectrum, tmp_path):
     sols = tiny_run / "solutions"
     out_run, (out_given, printed) = tmp_path / "run", given_spectrum
-    assert spectrum.main(["--run", str(tiny_run), "--out", str(out_run), "--no-progress"]) == 0
+    with nodraw.figures_not_drawn():  # only its spectrum.json is read
+        assert spectrum.main(["--run", str(tiny_run), "--out", str(out_run), "--no-progress"]) == 0
     for name in spectrum.OUTPUTS:
         assert (out_given / name).stat().st_size > 0, name
     # the message lists exactly the files written (with an FT reference: the similarity figures too)
@@ -269,7 +271,8 @@ def test_cli_solution_options_and_outputs(tiny_run, given_spectrum, tmp_path):
     shutil.copytree(sols / "lora", bare)
     (bare / "solution.json").unlink()
     argv = ["--solution", f"ft={sols / 'ft'}", f"lora={bare}", "--out", str(tmp_path / "bare"), "--no-progress"]
-    assert spectrum.main([*argv, "--base", "tiny-bert", "--num-classes", "8"]) == 0
+    with nodraw.figures_not_drawn():  # only its spectrum.json is read
+        assert spectrum.main([*argv, "--base", "tiny-bert", "--num-classes", "8"]) == 0
     bare_spec = json.loads((tmp_path / "bare" / "spectrum.json").read_text())
     lora_layers = [e["lora"]["singular_values"] for e in bare_spec["layers"]]
     assert lora_layers == [e["lora"]["singular_values"] for e in spec["layers"]]
@@ -296,7 +299,7 @@ def test_cli_bad_solution_inputs_exit_2(tiny_run, tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
 
 
-def test_without_ft_no_similarity_is_written_or_claimed(tiny_run, tmp_path):
+def test_without_ft_no_similarity_is_written_or_claimed(tiny_run, tmp_path, no_figure_drawing):
     sols = tiny_run / "solutions"
     out = tmp_path / "no_ft"
     code, printed = _spectrum_main(
@@ -309,7 +312,7 @@ def test_without_ft_no_similarity_is_written_or_claimed(tiny_run, tmp_path):
     assert json.loads((out / "spectrum.json").read_text())["settings"]["reference"] is None
 
 
-def test_write_spectrum_returns_the_paths_it_wrote(tiny_run, tmp_path):
+def test_write_spectrum_returns_the_paths_it_wrote(tiny_run, tmp_path, no_figure_drawing):
     from adapters.solution import load_solutions
 
     sols = tiny_run / "solutions"
@@ -339,19 +342,14 @@ def test_analyse_solutions_gives_what_the_cli_writes(tiny_run, given_spectrum):
                for layer in result["layers"])  # fmt: skip
 
 
-TINY_RUN = ["--dataset", "wordnet", "--model", "tiny-bert", "--train-steps", "3", "--grid", "3",
-            "--eval-samples", "16", "--path-points", "0", "--train-per-class", "12", "--test-per-class", "4",
-            "--no-progress"]  # fmt: skip
-
-
-def test_spectrum_of_a_run_made_with_solutions(wordnet_root, tmp_path):
-    """--run on a run whose solutions were given with --solutions: it has no solutions/ folder for them, its
-    landscape.json records where they are."""
+def test_spectrum_of_a_run_made_with_solutions(tiny_wordnet_run, wordnet_root, tmp_path, no_figure_drawing):
+    """--run on a run whose solutions were given with --solutions (those of conftest's finished tiny run): it
+    has no solutions/ folder for them, its landscape.json records where they are."""
     from landscape import connectivity
+    from tests.conftest import TINY_RUN
 
-    first, second, out = tmp_path / "first", tmp_path / "second", tmp_path / "spectrum"
-    common = [*TINY_RUN, "--data-root", str(wordnet_root)]
-    assert connectivity.main([*common, "--out", str(first)]) == 0
+    first, second, out = tiny_wordnet_run, tmp_path / "second", tmp_path / "spectrum"
+    common = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *TINY_RUN, "--path-points", "0"]
     folders = {n: first / "solutions" / n for n in ("ft", "lora", "randlora")}
     given = [f"{n}={p}" for n, p in folders.items()]
     assert connectivity.main([*common, "--out", str(second), "--solutions", *given]) == 0

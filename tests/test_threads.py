@@ -152,21 +152,42 @@ def test_configure_rejects_non_positive(bad):
         threads.configure(bad)
 
 
-def test_configure_sets_interop_threads_in_a_fresh_process():
-    out = run_python(
-        "import adapters.threads as t, torch, json; n = t.configure(1); "
-        "print(json.dumps([n, torch.get_num_threads(), torch.get_num_interop_threads()]))"
+# Two fresh interpreters, each shared by the tests of what it shows (a fresh one costs seconds of imports).
+
+
+@pytest.fixture(scope="module")
+def adapters_first() -> dict:
+    """``import adapters`` before torch: the policy in the environment and in effect; then configure(1)."""
+    return json.loads(
+        run_python(
+            "import os, json; import adapters; import torch; from adapters import threads; "
+            "policy = [os.environ.get('OMP_WAIT_POLICY'), threads.wait_policy_in_effect()]; n = threads.configure(1); "
+            "print(json.dumps({'policy': policy, 'threads': [n, torch.get_num_threads(), "
+            "torch.get_num_interop_threads()]}))"
+        )
     )
-    assert json.loads(out) == [1, 1, 1]
 
 
-def test_configure_after_interop_work_keeps_going():
+@pytest.fixture(scope="module")
+def torch_first() -> dict:
+    """torch imported, and its inter-op threads set, before ``import adapters``; then configure(2)."""
+    return json.loads(
+        run_python(
+            "import json, torch; torch.set_num_interop_threads(1); import adapters; from adapters import threads; "
+            "in_effect = threads.wait_policy_in_effect(); n = threads.configure(2); "
+            "print(json.dumps({'in_effect': in_effect, 'threads': [n, torch.get_num_threads(), "
+            "torch.get_num_interop_threads()]}))"
+        )
+    )
+
+
+def test_configure_sets_interop_threads_in_a_fresh_process(adapters_first):
+    assert adapters_first["threads"] == [1, 1, 1]
+
+
+def test_configure_after_interop_work_keeps_going(torch_first):
     """torch refuses to change inter-op threads once set: configure must still set the intra-op ones."""
-    out = run_python(
-        "import torch; torch.set_num_interop_threads(1); import adapters.threads as t; "
-        "print(t.configure(2), torch.get_num_threads(), torch.get_num_interop_threads())"
-    )
-    assert out.split() == ["2", "2", "1"]
+    assert torch_first["threads"] == [2, 2, 1]
 
 
 # --------------------------------------------------------------------------- wait policy
@@ -185,20 +206,12 @@ def test_set_wait_policy_leaves_the_users_choice(user):
     assert env == user
 
 
-def test_import_adapters_sets_policy_before_torch():
-    out = run_python(
-        "import os, json; import adapters; import torch; from adapters import threads; "
-        "print(json.dumps([os.environ.get('OMP_WAIT_POLICY'), threads.wait_policy_in_effect()]))"
-    )
-    assert json.loads(out) == ["PASSIVE", True]
+def test_import_adapters_sets_policy_before_torch(adapters_first):
+    assert adapters_first["policy"] == ["PASSIVE", True]
 
 
-def test_policy_set_after_torch_is_reported_not_in_effect():
-    out = run_python(
-        "import torch, json; import adapters; from adapters import threads; "
-        "print(json.dumps(threads.wait_policy_in_effect()))"
-    )
-    assert json.loads(out) is False
+def test_policy_set_after_torch_is_reported_not_in_effect(torch_first):
+    assert torch_first["in_effect"] is False
 
 
 def test_users_policy_is_kept():

@@ -4,6 +4,7 @@ Nothing lost: the points saved on disk (the union over the rank files) never shr
 to the next (before every rank read every rank file, a rank's first rewrite of its own file dropped
 the points it had saved in the earlier run). Nothing recomputed: the final run computes exactly the
 points that were not saved yet. Nothing wrong: the grid equals a single process's bit for bit.
+No assertion here reads a figure: the runs build their figures but do not draw them (tests.nodraw).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from landscape import connectivity
+from tests import nodraw
 from tests.conftest import free_port
 
 GRID = 7  # 49 points, 96 evaluation samples each: long enough to kill the grid mid-way
@@ -30,23 +32,31 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
-def solutions(tmp_path_factory, wordnet_root):
-    """ft / lora / randlora trained once, reused by every run below (--solutions): the runs only do the grid."""
-    out = tmp_path_factory.mktemp("trained")
-    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *RUN, "--grid", "2",
-            "--eval-samples", "8"]  # fmt: skip
-    assert connectivity.main(argv) == 0
-    return [f"{name}={out / 'solutions' / name}" for name in ("ft", "lora", "randlora")]
+def single(tmp_path_factory, wordnet_root) -> Path:
+    """One process: ft / lora / randlora trained once and the grid through them. The solutions are reused by
+    every torchrun run below (--solutions): those runs only do the grid, on the solutions saved here, which
+    this run also evaluated (a run always evaluates its solutions as saved and loaded back)."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    with nodraw.figures_not_drawn():
+        assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *RUN,
+                                  "--grid", str(GRID), "--eval-samples", "96"]) == 0  # fmt: skip
+    return out
 
 
-def _argv(wordnet_root, out, solutions) -> list[str]:
+def _argv(wordnet_root, out, single) -> list[str]:
+    solutions = [f"{name}={single / 'solutions' / name}" for name in ("ft", "lora", "randlora")]
     return ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *RUN, "--grid", str(GRID),
             "--eval-samples", "96", "--solutions", *solutions]  # fmt: skip
 
 
+def _torchrun_cmd(argv: list[str]) -> list[str]:
+    """torchrun with 2 processes, each running the main job with figures built but not drawn (tests.nodraw)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
+            "-m", "tests.nodraw", "landscape.connectivity", *argv]  # fmt: skip
+
+
 def _torchrun(argv: list[str], log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
-           "-m", "landscape.connectivity", *argv]  # fmt: skip
+    cmd = _torchrun_cmd(argv)
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
@@ -138,19 +148,16 @@ def _interrupt(argv, out: Path, log: Path, new_points: int) -> set:
     return after
 
 
-def test_torchrun_killed_twice_resumes_to_the_single_process_grid(solutions, wordnet_root, tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
-    assert connectivity.main(_argv(wordnet_root, single, solutions)) == 0
-    argv = _argv(wordnet_root, multi, solutions)
+def test_torchrun_killed_twice_resumes_to_the_single_process_grid(single, wordnet_root, tmp_path):
+    multi = tmp_path / "multi"
+    argv = _argv(wordnet_root, multi, single)
     total = GRID * GRID
 
     first = _interrupt(argv, multi, tmp_path / "run1.log", new_points=8)
     second = _interrupt(argv, multi, tmp_path / "run2.log", new_points=8)
     assert first < second < set(np.ndindex(GRID, GRID)), "each interrupted run saves new points, none finishes"
 
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           free_port(), "-m", "landscape.connectivity", *argv],
-                          capture_output=True, text=True, env=ENV, timeout=900)  # fmt: skip
+    proc = subprocess.run(_torchrun_cmd(argv), capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     meta = json.loads((multi / "landscape.json").read_text())
     assert meta["world_size"] == 2

@@ -55,27 +55,37 @@ def test_killed_training_resumes_to_the_same_weights(tiny_entry, tmp_path, metho
         assert torch.equal(p, got[name]), name
 
 
-@pytest.mark.parametrize("method", ["ft", "randlora"])
-def test_torchrun_two_processes_train_like_one(tmp_path, method):
-    """DDP over 2 gloo processes with the same global batch ends at the weights of one process."""
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """ft and randlora trained by DDP over 2 gloo processes, in one torchrun launch: {method: weights file}."""
     import os
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    worker = [sys.executable, "-m", "tests.ddp_worker"]
-    subprocess.run([*worker, str(one), method], check=True, env=env, timeout=300)
     from tests.conftest import free_port
 
-    port = free_port()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
-    proc = subprocess.run([*launch, "-m", "tests.ddp_worker", str(two), method], env=env, timeout=300,
-                          capture_output=True, text=True)  # fmt: skip
+    out = tmp_path_factory.mktemp("two")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port()]
+    proc = subprocess.run([*launch, "-m", "tests.ddp_worker", str(out), "ft", "randlora"], timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = load_file(one), load_file(two)
+    return {method: out / f"{method}.safetensors" for method in ("ft", "randlora")}
+
+
+@pytest.mark.parametrize("method", ["ft", "randlora"])
+def test_torchrun_two_processes_train_like_one(two_processes, tmp_path, method):
+    """DDP over 2 gloo processes with the same global batch ends at the weights of one process (this one,
+    with one thread like each of them)."""
+    from safetensors.torch import load_file
+
+    from tests import ddp_worker
+
+    threads = torch.get_num_threads()
+    try:
+        ddp_worker.main(tmp_path, [method])
+    finally:
+        torch.set_num_threads(threads)
+    a, b = load_file(tmp_path / f"{method}.safetensors"), load_file(two_processes[method])
     assert a.keys() == b.keys()
     for name in a:  # equal up to fp32 reduction order (gradients summed across processes)
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=name)
