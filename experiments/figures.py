@@ -5,11 +5,19 @@ wordnet + MiniLM and fashion-mnist + EfficientNet-Lite0; ``--paper`` adds the CL
 experiments/paper when their data and weights are present), copies the figures into
 ``figures/`` and rewrites the README section between the gallery markers with the measured
 numbers read from each run's JSON files. Nothing in the gallery is typed by hand.
+
+The full sections of the offline set (not the compared ``hf:`` run) also get "Beyond the plane": a random
+plane around RandLoRA and a random line through each solution (``--chart random`` / ``random-line`` on the
+run's trained solutions, in sibling folders ``runs/<name>-random*``), the curvature at each solution
+(:mod:`landscape.curvature`, ``curvature.json`` in the run) and a trained ft–lora curve
+(:mod:`landscape.curves`, ``curves/`` in the run). Each is run when its outputs are missing (again with
+``--force``), only for runs made by the set's own command, and read back with its standard errors.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -19,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters.errors import UserError
+from adapters.io import atomic_folder, write_text, write_with
 from landscape import connectivity
 from landscape.cli import Parser, run_main
 
@@ -125,6 +134,8 @@ def section(name: str, out: Path, figures: Path) -> str:
         "",
     ]
     lines += ["Measured readings:", ""] + [f"- {r}" for r in readings(meta, spec)] + [""]
+    if name in BEYOND:
+        lines.append(beyond_section(name, out, out.parent, figures))
     return "\n".join(lines)
 
 
@@ -296,13 +307,440 @@ def _similarity(layers: list[dict], k: int) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------ beyond the plane
+
+# Full sections that get the "Beyond the plane" analyses (the compared hf: run does not).
+BEYOND = ("wordnet", "fashion-mnist")
+TRIO = ("ft", "lora", "randlora")
+PLANE_CENTER = "randlora"  # the 2-D random plane's centre; the 1-D lines are centred on each of TRIO
+CURVATURE_ARGV = ["--samples", "64", "--trace-probes", "10", "--slq-probes", "1", "--slq-steps", "20"]
+CURVE_PAIR = ("ft", "lora")
+
+
+def random_outputs(name: str, runs: Path) -> dict[str, Path]:
+    """Where the random charts of run ``name`` go: ``plane`` and one 1-D line per centre of TRIO."""
+    return {"plane": runs / f"{name}-random", **{c: runs / f"{name}-random-line-{c}" for c in TRIO}}
+
+
+def random_argv(argv: list[str], run: Path, chart: str, center: str) -> list[str]:
+    """The connectivity command of a random chart around one of the run's trained solutions (never retrained)."""
+    solutions = [f"{s}={run / 'solutions' / s}" for s in TRIO]
+    return [*argv, "--chart", chart, "--center", center, "--solutions", *solutions, "--path-points", "0"]
+
+
+def curvature_argv(run: Path) -> list[str]:
+    return ["--run", str(run), *CURVATURE_ARGV, "--no-progress"]
+
+
+def curve_argv(run: Path) -> list[str]:
+    return ["--run", str(run), "--pair", ",".join(CURVE_PAIR), "--no-progress"]
+
+
+def _shown(prog: str, argv: list[str]) -> str:
+    """A command as the gallery shows it: paths inside the repository relative to it."""
+    return " ".join([f"python -m {prog}", *argv]).replace(str(ROOT) + "/", "")
+
+
+def made_by_set(out: Path, argv: list[str]) -> bool:
+    """Whether the run in ``out`` was made by the set's command ``argv`` (the analyses' settings are the set's)."""
+    words = json.loads((out / "landscape.json").read_text())["command"].split()[3:]  # after python -m PROG
+    if "--out" in words:
+        i = words.index("--out")
+        del words[i : i + 2]
+    return [w for w in words if w != "--no-progress"] == resolve_argv(argv)
+
+
+def _seed_head_only(run: Path, out: Path) -> None:
+    """Copy the run's head-only baseline into a random chart's folder: the job reuses it when its training key
+    matches (it checks), instead of training the baseline again for every chart."""
+    source, target = run / "solutions" / "head_only", out / "solutions" / "head_only"
+    if source.is_dir() and not target.exists():
+        with atomic_folder(target) as tmp:
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+
+
+def _curvature_done(path: Path) -> bool:
+    """curvature.json complete and made with the gallery's settings (another --samples or probes: recompute)."""
+    if not path.exists():
+        return False
+    result = json.loads(path.read_text())
+    wanted = dict(zip(CURVATURE_ARGV[2::2], CURVATURE_ARGV[3::2], strict=True))  # --trace-probes 10 ...
+    settings = result.get("settings", {})
+    same = all(str(settings.get(k[2:].replace("-", "_"))) == v for k, v in wanted.items())
+    return bool(result.get("complete")) and same and str(result.get("eval_samples")) == CURVATURE_ARGV[1]
+
+
+def _check(code: int, what: str) -> None:
+    if code != 0:
+        raise UserError(f"{what} failed (exit {code}): see the message above, fix it and rerun experiments.figures")
+
+
+def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
+    """Run the analyses beyond the plane whose outputs are missing (all of them with ``force``): the random
+    plane and lines (landscape.connectivity), the curvature (landscape.curvature: its entries are reused by key
+    even then) and the ft-lora curve (landscape.curves)."""
+    from landscape import curvature, curves
+
+    argv = resolve_argv(OFFLINE[name])
+    for key, out in random_outputs(name, runs).items():
+        chart, center = ("random", PLANE_CENTER) if key == "plane" else ("random-line", key)
+        _seed_head_only(run, out)
+        ensure_run(out.name, random_argv(argv, run, chart, center), runs, force)
+    if force or not _curvature_done(run / "curvature.json"):
+        print(f"[figures] {_shown('landscape.curvature', curvature_argv(run))}", file=sys.stderr)
+        _check(curvature.main(curvature_argv(run)), f"the curvature of '{name}'")
+    if force or not (run / "curves" / f"{'-'.join(CURVE_PAIR)}.json").exists():
+        print(f"[figures] {_shown('landscape.curves', curve_argv(run))}", file=sys.stderr)
+        _check(curves.main(curve_argv(run)), f"the {'-'.join(CURVE_PAIR)} curve of '{name}'")
+
+
+def _pm(value: float, se: float, digits: int = 4) -> str:
+    """``value ± se``, marked "(within noise)" when within 2 standard errors of zero."""
+    return f"{value:.{digits}f} ± {se:.{digits}f}{' (within noise)' if _within(value, se) else ''}"
+
+
+def _ordered(values: dict[str, tuple[float, float]], step_se, fmt: str = ".4f") -> tuple[str, list[float], bool]:
+    """``values`` {name: (value, se)} lowest first, each step '<' beyond 2 SE of the difference, else '≈';
+    ``step_se(a, b)`` gives that SE. Returns the text, the steps' SEs and whether any step is within noise."""
+    order = sorted(values, key=lambda k: values[k][0])
+    text = f"{LABELS[order[0]]} {values[order[0]][0]:{fmt}} ± {values[order[0]][1]:{fmt}}"
+    ses, noisy = [], False
+    for a, b in zip(order, order[1:], strict=False):
+        se = step_se(a, b)
+        close = _within(values[b][0] - values[a][0], se)
+        ses.append(se)
+        noisy |= close
+        text += f" {'≈' if close else '<'} {LABELS[b]} {values[b][0]:{fmt}} ± {values[b][1]:{fmt}}"
+    return text, ses, noisy
+
+
+def _at(x: np.ndarray, value: float) -> int:
+    hits = np.flatnonzero(np.isclose(x, value, atol=1e-9))
+    if not len(hits):
+        raise UserError(f"the random line has no point at α = {value:g}: rerun it over the default window [-1, 1]")
+    return int(hits[0])
+
+
+def line_rise(x: np.ndarray, loss: np.ndarray, loss_se: np.ndarray, alpha: float = 1.0) -> tuple[float, float]:
+    """Sharpness along a random line: (L(−α) + L(+α))/2 − L(0) and its standard error. Only each point's SE is
+    stored, so they combine as if independent; the points share their evaluation samples, and the positive
+    correlation that brings makes this an overestimate of the noise."""
+    i, j, k = _at(x, -alpha), _at(x, 0.0), _at(x, alpha)
+    rise = 0.5 * (loss[i] + loss[k]) - loss[j]
+    se = (0.25 * loss_se[i] ** 2 + 0.25 * loss_se[k] ** 2 + loss_se[j] ** 2) ** 0.5
+    return float(rise), float(se)
+
+
+def _rises(lines: dict[str, dict], alpha: float) -> str:
+    """The solutions' rises at ±alpha, flattest first, each step marked against 2 SE of the difference."""
+    rises = {c: line_rise(d["x"], d["loss"][0], d["loss_se"][0], alpha) for c, d in lines.items()}
+    text, ses, noisy = _ordered(rises, lambda a, b: (rises[a][1] ** 2 + rises[b][1] ** 2) ** 0.5)
+    note = "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
+    return f"{text} (SE of each step: {', '.join(f'{v:.4f}' for v in ses)}; {note})"
+
+
+def line_minimum(x: np.ndarray, loss: np.ndarray, loss_se: np.ndarray) -> tuple[float, float, float] | None:
+    """None when the line is lowest at its centre α = 0; else (α of the lowest point, L(0) − L(α), its SE)."""
+    j, m = _at(x, 0.0), int(np.argmin(loss))
+    if m == j:
+        return None
+    return float(x[m]), float(loss[j] - loss[m]), float((loss_se[j] ** 2 + loss_se[m] ** 2) ** 0.5)
+
+
+def rise_readings(lines: dict[str, dict], directions: dict) -> list[str]:
+    """Readings of the 1-D random lines {centre: landscape.npz content (row 0)}: rises ordered, odd minima."""
+    step = float(min(v for v in next(iter(lines.values()))["x"] if v > 0))  # the grid's first step from 0
+    out = [
+        f"Loss rise at |α| = 1 along a random line through each solution, (L(−1) + L(+1))/2 − L(0) ± SE, flattest "
+        f"first: {_rises(lines, 1.0)}; at the first grid step, |α| = {step:g}: {_rises(lines, step)}. The "
+        f"directions are {directions['norm']}-normalised Gaussians (Li et al. 2018) with the same seed "
+        f"({directions['seed']}) for every centre, rescaled to each solution's own filters, over all "
+        f"{directions['elements_moved']:,} weights they move (ignore = {directions['ignore']}); each point's SE is "
+        "over the run's evaluation samples and the SEs combine as if independent (the stored files keep no "
+        "per-sample losses), which overstates the noise of differences on the same samples."
+    ]
+    for c, d in lines.items():
+        low = line_minimum(d["x"], d["loss"][0], d["loss_se"][0])
+        if low is not None:
+            out.append(
+                f"The line through {LABELS[c]} is lowest at α = {low[0]:+.1f}, not at the solution: "
+                f"L(0) − L({low[0]:+.1f}) = {_pm(low[1], low[2])}."
+            )
+    return out
+
+
+def centre_check(lines: dict[str, dict], run_meta: dict) -> str:
+    """The lines' loss at α = 0 against the run's vertex losses: the same solutions on the same samples."""
+    gaps = {
+        c: abs(float(d["loss"][0][_at(d["x"], 0.0)]) - run_meta["solutions"][c]["vertex_loss"])
+        for c, d in lines.items()
+    }
+    return (
+        f"At α = 0 the lines give the run's vertex losses to within {max(gaps.values()):.1e} (largest difference, "
+        f"{LABELS[max(gaps, key=gaps.get)]}): the run's own solutions on its own evaluation samples."
+    )
+
+
+def ends_vs_chance(lines: dict[str, dict], classes: int) -> str:
+    """The lines' losses at α = ±1 beside ln C, the cross-entropy of a uniform guess over C classes: a rise that
+    ends there measures how soon the model forgets, not how sharp the basin is."""
+    ends = [float(d["loss"][0][_at(d["x"], a)]) for d in lines.values() for a in (-1.0, 1.0)]
+    return (
+        f"At α = ±1 the lines' losses are {min(ends):.3f}–{max(ends):.3f}, against ln {classes} = "
+        f"{math.log(classes):.3f} for a uniform guess over the {classes} classes."
+    )
+
+
+def plane_readings(meta: dict, data: dict) -> list[str]:
+    """The 2-D random plane: how it was drawn, the loss at its centre and where the grid is lowest."""
+    d = meta["chart_geometry"]["directions"]
+    x, y, loss, se = data["x"], data["y"], data["loss"], data["loss_se"]
+    i0, j0 = _at(y, 0.0), _at(x, 0.0)
+    i, j = np.unravel_index(int(np.argmin(loss)), loss.shape)
+    where = "at the centre"
+    if (i, j) != (i0, j0):  # the centre is not the lowest point: by how much, and is that beyond the noise
+        gap = _pm(float(loss[i0, j0] - loss[i, j]), float(np.hypot(se[i0, j0], se[i, j])))
+        where = f"at (α, β) = ({x[j]:+.1f}, {y[i]:+.1f}), {gap} below the centre"
+    return [
+        f"Random plane around {LABELS[d['center']]}: δ, η {d['norm']}-normalised Gaussians, seed {d['seed']}, "
+        f"ignore = {d['ignore']}, cosine(δ, η) = {d['cosine']:.1e}; loss at the centre {loss[i0, j0]:.4f} ± "
+        f"{se[i0, j0]:.4f}, lowest grid point {where}; over the grid the loss spans {loss.min():.4f}–{loss.max():.4f}."
+    ]
+
+
+def trace_step_se(result: dict, a: str, b: str, coordinates: str = "weights") -> float:
+    """Paired standard error of tr H_a − tr H_b: the same Rademacher probes z_i for every solution, so the SE of
+    the mean of z_iᵀH_a z_i − z_iᵀH_b z_i (much smaller than the two SEs combined when the Hessians are alike)."""
+    za, zb = (
+        np.asarray(result["solutions"][s][coordinates]["hutchinson"]["samples"], dtype=np.float64) for s in (a, b)
+    )
+    if za.shape != zb.shape or len(za) < 2:
+        raise UserError("curvature.json entries with different probe counts: rerun landscape.curvature on the run")
+    return float((za - zb).std(ddof=1) / len(za) ** 0.5)
+
+
+def _top(entry: dict) -> str:
+    flag = "" if entry.get("eigen", {}).get("converged", True) else " (NOT converged)"
+    return f"{max(entry['eigenvalues']):.4g}{flag}"
+
+
+def curvature_readings(result: dict) -> list[str]:
+    """Top eigenvalue and trace per solution in weight coordinates (traces ordered with paired SEs), the adapter
+    coordinates' apart (another space), the settings and the time, all from curvature.json."""
+    st, sols = result["settings"], result["solutions"]
+    weights = {s: sols[s]["weights"] for s in TRIO if "eigenvalues" in sols.get(s, {}).get("weights", {})}
+    traces = {s: (e["trace"], e["trace_se"]) for s, e in weights.items()}
+    text, ses, noisy = _ordered(traces, lambda a, b: trace_step_se(result, a, b), ".4g")
+    note = "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
+    dim = next(iter(weights.values()))["dim"]
+    out = [
+        f"Settings: the first {result['eval_samples']} of the run's evaluation samples, seed {result['seed']}; top-"
+        f"{st['top_k']} eigenvalues by Lanczos (each to {st['tol']:g} relative), the trace by Hutchinson over "
+        f"{st['trace_probes']} Rademacher probes, the density by SLQ ({st['slq_probes']} probe × {st['slq_steps']} "
+        "steps).",
+        f"Weight coordinates (the {dim:,} adapted weights + head, the same space for every solution): top eigenvalue "
+        + ", ".join(f"{LABELS[s]} {_top(e)}" for s, e in weights.items())
+        + f"; trace, lowest first: {text} (paired SE of each step over the same {st['trace_probes']} probes: "
+        + ", ".join(f"{v:.3g}" for v in ses)
+        + f"; {note}).",
+    ]
+    adapter = {s: sols[s]["adapter"] for s in TRIO if "eigenvalues" in sols.get(s, {}).get("adapter", {})}
+    if adapter:
+        out.append(
+            "Adapter coordinates (what each optimiser moves: LoRA's A, B, RandLoRA's λ, γ, each + head; other spaces, "
+            "not ranked against the weights): "
+            + "; ".join(
+                f"{LABELS[s]} ({e['dim']:,}) top eigenvalue {_top(e)}"
+                + ("" if e.get("trace") is None else f", trace {e['trace']:.4g} ± {e['trace_se']:.4g}")
+                for s, e in adapter.items()
+            )
+            + "."
+        )
+    entries = [e for per in sols.values() for e in per.values() if "seconds" in e]
+    hvps = sum(e["hvps"] for e in entries)
+    out.append(
+        f"Wall time {sum(e['seconds'] for e in entries) / 60:.1f} min for {hvps:,} Hessian-vector products over "
+        f"{len(entries)} entries ({sum(e['seconds'] for e in entries) / max(hvps, 1):.1f} s each on average)."
+    )
+    return out
+
+
+def curve_readings(meta: dict, data: dict | None = None) -> list[str]:
+    """Both barriers on the trained curve vs on the straight line (± paired SE), where each path peaks, the curve's
+    lowest point (from curves/A-B.npz when given) and the time, from curves/A-B.json."""
+    from landscape.render import CURVE_KINDS
+
+    c, line, train = meta["curve"], meta["line"], meta["train"]
+    ends = c["t_max"] == line["t_max"] and c["t_max"] in (0.0, 1.0)
+    peaks = (
+        f"both peak at the end t = {c['t_max']:g}, where this barrier is half the endpoints' gap whatever the path"
+        if ends
+        else f"peaks at t = {c['t_max']:g} on the curve, {line['t_max']:g} on the line"
+    )
+    out = [
+        f"{CURVE_KINDS.get(meta['kind'], meta['kind'])} {meta['pair']} ({meta['bends']} bends, {train['steps']} "
+        f"steps of one t each, lr {train['lr']:g}; {meta['points']} values of t on the {meta['eval_samples']} "
+        f"evaluation samples): barrier (max loss − mean endpoint loss) on the curve "
+        f"{_pm(c['barrier'], c['barrier_se'])} vs the straight line {_pm(line['barrier'], line['barrier_se'])} "
+        f"— {peaks}; above the chord on the curve {_pm(c['chord_barrier'], c['chord_barrier_se'])} vs the line "
+        f"{_pm(line['chord_barrier'], line['chord_barrier_se'])}; mean loss along the curve {c['mean_loss']:.4f}, "
+        f"along the line {line['mean_loss']:.4f}."
+    ]
+    if data is not None:
+        out += _curve_low(data, c)
+    out.append(f"Wall time: training {train['train_seconds'] / 60:.1f} min, evaluation {meta['seconds'] / 60:.1f} min.")
+    return out
+
+
+def _curve_low(data: dict, c: dict) -> list[str]:
+    """The curve's lowest point when it is below both endpoints, by how much (SEs of the two points combined as if
+    independent: no per-sample losses are stored) — a sign that the endpoints are not at the bottom of their basin."""
+    loss, se, t = data["loss"][0], data["loss_se"][0], data["t"]
+    m = int(np.argmin(loss))
+    if m in (0, len(t) - 1):
+        return []
+    low = 0 if loss[0] <= loss[-1] else len(t) - 1  # the lower endpoint
+    gap, gap_se = float(loss[low] - loss[m]), float(np.hypot(se[low], se[m]))
+    return [
+        f"The curve dips below both ends: lowest at t = {t[m]:g}, loss {loss[m]:.4f}, "
+        f"{_pm(gap, gap_se)} below the lower end (t = {t[low]:g}, {c['loss_t0'] if low == 0 else c['loss_t1']:.4f}; "
+        "the two points' SEs combined as if independent, which overstates the noise of a difference on the same "
+        "samples)."
+    ]
+
+
+def random_lines_figure(lines: dict[str, dict], directions: dict, title: str, png: Path) -> None:
+    """The 1-D random lines through each solution on one axes: loss vs α with ±SE bands."""
+    from matplotlib.figure import Figure
+
+    from landscape.render import COLORS
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    for c, d in lines.items():
+        x, loss, se = d["x"], d["loss"][0], d["loss_se"][0]
+        ax.fill_between(x, loss - se, loss + se, color=COLORS[c], alpha=0.25, linewidth=0)
+        ax.plot(x, loss, "o-", color=COLORS[c], markersize=3.5, label=f"{LABELS[c]} (θ* + α·δ)")
+    ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle=":")
+    losses = np.concatenate([d["loss"][0] for d in lines.values()])
+    log = bool(losses.min() > 0 and losses.max() > 10 * losses.min())  # a basin and walls 10× higher: show both
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(f"α (δ: {directions['norm']}-normalised Gaussian, seed {directions['seed']})")
+    ax.set_ylabel(f"loss ({'log scale; ' if log else ''}band: ± SE)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+
+
+def _copy(source: Path, target: Path) -> Path:
+    write_with(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
+
+
+def _trained(meta: dict) -> list[str]:
+    """Solutions a connectivity run trained itself (not given, not reused from its folder)."""
+    reused = set(meta.get("reused_stages") or [])
+    return [k[len("train_") :] for k in meta["wall_time_s"] if k.startswith("train_") and k not in reused]
+
+
+def _random_part(name: str, run: Path, runs: Path, figures: Path) -> str:
+    outs = random_outputs(name, runs)
+    if not all((o / "landscape.json").exists() for o in outs.values()):
+        return ""
+    metas = {k: json.loads((o / "landscape.json").read_text()) for k, o in outs.items()}
+    lines = {c: dict(np.load(outs[c] / "landscape.npz")) for c in TRIO}
+    argv = resolve_argv(OFFLINE[name])
+    plane_cmd = _shown("landscape.connectivity", [*random_argv(argv, run, "random", PLANE_CENTER), "--out",
+                                                  str(outs["plane"])])  # fmt: skip
+    line_cmd = _shown("landscape.connectivity", [*random_argv(argv, run, "random-line", "C"), "--out",
+                                                 str(runs / f"{name}-random-line-C")])  # fmt: skip
+    minutes = {k: m.get("wall_time_total_s", sum(m["wall_time_s"].values())) / 60 for k, m in metas.items()}
+    trained = sorted({s for m in metas.values() for s in _trained(m)})
+    directions = metas[TRIO[0]]["chart_geometry"]["directions"]
+    plane_png = _copy(outs["plane"] / "landscape.png", figures / f"{name}_random_plane.png")
+    lines_png = figures / f"{name}_random_lines.png"
+    title = f"{metas['plane']['model']} on {metas['plane']['dataset']}: random lines (Li et al. 2018)"
+    random_lines_figure(lines, directions, title, lines_png)
+    retrained = ", ".join(LABELS[s] for s in trained) if trained else "nothing"
+    text = [
+        f"**Random directions** (Li et al. 2018). A random plane around {LABELS[PLANE_CENTER]}: `{plane_cmd}` "
+        f"({minutes['plane']:.1f} min); a random line through each solution: `{line_cmd}` for C = "
+        f"{', '.join(TRIO)} (" + ", ".join(f"{minutes[c]:.1f}" for c in TRIO) + " min). The three solutions are "
+        f"the run's, loaded from its folder; trained again for these charts: {retrained}.",
+        "",
+        f"![{name} random plane]({_rel(plane_png)})",
+        "",
+        f"![{name} random lines]({_rel(lines_png)})",
+        "",
+    ]
+    plane = dict(np.load(outs["plane"] / "landscape.npz"))
+    run_meta = json.loads((run / "landscape.json").read_text())
+    readings = [
+        *plane_readings(metas["plane"], plane),
+        *rise_readings(lines, directions),
+        centre_check(lines, run_meta),
+    ]
+    if run_meta.get("classes"):
+        readings.append(ends_vs_chance(lines, len(run_meta["classes"])))
+    return "\n".join(text + [f"- {r}" for r in readings] + [""])
+
+
+def _curvature_part(name: str, run: Path, figures: Path) -> str:
+    if not _curvature_done(run / "curvature.json"):
+        return ""
+    result = json.loads((run / "curvature.json").read_text())
+    png = _copy(run / "curvature.png", figures / f"{name}_curvature.png")
+    text = [
+        "**Curvature** at each solution (the Hessian of the run's loss on its evaluation samples): "
+        f"`{_shown('landscape.curvature', curvature_argv(run))}`.",
+        "",
+        f"![{name} curvature]({_rel(png)})",
+        "",
+    ]
+    return "\n".join(text + [f"- {r}" for r in curvature_readings(result)] + [""])
+
+
+def _curve_part(name: str, run: Path, figures: Path) -> str:
+    pair = "-".join(CURVE_PAIR)
+    folder = run / "curves"
+    if not (folder / f"{pair}.json").exists():
+        return ""
+    png = _copy(folder / f"{pair}.png", figures / f"{name}_curve_{pair}.png")
+    text = [
+        f"**A curve between {LABELS[CURVE_PAIR[0]]} and {LABELS[CURVE_PAIR[1]]}** (Garipov et al. 2018): "
+        f"`{_shown('landscape.curves', curve_argv(run))}`.",
+        "",
+        f"![{name} curve {pair}]({_rel(png)})",
+        "",
+    ]
+    readings = curve_readings(json.loads((folder / f"{pair}.json").read_text()), dict(np.load(folder / f"{pair}.npz")))
+    return "\n".join(text + [f"- {r}" for r in readings] + [""])
+
+
+def beyond_section(name: str, run: Path, runs: Path, figures: Path) -> str:
+    """The "Beyond the plane" part of a full section, from the analyses' outputs that exist ('' when none)."""
+    parts = [p for p in (_random_part(name, run, runs, figures), _curvature_part(name, run, figures),
+                         _curve_part(name, run, figures)) if p]  # fmt: skip
+    if not parts:
+        return ""
+    head = [
+        "#### Beyond the plane",
+        "",
+        "Three analyses that leave the plane through the three solutions, each rerun by `python -m "
+        "experiments.figures` when its outputs are missing; every reading below comes from their JSON / NPZ files.",
+        "",
+    ]
+    return "\n".join(head + parts)
+
+
 def rewrite_readme(text: str, readme: Path) -> None:
     body = readme.read_text()
     if START not in body or END not in body:
         raise UserError(f"{readme} has no {START} … {END} markers: add them where the gallery goes")
     head, rest = body.split(START, 1)
     _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    write_text(readme, f"{head}{START}\n{text}\n{END}{tail}")
 
 
 def _run(argv: Sequence[str] | None) -> None:
@@ -327,6 +765,8 @@ def _run(argv: Sequence[str] | None) -> None:
         out = Path(args.runs) / name
         if name in todo:
             out = ensure_run(name, run_argv, Path(args.runs), args.force)
+            if name in BEYOND and made_by_set(out, run_argv):  # a run of other settings gets no such part
+                ensure_beyond(name, out, Path(args.runs), args.force)
         elif not (out / "landscape.json").exists():
             continue  # --only left out a run that does not exist: no section for it
         if name in COMPARED:

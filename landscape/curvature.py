@@ -714,7 +714,7 @@ def _figure_row(axes, entries: Mapping[str, Mapping], coordinates: str) -> None:
     from landscape.render import COLORS, LABELS
 
     ax_eig, ax_den = axes
-    peak = 0.0
+    peak, floor = 0.0, math.inf
     for name, entry in entries.items():
         color, label = COLORS.get(name, "#666666"), LABELS.get(name, name)
         eig = entry["eigenvalues"]
@@ -722,6 +722,7 @@ def _figure_row(axes, entries: Mapping[str, Mapping], coordinates: str) -> None:
         if "density" in entry:
             d = entry["density"]
             peak = max(peak, max(d["values"]))
+            floor = min(floor, _lightest_node(d))
             trace = "" if entry.get("trace") is None else f", tr = {entry['trace']:.3g} ± {entry['trace_se']:.2g}"
             ax_den.plot(d["grid"], d["values"], color=color, label=f"{label}{trace}")
     values = [v for e in entries.values() for v in e["eigenvalues"]]
@@ -730,14 +731,22 @@ def _figure_row(axes, entries: Mapping[str, Mapping], coordinates: str) -> None:
         ax_eig.set_yscale("log")
     ax_eig.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_eig.set(xlabel="rank", ylabel="Hessian eigenvalue", title=f"top eigenvalues ({coordinates} coordinates)")
-    if peak > 0:  # the bulk near 0 dwarfs the outliers: log density, six decades below the peak
+    if peak > 0:  # the bulk near 0 dwarfs the outliers (weight ~1/dim each): log density down to the lightest node
         ax_den.set_yscale("log")
-        ax_den.set_ylim(peak * 1e-6, peak * 3)
+        ax_den.set_ylim(max(min(floor / 3, peak * 1e-6), peak * 1e-12), peak * 3)
     ax_den.set(xlabel="eigenvalue", ylabel="density", title=f"spectral density (SLQ, {coordinates} coordinates)")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+
+
+def _lightest_node(density: Mapping) -> float:
+    """Height of the broadened density's smallest-weight node at its centre: w / (probes · σ·√(2π))."""
+    weights = [w for probe in density["weights"] for w in probe if w > 0]
+    if not weights or not density["sigma"]:
+        return math.inf
+    return min(weights) / (len(density["weights"]) * density["sigma"] * math.sqrt(2 * math.pi))
 
 
 def write_figure(result: Mapping, out: str | Path, title: str | None = None) -> list[Path]:

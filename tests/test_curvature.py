@@ -429,3 +429,42 @@ def test_benchmark_packs_dict_inputs_for_pyhessian(tiny_entry):
         expected = model(**inputs)
         torch.testing.assert_close(wrapped(packed), expected, rtol=0, atol=0)
         assert not torch.allclose(expected[0], expected[1])
+
+
+class TinyConvNet(nn.Module):
+    """1×1 convolutions (the layers the toolkit's own RandLoRA wraps, as in EfficientNet) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.task_head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.task_head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_hvps_through_the_toolkits_conv_randlora_repeat(dtype):
+    """The toolkit's RandLoRA convolution caches its base slices (adapters.methods.randlora.SharedBases): a
+    slice made inside a torch.func transform must not be cached, or the next HVP gets a tensor bound to a
+    finished transform. Three forward-over-reverse HVPs in λ/γ coordinates equal double backward."""
+    from adapters.methods import MethodSpec, attach
+
+    torch.manual_seed(0)
+    model = attach(TinyConvNet(), MethodSpec("randlora", rank=2), ("conv",))
+    with torch.no_grad():  # away from peft's zero init
+        for name, p in model.named_parameters():
+            if "randlora_lambda" in name or "randlora_gamma" in name:
+                p.normal_().div_(4)
+    names = [n for n, p in model.named_parameters() if "randlora_lambda" in n or "randlora_gamma" in n]
+    assert names
+    x, y = torch.randn(12, 3, 4, 4), torch.randint(0, 4, (12,))
+    eval_set = EvalSet([({"x": x}, y)], 12)
+    forward = operator(model, names, eval_set, dtype, mode="forward-over-reverse")
+    double = operator(model, names, eval_set, dtype, mode="reverse-over-reverse")
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        v = rng.standard_normal(forward.dim)
+        expected = double.matvec(v)
+        np.testing.assert_allclose(forward.matvec(v), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    assert forward.mode == "forward-over-reverse" and forward.hvps == 3

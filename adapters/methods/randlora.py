@@ -147,9 +147,17 @@ class SharedBases:
         with torch.no_grad():
             a = src_a[:, : layer.num_bases, :small].to(device=device, dtype=dtype).contiguous()
             b = src_b[:big, : layer.num_bases, :].to(device=device, dtype=dtype).contiguous()
-        self._cache[key] = (src_a, src_b, stamp, a, b)
+        if not (_transformed(a) or _transformed(b)):  # made under torch.func: bound to that call, never kept
+            self._cache[key] = (src_a, src_b, stamp, a, b)
         self.conversions += 1
         return a, b
+
+
+def _transformed(t: torch.Tensor) -> bool:
+    """Whether ``t`` was made inside a torch.func transform (grad, jvp, vmap): it is bound to that transform's
+    level, and a later call returning it from the cache fails with functorch's "escaped?" internal assert."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check is not None and check(t))
 
 
 @dataclass
