@@ -46,7 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from adapters.errors import UserError
+from adapters.errors import UserError, first_line
 
 KINDS = ("stored", "factored")
 FOREIGN_SOURCES = ("peft-adapter", "checkpoint")  # solution info "source" of adapters.foreign's solutions
@@ -223,9 +223,8 @@ def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[s
             peft_model = PeftModel.from_pretrained(skeleton(base), folder, config=config or peft_config_of(folder),
                                                    key_mapping=key_mapping or None)  # fmt: skip
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"cannot load the adapter in {folder} onto {type(base).__name__} ({first_line[:200]}): the files are "
+            f"cannot load the adapter in {folder} onto {type(base).__name__} ({first_line(e)}): the files are "
             "corrupt or come from another base model"
         ) from None
     finally:
@@ -365,9 +364,8 @@ def merge_module(module: nn.Module, source: str) -> dict[str, torch.Tensor]:
             module.merge(adapter_names=["default"])
         return {k: (layer._parameters[k].detach() - p.detach().double()).float() for k, p in originals.items()}
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"peft cannot merge the adapter in {source} into {type(layer).__name__} ({first_line[:200]}): this "
+            f"peft cannot merge the adapter in {source} into {type(layer).__name__} ({first_line(e)}): this "
             "adapter type or layer cannot be analysed as W0 + ΔW"
         ) from None
     finally:

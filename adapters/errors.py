@@ -11,3 +11,10 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input from the user (missing data, unknown name, corrupt file, impossible option)."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name when it
+    has none: what a one-line :class:`UserError` quotes of a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -234,38 +234,28 @@ def _within(diff: float, se: float) -> bool:
 def _depth(sols: dict, gap_se: dict) -> str:
     """The vertex losses in order, each step marked '<' when it exceeds 2 standard errors of the paired
     difference (same evaluation samples), else '≈'."""
-    order = sorted(("ft", "lora", "randlora"), key=lambda k: sols[k]["vertex_loss"])
-    text = f"{LABELS[order[0]]} {sols[order[0]]['vertex_loss']:.4f}"
-    noisy, shown = False, []
-    for a, b in zip(order, order[1:], strict=False):
+
+    def step_se(a: str, b: str) -> float:
         se = gap_se.get(f"{a}-{b}", gap_se.get(f"{b}-{a}"))
         if se is None:  # runs from before the paired errors: the two errors combined, which overstates the noise
             se = ((sols[a].get("vertex_loss_se") or 0.0) ** 2 + (sols[b].get("vertex_loss_se") or 0.0) ** 2) ** 0.5
-        close = _within(sols[b]["vertex_loss"] - sols[a]["vertex_loss"], se)
-        noisy |= close
-        shown.append(f"{se:.4f}")
-        text += f" {'≈' if close else '<'} {LABELS[b]} {sols[b]['vertex_loss']:.4f}"
-    note = "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
-    return (
-        f"Depth on the plane (vertex loss, lowest first): {text} (SE of each step, paired: {', '.join(shown)}; {note})."
-    )
+        return se
+
+    losses = {k: (sols[k]["vertex_loss"], None) for k in ("ft", "lora", "randlora")}
+    text, ses, note = _ordered(losses, step_se)
+    shown = ", ".join(f"{se:.4f}" for se in ses)
+    return f"Depth on the plane (vertex loss, lowest first): {text} (SE of each step, paired: {shown}; {note})."
 
 
 def _barriers(paths: dict) -> str:
     """Both barriers of each straight path with their paired SE, each marked "within noise" (2 SE) when so;
     runs from before the chord barrier give the first alone."""
-
-    def reading(value: float, se: float | None) -> str:
-        if se is None:
-            return f"{value:.4f}"
-        return f"{value:.4f} ± {se:.4f}{' (within noise)' if _within(value, se) else ''}"
-
     chord, chord_se = paths.get("chord_barrier") or {}, paths.get("chord_barrier_se") or {}
     parts = []
     for pair, value in paths["barrier"].items():
-        text = f"{pair} {reading(value, (paths.get('barrier_se') or {}).get(pair))}"
+        text = f"{pair} {_pm(value, (paths.get('barrier_se') or {}).get(pair))}"
         if pair in chord:
-            text += f", above the chord {reading(chord[pair], chord_se.get(pair))}"
+            text += f", above the chord {_pm(chord[pair], chord_se.get(pair))}"
         parts.append(text)
     if not chord:
         return "Barriers on the straight paths (max loss − mean endpoint loss, ± paired SE): " + ", ".join(parts) + "."
@@ -394,24 +384,30 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
         _check(curves.main(curve_argv(run)), f"the {'-'.join(CURVE_PAIR)} curve of '{name}'")
 
 
-def _pm(value: float, se: float, digits: int = 4) -> str:
-    """``value ± se``, marked "(within noise)" when within 2 standard errors of zero."""
+def _pm(value: float, se: float | None, digits: int = 4) -> str:
+    """``value ± se``, marked "(within noise)" when within 2 standard errors of zero; the value alone without SE."""
+    if se is None:
+        return f"{value:.{digits}f}"
     return f"{value:.{digits}f} ± {se:.{digits}f}{' (within noise)' if _within(value, se) else ''}"
 
 
-def _ordered(values: dict[str, tuple[float, float]], step_se, fmt: str = ".4f") -> tuple[str, list[float], bool]:
-    """``values`` {name: (value, se)} lowest first, each step '<' beyond 2 SE of the difference, else '≈';
-    ``step_se(a, b)`` gives that SE. Returns the text, the steps' SEs and whether any step is within noise."""
+def _ordered(values: dict[str, tuple[float, float | None]], step_se, fmt: str = ".4f") -> tuple[str, list[float], str]:
+    """``values`` {name: (value, se or None)} lowest first, each step '<' beyond 2 SE of the difference, else '≈';
+    ``step_se(a, b)`` gives that SE. Returns the text, the steps' SEs and a note on the marks."""
     order = sorted(values, key=lambda k: values[k][0])
-    text = f"{LABELS[order[0]]} {values[order[0]][0]:{fmt}} ± {values[order[0]][1]:{fmt}}"
-    ses, noisy = [], False
+
+    def shown(k: str) -> str:
+        value, se = values[k]
+        return f"{LABELS[k]} {value:{fmt}}" + ("" if se is None else f" ± {se:{fmt}}")
+
+    text, ses, noisy = shown(order[0]), [], False
     for a, b in zip(order, order[1:], strict=False):
         se = step_se(a, b)
         close = _within(values[b][0] - values[a][0], se)
         ses.append(se)
         noisy |= close
-        text += f" {'≈' if close else '<'} {LABELS[b]} {values[b][0]:{fmt}} ± {values[b][1]:{fmt}}"
-    return text, ses, noisy
+        text += f" {'≈' if close else '<'} {shown(b)}"
+    return text, ses, "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
 
 
 def _at(x: np.ndarray, value: float) -> int:
@@ -434,8 +430,7 @@ def line_rise(x: np.ndarray, loss: np.ndarray, loss_se: np.ndarray, alpha: float
 def _rises(lines: dict[str, dict], alpha: float) -> str:
     """The solutions' rises at ±alpha, flattest first, each step marked against 2 SE of the difference."""
     rises = {c: line_rise(d["x"], d["loss"][0], d["loss_se"][0], alpha) for c, d in lines.items()}
-    text, ses, noisy = _ordered(rises, lambda a, b: (rises[a][1] ** 2 + rises[b][1] ** 2) ** 0.5)
-    note = "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
+    text, ses, note = _ordered(rises, lambda a, b: (rises[a][1] ** 2 + rises[b][1] ** 2) ** 0.5)
     return f"{text} (SE of each step: {', '.join(f'{v:.4f}' for v in ses)}; {note})"
 
 
@@ -530,8 +525,7 @@ def curvature_readings(result: dict) -> list[str]:
     st, sols = result["settings"], result["solutions"]
     weights = {s: sols[s]["weights"] for s in TRIO if "eigenvalues" in sols.get(s, {}).get("weights", {})}
     traces = {s: (e["trace"], e["trace_se"]) for s, e in weights.items()}
-    text, ses, noisy = _ordered(traces, lambda a, b: trace_step_se(result, a, b), ".4g")
-    note = "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
+    text, ses, note = _ordered(traces, lambda a, b: trace_step_se(result, a, b), ".4g")
     dim = next(iter(weights.values()))["dim"]
     out = [
         f"Settings: the first {result['eval_samples']} of the run's evaluation samples, seed {result['seed']}; top-"

@@ -95,7 +95,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapters import compat
-from adapters.errors import UserError
+from adapters.errors import UserError, first_line
 from adapters.io import digest, key_digest, write_json, write_with
 from adapters.objectives import Classification
 from adapters.solution import Solution, delta_fingerprint
@@ -321,7 +321,7 @@ class HessianOperator:
                 except (RuntimeError, NotImplementedError) as e:
                     if self.mode != "auto" or isinstance(e, compat.OutOfMemoryError):
                         raise
-                    self.note = f"forward-mode AD failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+                    self.note = f"forward-mode AD failed ({type(e).__name__}: {first_line(e, 160)})"
                     warnings.warn(f"curvature: {self.note}; using reverse-over-reverse", RuntimeWarning, stacklevel=2)
                     hv, g, loss = self._reverse_over_reverse(v)
                 self.mode = "reverse-over-reverse" if self.note else "forward-over-reverse"
@@ -370,7 +370,7 @@ def top_eigenvalues(
         values, method, converged = np.linalg.eigvalsh(0.5 * (h + h.T))[::-1][:k], EXACT, True
     else:
         v0 = torch.from_numpy(np.random.default_rng(_stream_seed(seed, 0)).standard_normal(op.dim))
-        stop = _ritz_converged(k, tol)
+        stop = _RitzTest(k, tol)
         alpha, beta, basis = lanczos(op, v0 / torch.linalg.vector_norm(v0), min(op.dim, max(max_vectors, k + 1)), stop)
         values, converged, method = stop.values, stop.done, LANCZOS
         if not converged:  # restart ARPACK from the Ritz vectors of the top k: its implicit restarts converge
@@ -387,7 +387,7 @@ EIGSH = "scipy.sparse.linalg.eigsh (ARPACK, which='LA')"
 EXACT = "exact (Hessian built from dim HVPs, numpy.linalg.eigvalsh)"
 
 
-class _ritz_converged:  # noqa: N801 (a callable used like a function)
+class _RitzTest:
     """Stopping rule of :func:`lanczos` for the top k: after step j, T_j = V_jᵀHV_j has Ritz pairs
     (θᵢ, V_j sᵢ) whose residual is exactly ‖H V_j sᵢ − θᵢ V_j sᵢ‖ = β_j·|s_{j,i}| (the Lanczos relation,
     kept by full reorthogonalisation) — ARPACK's convergence test, computed for free from T_j."""

@@ -56,6 +56,16 @@ def tiny_wordnet_run(tmp_path_factory, wordnet_root):
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny ops: one torch thread avoids OpenMP barrier stalls when other jobs share the 2 cores (the tests after
+    the module get the thread count back)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def no_figure_drawing():
     """For tests whose assertions never read a figure: matplotlib figures are built but not drawn

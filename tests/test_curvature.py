@@ -20,6 +20,7 @@ from adapters.solution import Solution
 from landscape import curvature
 from landscape.grid import EvalSet
 from tests.conftest import TINY_RUN
+from tests.synthetic import synthetic_solutions
 
 CE = OBJECTIVES["classification"]
 trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 (the declared floor) has trapz only
@@ -106,7 +107,7 @@ def test_lanczos_stops_when_the_residuals_meet_tol(tiny):
     model, eval_set, names, exact = tiny
     reference = np.linalg.eigvalsh(exact)[::-1][:5]
     op = operator(model, names, eval_set)
-    stop = curvature._ritz_converged(5, 1e-3)
+    stop = curvature._RitzTest(5, 1e-3)
     v0 = torch.from_numpy(np.random.default_rng(7).standard_normal(op.dim))
     alpha, beta, basis = curvature.lanczos(op, v0 / torch.linalg.vector_norm(v0), 60, stop)
     assert stop.done and len(alpha) < 60 and op.hvps == len(alpha)
@@ -276,14 +277,7 @@ def test_settings_are_checked():
 
 def _synthetic_solutions(model, scale=0.2):
     """ft changes every parameter, lora/randlora l1.weight and the head (ΔW given, no folders)."""
-    g = torch.Generator().manual_seed(5)
-    params = dict(model.named_parameters())
-    some = ["l1.weight", "task_head.weight", "task_head.bias"]
-    deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
-    for s in ("lora", "randlora"):
-        deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
-    return {s: Solution(path=tmp, info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()
-            for tmp in [None]}  # fmt: skip
+    return synthetic_solutions(model, ["l1.weight", "task_head.weight", "task_head.bias"], scale, 5, named=False)
 
 
 def test_stage_saves_each_entry_and_resumes(tiny, tmp_path):

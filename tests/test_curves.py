@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.solution import Solution
 from adapters.train import TrainConfig
 from landscape import curves, paths
 from landscape.grid import EvalSet
 from landscape.plane import solution_weights
+from tests.synthetic import Crash, adapted_few, die_on_call, synthetic_solutions
 
 N_CLASSES = 4
 
@@ -45,13 +44,7 @@ def test_weights_against_hand_computation():
 
 def _solutions(model, seed=0, scale=0.3):
     """Synthetic solutions: ft changes everything, lora/randlora a few matrices and the head."""
-    g = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
-    some = [n for n in params if n.endswith(("query.weight", "value.weight")) or n.startswith("task_head.")]
-    for s in ("lora", "randlora"):
-        deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
-    return {s: Solution(path=Path(s), info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()}
+    return synthetic_solutions(model, adapted_few(model), scale, seed)
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +142,6 @@ def test_evaluation_against_paths_and_naive(setup, tmp_path):
     assert not list(tmp_path.glob("**/.*tmp*")), "temporary files left behind"
 
 
-class Crash(Exception):
-    pass
-
-
 def test_killed_curve_training_resumes_bit_exactly(setup, tmp_path):
     model, sols, thetas, data, labels, _ = setup
     config = TrainConfig(steps=7, batch_size=8, lr=1e-3, head_lr=1e-3, weight_decay=0.0, seed=3)
@@ -165,15 +154,7 @@ def test_killed_curve_training_resumes_bit_exactly(setup, tmp_path):
 
     reference, ref_history = run(copy.deepcopy(model))
     crashing = copy.deepcopy(model)
-    forward, calls = crashing.forward, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # dies during step 6; the checkpoint of step 4 survives
-            raise Crash
-        return forward(*args, **kwargs)
-
-    crashing.forward = dying
+    die_on_call(crashing, 6)  # dies during step 6; the checkpoint of step 4 survives
     ckpt = tmp_path / "curve.ckpt"
     with pytest.raises(Crash):
         run(crashing, ckpt)

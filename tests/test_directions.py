@@ -195,24 +195,14 @@ def test_grid_equals_loss_landscapes_random_plane_fed_the_same_directions(conv, 
 def tiny(tmp_path_factory, tiny_entry):
     """tiny-bert, its ft / lora / randlora solutions (trainable tensors perturbed at random, saved and loaded back)
     and 23 texts as an evaluation set."""
-    from adapters.methods import MethodSpec, attach
-    from adapters.solution import fingerprint, load_solution, save_solution
+    from adapters.solution import load_solution
+    from tests.synthetic import save_perturbed_solutions
 
     out = tmp_path_factory.mktemp("directions")
     torch.manual_seed(0)
     base = tiny_entry.build(NUM_CLASSES)
-    g = torch.Generator().manual_seed(0)
-    solutions = {}
-    for method, rank in (("ft", None), ("lora", 4), ("randlora", 4)):
-        model = attach(copy.deepcopy(base), MethodSpec(method, rank=rank), tiny_entry.targets)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.2 * torch.randn(p.shape, generator=g))
-        info = {"name": method, "method": method, "model": tiny_entry.name, "num_classes": NUM_CLASSES,
-                "rank": rank, "base_fingerprint": fingerprint(base)}  # fmt: skip
-        save_solution(out / method, model, info, {})
-        solutions[method] = load_solution(out / method, base=base)
+    folders = save_perturbed_solutions(base, tiny_entry, out, NUM_CLASSES, 0.2)
+    solutions = {method: load_solution(folder, base=base) for method, folder in folders.items()}
     texts = [f"sample {i} " + "word " * (i % 7) for i in range(23)]
     evals = EvalSet.prepare(tiny_entry.encode(texts), torch.arange(23) % NUM_CLASSES, 8, "cpu")
     return base, solutions, evals

@@ -5,30 +5,23 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from adapters.solution import Solution
 from landscape import connectivity, paths
 from landscape.grid import EvalSet
 from tests.conftest import TINY_RUN
+from tests.synthetic import adapted_few, synthetic_solutions
 
 N_CLASSES = 4
 
 
 def _solutions(model, seed=0, scale=0.05):
     """Synthetic solutions: ft changes everything, lora/randlora a few matrices and the head."""
-    g = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    deltas = {"ft": {n: scale * torch.randn(p.shape, generator=g) for n, p in params.items()}}
-    some = [n for n in params if n.endswith(("query.weight", "value.weight")) or n.startswith("task_head.")]
-    for s in ("lora", "randlora"):
-        deltas[s] = {n: scale * torch.randn(params[n].shape, generator=g) for n in some}
-    return {s: Solution(path=Path(s), info={"method": s}, metrics={}, base=model, _delta=d) for s, d in deltas.items()}
+    return synthetic_solutions(model, adapted_few(model), scale, seed)
 
 
 @pytest.fixture(scope="module")

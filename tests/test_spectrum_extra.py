@@ -189,23 +189,11 @@ def tiny_run(tmp_path_factory, tiny_entry):
     Instead of training (slow), every trainable tensor is perturbed at random: the spectra
     only need updates of the right structure (LoRA: B·A of rank r; RandLoRA: peft's formula).
     """
-    import copy
-
-    from adapters.methods import MethodSpec, attach
-    from adapters.solution import fingerprint, save_solution
+    from tests.synthetic import save_perturbed_solutions
 
     out = tmp_path_factory.mktemp("spec_run")
     base = tiny_entry.build(NUM_CLASSES)
-    g = torch.Generator().manual_seed(0)
-    for method, rank in (("ft", None), ("lora", 4), ("randlora", 4)):
-        model = attach(copy.deepcopy(base), MethodSpec(method, rank=rank), tiny_entry.targets)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=g))
-        info = {"name": method, "method": method, "model": tiny_entry.name, "num_classes": NUM_CLASSES,
-                "rank": rank, "base_fingerprint": fingerprint(base)}  # fmt: skip
-        save_solution(out / "solutions" / method, model, info, {})
+    save_perturbed_solutions(base, tiny_entry, out / "solutions", NUM_CLASSES, 0.05)
     # what --run reads of a run's landscape.json: the solutions it was given (none: its own solutions/)
     (out / "landscape.json").write_text(json.dumps({"config": {"solutions": {}}}))
     return out

@@ -9,10 +9,7 @@ import torch
 
 from adapters.methods import MethodSpec, attach
 from adapters.train import TrainConfig, train
-
-
-class Crash(Exception):
-    pass
+from tests.synthetic import Crash, die_on_call
 
 
 @pytest.mark.parametrize("method", ["ft", "randlora"])
@@ -32,15 +29,7 @@ def test_killed_training_resumes_to_the_same_weights(tiny_entry, tmp_path, metho
     ref_history = train(reference, data, labels, config, progress=False)
 
     crashing = fresh()
-    forward, calls = crashing.forward, {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # dies during step 6; the checkpoint of step 4 survives
-            raise Crash
-        return forward(*args, **kwargs)
-
-    crashing.forward = dying
+    die_on_call(crashing, 6)  # dies during step 6; the checkpoint of step 4 survives
     ckpt = tmp_path / "train.ckpt"
     with pytest.raises(Crash):
         train(crashing, data, labels, config, progress=False, checkpoint=ckpt, checkpoint_every=2)

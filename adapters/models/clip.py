@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.compat import autocast_enabled
-from adapters.errors import UserError
+from adapters.errors import UserError, first_line
 from adapters.models.base import Encoded, ModelEntry, freeze_norm_statistics
 
 DEFAULT_ARCH = "ViT-B-32"
@@ -230,9 +230,8 @@ def build(
     try:
         clip = open_clip.create_model(arch, pretrained=source, **kwargs)
     except Exception as e:  # noqa: BLE001 - a user file (corrupt, pickled code refused, other model): one line
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"cannot load CLIP {arch} weights from {source} ({first}): pass a matching open_clip checkpoint"
+            f"cannot load CLIP {arch} weights from {source} ({first_line(e)}): pass a matching open_clip checkpoint"
         ) from None
     finally:
         root.setLevel(level)
