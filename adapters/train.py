@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from adapters import distributed
 from adapters.data.base import Dataset
@@ -28,6 +27,7 @@ from adapters.io import key_digest, write_torch
 from adapters.methods import MethodSpec
 from adapters.models.base import HEAD, Encoded, ModelEntry
 from adapters.objectives import OBJECTIVES, Classification, score
+from adapters.progress import progress_bar
 
 
 @dataclass
@@ -147,7 +147,7 @@ def train(
     batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
     for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
         next(batches)
-    bar = tqdm(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+    bar = progress_bar(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         loss = _backward(forward, data, labels, next(batches)[rank::world], step, config, device, augment, objective)

@@ -324,7 +324,19 @@ class RunConfig:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
         self._validate_random_chart()
+        self._validate_out()
         return self
+
+    def _validate_out(self) -> None:
+        """--out is a folder, or can become one: its nearest existing ancestor is a folder (else every stage's
+        files would fail to write after the training)."""
+        if self.out is None:
+            return
+        path = Path(self.out)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            what = "is an existing file" if existing == path else f"lies under the file {existing}"
+            self._fail("out", f"{what}, not a folder", "pass a folder (new or existing) for the outputs")
 
     def _validate_random_chart(self) -> None:
         """The random charts' settings: given only with a random chart; an adapter centre for adapter coordinates."""

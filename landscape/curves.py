@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from adapters.errors import UserError
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification
+from adapters.progress import progress_bar
 from adapters.train import TrainConfig, train
 from landscape import paths, render, store
 from landscape.grid import EvalSet, PlaneEvaluator
@@ -282,7 +282,7 @@ def evaluate_curve(
     evaluator = CurveEvaluator(model, curve, eval_set, device, dtype, objective)
     out = {k: np.full((len(ROWS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
     barriers, start = {}, time.perf_counter()
-    bar = tqdm(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
     for k, row in enumerate(ROWS):
         y, samples = (1.0 if row == "curve" else 0.0), []
         for j, r in enumerate(evaluator.evaluate_iter(((float(tj), y) for tj in t), keep_samples=True)):

@@ -39,11 +39,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from adapters import compat
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
+from adapters.progress import progress_bar
 from landscape.plane import Chart
 
 
@@ -263,7 +263,7 @@ def run_grid(
     mine = todo[rank::world]
     computed: dict[tuple[int, int], tuple[float, float, float]] = {}
     start = time.perf_counter()
-    bar = tqdm(
+    bar = progress_bar(
         total=len(mine),
         desc=f"grid (rank {rank})" if dist else "grid",
         disable=not progress or rank != 0,

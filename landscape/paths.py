@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification, paired_se
+from adapters.progress import progress_bar
 from adapters.solution import Solution
 from landscape import factored, render, store
 from landscape.grid import EvalSet, PlaneEvaluator, points_per_forward_arg
@@ -187,7 +187,7 @@ def compute_paths(
     out = {k: np.full((len(PAIRS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
     barriers: dict[str, dict] = {}
     start = time.perf_counter()
-    bar = tqdm(total=len(PAIRS) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(PAIRS) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(PAIRS):
         evaluator = make(a, b, pairs[k])
         samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward

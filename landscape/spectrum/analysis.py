@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from adapters.progress import progress_bar
 from landscape.spectrum.decomposition import (
     METHODS,
     Decomp,
@@ -152,7 +152,7 @@ def analyse(
                     weight_spectra and base is not None)  # fmt: skip
     results: dict[str, dict] = {n: {"name": n, "shape": list(shapes[n])} for n in names}
     on_cpu = method == "gram" and _analysis_device(deltas, names, device).type == "cpu"
-    with tqdm(total=len(names), desc="spectrum", unit="layer", disable=not progress) as bar:
+    with progress_bar(total=len(names), desc="spectrum", unit="layer", disable=not progress) as bar:
         for chunk in _chunks(names, shapes, 1 if on_cpu else chunk_bytes):
             _analyse_chunk(chunk, shapes[chunk[0]], deltas, base, ref, opts, results)
             bar.update(len(chunk))
