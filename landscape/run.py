@@ -128,6 +128,10 @@ def load(config: RunConfig) -> Loaded:
     """Dataset, model and base weights of a run; every missing input is named in one line."""
     name = model_name(config)
     check_given(config, name)  # cheap file reads first: a wrong folder fails before any loading
+    if config.load_4bit:  # bitsandbytes quantises the weights as they land on the run's device
+        from adapters.models import hf
+
+        hf.set_4bit_device("cpu" if config.device == "cpu" else None)
     entry = get_model(name, modality(config), hf_options(config, name))
     if config.targets:
         entry = dataclasses.replace(entry, targets=tuple(config.targets))

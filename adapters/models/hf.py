@@ -168,14 +168,49 @@ def is_causal_lm(config) -> bool:
     return config.model_type in CAUSAL
 
 
+BNB_FLOOR = "0.46"  # bitsandbytes' first release with CPU kernels for NF4 (the torch.library backends)
+
+
 def check_4bit() -> None:
-    """``--load-4bit`` needs CUDA and bitsandbytes: checked before any loading."""
+    """``--load-4bit`` needs bitsandbytes (CUDA or, from :data:`BNB_FLOOR`, CPU): checked before any loading."""
+    import importlib.metadata
     import importlib.util
 
-    if not torch.cuda.is_available():
-        raise UserError("--load-4bit needs a CUDA GPU with bitsandbytes (no CUDA device here): drop --load-4bit")
+    from packaging.version import Version
+
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--load-4bit needs bitsandbytes: run 'pip install bitsandbytes'")
+        raise UserError("--load-4bit needs bitsandbytes, which is not installed: run 'pip install bitsandbytes'")
+    version = importlib.metadata.version("bitsandbytes")
+    if not torch.cuda.is_available() and Version(version) < Version(BNB_FLOOR):
+        raise UserError(f"--load-4bit on CPU needs bitsandbytes >= {BNB_FLOOR} (installed: {version}): "
+                        "run 'pip install -U bitsandbytes'")  # fmt: skip
+
+
+# Where --load-4bit places the packed weights (bitsandbytes quantises them as they are loaded onto it):
+# None = the current CUDA device when there is one, else the CPU (set_4bit_device: the run's --device).
+_4BIT_DEVICE: torch.device | None = None
+
+
+def set_4bit_device(device: torch.device | str | None) -> None:
+    """Load 4-bit bases onto ``device`` from now on (None: the current CUDA device if any, else the CPU)."""
+    global _4BIT_DEVICE
+    _4BIT_DEVICE = None if device is None else torch.device(device)
+
+
+def four_bit_device() -> torch.device:
+    """The device 4-bit bases are loaded onto (:func:`set_4bit_device`)."""
+    if _4BIT_DEVICE is not None:
+        return _4BIT_DEVICE
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(torch_dtype: str) -> torch.dtype:
+    """The 4-bit layers' compute dtype: the run's ``--torch-dtype`` (float32 by default, so the CPU and the
+    fp32 tests compute exactly); ``auto``: bfloat16 where CUDA runs it, else float32."""
+    dtype = DTYPES[torch_dtype]
+    if dtype != "auto":
+        return dtype
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
 @functools.lru_cache(maxsize=4)
@@ -213,9 +248,9 @@ def _load_kwargs(opts: dict) -> dict:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype(opts["torch_dtype"]),
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}  # 4-bit weights are placed on load
+        kwargs["device_map"] = {"": four_bit_device()}  # 4-bit weights are quantised as they are placed
     return kwargs
 
 
@@ -241,7 +276,21 @@ def set_checkpointing(model: nn.Module, enable: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-class HFClassifier(minilm.MiniLMClassifier):
+class _Quantised:
+    """Forwards transformers' ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` of the wrapped model: peft reads them
+    on the model it adapts to wrap a bitsandbytes layer in its own quantised-layer class (``lora.bnb.Linear4bit``,
+    ``randlora.bnb.Linear4bit``: forward beside the packed layer, merge by dequantising) instead of the plain one."""
+
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return bool(getattr(self.backbone, "is_loaded_in_4bit", False))
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return bool(getattr(self.backbone, "is_loaded_in_8bit", False))
+
+
+class HFClassifier(_Quantised, minilm.MiniLMClassifier):
     """MiniLM's mean pooling + zero linear head on any ``AutoModel`` (features cast to the head's dtype)."""
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -252,7 +301,7 @@ class HFClassifier(minilm.MiniLMClassifier):
         set_checkpointing(self.backbone, enable)
 
 
-class CausalLMScorer(nn.Module):
+class CausalLMScorer(_Quantised, nn.Module):
     """Scores candidate responses with a causal LM: ``(B, C, T)`` inputs -> ``(B, C, 2)`` float32.
 
     ``[..., 0]``: the summed next-token cross-entropy (fp32, from the logits) over the candidate's answer
