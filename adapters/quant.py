@@ -68,20 +68,23 @@ def packed_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters() if is_packed(p)}
 
 
+def _name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def base_quantization(model: nn.Module) -> dict:
     """What a solution records of its base: ``{"quantization": "nf4"|"fp4"|None, "compute_dtype": str|None,
-    "torch_dtype": str}`` (torch dtype: of the first floating parameter that is not packed)."""
-    quant, compute = None, None
+    "torch_dtype": str}``. ``torch_dtype``: the dtype the weights were loaded in (a packed weight's quant state
+    keeps it; peft's ``prepare_model_for_kbit_training`` casts the other parameters to fp32); else that of the
+    first floating parameter. ``compute_dtype``: the 4-bit layers' matmul dtype (None when nothing is packed)."""
     for module in model.modules():
         if is_packed(module):
             state = module.weight.quant_state
-            quant = str(getattr(state, "quant_type", "nf4"))
-            dtype = getattr(module, "compute_dtype", None) or getattr(state, "dtype", None)
-            compute = str(dtype).removeprefix("torch.") if dtype is not None else None
-            break
-    floating = (p.dtype for p in model.parameters() if p.is_floating_point() and not is_packed(p))
-    torch_dtype = next(floating, torch.float32)
-    return {"quantization": quant, "compute_dtype": compute, "torch_dtype": str(torch_dtype).removeprefix("torch.")}
+            compute = getattr(module, "compute_dtype", None) or state.dtype
+            return {"quantization": str(getattr(state, "quant_type", "nf4")), "compute_dtype": _name(compute),
+                    "torch_dtype": _name(state.dtype)}  # fmt: skip
+    floating = (p.dtype for p in model.parameters() if p.is_floating_point())
+    return {"quantization": None, "compute_dtype": None, "torch_dtype": _name(next(floating, torch.float32))}
 
 
 __all__ = ["base_quantization", "dequantized_weight", "is_packed", "logical_shape", "packed_names"]
