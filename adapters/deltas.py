@@ -396,11 +396,24 @@ def _packed_delta(module: nn.Module, layer: nn.Module, source: str) -> dict[str,
         raise UserError(f"the adapter in {source} uses DoRA or lora_bias on a 4-bit base: its merge is not W0 + ΔW "
                         "of the weight alone; load the base without --load-4bit")  # fmt: skip
     try:
-        delta = module.get_delta_weight("default").detach().float()
+        delta = peft_delta_weight(module).detach().float()
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
         raise UserError(f"peft cannot compute the update of the adapter in {source} on {type(layer).__name__} "
                         f"({first_line(e)}): load the base without --load-4bit") from None  # fmt: skip
     return {"weight": delta.reshape(logical_shape(layer))}
+
+
+def peft_delta_weight(module: nn.Module, adapter: str = "default") -> torch.Tensor:
+    """peft's ``get_delta_weight`` of a tuner layer. peft's RandLoRA 4-bit layer (``randlora.bnb.Linear4bit``,
+    peft 0.21) multiplies its scaled bases in the reverse order of its own forward (a (K, K) or (in, in) matrix
+    instead of (out, in)), so it gets the plain RandLoRA ``Linear``'s expression on the same bases, which is
+    what its forward ``F.linear(F.linear(x, B), A)`` adds."""
+    from peft.tuners.randlora.layer import Linear as RandLoraLinear
+    from peft.tuners.randlora.layer import RandLoraLayer
+
+    if isinstance(module, RandLoraLayer) and type(module).__module__.endswith(".bnb"):
+        return RandLoraLinear.get_delta_weight(module, adapter)
+    return module.get_delta_weight(adapter)
 
 
 def _difference(trained: torch.Tensor, w0: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -409,7 +422,7 @@ def _difference(trained: torch.Tensor, w0: torch.Tensor) -> Callable[[], torch.T
 
 def _peft_delta(module: nn.Module, shape: torch.Size) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
-        d = module.get_delta_weight("default").detach().float()
+        d = peft_delta_weight(module).detach().float()
         return d.reshape(shape) if d.shape != shape else d  # conv kernels, attention in_proj
 
     return compute

@@ -9,7 +9,8 @@ gradient, an in-place ``W0 + ΔW`` or a reshape to ``(out, in)``; these helpers 
 - :func:`logical_shape`: the ``(out, in)`` shape the packed codes stand for (the plain shape otherwise);
 - :func:`dequantized_weight`: the weight the layer computes with, dense fp32 in its logical shape
   (``bitsandbytes.functional.dequantize_4bit``), on the weight's device;
-- :func:`base_quantization`: what a solution records of its base (``"nf4"``/None, compute and storage dtype).
+- :func:`base_quantization`: what a solution records of its base (``"nf4"``/None, compute and storage dtype);
+- :func:`disable_cpu_repacking`: keeps bitsandbytes from repacking weights in place on AVX512-BF16 CPUs.
 
 bitsandbytes is imported only when a packed weight is met, so everything here works without it.
 """
@@ -63,6 +64,23 @@ def dequantized_weight(param_or_module) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
+def disable_cpu_repacking(model: nn.Module) -> int:
+    """Keep every ``Linear4bit`` of ``model`` on bitsandbytes' one exact path; returns how many layers it set.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a 4-bit weight *in place* the first time the
+    layer runs in eval mode without gradients: a CPU-only code layout and its absmax rounded to bf16. After
+    that the layer computes other values than in training (and than ``dequantize_4bit`` gave before), the
+    base's fingerprint changes, and layers narrower than a quantisation block fail. Turning that path off
+    costs the bf16 kernel's speed on such CPUs and keeps every forward on the weights as loaded.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
+
+
 def packed_names(model: nn.Module) -> set[str]:
     """Names (``model.named_parameters()``) of the packed parameters of ``model``."""
     return {name for name, p in model.named_parameters() if is_packed(p)}
@@ -87,4 +105,11 @@ def base_quantization(model: nn.Module) -> dict:
     return {"quantization": None, "compute_dtype": None, "torch_dtype": _name(next(floating, torch.float32))}
 
 
-__all__ = ["base_quantization", "dequantized_weight", "is_packed", "logical_shape", "packed_names"]
+__all__ = [
+    "base_quantization",
+    "dequantized_weight",
+    "disable_cpu_repacking",
+    "is_packed",
+    "logical_shape",
+    "packed_names",
+]

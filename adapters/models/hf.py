@@ -353,6 +353,20 @@ class CausalLMScorer(_Quantised, nn.Module):
         set_checkpointing(self.backbone, enable)
 
 
+def _prepare_4bit(model: nn.Module) -> nn.Module:
+    """The QLoRA recipe on a 4-bit model: peft's ``prepare_model_for_kbit_training`` (norms and every unpacked
+    parameter in fp32, the base frozen), and no in-place repacking of the weights on CPU
+    (:func:`adapters.quant.disable_cpu_repacking`)."""
+    from peft import prepare_model_for_kbit_training
+
+    from adapters.quant import disable_cpu_repacking
+
+    # checkpointing stays the run's choice (--grad-checkpointing), not peft's default
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    disable_cpu_repacking(model)
+    return model
+
+
 def _pooling_kwargs(config) -> dict:
     """``add_pooling_layer=False`` for backbones that have one (BERT's pooler would train without gradients)."""
     import inspect
@@ -384,17 +398,10 @@ def build(
     _quiet_transformers()
     if modality == "lm":
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        if opts["load_4bit"]:
-            from peft import prepare_model_for_kbit_training
-
-            # checkpointing stays the run's choice (--grad-checkpointing), not peft's default
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return CausalLMScorer(model)
+        return CausalLMScorer(_prepare_4bit(model) if opts["load_4bit"] else model)
     backbone = AutoModel.from_pretrained(where, **kwargs, **_pooling_kwargs(load_config(where)))
     if opts["load_4bit"]:
-        from peft import prepare_model_for_kbit_training
-
-        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        backbone = _prepare_4bit(backbone)
     return HFClassifier(backbone, _hidden_size(backbone.config), num_classes)
 
 
