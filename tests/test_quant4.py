@@ -314,3 +314,45 @@ def test_foreign_randlora_counts_only_lambda_and_gamma(llama, tmp_path):
         saved = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # bases once per layer, λ, γ
     solutions = load_solutions({"randlora": tmp_path / "randlora"}, f"hf:{llama}")
     assert solutions["randlora"].info["trainable_params"] == trainable < saved
+
+
+def test_dtype_mismatch_is_refused_and_compute_dtype_noted(run4, tmp_path, capsys):
+    import json
+    import shutil
+
+    from adapters.errors import UserError
+    from adapters.solution import load_solution
+
+    loaded, solutions = run4
+    folder = tmp_path / "lora"
+    shutil.copytree(solutions["lora"].path, folder)
+    info = json.loads((folder / "solution.json").read_text())
+    info["base_quantization"]["compute_dtype"] = "bfloat16"
+    (folder / "solution.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    load_solution(folder, loaded.task.base, "lora")  # same weights, other rounding: loads, with a note
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "bfloat16" in note[0] and "float32" in note[0], note
+    info["base_quantization"]["torch_dtype"] = "bfloat16"
+    (folder / "solution.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="pass --torch-dtype bfloat16") as err:
+        load_solution(folder, loaded.task.base, "lora")
+    assert "\n" not in str(err.value)
+
+
+def test_qlora_adapters_stay_fp32_on_a_bf16_base(llama, data_root, tmp_path):
+    from adapters.methods import attach
+    from adapters.quant import base_quantization
+    from landscape.run import method_spec
+
+    loaded = _load(llama, data_root, tmp_path, "--load-4bit", "--torch-dtype", "bfloat16")
+    assert base_quantization(loaded.task.base) == {"quantization": "nf4", "compute_dtype": "bfloat16",
+                                                   "torch_dtype": "bfloat16"}  # fmt: skip
+    batch = loaded.task.train.batch(torch.arange(2))
+    for method in ("lora", "randlora"):
+        model = attach(copy.deepcopy(loaded.task.base), method_spec(loaded, method), loaded.task.entry.targets)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+        model(**batch)[..., 0].sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+        assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
