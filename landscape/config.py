@@ -347,8 +347,10 @@ class RunConfig:
         if not self.methods or any(m not in SOLUTION_NAMES for m in self.methods):
             self._fail("methods", f"must be one or more of {', '.join(SOLUTION_NAMES)}", "fix the list")
         if self.load_4bit and "ft" in self.methods and "ft" not in self.solutions:
+            where = self.where("methods")
+            shown = f"{where} {' '.join(self.methods)}" if where.startswith("--") else self._shown("methods")
             raise UserError(
-                f"{self._shown('methods')} with {self.where('load_4bit')}: full fine-tuning cannot train a packed "
+                f"{shown} with {self.where('load_4bit')}: full fine-tuning cannot train a packed "
                 "4-bit base: drop ft (the default under --load-4bit is lora randlora) or bring an FT model with "
                 "--solutions ft=CHECKPOINT"
             )
