@@ -112,7 +112,15 @@ class Solution:
         return module_deltas(self, check)
 
     def model(self) -> Classifier:
-        """A fresh copy of the base model with this solution's update applied."""
+        """A fresh copy of the base model with this solution's update applied (not on a packed 4-bit base: its
+        weights cannot take ``W0 + ΔW`` in place)."""
+        from adapters.quant import packed_names
+
+        if packed_names(self.base):
+            raise UserError(
+                f"solution {self.name}: its base is loaded in 4 bits, whose packed weights cannot hold W0 + ΔW: "
+                "analyse it in adapter coordinates, or load the base without --load-4bit"
+            )
         model = copy.deepcopy(self.base)
         params = dict(model.named_parameters())
         with torch.no_grad():
