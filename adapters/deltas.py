@@ -23,6 +23,12 @@ called and nothing is cached. :meth:`adapters.solution.Solution.delta` is :func:
   private fp64 copy of that one layer's parameters; kind ``"factored"``, merged again on every call); a
   full checkpoint gives ``W − W0`` per tensor (:func:`stored_deltas`, kind ``"stored"``).
 
+On a 4-bit base (``--load-4bit``: bitsandbytes ``Linear4bit`` layers, :mod:`adapters.quant`) every ΔW still has
+the weight's logical (out, in) shape and is fp32: a stored W (an FT checkpoint, a head) gives W − the
+*dequantised* W0 (so W0 + ΔW is W to fp32 rounding, quantisation error included); an adapter gives peft's
+``get_delta_weight`` of its 4-bit layer (whose ``merge()`` re-quantises), and a plain peft layer around a packed
+weight merges into a dequantised fp64 copy. Nothing is ever written into the packed weights.
+
 With ``check=True`` (the default) every ΔW is computed once up front, streaming: NaN/inf raises the
 same :class:`~adapters.errors.UserError` as ``delta()``, and all-zero updates are left out (``delta()``
 leaves them out too), so the keys equal ``delta()``'s — except for a foreign solution, whose exactly-zero

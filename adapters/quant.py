@@ -67,7 +67,7 @@ def dequantized_weight(param_or_module) -> torch.Tensor:
 def disable_cpu_repacking(model: nn.Module) -> int:
     """Keep every ``Linear4bit`` of ``model`` on bitsandbytes' one exact path; returns how many layers it set.
 
-    On a CPU with AVX512-BF16, bitsandbytes (0.48+) repacks a 4-bit weight *in place* the first time the
+    On a CPU with AVX512-BF16, bitsandbytes (0.50.2 here) repacks a 4-bit weight *in place* the first time the
     layer runs in eval mode without gradients: a CPU-only code layout and its absmax rounded to bf16. After
     that the layer computes other values than in training (and than ``dequantize_4bit`` gave before), the
     base's fingerprint changes, and layers narrower than a quantisation block fail. Turning that path off
