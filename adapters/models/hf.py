@@ -17,7 +17,10 @@ or unreachable). What the model becomes depends on the dataset's modality:
   truncates the right end). :func:`generate_accuracy` is the paper's generation-based evaluation.
 
 Build options (``--torch-dtype``, ``--load-4bit``, ``--cutoff-len``) are baked into the entry, so the
-encoder and the model agree. Adapter targets default per architecture family (:func:`targets_for`).
+encoder and the model agree. ``--load-4bit``: bitsandbytes NF4 (double-quantised statistics, compute in the
+``--torch-dtype``), placed on the run's device (CUDA, or the CPU: :func:`set_4bit_device`), then the QLoRA recipe
+(:func:`_prepare_4bit`); the wrappers expose ``is_loaded_in_4bit`` so peft wraps the packed layers in its own
+4-bit tuner layers. Adapter targets default per architecture family (:func:`targets_for`).
 """
 
 from __future__ import annotations
