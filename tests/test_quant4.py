@@ -340,7 +340,7 @@ def test_dtype_mismatch_is_refused_and_compute_dtype_noted(run4, tmp_path, capsy
     assert "\n" not in str(err.value)
 
 
-def test_qlora_adapters_stay_fp32_on_a_bf16_base(llama, data_root, tmp_path):
+def test_qlora_adapters_stay_fp32_on_a_bf16_base_and_ft_is_refused(llama, data_root, tmp_path):
     from adapters.methods import attach
     from adapters.quant import base_quantization
     from landscape.run import method_spec
@@ -348,6 +348,12 @@ def test_qlora_adapters_stay_fp32_on_a_bf16_base(llama, data_root, tmp_path):
     loaded = _load(llama, data_root, tmp_path, "--load-4bit", "--torch-dtype", "bfloat16")
     assert base_quantization(loaded.task.base) == {"quantization": "nf4", "compute_dtype": "bfloat16",
                                                    "torch_dtype": "bfloat16"}  # fmt: skip
+    from adapters.errors import UserError
+    from adapters.methods import MethodSpec
+
+    with pytest.raises(UserError, match="full fine-tuning cannot train a base loaded in 4 bits"):
+        attach(loaded.task.base, MethodSpec("ft"), loaded.task.entry.targets)  # the Python API refuses it too
+    assert not any(p.requires_grad for p in loaded.task.base.parameters())
     batch = loaded.task.train.batch(torch.arange(2))
     for method in ("lora", "randlora"):
         model = attach(copy.deepcopy(loaded.task.base), method_spec(loaded, method), loaded.task.entry.targets)
