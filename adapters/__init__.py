@@ -7,6 +7,13 @@ from adapters import threads
 
 threads.set_wait_policy()
 
+import logging  # noqa: E402
+
+# bitsandbytes (which peft imports whenever it is installed) warns on CPUs with AVX512-BF16 that the optional
+# `kernels` package is missing: a kernel for its in-place CPU repacking only, which adapters.quant turns off.
+# The warning is a stray line before the CLI's one-line errors.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from adapters.errors import UserError  # noqa: E402
 from adapters.solution import Solution, load_solution, save_solution  # noqa: E402
 

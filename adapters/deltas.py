@@ -23,6 +23,12 @@ called and nothing is cached. :meth:`adapters.solution.Solution.delta` is :func:
   private fp64 copy of that one layer's parameters; kind ``"factored"``, merged again on every call); a
   full checkpoint gives ``W − W0`` per tensor (:func:`stored_deltas`, kind ``"stored"``).
 
+On a 4-bit base (``--load-4bit``: bitsandbytes ``Linear4bit`` layers, :mod:`adapters.quant`) every ΔW still has
+the weight's logical (out, in) shape and is fp32: a stored W (an FT checkpoint, a head) gives W − the
+*dequantised* W0 (so W0 + ΔW is W to fp32 rounding, quantisation error included); an adapter gives peft's
+``get_delta_weight`` of its 4-bit layer (whose ``merge()`` re-quantises), and a plain peft layer around a packed
+weight merges into a dequantised fp64 copy. Nothing is ever written into the packed weights.
+
 With ``check=True`` (the default) every ΔW is computed once up front, streaming: NaN/inf raises the
 same :class:`~adapters.errors.UserError` as ``delta()``, and all-zero updates are left out (``delta()``
 leaves them out too), so the keys equal ``delta()``'s — except for a foreign solution, whose exactly-zero
@@ -47,6 +53,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from adapters.errors import UserError, first_line
+from adapters.quant import dequantized_weight, is_packed, logical_shape
 
 KINDS = ("stored", "factored")
 FOREIGN_SOURCES = ("peft-adapter", "checkpoint")  # solution info "source" of adapters.foreign's solutions
@@ -167,13 +174,13 @@ def file_deltas(weights: Path, base_params: dict[str, torch.Tensor], model_name:
         raise UserError(f"{weights} is corrupt ({e}): re-train or re-copy the solution") from None
     deltas = {}
     for name, shape in shapes.items():
-        if name not in base_params or tuple(base_params[name].shape) != shape:
+        if name not in base_params or tuple(logical_shape(base_params[name])) != shape:
             raise UserError(
                 f"{weights} holds '{name}' {shape}, which the base model {model_name} lacks: the solution comes "
                 "from another model"
             )
-        deltas[name] = Delta(name, base_params[name].shape, "stored", _file_reader(weights, name, base_params[name]),
-                             str(weights))  # fmt: skip
+        deltas[name] = Delta(name, logical_shape(base_params[name]), "stored",
+                             _file_reader(weights, name, base_params[name]), str(weights))  # fmt: skip
     return deltas
 
 
@@ -185,7 +192,7 @@ def _file_reader(weights: Path, name: str, w0: torch.Tensor) -> Callable[[], tor
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{weights} is corrupt ({e}): re-train or re-copy the solution") from None
         # W_file − W0 in fp32, on W0's device
-        return value.to(w0.device).float() - w0.detach().float()
+        return value.to(w0.device).float() - base_value(w0)
 
     return compute
 
@@ -262,7 +269,7 @@ def adapter_deltas(folder: Path, base: nn.Module) -> dict[str, Delta]:
                 raise UserError(f"the adapter in {folder} uses DoRA: its update is not W0 + ΔW per module; "
                                 "use the dense plane (--plane-storage dense)")  # fmt: skip
             key = f"{short}.{getattr(module, 'adapted_weight', 'weight')}"
-            shape = base_params[key].shape
+            shape = logical_shape(base_params[key])  # (out, in), also of a packed 4-bit weight
             deltas[key] = Delta(key, shape, "factored", _peft_delta(module, shape), str(folder), mover,
                                 _peft_accumulator(module, shape))  # fmt: skip
     return deltas
@@ -275,12 +282,18 @@ def stored_deltas(readers: dict[str, Callable[[], torch.Tensor]], base_params: d
     deltas = {}
     for name, read in readers.items():
         w0 = base_params[name]
-        deltas[name] = Delta(name, w0.shape, "stored", _stored(read, w0), sources[name])
+        deltas[name] = Delta(name, logical_shape(w0), "stored", _stored(read, w0), sources[name])
     return deltas
 
 
 def _stored(read: Callable[[], torch.Tensor], w0: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: read().to(w0.device).float() - w0.detach().float()
+    return lambda: read().to(w0.device).float() - base_value(w0)
+
+
+def base_value(w0: torch.Tensor) -> torch.Tensor:
+    """W0 in fp32 as the base computes with it: a packed 4-bit weight dequantised (so ``W0 + ΔW`` is exactly
+    the stored W up to fp32 rounding, and ΔW includes the base's quantisation error), else W0 itself."""
+    return dequantized_weight(w0) if is_packed(w0) else w0.detach().float()
 
 
 # --------------------------------------------------------------------------- any peft adapter: merge
@@ -311,14 +324,14 @@ def merged_deltas(peft_model: nn.Module, base: nn.Module, source: str) -> tuple[
         if isinstance(module, ModulesToSaveWrapper):
             for pname, p in module.modules_to_save["default"].named_parameters():
                 key = f"{short}.{pname}"
-                deltas[key] = Delta(key, base_params[key].shape, "stored", _difference(p, base_params[key]), source,
-                                    mover)  # fmt: skip
+                deltas[key] = Delta(key, logical_shape(base_params[key]), "stored", _difference(p, base_params[key]),
+                                    source, mover)  # fmt: skip
         elif isinstance(module, BaseTunerLayer) and hasattr(module, "merge"):
             weight = getattr(module, "adapted_weight", "weight")
             for pname in _merged_params(module, weight, source):
                 key = f"{short}.{pname}"
                 compute = _merged(module, pname, source, base_params[key], mover)
-                deltas[key] = Delta(key, base_params[key].shape, "factored", compute, source, mover)
+                deltas[key] = Delta(key, logical_shape(base_params[key]), "factored", compute, source, mover)
             r = getattr(module, "r", None)
             if isinstance(r, dict) and isinstance(r.get("default"), int):
                 ranks[f"{short}.{weight}"] = r["default"]
@@ -333,7 +346,7 @@ def _merged_params(module: nn.Module, weight: str, source: str) -> list[str]:
     if names == [weight]:
         return names
     changed = merge_module(module, source)
-    return [k for k in names if k == weight or bool(changed[k].any())]
+    return [k for k in names if k == weight or (k in changed and bool(changed[k].any()))]
 
 
 def _merged(
@@ -350,19 +363,24 @@ def _merged(
 def merge_module(module: nn.Module, source: str) -> dict[str, torch.Tensor]:
     """{parameter name of the base layer: (merged − original) in fp32} for one peft tuner layer.
 
-    The layer's parameters are swapped for private fp64 copies, peft's ``merge()`` runs on them, and the
-    originals (shared with the base model) are put back whatever happens, the layer marked unmerged and
-    its merge caches (DoRA's weight norm) dropped: only this one layer's parameters are ever copied.
+    The layer's parameters are swapped for private fp64 copies (a packed 4-bit weight: its dequantised values),
+    peft's ``merge()`` runs on them, and the originals (shared with the base model) are put back whatever
+    happens, the layer marked unmerged and its merge caches (DoRA's weight norm) dropped: only this one
+    layer's parameters are ever copied. peft's own 4-bit layers (``lora.bnb.Linear4bit``, ...) merge by
+    re-quantising, which would not give ΔW back: their ΔW is the ``get_delta_weight`` their merge adds.
     """
     layer = module.get_base_layer()
+    if is_packed(layer) and type(module).__module__.endswith(".bnb"):
+        return _packed_delta(module, layer, source)
     originals = {k: p for k, p in layer._parameters.items() if p is not None}
+    before = {k: base_value(p).double() for k, p in originals.items()}
     try:
-        for k, p in originals.items():
-            layer._parameters[k] = nn.Parameter(p.detach().to(torch.float64, copy=True), requires_grad=False)
+        for k, value in before.items():
+            layer._parameters[k] = nn.Parameter(value.clone(), requires_grad=False)
         with warnings.catch_warnings():  # peft's notes on merging (e.g. rounding) are about its own use
             warnings.simplefilter("ignore")
             module.merge(adapter_names=["default"])
-        return {k: (layer._parameters[k].detach() - p.detach().double()).float() for k, p in originals.items()}
+        return {k: (layer._parameters[k].detach() - before[k]).float() for k in originals}
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
         raise UserError(
             f"peft cannot merge the adapter in {source} into {type(layer).__name__} ({first_line(e)}): this "
@@ -377,13 +395,40 @@ def merge_module(module: nn.Module, source: str) -> dict[str, torch.Tensor]:
             module._caches.clear()
 
 
+def _packed_delta(module: nn.Module, layer: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """{"weight": ΔW} of peft's 4-bit tuner layer: the ``get_delta_weight`` its ``merge()`` adds to the dequantised
+    weight, fp32 in the logical (out, in) shape; DoRA and ``lora_bias`` (a merge changing more) are refused."""
+    if any(getattr(module, "use_dora", {}).values()) or any(getattr(module, "lora_bias", {}).values()):
+        raise UserError(f"the adapter in {source} uses DoRA or lora_bias on a 4-bit base: its merge is not W0 + ΔW "
+                        "of the weight alone; load the base without --load-4bit")  # fmt: skip
+    try:
+        delta = peft_delta_weight(module).detach().float()
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AttributeError) as e:
+        raise UserError(f"peft cannot compute the update of the adapter in {source} on {type(layer).__name__} "
+                        f"({first_line(e)}): load the base without --load-4bit") from None  # fmt: skip
+    return {"weight": delta.reshape(logical_shape(layer))}
+
+
+def peft_delta_weight(module: nn.Module, adapter: str = "default") -> torch.Tensor:
+    """peft's ``get_delta_weight`` of a tuner layer. peft's RandLoRA 4-bit layer (``randlora.bnb.Linear4bit``,
+    peft 0.21) multiplies its scaled bases in the reverse order of its own forward (a (K, K) or (in, in) matrix
+    instead of (out, in)), so it gets the plain RandLoRA ``Linear``'s expression on the same bases, which is
+    what its forward ``F.linear(F.linear(x, B), A)`` adds."""
+    from peft.tuners.randlora.layer import Linear as RandLoraLinear
+    from peft.tuners.randlora.layer import RandLoraLayer
+
+    if isinstance(module, RandLoraLayer) and type(module).__module__.endswith(".bnb"):
+        return RandLoraLinear.get_delta_weight(module, adapter)
+    return module.get_delta_weight(adapter)
+
+
 def _difference(trained: torch.Tensor, w0: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: trained.detach().to(w0.device).float() - w0.detach().float()
+    return lambda: trained.detach().to(w0.device).float() - base_value(w0)
 
 
 def _peft_delta(module: nn.Module, shape: torch.Size) -> Callable[[], torch.Tensor]:
     def compute() -> torch.Tensor:
-        d = module.get_delta_weight("default").detach().float()
+        d = peft_delta_weight(module).detach().float()
         return d.reshape(shape) if d.shape != shape else d  # conv kernels, attention in_proj
 
     return compute

@@ -16,6 +16,9 @@ What a path given as a solution can be (:func:`kind_of`), besides a folder writt
   state-dict file has no per-tensor index, so there is no lazy read: it is read whole with
   ``torch.load(weights_only=True)`` — never unpickled otherwise — memory-mapped when it is in torch's zip
   format (pages are then read as tensors are used), and held while the solution's deltas live.
+  On a 4-bit base (``--load-4bit``) ΔW = W − dequantised W0 (``bitsandbytes.functional.dequantize_4bit``),
+  so W0 + ΔW is the fine-tuned model itself (to fp32 rounding): this direction **includes the base's
+  quantisation error** (W0's NF4 rounding), which is not part of what fine-tuning changed.
 
 Names. Our models wrap the transformers model (``backbone.`` in :class:`~adapters.models.hf.HFClassifier`
 and :class:`~adapters.models.hf.CausalLMScorer`, ``clip.`` in the CLIP classifier), so a name saved from the
@@ -48,6 +51,7 @@ import torch
 from torch import nn
 
 from adapters.errors import UserError
+from adapters.quant import logical_shape
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -321,7 +325,11 @@ def attach(folder: Path, base: nn.Module, model: str | None = None) -> tuple[nn.
         base._checkpoint_conversion_mapping = mapping  # peft's default key_mapping for any copy of this base
     peft_model = load_adapter(folder, base, config=config, key_mapping=mapping, quiet=True)
     _check_loaded(folder, peft_model, config, shapes, mapping)
-    count = sum(int(torch.Size(s).numel()) for k, s in shapes.items() if k.startswith(PEFT_PREFIX))
+    # The adapter's own parameters (LoRA A/B, RandLoRA λ/γ, DoRA magnitudes, a modules_to_save copy), not the
+    # file's tensors: a RandLoRA or VeRA file saved with its projections holds the shared frozen bases once per
+    # adapted layer, which are buffers here and train nothing.
+    shared = {id(p) for p in base.parameters()}
+    count = sum(p.numel() for p in peft_model.parameters() if id(p) not in shared)
     return peft_model, count
 
 
@@ -554,10 +562,10 @@ def match_names(shapes: dict[str, tuple[int, ...]], base: nn.Module, source: Pat
         if found in buffers:
             continue
         param = params[found]
-        if tuple(param.shape) != tuple(shapes[name]):
+        if tuple(logical_shape(param)) != tuple(shapes[name]):  # a packed 4-bit weight: its (out, in)
             raise UserError(
                 f"{source} holds '{name}' {tuple(shapes[name])} but the base model {model} has "
-                f"{tuple(param.shape)}: it was fine-tuned from another model; pass that one (--model)"
+                f"{tuple(logical_shape(param))}: it was fine-tuned from another model; pass that one (--model)"
             )
         matched.setdefault(canonical[id(param)], name)
     return matched

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -111,7 +112,15 @@ class Solution:
         return module_deltas(self, check)
 
     def model(self) -> Classifier:
-        """A fresh copy of the base model with this solution's update applied."""
+        """A fresh copy of the base model with this solution's update applied (not on a packed 4-bit base: its
+        weights cannot take ``W0 + ΔW`` in place)."""
+        from adapters.quant import packed_names
+
+        if packed_names(self.base):
+            raise UserError(
+                f"solution {self.name}: its base is loaded in 4 bits, whose packed weights cannot hold W0 + ΔW: "
+                "analyse it in adapter coordinates, or load the base without --load-4bit"
+            )
         model = copy.deepcopy(self.base)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -271,6 +280,7 @@ def build_base(info: dict) -> Classifier:
 
 
 def check_base(folder: Path, info: dict, base: Classifier) -> None:
+    check_quantization(folder, info, base)  # before the fingerprint, which a 4-bit or other-dtype base also fails
     expected = info.get("base_fingerprint")
     if hasattr(base, "num_classes") and base.num_classes != int(info["num_classes"]):  # LMs have no classes
         raise UserError(
@@ -282,6 +292,33 @@ def check_base(folder: Path, info: dict, base: Classifier) -> None:
             f"solution {folder} was trained from a different base model ({info['model']}, fingerprint "
             f"{expected}): use solutions trained from the same pretrained weights"
         )
+
+
+def check_quantization(folder: Path, info: dict, base: nn.Module) -> None:
+    """A solution goes onto a base of the quantisation and dtype it was trained on (info ``base_quantization``,
+    recorded since 4-bit support): another quantisation or weights' dtype is a UserError naming the flag that
+    fixes it; another 4-bit compute dtype (the same weights, other rounding) is a printed note."""
+    recorded = info.get("base_quantization")
+    if not recorded:
+        return
+    from adapters.quant import base_quantization
+
+    here = base_quantization(base)
+    if recorded.get("quantization") != here["quantization"]:
+        was, now = recorded.get("quantization"), here["quantization"]
+        fix = "pass --load-4bit" if was else "drop --load-4bit"
+        raise UserError(
+            f"solution {folder} was trained on a {f'4-bit ({was})' if was else 'unquantised'} base but this base is "
+            f"{f'4-bit ({now})' if now else 'not quantised'}: {fix} (or re-train it on this base)"
+        )
+    if recorded.get("torch_dtype") != here["torch_dtype"]:
+        raise UserError(
+            f"solution {folder} was trained on a {recorded.get('torch_dtype')} base but this base is "
+            f"{here['torch_dtype']}: pass --torch-dtype {recorded.get('torch_dtype')} (or re-train it on this base)"
+        )
+    if recorded.get("compute_dtype") != here["compute_dtype"]:
+        print(f"note: solution {folder} was trained with 4-bit compute in {recorded.get('compute_dtype')}, this base "
+              f"computes in {here['compute_dtype']}: same weights, other rounding", file=sys.stderr)  # fmt: skip
 
 
 def peft_config_of(folder: Path):

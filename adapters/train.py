@@ -298,6 +298,7 @@ def train_solution(
     slice of the global batch); rank 0 evaluates and saves.
     """
     from adapters.methods import attach, has_head, trainable_params
+    from adapters.quant import base_quantization
     from adapters.solution import save_solution
 
     folder = Path(folder)
@@ -345,6 +346,7 @@ def train_solution(
         "adapter_params": n_train - head if spec.method in ("lora", "randlora") else None,
         "targets": list(task.entry.targets),
         "base_fingerprint": key.get("base_fingerprint"),
+        "base_quantization": base_quantization(task.base),  # checked when the solution is loaded onto a base
         "train_key": key,
     }
     losses = history["train_loss"]

@@ -72,7 +72,8 @@ class RunConfig:
         choices=("float32", "float16", "bfloat16", "auto"),
     )  # fmt: skip
     load_4bit: bool = option(
-        False, "hf: causal LMs: load the base in 4 bits (bitsandbytes, CUDA only) for training",
+        False, "hf: models: load the base in 4 bits (bitsandbytes NF4, CUDA or CPU; QLoRA: the adapters train in "
+        "fp32 beside the packed weights, which never change; full fine-tuning is refused)",
         toml="model.load_4bit", action="store_true",
     )  # fmt: skip
     cutoff_len: int = option(256, "hf: models: max tokens per sequence (the paper's cutoff length)",
@@ -105,6 +106,11 @@ class RunConfig:
         action="store_true",
     )
     # --- training
+    methods: list | None = option(
+        None, "the solutions the run trains (head_only, the baseline, always): any of ft lora randlora (default: "
+        "all three; under --load-4bit: lora randlora, since full fine-tuning cannot train a packed base)",
+        nargs="+", metavar="METHOD", toml="train.methods",
+    )  # fmt: skip
     train_steps: int | None = option(None, "optimizer steps per solution (quick: 200, full: 1500)", toml="train.steps")
     epochs: float | None = option(
         None, "training length in epochs (paper: 6/15/20); --train-steps wins", toml="train.epochs"
@@ -251,6 +257,13 @@ class RunConfig:
         epochs = self.epochs if self.epochs is not None else 1.0
         return max(1, math.ceil(epochs * train_samples / min(self.batch_size, train_samples)))
 
+    def method_set(self) -> tuple[str, ...]:
+        """The solutions of the run, in :data:`SOLUTION_NAMES` order: ``methods`` (default: ft lora randlora; under
+        ``load_4bit``: lora randlora), plus any given with ``--solutions``."""
+        default = ("lora", "randlora") if self.load_4bit else SOLUTION_NAMES
+        chosen = set(self.methods or default) | set(self.solutions)
+        return tuple(m for m in SOLUTION_NAMES if m in chosen)
+
     def landscape_dtype(self, device_type: str) -> str:
         return ("bfloat16" if device_type == "cuda" else "float32") if self.dtype == "auto" else self.dtype
 
@@ -323,6 +336,7 @@ class RunConfig:
         for name in self.solutions:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
+        self._validate_methods()
         self._validate_random_chart()
         self._validate_out()
         return self
@@ -337,6 +351,21 @@ class RunConfig:
         if existing is not None and not existing.is_dir():
             what = "is an existing file" if existing == path else f"lies under the file {existing}"
             self._fail("out", f"{what}, not a folder", "pass a folder (new or existing) for the outputs")
+
+    def _validate_methods(self) -> None:
+        """``methods``: a non-empty list of ft / lora / randlora; ft not trained on a 4-bit base (it is packed)."""
+        if self.methods is None:
+            return
+        if not self.methods or any(m not in SOLUTION_NAMES for m in self.methods):
+            self._fail("methods", f"must be one or more of {', '.join(SOLUTION_NAMES)}", "fix the list")
+        if self.load_4bit and "ft" in self.methods and "ft" not in self.solutions:
+            where = self.where("methods")
+            shown = f"{where} {' '.join(self.methods)}" if where.startswith("--") else self._shown("methods")
+            raise UserError(
+                f"{shown} with {self.where('load_4bit')}: full fine-tuning cannot train a packed "
+                "4-bit base: drop ft (the default under --load-4bit is lora randlora) or bring an FT model with "
+                "--solutions ft=CHECKPOINT"
+            )
 
     def _validate_random_chart(self) -> None:
         """The random charts' settings: given only with a random chart; an adapter centre for adapter coordinates."""

@@ -27,6 +27,7 @@ from adapters.methods import MethodSpec, adapted_weights, match_lora_rank, seed_
 from adapters.methods.budget import lora_params, randlora_params
 from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip, is_hf
 from adapters.objectives import objective_for
+from adapters.quant import base_quantization
 from adapters.solution import Solution, check_method, fingerprint, load_solution, read_info
 from adapters.train import Task, TrainConfig, train_solution
 from landscape.config import SOLUTION_NAMES, RunConfig
@@ -128,6 +129,10 @@ def load(config: RunConfig) -> Loaded:
     """Dataset, model and base weights of a run; every missing input is named in one line."""
     name = model_name(config)
     check_given(config, name)  # cheap file reads first: a wrong folder fails before any loading
+    if config.load_4bit:  # bitsandbytes quantises the weights as they land on the run's device
+        from adapters.models import hf
+
+        hf.set_4bit_device("cpu" if config.device == "cpu" else None)
     entry = get_model(name, modality(config), hf_options(config, name))
     if config.targets:
         entry = dataclasses.replace(entry, targets=tuple(config.targets))
@@ -167,6 +172,9 @@ def load(config: RunConfig) -> Loaded:
             f"({len(shapes)} adapted weights" + (f"; each also trains the {head:,}-parameter head)" if head else ")"),
             file=sys.stderr,
         )
+        if config.load_4bit and "ft" not in config.method_set():
+            print(f"methods: {' '.join(config.method_set())} (--load-4bit: full fine-tuning cannot train a packed "
+                  "base; bring one with --solutions ft=CHECKPOINT)", file=sys.stderr)  # fmt: skip
     return loaded
 
 
@@ -209,6 +217,7 @@ def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
         "sizes": loaded.sizes,
         **({"tasks": list(config.tasks)} if config.tasks else {}),
         "model_options": loaded.model_options,
+        **({"quantization": base_quantization(loaded.task.base)} if loaded.model_options.get("load_4bit") else {}),
         "targets": list(loaded.task.entry.targets),
         **({"randlora": randlora_settings(config)} if method == "randlora" else {}),
     }
@@ -232,15 +241,16 @@ def solution_keys(loaded: Loaded, device: torch.device) -> dict[str, str]:
 
     return {
         s: delta_fingerprint(loaded.solutions[s]) if s in loaded.solutions else key_digest(train_key(loaded, s, device))
-        for s in SOLUTION_NAMES
+        for s in loaded.config.method_set()
     }
 
 
 def train_solutions(loaded: Loaded, device: torch.device, stages) -> dict[str, Solution]:
-    """Every solution of the run: given, reused from the output folder (same training key), or trained."""
+    """Every solution of the run (the baseline and ``config.method_set()``): given, reused from the output folder
+    (same training key), or trained."""
     solutions = dict(loaded.solutions)
     for method in METHOD_ORDER:
-        if method in solutions:
+        if method in solutions or (method != "head_only" and method not in loaded.config.method_set()):
             continue
         folder = loaded.config.out_dir / "solutions" / method
         key = train_key(loaded, method, device)
@@ -329,7 +339,9 @@ def open_run(run_dir: str | Path, device: torch.device | str = "cpu", with_eval_
             "install the same model package version"
         )
     folders = solution_folders(run_dir, meta)
-    solutions = {s: load_solution(folders[s], base=loaded.task.base, expect_method=s) for s in SOLUTION_NAMES}
+    given = meta["config"].get("solutions") or {}  # the run's method set counts what it was given
+    methods = [s for s in SOLUTION_NAMES if s in config.method_set() or s in given]
+    solutions = {s: load_solution(folders[s], base=loaded.task.base, expect_method=s) for s in methods}
     evals = eval_set(loaded, device) if with_eval_set else None
     if evals is not None and evals.n != meta.get("eval_samples"):
         raise UserError(

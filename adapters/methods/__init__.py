@@ -125,6 +125,12 @@ def attach(
 
             enable_fast_randlora(peft_model)
         return peft_model
+    if spec.method == "ft":
+        from adapters.quant import packed_names
+
+        if packed_names(model):  # packed uint8 codes: no gradient, no optimizer step can change them
+            raise UserError("full fine-tuning cannot train a base loaded in 4 bits: train lora / randlora on it, or "
+                            "load the base without --load-4bit")  # fmt: skip
     for name, p in model.named_parameters():
         p.requires_grad_(spec.method == "ft" or name.startswith(HEAD + "."))
     return model

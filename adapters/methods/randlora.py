@@ -42,8 +42,9 @@ gradient from it (D·K·d), and with ``keep_weight=False`` a rebuild of ΔW in t
 layer with K = d that is T > d/2 in training (3d/4 with keep_weight=False) and in eval; for
 out = 4·in (K = d = in) T > 8d/7 (12d/7). The input is assumed to
 need a gradient. Dropout on the adapter input (``randlora_dropout > 0`` in training),
-several active adapters, merged or disabled adapters, extra forward arguments and Conv1D
-base layers always take peft's original forward.
+several active adapters, merged or disabled adapters, extra forward arguments, Conv1D
+base layers and packed 4-bit base layers always take peft's original forward (peft wraps a
+``bnb.nn.Linear4bit`` in its own ``randlora.bnb.Linear4bit``, which this module leaves alone).
 
 Bases: peft stores the shared A and B once, in bf16 (fp16 without bf16), and on CPU every
 layer casts the whole shared B to fp32 on every call. Here one converted copy per
@@ -61,6 +62,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adapters.quant import is_packed
 
 MODES = ("auto", "factored", "materialized")
 
@@ -283,6 +286,8 @@ def _single_adapter(layer, x, args, kwargs) -> str | None:
     if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     if not isinstance(layer.get_base_layer(), nn.Linear) or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if is_packed(layer.get_base_layer()):  # a 4-bit base (bnb Linear4bit is an nn.Linear): W + s·ΔW cannot be built
         return None
     active = [a for a in layer.active_adapters if a in layer.randlora_lambda]
     if len(active) != 1:

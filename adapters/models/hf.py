@@ -17,7 +17,10 @@ or unreachable). What the model becomes depends on the dataset's modality:
   truncates the right end). :func:`generate_accuracy` is the paper's generation-based evaluation.
 
 Build options (``--torch-dtype``, ``--load-4bit``, ``--cutoff-len``) are baked into the entry, so the
-encoder and the model agree. Adapter targets default per architecture family (:func:`targets_for`).
+encoder and the model agree. ``--load-4bit``: bitsandbytes NF4 (double-quantised statistics, compute in the
+``--torch-dtype``), placed on the run's device (CUDA, or the CPU: :func:`set_4bit_device`), then the QLoRA recipe
+(:func:`_prepare_4bit`); the wrappers expose ``is_loaded_in_4bit`` so peft wraps the packed layers in its own
+4-bit tuner layers. Adapter targets default per architecture family (:func:`targets_for`).
 """
 
 from __future__ import annotations
@@ -168,14 +171,49 @@ def is_causal_lm(config) -> bool:
     return config.model_type in CAUSAL
 
 
+BNB_FLOOR = "0.46"  # bitsandbytes' first release with CPU kernels for NF4 (the torch.library backends)
+
+
 def check_4bit() -> None:
-    """``--load-4bit`` needs CUDA and bitsandbytes: checked before any loading."""
+    """``--load-4bit`` needs bitsandbytes (CUDA or, from :data:`BNB_FLOOR`, CPU): checked before any loading."""
+    import importlib.metadata
     import importlib.util
 
-    if not torch.cuda.is_available():
-        raise UserError("--load-4bit needs a CUDA GPU with bitsandbytes (no CUDA device here): drop --load-4bit")
+    from packaging.version import Version
+
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("--load-4bit needs bitsandbytes: run 'pip install bitsandbytes'")
+        raise UserError("--load-4bit needs bitsandbytes, which is not installed: run 'pip install bitsandbytes'")
+    version = importlib.metadata.version("bitsandbytes")
+    if not torch.cuda.is_available() and Version(version) < Version(BNB_FLOOR):
+        raise UserError(f"--load-4bit on CPU needs bitsandbytes >= {BNB_FLOOR} (installed: {version}): "
+                        "run 'pip install -U bitsandbytes'")  # fmt: skip
+
+
+# Where --load-4bit places the packed weights (bitsandbytes quantises them as they are loaded onto it):
+# None = the current CUDA device when there is one, else the CPU (set_4bit_device: the run's --device).
+_4BIT_DEVICE: torch.device | None = None
+
+
+def set_4bit_device(device: torch.device | str | None) -> None:
+    """Load 4-bit bases onto ``device`` from now on (None: the current CUDA device if any, else the CPU)."""
+    global _4BIT_DEVICE
+    _4BIT_DEVICE = None if device is None else torch.device(device)
+
+
+def four_bit_device() -> torch.device:
+    """The device 4-bit bases are loaded onto (:func:`set_4bit_device`)."""
+    if _4BIT_DEVICE is not None:
+        return _4BIT_DEVICE
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(torch_dtype: str) -> torch.dtype:
+    """The 4-bit layers' compute dtype: the run's ``--torch-dtype`` (float32 by default, so the CPU and the
+    fp32 tests compute exactly); ``auto``: bfloat16 where CUDA runs it, else float32."""
+    dtype = DTYPES[torch_dtype]
+    if dtype != "auto":
+        return dtype
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
 @functools.lru_cache(maxsize=4)
@@ -213,9 +251,9 @@ def _load_kwargs(opts: dict) -> dict:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype(opts["torch_dtype"]),
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}  # 4-bit weights are placed on load
+        kwargs["device_map"] = {"": four_bit_device()}  # 4-bit weights are quantised as they are placed
     return kwargs
 
 
@@ -241,7 +279,21 @@ def set_checkpointing(model: nn.Module, enable: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-class HFClassifier(minilm.MiniLMClassifier):
+class _Quantised:
+    """Forwards transformers' ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` of the wrapped model: peft reads them
+    on the model it adapts to wrap a bitsandbytes layer in its own quantised-layer class (``lora.bnb.Linear4bit``,
+    ``randlora.bnb.Linear4bit``: forward beside the packed layer, merge by dequantising) instead of the plain one."""
+
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return bool(getattr(self.backbone, "is_loaded_in_4bit", False))
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return bool(getattr(self.backbone, "is_loaded_in_8bit", False))
+
+
+class HFClassifier(_Quantised, minilm.MiniLMClassifier):
     """MiniLM's mean pooling + zero linear head on any ``AutoModel`` (features cast to the head's dtype)."""
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -252,7 +304,7 @@ class HFClassifier(minilm.MiniLMClassifier):
         set_checkpointing(self.backbone, enable)
 
 
-class CausalLMScorer(nn.Module):
+class CausalLMScorer(_Quantised, nn.Module):
     """Scores candidate responses with a causal LM: ``(B, C, T)`` inputs -> ``(B, C, 2)`` float32.
 
     ``[..., 0]``: the summed next-token cross-entropy (fp32, from the logits) over the candidate's answer
@@ -304,6 +356,20 @@ class CausalLMScorer(nn.Module):
         set_checkpointing(self.backbone, enable)
 
 
+def _prepare_4bit(model: nn.Module) -> nn.Module:
+    """The QLoRA recipe on a 4-bit model: peft's ``prepare_model_for_kbit_training`` (norms and every unpacked
+    parameter in fp32, the base frozen), and no in-place repacking of the weights on CPU
+    (:func:`adapters.quant.disable_cpu_repacking`)."""
+    from peft import prepare_model_for_kbit_training
+
+    from adapters.quant import disable_cpu_repacking
+
+    # checkpointing stays the run's choice (--grad-checkpointing), not peft's default
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    disable_cpu_repacking(model)
+    return model
+
+
 def _pooling_kwargs(config) -> dict:
     """``add_pooling_layer=False`` for backbones that have one (BERT's pooler would train without gradients)."""
     import inspect
@@ -335,17 +401,10 @@ def build(
     _quiet_transformers()
     if modality == "lm":
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        if opts["load_4bit"]:
-            from peft import prepare_model_for_kbit_training
-
-            # checkpointing stays the run's choice (--grad-checkpointing), not peft's default
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return CausalLMScorer(model)
+        return CausalLMScorer(_prepare_4bit(model) if opts["load_4bit"] else model)
     backbone = AutoModel.from_pretrained(where, **kwargs, **_pooling_kwargs(load_config(where)))
     if opts["load_4bit"]:
-        from peft import prepare_model_for_kbit_training
-
-        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        backbone = _prepare_4bit(backbone)
     return HFClassifier(backbone, _hidden_size(backbone.config), num_classes)
 
 
