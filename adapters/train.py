@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -41,13 +42,54 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 128
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is the effective batch)
-    autocast: str = "none"  # "bfloat16": bf16 autocast for forward and loss (weights and optimizer fp32)
+    # "bfloat16" / "float16": forward and loss under autocast to that dtype (weights and optimizer fp32; a model
+    # stored in half precision needs its storage dtype here); "float16" also scales the loss (GradScaler)
+    autocast: str = "none"
     augment: bool = False  # apply the model's training augmentation (per step, seeded)
     grad_checkpointing: bool = False  # recompute activations in the backward (models that support it)
     generate_eval: bool = False  # causal LMs: also the paper's generation accuracy on the test split (slow)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HALF = (torch.float16, torch.bfloat16)
+
+
+def autocast_context(device: torch.device | str, autocast: str):
+    """``torch.autocast`` to ``autocast`` ("bfloat16", "float16"), or nothing for "none"."""
+    if autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, not {autocast!r}")
+    dtype = AUTOCAST[autocast]
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def storage_dtype(model: nn.Module) -> str:
+    """The half-precision dtype the model's floating weights are stored in ("float32" when none is half).
+    peft already keeps LoRA/RandLoRA factors in fp32 on a half base, so the frozen weights decide."""
+    half = {p.dtype for p in model.parameters() if p.dtype in HALF}
+    if len(half) > 1:
+        raise ValueError(f"the model mixes {sorted(map(str, half))}: load it in one dtype")
+    return str(half.pop()).removeprefix("torch.") if half else "float32"
+
+
+def fp32_masters(trainable: dict[str, nn.Parameter]) -> None:
+    """Cast the half-precision trainable parameters to fp32 in place (the master weights).
+
+    Why: AdamW updating bf16 weights directly loses the update. At lr 1e-5 a step moves a weight by ~1e-5,
+    while bf16 (8 significant bits) spaces the numbers near a typical weight |w| ~ 0.02 by 2^-6 · 2^-7 ≈ 1.2e-4:
+    the step is below half the spacing and rounds away, so a bf16 run moved about a third as far as an fp32 one
+    (tests/test_half.py). With fp32 masters the optimizer state and updates are fp32; the forward runs under
+    autocast to the storage dtype, so the compute costs what it did. In fp16 the optimizer's eps (1e-8) is 0
+    and small gradients underflow: fp32 state, plus a loss scaler for the gradients. An equivalent design
+    (half weights + a separate fp32 copy in the optimizer) holds both copies; casting in place holds one, and
+    the trained solution is then saved in fp32 (ΔW = θ_FT(fp32) − W0). The frozen weights keep their storage
+    dtype (no memory cost for what does not train).
+    """
+    for p in trainable.values():
+        if p.dtype in HALF:
+            p.data = p.data.float()
 
 
 def batch_indices(
@@ -133,16 +175,24 @@ def train(
     # Under torchrun every rank draws the same global batch and computes on its slice
     # index[rank::world]; DDP averages the gradients, which equals the gradient of the global
     # mean loss when the slices are equal (global batch divisible by the world size).
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    storage = storage_dtype(model)
+    fp32_masters(trainable)  # before the optimizer and DDP see the parameters
+    if storage != "float32" and config.autocast == "none":
+        config = dataclasses.replace(config, autocast=storage)  # fp32 masters beside half weights: mixed forward
+    # fp16's 5 exponent bits underflow small gradients: scale the loss, unscale before clipping, skip inf steps
+    scaler = torch.amp.GradScaler(torch.device(device).type) if config.autocast == "float16" else None
+    precision = {"storage_dtype": storage, "master_weights": "float32", "autocast": config.autocast,
+                 "loss_scaling": scaler is not None}  # fmt: skip
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
     )
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     losses: list[float] = []
     first = 0
     if checkpoint is not None and Path(checkpoint).exists():
-        first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config, checkpoint_key)
+        first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config, checkpoint_key, scaler)
     start = time.perf_counter()
     batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
     for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
@@ -150,25 +200,39 @@ def train(
     bar = progress_bar(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
-        loss = _backward(forward, data, labels, next(batches)[rank::world], step, config, device, augment, objective)
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-        optimizer.step()
-        schedule.step()
+        index = next(batches)[rank::world]
+        loss = _backward(forward, data, labels, index, step, config, device, augment, objective, scaler)
+        if scaler is None:
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+            optimizer.step()
+            schedule.step()
+        else:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when a gradient is inf/nan
+            scaler.update()
+            if scaler.get_scale() >= scale:  # the scale drops exactly when the step was skipped
+                schedule.step()  # a skipped step must not spend the schedule
         losses.append(distributed.global_mean(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         # Also after the last step: the trained weights survive a kill before the caller has saved them.
         if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == config.steps):
-            _save_checkpoint(Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key)
+            _save_checkpoint(
+                Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key, scaler
+            )
     model.eval()
-    return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first}
+    return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first,
+            "precision": precision}  # fmt: skip
 
 
-def _backward(forward, data: Encoded, labels, index, step: int, config: TrainConfig, device, augment, objective):
+def _backward(
+    forward, data: Encoded, labels, index, step: int, config: TrainConfig, device, augment, objective, scaler=None
+):
     """Gradients of one step's batch (``index``), in ``config.grad_accum`` micro-batches whose summed
-    losses give the whole batch's mean; returns the batch's loss (detached)."""
+    losses give the whole batch's mean (scaled by ``scaler`` when given); returns the batch's loss (detached)."""
     world = distributed.rank_world()[1]
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
     micro = index.chunk(config.grad_accum) if config.grad_accum > 1 else (index,)
     loss = torch.zeros((), device=device)
     for k, part in enumerate(micro):
@@ -178,13 +242,13 @@ def _backward(forward, data: Encoded, labels, index, step: int, config: TrainCon
             inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
         sync = k == len(micro) - 1 or world == 1
         with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
-            with autocast:
+            with autocast_context(device, config.autocast):
                 outputs = forward(**inputs).float()
             if len(micro) == 1:
                 part_loss = objective.loss(outputs, target)
             else:  # the sum over micro-batches is the mean over the whole batch
                 part_loss = objective.loss(outputs, target, reduction="sum") / len(index)
-            part_loss.backward()
+            (part_loss if scaler is None else scaler.scale(part_loss)).backward()
         loss += part_loss.detach()
     return loss
 
@@ -195,7 +259,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig, key: str) -> None:
+def _save_checkpoint(
+    path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig, key: str, scaler=None
+) -> None:
     state = {
         "key": key,
         "step": step,
@@ -204,13 +270,16 @@ def _save_checkpoint(path: Path, step, losses, trainable, optimizer, schedule, c
         "params": {n: p.detach().clone() for n, p in trainable.items()},
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     write_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
-def _resume(path: Path, trainable, optimizer, schedule, config: TrainConfig, key: str) -> tuple[int, list[float]]:
+def _resume(
+    path: Path, trainable, optimizer, schedule, config: TrainConfig, key: str, scaler=None
+) -> tuple[int, list[float]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file means: start over
@@ -229,6 +298,8 @@ def _resume(path: Path, trainable, optimizer, schedule, config: TrainConfig, key
             p.copy_(state["params"][name])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -245,8 +316,8 @@ def evaluate(
     autocast: str = "none",
     objective: Classification = OBJECTIVES["classification"],
 ) -> tuple[float, float]:
-    """Mean loss and accuracy over the whole set (batches in length order; ``autocast="bfloat16"``:
-    bf16 forward, fp32 loss)."""
+    """Mean loss and accuracy over the whole set (batches in length order; ``autocast="bfloat16"`` or
+    ``"float16"``: forward under autocast to that dtype, loss reduced in fp32)."""
     model.to(device).eval()
     order = data.length_order()
     batches = (
@@ -254,7 +325,8 @@ def evaluate(
         for index in order.split(batch_size)
     )
     forward = lambda inputs: model(**inputs)  # noqa: E731
-    result = score(forward, batches, len(order), objective, bf16=autocast == "bfloat16")[0]
+    with autocast_context(device, autocast):  # score's own bf16 switch is off: this context decides
+        result = score(forward, batches, len(order), objective)[0]
     return result.loss, result.accuracy
 
 
@@ -348,6 +420,8 @@ def train_solution(
         "base_fingerprint": key.get("base_fingerprint"),
         "base_quantization": base_quantization(task.base),  # checked when the solution is loaded onto a base
         "train_key": key,
+        # storage dtype of the model, fp32 master weights, autocast dtype, loss scaling: how it was trained
+        "precision": history.get("precision"),
     }
     losses = history["train_loss"]
     metrics = {

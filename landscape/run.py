@@ -192,11 +192,26 @@ def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConf
         seed=config.seed,
         eval_batch_size=config.eval_batch,
         grad_accum=config.grad_accum,
-        autocast="bfloat16" if device.type == "cuda" and config.train_dtype == "bfloat16" else "none",
+        autocast=train_autocast(loaded, device),
         augment=config.augment and entry.augment is not None,
         grad_checkpointing=config.grad_checkpointing,
         generate_eval=config.generate_eval,
     )
+
+
+def train_autocast(loaded: Loaded, device: torch.device) -> str:
+    """The training forward's autocast: the storage dtype of a model stored in half precision (its trainable
+    weights train as fp32 masters, see :func:`adapters.train.fp32_masters`), else bf16 on CUDA when asked."""
+    options = loaded.model_options or {}
+    # a 4-bit base: prepare_model_for_kbit_training already made every unpacked weight fp32 (the QLoRA recipe)
+    stored = None if options.get("load_4bit") else options.get("torch_dtype")
+    if stored in ("bfloat16", "float16"):
+        return stored
+    if stored == "auto":  # the checkpoint's own dtype: read it off the loaded weights
+        dtype = next((p.dtype for p in loaded.task.base.parameters() if p.is_floating_point()), torch.float32)
+        if dtype in (torch.bfloat16, torch.float16):
+            return str(dtype).removeprefix("torch.")
+    return "bfloat16" if device.type == "cuda" and loaded.config.train_dtype == "bfloat16" else "none"
 
 
 def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
