@@ -20,8 +20,9 @@ spectrum.json (what :func:`analyse` returns; definitions in :mod:`landscape.spec
                  <solution>: {"singular_values": ΔW's, descending, "rank", "effective_rank", "stable_rank",
                               "energy_rank_90", "energy_rank_99", ["energy_beyond_rank"],
                               ["similarity_to_<reference>"], ["intruders"],
-                              ["weight_spectrum"]: the weight spectrum of W0 + ΔW}, ...}, ...],
-     "settings": {..., "weight_spectra": bool},
+                              ["weight_spectrum"]: the weight spectrum of W0 + ΔW,
+                              ["noise_floor", "below_floor", "rank_above_floor"]}, ...}, ...],
+     "settings": {..., "weight_spectra": bool, ["rounding_floor": {solution: dtype or None}]},
      "solutions": {name: {"method", "rank", "path"}}}        (analyse_solutions only)
 
 A weight spectrum (:func:`landscape.spectrum.metrics.weight_metrics`) is the full set of singular values
@@ -29,6 +30,14 @@ of the weight matrix (fp64 Gram eigenvalues on the CPU, as for ΔW) with its ran
 norm ``s_max`` and Frobenius norm; ``relative_update`` in each solution's ``weight_spectrum`` is
 ‖ΔW‖_F / ‖W0‖_F. Costs about one more Gram matrix and eigenvalue pass per layer and solution (W0's
 comes with the intruder test); ``weight_spectra=False`` skips it.
+
+Rounding floor (:mod:`landscape.spectrum.floor`; with ``base`` and ``floor_dtypes``, which
+:func:`analyse_solutions` always gives): ``noise_floor`` is the expected largest singular value of the
+rounding noise of W0 in the dtype that rounded the solution's weights (its magnitude follows |W0|, not ΔW),
+``below_floor`` flags each of ``singular_values`` below it, ``rank_above_floor`` counts those above, and the
+``intruders`` entry gains ``noise_ratio`` / ``limited_by_rounding`` per top vector. They are None for an
+adapter's ΔW built from its factors (no rounded weights in it); an update between fp32 weights gets the
+fp32 floor (u = 2^-24), tiny but stated. Only a ΔW with θ or W0 stored in bf16/fp16 has a floor that matters.
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from landscape.spectrum.decomposition import (
     lowrank_svd,
     matmul,
 )
+from landscape.spectrum.floor import floor_dtype, floor_entry, intruder_floor_entry, noise_floor
 from landscape.spectrum.metrics import (
     BASE_KEY,
     WEIGHT_KEY,
@@ -93,6 +103,7 @@ class _Options:
     intruder_top_k: int
     intruder_thresholds: tuple[float, ...]
     weight_spectra: bool = True
+    floor_dtypes: Mapping[str, torch.dtype | None] | None = None  # per solution (with base): module docstring
 
 
 @dataclass
@@ -123,6 +134,7 @@ def analyse(
     intruder_thresholds: Sequence[float] = INTRUDER_THRESHOLDS,
     chunk_bytes: int = 512 * 2**20,
     weight_spectra: bool = True,
+    floor_dtypes: Mapping[str, torch.dtype | None] | None = None,
 ) -> dict:
     """Spectrum metrics of every solution's update for each layer.
 
@@ -136,7 +148,8 @@ def analyse(
     Optional: ``base`` {parameter name: W0} adds intruder dimensions and, with ``weight_spectra``, the
     weight spectra of W0 and of each W0 + ΔW; ``rank`` (default: the r of the first :class:`LowRank`
     found) adds ``energy_beyond_rank`` and k = r to the angle set; the ``reference`` solution (default
-    "ft"), when present, adds ``similarity_to_ft`` to the others.
+    "ft"), when present, adds ``similarity_to_ft`` to the others. ``floor_dtypes`` {solution: dtype that
+    rounded its weights, or None}, with ``base``, adds the rounding floor (module docstring) to those solutions.
 
     Returns ``{"layers": [{"name", "shape": [out, in], ["base": ...], <solution>: metrics, ...}, ...],
     "settings": {...}}`` with solutions in the order of ``deltas`` (layout: the module docstring).
@@ -148,8 +161,9 @@ def analyse(
         rank = next((v.r for params in deltas.values() for v in params.values() if isinstance(v, LowRank)), None)
     ref = reference if reference in deltas else None
     shapes = _layer_shapes(deltas, names, base)
+    floors = None if base is None or floor_dtypes is None else {k: floor_dtypes.get(k) for k in deltas}
     opts = _Options(method, device, rank, tuple(angle_ks), overlap_max_k, intruder_top_k, tuple(intruder_thresholds),
-                    weight_spectra and base is not None)  # fmt: skip
+                    weight_spectra and base is not None, floors)  # fmt: skip
     results: dict[str, dict] = {n: {"name": n, "shape": list(shapes[n])} for n in names}
     on_cpu = method == "gram" and _analysis_device(deltas, names, device).type == "cpu"
     with progress_bar(total=len(names), desc="spectrum", unit="layer", disable=not progress) as bar:
@@ -222,19 +236,28 @@ def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, ba
                 results[nm][BASE_KEY] = weight_metrics(s0[i], shape)
     left: dict[str, tuple[np.ndarray, list[int]]] = {}
     for solution, params in deltas.items():
+        dtype = opts.floor_dtypes.get(solution) if opts.floor_dtypes is not None else None
+        # the floor follows W0's magnitude in the dtype that rounded this solution's weights (None: adapters)
+        floors = [noise_floor(as_matrix(base[nm]), dtype) if dtype is not None else None for nm in chunk]
         updates = _decompose_updates(solution, chunk, [params[nm] for nm in chunk], d, kvec, opts)
         ranks = []
         for i, nm in enumerate(chunk):
             metrics = spectrum_metrics(updates.s[i], shape)
             if opts.rank:
                 metrics["energy_beyond_rank"] = energy_beyond_rank(updates.s[i], opts.rank)
+            if opts.floor_dtypes is not None:
+                metrics.update(floor_entry(metrics["singular_values"], floors[i]))
             ranks.append(metrics["rank"])
             results[nm][solution] = metrics
         left[solution] = (updates.u, ranks)
         if d0 is not None:
-            max_cos, weight_s = _intruders(w0, d0, updates, opts)
+            max_cos, weight_s, strength = _intruders(w0, d0, updates, opts, with_strength=dtype is not None)
             for i, nm in enumerate(chunk):
                 results[nm][solution]["intruders"] = intruder_entry(max_cos[i], opts.intruder_thresholds)
+                if opts.floor_dtypes is not None:
+                    results[nm][solution]["intruders"].update(
+                        intruder_floor_entry(strength[i] if strength is not None else [], floors[i])
+                    )
                 if weight_s is not None:
                     results[nm][solution][WEIGHT_KEY] = weight_metrics(weight_s[i], shape, updates.s[i], s0[i])
         del updates
@@ -272,9 +295,11 @@ def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kve
     return _Updates(dec.s.to(torch.float32).cpu().numpy(), dec.left(kvec).cpu().numpy(), dense=dense)
 
 
-def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options) -> tuple[np.ndarray, np.ndarray | None]:
-    """(b, top_k) max |cos| of the top left singular vectors of W0 + ΔW against all of W0's, and with
-    ``opts.weight_spectra`` all singular values of W0 + ΔW (b, d) (fp64 Gram, values only), else None.
+def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options,
+               with_strength: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:  # fmt: skip
+    """(b, top_k) max |cos| of the top left singular vectors u_i of W0 + ΔW against all of W0's, with
+    ``opts.weight_spectra`` all singular values of W0 + ΔW (b, d) (fp64 Gram, values only), else None, and with
+    ``with_strength`` the update's share of each top vector, ‖ΔWᵀ u_i‖ (b, top_k), else None.
 
     Frees ``updates.dense`` once W0 + ΔW is formed. A LoRA update stays factored: W0 + B·A from W0 in
     fp64 and, for the Gram method, its Gram matrix from W0's plus low-rank terms (no (out × in)² product).
@@ -308,7 +333,17 @@ def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options) 
     # all values first (fp64, its temporaries freed), then the intruder test's top vectors exactly as before
     weight_s = decompose(w, 0, opts.method, gram=gram).s.cpu().numpy() if opts.weight_spectra else None
     d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram, top_only=True)
-    return intruder_max_cos(d0, d1, opts.intruder_top_k), weight_s
+    strength = None
+    if with_strength:  # ΔW = (W0 + ΔW) − W0 again, rather than holding the dense update alongside
+        u = d1.left(min(opts.intruder_top_k, d1.s.shape[1])).to(torch.float64)
+        if updates.bs is not None:
+            strength = torch.linalg.vector_norm(updates.a.mT @ (updates.bs.mT @ u), dim=-2)
+        else:
+            delta = w.to(torch.float64) - w0.to(device=w.device, dtype=torch.float64)
+            strength = torch.linalg.vector_norm(delta.mT @ u, dim=-2)
+            del delta
+        strength = strength.cpu().numpy()
+    return intruder_max_cos(d0, d1, opts.intruder_top_k), weight_s, strength
 
 
 def _record_similarity(left: dict[str, tuple[np.ndarray, list[int]]], ref: str, chunk: list[str], d: int,
@@ -336,7 +371,9 @@ def _settings(opts: _Options, ref: str | None, intruders: bool) -> dict:
         if intruders
         else None,
         "weight_spectra": opts.weight_spectra,
-    }
+        **({"rounding_floor": {k: None if v is None else str(v).removeprefix("torch.")
+                               for k, v in opts.floor_dtypes.items()}} if opts.floor_dtypes is not None else {}),
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- solutions ----
@@ -375,8 +412,10 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
     base = dict(base_model.named_parameters())
     if device is None:  # where the lazy updates are computed: the base model's device
         device = next(base_model.parameters()).device
+    floors = {name: floor_dtype(sol) for name, sol in solutions.items()}  # what rounded each one's weights
     result = analyse(deltas, layers=adapted_layers(deltas), progress=progress, device=device, base=base,
-                     rank=rank, reference=ref, method=method, weight_spectra=weight_spectra)  # fmt: skip
+                     rank=rank, reference=ref, method=method, weight_spectra=weight_spectra,
+                     floor_dtypes=floors)  # fmt: skip
     # this tool's delta() leaves all-zero updates out, so a layer such a solution does not change is not analysed
     droppers = [n for n, sol in solutions.items() if drops_zero_updates(sol)]
     result["layers"] = [layer for layer in result["layers"] if all(layer[n]["rank"] > 0 for n in droppers)]

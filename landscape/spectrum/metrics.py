@@ -100,6 +100,9 @@ def scalar_rows(spectrum: Mapping) -> tuple[list[str], list[dict]]:
             "energy_rank_99", "energy_beyond_rank", "s_max"]  # fmt: skip
     cols += [f"overlap_k{k}" for k in ks] + [f"mean_angle_deg_k{k}" for k in ks] + [f"max_angle_deg_k{k}" for k in ks]
     cols += [f"intruders_eps{t}" for t in thresholds]
+    floor = settings.get("rounding_floor") is not None  # landscape.spectrum.floor: ΔW between half weights
+    if floor:
+        cols += ["noise_floor", "rank_above_floor", "below_floor"] + [f"intruders_limited_eps{t}" for t in thresholds]
     weights = bool(settings.get("weight_spectra"))
     if weights:
         cols += [f"{side}_{key}" for side in ("base", "weight") for key in WEIGHT_COLUMNS] + ["relative_update"]
@@ -117,10 +120,28 @@ def scalar_rows(spectrum: Mapping) -> tuple[list[str], list[dict]]:
             row.update(_similarity_columns(met.get(f"similarity_to_{ref}") if ref else None, ks))
             for t in thresholds:
                 row[f"intruders_eps{t}"] = (met.get("intruders") or {}).get("count", {}).get(str(t))
+            if floor:
+                row.update(_floor_columns(met, thresholds))
             if weights:
                 row.update(_weight_columns(layer.get(BASE_KEY), met.get(WEIGHT_KEY)))
             rows.append(row)
     return cols, rows
+
+
+def _floor_columns(met: Mapping, thresholds: Sequence[float]) -> dict:
+    """noise_floor, rank_above_floor, below_floor (how many of the singular values counted in ``rank`` are below
+    the floor) and intruders_limited_eps{t} (intruders at ε = t whose update share is below the floor) of one
+    row; empty (None) where there is no floor (an adapter's factors)."""
+    marks = met.get("below_floor")
+    row = {"noise_floor": met.get("noise_floor"), "rank_above_floor": met.get("rank_above_floor"),
+           "below_floor": None if marks is None else int(sum(marks[: met.get("rank") or 0]))}  # fmt: skip
+    intr = met.get("intruders") or {}
+    limited, cos = intr.get("limited_by_rounding"), intr.get("max_cos") or []
+    for t in thresholds:
+        row[f"intruders_limited_eps{t}"] = None if limited is None else sum(
+            1 for c, lim in zip(cos, limited, strict=False) if c is not None and c < t and lim
+        )
+    return row
 
 
 def _weight_columns(base: Mapping | None, weight: Mapping | None) -> dict:
