@@ -160,3 +160,58 @@ def test_solutions_on_a_bf16_base_train_fp32_and_record_precision(llama, data_ro
         files = list((tmp_path / "solutions" / method).glob("*.safetensors"))
         factors = {k: v for f in files for k, v in load_file(f).items()}
         assert factors and all(v.dtype == torch.float32 for v in factors.values()), method
+
+
+# ------------------------------------------------------------------------------------ rounding floor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 128), (96, 160)])
+def test_noise_floor_is_the_top_singular_value_of_real_rounding_noise(dtype, shape):
+    """Round a random fp32 matrix to half and back: numpy's largest singular value of the error is the floor."""
+    from landscape.spectrum.floor import noise_floor
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.02
+    noise = (w.to(dtype).float() - w).double().numpy()
+    top = np.linalg.svd(noise, compute_uv=False)[0]
+    assert abs(noise_floor(w, dtype) / top - 1) < 0.2, (noise_floor(w, dtype), top)
+    # it follows |W0| (for a power-of-two scale exactly, but for the few fp16 subnormals near 0)
+    assert noise_floor(4 * w, dtype) == pytest.approx(4 * noise_floor(w, dtype), rel=1e-6)
+    assert noise_floor(w, torch.float32) < noise_floor(w, dtype) / 1000
+
+
+def test_planted_update_above_the_floor_counted_tail_marked():
+    """A ΔW with singular values (8, 4, 2, 0.5, 0.3, 0.2) × floor: three counted above the floor, the tail marked,
+    in spectrum.json and spectrum.csv; the intruders' noise_ratio equals floor / ‖ΔWᵀ u_i‖ from numpy's SVD of
+    W0 + ΔW; an adapter (no floor) gets none."""
+    from landscape.spectrum import analyse, scalar_rows
+    from landscape.spectrum.floor import noise_floor
+
+    g = torch.Generator().manual_seed(1)
+    m, n = 64, 48
+    w0 = (torch.randn(m, n, generator=g) * 0.05).to(torch.bfloat16)  # the base as stored
+    floor = noise_floor(w0, torch.bfloat16)
+    u, _ = torch.linalg.qr(torch.randn(m, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, 6, generator=g, dtype=torch.float64))
+    planted = np.array([8, 4, 2, 0.5, 0.3, 0.2]) * floor
+    delta = (u * torch.from_numpy(planted)) @ v.T
+    deltas = {"ft": {"w": delta.float()}, "lora": {"w": delta.float()}}
+    out = analyse(deltas, progress=False, base={"w": w0}, floor_dtypes={"ft": torch.bfloat16, "lora": None})
+    ft, lora = out["layers"][0]["ft"], out["layers"][0]["lora"]
+    assert ft["noise_floor"] == pytest.approx(floor)
+    assert ft["rank_above_floor"] == 3
+    assert ft["below_floor"][:6] == [False, False, False, True, True, True]
+    assert all(ft["below_floor"][6:])  # the zero singular values of the rest are below too
+    assert lora["noise_floor"] is None and lora["below_floor"] is None and lora["rank_above_floor"] is None
+    assert out["settings"]["rounding_floor"] == {"ft": "bfloat16", "lora": None}
+    # intruders: the update's share of each top vector of W0 + ΔW, from numpy
+    w = w0.double().numpy() + delta.numpy()
+    top_u = np.linalg.svd(w)[0][:, : len(ft["intruders"]["max_cos"])]
+    share = np.linalg.norm(delta.numpy().T @ top_u, axis=0)
+    np.testing.assert_allclose(ft["intruders"]["noise_ratio"], floor / share, rtol=1e-3)
+    assert ft["intruders"]["limited_by_rounding"] == [bool(c < floor) for c in share]
+    assert lora["intruders"]["limited_by_rounding"] is None
+    cols, rows = scalar_rows(out)
+    assert {"noise_floor", "rank_above_floor", "below_floor"} <= set(cols)
+    row = next(r for r in rows if r["solution"] == "ft")
+    assert row["rank_above_floor"] == 3 and row["below_floor"] == ft["rank"] - 3

@@ -67,10 +67,13 @@ def solutions_of(folder, base, names=tuple(METHODS)) -> dict:
 
 def resident(solutions: dict, weight_spectra: bool) -> dict:
     """The analysis as it was before streaming: every solution's dense delta() (LoRA: its factors) at once."""
+    from landscape.spectrum.floor import floor_dtype
+
     deltas = {n: solution_deltas(s) for n, s in solutions.items()}
     result = analyse(deltas, layers=adapted_layers(deltas), progress=False,
                      base=dict(next(iter(solutions.values())).base.named_parameters()), rank=METHODS["lora"],
-                     reference="ft", weight_spectra=weight_spectra)  # fmt: skip
+                     reference="ft", weight_spectra=weight_spectra,
+                     floor_dtypes={n: floor_dtype(s) for n, s in solutions.items()})  # fmt: skip
     result["solutions"] = {n: {"method": s.method, "rank": s.info.get("rank"), "path": str(s.path)}
                            for n, s in solutions.items()}  # fmt: skip
     return result
