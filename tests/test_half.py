@@ -156,6 +156,23 @@ def test_solutions_on_a_bf16_base_train_fp32_and_record_precision(llama, data_ro
     ft = load_file(tmp_path / "solutions" / "ft" / "model.safetensors")
     assert ft and all(v.dtype == torch.float32 for v in ft.values())
     assert set(solutions) >= {"ft", "lora", "randlora"}
+    # the rounding floor's dtype: FT from fp32 masters starts at W0 exactly (fp32 floor); an FT stored in bf16
+    # (as main's code saved it) rounds θ in bf16; an adapter's ΔW comes from its factors (no floor)
+    from adapters.solution import load_solution
+    from landscape.spectrum.floor import floor_dtype
+
+    assert floor_dtype(solutions["ft"]) == torch.float32
+    assert floor_dtype(solutions["lora"]) is None and floor_dtype(solutions["randlora"]) is None
+    old = tmp_path / "ft_bf16"
+    old.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.bfloat16) for k, v in ft.items()}, old / "model.safetensors")
+    info = json.loads((tmp_path / "solutions" / "ft" / "solution.json").read_text())
+    info.pop("precision")
+    (old / "solution.json").write_text(json.dumps(info))
+    (old / "metrics.json").write_text("{}")
+    assert floor_dtype(load_solution(old, base=loaded.task.base)) == torch.bfloat16
     for method in ("lora", "randlora"):
         files = list((tmp_path / "solutions" / method).glob("*.safetensors"))
         factors = {k: v for f in files for k, v in load_file(f).items()}
