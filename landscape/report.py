@@ -5,9 +5,12 @@ Kept apart from the recipe so every recipe (and the figures command) describes r
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from adapters import threads
 from adapters.objectives import paired_se
@@ -34,18 +37,69 @@ def summarise(loaded: Loaded, solutions, chart, xs, ys, result, evaluator) -> di
     return summary
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def stored_in_half(evaluator) -> str | None:
+    """The half dtype the evaluator's model stores floating weights in ("bfloat16", "float16"), else None."""
+    half = {p.dtype for p in evaluator.model.parameters() if p.dtype in HALF}
+    return str(max(half, key=str)).removeprefix("torch.") if half else None
+
+
+@contextlib.contextmanager
+def fp32_weights(evaluator) -> Iterator[None]:
+    """Inside: the evaluator's model holds fp32 weights (every half-precision parameter and buffer upcast, the
+    plane's own half tensors too), so an "fp32" evaluation is fp32 in its weights as well as its arithmetic;
+    on exit the very tensors it had are put back (bit for bit). Costs an fp32 copy of the half weights while
+    inside. Works for the dense plane (the point is written into the upcast parameters) and the factored
+    one (its hooks build each weight in its W0's dtype, now fp32)."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    lists: list[tuple[str, list]] = []
+    try:
+        with torch.no_grad():
+            for t in [*evaluator.model.parameters(), *evaluator.model.buffers()]:
+                if t.dtype in HALF:
+                    saved.append((t, t.data))
+                    t.data = t.data.float()  # same Parameter object: hooks and optimizers still see it
+            for attr in ("origin", "u", "v"):  # a dense plane's W0 + x·U + y·V, if held in half
+                held = getattr(evaluator, attr, None)
+                if isinstance(held, list) and any(t.dtype in HALF for t in held):
+                    lists.append((attr, held))
+                    setattr(evaluator, attr, [t.float() if t.dtype in HALF else t for t in held])
+        if hasattr(evaluator, "_stacked"):
+            evaluator._stacked = []  # vmapped buffers are allocated in the origin's dtype: made again
+        yield
+    finally:
+        for t, data in saved:
+            t.data = data
+        for attr, held in lists:
+            setattr(evaluator, attr, held)
+        if hasattr(evaluator, "_stacked"):
+            evaluator._stacked = []
+
+
 def precision_check(summary: dict, chart, evaluator) -> dict | None:
-    """What bf16 costs: the vertices again in fp32, compared with the smallest effects the run reports."""
-    if not evaluator.autocast:
+    """What the run's precision costs: the vertices again in fp32, compared with the smallest effects the run
+    reports. Runs when the forward used bf16 autocast or the model stores its weights in half precision; the
+    re-evaluation uses fp32 weights (:func:`fp32_weights`) and no autocast, so it is fp32 throughout."""
+    half = stored_in_half(evaluator)
+    if not evaluator.autocast and half is None:
         return None
+    autocast = evaluator.autocast
     evaluator.autocast = False
-    fp32 = {s: evaluator.evaluate(*chart.vertices[s]).loss for s in _vertices(chart)}
-    evaluator.autocast = True
+    try:
+        with fp32_weights(evaluator):
+            fp32 = {s: evaluator.evaluate(*chart.vertices[s]).loss for s in _vertices(chart)}
+    finally:
+        evaluator.autocast = autocast
     diff = max(abs(summary[s]["vertex_loss"] - fp32[s]) for s in fp32)
     gaps = [abs(summary[a]["vertex_loss"] - summary[b]["vertex_loss"]) for a, b in _pairs(chart)]
     gap = min(gaps) if gaps else None  # a random chart has one vertex: no gap to compare with
+    # the historical key names say bf16; "run_precision" says what the run's numbers were computed in
     return {"vertex_loss_fp32": fp32, "max_abs_diff_bf16_vs_fp32": diff, "smallest_vertex_loss_gap": gap,
-            "bf16_below_smallest_gap": None if gap is None else diff < gap}  # fmt: skip
+            "bf16_below_smallest_gap": None if gap is None else diff < gap,
+            "run_precision": {"autocast": "bfloat16" if autocast else None, "weights": half or "float32"},
+            "fp32_weights": True}  # fmt: skip
 
 
 def vertex_gap_se(chart, evaluator) -> dict[str, float]:
@@ -97,4 +151,6 @@ def print_summary(written: list[Path], summary: dict, seconds: dict) -> None:
           + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))  # fmt: skip
 
 
-__all__ = ["metadata", "precision_check", "print_summary", "summarise", "vertex_gap_se"]
+__all__ = [
+    "fp32_weights", "metadata", "precision_check", "print_summary", "stored_in_half", "summarise", "vertex_gap_se",
+]  # fmt: skip
