@@ -232,3 +232,58 @@ def test_planted_update_above_the_floor_counted_tail_marked():
     assert {"noise_floor", "rank_above_floor", "below_floor"} <= set(cols)
     row = next(r for r in rows if r["solution"] == "ft")
     assert row["rank_above_floor"] == 3 and row["below_floor"] == ft["rank"] - 3
+
+
+# ------------------------------------------------------------------------- the fp32 re-evaluation
+
+
+@pytest.fixture(scope="module")
+def bf16_run(llama, data_root, tmp_path_factory):
+    """A bf16-stored run's loaded task and its three solutions (2 steps each)."""
+    from landscape.cli import Stages
+    from landscape.config import from_argv
+    from landscape.run import load, train_solutions
+
+    out = tmp_path_factory.mktemp("bf16run")
+    argv = ["--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root), "--out", str(out),
+            "--no-progress", "--device", "cpu", "--torch-dtype", "bfloat16", "--train-steps", "2",
+            "--eval-samples", "8"]  # fmt: skip
+    loaded = load(from_argv(argv))
+    return loaded, train_solutions(loaded, torch.device("cpu"), Stages(quiet=True))
+
+
+@pytest.mark.parametrize("storage", ["dense", "factored"])
+def test_fp32_recheck_uses_fp32_weights(bf16_run, storage):
+    """precision_check's fp32 losses at the vertices equal an fp32-cast copy of the base with θ_s = W0 + ΔW_s
+    written in (no autocast); the evaluator's bf16 weights come back untouched, and its own bf16 losses differ."""
+    from adapters.objectives import score
+    from landscape.connectivity import plane
+    from landscape.report import precision_check
+    from landscape.run import eval_set
+
+    loaded, solutions = bf16_run
+    loaded.config.plane_storage = storage
+    cpu = torch.device("cpu")
+    chart, _, _, evaluator = plane(loaded, solutions, cpu)
+    assert chart.info["storage"] == storage and not evaluator.autocast
+    before = {n: p.detach().clone() for n, p in evaluator.model.named_parameters()}
+    summary = {s: {"vertex_loss": evaluator.evaluate(*chart.vertices[s]).loss} for s in chart.vertices}
+    check = precision_check(summary, chart, evaluator)
+    assert check is not None and check["run_precision"]["weights"] == "bfloat16"
+    evals = eval_set(loaded, cpu)
+    for s in ("ft", "lora", "randlora"):
+        reference = copy.deepcopy(loaded.task.base).float()  # an explicitly fp32-cast copy
+        params = dict(reference.named_parameters())
+        with torch.no_grad():
+            for name, d in solutions[s].delta().items():
+                params[name].add_(d.float())
+        ref = score(lambda inputs, m=reference: m(**inputs), evals.batches, evals.n, loaded.task.objective)[0].loss
+        assert check["vertex_loss_fp32"][s] == pytest.approx(ref, abs=1e-5), s
+        assert abs(summary[s]["vertex_loss"] - ref) > 1e-5  # the run's own numbers were bf16: the check sees it
+    for n, p in evaluator.model.named_parameters():  # the evaluator's weights are back as they were
+        assert p.dtype == before[n].dtype == torch.bfloat16, n
+        if storage == "factored":  # the base itself, never written
+            assert torch.equal(p.detach(), before[n]), n
+    assert not evaluator.autocast
+    if storage == "factored":
+        evaluator.close()
