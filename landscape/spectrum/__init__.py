@@ -9,6 +9,7 @@ fine-tuning's and the intruder dimensions of W0 + ΔW (:mod:`~landscape.spectrum
   fp32 SVD, LoRA factors never made dense: :class:`LowRank`, :func:`lowrank_svd`);
 - :mod:`~landscape.spectrum.similarity`: principal angles, overlap curves, intruder dimensions;
 - :mod:`~landscape.spectrum.updates`: which layers, and a solution's updates (LoRA's factors through peft);
+- :mod:`~landscape.spectrum.floor`: the rounding floor of a ΔW between half-precision weights;
 - :mod:`~landscape.spectrum.analysis`: :func:`analyse` (dictionaries of updates),
   :func:`analyse_solutions` (loaded solutions, what the command line computes) and
   :func:`write_spectrum` (its files);
