@@ -138,11 +138,13 @@ def test_solutions_on_a_bf16_base_train_fp32_and_record_precision(llama, data_ro
     forward runs under bf16 autocast, and each solution.json records how it was trained."""
     import json
 
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
+    from adapters.solution import load_solution
     from landscape.cli import Stages
     from landscape.config import from_argv
     from landscape.run import load, train_solutions
+    from landscape.spectrum.floor import floor_dtype
 
     argv = ["--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root), "--out",
             str(tmp_path), "--no-progress", "--device", "cpu", "--torch-dtype", "bfloat16", "--train-steps", "2"]
@@ -158,15 +160,10 @@ def test_solutions_on_a_bf16_base_train_fp32_and_record_precision(llama, data_ro
     assert set(solutions) >= {"ft", "lora", "randlora"}
     # the rounding floor's dtype: FT from fp32 masters starts at W0 exactly (fp32 floor); an FT stored in bf16
     # (as main's code saved it) rounds θ in bf16; an adapter's ΔW comes from its factors (no floor)
-    from adapters.solution import load_solution
-    from landscape.spectrum.floor import floor_dtype
-
     assert floor_dtype(solutions["ft"]) == torch.float32
     assert floor_dtype(solutions["lora"]) is None and floor_dtype(solutions["randlora"]) is None
     old = tmp_path / "ft_bf16"
     old.mkdir()
-    from safetensors.torch import save_file
-
     save_file({k: v.to(torch.bfloat16) for k, v in ft.items()}, old / "model.safetensors")
     info = json.loads((tmp_path / "solutions" / "ft" / "solution.json").read_text())
     info.pop("precision")
