@@ -13,6 +13,9 @@ import logging  # noqa: E402
 # `kernels` package is missing: a kernel for its in-place CPU repacking only, which adapters.quant turns off.
 # The warning is a stray line before the CLI's one-line errors.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Where `kernels` is installed (transformers pulls it in), bitsandbytes asks it for that kernel; under
+# HF_HUB_OFFLINE it logs that the hub's publisher check is skipped: the same stray line, so the same silence.
+logging.getLogger("kernels").setLevel(logging.ERROR)
 
 from adapters.errors import UserError  # noqa: E402
 from adapters.solution import Solution, load_solution, save_solution  # noqa: E402

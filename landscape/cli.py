@@ -7,6 +7,7 @@ import contextlib
 import errno
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,9 +23,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None, prog: str) -> int:
-    """Run a CLI body; a UserError becomes one line on stderr and exit code 2."""
+    """Run a CLI body; a UserError becomes one line on stderr and exit code 2.
+
+    Deprecation notices that transformers, peft and torch address to library authors (e.g. peft calling a
+    renamed transformers method) are silenced here: they are ours to act on, and on stderr they would break
+    the one-line error promise."""
     try:
-        body(argv)
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|torch)(\.|$)")
+            body(argv)
     except UserError as e:
         sys.stderr.write(f"{prog}: error: {e}\n")
         return 2

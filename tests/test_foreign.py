@@ -119,6 +119,7 @@ def checkpoints(llama, tmp_path_factory) -> dict:
 def _spectrum(argv: list[str], capsys) -> tuple[int, list[str]]:
     from landscape.spectrum import cli
 
+    capsys.readouterr()  # drop what the test's own setup printed (e.g. a library's deprecation notice)
     code = cli.main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     return code, err
