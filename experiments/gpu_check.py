@@ -16,6 +16,11 @@ Measures, in one run:
 - the projection of the paper's CIFAR-100 figure (625 points × 50,000 training images) from that
   throughput, with text features computed once per point (the text tower is on the plane).
 
+``--rehearsal`` instead runs :mod:`experiments.rehearsal` (the seed's commonsense pipeline, every variant)
+with ``--device cuda`` at real size and prints the same table: Qwen2-0.5B real weights when ``--model
+hf:FOLDER`` points at them, otherwise a randomly initialised Llama-3-8B shape. It needs CUDA (exit 2
+without).
+
 ``--smoke`` runs the same code on the CPU with the reduced ``clip-tiny`` architecture (seconds;
 used by the tests). Results are printed and, with ``--json``, written atomically.
 """
@@ -149,7 +154,20 @@ def main(argv=None) -> int:
     p.add_argument("--eval-images", type=int, default=4096, help="images per grid point (default: 4096)")
     p.add_argument("--points", type=int, default=4, help="timed grid points (default: 4)")
     p.add_argument("--smoke", action="store_true", help="CPU dry run with clip-tiny (for tests)")
+    p.add_argument("--rehearsal", action="store_true",
+                   help="run experiments.rehearsal on the GPU at real size (Qwen2-0.5B weights given with --model "
+                   "hf:FOLDER, else a random-init Llama-3-8B shape) and print its table")  # fmt: skip
+    p.add_argument("--model", default=None, help="--rehearsal: hf:FOLDER of real Qwen2-0.5B weights")
     args = p.parse_args(argv)
+    if args.rehearsal:
+        if not torch.cuda.is_available():
+            print("python -m experiments.gpu_check: error: --rehearsal needs a CUDA GPU; on a CPU run "
+                  "python -m experiments.rehearsal", file=sys.stderr)  # fmt: skip
+            return 2
+        from experiments import rehearsal
+
+        rehearsal_argv = ["--device", "cuda", "--out", "runs/rehearsal-gpu", "--model", args.model or "llama3-8b"]
+        return rehearsal.main(rehearsal_argv + (["--json", args.json] if args.json else []))
     report = run(args)
     t, gr = report["training"], report["grid"]
     print(f"{report['model']} on {report['device']} ({report['dtype']}), batch {report['batch']}")
