@@ -27,6 +27,7 @@ from adapters.methods import MethodSpec, adapted_weights, match_lora_rank, seed_
 from adapters.methods.budget import lora_params, randlora_params
 from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip, is_hf
 from adapters.objectives import objective_for
+from adapters.precision import resolve_dtype
 from adapters.quant import base_quantization
 from adapters.solution import Solution, check_method, fingerprint, load_solution, read_info
 from adapters.train import Task, TrainConfig, train_solution
@@ -201,7 +202,8 @@ def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConf
 
 def train_autocast(loaded: Loaded, device: torch.device) -> str:
     """The training forward's autocast: the storage dtype of a model stored in half precision (its trainable
-    weights train as fp32 masters, see :func:`adapters.train.fp32_masters`), else bf16 on CUDA when asked."""
+    weights train as fp32 masters, see :func:`adapters.train.fp32_masters`), else ``train_dtype`` resolved on the
+    device (``auto``: bf16 where the device runs it natively, :mod:`adapters.precision`)."""
     options = loaded.model_options or {}
     # a 4-bit base: prepare_model_for_kbit_training already made every unpacked weight fp32 (the QLoRA recipe)
     stored = None if options.get("load_4bit") else options.get("torch_dtype")
@@ -211,7 +213,7 @@ def train_autocast(loaded: Loaded, device: torch.device) -> str:
         dtype = next((p.dtype for p in loaded.task.base.parameters() if p.is_floating_point()), torch.float32)
         if dtype in (torch.bfloat16, torch.float16):
             return str(dtype).removeprefix("torch.")
-    return "bfloat16" if device.type == "cuda" and loaded.config.train_dtype == "bfloat16" else "none"
+    return "bfloat16" if resolve_dtype(loaded.config.train_dtype, device) == "bfloat16" else "none"
 
 
 def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
