@@ -12,6 +12,7 @@ analysis share. :func:`open_run` rebuilds all of it from a run folder's ``landsc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ class Loaded:
     base_fingerprint: str
     ranks: dict[str, int]  # lora / randlora
     solutions: dict[str, Solution]  # the ones given with --solutions
+
+    @functools.cached_property
+    def examples(self) -> dict[str, str]:
+        """Digests of the encoded training and test examples (their text or pixels as the model reads them: the
+        tokenizer and ``--cutoff-len`` included): a file edited in place must not meet an old solution."""
+        from landscape.stages import encoded_digest
+
+        return {"train": encoded_digest(self.task.train), "test": encoded_digest(self.task.test)}
 
     @property
     def sizes(self) -> dict:
@@ -231,6 +240,7 @@ def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
         "data_root": config.data_root,
         "data_source": dataset.source,
         "train_labels": digest([("labels", dataset.train.labels)]),
+        "examples": loaded.examples,
         "sizes": loaded.sizes,
         **({"tasks": list(config.tasks)} if config.tasks else {}),
         "model_options": loaded.model_options,

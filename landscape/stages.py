@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.io import key_digest, write_json
+from adapters.io import digest, key_digest, write_json
 
 FILE = "stages.json"
 VERSION = 1
@@ -195,6 +195,15 @@ def run_inputs(loaded, solution_deltas: Mapping[str, str], evaluator, device, pr
     }
 
 
+def encoded_digest(encoded) -> str:
+    """Digest of a split encoded for the model (:class:`adapters.models.base.Encoded`: its tensors and lengths)."""
+    tensors = getattr(encoded, "tensors", None)
+    items = sorted(tensors.items()) if isinstance(tensors, dict) else []
+    if getattr(encoded, "lengths", None) is not None:
+        items.append(("lengths", encoded.lengths))
+    return digest(items)
+
+
 def read(out: str | Path) -> dict:
     """The stage records of ``out``'s stages.json ({} when there is none or it is unreadable)."""
     try:
@@ -257,5 +266,16 @@ class StageLog:
             write_json(self.out / FILE, {"version": VERSION, "stages": self.records})
 
 
-__all__ = ["FIELD_GROUPS", "INPUTS", "REUSED", "STAGE_READS", "Reads", "StageLog", "read", "run_inputs",
-           "stage_digest", "stage_key"]  # fmt: skip
+__all__ = [
+    "FIELD_GROUPS",
+    "INPUTS",
+    "REUSED",
+    "STAGE_READS",
+    "Reads",
+    "StageLog",
+    "encoded_digest",
+    "read",
+    "run_inputs",
+    "stage_digest",
+    "stage_key",
+]
