@@ -22,6 +22,7 @@ The solutions themselves are keyed in their own folders (``solution.json``'s ``t
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -204,6 +205,16 @@ def encoded_digest(encoded) -> str:
     return digest(items)
 
 
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes; "folder" for a folder (a solution), None when missing. Outputs are small."""
+    if path.is_dir():
+        return "folder"
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        return None
+
+
 def read(out: str | Path) -> dict:
     """The stage records of ``out``'s stages.json ({} when there is none or it is unreadable)."""
     try:
@@ -225,12 +236,16 @@ class StageLog:
         self.records: dict[str, dict] = read(self.out)
 
     def reusable(self, stage: str, key: str) -> dict | None:
-        """The record of ``stage`` when its files came from the same inputs (same key, every output present)."""
+        """The record of ``stage`` when its files came from the same inputs: same key, and every output present
+        with the content it was recorded with (``landscape.paths --run`` or ``landscape.spectrum --run`` may
+        have rewritten one since, with other settings)."""
         record = self.records.get(stage)
         if not isinstance(record, dict) or record.get("key") != key:
             return None
-        outputs = record.get("outputs") or []
-        return record if outputs and all((self.out / name).exists() for name in outputs) else None
+        outputs, contents = record.get("outputs") or [], record.get("contents") or {}
+        if not outputs or any(_file_digest(self.out / name) != contents.get(name) for name in outputs):
+            return None
+        return record
 
     def forget(self, stage: str) -> None:
         """Drop ``stage``'s record before recomputing it: files half rewritten are never taken for the old ones."""
@@ -246,6 +261,7 @@ class StageLog:
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": seconds,
             "outputs": names,
+            "contents": {name: _file_digest(self.out / name) for name in names},
             **({"reads": dict(reads)} if reads is not None else {}),
             **({"summary": summary} if summary is not None else {}),
         }

@@ -108,6 +108,23 @@ def test_a_run_killed_in_render_keeps_its_paths_and_spectra(llama, data_root, tm
     assert meta["stage_keys"]["paths"] == records["paths"]["key"] and "render" in stage_log.read(out)
 
 
+def test_paths_rewritten_by_the_paths_recipe_are_not_taken_for_the_runs(finished, llama, data_root, tmp_path):
+    """``landscape.paths --run`` writes into the run folder with its own settings: the next run sees the file
+    changed since it was recorded and recomputes its paths."""
+    from landscape import paths
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert paths.main(["--run", str(out), "--points", "5", "--no-progress"]) == 0
+    with np.load(out / "paths.npz") as f:
+        assert f["loss"].shape[1] == 5
+    err = main(llama, data_root, out)
+    assert recomputed(err, "paths") and not recomputed(err, "spectrum")
+    with np.load(out / "paths.npz") as f, np.load(finished / "paths.npz") as g:
+        np.testing.assert_array_equal(f["loss"], g["loss"])  # the run's own 3 points again
+
+
 # ---------------------------------------------------------------------------------- each input in turn
 
 
@@ -258,6 +275,10 @@ def test_stage_log_records_forgets_and_checks_outputs(tmp_path):
     again = stage_log.StageLog(tmp_path)  # read back from stages.json
     assert again.reusable("paths", "k1")["summary"] == {"x": 1} and again.reusable("paths", "k2") is None
     assert again.seconds() == {"paths": 1.5}
+    (tmp_path / "a.json").write_text('{"other": 1}')
+    assert again.reusable("paths", "k1") is None  # rewritten since (another recipe): recomputed
+    (tmp_path / "a.json").write_text("{}")
+    assert again.reusable("paths", "k1") is not None
     (tmp_path / "a.json").unlink()
     assert again.reusable("paths", "k1") is None  # an output gone: recomputed
     again.forget("paths")
