@@ -28,7 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.io import digest, key_digest, write_json
+import torch
+
+from adapters.io import key_digest, write_json
 
 FILE = "stages.json"
 VERSION = 1
@@ -196,13 +198,22 @@ def run_inputs(loaded, solution_deltas: Mapping[str, str], evaluator, device, pr
     }
 
 
-def encoded_digest(encoded) -> str:
-    """Digest of a split encoded for the model (:class:`adapters.models.base.Encoded`: its tensors and lengths)."""
+def encoded_digest(encoded, chunk_bytes: int = 1 << 26) -> str:
+    """Digest of a split encoded for the model (:class:`adapters.models.base.Encoded`: its tensors and lengths),
+    hashed in their own dtype a slice at a time: a split of images costs no fp32 copy of itself."""
+    h = hashlib.sha256()
     tensors = getattr(encoded, "tensors", None)
     items = sorted(tensors.items()) if isinstance(tensors, dict) else []
     if getattr(encoded, "lengths", None) is not None:
         items.append(("lengths", encoded.lengths))
-    return digest(items)
+    for name, tensor in items:
+        tensor = tensor.detach().cpu()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        rows = max(1, chunk_bytes // max(1, tensor[:1].numel() * tensor.element_size())) if tensor.dim() else 1
+        flat = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        for start in range(0, len(flat), rows):
+            h.update(flat[start : start + rows].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _file_digest(path: Path) -> str | None:

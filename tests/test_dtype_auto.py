@@ -80,7 +80,7 @@ def test_bad_override_and_bad_name_are_refused():
 
 
 def test_the_defaults_and_the_paper_configs_are_auto():
-    import tomllib
+    from adapters.compat import tomllib
 
     assert RunConfig().dtype == "auto" and RunConfig().train_dtype == "auto"
     for dataset in PAPER_DATASETS:  # the paper's recipes (a rehearsal may pin its own)
