@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 
 from landscape import stages as stage_log
 from landscape.config import RunConfig
+from tests import procs
 from tests.llm_data import write_commonsense
 from tests.llm_models import save_tiny_causal_lm
 
@@ -75,23 +78,20 @@ def finished(tmp_path_factory, llama, data_root) -> Path:
 # ----------------------------------------------------------------------------------- a run killed in render
 
 
-class Killed(Exception):
-    pass
-
-
-def test_a_run_killed_in_render_keeps_its_paths_and_spectra(llama, data_root, tmp_path, monkeypatch):
+def die_in_render() -> None:
+    """In the child run (tests.procs patch): SIGKILL itself when render starts."""
     from landscape import connectivity
 
+    connectivity.render_landscape = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_run_killed_in_render_keeps_its_paths_and_spectra(llama, data_root, tmp_path):
     out = tmp_path / "run"
-
-    def die(*args, **kwargs):
-        raise Killed("killed while drawing")
-
-    monkeypatch.setattr(connectivity, "render_landscape", die)
-    with pytest.raises(Killed):
-        main(llama, data_root, out)
-    monkeypatch.undo()
-    assert not (out / "landscape.json").exists()  # written last: the crash came before it
+    argv = ["--model", f"hf:{llama}", "--data-root", str(data_root), "--out", str(out), *RUN]
+    log = tmp_path / "killed.log"
+    code = procs.run(argv, log, patch="tests.test_stages:die_in_render", draw=False)
+    assert code == -signal.SIGKILL, log.read_text()[-3000:]
+    assert not (out / "landscape.json").exists()  # written last: the kill came before it
     records = stage_log.read(out)
     assert {"train_ft", "train_lora", "train_randlora", "grid", "paths", "spectrum"} <= set(records)
     assert "render" not in records
