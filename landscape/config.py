@@ -129,8 +129,9 @@ class RunConfig:
         False, "the model's training augmentation (CLIP: crop + flip)", flag=None, toml="train.augment"
     )
     train_dtype: str = option(
-        "float32", "training precision on GPU: float32 or bfloat16 autocast (CPU trains in fp32)", flag=None,
-        toml="train.dtype", choices=("float32", "bfloat16"),
+        "auto", "training forward precision: float32, bfloat16 autocast, or auto (bfloat16 where the device runs "
+        "it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX; float32 elsewhere)", flag=None,
+        toml="train.dtype", choices=("auto", "float32", "bfloat16"),
     )  # fmt: skip
     lr: dict = option({}, "learning rate per method {ft, lora, randlora, head_only} (default: the model's)", flag=None,
                       toml="train.lr")  # fmt: skip
@@ -201,7 +202,7 @@ class RunConfig:
     dtype: str = option(
         "auto",
         "forward precision of the landscape and paths: bfloat16 autocast (loss reduced in fp32) or float32 "
-        "(auto: bfloat16 on GPU, float32 on CPU)",
+        "(auto: bfloat16 where the device runs it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX)",
         toml="landscape.dtype",
         choices=("auto", "float32", "bfloat16"),
     )
@@ -265,7 +266,10 @@ class RunConfig:
         return tuple(m for m in SOLUTION_NAMES if m in chosen)
 
     def landscape_dtype(self, device_type: str) -> str:
-        return ("bfloat16" if device_type == "cuda" else "float32") if self.dtype == "auto" else self.dtype
+        """The landscape's forward dtype on this kind of device (``auto``: :mod:`adapters.precision`)."""
+        from adapters.precision import resolve_dtype
+
+        return resolve_dtype(self.dtype, device_type)
 
     def to_dict(self) -> dict:
         """The resolved settings, as recorded in landscape.json."""

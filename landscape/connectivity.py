@@ -14,6 +14,8 @@ their weight updates, and writes the output contract under --out:
   spectrum.json / spectrum.csv / spectrum.png / rank.png / similarity.png   spectra of each ΔW (landscape.spectrum)
   curvature.json / curvature.png / curvature.pdf   with --curvature: Hessian eigenvalues, trace, density
                                                    at each solution (landscape.curvature)
+  stages.json     one record per finished stage (its key, what it read, its files), written as each finishes:
+                  a rerun reuses the paths and spectra whose inputs are unchanged (landscape.stages)
 
 The recipe is the sequence of stages in :func:`run`; each stage is a function of the configuration
 and the previous stages' results.
@@ -31,13 +33,24 @@ import numpy as np
 
 from adapters import distributed, threads
 from adapters.errors import UserError
+from adapters.io import key_digest
 from landscape import config as run_config
 from landscape import curvature, directions, factored, paths, render, spectrum, store
+from landscape import stages as stage_log
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
 from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
 from landscape.report import metadata, print_summary, summarise
-from landscape.run import METHOD_ORDER, Loaded, eval_set, load, solution_keys, train_solutions
+from landscape.run import (
+    METHOD_ORDER,
+    Loaded,
+    eval_set,
+    load,
+    solution_keys,
+    train_autocast,
+    train_key,
+    train_solutions,
+)
 from landscape.store import GridStore, StaleGrid
 
 PROG = "python -m landscape.connectivity"
@@ -55,21 +68,29 @@ def run(argv: Sequence[str] | None = None) -> Path:
     rank, world = distributed.init(device.type)
     if config.batch_size % world:
         raise UserError(f"--batch-size {config.batch_size} is not divisible by the {world} torchrun processes")
-    stages, out, previous = Stages(quiet=rank != 0), config.out_dir, store.previous_run(config.out_dir)
+    stages, out, log = Stages(quiet=rank != 0), config.out_dir, stage_log.StageLog(config.out_dir, write=rank == 0)
+    previous = {"wall_time_s": log.seconds()}  # reused stages keep the times of the run that computed them
 
     with stages("load"):
         loaded = load(config)
         center = directions.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
+    precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
     solutions = train_solutions(loaded, device, stages)
     if center is not None:
         solutions[directions.CENTER_VERTEX] = center
     for method in METHOD_ORDER:  # solutions reused from the earlier run keep its training times
         if f"train_{method}" not in stages.seconds and method not in config.solutions:
             stages.reuse(f"train_{method}", previous, say=False)
+        if method in solutions and method not in config.solutions:  # their folders hold their keys; noted here
+            log.keep(f"train_{method}", key_digest(train_key(loaded, method, device)), [f"solutions/{method}"],
+                     stages.seconds.get(f"train_{method}"))  # fmt: skip
     with stages("plane"):
         chart, xs, ys, evaluator = plane(loaded, solutions, device)
-        grid_store.set_solutions({"deltas": solution_fingerprints(solutions), "x": xs, "y": ys})
+        deltas = solution_fingerprints(solutions)
+        inputs = stage_log.run_inputs(loaded, deltas, evaluator, device, precision["dtype"])
+        # the examples' digest too: data edited in place, or another tokenizer, must not meet old grid points
+        grid_store.set_solutions({"deltas": deltas, "x": xs, "y": ys, "eval": inputs["eval"]})
     with stages("grid"):
         result = evaluate_grid(evaluator, xs, ys, grid_store, config)
     if rank != 0:
@@ -78,20 +99,30 @@ def run(argv: Sequence[str] | None = None) -> Path:
     arrays = landscape_arrays(chart, xs, ys, result)
     written = [out / "landscape.npz"]
     store.write_npz(written[0], **arrays)
-    keys = stage_keys(grid_store, config, device)
-    path_summary = paths_stage(loaded, solutions, evaluator, device, stages, previous, keys, written)
-    if store.reusable(previous, keys, "spectrum", out):
+    keys = {s: stage_log.stage_digest(s, config, inputs) for s in stage_log.STAGE_READS}
+    log.record("grid", keys["grid"], written, stages.seconds.get("grid"))
+    path_summary = paths_stage(loaded, solutions, evaluator, device, stages, log, keys, written)
+    if log.reusable("spectrum", keys["spectrum"]):
         stages.reuse("spectrum", previous)
     else:
+        log.forget("spectrum")
         with stages("spectrum"):
-            written += spectrum.write_spectrum({s: solutions[s] for s in SOLUTIONS}, out, device, config.progress)
+            files = spectrum.write_spectrum({s: solutions[s] for s in SOLUTIONS}, out, device, config.progress)
+        written += files
+        log.record("spectrum", keys["spectrum"], files, stages.seconds["spectrum"],
+                   stage_log.stage_key("spectrum", config, inputs))  # fmt: skip
     curvature_summary = curvature_stage(loaded, solutions, evaluator, device, stages, written)
+    if curvature_summary is not None:
+        log.record("curvature", keys["curvature"], [f"curvature.{e}" for e in ("json", "png", "pdf")],
+                   stages.seconds["curvature"])  # fmt: skip
     with stages("render"):
-        written += render_landscape(loaded, chart, arrays, summary)
+        figures = render_landscape(loaded, chart, arrays, summary)
+    written += figures
+    log.record("render", keys["grid"], figures, stages.seconds["render"])  # drawn from the grid's result
     meta = metadata(loaded, chart, xs, ys, result, summary, path_summary, evaluator, device, world)
     if curvature_summary is not None:
         meta["curvature"] = curvature_summary
-    meta.update(wall_time_s=stages.seconds, reused_stages=sorted(stages.reused), stage_keys=keys,
+    meta.update(wall_time_s=stages.seconds, reused_stages=sorted(stages.reused), stage_keys=keys, precision=precision,
                 wall_time_total_s=round(time.perf_counter() - started, 1),
                 command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
     store.write_json(out / "landscape.json", meta)
@@ -114,14 +145,17 @@ def landscape_arrays(chart, xs, ys, result) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
-def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, keys, written) -> dict | None:
-    """The 1-D paths between the solutions, on the plane's evaluation set and precision (reused when unchanged)."""
+def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys, written) -> dict | None:
+    """The 1-D paths between the solutions, on the plane's evaluation set and precision (reused when unchanged:
+    ``log``'s record of the same key)."""
     config, out = loaded.config, loaded.config.out_dir
     if not config.path_points:
         return None
-    if store.reusable(previous, keys, "paths", out):
-        stages.reuse("paths", previous)
-        return previous["paths"]
+    record = log.reusable("paths", keys["paths"])
+    if record is not None and "summary" in record:
+        stages.reuse("paths", {"wall_time_s": log.seconds()})
+        return record["summary"]
+    log.forget("paths")
     dtype = config.landscape_dtype(device.type)
     with stages("paths"):
         result = paths.compute_paths(
@@ -133,8 +167,11 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, 
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip
         title = f"{loaded.model_name} on {config.dataset}: linear paths"
-        written += paths.write_paths(result, out, info=info, title=title)
-    return paths.summary(result)
+        files = paths.write_paths(result, out, info=info, title=title)
+    written += files
+    summary = paths.summary(result)
+    log.record("paths", keys["paths"], files, stages.seconds["paths"], summary=summary)
+    return summary
 
 
 def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, written) -> dict | None:
@@ -194,24 +231,23 @@ def check_grid_store(loaded: Loaded, device, rank: int) -> GridStore:
     return grid_store
 
 
-def stage_keys(grid_store: GridStore, config, device) -> dict[str, str]:
-    """Digests of what each reusable stage's result depends on: the solutions and evaluation set (the grid
-    store's key) and the stage's own settings."""
-    from adapters.io import key_digest
+def announce_precision(loaded: Loaded, device, rank: int) -> dict:
+    """The forward precision of the landscape (and of training, when it differs), printed once with the reason:
+    ``auto`` follows the hardware (:mod:`adapters.precision`). Recorded in landscape.json as ``precision``."""
+    from adapters.precision import choose
 
-    dtype = config.landscape_dtype(device.type)
-    return {
-        "paths": key_digest([grid_store.key, config.path_points, config.path_extend, dtype, PATHS_FORMAT]),
-        "spectrum": key_digest([grid_store.solutions["deltas"], str(device), SPECTRUM_FORMAT]),
-    }
+    forward = choose(loaded.config.dtype, device)
+    autocast = train_autocast(loaded, device)
+    training = "float32" if autocast == "none" else autocast
+    line = forward.line() + ("" if training == forward.dtype else f"; training forward: {training}")
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    return {"dtype": forward.dtype, "reason": forward.reason, "train": training}
 
 
 # Random charts: the display clips losses above this × the centre's loss (the planes through three solutions: 1.2):
 # a filter-normalised direction soon leaves the basin for losses far above chance, which would flatten it.
 RANDOM_CLIP_FACTOR = 10.0
-
-# What a stage writes changed (2: chord barriers; spectrum 2: W0 and W0 + ΔW spectra): older results are redone.
-PATHS_FORMAT, SPECTRUM_FORMAT = 2, 2
 
 
 def stale(config, error: Exception) -> UserError:

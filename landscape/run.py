@@ -12,6 +12,7 @@ analysis share. :func:`open_run` rebuilds all of it from a run folder's ``landsc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from adapters.methods import MethodSpec, adapted_weights, match_lora_rank, seed_
 from adapters.methods.budget import lora_params, randlora_params
 from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip, is_hf
 from adapters.objectives import objective_for
+from adapters.precision import resolve_dtype
 from adapters.quant import base_quantization
 from adapters.solution import Solution, check_method, fingerprint, load_solution, read_info
 from adapters.train import Task, TrainConfig, train_solution
@@ -47,6 +49,14 @@ class Loaded:
     base_fingerprint: str
     ranks: dict[str, int]  # lora / randlora
     solutions: dict[str, Solution]  # the ones given with --solutions
+
+    @functools.cached_property
+    def examples(self) -> dict[str, str]:
+        """Digests of the encoded training and test examples (their text or pixels as the model reads them: the
+        tokenizer and ``--cutoff-len`` included): a file edited in place must not meet an old solution."""
+        from landscape.stages import encoded_digest
+
+        return {"train": encoded_digest(self.task.train), "test": encoded_digest(self.task.test)}
 
     @property
     def sizes(self) -> dict:
@@ -201,7 +211,8 @@ def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConf
 
 def train_autocast(loaded: Loaded, device: torch.device) -> str:
     """The training forward's autocast: the storage dtype of a model stored in half precision (its trainable
-    weights train as fp32 masters, see :func:`adapters.train.fp32_masters`), else bf16 on CUDA when asked."""
+    weights train as fp32 masters, see :func:`adapters.train.fp32_masters`), else ``train_dtype`` resolved on the
+    device (``auto``: bf16 where the device runs it natively, :mod:`adapters.precision`)."""
     options = loaded.model_options or {}
     # a 4-bit base: prepare_model_for_kbit_training already made every unpacked weight fp32 (the QLoRA recipe)
     stored = None if options.get("load_4bit") else options.get("torch_dtype")
@@ -211,7 +222,7 @@ def train_autocast(loaded: Loaded, device: torch.device) -> str:
         dtype = next((p.dtype for p in loaded.task.base.parameters() if p.is_floating_point()), torch.float32)
         if dtype in (torch.bfloat16, torch.float16):
             return str(dtype).removeprefix("torch.")
-    return "bfloat16" if device.type == "cuda" and loaded.config.train_dtype == "bfloat16" else "none"
+    return "bfloat16" if resolve_dtype(loaded.config.train_dtype, device) == "bfloat16" else "none"
 
 
 def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
@@ -229,6 +240,7 @@ def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
         "data_root": config.data_root,
         "data_source": dataset.source,
         "train_labels": digest([("labels", dataset.train.labels)]),
+        "examples": loaded.examples,
         "sizes": loaded.sizes,
         **({"tasks": list(config.tasks)} if config.tasks else {}),
         "model_options": loaded.model_options,

@@ -16,27 +16,6 @@ import numpy as np
 
 from adapters.io import atomic_path, json_default, write_bytes, write_json, write_npz, write_text, write_with
 
-# Files a stage writes; a rerun reuses them when the stage's key (its inputs) is unchanged.
-STAGE_FILES = {
-    "paths": ("paths.npz", "paths.json", "paths.png", "paths.pdf"),
-    "spectrum": ("spectrum.json", "spectrum.csv", "spectrum.png", "rank.png", "rank.pdf"),
-}
-
-
-def previous_run(out: Path) -> dict:
-    """The landscape.json an earlier run left in ``out`` ({} when there is none or it is unreadable)."""
-    try:
-        return json.loads((Path(out) / "landscape.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def reusable(previous: dict, keys: dict, stage: str, out: Path) -> bool:
-    """Whether ``stage``'s files in ``out`` came from the same inputs (its key in the earlier landscape.json)."""
-    return (previous.get("stage_keys") or {}).get(stage) == keys[stage] and all(
-        (Path(out) / name).exists() for name in STAGE_FILES[stage]
-    )
-
 
 class GridStore:
     """Finished grid points on disk, so that a killed run resumes where it died.

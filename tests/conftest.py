@@ -19,6 +19,9 @@ import adapters  # noqa: F401
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `auto` precision follows the hardware (adapters.precision): pinned to fp32 so the tests' numbers are the same
+# on every machine; tests of bf16 ask for it
+os.environ.setdefault("ADAPTERS_NATIVE_BF16", "0")
 torch.set_num_threads(2)
 
 
