@@ -211,10 +211,11 @@ def _loaded(llama, data_root, out, *flags):
 
 
 def test_eval_tokens_changes_batching_not_numbers_and_keys_the_grid_only(llama, data_root, tmp_path):
+    from adapters.data import eval_subset
     from adapters.objectives import score
     from landscape.connectivity import check_grid_store
     from landscape.grid import EvalSet, PlaneEvaluator
-    from landscape.plane import build_chart, solution_weights
+    from landscape.plane import SOLUTIONS, build_chart, solution_weights
     from landscape.run import eval_set, train_key
 
     device = torch.device("cpu")
@@ -239,18 +240,13 @@ def test_eval_tokens_changes_batching_not_numbers_and_keys_the_grid_only(llama, 
     params = dict(base.named_parameters())
     g = torch.Generator().manual_seed(0)
     names = [n for n in params if n.endswith(("q_proj.weight", "up_proj.weight"))]
-    deltas = {s: {n: 0.05 * torch.randn(params[n].shape, generator=g) for n in names} for s in ("ft", "lora", "randlora")}
+    deltas = {s: {n: 0.05 * torch.randn(params[n].shape, generator=g) for n in names} for s in SOLUTIONS}
     chart = build_chart("paper", solution_weights(params, deltas))
     points = [(0.0, 0.0), (1.0, 0.0), (0.3, 0.7), (-0.2, 1.1)]
     new = PlaneEvaluator(base, chart, evals["small"], device, objective=objective).evaluate_many(points)
-    subset = small.task.dataset.train
-    from adapters.data import eval_subset
-
-    data = small.task.entry.encode(eval_subset(subset, 24, 0).inputs)
-    order = data.length_order()
-    old_batches = EvalSet(
-        [({k: v for k, v in data.batch(i).items()}, eval_subset(subset, 24, 0).labels[i]) for i in order.split(5)], 24
-    )
+    subset = eval_subset(small.task.dataset.train, 24, 0)  # the run's evaluation subset (seed 0)
+    data = small.task.entry.encode(subset.inputs)
+    old_batches = EvalSet([(data.batch(i), subset.labels[i]) for i in data.length_order().split(5)], 24)
     plain = type(base)(base.backbone, share_prompts=False)
     old = PlaneEvaluator(plain, chart, old_batches, device, objective=objective).evaluate_many(points)
     for a, b in zip(new, old, strict=True):
