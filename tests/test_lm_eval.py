@@ -257,3 +257,13 @@ def test_eval_tokens_changes_batching_not_numbers_and_keys_the_grid_only(llama, 
     assert stores[0].config["eval_tokens"] == 200 and stores[1].config["eval_tokens"] == 100000
     assert stores[0].config != stores[1].config
     assert train_key(small, "lora", device) == train_key(large, "lora", device)
+
+
+def test_eval_tokens_must_be_positive():
+    from adapters.errors import UserError
+    from landscape.config import from_argv
+
+    with pytest.raises(UserError, match="--eval-tokens 0: must be an integer >= 1"):
+        from_argv(["--eval-tokens", "0"])
+    assert from_argv([]).eval_tokens_for("cpu") == 8192 and from_argv([]).eval_tokens_for("cuda") == 65536
+    assert from_argv(["--eval-tokens", "300"]).eval_tokens_for("cuda") == 300
