@@ -167,6 +167,30 @@ def test_gold_training_autograd_and_fallback_give_the_same_numbers(monkeypatch):
         scorer(**batch)
 
 
+@pytest.mark.parametrize("method", ["lora", "randlora"])
+def test_shared_prompts_through_peft_adapters(method):
+    """LoRA / RandLoRA attached by peft around the scorer: shared prompts equal full sequences, ``gold=`` passes."""
+    from adapters.methods import MethodSpec, attach
+    from adapters.models.lm_scoring import CausalLMScorer
+
+    batch = _encode(_examples())
+    torch.manual_seed(0)
+    model = attach(CausalLMScorer(_model("llama")), MethodSpec(method, rank=2), ("q_proj", "v_proj", "up_proj"))
+    for p in model.parameters():
+        if p.requires_grad:  # B = 0 would leave ΔW = 0
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    scorer = next(m for m in model.modules() if isinstance(m, CausalLMScorer))
+    gold = torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
+    with torch.no_grad():
+        shared, only = model(**batch), model(**batch, gold=gold)
+        scorer.share_prompts = False
+        full = model(**batch)
+    torch.testing.assert_close(shared, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(only[:, 0], full[:, 0], rtol=0, atol=1e-5)
+    assert (only[:, 1:] == 0).all()
+
+
 def test_token_batches_respect_the_budget_and_cover_every_sample():
     from adapters.models.base import Encoded
 
