@@ -10,7 +10,7 @@ and the benchmarks all score through it, so every analysis works for every objec
 
 - :class:`Classification`: cross-entropy of class logits, accuracy = arg-max;
 - :class:`AnswerLoss`: a causal LM's answer loss (the RandLoRA paper's commonsense setup): the
-  model scores C candidate responses per sample (:class:`adapters.models.hf.CausalLMScorer`:
+  model scores C candidate responses per sample (:class:`adapters.models.lm_scoring.CausalLMScorer`:
   outputs ``(..., B, C, 2)`` = summed next-token cross-entropy over each candidate's answer
   tokens and their count); the loss is the gold response's mean over its answer tokens (prompt
   masked), per sample, then averaged over samples (so ``loss_se`` stays a per-sample standard

@@ -48,9 +48,14 @@ class TrainConfig:
     augment: bool = False  # apply the model's training augmentation (per step, seeded)
     grad_checkpointing: bool = False  # recompute activations in the backward (models that support it)
     generate_eval: bool = False  # causal LMs: also the paper's generation accuracy on the test split (slow)
+    # causal LMs: evaluation batches in padded candidate tokens (None: the device's default); batching only,
+    # so not part of the training key (to_dict)
+    eval_tokens: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("eval_tokens")
+        return d
 
 
 AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -315,15 +320,21 @@ def evaluate(
     device: torch.device | str = "cpu",
     autocast: str = "none",
     objective: Classification = OBJECTIVES["classification"],
+    tokens: int | None = None,
 ) -> tuple[float, float]:
     """Mean loss and accuracy over the whole set (batches in length order; ``autocast="bfloat16"`` or
-    ``"float16"``: forward under autocast to that dtype, loss reduced in fp32)."""
+    ``"float16"``: forward under autocast to that dtype, loss reduced in fp32). Causal-LM sets are batched by
+    ``tokens`` padded candidate tokens (default: the device's, :func:`adapters.models.lm_scoring.default_eval_tokens`)
+    instead of ``batch_size`` samples."""
+    from adapters.models.lm_scoring import default_eval_tokens
+
     model.to(device).eval()
     order = data.length_order()
-    batches = (
-        ({k: v.to(device) for k, v in data.batch(index).items()}, labels[index].to(device))
-        for index in order.split(batch_size)
-    )
+    if data.has_candidates:
+        parts = data.token_batches(tokens or default_eval_tokens(device))
+    else:
+        parts = order.split(batch_size)
+    batches = (({k: v.to(device) for k, v in data.batch(index).items()}, labels[index].to(device)) for index in parts)
     forward = lambda inputs: model(**inputs)  # noqa: E731
     with autocast_context(device, autocast):  # score's own bf16 switch is off: this context decides
         result = score(forward, batches, len(order), objective)[0]
@@ -389,8 +400,9 @@ def train_solution(
     if not distributed.is_lead():
         return
     test_loss, test_acc = evaluate(
-        model, task.test, task.dataset.test.labels, config.eval_batch_size, device, config.autocast, task.objective
-    )
+        model, task.test, task.dataset.test.labels, config.eval_batch_size, device, config.autocast, task.objective,
+        tokens=config.eval_tokens,
+    )  # fmt: skip
     if config.generate_eval and task.objective.name == "answer":
         from adapters.models.hf import generate_accuracy
 

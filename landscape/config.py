@@ -199,6 +199,10 @@ class RunConfig:
     eval_samples: int = option(512, "size of the fixed evaluation subset (full: 2000); 0 = the whole split",
                                toml="landscape.eval_samples")  # fmt: skip
     eval_batch: int = option(128, "evaluation batch size", flag=None, toml="landscape.eval_batch")
+    eval_tokens: int | None = option(
+        None, "causal LMs: evaluation batch size in padded candidate tokens (default: 8192 on CPU, 65536 on GPU); "
+        "changes batching, not the numbers", metavar="N", toml="landscape.eval_tokens",
+    )  # fmt: skip
     dtype: str = option(
         "auto",
         "forward precision of the landscape and paths: bfloat16 autocast (loss reduced in fp32) or float32 "
@@ -265,6 +269,12 @@ class RunConfig:
         chosen = set(self.methods or default) | set(self.solutions)
         return tuple(m for m in SOLUTION_NAMES if m in chosen)
 
+    def eval_tokens_for(self, device_type: str) -> int:
+        """The evaluation token budget of causal LMs: ``eval_tokens``, else the device's default."""
+        from adapters.models.lm_scoring import default_eval_tokens
+
+        return self.eval_tokens or default_eval_tokens(device_type)
+
     def landscape_dtype(self, device_type: str) -> str:
         """The landscape's forward dtype on this kind of device (``auto``: :mod:`adapters.precision`)."""
         from adapters.precision import resolve_dtype
@@ -305,7 +315,7 @@ class RunConfig:
         at_least = {
             "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
             "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
-            "threads": 1, "cutoff_len": 8, "direction_seed": 0,
+            "threads": 1, "cutoff_len": 8, "direction_seed": 0, "eval_tokens": 1,
         }  # fmt: skip
         for name, low in at_least.items():
             value = getattr(self, name)

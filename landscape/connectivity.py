@@ -220,6 +220,8 @@ def check_grid_store(loaded: Loaded, device, rank: int) -> GridStore:
     }  # fmt: skip
     if config.chart in RANDOM_CHARTS:  # only then, so the other charts' grids keep their keys
         settings["random_chart"] = directions.grid_settings(config)
+    if loaded.task.objective.name == "answer":  # causal LMs' evaluation batches (likewise only there)
+        settings["eval_tokens"] = config.eval_tokens_for(device.type)
     grid_store = GridStore(config.out_dir / ".grid", settings, rank=rank)
     if config.restart and rank == 0:
         grid_store.clear()

@@ -63,24 +63,22 @@ class EvalSet:
         device: torch.device | str,
         tokens_per_batch: int | None = None,
     ) -> EvalSet:
-        """Batches in length order; text batches hold up to ``tokens_per_batch`` padded tokens
-        (default 16 × batch_size), so short sequences travel in larger batches and padding stays small."""
+        """Batches in length order. Causal-LM sets (candidates per sample): at most ``tokens_per_batch`` padded
+        candidate tokens per batch (:meth:`Encoded.token_batches`; default
+        :func:`adapters.models.lm_scoring.default_eval_tokens` of the device), whatever ``batch_size``. Other
+        text: up to ``tokens_per_batch`` padded tokens (default 16 × batch_size), so short sequences travel in
+        larger batches and padding stays small. Images: ``batch_size``."""
         order = data.length_order()
         if data.lengths is None:
-            cuts = list(range(0, len(order), batch_size)) + [len(order)]
+            parts = list(order.split(batch_size))
+        elif data.has_candidates:
+            from adapters.models.lm_scoring import default_eval_tokens
+
+            parts = data.token_batches(tokens_per_batch or default_eval_tokens(device))
         else:
-            budget = tokens_per_batch or 16 * batch_size
-            lengths = data.lengths[order].tolist()
-            cuts, start = [0], 0
-            for k, length in enumerate(lengths):
-                # sorted ascending: a batch's padded size is (count) × (its last sample's length)
-                if k > start and (k - start + 1) * length > budget:
-                    cuts.append(k)
-                    start = k
-            cuts.append(len(order))
+            parts = data.token_batches(tokens_per_batch or 16 * batch_size)
         batches = []
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-            index = order[a:b]
+        for index in parts:
             inputs = {k: v.to(device) for k, v in data.batch(index).items()}
             batches.append((inputs, labels[index].to(device)))
         return cls(batches, len(order))

@@ -206,6 +206,7 @@ def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConf
         augment=config.augment and entry.augment is not None,
         grad_checkpointing=config.grad_checkpointing,
         generate_eval=config.generate_eval,
+        eval_tokens=config.eval_tokens_for(device.type),
     )
 
 
@@ -306,7 +307,8 @@ def eval_set(loaded: Loaded, device: torch.device | str) -> EvalSet:
     config, task = loaded.config, loaded.task
     split = task.dataset.train if config.eval_split == "train" else task.dataset.test
     subset = eval_subset(split, config.eval_samples or None, config.seed)
-    return EvalSet.prepare(task.entry.encode(subset.inputs), subset.labels, config.eval_batch, device)
+    tokens = config.eval_tokens_for(torch.device(device).type)
+    return EvalSet.prepare(task.entry.encode(subset.inputs), subset.labels, config.eval_batch, device, tokens)
 
 
 # ------------------------------------------------------------------------------- a finished run

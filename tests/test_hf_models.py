@@ -92,15 +92,16 @@ def test_names_and_dispatch():
     assert get_model("minilm") is get_model("minilm", "text", None)
 
 
-@pytest.mark.parametrize("keep_logits", [True, False])
-def test_scorer_equals_hf_loss_per_candidate(llama_dir, monkeypatch, keep_logits):
-    if not keep_logits:  # the path for transformers without ``logits_to_keep``: the full logits
+@pytest.mark.parametrize("path", ["shared", "keep_logits", "full_logits"])
+def test_scorer_equals_hf_loss_per_candidate(llama_dir, monkeypatch, path):
+    if path == "full_logits":  # the path for transformers without ``logits_to_keep``: the full logits
         monkeypatch.setattr(hf.CausalLMScorer, "_keeps_logits", lambda self: False)
     entry = get_model("hf:" + llama_dir, "lm")
     assert entry.options == hf.OPTIONS and entry.defaults["randlora_rank"] == 30
     enc = entry.encode(RECORDS)
     scorer = build_base(entry.name, ["unused"], None, seed=0, modality="lm").eval()
     assert isinstance(scorer, hf.CausalLMScorer)
+    scorer.share_prompts = path == "shared"  # else every candidate as its own full sequence
     from adapters.methods import has_head
 
     assert not has_head(scorer)

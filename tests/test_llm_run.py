@@ -59,7 +59,7 @@ def test_answer_loss_and_candidate_accuracy_equal_plain_loops(llama, data_root, 
     from landscape.run import eval_set
 
     loaded = _loaded(llama, data_root, tmp_path, "--eval-samples", "24")
-    loaded.config.eval_batch = 5  # several batches of mixed tasks and candidate counts
+    loaded.config.eval_tokens = 1500  # several batches of mixed tasks and candidate counts
     assert loaded.task.objective.name == "answer"
     evals = eval_set(loaded, "cpu")
     assert len(evals.batches) > 2

@@ -81,6 +81,40 @@ class Encoded:
         lengths = self.lengths
         return Encoded({k: v.to(device) for k, v in self.tensors.items()}, lengths)
 
+    @property
+    def has_candidates(self) -> bool:
+        """Whether each sample holds several sequences (a causal-LM sample's candidates: (N, C, T) inputs)."""
+        mask = self.tensors.get("attention_mask")
+        return mask is not None and mask.dim() == 3
+
+    def sequences(self) -> torch.Tensor:
+        """Real sequences per sample: the candidates of a causal-LM sample (``attention_mask`` (N, C, T), all-zero
+        rows are padding candidates), else 1."""
+        if self.has_candidates:
+            return self.tensors["attention_mask"].bool().any(-1).sum(-1)
+        return torch.ones(len(self), dtype=torch.int64)
+
+    def token_batches(self, budget: int) -> list[torch.Tensor]:
+        """Sample indices in length order, cut into batches of at most ``budget`` padded tokens.
+
+        A batch's padded size is its real sequences (:meth:`sequences`: every candidate of a causal-LM sample)
+        times its longest sample's length, the width :meth:`batch` trims to; a sample alone above the budget
+        is a batch of its own. Short samples thus travel in large batches, long ones in small batches.
+        """
+        order = self.length_order()
+        if self.lengths is None:
+            raise ValueError("token_batches needs token lengths (text or causal-LM inputs)")
+        lengths, rows = self.lengths[order].tolist(), self.sequences()[order].tolist()
+        cuts, start, held = [0], 0, 0
+        for k, (length, count) in enumerate(zip(lengths, rows, strict=True)):
+            # sorted ascending: the batch's width is this (its last) sample's length
+            if k > start and (held + count) * length > budget:
+                cuts.append(k)
+                start, held = k, 0
+            held += count
+        cuts.append(len(order))
+        return [order[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
     def length_order(self) -> torch.Tensor:
         """Sample order that groups similar lengths (identity for images)."""
         if self.lengths is None:

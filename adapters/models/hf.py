@@ -10,8 +10,8 @@ or unreachable). What the model becomes depends on the dataset's modality:
   ``hf:<MiniLM's folder>`` is the built-in ``minilm`` model. Encoder: the model's tokenizer, padded
   right, truncated to ``cutoff_len`` tokens.
 - ``lm`` (a causal-LM dataset: records ``{"prompt", "candidates", "task", "answer"}``):
-  ``AutoModelForCausalLM`` wrapped by :class:`CausalLMScorer`, which returns per candidate response
-  the summed next-token cross-entropy over its answer tokens and their count (the prompt is masked,
+  ``AutoModelForCausalLM`` wrapped by :class:`adapters.models.lm_scoring.CausalLMScorer`, which returns per
+  candidate response the summed next-token cross-entropy over its answer tokens and their count (the prompt is masked,
   as LLM-Adapters does with ``train_on_inputs=False``). Sequences longer than ``cutoff_len`` lose
   tokens from the LEFT of the prompt, so the scored answer stays whole (a deviation: LLM-Adapters
   truncates the right end). :func:`generate_accuracy` is the paper's generation-based evaluation.
@@ -32,12 +32,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from adapters.errors import UserError
 from adapters.models import minilm
 from adapters.models.base import Encoded, ModelEntry
+from adapters.models.lm_scoring import CausalLMScorer
 
 PREFIX = "hf:"
 HUB_HOST = "huggingface.co"
@@ -299,58 +299,6 @@ class HFClassifier(_Quantised, minilm.MiniLMClassifier):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # fp32 models: a no-op, so hf:<MiniLM> equals the built-in minilm exactly
         return super().features(input_ids, attention_mask).to(self.task_head.weight.dtype)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        set_checkpointing(self.backbone, enable)
-
-
-class CausalLMScorer(_Quantised, nn.Module):
-    """Scores candidate responses with a causal LM: ``(B, C, T)`` inputs -> ``(B, C, 2)`` float32.
-
-    ``[..., 0]``: the summed next-token cross-entropy (fp32, from the logits) over the candidate's answer
-    tokens (logits at t-1 predict token t where ``answer_mask[t]``); ``[..., 1]``: their count. A row
-    whose attention mask is all zero is a padding candidate: it is not run and gives (0, 0).
-    """
-
-    # Rows are selected by content (data-dependent shapes): one grid point per forward, never vmapped.
-    batch_grid_points = False
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor):
-        shape = input_ids.shape[:-1]
-        ids, mask = input_ids.reshape(-1, input_ids.shape[-1]), attention_mask.reshape(-1, input_ids.shape[-1])
-        answer = answer_mask.reshape(ids.shape).bool()
-        rows = mask.bool().any(-1).nonzero().squeeze(-1)
-        out = torch.zeros(ids.shape[0], 2, dtype=torch.float32, device=ids.device)
-        if rows.numel() == 0:
-            return out.view(*shape, 2)
-        ids, mask = ids[rows], mask[rows]
-        counted = answer[rows, 1:] & mask[:, 1:].bool()  # token t is scored from the logits at t - 1
-        nll = self._answer_nll(ids, mask, counted)
-        scored = torch.stack([nll, counted.sum(-1).to(torch.float32)], -1)
-        return out.index_copy(0, rows, scored).view(*shape, 2)
-
-    def _answer_nll(self, ids: torch.Tensor, mask: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-        """Per row, the summed cross-entropy of the tokens ``counted`` marks (positions 1.. of ``ids``)."""
-        # Only the positions some row scores go through the LM head: the vocabulary projection of a
-        # whole sequence is the largest activation of an LLM (T x 150k for Qwen2).
-        positions = counted.any(0).nonzero().squeeze(-1)  # logits positions t - 1
-        kwargs = {"logits_to_keep": positions} if self._keeps_logits() else {}
-        logits = self.backbone(input_ids=ids, attention_mask=mask, **kwargs).logits
-        if not kwargs:
-            logits = logits[:, positions]
-        targets = ids[:, positions + 1]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-        return torch.where(counted[:, positions], nll, torch.zeros_like(nll)).sum(-1)
-
-    def _keeps_logits(self) -> bool:
-        import inspect
-
-        forward = type(self.backbone).forward
-        return "logits_to_keep" in inspect.signature(forward).parameters
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_checkpointing(self.backbone, enable)
