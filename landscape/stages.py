@@ -59,6 +59,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "eval_split",
         "eval_samples",
         "eval_batch",
+        "eval_tokens",
         "seed",
     ),
     # how the solutions are trained (they reach the analyses through their ΔW digests)
