@@ -31,11 +31,21 @@ import numpy as np
 
 from adapters import distributed, threads
 from adapters.errors import UserError
+from adapters.solution import base_solution
 from landscape import config as run_config
 from landscape import curvature, directions, factored, paths, render, spectrum, store
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
-from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
+from landscape.plane import (
+    RANDOM_CHARTS,
+    SOLUTIONS,
+    build_chart,
+    default_axes,
+    paper_axis,
+    solution_weights,
+    third_vertex,
+    with_third,
+)
 from landscape.report import metadata, print_summary, summarise
 from landscape.run import METHOD_ORDER, Loaded, eval_set, load, solution_keys, train_solutions
 from landscape.store import GridStore, StaleGrid
@@ -62,6 +72,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         center = directions.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
     solutions = train_solutions(loaded, device, stages)
+    if "ft" not in solutions and config.chart not in RANDOM_CHARTS:  # the base model is the third vertex
+        solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
     if center is not None:
         solutions[directions.CENTER_VERTEX] = center
     for method in METHOD_ORDER:  # solutions reused from the earlier run keep its training times
@@ -84,7 +96,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         stages.reuse("spectrum", previous)
     else:
         with stages("spectrum"):
-            written += spectrum.write_spectrum({s: solutions[s] for s in SOLUTIONS}, out, device, config.progress)
+            chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}  # the base vertex has no ΔW
+            written += spectrum.write_spectrum(chosen, out, device, config.progress)
     curvature_summary = curvature_stage(loaded, solutions, evaluator, device, stages, written)
     with stages("render"):
         written += render_landscape(loaded, chart, arrays, summary)
@@ -144,7 +157,7 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
         return None
     config, out = loaded.config, loaded.config.out_dir
     settings = curvature.CurvatureSettings(seed=config.seed)
-    chosen = {s: solutions[s] for s in SOLUTIONS}
+    chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}
     info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
             "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
     with stages("curvature"):
@@ -223,7 +236,8 @@ def stale(config, error: Exception) -> UserError:
 def solution_fingerprints(solutions) -> dict[str, str]:
     from adapters.solution import delta_fingerprint
 
-    names = [*SOLUTIONS, directions.CENTER_VERTEX]  # the centre of a random chart given as a folder, if any
+    # the base vertex (no FT solution), the centre of a random chart given as a folder, if any
+    names = [*SOLUTIONS, "base", directions.CENTER_VERTEX]
     return {s: delta_fingerprint(solutions[s]) for s in names if s in solutions}
 
 
@@ -247,13 +261,15 @@ def plane(loaded: Loaded, solutions, device):
         chart, evaluator = directions.build_evaluator(config, center, vertex, evals, device, dtype,
                                                       loaded.task.objective)  # fmt: skip
     elif storage == "factored":
-        deltas = {s: solutions[s].module_deltas(check=False) for s in SOLUTIONS}
+        deltas = {s: solutions[s].module_deltas(check=False) for s in (*SOLUTIONS, "base") if s in solutions}
         chart = factored.build_chart(config.chart, base, deltas)
         evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
                                                loaded.task.objective)  # fmt: skip
     else:
-        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[s].delta() for s in SOLUTIONS})
-        chart = build_chart(config.chart, thetas)
+        third = third_vertex(solutions)
+        roles = {"ft": third, "lora": "lora", "randlora": "randlora"}
+        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[roles[s]].delta() for s in SOLUTIONS})
+        chart = with_third(build_chart(config.chart, thetas), third)
         del thetas
         evaluator = PlaneEvaluator(
             copy.deepcopy(base), chart, evals, device, dtype, config.points_per_forward, loaded.task.objective
