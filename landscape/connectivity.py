@@ -72,7 +72,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         center = directions.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
     solutions = train_solutions(loaded, device, stages)
-    if "ft" not in solutions and config.chart not in RANDOM_CHARTS:  # the base model is the third vertex
+    if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
         solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
     if center is not None:
         solutions[directions.CENTER_VERTEX] = center
@@ -141,7 +141,8 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, 
             loaded.task.base, solutions, evaluator.eval_set, device, config.path_points, config.path_extend,
             progress=config.progress, points_per_forward=evaluator.points_per_forward, dtype=dtype,
             objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
-            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) else None,
+            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in
+            RANDOM_CHARTS else None,
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip
@@ -274,7 +275,7 @@ def plane(loaded: Loaded, solutions, device):
         evaluator = PlaneEvaluator(
             copy.deepcopy(base), chart, evals, device, dtype, config.points_per_forward, loaded.task.objective
         )
-    chart.info["storage"] = storage
+    chart.info["storage"] = "factored" if isinstance(evaluator, factored.FactoredEvaluator) else "dense"
     xs, ys = default_axes(chart, config.grid)
     verts = list(chart.vertices.values())
     if config.x_range:  # the config's window, the vertices kept on the grid

@@ -195,6 +195,8 @@ class FactoredChart:
         if kind == "line":
             a, b = self.form[1:]
             return {a: 1.0 - x, b: x}
+        if kind == "affine":  # a random chart: θ* + x·δ + y·η
+            return {"center": 1.0, "u": x, "v": y}
         raise ValueError(f"unknown chart form {self.form!r}")
 
     def terms(self, name: str) -> list[tuple[str, DeltaLike]]:
@@ -320,6 +322,24 @@ def build_chart(
     vertices = {"randlora": (0.0, 0.0), "lora": (norm_u, 0.0), third: (along, norm_v)}
     return FactoredChart("orthonormal", vertices, info, chart_base, kept, ("orthonormal", norm_u, norm_v, along),
                          third=third)  # fmt: skip
+
+
+@torch.no_grad()
+def affine_chart(base: nn.Module, chart) -> FactoredChart:
+    """A dense chart ``origin + x·U + y·V`` (:class:`landscape.plane.Chart`, e.g. Li et al.'s random chart) as a
+    factored one on ``base``: W0 + 1·(origin − W0) + x·U + y·V, every term stored in fp32 (as the dense chart holds
+    them), so a 4-bit base evaluates it beside its packed layers. Terms that are zero are left out."""
+    params = dict(base.named_parameters())
+    kept: dict[str, dict[str, DeltaLike]] = {"center": {}, "u": {}, "v": {}}
+    for n, origin in chart.origin.items():
+        w0 = params[n]
+        w = dequantized_weight(w0) if is_packed(w0) else w0.detach().float()
+        for key, t in (("center", origin.to(w.device) - w), ("u", chart.u[n]), ("v", chart.v[n])):
+            if t.any():
+                kept[key][n] = t.float()
+    names = sorted(set().union(*(d.keys() for d in kept.values())))
+    return FactoredChart(chart.name, dict(chart.vertices), dict(chart.info), {n: params[n] for n in names}, kept,
+                         ("affine",))  # fmt: skip
 
 
 def _rename(geometry: dict, third: str) -> dict:
