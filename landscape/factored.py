@@ -197,6 +197,11 @@ class FactoredChart:
             return {a: 1.0 - x, b: x}
         if kind == "affine":  # a random chart: θ* + x·δ + y·η
             return {"center": 1.0, "u": x, "v": y}
+        if kind == "curve":  # landscape.curves' offsets: y = 0 the line from "a" to "b", y = 1 the curve
+            weights, controls = self.form[1:]
+            if y == 0.0:
+                return {"a": 1.0 - x, "b": x}
+            return dict(zip(controls, weights(x), strict=True))
         raise ValueError(f"unknown chart form {self.form!r}")
 
     def terms(self, name: str) -> list[tuple[str, DeltaLike]]:

@@ -315,3 +315,34 @@ def test_commonsense_pipeline_on_a_4bit_base_end_to_end(llama, data_root, tmp_pa
         assert (out / name).stat().st_size > 0
     assert not (out / "solutions" / "ft").exists()
     assert _same_bytes(kept["base"], kept["bytes"])
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def test_offset_curve_on_the_packed_base_matches_the_dense_dequantised_curve(llama, run4):
+    from adapters.deltas import load_adapter
+    from landscape import curves
+
+    loaded, solutions, evals = run4
+    base4, objective = loaded.task.base, loaded.task.objective
+    before = _packed_bytes(base4)
+    deltas = {s: solutions[s].delta() for s in ("lora", "randlora")}
+    names = sorted(set(deltas["lora"]) | set(deltas["randlora"]))
+    ends = [{n: deltas[s].get(n, torch.zeros_like(deltas["lora"][n])) for n in names} for s in ("lora", "randlora")]
+    curve = curves.Curve(ends[0], ends[1], bends=1, offset=True)
+    dense = _dense(llama, base4)
+    w0 = dict(dense.named_parameters())
+    thetas = [{n: w0[n].detach() + e[n] for n in names} for e in ends]
+    reference = curves.Curve(thetas[0], thetas[1], bends=1)  # the same curve in full weights, on a dense model
+    inputs, _ = evals.batches[0]
+    for c, model in ((curve, copy.deepcopy(base4)), (reference, dense)):
+        wrapper = curves.CurveModel(c, model, grad_accum=1 << 30)
+        wrapper.calls, wrapper.t = 1, 0.3  # no new draw of t: the same point on both
+        wrapper(**inputs).float().logsumexp(-1).sum().backward()
+    torch.testing.assert_close(curve.bends.grad, reference.bends.grad, rtol=1e-4, atol=1e-6)
+    result = curves.evaluate_curve(curve, base4, evals, "cpu", points=3, objective=objective, progress=False)
+    peft_model = load_adapter(Path(solutions["lora"].path), copy.deepcopy(base4)).eval()
+    lora = _loss(lambda i: peft_model(**i), evals, objective)
+    assert abs(result["loss"][0, 0] - lora) <= TOL and abs(result["loss"][1, 0] - lora) <= TOL  # t = 0: LoRA
+    assert _same_bytes(base4, before)
