@@ -482,8 +482,8 @@ class _Swapper:
 
     Per-point cache: what a module's pre-hook builds from the adapters' factors (its combined weight, or its
     combined ΔW beside a packed layer) is kept for the point while the total stays under ``cache_bytes`` and
-    reused by every later batch; :meth:`new_point` drops it. Weights made only of stored terms are not kept:
-    rebuilding them is one add, cheaper than holding a copy.
+    reused by every later batch of that evaluation; :meth:`drop_cache` drops it after each. Weights made only of
+    stored terms are not kept: rebuilding them is one add, cheaper than holding a copy.
     """
 
     def __init__(self, cache_bytes: int = CACHE_BYTES):
@@ -494,13 +494,17 @@ class _Swapper:
         self.beside: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # id(module) -> [(ΔW, buf)]
         self.cache_bytes = cache_bytes
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
-        self.stats = {"builds": 0, "hits": 0, "bytes": 0}
+        self.stats = {"builds": 0, "hits": 0, "bytes": 0, "peak_bytes": 0}
 
     def new_point(self, coef: dict[str, float]) -> None:
-        if coef != self.coef:
-            self.cache.clear()
-            self.stats["bytes"] = 0
+        self.drop_cache()
         self.coef = coef
+
+    def drop_cache(self) -> None:
+        """Forget the point's products: they live for one evaluation (its batches) only, so nothing is served
+        after the weights changed under them (``report.fp32_weights`` upcasts W0 in place) or held between points."""
+        self.cache.clear()
+        self.stats["bytes"] = 0
 
     def _built(self, owner: nn.Module, attr: str, w0: torch.Tensor, terms, packed: bool):
         """(tensor, pool buffer to give back or None): the module's combined weight, or for a packed weight its
@@ -529,6 +533,7 @@ class _Swapper:
         if keep:
             self.cache[key] = out
             self.stats["bytes"] += nbytes
+            self.stats["peak_bytes"] = max(self.stats["peak_bytes"], self.stats["bytes"])
         return out, buf
 
     @torch.no_grad()
@@ -688,8 +693,8 @@ class FactoredEvaluator:
 
     def cache_info(self) -> dict[str, int]:
         """The per-point cache: ``builds`` (module products built from the terms), ``hits`` (batches that reused
-        one), ``bytes`` held now for the current point, ``limit`` (unless told, :data:`CACHE_BYTES` or
-        :data:`CACHE_SHARE` of the model's bytes if less; 0: off)."""
+        one), ``bytes`` held now (0 between evaluations), ``peak_bytes`` the most held at once, ``limit`` (unless
+        told, :data:`CACHE_BYTES` or :data:`CACHE_SHARE` of the model's bytes if less; 0: off)."""
         return {**self._swapper.stats, "limit": self._swapper.cache_bytes}
 
     @torch.no_grad()
@@ -714,6 +719,7 @@ class FactoredEvaluator:
         finally:
             self._swapper.active = False
             self._swapper.restore()  # after an exception inside a forward too
+            self._swapper.drop_cache()
 
     def evaluate_iter(self, points: Iterable[tuple[float, float]], keep_samples: bool = False) -> Iterator[PointResult]:
         """Results at ``points`` in order, one point per forward."""

@@ -88,7 +88,7 @@ def _case(loaded, solutions, batches: int, points: list, repeats: int) -> dict:
     med = {k: statistics.median(v) for k, v in seconds.items()}
     return {"batches": len(evals.batches), "samples": evals.n, "s_per_point_cache": med["cache"],
             "s_per_point_no_cache": med["no_cache"], "ratio": med["no_cache"] / med["cache"],
-            "identical": losses["cache"] == losses["no_cache"], "cache_bytes": info["bytes"]}  # fmt: skip
+            "identical": losses["cache"] == losses["no_cache"], "cache_bytes": info["peak_bytes"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
