@@ -786,8 +786,8 @@ def build_parser():
         epilog="Example: python -m landscape.curvature --run runs/wordnet --solutions lora randlora --top-k 5",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
-    p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=list(SOLUTION_CHOICES),
-                   help="solutions to measure (default: ft lora randlora)")  # fmt: skip
+    p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=None,
+                   help="solutions to measure (default: those of ft lora randlora the run has)")  # fmt: skip
     p.add_argument("--top-k", type=positive_int, default=5, help="top Hessian eigenvalues (default: 5)")
     p.add_argument("--tol", type=float, default=1e-3,
                    help="Lanczos tolerance: each Ritz residual <= tol x |eigenvalue| (default: 1e-3)")  # fmt: skip
@@ -851,7 +851,11 @@ def _run(argv: Sequence[str] | None = None) -> None:
     info = {k: meta.get(k) for k in ("dataset", "model", "eval_split")}
     info.update(run=str(ctx.run_dir), title=f"{meta.get('model')} on {meta.get('dataset')}: curvature at the solutions")
     out = Path(args.out) if args.out else ctx.run_dir
-    solutions = {s: ctx.solutions[s] for s in dict.fromkeys(args.solutions)}
+    chosen = args.solutions or [s for s in SOLUTION_CHOICES if s in ctx.solutions]  # --load-4bit: no ft
+    missing = [s for s in chosen if s not in ctx.solutions]
+    if missing:
+        raise UserError(f"--solutions {' '.join(chosen)}: the run {args.run} has no {missing[0]} solution")
+    solutions = {s: ctx.solutions[s] for s in dict.fromkeys(chosen)}
     result = curvature_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
                              plane_solutions=ctx.solutions, info=info)  # fmt: skip
     print(f"wrote {out / 'curvature.json'}, {out / 'curvature.png'}, {out / 'curvature.pdf'}")

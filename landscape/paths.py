@@ -307,6 +307,10 @@ def _run(argv: Sequence[str] | None = None) -> None:
     threads.configure(args.threads)
     device = resolve_device(args.device)
     ctx = open_run(args.run, device)
+    if "ft" not in ctx.solutions:  # as the run's plane: the base model is the third vertex (--load-4bit's default)
+        from adapters.solution import base_solution
+
+        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
     dtype = ctx.loaded.config.landscape_dtype(device.type)  # the run's precision on this device
     result = compute_paths(
         ctx.base, ctx.solutions, ctx.eval_set, device, args.points, args.extend, progress=not args.no_progress,
@@ -314,7 +318,8 @@ def _run(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     meta = ctx.meta
     # The endpoints are the solutions: their loss must match what the run measured at the vertices.
-    for pair, (a, b) in zip(result["pairs"], PAIRS, strict=True):
+    for pair in result["pairs"]:
+        a, b = pair.split("-")
         ends = result["barriers"][pair]
         for name, value in ((a, ends["loss_t0"]), (b, ends["loss_t1"])):
             recorded = (meta.get("solutions") or {}).get(name, {}).get("vertex_loss")

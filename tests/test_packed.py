@@ -346,3 +346,32 @@ def test_offset_curve_on_the_packed_base_matches_the_dense_dequantised_curve(lla
     lora = _loss(lambda i: peft_model(**i), evals, objective)
     assert abs(result["loss"][0, 0] - lora) <= TOL and abs(result["loss"][1, 0] - lora) <= TOL  # t = 0: LoRA
     assert _same_bytes(base4, before)
+
+
+def test_commands_on_a_4bit_run_use_the_base_vertex(llama, data_root, tmp_path, capsys):
+    """paths, curves and curvature reopen a --load-4bit run (no FT): the base model is the third vertex."""
+    from landscape import connectivity, curvature, curves, paths
+
+    out = tmp_path / "run"
+    assert (
+        connectivity.main(_argv(llama, data_root, out, "--train-steps", "1", "--grid", "2", "--path-points", "2")) == 0
+    )
+    recorded = np.load(out / "paths.npz")["loss"]
+    capsys.readouterr()
+    assert (
+        paths.main(
+            ["--run", str(out), "--points", "2", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "p")]
+        )
+        == 0
+    )
+    said = capsys.readouterr()
+    assert "warning" not in said.err and "base-lora" in said.out  # the endpoints' losses are the run's vertices
+    np.testing.assert_allclose(np.load(tmp_path / "p" / "paths.npz")["loss"], recorded, rtol=0, atol=1e-6)
+    assert curves.main(["--run", str(out), "--pair", "base,randlora", "--bends", "1", "--steps", "2", "--points", "3",
+                        "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    curve = json.loads((out / "curves" / "base-randlora.json").read_text())
+    assert curve["curve"]["loss_t0"] == pytest.approx(recorded[1, 0], abs=1e-5)  # t = 0: the base model
+    assert curve["curve"]["loss_t1"] == pytest.approx(recorded[1, -1], abs=1e-5)  # t = 1: RandLoRA
+    assert curvature.main(["--run", str(out), "--top-k", "1", "--trace-probes", "0", "--slq-probes", "0",
+                           "--no-progress", "--device", "cpu", "--coordinates", "adapter"]) == 0  # fmt: skip
+    assert set(json.loads((out / "curvature.json").read_text())["solutions"]) == {"lora", "randlora"}
