@@ -375,3 +375,32 @@ def test_commands_on_a_4bit_run_use_the_base_vertex(llama, data_root, tmp_path, 
     assert curvature.main(["--run", str(out), "--top-k", "1", "--trace-probes", "0", "--slq-probes", "0",
                            "--no-progress", "--device", "cpu", "--coordinates", "adapter"]) == 0  # fmt: skip
     assert set(json.loads((out / "curvature.json").read_text())["solutions"]) == {"lora", "randlora"}
+
+
+@pytest.mark.parametrize("name", ["paper", "orthonormal"])
+def test_base_vertex_dense_and_factored_charts_agree(name):
+    """Without FT the base model (ΔW = 0) is the third vertex: the dense chart (plane.py, updates written into
+    θ) and the factored one give the same vertices and geometry, named "base"."""
+    from landscape import factored, plane
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+    params = dict(model.named_parameters())
+    deltas = {s: {n: torch.randn_like(p) * 0.1 for n, p in params.items() if n.endswith("weight")}
+              for s in ("lora", "randlora")}  # fmt: skip
+    thetas = plane.solution_weights(params, {"ft": {}, **deltas})
+    dense = plane.with_third(plane.build_chart(name, thetas), "base")
+    fact = factored.build_chart(name, model, {"base": {}, **deltas})
+    assert set(dense.vertices) == set(fact.vertices) == {"base", "lora", "randlora"}
+    for s in dense.vertices:
+        np.testing.assert_allclose(dense.vertices[s], fact.vertices[s], rtol=1e-6, atol=1e-9)
+    for key in ("distances", "triangle_angles_deg"):
+        assert set(dense.info[key]) == set(fact.info[key])
+        for k in dense.info[key]:
+            assert dense.info[key][k] == pytest.approx(fact.info[key][k], rel=1e-6)
+    assert set(dense.info["distances"]) == {"base-lora", "base-randlora", "lora-randlora"}
+    for s in ("base", "lora", "randlora"):  # the factored chart's point at each vertex is that solution
+        at = fact.weights_at(*fact.vertices[s])
+        for n in at:
+            expected = params[n].detach() + deltas[s][n] if s != "base" and n in deltas[s] else params[n].detach()
+            torch.testing.assert_close(at[n], expected, rtol=1e-5, atol=1e-6)
