@@ -31,21 +31,11 @@ import numpy as np
 
 from adapters import distributed, threads
 from adapters.errors import UserError
-from adapters.solution import base_solution
 from landscape import config as run_config
 from landscape import curvature, directions, factored, paths, render, spectrum, store
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
-from landscape.plane import (
-    RANDOM_CHARTS,
-    SOLUTIONS,
-    build_chart,
-    default_axes,
-    paper_axis,
-    solution_weights,
-    third_vertex,
-    with_third,
-)
+from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
 from landscape.report import metadata, print_summary, summarise
 from landscape.run import METHOD_ORDER, Loaded, eval_set, load, solution_keys, train_solutions
 from landscape.store import GridStore, StaleGrid
@@ -73,6 +63,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
     solutions = train_solutions(loaded, device, stages)
     if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
+        from adapters.solution import base_solution
+
         solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
     if center is not None:
         solutions[directions.CENTER_VERTEX] = center
@@ -267,6 +259,8 @@ def plane(loaded: Loaded, solutions, device):
         evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
                                                loaded.task.objective)  # fmt: skip
     else:
+        from landscape.plane import third_vertex, with_third
+
         third = third_vertex(solutions)
         roles = {"ft": third, "lora": "lora", "randlora": "randlora"}
         thetas = solution_weights(dict(base.named_parameters()), {s: solutions[roles[s]].delta() for s in SOLUTIONS})
