@@ -107,8 +107,11 @@ class Solution:
         :meth:`delta` but computed lazily, one parameter at a time, without a second copy of the model and
         without caching (:mod:`adapters.deltas`; ``check``: refuse NaN/inf now and drop all-zero updates —
         a foreign solution keeps them)."""
-        from adapters.deltas import module_deltas
+        from adapters.deltas import Delta, module_deltas
 
+        if self._delta is not None:  # explicit updates (the base vertex: none): stored, as given
+            return {n: Delta(n, d.shape, "stored", lambda d=d: d.detach().float(), str(self.path))
+                    for n, d in self._delta.items() if not check or d.any()}  # fmt: skip
         return module_deltas(self, check)
 
     def model(self) -> Classifier:
@@ -127,6 +130,13 @@ class Solution:
             for name, d in self.delta().items():
                 params[name].add_(d.to(params[name].dtype))
         return model
+
+
+def base_solution(base: Classifier, model: str | None = None) -> Solution:
+    """The base model itself as a solution (ΔW = 0): the plane's third vertex when there is no FT solution
+    (the default under ``--load-4bit``), named ``"base"``."""
+    info = {"method": "base", "name": "base", "model": model, "trainable_params": 0, "adapter_params": 0}
+    return Solution(Path(model or "base"), info, {}, base, {})
 
 
 def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: dict) -> None:

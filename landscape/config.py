@@ -351,6 +351,7 @@ class RunConfig:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
         self._validate_methods()
+        self._validate_packed()
         self._validate_random_chart()
         self._validate_out()
         return self
@@ -379,6 +380,14 @@ class RunConfig:
                 f"{shown} with {self.where('load_4bit')}: full fine-tuning cannot train a packed "
                 "4-bit base: drop ft (the default under --load-4bit is lora randlora) or bring an FT model with "
                 "--solutions ft=CHECKPOINT"
+            )
+
+    def _validate_packed(self) -> None:
+        """A 4-bit base keeps its weights packed: the plane is factored (points applied beside the packed layers)."""
+        if self.load_4bit and self.plane_storage == "dense":
+            raise UserError(
+                f"{self._shown('plane_storage')} with {self.where('load_4bit')}: the dense plane writes W0 + ΔW "
+                "into the weights, which a 4-bit base keeps packed: use --plane-storage factored or auto"
             )
 
     def _validate_random_chart(self) -> None:

@@ -77,6 +77,10 @@ def run(argv: Sequence[str] | None = None) -> Path:
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
     precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
     solutions = train_solutions(loaded, device, stages)
+    if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
+        from adapters.solution import base_solution
+
+        solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
     if center is not None:
         solutions[directions.CENTER_VERTEX] = center
     for method in METHOD_ORDER:  # solutions reused from the earlier run keep its training times
@@ -107,7 +111,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
     else:
         log.forget("spectrum")
         with stages("spectrum"):
-            files = spectrum.write_spectrum({s: solutions[s] for s in SOLUTIONS}, out, device, config.progress)
+            chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}  # the base vertex has no ΔW
+            files = spectrum.write_spectrum(chosen, out, device, config.progress)
         written += files
         log.record("spectrum", keys["spectrum"], files, stages.seconds["spectrum"],
                    stage_log.stage_key("spectrum", config, inputs))  # fmt: skip
@@ -162,7 +167,8 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys,
             loaded.task.base, solutions, evaluator.eval_set, device, config.path_points, config.path_extend,
             progress=config.progress, points_per_forward=evaluator.points_per_forward, dtype=dtype,
             objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
-            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) else None,
+            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in
+            RANDOM_CHARTS else None,
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip
@@ -181,7 +187,7 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
         return None
     config, out = loaded.config, loaded.config.out_dir
     settings = curvature.CurvatureSettings(seed=config.seed)
-    chosen = {s: solutions[s] for s in SOLUTIONS}
+    chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}
     info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
             "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
     with stages("curvature"):
@@ -261,7 +267,8 @@ def stale(config, error: Exception) -> UserError:
 def solution_fingerprints(solutions) -> dict[str, str]:
     from adapters.solution import delta_fingerprint
 
-    names = [*SOLUTIONS, directions.CENTER_VERTEX]  # the centre of a random chart given as a folder, if any
+    # the base vertex (no FT solution), the centre of a random chart given as a folder, if any
+    names = [*SOLUTIONS, "base", directions.CENTER_VERTEX]
     return {s: delta_fingerprint(solutions[s]) for s in names if s in solutions}
 
 
@@ -285,18 +292,22 @@ def plane(loaded: Loaded, solutions, device):
         chart, evaluator = directions.build_evaluator(config, center, vertex, evals, device, dtype,
                                                       loaded.task.objective)  # fmt: skip
     elif storage == "factored":
-        deltas = {s: solutions[s].module_deltas(check=False) for s in SOLUTIONS}
+        deltas = {s: solutions[s].module_deltas(check=False) for s in (*SOLUTIONS, "base") if s in solutions}
         chart = factored.build_chart(config.chart, base, deltas)
         evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
                                                loaded.task.objective)  # fmt: skip
     else:
-        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[s].delta() for s in SOLUTIONS})
-        chart = build_chart(config.chart, thetas)
+        from landscape.plane import third_vertex, with_third
+
+        third = third_vertex(solutions)
+        roles = {"ft": third, "lora": "lora", "randlora": "randlora"}
+        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[roles[s]].delta() for s in SOLUTIONS})
+        chart = with_third(build_chart(config.chart, thetas), third)
         del thetas
         evaluator = PlaneEvaluator(
             copy.deepcopy(base), chart, evals, device, dtype, config.points_per_forward, loaded.task.objective
         )
-    chart.info["storage"] = storage
+    chart.info["storage"] = "factored" if isinstance(evaluator, factored.FactoredEvaluator) else "dense"
     xs, ys = default_axes(chart, config.grid)
     verts = list(chart.vertices.values())
     if config.x_range:  # the config's window, the vertices kept on the grid

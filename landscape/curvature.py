@@ -98,6 +98,7 @@ from adapters import compat
 from adapters.errors import UserError, first_line
 from adapters.io import digest, key_digest, write_json, write_with
 from adapters.objectives import Classification
+from adapters.quant import packed_names
 from adapters.solution import Solution, delta_fingerprint
 from landscape.grid import EvalSet
 
@@ -110,6 +111,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ADAPTER_METHODS = ("lora", "randlora")
 LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held by the top-k Lanczos
 NO_ADAPTER = "its optimiser's coordinates are the weights"
+PACKED_WEIGHTS = "the base is packed in 4 bits (--load-4bit): its weights cannot be coordinates; see adapter"
 
 __all__ = [
     "COORDINATES",
@@ -620,7 +622,11 @@ def _compute_entry(
         model, chosen = weight_coordinates(solution, names)
     else:
         model, chosen = adapter_coordinates(solution, settings.include_head)
-    op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype)
+    # bitsandbytes' 4-bit matmul is an autograd.Function without setup_context, which torch.func's
+    # forward-over-reverse refuses (measured with bitsandbytes 0.50.2 on CPU); its backward is plain torch
+    # operations, so reverse-over-reverse (double backward) differentiates through the packed layer exactly
+    mode = "reverse-over-reverse" if packed_names(model) else "auto"
+    op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode)
     bar = tqdm(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
     op.on_hvp = lambda: bar.update(1)
     try:
@@ -666,6 +672,9 @@ def curvature_stage(
         for coordinates in settings.coordinates:
             if coordinates == "adapter" and solution.method not in ADAPTER_METHODS:
                 per[coordinates] = {"skipped": f"a {solution.method} solution has no adapter: {NO_ADAPTER}"}
+                continue
+            if coordinates == "weights" and packed_names(task.base):
+                per[coordinates] = {"skipped": PACKED_WEIGHTS}
                 continue
             key = key_digest({**common, "coordinates": coordinates, "solution": delta})
             old = previous.get(name, {}).get(coordinates, {})
@@ -777,8 +786,8 @@ def build_parser():
         epilog="Example: python -m landscape.curvature --run runs/wordnet --solutions lora randlora --top-k 5",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
-    p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=list(SOLUTION_CHOICES),
-                   help="solutions to measure (default: ft lora randlora)")  # fmt: skip
+    p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=None,
+                   help="solutions to measure (default: those of ft lora randlora the run has)")  # fmt: skip
     p.add_argument("--top-k", type=positive_int, default=5, help="top Hessian eigenvalues (default: 5)")
     p.add_argument("--tol", type=float, default=1e-3,
                    help="Lanczos tolerance: each Ritz residual <= tol x |eigenvalue| (default: 1e-3)")  # fmt: skip
@@ -842,7 +851,11 @@ def _run(argv: Sequence[str] | None = None) -> None:
     info = {k: meta.get(k) for k in ("dataset", "model", "eval_split")}
     info.update(run=str(ctx.run_dir), title=f"{meta.get('model')} on {meta.get('dataset')}: curvature at the solutions")
     out = Path(args.out) if args.out else ctx.run_dir
-    solutions = {s: ctx.solutions[s] for s in dict.fromkeys(args.solutions)}
+    chosen = args.solutions or [s for s in SOLUTION_CHOICES if s in ctx.solutions]  # --load-4bit: no ft
+    missing = [s for s in chosen if s not in ctx.solutions]
+    if missing:
+        raise UserError(f"--solutions {' '.join(chosen)}: the run {args.run} has no {missing[0]} solution")
+    solutions = {s: ctx.solutions[s] for s in dict.fromkeys(chosen)}
     result = curvature_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
                              plane_solutions=ctx.solutions, info=info)  # fmt: skip
     print(f"wrote {out / 'curvature.json'}, {out / 'curvature.png'}, {out / 'curvature.pdf'}")

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -52,8 +53,10 @@ from adapters.errors import UserError
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification
 from adapters.progress import progress_bar
+from adapters.quant import is_packed, logical_shape, packed_names
+from adapters.solution import base_solution
 from adapters.train import TrainConfig, train
-from landscape import paths, render, store
+from landscape import factored, paths, render, store
 from landscape.grid import EvalSet, PlaneEvaluator
 from landscape.plane import SOLUTIONS, Chart
 
@@ -122,12 +125,15 @@ class Curve(nn.Module):
         theta_b: Mapping[str, torch.Tensor],
         bends: int = 3,
         kind: str = "bezier",
+        offset: bool = False,
     ):
         super().__init__()
         check_options(bends, kind)
         if set(theta_a) != set(theta_b):
             raise ValueError("the two endpoints must hold the same parameters")
-        self.kind, self.num_bends = kind, bends
+        # offset: the endpoints and bends are offsets from the base weights W0 (θ(t) = W0 + offset(t): the same
+        # curve, as the weights w_k(t) sum to 1), applied beside a packed 4-bit layer, never written into it
+        self.kind, self.num_bends, self.offset = kind, bends, offset
         self.names = list(theta_a)
         self.shapes = [tuple(theta_a[n].shape) for n in self.names]
         self.sizes = [theta_a[n].numel() for n in self.names]
@@ -183,6 +189,10 @@ class CurveModel(nn.Module):
             raise ValueError(f"the model has no parameters {missing[:3]}")
         self.dtypes = {n: params[n].dtype for n in curve.names}
         self.calls, self.t = 0, 0.0
+        # offset curves: W0 of the ordinary parameters, and the modules owning packed ones (module docstring)
+        owners = {f"{m}.{a}" if m else a: mod for m, mod in model.named_modules() for a in mod._parameters}
+        self.packed = {n: owners[n] for n in curve.names if curve.offset and is_packed(params[n])}
+        self.w0 = {n: params[n].detach() for n in curve.names if curve.offset and n not in self.packed}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Training's ``grad_checkpointing``, passed on to the model when it supports it."""
@@ -195,8 +205,20 @@ class CurveModel(nn.Module):
         if self.calls % self.grad_accum == 0:
             self.t = float(torch.rand(()))
         self.calls += 1
-        weights = {n: w.to(self.dtypes[n]) for n, w in self.curve.weights_at(self.t).items()}
-        return functional_call(self.model, weights, args=(), kwargs=inputs)
+        if not self.curve.offset:
+            weights = {n: w.to(self.dtypes[n]) for n, w in self.curve.weights_at(self.t).items()}
+            return functional_call(self.model, weights, args=(), kwargs=inputs)
+        offsets = self.curve.weights_at(self.t)
+        weights = {n: (w0 + offsets[n]).to(self.dtypes[n]) for n, w0 in self.w0.items()}
+        # a packed layer computes x·W0ᵀ itself; its offset's x·ΔWᵀ is added to its output, differentiably
+        beside = lambda m, args, out, d: out + torch.nn.functional.linear(args[0].to(d.dtype), d).to(out.dtype)  # noqa: E731
+        handles = [owner.register_forward_hook(lambda m, a, o, d=offsets[n]: beside(m, a, o, d))
+                   for n, owner in self.packed.items()]  # fmt: skip
+        try:
+            return functional_call(self.model, weights, args=(), kwargs=inputs)
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def train_curve(
@@ -279,7 +301,11 @@ def evaluate_curve(
     parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve", "line"), "loss"/"accuracy"/
     "loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
     t = paths.path_axis(points, 0.0)
-    evaluator = CurveEvaluator(model, curve, eval_set, device, dtype, objective)
+    if curve.offset:  # W0 + offset(t), built per module beside the packed layers (landscape.factored)
+        evaluator = factored.FactoredEvaluator(model, offset_chart(curve, model), eval_set, device, dtype, 1,
+                                               objective)  # fmt: skip
+    else:
+        evaluator = CurveEvaluator(model, curve, eval_set, device, dtype, objective)
     out = {k: np.full((len(ROWS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
     barriers, start = {}, time.perf_counter()
     bar = progress_bar(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
@@ -292,9 +318,23 @@ def evaluate_curve(
             bar.set_postfix(path=row, loss=f"{r.loss:.3f}")
         barriers[row] = paths.barriers_with_se(t, out["loss"][k], samples)
     bar.close()
+    if curve.offset:
+        evaluator.close()
     mean = {row: float(np.mean(out["loss"][k])) for k, row in enumerate(ROWS)}
     seconds = round(time.perf_counter() - start, 3)
     return {"t": t, "paths": list(ROWS), **out, "barriers": barriers, "mean_loss": mean, "seconds": seconds}
+
+
+def offset_chart(curve: Curve, model: nn.Module) -> factored.FactoredChart:
+    """An offset curve as a factored chart on ``model``: y = 0 the straight line W0 + (1 − x)·Δ_A + x·Δ_B (the
+    factored paths' arithmetic), y = 1 the curve W0 + Σ_k w_k(x)·offset_k; every term a stored fp32 tensor."""
+    params = dict(model.named_parameters())
+    controls = {"a": curve.theta_a, **{f"bend{k + 1}": b for k, b in enumerate(curve.bends)}, "b": curve.theta_b}
+    deltas = {key: {n: t for n, t in curve.split(c.detach()).items() if t.any()} for key, c in controls.items()}
+    names = sorted(set().union(*(d.keys() for d in deltas.values())))
+    weights = functools.partial(curve_weights, curve.kind, bends=curve.num_bends)
+    return factored.FactoredChart("curve", {"a": (0.0, 0.0), "b": (1.0, 0.0)}, {}, {n: params[n] for n in names},
+                                  deltas, ("curve", weights, tuple(controls)))  # fmt: skip
 
 
 def write_curve(
@@ -361,9 +401,10 @@ def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: M
 def parse_pair(text: str) -> tuple[str, str]:
     """``"A,B"`` → (A, B), two different solutions of the plane; anything else is a UserError."""
     names = [s.strip() for s in str(text).split(",")]
-    if len(names) != 2 or any(n not in SOLUTIONS for n in names) or names[0] == names[1]:
+    if len(names) != 2 or any(n not in (*SOLUTIONS, "base") for n in names) or names[0] == names[1]:
         raise UserError(
-            f"--pair {text!r} is not two different solutions of {', '.join(SOLUTIONS)}: pass e.g. --pair ft,lora"
+            f"--pair {text!r} is not two different solutions of {', '.join(SOLUTIONS)} (or base, the base model): "
+            "pass e.g. --pair ft,lora"
         )
     return names[0], names[1]
 
@@ -438,9 +479,21 @@ def _run(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(args.device)
     ctx = open_run(args.run, device)
     base = dict(ctx.base.named_parameters())
-    thetas = solution_weights(base, {s: ctx.solutions[s].delta() for s in SOLUTIONS})
-    curve = Curve(thetas[pair[0]], thetas[pair[1]], args.bends, args.kind)
-    del thetas
+    if "base" in pair:
+        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
+    missing = [s for s in pair if s not in ctx.solutions]
+    if missing:
+        raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
+    if packed_names(ctx.base) or "base" in pair:  # offsets from W0: beside a packed base, never written into it
+        deltas = {s: ctx.solutions[s].delta() for s in pair}
+        names = [n for n in base if any(n in d for d in deltas.values())]
+        ends = [{n: deltas[s].get(n, torch.zeros(logical_shape(base[n]))) for n in names} for s in pair]
+        curve = Curve(ends[0], ends[1], args.bends, args.kind, offset=True)
+        del deltas, ends
+    else:
+        thetas = solution_weights(base, {s: ctx.solutions[s].delta() for s in SOLUTIONS})
+        curve = Curve(thetas[pair[0]], thetas[pair[1]], args.bends, args.kind)
+        del thetas
     ft = train_config(ctx.loaded, "ft", device)
     lr = args.lr if args.lr is not None else ft.lr
     config = dataclasses.replace(ft, steps=args.steps or ft.steps, lr=lr, head_lr=lr, weight_decay=0.0,

@@ -53,6 +53,7 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification
+from adapters.quant import dequantized_weight, is_packed, packed_names
 from landscape.grid import EvalSet, PlaneEvaluator
 from landscape.plane import RANDOM_CHARTS, Chart, random_chart
 
@@ -167,13 +168,14 @@ def draw_chart(
 
 
 def center_weights(solution: Solution) -> dict[str, torch.Tensor]:
-    """θ* = W0 + ΔW of ``solution`` over every floating-point parameter of its base model (fp32)."""
+    """θ* = W0 + ΔW of ``solution`` over every floating-point parameter of its base model (fp32); a packed
+    (4-bit) weight counts as the dequantised one it computes with."""
     delta = solution.delta()
     out = {}
     for n, p in solution.base.named_parameters():
-        if not p.is_floating_point():
+        if not p.is_floating_point() and not is_packed(p):
             continue
-        w = p.detach().float()
+        w = dequantized_weight(p) if is_packed(p) else p.detach().float()
         out[n] = w + delta[n].to(w.device) if n in delta else w.clone()
     return out
 
@@ -297,6 +299,12 @@ def build_evaluator(
                                      dtype, config.points_per_forward, objective, vertex)  # fmt: skip
         return evaluator.chart, evaluator
     chart = draw_chart(center_weights(solution), vertex, seed, config.direction_norm, config.ignore, line)
+    if packed_names(solution.base):  # a 4-bit base: θ* + x·δ + y·η applied beside its packed layers
+        from landscape import factored
+
+        chart = factored.affine_chart(solution.base, chart)
+        return chart, factored.FactoredEvaluator(solution.base, chart, eval_set, device, dtype,
+                                                 config.points_per_forward, objective)  # fmt: skip
     model = copy.deepcopy(solution.base)
     return chart, PlaneEvaluator(model, chart, eval_set, device, dtype, config.points_per_forward, objective)
 

@@ -26,12 +26,23 @@ paths and the report use it unchanged) but evaluates ON THE BASE MODEL ITSELF: W
 parameters; a forward pre-hook on each module that uses a plane parameter builds W0 + Σ c_s·ΔW_s into a
 scratch tensor (a view of a flat buffer from a pool shared by all modules, so a few buffers of the
 largest parameter's size serve the whole model; half-precision weights are summed in fp32 in chunks
-and rounded once) and swaps it in (``module._parameters[name]``); a forward hook swaps W0 back. A
-module's weights at a point exist only while it runs; the adapters' ΔW are rebuilt from their factors
-every time the module runs (once per evaluation batch: the price of holding nothing dense for them),
-for peft's Linear layers by one ``addmm`` into the scratch (:meth:`adapters.deltas.Delta.add_to`, no
-ΔW-sized temporary). The weights are built outside the forward's bf16 autocast, in the weights' own
-precision, as the dense plane builds them. Exact zero coefficients are skipped (adding 0·ΔW changes
+and rounded once) and swaps it in (``module._parameters[name]``); a forward hook swaps W0 back. The
+adapters' ΔW are built from their factors, for peft's Linear layers by one ``addmm`` into the scratch
+(:meth:`adapters.deltas.Delta.add_to`, no ΔW-sized temporary), once per point: a module's combined
+weight is kept for the point's later batches while the kept total stays under :data:`CACHE_BYTES` and
+:data:`CACHE_SHARE` of the model's bytes (beyond it, or with ``cache_bytes=0``, it is rebuilt per
+batch, holding nothing dense for it).
+
+On a 4-bit base (``--load-4bit``, :mod:`adapters.quant`) a packed weight cannot take W0 + ΔW: its
+module's forward hook adds ``x·(Σ c_s·ΔW_s)ᵀ`` (fp32, the weight's logical shape; the same cache) to the
+packed layer's own output, beside it, for the adapters' updates and a dense one (an FT checkpoint's
+θ_FT − dequantised W0) alike. The packed codes are never written; ``--plane-storage dense`` is refused.
+
+The third vertex of a plane is FT's update or, when no FT solution exists (the default under
+``--load-4bit``), the base model itself (``"base"``: ΔW = 0), in FT's place in both charts.
+
+The weights are built outside the forward's bf16 autocast, in the weights' own precision, as the dense
+plane builds them. Exact zero coefficients are skipped (adding 0·ΔW changes
 nothing), so the arithmetic is a function of the point alone: a vertex gets bit-identical weights
 inside or outside a grid.
 
@@ -62,6 +73,7 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
+from adapters.quant import dequantized_weight, is_packed, logical_shape, packed_names
 from landscape.grid import EvalSet
 from landscape.plane import CHARTS, SOLUTIONS
 
@@ -70,6 +82,14 @@ DENSE_COPIES = 6  # fp32 copies of the plane parameters the dense plane holds (t
 CHUNK = 1 << 17  # elements per float64 block of the Gram accumulation (~6 MB of temporaries)
 HALF = (torch.float16, torch.bfloat16)
 HALF_CHUNK = 1 << 20  # elements of the fp32 accumulator of half-precision weights
+# Bytes of per-point products kept between the batches of one point (module docstring, "per-point cache"):
+# a module's combined weight (or, on a packed layer, its combined ΔW) is built from the adapters' factors
+# once per point and reused by every batch while the total stays under this; 0 rebuilds it for every batch.
+# At most CACHE_SHARE of the model's own bytes (as stored: packed weights count packed), so the plane stays
+# within its memory target (≤ 1.5 × the model, issue 20) whatever the model's size.
+CACHE_BYTES = 1 << 30
+CACHE_SHARE = 0.1
+THIRD_VERTICES = ("ft", "base")  # the plane's third vertex: FT, or the base model itself (ΔW = 0)
 
 DeltaLike = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -117,6 +137,11 @@ def choose_storage(storage: str, base_model: nn.Module, device: torch.device | s
     them all), would need more than a quarter of :func:`available_memory`."""
     if storage not in STORAGES:
         raise UserError(f"unknown plane storage '{storage}': choose one of {', '.join(STORAGES)}")
+    if packed_names(base_model):  # a 4-bit base cannot hold W0 + ΔW: every point is applied beside it
+        if storage == "dense":
+            raise UserError("--plane-storage dense cannot write W0 + ΔW into a base loaded with --load-4bit: "
+                            "use --plane-storage factored or auto")  # fmt: skip
+        return "factored"
     if storage != "auto":
         return storage
     need = DENSE_COPIES * 4 * sum(p.numel() for p in base_model.parameters() if p.is_floating_point())
@@ -144,6 +169,7 @@ class FactoredChart:
     deltas: dict[str, dict[str, DeltaLike]]
     form: tuple = ("paper",)
     _device: torch.device | None = field(default=None, repr=False)
+    third: str = "ft"  # the name of the vertex in FT's place: "ft", or "base" (the base model, ΔW = 0)
 
     @property
     def solutions(self) -> tuple[str, ...]:
@@ -160,15 +186,22 @@ class FactoredChart:
         x, y = float(x), float(y)
         kind = self.form[0]
         if kind == "paper":
-            return {"ft": y, "lora": x - y / 2, "randlora": 1.0 - x - y / 2}
+            return {self.third: y, "lora": x - y / 2, "randlora": 1.0 - x - y / 2}
         if kind == "orthonormal":
             norm_u, norm_v, along = self.form[1:]
             c_ft = y / norm_v
             c_lora = (x - along * c_ft) / norm_u  # exactly 0 at the FT vertex, 1 at LoRA's
-            return {"ft": c_ft, "lora": c_lora, "randlora": 1.0 - c_ft - c_lora}
+            return {self.third: c_ft, "lora": c_lora, "randlora": 1.0 - c_ft - c_lora}
         if kind == "line":
             a, b = self.form[1:]
             return {a: 1.0 - x, b: x}
+        if kind == "affine":  # a random chart: θ* + x·δ + y·η
+            return {"center": 1.0, "u": x, "v": y}
+        if kind == "curve":  # landscape.curves' offsets: y = 0 the line from "a" to "b", y = 1 the curve
+            weights, controls = self.form[1:]
+            if y == 0.0:
+                return {"a": 1.0 - x, "b": x}
+            return dict(zip(controls, weights(x), strict=True))
         raise ValueError(f"unknown chart form {self.form!r}")
 
     def terms(self, name: str) -> list[tuple[str, DeltaLike]]:
@@ -181,6 +214,8 @@ class FactoredChart:
         out = {}
         for n in self.names:
             w0 = self.base[n].detach()
+            if is_packed(w0):  # the logical weight a packed layer computes with, fp32
+                w0 = dequantized_weight(w0)
             acc = (
                 torch.empty(min(w0.numel(), HALF_CHUNK), dtype=torch.float32, device=w0.device)
                 if w0.dtype in HALF
@@ -193,7 +228,7 @@ class FactoredChart:
         """The line from solution ``a`` (x = 0) to ``b`` (x = 1), sharing this chart's updates (nothing copied)."""
         deltas = {a: self.deltas[a], b: self.deltas[b]}
         return FactoredChart(name, {"a": (0.0, 0.0), "b": (1.0, 0.0)}, {}, self.base, deltas, ("line", a, b),
-                             self._device)  # fmt: skip
+                             self._device, self.third)  # fmt: skip
 
     @torch.no_grad()
     def to(self, device: torch.device | str) -> FactoredChart:
@@ -267,17 +302,21 @@ def build_chart(
     """
     if name not in CHARTS:
         raise UserError(f"unknown chart '{name}': choose one of {', '.join(CHARTS)}")
-    missing = [s for s in SOLUTIONS if s not in deltas]
+    third = next((s for s in THIRD_VERTICES if s in deltas), "ft")  # "base": the base model in FT's place
+    roles = {"ft": third, "lora": "lora", "randlora": "randlora"}
+    missing = [roles[s] for s in SOLUTIONS if roles[s] not in deltas]
     if missing:
-        raise UserError(f"the plane needs the solutions ft, lora and randlora; missing: {', '.join(missing)}")
+        raise UserError(f"the plane needs the solutions ft (or the base), lora and randlora; missing: "
+                        f"{', '.join(missing)}")  # fmt: skip
     params = dict(base.named_parameters()) if isinstance(base, nn.Module) else dict(base)
-    kept, gram = _stream(params, {s: deltas[s] for s in SOLUTIONS}, geometry or name == "orthonormal")
-    info = _geometry(gram) if gram is not None else {}
+    kept, gram = _stream(params, {s: deltas[roles[s]] for s in SOLUTIONS}, geometry or name == "orthonormal")
+    kept = {roles[s]: kept[s] for s in SOLUTIONS}
+    info = _rename(_geometry(gram), third) if gram is not None else {}
     names = sorted(set().union(*(d.keys() for d in kept.values())))
     chart_base = {n: params[n] for n in names}
     if name == "paper":
-        vertices = {"randlora": (0.0, 0.0), "lora": (1.0, 0.0), "ft": (0.5, 1.0)}
-        return FactoredChart("paper", vertices, info, chart_base, kept, ("paper",))
+        vertices = {"randlora": (0.0, 0.0), "lora": (1.0, 0.0), third: (0.5, 1.0)}
+        return FactoredChart("paper", vertices, info, chart_base, kept, ("paper",), third=third)
     norm_u = math.sqrt(max(gram[2, 2], 0.0))
     if norm_u == 0:
         raise UserError("the LoRA and RandLoRA solutions are identical: no orthonormal plane through them")
@@ -285,8 +324,35 @@ def build_chart(
     norm_v = math.sqrt(max(float(gram[1, 1]) - along * along, 0.0))
     if norm_v <= 1e-12 * math.sqrt(max(gram[1, 1], 0.0)):
         raise UserError("the three solutions are collinear: no plane through them")
-    vertices = {"randlora": (0.0, 0.0), "lora": (norm_u, 0.0), "ft": (along, norm_v)}
-    return FactoredChart("orthonormal", vertices, info, chart_base, kept, ("orthonormal", norm_u, norm_v, along))
+    vertices = {"randlora": (0.0, 0.0), "lora": (norm_u, 0.0), third: (along, norm_v)}
+    return FactoredChart("orthonormal", vertices, info, chart_base, kept, ("orthonormal", norm_u, norm_v, along),
+                         third=third)  # fmt: skip
+
+
+@torch.no_grad()
+def affine_chart(base: nn.Module, chart) -> FactoredChart:
+    """A dense chart ``origin + x·U + y·V`` (:class:`landscape.plane.Chart`, e.g. Li et al.'s random chart) as a
+    factored one on ``base``: W0 + 1·(origin − W0) + x·U + y·V, every term stored in fp32 (as the dense chart holds
+    them), so a 4-bit base evaluates it beside its packed layers. Terms that are zero are left out."""
+    params = dict(base.named_parameters())
+    kept: dict[str, dict[str, DeltaLike]] = {"center": {}, "u": {}, "v": {}}
+    for n, origin in chart.origin.items():
+        w0 = params[n]
+        w = dequantized_weight(w0) if is_packed(w0) else w0.detach().float()
+        for key, t in (("center", origin.to(w.device) - w), ("u", chart.u[n]), ("v", chart.v[n])):
+            if t.any():
+                kept[key][n] = t.float()
+    names = sorted(set().union(*(d.keys() for d in kept.values())))
+    return FactoredChart(chart.name, dict(chart.vertices), dict(chart.info), {n: params[n] for n in names}, kept,
+                         ("affine",))  # fmt: skip
+
+
+def _rename(geometry: dict, third: str) -> dict:
+    """``geometry``'s keys with the third vertex's name in place of ``ft`` (distances "base-lora", angles "base")."""
+    if third == "ft":
+        return geometry
+    swap = lambda key: "-".join(third if part == "ft" else part for part in key.split("-"))  # noqa: E731
+    return {k: {swap(name): value for name, value in v.items()} for k, v in geometry.items()}
 
 
 def _stream(
@@ -308,10 +374,11 @@ def _stream(
                 d, lazy = _materialise(per[n], n, s)
                 if not d.any():  # Solution.delta() leaves all-zero updates out too
                     continue
-                kept[s][n] = per[n] if lazy else d.to(w0.dtype)
+                # a packed weight's stored ΔW stays fp32: it is applied beside the layer, never cast to its codes
+                kept[s][n] = per[n] if lazy else d.to(torch.float32 if is_packed(w0) else w0.dtype)
                 current[s] = d
             if gram is not None and current:
-                gram += _difference_gram([current.get(s) for s in SOLUTIONS], w0.numel())
+                gram += _difference_gram([current.get(s) for s in SOLUTIONS], next(iter(current.values())).numel())
             del current
     return kept, gram
 
@@ -401,40 +468,121 @@ class _Pool:
 _Entry = tuple[nn.Module, str, torch.Tensor, list[tuple[str, DeltaLike]]]
 
 
-class _Swapper:
-    """What the hooks do; holds no reference to the evaluator, so the evaluator can be garbage collected."""
+def _lazy(terms: list[tuple[str, DeltaLike]], coef: Mapping[str, float]) -> bool:
+    """Whether a term with a non-zero coefficient is rebuilt from factors (worth keeping for the point)."""
+    return any(not isinstance(d, torch.Tensor) and coef.get(s, 0.0) != 0.0 for s, d in terms)
 
-    def __init__(self):
+
+class _Swapper:
+    """What the hooks do; holds no reference to the evaluator, so the evaluator can be garbage collected.
+
+    An ordinary parameter is swapped: W0 + Σ c_s·ΔW_s goes into ``module._parameters`` while the module runs. A
+    packed (4-bit) weight cannot hold that, so its module's output gets ``x·(Σ c_s·ΔW_s)ᵀ`` added by the forward
+    hook, beside the packed layer's own ``x·W0ᵀ`` (``beside``); the packed codes are never written.
+
+    Per-point cache: what a module's pre-hook builds from the adapters' factors (its combined weight, or its
+    combined ΔW beside a packed layer) is kept for the point while the total stays under ``cache_bytes`` and
+    reused by every later batch of that evaluation; :meth:`drop_cache` drops it after each. Weights made only of
+    stored terms are not kept: rebuilding them is one add, cheaper than holding a copy.
+    """
+
+    def __init__(self, cache_bytes: int = CACHE_BYTES):
         self.coef: dict[str, float] = {}
         self.active = False  # hooks act only inside the evaluator's own evaluate()
         self.pool = _Pool()
-        self.live: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []  # swapped, innermost last
+        self.live: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] = []  # swapped, innermost last
+        self.beside: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # id(module) -> [(ΔW, buf)]
+        self.cache_bytes = cache_bytes
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        self.stats = {"builds": 0, "hits": 0, "bytes": 0, "peak_bytes": 0}
+
+    def new_point(self, coef: dict[str, float]) -> None:
+        self.drop_cache()
+        self.coef = coef
+
+    def drop_cache(self) -> None:
+        """Forget the point's products: they live for one evaluation (its batches) only, so nothing is served
+        after the weights changed under them (``report.fp32_weights`` upcasts W0 in place) or held between points."""
+        self.cache.clear()
+        self.stats["bytes"] = 0
+
+    def _built(self, owner: nn.Module, attr: str, w0: torch.Tensor, terms, packed: bool):
+        """(tensor, pool buffer to give back or None): the module's combined weight, or for a packed weight its
+        combined ΔW (fp32, logical shape), from the cache or built now."""
+        key = (id(owner), attr)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats["hits"] += 1
+            return hit, None
+        shape = logical_shape(w0) if packed else w0.shape
+        dtype = torch.float32 if packed else w0.dtype
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        keep = _lazy(terms, self.coef) and self.stats["bytes"] + nbytes <= self.cache_bytes
+        buf = None if keep else self.pool.take(numel, dtype, w0.device)
+        out = torch.empty(shape, dtype=dtype, device=w0.device) if keep else buf[:numel].view(shape)
+        base = torch.zeros((), dtype=dtype, device=w0.device).expand(shape) if packed else w0
+        acc = self.pool.take(min(numel, HALF_CHUNK), torch.float32, w0.device) if dtype in HALF else None
+        # the forward may run under bf16 autocast; the weights (and the adapters' ΔW) are built as the dense
+        # plane builds them, outside it
+        with torch.autocast(w0.device.type, enabled=False):
+            combine(base, terms, self.coef, out, acc)
+        if acc is not None:
+            self.pool.give(acc)
+        self.stats["builds"] += 1
+        if keep:
+            self.cache[key] = out
+            self.stats["bytes"] += nbytes
+            self.stats["peak_bytes"] = max(self.stats["peak_bytes"], self.stats["bytes"])
+        return out, buf
 
     @torch.no_grad()
     def pre(self, entries: list[_Entry]) -> None:
         if not self.active:
             return
         for owner, attr, w0, terms in entries:
-            buf = self.pool.take(w0.numel(), w0.dtype, w0.device)
-            acc = self.pool.take(min(w0.numel(), HALF_CHUNK), torch.float32, w0.device) if w0.dtype in HALF else None
-            # the forward may run under bf16 autocast; the weights (and the adapters' ΔW) are built as the
-            # dense plane builds them, outside it
-            with torch.autocast(w0.device.type, enabled=False):
-                owner._parameters[attr] = combine(w0, terms, self.coef, buf[: w0.numel()].view(w0.shape), acc)
-            if acc is not None:
-                self.pool.give(acc)
+            if is_packed(w0):
+                if any(self.coef.get(s, 0.0) != 0.0 for s, _ in terms):
+                    self.beside.setdefault(id(owner), []).append(self._built(owner, attr, w0, terms, True))
+                continue
+            weight, buf = self._built(owner, attr, w0, terms, False)
+            owner._parameters[attr] = weight
             self.live.append((owner, attr, w0, buf))
 
-    def post(self, entries: list[_Entry]) -> None:
-        if self.active:
-            self.restore(len(entries))
+    def post(self, module: nn.Module, entries: list[_Entry], args: tuple, output):
+        if not self.active:
+            return None
+        self.restore(sum(1 for e in entries if not is_packed(e[2])))
+        side = self.beside.pop(id(module), None)
+        if not side:
+            return None
+        if not isinstance(output, torch.Tensor):  # the forward raised: give the buffers back, change nothing
+            for _, buf in side:
+                if buf is not None:
+                    self.pool.give(buf)
+            return None
+        x = args[0]
+        for delta, buf in side:
+            # the packed layer's own output is x·W0ᵀ (+ bias); the point adds x·ΔWᵀ beside it, in ΔW's
+            # precision (or the forward's autocast), as peft's adapter layers add theirs
+            output = output + torch.nn.functional.linear(x.to(delta.dtype), delta).to(output.dtype)
+            if buf is not None:
+                self.pool.give(buf)
+        return output
 
     def restore(self, count: int | None = None) -> None:
         """Swap W0 back into the last ``count`` swapped parameters (all when None)."""
         for _ in range(len(self.live) if count is None else min(count, len(self.live))):
             owner, attr, w0, buf = self.live.pop()
             owner._parameters[attr] = w0
-            self.pool.give(buf)
+            if buf is not None:
+                self.pool.give(buf)
+        if count is None:
+            for side in self.beside.values():
+                for _, buf in side:
+                    if buf is not None:
+                        self.pool.give(buf)
+            self.beside.clear()
 
 
 def _detach(handles: list, swapper: _Swapper, model: nn.Module, training: bool) -> None:
@@ -444,6 +592,7 @@ def _detach(handles: list, swapper: _Swapper, model: nn.Module, training: bool) 
         h.remove()
     handles.clear()
     swapper.pool.free.clear()
+    swapper.cache.clear()
     model.train(training)
 
 
@@ -502,6 +651,7 @@ class FactoredEvaluator:
         dtype: str = "float32",
         points_per_forward: int | str = 1,
         objective: Classification = OBJECTIVES["classification"],
+        cache_bytes: int | None = None,
     ):
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {dtype}")
@@ -523,12 +673,15 @@ class FactoredEvaluator:
         except BaseException:
             model.train(training)
             raise
-        self._swapper = swapper = _Swapper()
+        if cache_bytes is None:
+            stored = sum(p.numel() * p.element_size() for p in model.parameters())
+            cache_bytes = min(CACHE_BYTES, int(CACHE_SHARE * stored))
+        self._swapper = swapper = _Swapper(cache_bytes)
         handles = []
         # The hooks hold the swapper, never the evaluator: the evaluator can then be garbage collected.
         for holder, entries in holders.items():
             handles.append(holder.register_forward_pre_hook(lambda m, a, e=entries, s=swapper: s.pre(e)))
-            handles.append(holder.register_forward_hook(lambda m, a, o, e=entries, s=swapper: s.post(e),
+            handles.append(holder.register_forward_hook(lambda m, a, o, e=entries, s=swapper: s.post(m, e, a, o),
                                                         always_call=True))  # fmt: skip
         self._handles = handles
         self._finalizer = weakref.finalize(self, _detach, handles, swapper, model, training)
@@ -538,12 +691,18 @@ class FactoredEvaluator:
         """Bytes of the scratch tensors the hooks allocated (reused across modules and points)."""
         return self._swapper.pool.allocated_bytes
 
+    def cache_info(self) -> dict[str, int]:
+        """The per-point cache: ``builds`` (module products built from the terms), ``hits`` (batches that reused
+        one), ``bytes`` held now (0 between evaluations), ``peak_bytes`` the most held at once, ``limit`` (unless
+        told, :data:`CACHE_BYTES` or :data:`CACHE_SHARE` of the model's bytes if less; 0: off)."""
+        return {**self._swapper.stats, "limit": self._swapper.cache_bytes}
+
     @torch.no_grad()
     def set_point(self, x: float, y: float) -> None:
         """The point the next forward evaluates at (weights are built as each module runs)."""
         if not self._finalizer.alive:
             raise RuntimeError("this FactoredEvaluator is closed")
-        self._swapper.coef = self.chart.coefficients(x, y)
+        self._swapper.new_point(self.chart.coefficients(x, y))
         first = next(self.model.parameters(), None)
         if first is not None and first.device != self.device:  # another evaluator's close() moved it home
             self.model.to(self.device)
@@ -560,6 +719,7 @@ class FactoredEvaluator:
         finally:
             self._swapper.active = False
             self._swapper.restore()  # after an exception inside a forward too
+            self._swapper.drop_cache()
 
     def evaluate_iter(self, points: Iterable[tuple[float, float]], keep_samples: bool = False) -> Iterator[PointResult]:
         """Results at ``points`` in order, one point per forward."""
@@ -596,7 +756,7 @@ def line_evaluators(
     A to B. ``chart``: a factored chart through the solutions whose updates are shared (else one is built
     from ``solutions[s].module_deltas()``, without geometry)."""
     if chart is None:
-        deltas = {s: solutions[s].module_deltas(check=False) for s in SOLUTIONS if s in solutions}
+        deltas = {s: solutions[s].module_deltas(check=False) for s in (*SOLUTIONS, "base") if s in solutions}
         chart = build_chart("paper", base_model, deltas, geometry=False)
 
     def make(a: str, b: str, name: str) -> FactoredEvaluator:

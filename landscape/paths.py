@@ -173,22 +173,27 @@ def compute_paths(
     "points", "extend", "eval_samples", "seconds", "storage"}``. ``base_model``'s weights are not modified.
     """
     t = path_axis(points, extend)
+    # without an FT solution the base model (ΔW = 0) is the third vertex, as on the plane
+    third = chart.third if chart is not None else ("ft" if "ft" in solutions else "base")
     storage = "factored" if chart is not None else factored.choose_storage(storage, base_model, device)
     if storage == "factored":
         make = factored.line_evaluators(base_model, solutions, eval_set, device, dtype, objective, chart)
     else:
         base = dict(base_model.named_parameters())
-        thetas = solution_weights(base, {s: solutions[s].delta() for s in SOLUTIONS if s in solutions})
+        roles = {s: third if s == "ft" else s for s in SOLUTIONS}
+        thetas = solution_weights(base, {s: solutions[roles[s]].delta() for s in SOLUTIONS if roles[s] in solutions})
+        thetas = {roles[s]: theta for s, theta in thetas.items()}
         model = copy.deepcopy(base_model)  # one working copy: every pair overwrites the same parameters
         make = lambda a, b, name: PlaneEvaluator(  # noqa: E731
             model, line_chart(thetas[a], thetas[b], name), eval_set, device, dtype, points_per_forward, objective
         )
-    pairs = [pair_name(a, b) for a, b in PAIRS]
-    out = {k: np.full((len(PAIRS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
+    lines = [(third if a == "ft" else a, b) for a, b in PAIRS]
+    pairs = [pair_name(a, b) for a, b in lines]
+    out = {k: np.full((len(lines), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
     barriers: dict[str, dict] = {}
     start = time.perf_counter()
-    bar = progress_bar(total=len(PAIRS) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
-    for k, (a, b) in enumerate(PAIRS):
+    bar = progress_bar(total=len(lines) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
+    for k, (a, b) in enumerate(lines):
         evaluator = make(a, b, pairs[k])
         samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward
         for j, r in enumerate(evaluator.evaluate_iter(((float(tj), 0.0) for tj in t), keep_samples=True)):
@@ -198,7 +203,7 @@ def compute_paths(
             bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
         barriers[pairs[k]] = barriers_with_se(t, out["loss"][k], samples)
         if storage == "factored":  # the hooks go; the base model goes home after the last pair
-            evaluator.close(restore_device=k == len(PAIRS) - 1)
+            evaluator.close(restore_device=k == len(lines) - 1)
         del evaluator
     bar.close()
     return {
@@ -302,6 +307,10 @@ def _run(argv: Sequence[str] | None = None) -> None:
     threads.configure(args.threads)
     device = resolve_device(args.device)
     ctx = open_run(args.run, device)
+    if "ft" not in ctx.solutions:  # as the run's plane: the base model is the third vertex (--load-4bit's default)
+        from adapters.solution import base_solution
+
+        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
     dtype = ctx.loaded.config.landscape_dtype(device.type)  # the run's precision on this device
     result = compute_paths(
         ctx.base, ctx.solutions, ctx.eval_set, device, args.points, args.extend, progress=not args.no_progress,
@@ -309,7 +318,8 @@ def _run(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     meta = ctx.meta
     # The endpoints are the solutions: their loss must match what the run measured at the vertices.
-    for pair, (a, b) in zip(result["pairs"], PAIRS, strict=True):
+    for pair in result["pairs"]:
+        a, b = pair.split("-")
         ends = result["barriers"][pair]
         for name, value in ((a, ends["loss_t0"]), (b, ends["loss_t1"])):
             recorded = (meta.get("solutions") or {}).get(name, {}).get("vertex_loss")

@@ -140,6 +140,23 @@ def centred_axis(n: int, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     return snapped_axis(lo, hi, n, [0.0])
 
 
+def third_vertex(solutions) -> str:
+    """The plane's third vertex: ``ft``, or ``base`` (the base model itself, ΔW = 0) when there is no FT solution
+    (the default under ``--load-4bit``); it takes FT's place in both charts."""
+    return "ft" if "ft" in solutions else "base"
+
+
+def with_third(chart: Chart, third: str) -> Chart:
+    """``chart`` (built with the third vertex's update under the key ``ft``) with its vertex and geometry named
+    ``third``."""
+    if third == "ft":
+        return chart
+    swap = lambda key: "-".join(third if part == "ft" else part for part in key.split("-"))  # noqa: E731
+    chart.vertices = {swap(k): v for k, v in chart.vertices.items()}
+    chart.info = {k: ({swap(n): x for n, x in v.items()} if isinstance(v, dict) else v) for k, v in chart.info.items()}
+    return chart
+
+
 def build_chart(name: str, thetas: dict[str, dict[str, torch.Tensor]]) -> Chart:
     if name == "paper":
         return paper_chart(thetas)

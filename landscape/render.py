@@ -55,8 +55,8 @@ __all__ = [
 
 # Okabe-Ito palette (colour-blind safe). None of these is a shade of the blue-green tempo
 # colour scale, so the markers stand out on the surface.
-COLORS = {"ft": "#D55E00", "lora": "#56B4E9", "randlora": "#CC79A7", "head_only": "#000000"}
-LABELS = {"ft": "Full FT", "lora": "LoRA", "randlora": "RandLoRA", "head_only": "Head only"}
+COLORS = {"ft": "#D55E00", "lora": "#56B4E9", "randlora": "#CC79A7", "head_only": "#000000", "base": "#E69F00"}
+LABELS = {"ft": "Full FT", "lora": "LoRA", "randlora": "RandLoRA", "head_only": "Head only", "base": "Base model"}
 
 COLORSCALE = "tempo_r"
 # The same scale for matplotlib, so the static and interactive figures agree.

@@ -141,7 +141,9 @@ def metadata(loaded: Loaded, chart, xs, ys, result, summary, path_summary, evalu
 def print_summary(written: list[Path], summary: dict, seconds: dict) -> None:
     print("\nwrote " + ", ".join(str(p) for p in written))
     print(f"{'solution':<10} {'trainable':>11} {'rank':>5} {'test acc':>9} {'test loss':>10} {'vertex loss':>12}")
-    for name in METHOD_ORDER:
+    for name in [*METHOD_ORDER, "base"]:  # the methods the run has (--load-4bit: no ft), the base vertex
+        if name not in summary:
+            continue
         s = summary[name]
         # a solution given with --solutions may have no metrics (trained elsewhere: adapters.foreign)
         acc, loss, vl = (("" if s.get(k) is None else f"{s[k]:.4f}") for k in ("test_accuracy", "test_loss",

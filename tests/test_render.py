@@ -47,7 +47,7 @@ def data() -> dict:
 
 
 def test_palette_covers_methods():
-    assert set(COLORS) == set(LABELS) == {"ft", "lora", "randlora", "head_only"}
+    assert set(COLORS) == set(LABELS) == {"ft", "lora", "randlora", "head_only", "base"}  # base: a vertex without FT
     assert len(set(COLORS.values())) == len(COLORS)
 
 

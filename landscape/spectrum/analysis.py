@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from adapters.progress import progress_bar
+from adapters.quant import dequantized_weight, is_packed
 from landscape.spectrum.decomposition import (
     METHODS,
     Decomp,
@@ -410,6 +411,9 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
     ref = next((n for n, s in solutions.items() if s.method == "ft"), "ft")
     base_model = next(iter(solutions.values())).base
     base = dict(base_model.named_parameters())
+    # a 4-bit base: W0 as the packed layers compute with it (dequantised fp32; spectra from factors are later work)
+    changed = set().union(*(d.keys() for d in deltas.values()))
+    base = {n: dequantized_weight(p) if is_packed(p) and n in changed else p for n, p in base.items()}
     if device is None:  # where the lazy updates are computed: the base model's device
         device = next(base_model.parameters()).device
     floors = {name: floor_dtype(sol) for name, sol in solutions.items()}  # what rounded each one's weights
