@@ -6,7 +6,9 @@ the same objective (:mod:`adapters.objectives`) and the same samples as the plan
 (``--samples N``: the first N of the same seeded permutation). The model is in eval mode (dropout
 off; BatchNorm normalises with its frozen running statistics), fp32.
 
-**Hessian-vector products** (:class:`HessianOperator`). Forward-over-reverse with ``torch.func``:
+**Hessian-vector products** (:class:`HessianOperator`). A causal LM's answer loss reads only the gold
+candidate, so only the gold continuation is run (the objective's training view): the same loss and
+products at 1/C of the work for C candidates. Forward-over-reverse with ``torch.func``:
 ``jvp(grad(L), (θ,), (v,))`` through ``functional_call`` over the chosen parameters only (the rest
 of the model is constant), summed over the evaluation batches: one HVP is one pass over the data,
 and every pass is counted (``hvps``). Two rewrites make the models of this toolkit differentiable
@@ -28,8 +30,8 @@ optimiser of a LoRA / RandLoRA solution sees — LoRA's A and B factors, RandLoR
 head), as parameters of the solution's peft model loaded from its folder; full fine-tuning has no
 adapter (its optimiser's coordinates are the weights), so its ``adapter`` entry is skipped.
 
-**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 on the model's
-device, ARPACK's on the host):
+**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 on the host,
+as ARPACK's are):
 
 - Top-k eigenvalues: Lanczos with full reorthogonalisation from a seeded Gaussian start, stopped after
   the first step at which the top k Ritz pairs (the largest *algebraic*, so a negative direction is never
@@ -49,8 +51,10 @@ device, ARPACK's on the host):
   wrapper), while the product here must go through the run's own objective (classification or the causal
   LM's answer loss), over a subset of a peft model's parameters, with the kernel and peft rewrites above
   and a count of passes — so it would add a dependency and two adapters and leave the solver unchanged.
-  Memory: the Lanczos basis, up to ``lanczos_vectors`` float64 vectors of the coordinates' size on the
-  model's device (typically 15–30 are used). When ``k >= dim`` the Hessian is built column by column
+  Memory: the Lanczos basis, up to ``lanczos_vectors`` float64 vectors of the coordinates' size (typically
+  15–30 are used), lives in host memory, memory-mapped from a temporary file under the output folder when
+  it exceeds 1 GiB (:mod:`landscape.lanczos`); the device holds at most k + 4 coordinate-sized vectors (the
+  vector multiplied, the HVP's tangent, gradient and product). When ``k >= dim`` the Hessian is built column by column
   (``dim`` HVPs) and diagonalised exactly.
 - Trace: Hutchinson, ``tr H ≈ mean_i zᵢᵀ H zᵢ`` over ``trace_probes`` Rademacher probes, with the
   standard error of that mean.
@@ -98,8 +102,11 @@ from adapters import compat
 from adapters.errors import UserError, first_line
 from adapters.io import digest, key_digest, write_json, write_with
 from adapters.objectives import Classification
+from adapters.progress import progress_bar
 from adapters.solution import Solution, delta_fingerprint
 from landscape.grid import EvalSet
+from landscape.lanczos import HostBasis
+from landscape.lanczos import lanczos as host_lanczos
 
 PROG = "python -m landscape.curvature"
 SOLUTION_CHOICES = ("ft", "lora", "randlora")
@@ -108,7 +115,7 @@ WEIGHT_SETS = ("adapted", "plane")
 HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ADAPTER_METHODS = ("lora", "randlora")
-LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held by the top-k Lanczos
+LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held (on the host) by the top-k Lanczos
 NO_ADAPTER = "its optimiser's coordinates are the weights"
 
 __all__ = [
@@ -237,6 +244,9 @@ class HessianOperator:
     The model is put in eval mode, its parameters stop requiring gradients (only the chosen ones are
     differentiated, functionally) and, for ``dtype="float64"``, it is converted: pass a copy you own.
     ``hvps`` counts products (one pass over the data each); ``on_hvp`` is called after each.
+    ``gold_only`` (default): a causal LM's candidates other than the gold one are not run — the answer
+    loss does not read them (:meth:`adapters.objectives.AnswerLoss.training_view`), so the products are the
+    same and cost one sequence per sample instead of one per candidate.
     """
 
     def __init__(
@@ -247,6 +257,7 @@ class HessianOperator:
         objective: Classification,
         dtype: str = "float32",
         mode: str = "auto",
+        gold_only: bool = True,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, not {mode!r}")
@@ -263,8 +274,13 @@ class HessianOperator:
         self.sizes = [p.numel() for p in self.params.values()]
         self.dim = sum(self.sizes)
         self.device = next(iter(self.params.values())).device
+        # gold_only: the objective's training view of each batch (a causal LM's gold response alone, one
+        # sequence per sample): the answer loss reads only the gold candidate's cross-entropy, so the other
+        # candidates' forwards and backwards add work and nothing to H (same loss, same products).
+        view = objective.training_view if gold_only else (lambda inputs, target: (inputs, target))
         self.batches = [
-            ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target) for inputs, target in eval_set.batches
+            ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target)
+            for inputs, target in (view(i, t) for i, t in eval_set.batches)
         ]
         self.n = eval_set.n
         self.objective = objective
@@ -275,6 +291,7 @@ class HessianOperator:
         self.loss: float | None = None  # at the point, from the first product's pass
         self.grad_norm: float | None = None
         self.on_hvp: Callable[[], None] | None = None
+        self.scratch: Path | None = None  # where a Lanczos basis too large for memory is memory-mapped
 
     def _loss(self, params: dict[str, torch.Tensor], inputs: dict, target: torch.Tensor) -> torch.Tensor:
         outputs = torch.func.functional_call(self.model, params, args=(), kwargs=inputs)
@@ -372,11 +389,12 @@ def top_eigenvalues(
         v0 = torch.from_numpy(np.random.default_rng(_stream_seed(seed, 0)).standard_normal(op.dim))
         stop = _RitzTest(k, tol)
         alpha, beta, basis = lanczos(op, v0 / torch.linalg.vector_norm(v0), min(op.dim, max(max_vectors, k + 1)), stop)
-        values, converged, method = stop.values, stop.done, LANCZOS
+        with basis:
+            values, converged, method = stop.values, stop.done, LANCZOS
+            restart = None if converged else _top_ritz_vector(alpha, beta, basis, k)
         if not converged:  # restart ARPACK from the Ritz vectors of the top k: its implicit restarts converge
-            values, converged = _eigsh(op, k, tol, _top_ritz_vector(alpha, beta, basis, k), len(alpha))
+            values, converged = _eigsh(op, k, tol, restart, len(alpha))
             method = f"{LANCZOS}, then {EIGSH} from its top Ritz vectors"
-        del basis
     values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
     return {"eigenvalues": [float(x) for x in values], "method": method, "converged": bool(converged), "tol": tol,
             "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
@@ -412,12 +430,11 @@ def _tridiagonal_eigh(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np
     return eigh_tridiagonal(np.asarray(alpha, dtype=np.float64), np.asarray(beta[: len(alpha) - 1], dtype=np.float64))
 
 
-def _top_ritz_vector(alpha: Sequence[float], beta: Sequence[float], basis: torch.Tensor, k: int) -> np.ndarray:
+def _top_ritz_vector(alpha: Sequence[float], beta: Sequence[float], basis: HostBasis, k: int) -> np.ndarray:
     """The sum of the top k Ritz vectors: a start vector rich in the wanted eigenvectors."""
     theta, s = _tridiagonal_eigh(alpha, beta)
     top = np.argsort(theta)[::-1][:k]
-    coefficients = torch.from_numpy(s[:, top].sum(1)).to(basis)
-    return (coefficients @ basis[: len(alpha)]).cpu().numpy()
+    return basis.combine(s[:, top].sum(1), len(alpha))
 
 
 def _eigsh(op: HessianOperator, k: int, tol: float, v0: np.ndarray, ncv: int) -> tuple[np.ndarray, bool]:
@@ -454,32 +471,12 @@ def lanczos(
     v: torch.Tensor,
     steps: int,
     stop: Callable[[list[float], list[float], float], bool] | None = None,
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """At most ``steps`` Lanczos steps from the unit vector ``v`` with full reorthogonalisation (twice,
-    classical Gram–Schmidt); stops early when the Krylov space is invariant or when ``stop(alpha, beta,
-    next_beta)`` says so after a step. Returns (alpha, beta) of T and the basis (rows; the first
-    ``len(alpha)`` are used).
-
-    The basis is kept in float64 on the operator's device: in fp32, the rounding of million-term dot
-    products moved the top Ritz value of EfficientNet-Lite0's Hessian by 2e-5 relative."""
-    steps = min(steps, op.dim)
-    basis = torch.empty((steps, op.dim), dtype=torch.float64, device=op.device)
-    basis[0] = v.to(device=op.device, dtype=torch.float64)
-    alpha, beta = [], []
-    for j in range(steps):
-        w = op.flat_hvp(basis[j]).double()
-        alpha.append(float(w @ basis[j]))
-        for _ in range(2):  # against every earlier vector: no ghost copies of converged eigenvalues
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        b = float(torch.linalg.vector_norm(w))
-        invariant = b <= 1e-10 * (max(abs(a) for a in alpha) or 1.0)
-        if stop is not None and stop(alpha, beta, 0.0 if invariant else b):
-            break
-        if j + 1 == steps or invariant:
-            break
-        beta.append(b)
-        basis[j + 1] = w / b
-    return np.asarray(alpha), np.asarray(beta), basis
+) -> tuple[np.ndarray, np.ndarray, HostBasis]:
+    """At most ``steps`` Lanczos steps of the operator's Hessian from the unit vector ``v``
+    (:func:`landscape.lanczos.lanczos`: full reorthogonalisation against a float64 basis in host memory,
+    memory-mapped under ``op.scratch`` when large; two coordinate-sized vectors on the device). Returns
+    (alpha, beta) of T and the :class:`HostBasis` (its first ``len(alpha)`` rows are used; close it)."""
+    return host_lanczos(op.flat_hvp, v, steps, stop, op.device, op.dtype, op.scratch)
 
 
 def slq_density(
@@ -492,7 +489,8 @@ def slq_density(
     nodes, weights = [], []
     for _ in range(probes):
         z = _rademacher(op.dim, generator, torch.float64)
-        alpha, beta, _ = lanczos(op, z / math.sqrt(op.dim), steps)
+        alpha, beta, basis = lanczos(op, z / math.sqrt(op.dim), steps)
+        basis.close()
         theta, vectors = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
         nodes.append(theta.tolist())
         weights.append((vectors[0] ** 2).tolist())
@@ -613,7 +611,7 @@ def _previous(path: Path) -> dict:
 
 def _compute_entry(
     name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
-    settings: CurvatureSettings, device: torch.device | str, progress: bool,
+    settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
 ) -> dict:  # fmt: skip
     """One (solution, coordinates) entry, computed."""
     if coordinates == "weights":
@@ -621,7 +619,9 @@ def _compute_entry(
     else:
         model, chosen = adapter_coordinates(solution, settings.include_head)
     op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype)
-    bar = tqdm(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
+    op.scratch = scratch
+    # one tick per HVP: each Lanczos iteration, trace probe and SLQ step (whole lines in a log)
+    bar = progress_bar(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
     op.on_hvp = lambda: bar.update(1)
     try:
         return {**curvature_at(op, settings, bar), "device": str(device)}
@@ -672,7 +672,8 @@ def curvature_stage(
             if old.get("key") == key:
                 per[coordinates] = {**old, "reused": True}
             else:
-                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device, progress)
+                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device, progress,
+                                       out)  # fmt: skip
                 per[coordinates] = {"key": key, **entry}
             write_json(out / "curvature.json", result)  # saved as it completes: a rerun resumes here
     result["complete"] = True
