@@ -558,7 +558,8 @@ def weight_names(
     from adapters.models.base import HEAD
 
     if weight_set == "plane":
-        chosen = set().union(*(s.delta() for s in plane_solutions.values())) if plane_solutions else set()
+        # the names only: each solution's ΔW streamed one parameter at a time, never all dense at once
+        chosen = {name for s in plane_solutions.values() for name, _ in s.streamed_deltas()}
     else:
         chosen = set(adapted_weights(base, targets))
     is_head = lambda n: n.startswith(HEAD + ".")  # noqa: E731
