@@ -571,19 +571,32 @@ def weight_coordinates(solution: Solution, names: Sequence[str]) -> tuple[nn.Mod
     return solution.model(), list(names)
 
 
-def adapter_coordinates(solution: Solution, head: bool = True) -> tuple[nn.Module, list[str]]:
+def adapter_coordinates(
+    solution: Solution, head: bool = True, dtype: str = "float32", device: torch.device | str | None = None
+) -> tuple[nn.Module, list[str]]:
     """The solution's peft model, loaded from its folder, and the names of what its optimiser trained:
-    LoRA's A/B, RandLoRA's λ/γ, and (``head``) the classification head peft saves with them."""
+    LoRA's A/B, RandLoRA's λ/γ, and (``head``) the classification head peft saves with them.
+
+    The adapter is attached to a skeleton of the base that shares its tensors (no second copy of the weights)
+    when the base's floating-point tensors are already in ``dtype`` and every tensor is on ``device`` (the
+    operator's conversion or move would otherwise convert or move the shared base), else to a copy."""
     from peft import PeftModel
 
+    from adapters.deltas import skeleton
     from adapters.methods.randlora import BASES_FILE, verify_bases
     from adapters.solution import peft_config_of
 
     folder = solution.path
+    base = solution.base
+    floating = [t for t in (*base.parameters(), *base.buffers()) if t.is_floating_point()]
+    target = torch.device(device) if device is not None else None
+    shared = all(t.dtype == DTYPES[dtype] for t in floating) and (target is None or all(
+        t.device.type == target.type and target.index in (None, t.device.index)
+        for t in (*base.parameters(), *base.buffers())))  # fmt: skip
     with warnings.catch_warnings():  # "bases regenerated from the PRNG key": verified just below
         warnings.filterwarnings("ignore", message=".*save_projection.*")
-        model = PeftModel.from_pretrained(copy.deepcopy(solution.base), folder, config=peft_config_of(folder),
-                                          is_trainable=True)  # fmt: skip
+        model = PeftModel.from_pretrained(skeleton(base) if shared else copy.deepcopy(base), folder,
+                                          config=peft_config_of(folder), is_trainable=True)  # fmt: skip
     if (folder / BASES_FILE).exists():
         try:
             verify_bases(model, folder)
@@ -615,11 +628,16 @@ def _compute_entry(
     settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
 ) -> dict:  # fmt: skip
     """One (solution, coordinates) entry, computed."""
+    flags = [(p, p.requires_grad) for p in solution.base.parameters()]
     if coordinates == "weights":
         model, chosen = weight_coordinates(solution, names)
     else:
-        model, chosen = adapter_coordinates(solution, settings.include_head)
-    op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype)
+        model, chosen = adapter_coordinates(solution, settings.include_head, settings.dtype, device)
+    try:
+        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype)
+    finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
+        for p, flag in flags:
+            p.requires_grad_(flag)
     op.scratch = scratch
     # one tick per HVP: each Lanczos iteration, trace probe and SLQ step (whole lines in a log)
     bar = progress_bar(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
