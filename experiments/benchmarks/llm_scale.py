@@ -142,7 +142,8 @@ def full_config(model: str):
 
 
 def save_tokenizer(folder: Path, vocab: int = VOCAB) -> None:
-    """A word-level tokenizer ``t0 … t{V-3}``, ``<pad>``, ``</s>`` (hf.entry needs one; ids = word numbers)."""
+    """A word-level tokenizer ``t0 … t{V-3}``, ``<pad>``, ``</s>``: hf.entry needs one (the examples are given as
+    token ids: beside a qwen2 config.json transformers reads it with Qwen2's own tokenizer class)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -213,17 +214,27 @@ def make_case(folder: Path, model: str, hidden: int, layers: int) -> dict:
 
 
 def examples(samples: int, prompt_len: int, candidates: int = 4, answer_len: int = 3):
-    """Fabricated multiple-choice examples as token ids (the plain loop's input) and as the toolkit's records
-    (the same words), with a gold candidate each. The eos the toolkit appends to an answer is in the ids."""
+    """Fabricated multiple-choice examples as token ids (the plain loop's input), the same sequences in the
+    toolkit's encoding (what :func:`adapters.models.hf.encode_lm` makes of records: ``(N, C, T)`` ids,
+    attention and answer masks, the eos that ends each answer included), and a gold candidate each."""
+    from adapters.models.base import Encoded
     from experiments.benchmarks.plain_lm import fabricate_examples
 
     raw = fabricate_examples(samples, VOCAB - 2, prompt_len, answer_len, candidates)
     ids = [(prompt, [[*c, VOCAB - 1] for c in cands]) for prompt, cands in raw]
-    words = lambda xs: " ".join(f"t{i}" for i in xs)  # noqa: E731
-    records = [{"prompt": words(p), "candidates": [" " + words(c) for c in cands], "task": "fabricated"}
-               for p, cands in raw]  # fmt: skip
-    labels = torch.arange(samples) % candidates
-    return ids, records, labels
+    width = max(len(p) + len(c) for p, cands in ids for c in cands)
+    input_ids = torch.full((samples, candidates, width), VOCAB - 2, dtype=torch.int64)
+    attention = torch.zeros_like(input_ids)
+    answer = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i, (prompt, cands) in enumerate(ids):
+        for j, cand in enumerate(cands):
+            seq = torch.tensor([*prompt, *cand])
+            input_ids[i, j, : len(seq)] = seq
+            attention[i, j, : len(seq)] = 1
+            answer[i, j, len(prompt) : len(seq)] = True
+    data = Encoded({"input_ids": input_ids, "attention_mask": attention, "answer_mask": answer},
+                   lengths=attention.sum(-1).amax(-1))  # fmt: skip
+    return ids, data, torch.arange(samples) % candidates
 
 
 # --------------------------------------------------------------------------- one case (fresh process)
@@ -301,7 +312,7 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
     runtime = status_bytes("VmRSS")
     reset = reset_peak()
     start = time.perf_counter()
-    entry, model = _load(case, dtype)
+    _, model = _load(case, dtype)
     seconds = time.perf_counter() - start
     model_bytes = _model_bytes(model)
     out = {"model_bytes": model_bytes, "runtime_rss_bytes": runtime, "layer_scratch_bytes": _largest_layer_bytes(model),
@@ -311,8 +322,7 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
         return {**out, "peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
                 "seconds": round(seconds, 3), "activation_bytes": None}  # fmt: skip
     objective = OBJECTIVES["answer"]
-    ids, records, labels = examples(samples, prompt_len)
-    data = entry.encode(records)
+    ids, data, labels = examples(samples, prompt_len)
     eval_set = EvalSet.prepare(data, labels, samples, "cpu")
     with torch.no_grad():
         model(**eval_set.batches[0][0])
