@@ -529,7 +529,7 @@ def _gb(b) -> str:
 
 def table(result: dict) -> str:
     lines = [f"{'model':<11} {'h':>4} {'params':>10} {'dtype':<8} {'source':<7} {'stage':<15} {'model MB':>9} "
-             f"{'peak MB':>8} {'held MB':>8} {'ratio':>7} {'act MB':>7} {'s':>7} {'tok/s':>8} "
+             f"{'peak MB':>8} {'held MB':>8} {'ratio':>7} {'-act':>7} {'act MB':>7} {'s':>7} {'tok/s':>8} "
              f"{'plain':>8}"]  # fmt: skip
     for c in result["cases"]:
         head = f"{c['model']:<11} {c['hidden']:>4} {c['params']:>10,} {c['dtype']:<8} {c['source']:<7} {c['stage']:<15}"
@@ -539,8 +539,10 @@ def table(result: dict) -> str:
         mb = lambda b: "-" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
         tps = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
         ratio = "-" if c.get("ratio") is None else f"{c['ratio']:.2f}"
+        bare = "-" if c.get("ratio_without_activations") is None else f"{c['ratio_without_activations']:.2f}"
         lines.append(f"{head} {mb(c['model_bytes']):>9} {mb(c['peak_rss_above_base_bytes']):>8} "
-                     f"{mb(c['held_bytes']):>8} {ratio:>7} {mb(c.get('activation_bytes')):>7} {c['seconds']:>7.2f} "
+                     f"{mb(c['held_bytes']):>8} {ratio:>7} {bare:>7} {mb(c.get('activation_bytes')):>7} "
+                     f"{c['seconds']:>7.2f} "
                      f"{tps(c.get('tokens_per_s')):>8} {tps(c.get('plain_tokens_per_s')):>8}")  # fmt: skip
     lines.append("")
     lines.append("flatness (max/min ratio over sizes, per model, dtype, source, stage; target <= 1.15):")
@@ -560,6 +562,26 @@ def flatness(cases: list[dict]) -> dict[str, float]:
         if c.get("ratio") and "skipped" not in c:
             groups.setdefault(f"{c['model']}/{c['dtype']}/{c['source']}/{c['stage']}", []).append(c["ratio"])
     return {k: max(v) / min(v) for k, v in groups.items() if len(v) > 1 and min(v) > 0}
+
+
+def summarise(result: dict) -> dict:
+    """``result`` with each case's ``ratio_without_activations`` ((peak − one batch's activations) / held), the
+    flatness over sizes and the projection, from its cases."""
+    for c in result["cases"]:
+        if c.get("held_bytes") and c.get("peak_rss_above_base_bytes") is not None and c["stage"] != "load":
+            above = c["peak_rss_above_base_bytes"] - (c.get("activation_bytes") or 0)
+            c["ratio_without_activations"] = max(above, 0) / c["held_bytes"]
+    return {**result, "flatness": flatness(result["cases"]), "projection": project(result["cases"])}
+
+
+def merged(paths: list[Path]) -> dict:
+    """The cases of several runs' JSON (e.g. one per model, run side by side), summarised again."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = {k: v for k, v in runs[0].items() if k not in ("cases", "flatness", "projection")}
+    out["cases"] = [c for run in runs for c in run["cases"]]
+    out["seconds"] = sum(run.get("seconds", 0) for run in runs)
+    out["runs"] = [{k: run.get(k) for k in ("threads", "samples", "prompt_len", "layers", "seconds")} for run in runs]
+    return summarise(out)
 
 
 def cpu_name() -> str:
@@ -585,6 +607,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=None, help="evaluation samples (default 16; quick 4)")
     p.add_argument("--prompt-len", type=int, default=None, help="longest prompt in tokens (default 48; quick 16)")
     p.add_argument("--threads", type=int, default=None, help="OMP threads per case (default: the environment's)")
+    p.add_argument("--merge", type=Path, nargs="+", help="summarise the cases of these runs' JSON together (no run)")
     p.add_argument("--worker", nargs=4, metavar=("CASE", "DTYPE", "SOURCE", "STAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     quick = args.quick
@@ -604,6 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         case, dtype, source, stage = args.worker
         print(json.dumps(worker(Path(case), dtype, source, stage, args.samples, args.prompt_len)))
+        return 0
+    if args.merge:
+        result = merged(args.merge)
+        print(table(result))
+        if args.json:
+            from adapters.io import write_json
+
+            write_json(args.json, result)
+            print(f"wrote {args.json}")
         return 0
     if "4bit" in args.dtypes:
         from adapters.models.hf import check_4bit
@@ -626,20 +658,20 @@ def main(argv: list[str] | None = None) -> int:
                             cases.append(case)
                             print(table({"cases": [case], "flatness": {}, "projection": []}).splitlines()[1],
                                   file=sys.stderr, flush=True)  # fmt: skip
-    result = {
-        "cpu": cpu_name(),
-        "threads": args.threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
-        "torch": torch.__version__,
-        "layers": args.layers,
-        "vocab": VOCAB,
-        "samples": args.samples,
-        "prompt_len": args.prompt_len,
-        "real_configs": REAL,
-        "cases": cases,
-        "flatness": flatness(cases),
-        "projection": project(cases),
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    result = summarise(
+        {
+            "cpu": cpu_name(),
+            "threads": args.threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
+            "torch": torch.__version__,
+            "layers": args.layers,
+            "vocab": VOCAB,
+            "samples": args.samples,
+            "prompt_len": args.prompt_len,
+            "real_configs": REAL,
+            "cases": cases,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+    )
     print(table(result))
     if args.json:
         from adapters.io import write_json
