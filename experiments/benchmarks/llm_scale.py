@@ -622,6 +622,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def header(args: argparse.Namespace, cases: list[dict], start: float) -> dict:
+    """The settings of a run and its cases so far."""
+    return {
+        "cpu": cpu_name(),
+        "threads": args.threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "vocab": VOCAB,
+        "samples": args.samples,
+        "prompt_len": args.prompt_len,
+        "real_configs": REAL,
+        "cases": cases,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.worker:
@@ -658,20 +674,11 @@ def main(argv: list[str] | None = None) -> int:
                             cases.append(case)
                             print(table({"cases": [case], "flatness": {}, "projection": []}).splitlines()[1],
                                   file=sys.stderr, flush=True)  # fmt: skip
-    result = summarise(
-        {
-            "cpu": cpu_name(),
-            "threads": args.threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
-            "torch": torch.__version__,
-            "layers": args.layers,
-            "vocab": VOCAB,
-            "samples": args.samples,
-            "prompt_len": args.prompt_len,
-            "real_configs": REAL,
-            "cases": cases,
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-    )
+                            if args.json:  # after every case: a run stopped early keeps what it measured
+                                from adapters.io import write_json
+
+                                write_json(args.json, {**header(args, cases, start), "complete": False})
+    result = summarise({**header(args, cases, start), "complete": True})
     print(table(result))
     if args.json:
         from adapters.io import write_json
