@@ -71,6 +71,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -97,6 +98,7 @@ SOURCES = ("own", "foreign")
 STAGES = ("load", "head_only", "train_ft", "train_lora", "train_randlora", "plane", "paths", "curvature",
           "spectrum", "checkpoint")  # fmt: skip
 EVAL_STAGES = ("head_only", "plane")
+FACTOR = re.compile(r"(^|\.)(lora_A|lora_B|randlora_lambda|randlora_gamma)(\.|$)")
 SOURCE_STAGES = ("plane", "paths", "curvature", "spectrum")  # the stages that read solutions
 TARGET = {"load": 1.1, "plane": 1.5, "paths": 1.5}  # issue 20 point 3 (load: above the runtime)
 
@@ -279,7 +281,9 @@ def _factor_bytes(solution) -> int:
     for file in files:
         with safe_open(file, "pt") as f:
             for k in f.keys():  # noqa: SIM118 (safe_open has no iterator)
-                if "lora_" in k:  # LoRA's A/B, RandLoRA's λ/γ (the bases are not saved)
+                # LoRA's A/B, RandLoRA's λ/γ; not RandLoRA's random bases (randlora_A/B), which peft's own
+                # save_pretrained writes too (fixed, regenerated from the seed: no trained parameters)
+                if FACTOR.search(k):
                     total += math.prod(f.get_slice(k).get_shape()) * 4
     return total
 
