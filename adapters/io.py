@@ -12,7 +12,6 @@ never combined with other weights or another configuration.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -83,17 +82,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
+def _write_stream(path: str | os.PathLike, save: Callable[[Any], None]) -> None:
+    """``save(file)`` into a temporary file beside ``path``, flushed to disk and renamed onto it: the
+    serialiser streams to the file, with no in-memory copy of the whole payload (a ``BytesIO`` and its
+    ``getvalue()`` would hold two — a training checkpoint of an 8B model twice over in host memory)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            save(f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes(path, buf.getvalue())
+    """``np.savez`` atomically, streamed to the file."""
+    _write_stream(path, lambda f: np.savez(f, **arrays))
 
 
 def write_torch(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` atomically (training checkpoints); read back with ``weights_only=True``."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes(path, buf.getvalue())
+    """``torch.save`` atomically, streamed to the file (training checkpoints); read back with ``weights_only=True``."""
+    _write_stream(path, lambda f: torch.save(obj, f))
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,26 @@ class Solution:
 
         return materialise(self.module_deltas(check=False))
 
+    def streamed_deltas(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, dense fp32 ΔW)`` pairs with :meth:`delta`'s keys and values, one parameter at a time: each
+        ΔW is computed when the iteration reaches it and dropped here before the next (the consumer holds at
+        most the one it was given), so no caller ever holds every dense ΔW at once. NaN/inf raises as in
+        :meth:`delta`; all-zero updates are left out except for a foreign solution (as :meth:`delta`)."""
+        if self._delta is not None:
+            yield from self._delta.items()
+            return
+        from adapters.deltas import non_finite_message
+
+        keep_zero = self.info.get("source") in foreign.SOURCES
+        deltas = foreign.module_deltas(self) if keep_zero else self.module_deltas(check=False)
+        for name, delta in deltas.items():
+            d = delta()
+            if not torch.isfinite(d).all():
+                raise UserError(non_finite_message(delta))
+            if keep_zero or d.any():
+                yield name, d
+            del d
+
     def module_deltas(self, check: bool = True) -> dict[str, Delta]:
         """{parameter name of the base model: a callable returning its dense fp32 ΔW}, the same values as
         :meth:`delta` but computed lazily, one parameter at a time, without a second copy of the model and
@@ -127,7 +148,7 @@ class Solution:
         model = copy.deepcopy(self.base)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, d in self.delta().items():
+            for name, d in self.streamed_deltas():  # one dense ΔW at a time
                 params[name].add_(d.to(params[name].dtype))
         return model
 

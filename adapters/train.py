@@ -380,16 +380,49 @@ def train_solution(
     solution folder is saved atomically. Under torchrun all ranks train together (DDP, each on a
     slice of the global batch); rank 0 evaluates and saves.
     """
-    from adapters.methods import attach, has_head, trainable_params
-    from adapters.quant import base_quantization
-    from adapters.solution import save_solution
+    from adapters.deltas import skeleton
+    from adapters.methods import attach, has_head
 
     folder = Path(folder)
     ckpt = checkpoint_path(folder, key)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)  # peft's LoRA initialises A from the global generator
-        model = attach(copy.deepcopy(task.base), spec, task.entry.targets)
-    if spec.method == "head_only" and not has_head(task.base):  # CLIP: the baseline is zero-shot
+    nothing_to_train = spec.method == "head_only" and not has_head(task.base)
+    shared = _shares_base(task.base, spec, device)
+    flags = [(p, p.requires_grad) for p in task.base.parameters()]
+    if nothing_to_train:  # a causal LM, CLIP (zero-shot): no head, so the baseline is the base itself, in place
+        model = task.base
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)  # peft's LoRA initialises A from the global generator
+            # an adapter trains beside the frozen base: its skeleton shares the base's tensors (no second copy
+            # of the weights); full fine-tuning changes every weight, so it trains a copy
+            model = attach(skeleton(task.base) if shared else copy.deepcopy(task.base), spec, task.entry.targets)
+    try:
+        _train_and_save(task, spec, config, key, folder, device, progress, model, ckpt, nothing_to_train,
+                        shared or nothing_to_train)  # fmt: skip
+    finally:
+        for p, flag in flags:  # peft froze the shared base parameters: the base model is not ours to change
+            p.requires_grad_(flag)
+
+
+def _shares_base(base: nn.Module, spec, device: torch.device | str) -> bool:
+    """Whether ``spec`` trains on a skeleton of ``base`` (its tensors shared): an adapter, with every tensor of
+    the base already on the training device — moving a skeleton would move the shared base's tensors too."""
+    from adapters.methods import ADAPTERS
+
+    target = torch.device(device)
+    on_device = all(t.device.type == target.type and (target.index is None or t.device.index == target.index)
+                    for t in (*base.parameters(), *base.buffers()))  # fmt: skip
+    return spec.method in ADAPTERS and on_device
+
+
+def _train_and_save(task, spec, config, key, folder, device, progress, model, ckpt, nothing_to_train: bool,
+                    shared: bool) -> None:  # fmt: skip
+    """The training pass (none when there is nothing to train), test evaluation and the saved solution."""
+    from adapters.methods import has_head, trainable_params
+    from adapters.quant import base_quantization
+    from adapters.solution import save_solution
+
+    if nothing_to_train:
         history = {"train_loss": [], "train_seconds": 0.0}
     else:
         history = train(
@@ -408,7 +441,7 @@ def train_solution(
 
         generated = generate_accuracy(_unwrap(model), task.entry, task.dataset.test.inputs, config.eval_batch_size)
         print(f"[train {spec.method}] generation accuracy {generated['accuracy']:.4f} (beam 4)", file=sys.stderr)
-    n_train = trainable_params(model)
+    n_train = 0 if nothing_to_train else trainable_params(model)
     head = sum(p.numel() for p in task.base.task_head.parameters()) if has_head(task.base) else 0
     print(
         f"[train {spec.method}] test accuracy {test_acc:.4f}, loss {test_loss:.4f}, {n_train:,} trainable"
@@ -444,5 +477,6 @@ def train_solution(
         "steps": len(losses),
         **({"generate_accuracy": generated} if config.generate_eval and task.objective.name == "answer" else {}),
     }
-    save_solution(folder, model.cpu(), info, metrics)
+    # a model sharing the base's tensors is not moved (that would move the base): the writers copy to the host
+    save_solution(folder, model if shared else model.cpu(), info, metrics)
     ckpt.unlink(missing_ok=True)  # only now: a kill before the save resumes from the checkpoint

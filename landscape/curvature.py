@@ -6,7 +6,9 @@ the same objective (:mod:`adapters.objectives`) and the same samples as the plan
 (``--samples N``: the first N of the same seeded permutation). The model is in eval mode (dropout
 off; BatchNorm normalises with its frozen running statistics), fp32.
 
-**Hessian-vector products** (:class:`HessianOperator`). Forward-over-reverse with ``torch.func``:
+**Hessian-vector products** (:class:`HessianOperator`). A causal LM's answer loss reads only the gold
+candidate, so only the gold continuation is run (the objective's training view): the same loss and
+products at 1/C of the work for C candidates. Forward-over-reverse with ``torch.func``:
 ``jvp(grad(L), (θ,), (v,))`` through ``functional_call`` over the chosen parameters only (the rest
 of the model is constant), summed over the evaluation batches: one HVP is one pass over the data,
 and every pass is counted (``hvps``). Two rewrites make the models of this toolkit differentiable
@@ -28,8 +30,8 @@ optimiser of a LoRA / RandLoRA solution sees — LoRA's A and B factors, RandLoR
 head), as parameters of the solution's peft model loaded from its folder; full fine-tuning has no
 adapter (its optimiser's coordinates are the weights), so its ``adapter`` entry is skipped.
 
-**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 on the model's
-device, ARPACK's on the host):
+**Algorithms** (HVPs in the model's precision on its device; Lanczos vectors in float64 on the host,
+as ARPACK's are):
 
 - Top-k eigenvalues: Lanczos with full reorthogonalisation from a seeded Gaussian start, stopped after
   the first step at which the top k Ritz pairs (the largest *algebraic*, so a negative direction is never
@@ -49,8 +51,10 @@ device, ARPACK's on the host):
   wrapper), while the product here must go through the run's own objective (classification or the causal
   LM's answer loss), over a subset of a peft model's parameters, with the kernel and peft rewrites above
   and a count of passes — so it would add a dependency and two adapters and leave the solver unchanged.
-  Memory: the Lanczos basis, up to ``lanczos_vectors`` float64 vectors of the coordinates' size on the
-  model's device (typically 15–30 are used). When ``k >= dim`` the Hessian is built column by column
+  Memory: the Lanczos basis, up to ``lanczos_vectors`` float64 vectors of the coordinates' size (typically
+  15–30 are used), lives in host memory, memory-mapped from a temporary file under the output folder when
+  it exceeds 1 GiB (:mod:`landscape.lanczos`); the device holds at most k + 4 coordinate-sized vectors (the
+  vector multiplied, the HVP's tangent, gradient and product). When ``k >= dim`` the Hessian is built column by column
   (``dim`` HVPs) and diagonalised exactly.
 - Trace: Hutchinson, ``tr H ≈ mean_i zᵢᵀ H zᵢ`` over ``trace_probes`` Rademacher probes, with the
   standard error of that mean.
@@ -98,9 +102,12 @@ from adapters import compat
 from adapters.errors import UserError, first_line
 from adapters.io import digest, key_digest, write_json, write_with
 from adapters.objectives import Classification
+from adapters.progress import progress_bar
 from adapters.quant import packed_names
 from adapters.solution import Solution, delta_fingerprint
 from landscape.grid import EvalSet
+from landscape.lanczos import HostBasis
+from landscape.lanczos import lanczos as host_lanczos
 
 PROG = "python -m landscape.curvature"
 SOLUTION_CHOICES = ("ft", "lora", "randlora")
@@ -109,7 +116,7 @@ WEIGHT_SETS = ("adapted", "plane")
 HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ADAPTER_METHODS = ("lora", "randlora")
-LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held by the top-k Lanczos
+LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held (on the host) by the top-k Lanczos
 NO_ADAPTER = "its optimiser's coordinates are the weights"
 PACKED_WEIGHTS = "the base is packed in 4 bits (--load-4bit): its weights cannot be coordinates; see adapter"
 
@@ -239,6 +246,9 @@ class HessianOperator:
     The model is put in eval mode, its parameters stop requiring gradients (only the chosen ones are
     differentiated, functionally) and, for ``dtype="float64"``, it is converted: pass a copy you own.
     ``hvps`` counts products (one pass over the data each); ``on_hvp`` is called after each.
+    ``gold_only`` (default): a causal LM's candidates other than the gold one are not run — the answer
+    loss does not read them (:meth:`adapters.objectives.AnswerLoss.training_view`), so the products are the
+    same and cost one sequence per sample instead of one per candidate.
     """
 
     def __init__(
@@ -249,6 +259,7 @@ class HessianOperator:
         objective: Classification,
         dtype: str = "float32",
         mode: str = "auto",
+        gold_only: bool = True,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, not {mode!r}")
@@ -265,8 +276,13 @@ class HessianOperator:
         self.sizes = [p.numel() for p in self.params.values()]
         self.dim = sum(self.sizes)
         self.device = next(iter(self.params.values())).device
+        # gold_only: the objective's training view of each batch (a causal LM's gold response alone, one
+        # sequence per sample): the answer loss reads only the gold candidate's cross-entropy, so the other
+        # candidates' forwards and backwards add work and nothing to H (same loss, same products).
+        view = objective.training_view if gold_only else (lambda inputs, target: (inputs, target))
         self.batches = [
-            ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target) for inputs, target in eval_set.batches
+            ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target)
+            for inputs, target in (view(i, t) for i, t in eval_set.batches)
         ]
         self.n = eval_set.n
         self.objective = objective
@@ -277,6 +293,7 @@ class HessianOperator:
         self.loss: float | None = None  # at the point, from the first product's pass
         self.grad_norm: float | None = None
         self.on_hvp: Callable[[], None] | None = None
+        self.scratch: Path | None = None  # where a Lanczos basis too large for memory is memory-mapped
 
     def _loss(self, params: dict[str, torch.Tensor], inputs: dict, target: torch.Tensor) -> torch.Tensor:
         outputs = torch.func.functional_call(self.model, params, args=(), kwargs=inputs)
@@ -374,11 +391,12 @@ def top_eigenvalues(
         v0 = torch.from_numpy(np.random.default_rng(_stream_seed(seed, 0)).standard_normal(op.dim))
         stop = _RitzTest(k, tol)
         alpha, beta, basis = lanczos(op, v0 / torch.linalg.vector_norm(v0), min(op.dim, max(max_vectors, k + 1)), stop)
-        values, converged, method = stop.values, stop.done, LANCZOS
+        with basis:
+            values, converged, method = stop.values, stop.done, LANCZOS
+            restart = None if converged else _top_ritz_vector(alpha, beta, basis, k)
         if not converged:  # restart ARPACK from the Ritz vectors of the top k: its implicit restarts converge
-            values, converged = _eigsh(op, k, tol, _top_ritz_vector(alpha, beta, basis, k), len(alpha))
+            values, converged = _eigsh(op, k, tol, restart, len(alpha))
             method = f"{LANCZOS}, then {EIGSH} from its top Ritz vectors"
-        del basis
     values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
     return {"eigenvalues": [float(x) for x in values], "method": method, "converged": bool(converged), "tol": tol,
             "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
@@ -414,12 +432,11 @@ def _tridiagonal_eigh(alpha: Sequence[float], beta: Sequence[float]) -> tuple[np
     return eigh_tridiagonal(np.asarray(alpha, dtype=np.float64), np.asarray(beta[: len(alpha) - 1], dtype=np.float64))
 
 
-def _top_ritz_vector(alpha: Sequence[float], beta: Sequence[float], basis: torch.Tensor, k: int) -> np.ndarray:
+def _top_ritz_vector(alpha: Sequence[float], beta: Sequence[float], basis: HostBasis, k: int) -> np.ndarray:
     """The sum of the top k Ritz vectors: a start vector rich in the wanted eigenvectors."""
     theta, s = _tridiagonal_eigh(alpha, beta)
     top = np.argsort(theta)[::-1][:k]
-    coefficients = torch.from_numpy(s[:, top].sum(1)).to(basis)
-    return (coefficients @ basis[: len(alpha)]).cpu().numpy()
+    return basis.combine(s[:, top].sum(1), len(alpha))
 
 
 def _eigsh(op: HessianOperator, k: int, tol: float, v0: np.ndarray, ncv: int) -> tuple[np.ndarray, bool]:
@@ -456,32 +473,12 @@ def lanczos(
     v: torch.Tensor,
     steps: int,
     stop: Callable[[list[float], list[float], float], bool] | None = None,
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """At most ``steps`` Lanczos steps from the unit vector ``v`` with full reorthogonalisation (twice,
-    classical Gram–Schmidt); stops early when the Krylov space is invariant or when ``stop(alpha, beta,
-    next_beta)`` says so after a step. Returns (alpha, beta) of T and the basis (rows; the first
-    ``len(alpha)`` are used).
-
-    The basis is kept in float64 on the operator's device: in fp32, the rounding of million-term dot
-    products moved the top Ritz value of EfficientNet-Lite0's Hessian by 2e-5 relative."""
-    steps = min(steps, op.dim)
-    basis = torch.empty((steps, op.dim), dtype=torch.float64, device=op.device)
-    basis[0] = v.to(device=op.device, dtype=torch.float64)
-    alpha, beta = [], []
-    for j in range(steps):
-        w = op.flat_hvp(basis[j]).double()
-        alpha.append(float(w @ basis[j]))
-        for _ in range(2):  # against every earlier vector: no ghost copies of converged eigenvalues
-            w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
-        b = float(torch.linalg.vector_norm(w))
-        invariant = b <= 1e-10 * (max(abs(a) for a in alpha) or 1.0)
-        if stop is not None and stop(alpha, beta, 0.0 if invariant else b):
-            break
-        if j + 1 == steps or invariant:
-            break
-        beta.append(b)
-        basis[j + 1] = w / b
-    return np.asarray(alpha), np.asarray(beta), basis
+) -> tuple[np.ndarray, np.ndarray, HostBasis]:
+    """At most ``steps`` Lanczos steps of the operator's Hessian from the unit vector ``v``
+    (:func:`landscape.lanczos.lanczos`: full reorthogonalisation against a float64 basis in host memory,
+    memory-mapped under ``op.scratch`` when large; two coordinate-sized vectors on the device). Returns
+    (alpha, beta) of T and the :class:`HostBasis` (its first ``len(alpha)`` rows are used; close it)."""
+    return host_lanczos(op.flat_hvp, v, steps, stop, op.device, op.dtype, op.scratch)
 
 
 def slq_density(
@@ -494,7 +491,8 @@ def slq_density(
     nodes, weights = [], []
     for _ in range(probes):
         z = _rademacher(op.dim, generator, torch.float64)
-        alpha, beta, _ = lanczos(op, z / math.sqrt(op.dim), steps)
+        alpha, beta, basis = lanczos(op, z / math.sqrt(op.dim), steps)
+        basis.close()
         theta, vectors = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
         nodes.append(theta.tolist())
         weights.append((vectors[0] ** 2).tolist())
@@ -562,7 +560,8 @@ def weight_names(
     from adapters.models.base import HEAD
 
     if weight_set == "plane":
-        chosen = set().union(*(s.delta() for s in plane_solutions.values())) if plane_solutions else set()
+        # the names only: each solution's ΔW streamed one parameter at a time, never all dense at once
+        chosen = {name for s in plane_solutions.values() for name, _ in s.streamed_deltas()}
     else:
         chosen = set(adapted_weights(base, targets))
     is_head = lambda n: n.startswith(HEAD + ".")  # noqa: E731
@@ -574,19 +573,32 @@ def weight_coordinates(solution: Solution, names: Sequence[str]) -> tuple[nn.Mod
     return solution.model(), list(names)
 
 
-def adapter_coordinates(solution: Solution, head: bool = True) -> tuple[nn.Module, list[str]]:
+def adapter_coordinates(
+    solution: Solution, head: bool = True, dtype: str = "float32", device: torch.device | str | None = None
+) -> tuple[nn.Module, list[str]]:
     """The solution's peft model, loaded from its folder, and the names of what its optimiser trained:
-    LoRA's A/B, RandLoRA's λ/γ, and (``head``) the classification head peft saves with them."""
+    LoRA's A/B, RandLoRA's λ/γ, and (``head``) the classification head peft saves with them.
+
+    The adapter is attached to a skeleton of the base that shares its tensors (no second copy of the weights)
+    when the base's floating-point tensors are already in ``dtype`` and every tensor is on ``device`` (the
+    operator's conversion or move would otherwise convert or move the shared base), else to a copy."""
     from peft import PeftModel
 
+    from adapters.deltas import skeleton
     from adapters.methods.randlora import BASES_FILE, verify_bases
     from adapters.solution import peft_config_of
 
     folder = solution.path
+    base = solution.base
+    floating = [t for t in (*base.parameters(), *base.buffers()) if t.is_floating_point()]
+    target = torch.device(device) if device is not None else None
+    shared = all(t.dtype == DTYPES[dtype] for t in floating) and (target is None or all(
+        t.device.type == target.type and target.index in (None, t.device.index)
+        for t in (*base.parameters(), *base.buffers())))  # fmt: skip
     with warnings.catch_warnings():  # "bases regenerated from the PRNG key": verified just below
         warnings.filterwarnings("ignore", message=".*save_projection.*")
-        model = PeftModel.from_pretrained(copy.deepcopy(solution.base), folder, config=peft_config_of(folder),
-                                          is_trainable=True)  # fmt: skip
+        model = PeftModel.from_pretrained(skeleton(base) if shared else copy.deepcopy(base), folder,
+                                          config=peft_config_of(folder), is_trainable=True)  # fmt: skip
     if (folder / BASES_FILE).exists():
         try:
             verify_bases(model, folder)
@@ -615,19 +627,26 @@ def _previous(path: Path) -> dict:
 
 def _compute_entry(
     name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
-    settings: CurvatureSettings, device: torch.device | str, progress: bool,
+    settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
 ) -> dict:  # fmt: skip
     """One (solution, coordinates) entry, computed."""
+    flags = [(p, p.requires_grad) for p in solution.base.parameters()]
     if coordinates == "weights":
         model, chosen = weight_coordinates(solution, names)
     else:
-        model, chosen = adapter_coordinates(solution, settings.include_head)
+        model, chosen = adapter_coordinates(solution, settings.include_head, settings.dtype, device)
     # bitsandbytes' 4-bit matmul is an autograd.Function without setup_context, which torch.func's
     # forward-over-reverse refuses (measured with bitsandbytes 0.50.2 on CPU); its backward is plain torch
     # operations, so reverse-over-reverse (double backward) differentiates through the packed layer exactly
     mode = "reverse-over-reverse" if packed_names(model) else "auto"
-    op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode)
-    bar = tqdm(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
+    try:
+        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode)
+    finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    op.scratch = scratch
+    # one tick per HVP: each Lanczos iteration, trace probe and SLQ step (whole lines in a log)
+    bar = progress_bar(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
     op.on_hvp = lambda: bar.update(1)
     try:
         return {**curvature_at(op, settings, bar), "device": str(device)}
@@ -681,7 +700,8 @@ def curvature_stage(
             if old.get("key") == key:
                 per[coordinates] = {**old, "reused": True}
             else:
-                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device, progress)
+                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device, progress,
+                                       out)  # fmt: skip
                 per[coordinates] = {"key": key, **entry}
             write_json(out / "curvature.json", result)  # saved as it completes: a rerun resumes here
     result["complete"] = True

@@ -113,7 +113,8 @@ def test_lanczos_stops_when_the_residuals_meet_tol(tiny):
     assert stop.done and len(alpha) < 60 and op.hvps == len(alpha)
     theta, s = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
     top = np.argsort(theta)[::-1][:5]
-    ritz = basis[: len(alpha)].numpy().T @ s[:, top]
+    ritz = np.array(basis.data[: len(alpha)]).T @ s[:, top]
+    basis.close()
     residual = np.linalg.norm(exact @ ritz - ritz * theta[top], axis=0)
     assert np.all(residual <= 1e-3 * np.abs(theta[top]) * (1 + 1e-6))
     assert np.all(np.abs(stop.values - reference) <= 1e-3 * np.abs(reference))
@@ -462,3 +463,40 @@ def test_hvps_through_the_toolkits_conv_randlora_repeat(dtype):
         expected = double.matvec(v)
         np.testing.assert_allclose(forward.matvec(v), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
     assert forward.mode == "forward-over-reverse" and forward.hvps == 3
+
+
+def test_hvps_score_only_the_gold_continuation():
+    """A causal LM's answer loss: the operator runs the gold candidate alone (gold_only, the default) and its
+    products equal those of the full-candidate loss (which reads only the gold answers) to fp64 rounding,
+    while the backbone sees one sequence per sample instead of one per candidate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapters.models.hf import CausalLMScorer
+    from adapters.objectives import AnswerLoss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    model = CausalLMScorer(LlamaForCausalLM(config))
+    batches = []
+    for b in range(2):  # (B=3 samples, C=4 candidates, T=8) with answers at the last 2-3 positions
+        ids = torch.randint(3, 50, (3, 4, 8))
+        mask = torch.ones_like(ids)
+        answer = torch.zeros_like(ids)
+        answer[..., 5 + b :] = 1
+        batches.append(({"input_ids": ids, "attention_mask": mask, "answer_mask": answer}, torch.tensor([0, 3, 1])))
+    eval_set = EvalSet(batches, 6)
+    names = ["backbone.model.layers.0.mlp.down_proj.weight", "backbone.model.layers.0.self_attn.q_proj.weight"]
+    rows = []
+    model.backbone.model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                                   with_kwargs=True)  # fmt: skip
+    ops = {gold: curvature.HessianOperator(copy.deepcopy(model), names, eval_set, AnswerLoss(), "float64",
+                                           gold_only=gold) for gold in (True, False)}  # fmt: skip
+    v = torch.from_numpy(np.random.default_rng(0).standard_normal(ops[True].dim))
+    products = {}
+    for gold, op in ops.items():
+        rows.clear()
+        products[gold] = op.flat_hvp(v)
+        assert sum(rows) == (6 if gold else 24)  # one sequence per sample, not C = 4
+    torch.testing.assert_close(products[True], products[False], rtol=1e-10, atol=1e-12)
+    assert ops[True].loss == pytest.approx(ops[False].loss, rel=1e-12)

@@ -381,7 +381,21 @@ class DiskFull:
             f = real_open(file, mode, *args, **kwargs)
             return _FillsUp(f) if armed["open"] and "w" in mode else f
 
+        real_stream = getattr(module, "_write_stream", None)  # the writer that streams npz / torch files
+
+        def write_stream(path, save):
+            if self.rule and self.rule[0] == "write" and self.rule[1](Path(path)):
+                self._fire(Path(path))
+                armed["open"] = True
+                try:
+                    return real_stream(path, save)
+                finally:
+                    armed["open"] = False
+            return real_stream(path, save)
+
         monkeypatch.setattr(module, "write_bytes", write_bytes)
+        if real_stream is not None:
+            monkeypatch.setattr(module, "_write_stream", write_stream)
         monkeypatch.setattr(module, "open", fills_up, raising=False)
         monkeypatch.setattr(os, "replace", replace)
 
