@@ -146,7 +146,7 @@ def analyse(
     ``layers`` defaults to the 2-D parameters present in every solution, in natural order.
 
     Optional: ``base`` {parameter name: W0} adds intruder dimensions and, with ``weight_spectra``, the
-    weight spectra of W0 and of each W0 + ΔW; ``rank`` (default: the r of the first :class:`LowRank`
+    weight spectra of W0 and of each W0 + ΔW; ``rank`` (default: the r of the first LoRA :class:`LowRank`
     found) adds ``energy_beyond_rank`` and k = r to the angle set; the ``reference`` solution (default
     "ft"), when present, adds ``similarity_to_ft`` to the others. ``floor_dtypes`` {solution: dtype that
     rounded its weights, or None}, with ``base``, adds the rounding floor (module docstring) to those solutions.
@@ -158,7 +158,8 @@ def analyse(
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
     names = default_layers(deltas) if layers is None else list(layers)
     if rank is None:
-        rank = next((v.r for params in deltas.values() for v in params.values() if isinstance(v, LowRank)), None)
+        rank = next((v.r for params in deltas.values() for v in params.values()
+                     if isinstance(v, LowRank) and v.kind == "lora"), None)  # fmt: skip
     ref = reference if reference in deltas else None
     shapes = _layer_shapes(deltas, names, base)
     floors = None if base is None or floor_dtypes is None else {k: floor_dtypes.get(k) for k in deltas}

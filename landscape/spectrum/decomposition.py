@@ -50,11 +50,15 @@ def singular_values(delta: torch.Tensor, device: str | torch.device | None = Non
 
 @dataclass
 class LowRank:
-    """A factored update ΔW = scale · B · A (LoRA), B: (out, r), A: (r, in). Never made dense for its spectrum."""
+    """A factored update ΔW = scale · B · A, B: (out, r), A: (r, in). Never made dense for its spectrum.
+
+    ``kind``: ``"lora"`` (r is LoRA's rank) or ``"randlora"`` (B and A are RandLoRA's scaled bases, r = the
+    number of bases × their rank: not a rank the analysis compares against)."""
 
     B: torch.Tensor
     A: torch.Tensor
     scale: float = 1.0
+    kind: str = "lora"
 
     def __post_init__(self):
         if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
