@@ -97,6 +97,10 @@ def test_streamed_equals_the_resident_analysis(case, weight_spectra):
             assert layer.pop("base")["singular_values"]
             for sol in METHODS:
                 assert layer[sol].pop("weight_spectrum")["singular_values"]
+                # the intruder vectors then come from the weight spectrum's fp64 Gram matrix, not an fp32 one
+                got, ref = layer[sol].pop("intruders"), other[sol].pop("intruders")
+                np.testing.assert_allclose(got["max_cos"], ref["max_cos"], atol=1e-4)
+                assert got["count"] == ref["count"]
             assert layer == other
 
 

@@ -279,7 +279,7 @@ def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kve
     factors (all of one rank) without forming it, any other as a dense fp32 stack (lazy updates computed here,
     one at a time)."""
     device = opts.device
-    if all(isinstance(t, LowRank) for t in items) and len({t.r for t in items}) == 1:
+    if all(isinstance(t, LowRank) and _factored(t, d) for t in items) and len({t.r for t in items}) == 1:
         for nm, t in zip(chunk, items, strict=True):
             if not is_finite(t):
                 raise ValueError(f"{solution!r} {nm}: update contains NaN or inf; its singular values are undefined")
@@ -294,6 +294,14 @@ def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kve
     dense = _stack([_dense(solution, nm, t, device) for nm, t in zip(chunk, items, strict=True)])
     dec = decompose(dense, kvec, opts.method)
     return _Updates(dec.s.to(torch.float32).cpu().numpy(), dec.left(kvec).cpu().numpy(), dense=dense)
+
+
+def _factored(t: LowRank, d: int) -> bool:
+    """Whether a factored update is analysed from its factors: LoRA's always (r ≪ d), RandLoRA's when its
+    K = bases × r is at most half of min(out, in). peft gives RandLoRA K ≥ min(out, in) bases (full rank by
+    design): then the QR factorisations and the K × K SVD cost more than the product B·A (one layer, fp32,
+    exactly peft's ``get_delta_weight``) and its Gram matrix, so that layer's ΔW is formed."""
+    return t.kind == "lora" or 2 * t.r <= d
 
 
 def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options,
@@ -331,9 +339,14 @@ def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options,
         dense, updates.dense = updates.dense, None  # freed once W0 + ΔW is formed
         w = torch.from_numpy(w0.numpy() + dense.numpy()) if w0.device.type == "cpu" else w0 + dense
         del dense
-    # all values first (fp64, its temporaries freed), then the intruder test's top vectors exactly as before
-    weight_s = decompose(w, 0, opts.method, gram=gram).s.cpu().numpy() if opts.weight_spectra else None
-    d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram, top_only=True)
+    if opts.weight_spectra:
+        # one fp64 Gram matrix and one tridiagonalisation give all the values (the weight spectrum) and the
+        # intruder test's top vectors (more accurate than an fp32 Gram matrix of their own, at a third less work)
+        d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram)
+        weight_s = d1.s.cpu().numpy()
+    else:  # only the top vectors: an fp32 Gram matrix resolves them
+        d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram, top_only=True)
+        weight_s = None
     strength = None
     if with_strength:  # ΔW = (W0 + ΔW) − W0 again, rather than holding the dense update alongside
         u = d1.left(min(opts.intruder_top_k, d1.s.shape[1])).to(torch.float64)
