@@ -32,7 +32,7 @@ import numpy as np
 from adapters import distributed, threads
 from adapters.errors import UserError
 from landscape import config as run_config
-from landscape import curvature, directions, factored, paths, render, spectrum, store
+from landscape import curvature, directions, factored, paths, render, report, spectrum, store
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
 from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
@@ -129,6 +129,7 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, previous, 
             progress=config.progress, points_per_forward=evaluator.points_per_forward, dtype=dtype,
             objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
             chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) else None,
+            known=report.vertex_results(evaluator.chart, evaluator),  # the vertices: evaluated once, shared
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip
