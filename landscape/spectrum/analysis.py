@@ -187,9 +187,16 @@ def _layer_shapes(deltas: Mapping, names: list[str], base: Mapping | None) -> di
             shape = matrix_shape(full)
             if shapes.setdefault(name, shape) != shape:
                 raise ValueError(f"{name}: shape {list(shape)} in {solution!r} != {list(shapes[name])}")
-        if base is not None and (name not in base or tuple(as_matrix(base[name]).shape) != shapes[name]):
+        if base is not None and (name not in base or _base_shape(base, name) != shapes[name]):
             raise KeyError(f"base weights lack {name!r} {list(shapes[name])}")
     return shapes
+
+
+def _base_shape(base: Mapping, name: str) -> tuple[int, int]:
+    """The matrix shape of W0 (a :class:`BaseWeights` tells it without dequantising a packed weight)."""
+    if isinstance(base, BaseWeights):
+        return matrix_shape(base.shape(name))
+    return tuple(as_matrix(base[name]).shape)
 
 
 def _analysis_device(deltas: Mapping, names: list[str], device: str | torch.device | None) -> torch.device:
@@ -228,8 +235,10 @@ def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, ba
     d = min(shape)
     kvec = min(d, max([opts.overlap_max_k, *opts.angle_ks, opts.rank or 0]))  # vectors kept for the similarity
     w0 = d0 = s0 = None
+    w0_of: dict[str, torch.Tensor] = {}
     if base is not None:
         w0 = _stack([as_matrix(base[nm]).detach().to(device=opts.device, dtype=torch.float32) for nm in chunk])
+        w0_of = dict(zip(chunk, w0, strict=True))  # the floors read W0 from here (a 4-bit one dequantised once)
         d0 = decompose(w0, None, opts.method)
         s0 = d0.s.cpu().numpy()  # all singular values of W0: its weight spectrum comes with the intruder test
         if opts.weight_spectra:
@@ -239,7 +248,7 @@ def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, ba
     for solution, params in deltas.items():
         dtype = opts.floor_dtypes.get(solution) if opts.floor_dtypes is not None else None
         # the floor follows W0's magnitude in the dtype that rounded this solution's weights (None: adapters)
-        floors = [noise_floor(as_matrix(base[nm]), dtype) if dtype is not None else None for nm in chunk]
+        floors = [noise_floor(w0_of[nm], dtype) if dtype is not None else None for nm in chunk]
         updates = _decompose_updates(solution, chunk, [params[nm] for nm in chunk], d, kvec, opts)
         ranks = []
         for i, nm in enumerate(chunk):
@@ -423,7 +432,7 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
     rank = int(lora.info["rank"]) if lora is not None and lora.info.get("rank") else None
     ref = next((n for n, s in solutions.items() if s.method == "ft"), "ft")
     base_model = next(iter(solutions.values())).base
-    base = dict(base_model.named_parameters())
+    base = BaseWeights(base_model)  # a packed 4-bit W0 dequantised when its layer is reached, then released
     if device is None:  # where the lazy updates are computed: the base model's device
         device = next(base_model.parameters()).device
     floors = {name: floor_dtype(sol) for name, sol in solutions.items()}  # what rounded each one's weights
@@ -438,6 +447,32 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
         for name, sol in solutions.items()
     }
     return result
+
+
+class BaseWeights(Mapping):
+    """{parameter name: W0} of a model as the analysis reads it: a bitsandbytes 4-bit weight dequantised to fp32
+    on each access (the weight the layer computes with, one layer at a time, never kept), any other parameter
+    as it is. ``shape(name)`` gives the logical (out, in) shape without dequantising."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._params = dict(model.named_parameters())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from adapters.quant import dequantized_weight, is_packed
+
+        p = self._params[name]
+        return dequantized_weight(p) if is_packed(p) else p
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def shape(self, name: str) -> torch.Size:
+        from adapters.quant import logical_shape
+
+        return logical_shape(self._params[name])
 
 
 def has_similarity(spectrum: Mapping) -> bool:
