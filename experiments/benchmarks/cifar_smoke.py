@@ -14,7 +14,9 @@ emulation of such a machine).
 How it measures: the run is a fresh child process (``--child``) that calls ``landscape.connectivity.main``
 with those arguments and wraps each stage of :class:`landscape.cli.Stages`: before a stage the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5), after it ``VmHWM`` is read, so each stage's peak
-RSS is its own (the memory already held counts in it). The parent prints a table of stage, seconds and
+RSS is its own (the memory already held counts in it), and its CPU time (all threads: on a shared machine a
+measure that other work does not inflate; wall ≈ CPU / threads when the run has the cores to itself). The
+parent prints a table of stage, seconds and
 peak RSS, the whole run's wall time and peak, and the CPU; ``--json`` writes them (atomic write).
 """
 
@@ -80,17 +82,19 @@ def child(argv: list[str], report: Path) -> int:
     @contextlib.contextmanager
     def measured(self, name: str):
         _reset_peak()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with original(self, name):
             yield
-        entry = stages.setdefault(name, {"seconds": 0.0, "peak_rss_bytes": 0})
+        entry = stages.setdefault(name, {"seconds": 0.0, "cpu_s": 0.0, "peak_rss_bytes": 0})
         entry["seconds"] = round(entry["seconds"] + time.perf_counter() - start, 3)
+        entry["cpu_s"] = round(entry["cpu_s"] + time.process_time() - cpu, 3)  # all threads: load-independent
         entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], _vm("VmHWM"))
 
     cli.Stages.__call__ = measured
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     code = connectivity.main(argv)
-    report.write_text(json.dumps({"code": code, "stages": stages, "seconds": round(time.perf_counter() - start, 3)}))
+    report.write_text(json.dumps({"code": code, "stages": stages, "seconds": round(time.perf_counter() - start, 3),
+                                  "cpu_s": round(time.process_time() - cpu, 3)}))  # fmt: skip
     return code
 
 
@@ -104,11 +108,14 @@ def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
     report = out / "child.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(AVX2_ENV if avx2 else {})}
     cmd = [sys.executable, "-m", "experiments.benchmarks.cifar_smoke", "--child", str(report), "--", *argv]
+    log = out / "child.log"  # the run's own messages, as they come (stage by stage)
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2], stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if proc.returncode != 0 or not report.exists():
-        sys.stderr.write(proc.stderr[-4000:])
+        sys.stderr.write(log.read_text()[-4000:])
         raise SystemExit(f"the smoke run failed (exit {proc.returncode})")
     got = json.loads(report.read_text())
     stages = got["stages"]
@@ -121,6 +128,8 @@ def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
         "stages": stages,
         "wall_s": round(wall, 1),
         "cli_s": got["seconds"],
+        "cli_cpu_s": got.get("cpu_s"),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: other work
         "peak_rss_bytes": max((s["peak_rss_bytes"] for s in stages.values()), default=0),
         "budget_s": BUDGET_S,
         "within_budget": wall <= BUDGET_S,
@@ -130,10 +139,12 @@ def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"CIFAR-100 smoke on {result['cpu']}, {result['threads']} threads, forward dtype {result['dtype']}",
-             f"  {result['command']}", "", f"{'stage':<16} {'seconds':>9} {'peak RSS GB':>12}"]  # fmt: skip
+             f"  {result['command']}", f"  load average (1 min) before / after: {result['load_average_1min']}",
+             "", f"{'stage':<16} {'seconds':>9} {'CPU s':>9} {'peak RSS GB':>12}"]  # fmt: skip
     for name, s in result["stages"].items():
-        lines.append(f"{name:<16} {s['seconds']:>9.1f} {s['peak_rss_bytes'] / 1e9:>12.2f}")
-    lines.append(f"{'whole process':<16} {result['wall_s']:>9.1f} {result['peak_rss_bytes'] / 1e9:>12.2f}")
+        lines.append(f"{name:<16} {s['seconds']:>9.1f} {s['cpu_s']:>9.1f} {s['peak_rss_bytes'] / 1e9:>12.2f}")
+    cpu = result["cli_cpu_s"]
+    lines.append(f"{'whole process':<16} {result['wall_s']:>9.1f} {cpu:>9.1f} {result['peak_rss_bytes'] / 1e9:>12.2f}")
     verdict = "within" if result["within_budget"] else "OVER"
     lines.append(f"budget {result['budget_s']:.0f} s: {verdict} (process start and imports included)")
     return "\n".join(lines)
