@@ -35,7 +35,7 @@ from adapters import distributed, threads
 from adapters.errors import UserError
 from adapters.io import key_digest
 from landscape import config as run_config
-from landscape import curvature, directions, factored, paths, render, spectrum, store
+from landscape import curvature, directions, factored, paths, render, report, spectrum, store
 from landscape import stages as stage_log
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.grid import PlaneEvaluator, run_grid
@@ -169,6 +169,7 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys,
             objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
             chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in
             RANDOM_CHARTS else None,
+            known=report.vertex_results(evaluator.chart, evaluator),  # the vertices: evaluated once, shared
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip

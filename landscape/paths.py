@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from adapters.errors import UserError
-from adapters.objectives import OBJECTIVES, Classification, paired_se
+from adapters.objectives import OBJECTIVES, Classification, PointResult, paired_se
 from adapters.progress import progress_bar
 from adapters.solution import Solution
 from landscape import factored, render, store
@@ -161,6 +161,7 @@ def compute_paths(
     objective: Classification = OBJECTIVES["classification"],
     storage: str = "auto",
     chart: factored.FactoredChart | None = None,
+    known: Mapping[str, PointResult] | None = None,
 ) -> dict:
     """Loss, accuracy and its standard error along the three pairwise lines; barriers per pair.
 
@@ -169,6 +170,9 @@ def compute_paths(
     ``storage``: ``dense``, ``factored`` (W0 + (1 − t)·ΔW_A + t·ΔW_B built per module on ``base_model`` itself)
     or ``auto``, as the plane's (:mod:`landscape.factored`); ``chart``: the plane's factored chart, whose
     updates the lines then share (implies ``factored``: full fine-tuning's update is not held twice).
+    ``known``: {solution: its result on the same evaluation set and precision, with per-sample losses} (the
+    plane's vertices, :func:`landscape.report.vertex_results`): the endpoints t = 0 and t = 1 of a line take
+    these instead of being evaluated again (the same weights to fp32 rounding, built through the plane's chart).
     Returns ``{"t": (n,), "pairs": [..3], "loss"/"accuracy"/"loss_se": (3, n), "barriers": {pair: {...}},
     "points", "extend", "eval_samples", "seconds", "storage"}``. ``base_model``'s weights are not modified.
     """
@@ -195,12 +199,21 @@ def compute_paths(
     bar = progress_bar(total=len(lines) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(lines):
         evaluator = make(a, b, pairs[k])
+        ends = {j: known[s] for j, s in ((int(np.flatnonzero(t == 0.0)[0]), a), (int(np.flatnonzero(t == 1.0)[0]), b))
+                if known and s in known and known[s].samples is not None}  # fmt: skip
+        todo = [j for j in range(len(t)) if j not in ends]
+        results = dict(ends)
         samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward
-        for j, r in enumerate(evaluator.evaluate_iter(((float(tj), 0.0) for tj in t), keep_samples=True)):
-            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
-            samples.append(r.samples)
+        line = evaluator.evaluate_iter(((float(t[j]), 0.0) for j in todo), keep_samples=True)
+        for j, r in zip(todo, line, strict=True):
+            results[j] = r
             bar.update(1)
             bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
+        bar.update(len(ends))
+        for j in range(len(t)):
+            r = results[j]
+            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
+            samples.append(r.samples)
         barriers[pairs[k]] = barriers_with_se(t, out["loss"][k], samples)
         if storage == "factored":  # the hooks go; the base model goes home after the last pair
             evaluator.close(restore_device=k == len(lines) - 1)

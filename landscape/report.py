@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from adapters import threads
-from adapters.objectives import paired_se
+from adapters.objectives import PointResult, paired_se
 from landscape import paths
 from landscape.cli import versions
 from landscape.plane import SOLUTIONS
@@ -30,7 +30,7 @@ def summarise(loaded: Loaded, solutions, chart, xs, ys, result, evaluator) -> di
     for s in _vertices(chart):  # the vertices are grid points, except on grids too small to hold them
         x, y = chart.vertices[s]
         i, j = np.flatnonzero(ys == y), np.flatnonzero(xs == x)
-        point = None if len(i) and len(j) else evaluator.evaluate(x, y)
+        point = None if len(i) and len(j) else vertex_results(chart, evaluator)[s]
         summary[s]["vertex_loss"] = float(result["loss"][i[0], j[0]]) if point is None else point.loss
         summary[s]["vertex_accuracy"] = float(result["accuracy"][i[0], j[0]]) if point is None else point.accuracy
         summary[s]["vertex_loss_se"] = float(result["loss_se"][i[0], j[0]]) if point is None else point.loss_se
@@ -102,11 +102,26 @@ def precision_check(summary: dict, chart, evaluator) -> dict | None:
             "fp32_weights": True}  # fmt: skip
 
 
+def vertex_results(chart, evaluator) -> dict[str, PointResult]:
+    """Each vertex of ``chart`` evaluated once by ``evaluator`` in its run precision, with per-sample losses,
+    and kept on the evaluator: the summary of off-grid vertices, their paired standard errors and the paths'
+    endpoints (:func:`landscape.paths.compute_paths` ``known``) all read these instead of evaluating again.
+    (:func:`precision_check`'s fp32 re-evaluation is not one of them.)"""
+    cache = evaluator.__dict__.setdefault("_vertex_results", {})
+    out = {}
+    for s in _vertices(chart):
+        key = (s, tuple(chart.vertices[s]), bool(evaluator.autocast))
+        if key not in cache:
+            cache[key] = evaluator.evaluate(*chart.vertices[s], keep_samples=True)
+        out[s] = cache[key]
+    return out
+
+
 def vertex_gap_se(chart, evaluator) -> dict[str, float]:
     """Paired standard error of the vertex-loss difference of each pair of solutions (same samples)."""
     pairs = _pairs(chart)
-    names = [s for s in _vertices(chart) if any(s in pair for pair in pairs)]
-    samples = {s: evaluator.evaluate(*chart.vertices[s], keep_samples=True).samples for s in names}
+    names = {s for pair in pairs for s in pair}
+    samples = {s: r.samples for s, r in vertex_results(chart, evaluator).items() if s in names}
     return {f"{a}-{b}": paired_se(samples[a], samples[b]) for a, b in pairs}
 
 
@@ -155,4 +170,5 @@ def print_summary(written: list[Path], summary: dict, seconds: dict) -> None:
 
 __all__ = [
     "fp32_weights", "metadata", "precision_check", "print_summary", "stored_in_half", "summarise", "vertex_gap_se",
+    "vertex_results",
 ]  # fmt: skip

@@ -262,3 +262,40 @@ def test_readings_mention_both_barriers():
     assert "chord" in text and "Entezari" in text
     old = _barriers({"barrier": {"ft-lora": 0.02}, "barrier_se": {"ft-lora": 0.005}})  # a run from before the chord
     assert "chord" not in old and "ft-lora 0.0200 ± 0.0050" in old
+
+
+def test_endpoints_reuse_the_planes_vertices(setup):
+    """With the plane's vertex results (``known``), each line evaluates only its interior points, and its numbers
+    equal the line evaluated in full to fp32 rounding (the vertex is θ_s built through the plane's chart)."""
+    from landscape import report
+    from landscape.grid import PlaneEvaluator
+    from landscape.plane import build_chart, solution_weights
+
+    model, sols, _, _, result, _ = setup
+    eval_set = EvalSet.prepare(setup[2], setup[3], 8, "cpu")
+    thetas = solution_weights(dict(model.named_parameters()), {s: sols[s].delta() for s in sols})
+    plane = PlaneEvaluator(copy.deepcopy(model), build_chart("paper", thetas), eval_set, "cpu")
+    known = report.vertex_results(plane.chart, plane)
+    assert report.vertex_results(plane.chart, plane) is not known and all(
+        report.vertex_results(plane.chart, plane)[s] is known[s] for s in known
+    )  # evaluated once, kept on the evaluator
+    calls = []
+    real = PlaneEvaluator.evaluate
+
+    def counting(self, *args, **kwargs):
+        calls.append(args)
+        return real(self, *args, **kwargs)
+
+    PlaneEvaluator.evaluate = counting
+    try:
+        reused = paths.compute_paths(model, sols, eval_set, "cpu", points=5, extend=0.25, progress=False,
+                                     storage="dense", known=known)  # fmt: skip
+    finally:
+        PlaneEvaluator.evaluate = real
+    assert len(calls) == 3 * (5 - 2)  # t = 0 and t = 1 of each pair come from the vertices
+    for key in ("loss", "accuracy", "loss_se"):
+        np.testing.assert_allclose(reused[key], result[key], rtol=1e-5, atol=1e-6)
+    for pair, b in result["barriers"].items():
+        for k, v in b.items():
+            if isinstance(v, float):
+                assert reused["barriers"][pair][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (pair, k)

@@ -362,3 +362,26 @@ def test_qlora_adapters_stay_fp32_on_a_bf16_base_and_ft_is_refused(llama, data_r
         model(**batch)[..., 0].sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
         assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+
+
+def test_spectra_on_a_4bit_base_from_the_factors_and_the_dequantised_base(llama, run4):
+    """The spectral analysis of adapters on a packed base: W0's spectrum is that of bitsandbytes' dequantised
+    weight (one layer at a time), each ΔW's that of peft's merge on a dequantised dense copy (numpy's SVD)."""
+    import numpy as np
+
+    from landscape.spectrum import analyse_solutions
+
+    loaded, solutions = run4
+    base4 = loaded.task.base
+    dense = _dense_dequantised(llama, base4)
+    w0s = {n: p.detach().double() for n, p in dense.named_parameters()}
+    result = analyse_solutions({m: solutions[m] for m in ("lora", "randlora")}, progress=False)
+    assert len(result["layers"]) == 2 * len(TARGETS)
+    for method in ("lora", "randlora"):
+        reference = _peft_merge_reference(dense, Path(solutions[method].path))
+        for layer in result["layers"]:
+            s0 = np.linalg.svd(w0s[layer["name"]].numpy(), compute_uv=False)
+            assert np.abs(np.asarray(layer["base"]["singular_values"]) - s0).max() <= 1e-6 * s0[0]
+            s_d = np.linalg.svd(reference[layer["name"]].double().numpy(), compute_uv=False)
+            got = np.asarray(layer[method]["singular_values"])
+            assert np.abs(got - s_d).max() <= 1e-5 * s_d[0], (method, layer["name"])

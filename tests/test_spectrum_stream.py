@@ -97,6 +97,10 @@ def test_streamed_equals_the_resident_analysis(case, weight_spectra):
             assert layer.pop("base")["singular_values"]
             for sol in METHODS:
                 assert layer[sol].pop("weight_spectrum")["singular_values"]
+                # the intruder vectors then come from the weight spectrum's fp64 Gram matrix, not an fp32 one
+                got, ref = layer[sol].pop("intruders"), other[sol].pop("intruders")
+                np.testing.assert_allclose(got["max_cos"], ref["max_cos"], atol=1e-4)
+                assert got["count"] == ref["count"]
             assert layer == other
 
 
@@ -208,9 +212,9 @@ def test_layers_are_streamed_once_each_and_released(case, monkeypatch):
     names = sorted([*(layer["name"] for layer in result["layers"]), ZERO], key=natural_key)
     shapes = {n: matrix_shape(dict(base.named_parameters())[n].shape) for n in names}
     order = [n for shape in dict.fromkeys(shapes.values()) for n in names if shapes[n] == shape]
-    # LoRA's layers come from its factors (never made dense); FT's and RandLoRA's each read exactly once,
-    # every solution of a layer before the next layer, and nothing earlier still alive when the next is read
-    assert [key for key, _ in log] == [(s, n) for n in order for s in ("ft", "randlora")]
+    # LoRA's and RandLoRA's layers come from their factors (never made dense); FT's each read exactly once,
+    # layer after layer, and nothing earlier still alive when the next is read
+    assert [key for key, _ in log] == [("ft", n) for n in order]
     assert all(live == [] for _, live in log)
     assert all(ref() is None for _, ref in alive)  # nothing kept once the analysis returns
 
@@ -300,3 +304,30 @@ def test_memory_benchmark_spectrum_case(tmp_path, monkeypatch):
     assert c["ratio"] == pytest.approx(c["spectrum_peak_rss_bytes"] / c["largest_layer_bytes"])
     expected = (c["spectrum_peak_rss_bytes"] - c["adapters_bytes"]) / c["largest_layer_bytes"]
     assert c["ratio_without_adapters"] == pytest.approx(expected)
+
+
+def test_randlora_spectra_come_from_its_factors(case):
+    """RandLoRA's ΔW is analysed from its scaled bases (ΔW = second·first·s, never formed): the factors equal
+    peft's merged update, and its singular values match numpy's SVD of the dense peft-merged ΔW."""
+    from landscape.spectrum import LowRank
+    from landscape.spectrum.updates import lazy_deltas, randlora_factors
+
+    folder, base = case
+    sol = solutions_of(folder, base, ("randlora",))["randlora"]
+    factors = randlora_factors(sol)
+    assert len(factors) == 2 * len(TARGETS)
+    lazy = lazy_deltas(sol)
+    assert all(isinstance(lazy[n], LowRank) and lazy[n].kind == "randlora" for n in factors)
+    w0s = dict(base.named_parameters())
+    merged = merged_weights(folder, base, "randlora")
+    result = analyse_solutions({"randlora": sol}, progress=False)
+    assert result["settings"]["lora_rank"] is None  # RandLoRA's K = bases × r is no LoRA rank
+    for layer in result["layers"]:
+        name = layer["name"]
+        dense = merged[name].double() - w0s[name].detach().double()
+        torch.testing.assert_close(factors[name].dense().double(), dense, rtol=1e-4, atol=1e-6)
+        s_ref = np.linalg.svd(dense.numpy(), compute_uv=False)
+        got = np.asarray(layer["randlora"]["singular_values"])
+        top = s_ref > 1e-3 * s_ref[0]
+        np.testing.assert_allclose(got[top], s_ref[top], rtol=1e-5)
+        assert np.abs(got - s_ref).max() <= 1e-5 * s_ref[0]

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 
 from adapters.progress import progress_bar
-from adapters.quant import dequantized_weight, is_packed
 from landscape.spectrum.decomposition import (
     METHODS,
     Decomp,
@@ -147,7 +146,7 @@ def analyse(
     ``layers`` defaults to the 2-D parameters present in every solution, in natural order.
 
     Optional: ``base`` {parameter name: W0} adds intruder dimensions and, with ``weight_spectra``, the
-    weight spectra of W0 and of each W0 + ΔW; ``rank`` (default: the r of the first :class:`LowRank`
+    weight spectra of W0 and of each W0 + ΔW; ``rank`` (default: the r of the first LoRA :class:`LowRank`
     found) adds ``energy_beyond_rank`` and k = r to the angle set; the ``reference`` solution (default
     "ft"), when present, adds ``similarity_to_ft`` to the others. ``floor_dtypes`` {solution: dtype that
     rounded its weights, or None}, with ``base``, adds the rounding floor (module docstring) to those solutions.
@@ -159,7 +158,8 @@ def analyse(
         raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
     names = default_layers(deltas) if layers is None else list(layers)
     if rank is None:
-        rank = next((v.r for params in deltas.values() for v in params.values() if isinstance(v, LowRank)), None)
+        rank = next((v.r for params in deltas.values() for v in params.values()
+                     if isinstance(v, LowRank) and v.kind == "lora"), None)  # fmt: skip
     ref = reference if reference in deltas else None
     shapes = _layer_shapes(deltas, names, base)
     floors = None if base is None or floor_dtypes is None else {k: floor_dtypes.get(k) for k in deltas}
@@ -187,9 +187,16 @@ def _layer_shapes(deltas: Mapping, names: list[str], base: Mapping | None) -> di
             shape = matrix_shape(full)
             if shapes.setdefault(name, shape) != shape:
                 raise ValueError(f"{name}: shape {list(shape)} in {solution!r} != {list(shapes[name])}")
-        if base is not None and (name not in base or tuple(as_matrix(base[name]).shape) != shapes[name]):
+        if base is not None and (name not in base or _base_shape(base, name) != shapes[name]):
             raise KeyError(f"base weights lack {name!r} {list(shapes[name])}")
     return shapes
+
+
+def _base_shape(base: Mapping, name: str) -> tuple[int, int]:
+    """The matrix shape of W0 (a :class:`BaseWeights` tells it without dequantising a packed weight)."""
+    if isinstance(base, BaseWeights):
+        return matrix_shape(base.shape(name))
+    return tuple(as_matrix(base[name]).shape)
 
 
 def _analysis_device(deltas: Mapping, names: list[str], device: str | torch.device | None) -> torch.device:
@@ -228,8 +235,10 @@ def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, ba
     d = min(shape)
     kvec = min(d, max([opts.overlap_max_k, *opts.angle_ks, opts.rank or 0]))  # vectors kept for the similarity
     w0 = d0 = s0 = None
+    w0_of: dict[str, torch.Tensor] = {}
     if base is not None:
         w0 = _stack([as_matrix(base[nm]).detach().to(device=opts.device, dtype=torch.float32) for nm in chunk])
+        w0_of = dict(zip(chunk, w0, strict=True))  # the floors read W0 from here (a 4-bit one dequantised once)
         d0 = decompose(w0, None, opts.method)
         s0 = d0.s.cpu().numpy()  # all singular values of W0: its weight spectrum comes with the intruder test
         if opts.weight_spectra:
@@ -239,7 +248,7 @@ def _analyse_chunk(chunk: list[str], shape: tuple[int, int], deltas: Mapping, ba
     for solution, params in deltas.items():
         dtype = opts.floor_dtypes.get(solution) if opts.floor_dtypes is not None else None
         # the floor follows W0's magnitude in the dtype that rounded this solution's weights (None: adapters)
-        floors = [noise_floor(as_matrix(base[nm]), dtype) if dtype is not None else None for nm in chunk]
+        floors = [noise_floor(w0_of[nm], dtype) if dtype is not None else None for nm in chunk]
         updates = _decompose_updates(solution, chunk, [params[nm] for nm in chunk], d, kvec, opts)
         ranks = []
         for i, nm in enumerate(chunk):
@@ -279,7 +288,7 @@ def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kve
     factors (all of one rank) without forming it, any other as a dense fp32 stack (lazy updates computed here,
     one at a time)."""
     device = opts.device
-    if all(isinstance(t, LowRank) for t in items) and len({t.r for t in items}) == 1:
+    if all(isinstance(t, LowRank) and _factored(t, d) for t in items) and len({t.r for t in items}) == 1:
         for nm, t in zip(chunk, items, strict=True):
             if not is_finite(t):
                 raise ValueError(f"{solution!r} {nm}: update contains NaN or inf; its singular values are undefined")
@@ -294,6 +303,14 @@ def _decompose_updates(solution: str, chunk: list[str], items: list, d: int, kve
     dense = _stack([_dense(solution, nm, t, device) for nm, t in zip(chunk, items, strict=True)])
     dec = decompose(dense, kvec, opts.method)
     return _Updates(dec.s.to(torch.float32).cpu().numpy(), dec.left(kvec).cpu().numpy(), dense=dense)
+
+
+def _factored(t: LowRank, d: int) -> bool:
+    """Whether a factored update is analysed from its factors: LoRA's always (r ≪ d), RandLoRA's when its
+    K = bases × r is at most half of min(out, in). peft gives RandLoRA K ≥ min(out, in) bases (full rank by
+    design): then the QR factorisations and the K × K SVD cost more than the product B·A (one layer, fp32,
+    exactly peft's ``get_delta_weight``) and its Gram matrix, so that layer's ΔW is formed."""
+    return t.kind == "lora" or 2 * t.r <= d
 
 
 def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options,
@@ -331,9 +348,14 @@ def _intruders(w0: torch.Tensor, d0: Decomp, updates: _Updates, opts: _Options,
         dense, updates.dense = updates.dense, None  # freed once W0 + ΔW is formed
         w = torch.from_numpy(w0.numpy() + dense.numpy()) if w0.device.type == "cpu" else w0 + dense
         del dense
-    # all values first (fp64, its temporaries freed), then the intruder test's top vectors exactly as before
-    weight_s = decompose(w, 0, opts.method, gram=gram).s.cpu().numpy() if opts.weight_spectra else None
-    d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram, top_only=True)
+    if opts.weight_spectra:
+        # one fp64 Gram matrix and one tridiagonalisation give all the values (the weight spectrum) and the
+        # intruder test's top vectors (more accurate than an fp32 Gram matrix of their own, at a third less work)
+        d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram)
+        weight_s = d1.s.cpu().numpy()
+    else:  # only the top vectors: an fp32 Gram matrix resolves them
+        d1 = decompose(w, opts.intruder_top_k, opts.method, gram=gram, top_only=True)
+        weight_s = None
     strength = None
     if with_strength:  # ΔW = (W0 + ΔW) − W0 again, rather than holding the dense update alongside
         u = d1.left(min(opts.intruder_top_k, d1.s.shape[1])).to(torch.float64)
@@ -410,10 +432,7 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
     rank = int(lora.info["rank"]) if lora is not None and lora.info.get("rank") else None
     ref = next((n for n, s in solutions.items() if s.method == "ft"), "ft")
     base_model = next(iter(solutions.values())).base
-    base = dict(base_model.named_parameters())
-    # a 4-bit base: W0 as the packed layers compute with it (dequantised fp32; spectra from factors are later work)
-    changed = set().union(*(d.keys() for d in deltas.values()))
-    base = {n: dequantized_weight(p) if is_packed(p) and n in changed else p for n, p in base.items()}
+    base = BaseWeights(base_model)  # a packed 4-bit W0 dequantised when its layer is reached, then released
     if device is None:  # where the lazy updates are computed: the base model's device
         device = next(base_model.parameters()).device
     floors = {name: floor_dtype(sol) for name, sol in solutions.items()}  # what rounded each one's weights
@@ -428,6 +447,32 @@ def analyse_solutions(solutions: Mapping, device: str | torch.device | None = No
         for name, sol in solutions.items()
     }
     return result
+
+
+class BaseWeights(Mapping):
+    """{parameter name: W0} of a model as the analysis reads it: a bitsandbytes 4-bit weight dequantised to fp32
+    on each access (the weight the layer computes with, one layer at a time, never kept), any other parameter
+    as it is. ``shape(name)`` gives the logical (out, in) shape without dequantising."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._params = dict(model.named_parameters())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from adapters.quant import dequantized_weight, is_packed
+
+        p = self._params[name]
+        return dequantized_weight(p) if is_packed(p) else p
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def shape(self, name: str) -> torch.Size:
+        from adapters.quant import logical_shape
+
+        return logical_shape(self._params[name])
 
 
 def has_similarity(spectrum: Mapping) -> bool:

@@ -18,6 +18,8 @@ singular vectors as Q_B·U_core, Q_A·V_core (:func:`lowrank_svd`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -50,11 +52,15 @@ def singular_values(delta: torch.Tensor, device: str | torch.device | None = Non
 
 @dataclass
 class LowRank:
-    """A factored update ΔW = scale · B · A (LoRA), B: (out, r), A: (r, in). Never made dense for its spectrum."""
+    """A factored update ΔW = scale · B · A, B: (out, r), A: (r, in). Never made dense for its spectrum.
+
+    ``kind``: ``"lora"`` (r is LoRA's rank) or ``"randlora"`` (B and A are RandLoRA's scaled bases, r = the
+    number of bases × their rank: not a rank the analysis compares against)."""
 
     B: torch.Tensor
     A: torch.Tensor
     scale: float = 1.0
+    kind: str = "lora"
 
     def __post_init__(self):
         if self.B.ndim != 2 or self.A.ndim != 2 or self.B.shape[1] != self.A.shape[0]:
@@ -254,6 +260,38 @@ def symmetric(g_lower: np.ndarray) -> np.ndarray:
     return g
 
 
+_CONTROLLER: list = []  # the threadpoolctl controller, made once (it scans the loaded libraries)
+
+
+def one_blas_thread():
+    """Context: the BLAS/LAPACK libraries that numpy and scipy load (OpenBLAS) on one thread.
+
+    Why: the Householder tridiagonalisation (``sytrd``) and the application of its reflectors (``ormqr``) are
+    dominated by matrix-vector products in many small parallel regions, and OpenBLAS's threads spin while they
+    wait. Measured on the 2-core Xeon beside other work (load average ~5), ``sytrd`` of a 768 × 768 fp64 matrix:
+    0.02-0.07 s on one thread, 3.3-4.5 s on two; in the CIFAR smoke run's spectrum these two routines took
+    80 % of the time. On one thread they are memory-bound and lose little when the machine is quiet. Without
+    threadpoolctl installed: unchanged."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return contextlib.nullcontext()
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+
+
+def _on_one_blas_thread(f):
+    """Run ``f`` inside :func:`one_blas_thread`."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        with one_blas_thread():
+            return f(*args, **kwargs)
+
+    return wrapper
+
+
 def _lapack(names: tuple[str, ...], a: np.ndarray):
     import scipy.linalg.lapack
 
@@ -267,6 +305,7 @@ def _check(info: int, routine: str) -> None:
         raise np.linalg.LinAlgError(f"LAPACK {routine} failed (info={info})")
 
 
+@_on_one_blas_thread
 def _sytrd(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Householder tridiagonalisation QᵀGQ = T of the lower triangle of ``g`` (overwritten), d >= 2.
 
@@ -283,6 +322,7 @@ def _sytrd(g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
     return np.asfortranarray(c[1:, :-1]), tau, diag, off
 
 
+@_on_one_blas_thread
 def _apply_q(refl: np.ndarray | None, tau: np.ndarray | None, y: np.ndarray, trans: str) -> np.ndarray:
     """Q·y or Qᵀ·y for Q = diag(1, Q') given by :func:`_sytrd`'s reflectors (None: Q = I)."""
     out = np.array(y, dtype=refl.dtype if refl is not None else y.dtype, order="F")
@@ -295,6 +335,7 @@ def _apply_q(refl: np.ndarray | None, tau: np.ndarray | None, y: np.ndarray, tra
     return out
 
 
+@_on_one_blas_thread
 def lapack_eigh(g: np.ndarray, k: int | None, all_values: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Eigenvalues and the top-``k`` eigenvectors of a symmetric matrix, both descending.
 
@@ -337,6 +378,7 @@ def lapack_eigh(g: np.ndarray, k: int | None, all_values: bool = True) -> tuple[
     return lam, _apply_q(refl, tau, z[:, k - 1 :: -1], "N")
 
 
+@_on_one_blas_thread
 def lapack_eigh_implicit(g: np.ndarray) -> tuple[np.ndarray, Tridiag]:
     """All eigenvalues (descending) and all eigenvectors as a :class:`Tridiag` (Q never formed).
 

@@ -102,14 +102,58 @@ def lora_factors(sol) -> dict[str, LowRank]:
     return out
 
 
+def randlora_factors(sol) -> dict[str, LowRank]:
+    """{parameter name: LowRank(second, first, scaling, kind="randlora")} of a RandLoRA ``Solution``: peft's
+    ``get_delta_weight`` is ``(second @ first)·scaling`` with ``first, second`` its ``get_scaled_bases`` (the
+    shared random bases scaled by the trained λ, γ; :func:`adapters.methods.randlora.scaled_bases`), so ΔW is
+    a product of an (out × K) and a (K × in) factor, K = number of bases × r, and its spectrum comes from
+    them without forming ΔW. The adapter is attached as :func:`adapters.deltas.load_adapter` does (bases
+    verified, the base shared and left as it was). Layers whose ΔW is not such a 2-D product (convolutions,
+    ``fan_in_fan_out``) are left out: the caller uses their dense ΔW."""
+    from peft.tuners.randlora.layer import RandLoraLayer
+
+    from adapters.deltas import load_adapter
+    from adapters.methods.randlora import scaled_bases
+    from adapters.solution import PEFT_PREFIX
+
+    model = load_adapter(Path(sol.path), sol.base)
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, RandLoraLayer) or "default" not in getattr(module, "randlora_lambda", {}):
+            continue
+        if getattr(module, "fan_in_fan_out", False):
+            continue
+        shape = (int(module.out_features), int(module.in_features))
+        lam, gam = module.randlora_lambda["default"], module.randlora_gamma["default"]
+        with torch.no_grad():
+            first, second = scaled_bases(module, "default", lam, gam, torch.device("cpu"), torch.float32)
+        if second.ndim != 2 or (second.shape[0], first.shape[1]) != shape or second.shape[1] != first.shape[0]:
+            continue
+        weight = getattr(module, "adapted_weight", "weight")
+        out[f"{name.removeprefix(PEFT_PREFIX)}.{weight}"] = LowRank(
+            second.detach().clone(), first.detach().clone(), float(module.scaling["default"]), kind="randlora"
+        )
+    return out
+
+
+def _factors(sol) -> dict[str, LowRank]:
+    """An adapter solution's exact factors (LoRA, RandLoRA) read from its peft folder, else {}."""
+    if not (Path(sol.path) / "adapter_config.json").exists():
+        return {}  # an adapter held otherwise keeps its dense updates
+    if sol.method == "lora":
+        return lora_factors(sol)
+    if sol.method == "randlora":
+        return randlora_factors(sol)
+    return {}
+
+
 def solution_deltas(sol, fast: bool = True) -> dict:
     """A solution's updates, all resident: LoRA layers as exact factors (fast path), others dense from
     ``sol.delta()`` (the whole-model reference of :func:`lazy_deltas`)."""
     delta = dict(sol.delta())
-    if fast and sol.method == "lora" and (Path(sol.path) / "adapter_config.json").exists():
-        for key, low in lora_factors(sol).items():
-            if key in delta and tuple(low.shape) == matrix_shape(delta[key].shape):
-                delta[key] = low
+    for key, low in (_factors(sol) if fast else {}).items():
+        if key in delta and tuple(low.shape) == matrix_shape(delta[key].shape):
+            delta[key] = low
     return delta
 
 
@@ -145,7 +189,7 @@ def drops_zero_updates(sol) -> bool:
 def lazy_deltas(sol, label: str | None = None, fast: bool = True) -> dict:
     """A solution's updates for :func:`landscape.spectrum.analyse`, none computed yet: {parameter name:
     :class:`LazyDelta`} from ``sol.module_deltas(check=False)`` (safetensors read per tensor, peft's
-    ``get_delta_weight`` per module), LoRA layers as exact factors where peft gives them (``fast``).
+    ``get_delta_weight`` per module), LoRA and RandLoRA layers as exact factors where peft gives them (``fast``).
 
     Unlike ``sol.delta()`` of this tool's solutions, all-zero updates are not left out here (that would
     compute every ΔW once more): :func:`landscape.spectrum.analysis.analyse_solutions` drops their layers
@@ -156,11 +200,9 @@ def lazy_deltas(sol, label: str | None = None, fast: bool = True) -> dict:
     if getattr(sol, "_delta", None) is not None:  # updates given explicitly (in memory): those, as delta() does
         return solution_deltas(sol, fast)
     out: dict = {name: LazyDelta(name, d.shape, d, label) for name, d in sol.module_deltas(check=False).items()}
-    # the factors are read from a peft adapter folder; a LoRA held otherwise keeps its dense updates
-    if fast and sol.method == "lora" and (Path(sol.path) / "adapter_config.json").exists():
-        for key, low in lora_factors(sol).items():
-            if key in out and tuple(low.shape) == matrix_shape(out[key].shape):
-                if not is_finite(low):
-                    raise UserError(f"{label} has NaN/inf in '{key}': the training diverged; re-train it")
-                out[key] = low
+    for key, low in (_factors(sol) if fast else {}).items():  # LoRA, RandLoRA: from their peft folder's factors
+        if key in out and tuple(low.shape) == matrix_shape(out[key].shape):
+            if not is_finite(low):
+                raise UserError(f"{label} has NaN/inf in '{key}': the training diverged; re-train it")
+            out[key] = low
     return out
