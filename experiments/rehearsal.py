@@ -110,7 +110,7 @@ def run_variant(name: str, model: str, data: Path, out: Path, device: str) -> di
     if code == 0:
         curv = json.loads((run / "curvature.json").read_text())
         result["top_eigenvalue"] = {
-            s: e.get("adapter", {}).get("top_eigenvalues", [None])[0] for s, e in curv.get("solutions", {}).items()
+            s: (e.get("adapter", {}).get("eigenvalues") or [None])[0] for s, e in curv.get("solutions", {}).items()
         }
     return result
 

@@ -87,8 +87,10 @@ def test_half_storage_ft_moves_like_fp32(llama, data_root, tmp_path, fp32_run, d
     half = _ft_run(llama, data_root, tmp_path, dtype)
     ratio_norm = half["delta_norm"] / fp32_run["delta_norm"]
     ratio_loss = half["decrease"] / fp32_run["decrease"]
-    print(f"{dtype}: ΔW norm {half['delta_norm']:.5f} vs fp32 {fp32_run['delta_norm']:.5f} (ratio {ratio_norm:.3f}); "
-          f"loss decrease {half['decrease']:.5f} vs {fp32_run['decrease']:.5f} (ratio {ratio_loss:.3f})")
+    print(
+        f"{dtype}: ΔW norm {half['delta_norm']:.5f} vs fp32 {fp32_run['delta_norm']:.5f} (ratio {ratio_norm:.3f}); "
+        f"loss decrease {half['decrease']:.5f} vs {fp32_run['decrease']:.5f} (ratio {ratio_loss:.3f})"
+    )
     assert fp32_run["decrease"] > 0
     assert all(np.isfinite(half["losses"])), "the half-precision run diverged"
     assert abs(ratio_norm - 1) < 0.1, ratio_norm
@@ -146,8 +148,23 @@ def test_solutions_on_a_bf16_base_train_fp32_and_record_precision(llama, data_ro
     from landscape.run import load, train_solutions
     from landscape.spectrum.floor import floor_dtype
 
-    argv = ["--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root), "--out",
-            str(tmp_path), "--no-progress", "--device", "cpu", "--torch-dtype", "bfloat16", "--train-steps", "2"]
+    argv = [
+        "--model",
+        f"hf:{llama}",
+        "--dataset",
+        "commonsense",
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--torch-dtype",
+        "bfloat16",
+        "--train-steps",
+        "2",
+    ]
     loaded = load(from_argv(argv))
     assert all(p.dtype == torch.bfloat16 for p in loaded.task.base.parameters())
     solutions = train_solutions(loaded, torch.device("cpu"), Stages(quiet=True))

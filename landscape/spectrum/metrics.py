@@ -138,8 +138,10 @@ def _floor_columns(met: Mapping, thresholds: Sequence[float]) -> dict:
     intr = met.get("intruders") or {}
     limited, cos = intr.get("limited_by_rounding"), intr.get("max_cos") or []
     for t in thresholds:
-        row[f"intruders_limited_eps{t}"] = None if limited is None else sum(
-            1 for c, lim in zip(cos, limited, strict=False) if c is not None and c < t and lim
+        row[f"intruders_limited_eps{t}"] = (
+            None
+            if limited is None
+            else sum(1 for c, lim in zip(cos, limited, strict=False) if c is not None and c < t and lim)
         )
     return row
 
