@@ -346,7 +346,7 @@ class HessianOperator:
                 self.mode = "reverse-over-reverse" if self.note else "forward-over-reverse"
         if self.loss is None:
             self.loss = float(loss)
-            self.grad_norm = float(torch.sqrt(sum((t.double() ** 2).sum() for t in g.values())))
+            self.grad_norm = float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in g.values())))
         self.hvps += 1
         self.hvp_seconds += time.perf_counter() - start
         if self.on_hvp is not None:
