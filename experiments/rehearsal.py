@@ -50,14 +50,39 @@ SHAPES = {
 }  # fmt: skip
 
 
-def build_model(shape: str, layers: int | None, folder: Path) -> Path:
-    """Save a randomly initialised ``shape`` model (seed 0, ``layers`` deep) and a small real tokenizer in
-    ``folder``; kept when an earlier call wrote the same configuration."""
+def corpus_tokenizer(data: Path, vocab_size: int = 4000):
+    """A byte-level BPE trained on the fabricated files themselves, so a prompt costs about as many tokens as a
+    real tokenizer gives it (tests.llm_models' 300-word tokenizer splits these prompts almost into characters:
+    ~5× the tokens, which made every stage, curvature above all, that much dearer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [f"{r['instruction']} {r.get('input', '')} {r['output']}" for f in sorted(data.rglob("*.json"))
+             for r in json.loads(f.read_text())]  # fmt: skip
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(
+        texts
+        + [
+            "Below is an instruction that describes a task. Write a response that "
+            "appropriately completes the request. ### Instruction: ### Response:"
+        ],
+        trainer,
+    )
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_model(shape: str, layers: int | None, folder: Path, data: Path) -> Path:
+    """Save a randomly initialised ``shape`` model (seed 0, ``layers`` deep) and a tokenizer trained on ``data``
+    in ``folder``; kept when an earlier call wrote the same configuration."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tests.llm_models import tokenizer
-
-    spec = dict(SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    spec = dict(SHAPES[shape], bos_token_id=1, eos_token_id=2, tokenizer="corpus-bpe-4000")
     if layers is not None:
         spec["num_hidden_layers"] = layers
     stamp = folder / "rehearsal.json"
@@ -65,12 +90,12 @@ def build_model(shape: str, layers: int | None, folder: Path) -> Path:
         return folder
     import torch
 
-    config = AutoConfig.for_model(**spec)
+    config = AutoConfig.for_model(**{k: v for k, v in spec.items() if k != "tokenizer"})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
+    corpus_tokenizer(data).save_pretrained(folder)
     stamp.write_text(json.dumps(spec))
     return folder
 
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.model not in SHAPES:
             p.error(f"unknown --model {args.model!r}: qwen2-0.5b, llama3-8b or hf:FOLDER")
         shape = args.model
-        model = "hf:" + str(build_model(shape, args.layers, out / f"{shape}-{args.layers or 'full'}"))
+        model = "hf:" + str(build_model(shape, args.layers, out / f"{shape}-{args.layers or 'full'}", data))
     results = [run_variant(v, model, data, out, args.device) for v in args.variants]
     text = table(results, shape, args.layers)
     print(text)
