@@ -149,3 +149,39 @@ class ModelEntry:
         if self.options:
             return self.build(len(classes), classes=list(classes), **options)
         return self.build(len(classes))
+
+
+# ----------------------------------------------------------------- shared by the transformers wrappers
+
+
+def set_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Activation checkpointing of a transformers model (non-reentrant); adapters keep their gradients."""
+    kwargs = {"use_reentrant": False}
+    if enable:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        embeddings = model.get_input_embeddings()
+        # With frozen embeddings (adapters) the checkpointed blocks' input needs requires_grad for older
+        # transformers / reentrant fallbacks; harmless otherwise.
+        if embeddings is not None and not embeddings.weight.requires_grad:
+            model.enable_input_require_grads()
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+class _Quantised:
+    """Forwards transformers' ``is_loaded_in_4bit`` / ``is_loaded_in_8bit`` of the wrapped model: peft reads them
+    on the model it adapts to wrap a bitsandbytes layer in its own quantised-layer class (``lora.bnb.Linear4bit``,
+    ``randlora.bnb.Linear4bit``: forward beside the packed layer, merge by dequantising) instead of the plain one."""
+
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return bool(getattr(self.backbone, "is_loaded_in_4bit", False))
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return bool(getattr(self.backbone, "is_loaded_in_8bit", False))

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.models.base import _Quantised, set_checkpointing
+
 # Families whose CausalLM forward is exactly ``lm_head(decoder(...).last_hidden_state)``: no logit
 # soft-capping (Gemma 2/3), scaling (Granite, Cohere) or extra heads after the decoder.
 SHARED_FAMILIES = frozenset({
@@ -72,7 +74,7 @@ def _new_cache(config):
         return DynamicCache()
 
 
-class CausalLMScorer(nn.Module):
+class CausalLMScorer(_Quantised, nn.Module):
     """Scores candidate responses with a causal LM: ``(B, C, T)`` inputs -> ``(B, C, 2)`` float32.
 
     ``[..., 0]``: the summed next-token cross-entropy (fp32, from the logits) over the candidate's answer
@@ -251,19 +253,7 @@ class CausalLMScorer(nn.Module):
         out[keep] = kept
         return out
 
-    # transformers' quantisation flags of the wrapped model: peft reads them on the model it adapts, to wrap a
-    # bitsandbytes layer in its own quantised-layer class (adapters.models.hf._Quantised, for the classifiers)
-    @property
-    def is_loaded_in_4bit(self) -> bool:
-        return bool(getattr(self.backbone, "is_loaded_in_4bit", False))
-
-    @property
-    def is_loaded_in_8bit(self) -> bool:
-        return bool(getattr(self.backbone, "is_loaded_in_8bit", False))
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        from adapters.models.hf import set_checkpointing
-
         set_checkpointing(self.backbone, enable)
 
 
