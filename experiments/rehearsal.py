@@ -53,28 +53,12 @@ SHAPES = {
 def corpus_tokenizer(data: Path, vocab_size: int = 4000):
     """A byte-level BPE trained on the fabricated files themselves, so a prompt costs about as many tokens as a
     real tokenizer gives it (tests.llm_models' 300-word tokenizer splits these prompts almost into characters:
-    ~5× the tokens, which made every stage, curvature above all, that much dearer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    about twice the tokens, which made every stage, curvature above all, about that much dearer)."""
+    from tests.llm_models import CORPUS, tokenizer
 
     texts = [f"{r['instruction']} {r.get('input', '')} {r['output']}" for f in sorted(data.rglob("*.json"))
              for r in json.loads(f.read_text())]  # fmt: skip
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(
-        texts
-        + [
-            "Below is an instruction that describes a task. Write a response that "
-            "appropriately completes the request. ### Instruction: ### Response:"
-        ],
-        trainer,
-    )
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tokenizer(texts + CORPUS, vocab_size)
 
 
 def build_model(shape: str, layers: int | None, folder: Path, data: Path) -> Path:
