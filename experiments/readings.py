@@ -1,0 +1,369 @@
+"""The gallery's readings: the sentences and tables of numbers that experiments.figures writes into the README,
+made from each run's JSON and npz contents (never from files: the caller reads them), with their standard errors.
+
+- the plane's main section: who beats the head-only baseline, depth of each basin, barriers, ranks and the
+  similarity of each adapter's update to full fine-tuning's (:func:`readings`);
+- "Beyond the plane": the random lines' rises and minima (:func:`line_rise`, :func:`rise_readings`), the random
+  plane (:func:`plane_readings`), the curvature at each solution (:func:`curvature_readings`) and a trained
+  curve (:func:`curve_readings`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from adapters.errors import UserError
+
+LABELS = {"head_only": "head only (baseline)", "ft": "full fine-tuning", "lora": "LoRA", "randlora": "RandLoRA"}
+TRIO = ("ft", "lora", "randlora")
+
+NOISE_SE = 2.0  # a difference counts as measured when it exceeds 2 standard errors
+
+
+def readings(meta: dict, spec: dict) -> list[str]:
+    sols = meta["solutions"]
+    out = []
+    base = sols["head_only"]["test_accuracy"]
+    n_test = meta.get("test_samples")
+    beat = [k for k in ("ft", "lora", "randlora") if sols[k]["test_accuracy"] > base]
+    line = (
+        f"{len(beat)} of 3 solutions beat the head-only baseline's test accuracy ({base:.4f}): "
+        f"{', '.join(LABELS[k] for k in beat) or 'none'}"
+    )
+    if n_test:  # binomial standard error of each accuracy on n_test samples
+        se = {k: (sols[k]["test_accuracy"] * (1 - sols[k]["test_accuracy"]) / n_test) ** 0.5 for k in sols}
+        noisy = [
+            LABELS[k]
+            for k in beat
+            if sols[k]["test_accuracy"] - base < NOISE_SE * (se[k] ** 2 + se["head_only"] ** 2) ** 0.5
+        ]
+        line += (
+            f" ({n_test} test samples; within noise: {', '.join(noisy)})"
+            if noisy
+            else f" ({n_test} test samples; each by more than 2 SE)"
+        )
+    out.append(line + ".")
+    out.append(_depth(sols, meta.get("vertex_gap_se") or {}))
+    layers = spec["layers"]
+    r_lora = sols["lora"]["rank"]
+    lora_ranks = [layer["lora"]["rank"] for layer in layers]
+    rl_ranks = [layer["randlora"]["rank"] for layer in layers]
+    full = [min(layer["shape"]) for layer in layers]
+    out.append(
+        f"LoRA (r = {r_lora}): numerical rank of ΔW {min(lora_ranks)}–{max(lora_ranks)} over "
+        f"{len(layers)} layers (never above r: {all(r <= r_lora for r in lora_ranks)})."
+    )
+    out.append(
+        f"RandLoRA (r = {sols['randlora']['rank']}): numerical rank {min(rl_ranks)}–{max(rl_ranks)} "
+        f"(full rank is {min(full)}–{max(full)}); mean effective rank "
+        + ", ".join(
+            f"{LABELS[k]} {np.mean([layer[k]['effective_rank'] for layer in layers]):.1f}"
+            for k in ("ft", "lora", "randlora")
+        )
+        + "."
+    )
+    out += _similarity(layers, r_lora)
+    geo = meta.get("chart_geometry", {}).get("distances")
+    if geo:
+        out.append("Weight-space distances: " + ", ".join(f"{k} {v:.2f}" for k, v in geo.items()) + ".")
+    if meta.get("paths"):
+        out.append(_barriers(meta["paths"]))
+    check = meta.get("bf16_check")
+    if check:
+        verdict = "below" if check["bf16_below_smallest_gap"] else "NOT below"
+        out.append(
+            f"bf16 vs fp32 at the vertices: max difference {check['max_abs_diff_bf16_vs_fp32']:.2g}, {verdict} the "
+            f"smallest vertex-loss gap ({check['smallest_vertex_loss_gap']:.2g})."
+        )
+    return out
+
+
+def _within(diff: float, se: float) -> bool:
+    return abs(diff) <= NOISE_SE * se
+
+
+def _depth(sols: dict, gap_se: dict) -> str:
+    """The vertex losses in order, each step marked '<' when it exceeds 2 standard errors of the paired
+    difference (same evaluation samples), else '≈'."""
+
+    def step_se(a: str, b: str) -> float:
+        se = gap_se.get(f"{a}-{b}", gap_se.get(f"{b}-{a}"))
+        if se is None:  # runs from before the paired errors: the two errors combined, which overstates the noise
+            se = ((sols[a].get("vertex_loss_se") or 0.0) ** 2 + (sols[b].get("vertex_loss_se") or 0.0) ** 2) ** 0.5
+        return se
+
+    losses = {k: (sols[k]["vertex_loss"], None) for k in ("ft", "lora", "randlora")}
+    text, ses, note = _ordered(losses, step_se)
+    shown = ", ".join(f"{se:.4f}" for se in ses)
+    return f"Depth on the plane (vertex loss, lowest first): {text} (SE of each step, paired: {shown}; {note})."
+
+
+def _barriers(paths: dict) -> str:
+    """Both barriers of each straight path with their paired SE, each marked "within noise" (2 SE) when so;
+    runs from before the chord barrier give the first alone."""
+    chord, chord_se = paths.get("chord_barrier") or {}, paths.get("chord_barrier_se") or {}
+    parts = []
+    for pair, value in paths["barrier"].items():
+        text = f"{pair} {_pm(value, (paths.get('barrier_se') or {}).get(pair))}"
+        if pair in chord:
+            text += f", above the chord {_pm(chord[pair], chord_se.get(pair))}"
+        parts.append(text)
+    if not chord:
+        return "Barriers on the straight paths (max loss − mean endpoint loss, ± paired SE): " + ", ".join(parts) + "."
+    return (
+        "Barriers on the straight paths (± paired SE; max loss − mean endpoint loss, Frankle et al. 2020, and max "
+        "of loss − the chord (1 − t)·L(0) + t·L(1), Entezari et al. 2022): " + "; ".join(parts) + "."
+    )
+
+
+def _similarity(layers: list[dict], k: int) -> list[str]:
+    """Which adapter's update is closer to full fine-tuning's, and intruder dimensions, from spectrum.json."""
+    out = []
+    means = {}
+    for method in ("lora", "randlora"):
+        curves = [layer[method].get("similarity_to_ft", {}).get("overlap") for layer in layers]
+        curves = [c for c in curves if c]
+        if curves:
+            kk = min(k, min(len(c) for c in curves))
+            means[method] = (float(np.mean([c[kk - 1] for c in curves])), kk)
+    if len(means) == 2:
+        closer = max(means, key=lambda m: means[m][0])
+        out.append(
+            f"Overlap of the top-{means['lora'][1]} singular subspace with full fine-tuning's (mean over layers; "
+            "1 = same subspace): "
+            + ", ".join(f"{LABELS[m]} {v:.3f}" for m, (v, _) in means.items())
+            + f" — {LABELS[closer]}'s update is closer to full fine-tuning's at this k."
+        )
+    counts = {}
+    for method in ("ft", "lora", "randlora"):
+        vals = [layer[method].get("intruders", {}).get("count", {}).get("0.5") for layer in layers]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            counts[method] = sum(vals)
+    if counts:
+        out.append(
+            "Intruder dimensions (top-10 singular vectors of W0 + ΔW with max |cos| < 0.5 to every singular "
+            "vector of W0), summed over layers: " + ", ".join(f"{LABELS[m]} {c}" for m, c in counts.items()) + "."
+        )
+    return out
+
+
+def _pm(value: float, se: float | None, digits: int = 4) -> str:
+    """``value ± se``, marked "(within noise)" when within 2 standard errors of zero; the value alone without SE."""
+    if se is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} ± {se:.{digits}f}{' (within noise)' if _within(value, se) else ''}"
+
+
+def _ordered(values: dict[str, tuple[float, float | None]], step_se, fmt: str = ".4f") -> tuple[str, list[float], str]:
+    """``values`` {name: (value, se or None)} lowest first, each step '<' beyond 2 SE of the difference, else '≈';
+    ``step_se(a, b)`` gives that SE. Returns the text, the steps' SEs and a note on the marks."""
+    order = sorted(values, key=lambda k: values[k][0])
+
+    def shown(k: str) -> str:
+        value, se = values[k]
+        return f"{LABELS[k]} {value:{fmt}}" + ("" if se is None else f" ± {se:{fmt}}")
+
+    text, ses, noisy = shown(order[0]), [], False
+    for a, b in zip(order, order[1:], strict=False):
+        se = step_se(a, b)
+        close = _within(values[b][0] - values[a][0], se)
+        ses.append(se)
+        noisy |= close
+        text += f" {'≈' if close else '<'} {shown(b)}"
+    return text, ses, "'≈': within noise (2 SE)" if noisy else "every step larger than 2 SE"
+
+
+def _at(x: np.ndarray, value: float) -> int:
+    hits = np.flatnonzero(np.isclose(x, value, atol=1e-9))
+    if not len(hits):
+        raise UserError(f"the random line has no point at α = {value:g}: rerun it over the default window [-1, 1]")
+    return int(hits[0])
+
+
+def line_rise(x: np.ndarray, loss: np.ndarray, loss_se: np.ndarray, alpha: float = 1.0) -> tuple[float, float]:
+    """Sharpness along a random line: (L(−α) + L(+α))/2 − L(0) and its standard error. Only each point's SE is
+    stored, so they combine as if independent; the points share their evaluation samples, and the positive
+    correlation that brings makes this an overestimate of the noise."""
+    i, j, k = _at(x, -alpha), _at(x, 0.0), _at(x, alpha)
+    rise = 0.5 * (loss[i] + loss[k]) - loss[j]
+    se = (0.25 * loss_se[i] ** 2 + 0.25 * loss_se[k] ** 2 + loss_se[j] ** 2) ** 0.5
+    return float(rise), float(se)
+
+
+def _rises(lines: dict[str, dict], alpha: float) -> str:
+    """The solutions' rises at ±alpha, flattest first, each step marked against 2 SE of the difference."""
+    rises = {c: line_rise(d["x"], d["loss"][0], d["loss_se"][0], alpha) for c, d in lines.items()}
+    text, ses, note = _ordered(rises, lambda a, b: (rises[a][1] ** 2 + rises[b][1] ** 2) ** 0.5)
+    return f"{text} (SE of each step: {', '.join(f'{v:.4f}' for v in ses)}; {note})"
+
+
+def line_minimum(x: np.ndarray, loss: np.ndarray, loss_se: np.ndarray) -> tuple[float, float, float] | None:
+    """None when the line is lowest at its centre α = 0; else (α of the lowest point, L(0) − L(α), its SE)."""
+    j, m = _at(x, 0.0), int(np.argmin(loss))
+    if m == j:
+        return None
+    return float(x[m]), float(loss[j] - loss[m]), float((loss_se[j] ** 2 + loss_se[m] ** 2) ** 0.5)
+
+
+def rise_readings(lines: dict[str, dict], directions: dict) -> list[str]:
+    """Readings of the 1-D random lines {centre: landscape.npz content (row 0)}: rises ordered, odd minima."""
+    step = float(min(v for v in next(iter(lines.values()))["x"] if v > 0))  # the grid's first step from 0
+    out = [
+        f"Loss rise at |α| = 1 along a random line through each solution, (L(−1) + L(+1))/2 − L(0) ± SE, flattest "
+        f"first: {_rises(lines, 1.0)}; at the first grid step, |α| = {step:g}: {_rises(lines, step)}. The "
+        f"directions are {directions['norm']}-normalised Gaussians (Li et al. 2018) with the same seed "
+        f"({directions['seed']}) for every centre, rescaled to each solution's own filters, over all "
+        f"{directions['elements_moved']:,} weights they move (ignore = {directions['ignore']}); each point's SE is "
+        "over the run's evaluation samples and the SEs combine as if independent (the stored files keep no "
+        "per-sample losses), which overstates the noise of differences on the same samples."
+    ]
+    for c, d in lines.items():
+        low = line_minimum(d["x"], d["loss"][0], d["loss_se"][0])
+        if low is not None:
+            out.append(
+                f"The line through {LABELS[c]} is lowest at α = {low[0]:+.1f}, not at the solution: "
+                f"L(0) − L({low[0]:+.1f}) = {_pm(low[1], low[2])}."
+            )
+    return out
+
+
+def centre_check(lines: dict[str, dict], run_meta: dict) -> str:
+    """The lines' loss at α = 0 against the run's vertex losses: the same solutions on the same samples."""
+    gaps = {
+        c: abs(float(d["loss"][0][_at(d["x"], 0.0)]) - run_meta["solutions"][c]["vertex_loss"])
+        for c, d in lines.items()
+    }
+    return (
+        f"At α = 0 the lines give the run's vertex losses to within {max(gaps.values()):.1e} (largest difference, "
+        f"{LABELS[max(gaps, key=gaps.get)]}): the run's own solutions on its own evaluation samples."
+    )
+
+
+def ends_vs_chance(lines: dict[str, dict], classes: int) -> str:
+    """The lines' losses at α = ±1 beside ln C, the cross-entropy of a uniform guess over C classes: a rise that
+    ends there measures how soon the model forgets, not how sharp the basin is."""
+    ends = [float(d["loss"][0][_at(d["x"], a)]) for d in lines.values() for a in (-1.0, 1.0)]
+    return (
+        f"At α = ±1 the lines' losses are {min(ends):.3f}–{max(ends):.3f}, against ln {classes} = "
+        f"{math.log(classes):.3f} for a uniform guess over the {classes} classes."
+    )
+
+
+def plane_readings(meta: dict, data: dict) -> list[str]:
+    """The 2-D random plane: how it was drawn, the loss at its centre and where the grid is lowest."""
+    d = meta["chart_geometry"]["directions"]
+    x, y, loss, se = data["x"], data["y"], data["loss"], data["loss_se"]
+    i0, j0 = _at(y, 0.0), _at(x, 0.0)
+    i, j = np.unravel_index(int(np.argmin(loss)), loss.shape)
+    where = "at the centre"
+    if (i, j) != (i0, j0):  # the centre is not the lowest point: by how much, and is that beyond the noise
+        gap = _pm(float(loss[i0, j0] - loss[i, j]), float(np.hypot(se[i0, j0], se[i, j])))
+        where = f"at (α, β) = ({x[j]:+.1f}, {y[i]:+.1f}), {gap} below the centre"
+    return [
+        f"Random plane around {LABELS[d['center']]}: δ, η {d['norm']}-normalised Gaussians, seed {d['seed']}, "
+        f"ignore = {d['ignore']}, cosine(δ, η) = {d['cosine']:.1e}; loss at the centre {loss[i0, j0]:.4f} ± "
+        f"{se[i0, j0]:.4f}, lowest grid point {where}; over the grid the loss spans {loss.min():.4f}–{loss.max():.4f}."
+    ]
+
+
+def trace_step_se(result: dict, a: str, b: str, coordinates: str = "weights") -> float:
+    """Paired standard error of tr H_a − tr H_b: the same Rademacher probes z_i for every solution, so the SE of
+    the mean of z_iᵀH_a z_i − z_iᵀH_b z_i (much smaller than the two SEs combined when the Hessians are alike)."""
+    za, zb = (
+        np.asarray(result["solutions"][s][coordinates]["hutchinson"]["samples"], dtype=np.float64) for s in (a, b)
+    )
+    if za.shape != zb.shape or len(za) < 2:
+        raise UserError("curvature.json entries with different probe counts: rerun landscape.curvature on the run")
+    return float((za - zb).std(ddof=1) / len(za) ** 0.5)
+
+
+def _top(entry: dict) -> str:
+    flag = "" if entry.get("eigen", {}).get("converged", True) else " (NOT converged)"
+    return f"{max(entry['eigenvalues']):.4g}{flag}"
+
+
+def curvature_readings(result: dict) -> list[str]:
+    """Top eigenvalue and trace per solution in weight coordinates (traces ordered with paired SEs), the adapter
+    coordinates' apart (another space), the settings and the time, all from curvature.json."""
+    st, sols = result["settings"], result["solutions"]
+    weights = {s: sols[s]["weights"] for s in TRIO if "eigenvalues" in sols.get(s, {}).get("weights", {})}
+    traces = {s: (e["trace"], e["trace_se"]) for s, e in weights.items()}
+    text, ses, note = _ordered(traces, lambda a, b: trace_step_se(result, a, b), ".4g")
+    dim = next(iter(weights.values()))["dim"]
+    out = [
+        f"Settings: the first {result['eval_samples']} of the run's evaluation samples, seed {result['seed']}; top-"
+        f"{st['top_k']} eigenvalues by Lanczos (each to {st['tol']:g} relative), the trace by Hutchinson over "
+        f"{st['trace_probes']} Rademacher probes, the density by SLQ ({st['slq_probes']} probe × {st['slq_steps']} "
+        "steps).",
+        f"Weight coordinates (the {dim:,} adapted weights + head, the same space for every solution): top eigenvalue "
+        + ", ".join(f"{LABELS[s]} {_top(e)}" for s, e in weights.items())
+        + f"; trace, lowest first: {text} (paired SE of each step over the same {st['trace_probes']} probes: "
+        + ", ".join(f"{v:.3g}" for v in ses)
+        + f"; {note}).",
+    ]
+    adapter = {s: sols[s]["adapter"] for s in TRIO if "eigenvalues" in sols.get(s, {}).get("adapter", {})}
+    if adapter:
+        out.append(
+            "Adapter coordinates (what each optimiser moves: LoRA's A, B, RandLoRA's λ, γ, each + head; other spaces, "
+            "not ranked against the weights): "
+            + "; ".join(
+                f"{LABELS[s]} ({e['dim']:,}) top eigenvalue {_top(e)}"
+                + ("" if e.get("trace") is None else f", trace {e['trace']:.4g} ± {e['trace_se']:.4g}")
+                for s, e in adapter.items()
+            )
+            + "."
+        )
+    entries = [e for per in sols.values() for e in per.values() if "seconds" in e]
+    hvps = sum(e["hvps"] for e in entries)
+    out.append(
+        f"Wall time {sum(e['seconds'] for e in entries) / 60:.1f} min for {hvps:,} Hessian-vector products over "
+        f"{len(entries)} entries ({sum(e['seconds'] for e in entries) / max(hvps, 1):.1f} s each on average)."
+    )
+    return out
+
+
+def curve_readings(meta: dict, data: dict | None = None) -> list[str]:
+    """Both barriers on the trained curve vs on the straight line (± paired SE), where each path peaks, the curve's
+    lowest point (from curves/A-B.npz when given) and the time, from curves/A-B.json."""
+    from landscape.render import CURVE_KINDS
+
+    c, line, train = meta["curve"], meta["line"], meta["train"]
+    ends = c["t_max"] == line["t_max"] and c["t_max"] in (0.0, 1.0)
+    peaks = (
+        f"both peak at the end t = {c['t_max']:g}, where this barrier is half the endpoints' gap whatever the path"
+        if ends
+        else f"peaks at t = {c['t_max']:g} on the curve, {line['t_max']:g} on the line"
+    )
+    out = [
+        f"{CURVE_KINDS.get(meta['kind'], meta['kind'])} {meta['pair']} ({meta['bends']} bends, {train['steps']} "
+        f"steps of one t each, lr {train['lr']:g}; {meta['points']} values of t on the {meta['eval_samples']} "
+        f"evaluation samples): barrier (max loss − mean endpoint loss) on the curve "
+        f"{_pm(c['barrier'], c['barrier_se'])} vs the straight line {_pm(line['barrier'], line['barrier_se'])} "
+        f"— {peaks}; above the chord on the curve {_pm(c['chord_barrier'], c['chord_barrier_se'])} vs the line "
+        f"{_pm(line['chord_barrier'], line['chord_barrier_se'])}; mean loss along the curve {c['mean_loss']:.4f}, "
+        f"along the line {line['mean_loss']:.4f}."
+    ]
+    if data is not None:
+        out += _curve_low(data, c)
+    out.append(f"Wall time: training {train['train_seconds'] / 60:.1f} min, evaluation {meta['seconds'] / 60:.1f} min.")
+    return out
+
+
+def _curve_low(data: dict, c: dict) -> list[str]:
+    """The curve's lowest point when it is below both endpoints, by how much (SEs of the two points combined as if
+    independent: no per-sample losses are stored) — a sign that the endpoints are not at the bottom of their basin."""
+    loss, se, t = data["loss"][0], data["loss_se"][0], data["t"]
+    m = int(np.argmin(loss))
+    if m in (0, len(t) - 1):
+        return []
+    low = 0 if loss[0] <= loss[-1] else len(t) - 1  # the lower endpoint
+    gap, gap_se = float(loss[low] - loss[m]), float(np.hypot(se[low], se[m]))
+    return [
+        f"The curve dips below both ends: lowest at t = {t[m]:g}, loss {loss[m]:.4f}, "
+        f"{_pm(gap, gap_se)} below the lower end (t = {t[low]:g}, {c['loss_t0'] if low == 0 else c['loss_t1']:.4f}; "
+        "the two points' SEs combined as if independent, which overstates the noise of a difference on the same "
+        "samples)."
+    ]
