@@ -336,6 +336,71 @@ def competitor_cmd(kind: str) -> list[str]:
 # --------------------------------------------------------------------------- driver
 
 
+def start_processes(args, stages: list[str], logs: Path, procs: list[Proc], log) -> tuple[dict, dict]:
+    """The competitors (stopped once ready) and one worker per settings (ready: models built); each is added to
+    ``procs`` as soon as it starts, so the caller kills every one of them whatever happens."""
+    competitors = {}
+    for kind in args.competitors:
+        competitors[kind] = Proc(f"competitor-{kind}", competitor_cmd(kind), logs, session=True)
+        procs.append(competitors[kind])
+    workers = {}
+    for s in args.settings:
+        workers[s] = Proc(f"worker-{s}", worker_cmd(s, stages, args.threads), logs, stdin=True, settings=s)
+        procs.append(workers[s])
+    log(f"starting {len(workers)} workers and {len(competitors)} competitors (building models) ...")
+    for c in competitors.values():
+        c.ready = c.read()
+        c.signal(signal.SIGSTOP)
+    for w in workers.values():
+        w.ready = w.read()
+    return workers, competitors
+
+
+def measure_beside(worker: Proc, competitor: Proc | None, stage: str, max_steps: int, budget: float) -> dict:
+    """One measurement of ``stage`` by ``worker``, alone or with ``competitor`` running beside it."""
+    if competitor is not None:
+        competitor.signal(signal.SIGCONT)
+        time.sleep(0.3)  # let it get going
+    try:
+        return worker.request({"stage": stage, "max_steps": max_steps, "budget_s": budget})
+    finally:
+        if competitor is not None:
+            competitor.signal(signal.SIGSTOP)
+
+
+def rounds(args, stages, reps, preset, deadline, workers, competitors, result, log) -> bool:
+    """Every round of every stage, settings and condition into ``result["measurements"]``; True when cut by the
+    deadline."""
+    timed_out = False
+    for rep in range(reps):  # rounds outermost: a --max-minutes cut loses late rounds, not whole stages
+        for stage in stages:
+            order = args.settings[rep % len(args.settings) :] + args.settings[: rep % len(args.settings)]
+            for s in order:
+                for cond in ["alone", *competitors]:
+                    if time.monotonic() > deadline:
+                        timed_out = True
+                        break
+                    competitor = competitors.get(cond)
+                    budget = preset["alone_s"] if competitor is None else preset["beside_s"]
+                    m = measure_beside(workers[s], competitor, stage, args.max_steps, budget)
+                    m.update(stage=stage, settings=s, condition=cond, rep=rep, loadavg=loadavg())
+                    result["measurements"].append(m)
+                    log(
+                        f"  {stage:13s} {s:12s} {cond:11s} rep {rep}: {m['steps']:3d} steps "
+                        f"{m['wall_s'] / m['steps']:8.3f} s/step (cpu {m['cpu_s'] / m['steps']:.3f})"
+                    )
+    return timed_out
+
+
+def quit_workers(workers: dict) -> None:
+    for w in workers.values():
+        try:
+            w.popen.stdin.write(json.dumps({"quit": True}) + "\n")
+            w.popen.stdin.flush()
+        except OSError:
+            pass
+
+
 def run(args, log=print) -> dict:
     preset = dict(PRESETS["quick" if args.quick else "full"])
     for key in ("alone_s", "beside_s"):
@@ -362,58 +427,12 @@ def run(args, log=print) -> dict:
     }
     procs: list[Proc] = []
     with tempfile.TemporaryDirectory(prefix="contention-") as folder:
-        logs = Path(folder)
         try:
-            competitors = {}
-            for kind in args.competitors:
-                competitors[kind] = Proc(f"competitor-{kind}", competitor_cmd(kind), logs, session=True)
-                procs.append(competitors[kind])
-            workers = {}
-            for s in args.settings:
-                workers[s] = Proc(f"worker-{s}", worker_cmd(s, stages, args.threads), logs, stdin=True, settings=s)
-                procs.append(workers[s])
-            log(f"starting {len(workers)} workers and {len(competitors)} competitors (building models) ...")
-            for c in competitors.values():
-                c.ready = c.read()
-                c.signal(signal.SIGSTOP)
-            for w in workers.values():
-                w.ready = w.read()
+            workers, competitors = start_processes(args, stages, Path(folder), procs, log)
             result["torch"] = next(iter(workers.values())).ready.get("torch")
             result["worker_threads"] = {s: w.ready.get("threads") for s, w in workers.items()}
-            timed_out = False
-            for rep in range(reps):  # rounds outermost: a --max-minutes cut loses late rounds, not whole stages
-                for stage in stages:
-                    order = args.settings[rep % len(args.settings) :] + args.settings[: rep % len(args.settings)]
-                    for s in order:
-                        for cond in ["alone", *competitors]:
-                            if time.monotonic() > deadline:
-                                timed_out = True
-                                break
-                            competitor = competitors.get(cond)
-                            if competitor is not None:
-                                competitor.signal(signal.SIGCONT)
-                                time.sleep(0.3)  # let it get going
-                            budget = preset["alone_s"] if competitor is None else preset["beside_s"]
-                            try:
-                                m = workers[s].request(
-                                    {"stage": stage, "max_steps": args.max_steps, "budget_s": budget}
-                                )
-                            finally:
-                                if competitor is not None:
-                                    competitor.signal(signal.SIGSTOP)
-                            m.update(stage=stage, settings=s, condition=cond, rep=rep, loadavg=loadavg())
-                            result["measurements"].append(m)
-                            log(
-                                f"  {stage:13s} {s:12s} {cond:11s} rep {rep}: {m['steps']:3d} steps "
-                                f"{m['wall_s'] / m['steps']:8.3f} s/step (cpu {m['cpu_s'] / m['steps']:.3f})"
-                            )
-            result["timed_out"] = timed_out
-            for w in workers.values():
-                try:
-                    w.popen.stdin.write(json.dumps({"quit": True}) + "\n")
-                    w.popen.stdin.flush()
-                except OSError:
-                    pass
+            result["timed_out"] = rounds(args, stages, reps, preset, deadline, workers, competitors, result, log)
+            quit_workers(workers)
         finally:
             for p in procs:
                 p.kill()

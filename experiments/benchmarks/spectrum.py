@@ -121,7 +121,7 @@ def naive(base: dict, dense: dict, names: list[str], rank: int, ks: list[int], k
     return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.benchmarks.spectrum", description=__doc__.split("\n")[0])
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="2 blocks per tower instead of 12")
@@ -135,26 +135,86 @@ def main(argv=None) -> int:
         "machine, 2-thread LAPACK calls stall at OpenMP barriers whenever another process holds a core, and single "
         "calls swing 10x)",
     )
-    args = p.parse_args(argv)
-    threads.configure(args.threads)
+    return p
+
+
+def limit_threads(n: int) -> None:
+    """``n`` threads for torch and every BLAS/LAPACK library of the process, scipy's own OpenBLAS included."""
+    threads.configure(n)
     import scipy.linalg  # noqa: F401  (load scipy's own OpenBLAS now, so that the limit below reaches it too)
 
     try:
         from threadpoolctl import threadpool_limits
 
-        threadpool_limits(args.threads)  # numpy's OpenBLAS (and torch's OpenMP/MKL where visible)
+        threadpool_limits(n)  # numpy's OpenBLAS (and torch's OpenMP/MKL where visible)
     except ImportError:  # pragma: no cover
         pass
 
-    shapes = layer_shapes(2 if args.quick else 12)
-    names = list(shapes)
-    t0 = time.perf_counter()
+
+def generate(shapes: dict[str, tuple[int, int]]) -> tuple[dict, dict, dict]:
+    """W0 per layer, the three solutions' updates (LoRA as factors), and the same updates all dense."""
     base, deltas = {}, {"ft": {}, "lora": {}, "randlora": {}}
-    for i, name in enumerate(names):
+    for i, name in enumerate(shapes):
         base[name], sols = make_layer(shapes[name], seed=i)
         for s, v in sols.items():
             deltas[s][name] = v
     dense = {s: {n: (v.dense() if isinstance(v, LowRank) else v) for n, v in p_.items()} for s, p_ in deltas.items()}
+    return base, deltas, dense
+
+
+def differences(ours: dict, ref: dict, solutions) -> dict:
+    """Largest differences between ours and the naive loop over every layer and solution."""
+    abs_d = rel_d = elem_d = ov_d = mc_d = ang_d = 0.0
+    intruder_mismatch = 0
+    for layer in ours["layers"]:
+        shape = layer["shape"]
+        for sol in solutions:
+            a = np.asarray(layer[sol]["singular_values"], np.float64)
+            b = np.asarray(ref[layer["name"]][sol]["singular_values"], np.float64)
+            diff = np.abs(a - b)
+            abs_d, rel_d = max(abs_d, float(diff.max())), max(rel_d, float(diff.max() / b[0]))
+            tol = b[0] * max(shape) * np.finfo(np.float32).eps
+            above = b > tol
+            elem_d = max(elem_d, float((diff[above] / b[above]).max()))
+            if layer[sol]["intruders"]["count"] != ref[layer["name"]][sol]["intruders"]["count"]:
+                intruder_mismatch += 1
+            mca = np.asarray(layer[sol]["intruders"]["max_cos"], np.float64)
+            mc_d = max(mc_d, float(np.abs(mca - ref[layer["name"]][sol]["intruders"]["max_cos"]).max()))
+            if sol != "ft":
+                oa = np.asarray(layer[sol]["similarity_to_ft"]["overlap"])
+                ob = np.asarray(ref[layer["name"]][sol]["similarity_to_ft"]["overlap"])
+                ov_d = max(ov_d, float(np.abs(oa - ob).max()))
+                for k, angles in layer[sol]["similarity_to_ft"]["principal_angles_deg"].items():
+                    want = ref[layer["name"]][sol]["similarity_to_ft"]["principal_angles_deg"][k]
+                    ang_d = max(ang_d, float(np.abs(np.asarray(angles) - want).max()))
+    return {
+        "max_abs_diff_singular_values": abs_d,
+        "max_rel_diff_singular_values": rel_d,
+        "rel_diff_definition": "max over layers and solutions of max_i |s_i - s_i^naive| / s_1^naive",
+        "max_elementwise_rel_diff_above_rank_tol": elem_d,
+        "max_abs_diff_overlap_curve": ov_d,
+        "max_abs_diff_intruder_max_cos": mc_d,
+        "max_abs_diff_principal_angles_deg": ang_d,
+        "intruder_count_mismatches": intruder_mismatch,
+    }
+
+
+def thread_pools() -> list[dict] | None:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [{"api": d["internal_api"], "num_threads": d["num_threads"]} for d in threadpool_info()]
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    limit_threads(args.threads)
+    shapes = layer_shapes(2 if args.quick else 12)
+    names = list(shapes)
+    t0 = time.perf_counter()
+    base, deltas, dense = generate(shapes)
     gen_s = time.perf_counter() - t0
     print(f"generated {len(names)} layers × 3 solutions in {gen_s:.1f} s", file=sys.stderr)
 
@@ -174,35 +234,6 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     print(f"naive: {naive_s:.1f} s", file=sys.stderr)
 
-    abs_d = rel_d = elem_d = ov_d = mc_d = ang_d = 0.0
-    intruder_mismatch = 0
-    for layer in ours["layers"]:
-        shape = layer["shape"]
-        for sol in deltas:
-            a = np.asarray(layer[sol]["singular_values"], np.float64)
-            b = np.asarray(ref[layer["name"]][sol]["singular_values"], np.float64)
-            diff = np.abs(a - b)
-            abs_d, rel_d = max(abs_d, float(diff.max())), max(rel_d, float(diff.max() / b[0]))
-            tol = b[0] * max(shape) * np.finfo(np.float32).eps
-            above = b > tol
-            elem_d = max(elem_d, float((diff[above] / b[above]).max()))
-            if layer[sol]["intruders"]["count"] != ref[layer["name"]][sol]["intruders"]["count"]:
-                intruder_mismatch += 1
-            mca = np.asarray(layer[sol]["intruders"]["max_cos"], np.float64)
-            mc_d = max(mc_d, float(np.abs(mca - ref[layer["name"]][sol]["intruders"]["max_cos"]).max()))
-            if sol != "ft":
-                oa = np.asarray(layer[sol]["similarity_to_ft"]["overlap"])
-                ob = np.asarray(ref[layer["name"]][sol]["similarity_to_ft"]["overlap"])
-                ov_d = max(ov_d, float(np.abs(oa - ob).max()))
-                for k, angles in layer[sol]["similarity_to_ft"]["principal_angles_deg"].items():
-                    want = ref[layer["name"]][sol]["similarity_to_ft"]["principal_angles_deg"][k]
-                    ang_d = max(ang_d, float(np.abs(np.asarray(angles) - want).max()))
-    try:
-        from threadpoolctl import threadpool_info
-
-        pools = [{"api": d["internal_api"], "num_threads": d["num_threads"]} for d in threadpool_info()]
-    except ImportError:  # pragma: no cover
-        pools = None
     result = {
         "ours_s": round(ours_s, 3),
         "naive_s": round(naive_s, 3),
@@ -210,14 +241,7 @@ def main(argv=None) -> int:
         "ours_cpu_s": round(ours_cpu, 3),
         "naive_cpu_s": round(naive_cpu, 3),
         "cpu_time_ratio": round(naive_cpu / ours_cpu, 2),
-        "max_abs_diff_singular_values": abs_d,
-        "max_rel_diff_singular_values": rel_d,
-        "rel_diff_definition": "max over layers and solutions of max_i |s_i - s_i^naive| / s_1^naive",
-        "max_elementwise_rel_diff_above_rank_tol": elem_d,
-        "max_abs_diff_overlap_curve": ov_d,
-        "max_abs_diff_intruder_max_cos": mc_d,
-        "max_abs_diff_principal_angles_deg": ang_d,
-        "intruder_count_mismatches": intruder_mismatch,
+        **differences(ours, ref, deltas),
         "layers": len(names),
         "solutions": list(deltas),
         "shapes": sorted({f"{m}x{n}" for m, n in shapes.values()}),
@@ -240,7 +264,7 @@ def main(argv=None) -> int:
         "data_generation_s": round(gen_s, 2),
         "threads_requested": args.threads,
         "torch_num_threads": torch.get_num_threads(),
-        "threadpools": pools,
+        "threadpools": thread_pools(),
         "cpu_count": os.cpu_count(),
         "loadavg_before": [round(v, 2) for v in load_before],
         "loadavg_after": [round(v, 2) for v in load_after],
