@@ -181,14 +181,7 @@ def train(
     # index[rank::world]; DDP averages the gradients, which equals the gradient of the global
     # mean loss when the slices are equal (global batch divisible by the world size).
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    storage = storage_dtype(model)
-    fp32_masters(trainable)  # before the optimizer and DDP see the parameters
-    if storage != "float32" and config.autocast == "none":
-        config = dataclasses.replace(config, autocast=storage)  # fp32 masters beside half weights: mixed forward
-    # fp16's 5 exponent bits underflow small gradients: scale the loss, unscale before clipping, skip inf steps
-    scaler = torch.amp.GradScaler(torch.device(device).type) if config.autocast == "float16" else None
-    precision = {"storage_dtype": storage, "master_weights": "float32", "autocast": config.autocast,
-                 "loss_scaling": scaler is not None}  # fmt: skip
+    config, scaler, precision = _mixed_precision(model, trainable, config, device)
     forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -207,18 +200,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         index = next(batches)[rank::world]
         loss = _backward(forward, data, labels, index, step, config, device, augment, objective, scaler)
-        if scaler is None:
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-        else:
-            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), config.grad_clip)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when a gradient is inf/nan
-            scaler.update()
-            if scaler.get_scale() >= scale:  # the scale drops exactly when the step was skipped
-                schedule.step()  # a skipped step must not spend the schedule
+        _step(optimizer, schedule, scaler, list(trainable.values()), config.grad_clip)
         losses.append(distributed.global_mean(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
@@ -230,6 +212,39 @@ def train(
     model.eval()
     return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first,
             "precision": precision}  # fmt: skip
+
+
+def _mixed_precision(
+    model: nn.Module, trainable: dict[str, nn.Parameter], config: TrainConfig, device
+) -> tuple[TrainConfig, torch.amp.GradScaler | None, dict]:
+    """fp32 master copies of the trainable parameters (in place); the config with the forward's autocast (half
+    weights: a mixed forward), the loss scaler fp16 needs (None otherwise), and the precision record."""
+    storage = storage_dtype(model)
+    fp32_masters(trainable)  # before the optimizer and DDP see the parameters
+    if storage != "float32" and config.autocast == "none":
+        config = dataclasses.replace(config, autocast=storage)  # fp32 masters beside half weights: mixed forward
+    # fp16's 5 exponent bits underflow small gradients: scale the loss, unscale before clipping, skip inf steps
+    scaler = torch.amp.GradScaler(torch.device(device).type) if config.autocast == "float16" else None
+    precision = {"storage_dtype": storage, "master_weights": "float32", "autocast": config.autocast,
+                 "loss_scaling": scaler is not None}  # fmt: skip
+    return config, scaler, precision
+
+
+def _step(optimizer, schedule, scaler, params: list[nn.Parameter], grad_clip: float) -> None:
+    """Clip the gradients, step the optimizer and the schedule (with loss scaling: on the unscaled gradients,
+    and a step the scaler skips does not spend the schedule)."""
+    if scaler is None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        schedule.step()
+    else:
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when a gradient is inf/nan
+        scaler.update()
+        if scaler.get_scale() >= scale:  # the scale drops exactly when the step was skipped
+            schedule.step()  # a skipped step must not spend the schedule
 
 
 def _backward(

@@ -148,6 +148,35 @@ def barriers_with_se(t: np.ndarray, loss: np.ndarray, samples: Sequence[torch.Te
     return info
 
 
+def _dense_line_evaluators(
+    base_model: nn.Module,
+    solutions: Mapping[str, Solution],
+    third: str,
+    eval_set: EvalSet,
+    device,
+    dtype: str,
+    points_per_forward: int | str,
+    objective: Classification,
+):
+    """``make(a, b, name)``: the dense engine on the line from solution ``a`` to ``b`` (``third`` stands in for
+    "ft"), every line on one working copy of ``base_model``."""
+    base = dict(base_model.named_parameters())
+    roles = {s: third if s == "ft" else s for s in SOLUTIONS}
+    thetas = solution_weights(base, {s: solutions[roles[s]].delta() for s in SOLUTIONS if roles[s] in solutions})
+    thetas = {roles[s]: theta for s, theta in thetas.items()}
+    model = copy.deepcopy(base_model)  # one working copy: every pair overwrites the same parameters
+    return lambda a, b, name: PlaneEvaluator(
+        model, line_chart(thetas[a], thetas[b], name), eval_set, device, dtype, points_per_forward, objective
+    )
+
+
+def _known_ends(t: np.ndarray, a: str, b: str, known: Mapping[str, PointResult] | None) -> dict[int, PointResult]:
+    """{index of t = 0 or 1: the known result of the solution there}, for the ends whose per-sample losses are
+    known (not evaluated again)."""
+    return {j: known[s] for j, s in ((int(np.flatnonzero(t == 0.0)[0]), a), (int(np.flatnonzero(t == 1.0)[0]), b))
+            if known and s in known and known[s].samples is not None}  # fmt: skip
+
+
 def compute_paths(
     base_model: nn.Module,
     solutions: Mapping[str, Solution],
@@ -183,14 +212,8 @@ def compute_paths(
     if storage == "factored":
         make = factored.line_evaluators(base_model, solutions, eval_set, device, dtype, objective, chart)
     else:
-        base = dict(base_model.named_parameters())
-        roles = {s: third if s == "ft" else s for s in SOLUTIONS}
-        thetas = solution_weights(base, {s: solutions[roles[s]].delta() for s in SOLUTIONS if roles[s] in solutions})
-        thetas = {roles[s]: theta for s, theta in thetas.items()}
-        model = copy.deepcopy(base_model)  # one working copy: every pair overwrites the same parameters
-        make = lambda a, b, name: PlaneEvaluator(  # noqa: E731
-            model, line_chart(thetas[a], thetas[b], name), eval_set, device, dtype, points_per_forward, objective
-        )
+        make = _dense_line_evaluators(base_model, solutions, third, eval_set, device, dtype, points_per_forward,
+                                      objective)  # fmt: skip
     lines = [(third if a == "ft" else a, b) for a, b in PAIRS]
     pairs = [pair_name(a, b) for a, b in lines]
     out = {k: np.full((len(lines), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
@@ -199,8 +222,7 @@ def compute_paths(
     bar = progress_bar(total=len(lines) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(lines):
         evaluator = make(a, b, pairs[k])
-        ends = {j: known[s] for j, s in ((int(np.flatnonzero(t == 0.0)[0]), a), (int(np.flatnonzero(t == 1.0)[0]), b))
-                if known and s in known and known[s].samples is not None}  # fmt: skip
+        ends = _known_ends(t, a, b, known)
         todo = [j for j in range(len(t)) if j not in ends]
         results = dict(ends)
         samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward
