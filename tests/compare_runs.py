@@ -1,13 +1,13 @@
-"""Compare the JSON and npz files of two runs (or two folders of runs), timings excluded: a move of code must
-leave every number bit-identical.
+"""Compare the JSON, npz and PNG files of two runs (or two folders of runs), timings excluded: a move of code
+must leave every number, and every figure, bit-identical.
 
     python -m tests.compare_runs BEFORE AFTER
 
-Walks BEFORE for ``*.json`` and ``*.npz`` files, reads the file of the same relative path under AFTER, and
-compares the two exactly (floats by ``==``, NaN equal to NaN; arrays element by element), except under keys
-that measure time or the machine's load (:func:`is_timing`). In strings the two folders' own paths are
-replaced by one placeholder (a run records the command that made it). Prints one line per difference and
-exits 1 when there is any difference or a missing file (2: wrong arguments).
+Walks BEFORE for ``*.json``, ``*.npz`` and ``*.png`` files, reads the file of the same relative path under
+AFTER, and compares the two exactly (floats by ``==``, NaN equal to NaN; arrays element by element; PNGs byte
+by byte), except under keys that measure time or the machine's load (:func:`is_timing`). In strings the two
+folders' own paths are replaced by one placeholder (a run records the command that made it). Prints one line
+per difference and exits 1 when there is any difference or a missing file (2: wrong arguments).
 """
 
 from __future__ import annotations
@@ -23,8 +23,13 @@ import numpy as np
 # time, load and the machine: measured, never the same twice
 TIMING = re.compile(
     r"(^|_)(s|seconds|time|times|wall|wall_s|cpu_s|elapsed|loadavg|speedup|utilization|flops_per_s|peak)(_|$)"
-    r"|s_per_point|s_per_step|_s$|^seconds$|timestamp|created|date|^when$|pid|hostname|threadpools|load_"
+    r"|s_per_point|s_per_step|_s$|^seconds$|timestamp|created|date|^when$|^finished$|pid|hostname|threadpools|load_"
+    # stages.json's digests of the files a stage wrote: PDFs carry their creation date, landscape.html plotly's
+    # random element ids and spectrum.json its seconds; the files themselves are compared here
+    r"|^contents$"
 )
+# peft writes target_modules from a set: its order follows Python's per-process string hashing
+UNORDERED = {"target_modules"}
 
 
 def is_timing(key: str) -> bool:
@@ -36,7 +41,9 @@ def differences(a, b, where: str = "", ignore_text: tuple[str, ...] = ()) -> lis
     if isinstance(a, dict) and isinstance(b, dict):
         out = [f"{where}: keys {sorted(set(a) ^ set(b))} on one side only"] if set(a) != set(b) else []
         for k in a.keys() & b.keys():
-            if not is_timing(k):
+            if k in UNORDERED and isinstance(a[k], list) and isinstance(b[k], list):
+                out += differences(sorted(a[k]), sorted(b[k]), f"{where}.{k}", ignore_text)
+            elif not is_timing(k):
                 out += differences(a[k], b[k], f"{where}.{k}", ignore_text)
         return out
     if isinstance(a, list) and isinstance(b, list):
@@ -69,7 +76,7 @@ def npz_differences(a: Path, b: Path) -> list[str]:
 
 
 def compare(before: Path, after: Path) -> tuple[list[str], int]:
-    """(differences, number of files compared) between the JSON and npz files of two folders."""
+    """(differences, number of files compared) between the JSON, npz and PNG files of two folders."""
     out, n = [], 0
     for file in sorted(before.rglob("*.npz")):
         other = after / file.relative_to(before)
@@ -78,6 +85,11 @@ def compare(before: Path, after: Path) -> tuple[list[str], int]:
             continue
         n += 1
         out += [f"{file.relative_to(before)}{d}" for d in npz_differences(file, other)]
+    for file in sorted(before.rglob("*.png")):  # matplotlib's PNGs carry no date: the same figure, the same bytes
+        other = after / file.relative_to(before)
+        n += 1
+        if not other.is_file() or other.read_bytes() != file.read_bytes():
+            out.append(f"{file.relative_to(before)}: missing or not the same bytes under {after}")
     for file in sorted(before.rglob("*.json")):
         rel = file.relative_to(before)
         other = after / rel
@@ -97,7 +109,7 @@ def main(argv: list[str]) -> int:
     found, n = compare(Path(argv[0]), Path(argv[1]))
     for line in found:
         print(line)
-    print(f"{n} JSON and npz files compared, {len(found)} differences (timings excluded)")
+    print(f"{n} JSON, npz and PNG files compared, {len(found)} differences (timings excluded)")
     return 1 if found else 0
 
 
