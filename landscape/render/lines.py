@@ -13,10 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from landscape.render.style import (
-    COLORS,
-    LABELS,
-)
+from landscape.render.style import COLORS, LABELS
 
 # One colour per pair, from the Okabe-Ito colours the methods do not use, plus a line style
 # per pair so the figure also reads in grayscale.

@@ -15,12 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from landscape.render.style import (
-    LABELS,
-    _color,
-    _label,
-    _save,
-)
+from landscape.render.style import LABELS, _color, _label, _save
 
 # ---------------------------------------------------------------------------- spectra -------
 

@@ -16,13 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mpl_toolkits.mplot3d import proj3d
 
-from landscape.render.style import (
-    TEMPO_R,
-    _color,
-    _label,
-    _save,
-    _unpack,
-)
+from landscape.render.style import TEMPO_R, _color, _label, _save, _unpack
 
 # ---------------------------------------------------------------------- static (matplotlib) --
 
