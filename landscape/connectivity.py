@@ -35,11 +35,13 @@ from adapters import distributed, threads
 from adapters.errors import UserError
 from adapters.io import key_digest
 from landscape import config as run_config
-from landscape import curvature, directions, factored, paths, render, report, spectrum, store
+from landscape import curvature, paths, render, report, spectrum
 from landscape import stages as stage_log
 from landscape.cli import Stages, resolve_device, run_main
-from landscape.grid import PlaneEvaluator, run_grid
-from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
+from landscape.engine import directions, factored, store
+from landscape.engine.grid import PlaneEvaluator, run_grid
+from landscape.engine.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
+from landscape.engine.store import GridStore, StaleGrid
 from landscape.report import metadata, print_summary, summarise
 from landscape.run import (
     METHOD_ORDER,
@@ -51,7 +53,6 @@ from landscape.run import (
     train_key,
     train_solutions,
 )
-from landscape.store import GridStore, StaleGrid
 
 PROG = "python -m landscape.connectivity"
 DESCRIPTION = (
@@ -276,11 +277,11 @@ def solution_fingerprints(solutions) -> dict[str, str]:
 def plane(loaded: Loaded, solutions, device):
     """The chart through the three solutions, its grid axes, and the evaluator on the evaluation set.
 
-    ``config.plane_storage``: ``dense`` (:mod:`landscape.plane`: origin + x·U + y·V per parameter, written
-    into a copy of the model), ``factored`` (:mod:`landscape.factored`: W0 + the solutions' updates, weights
+    ``config.plane_storage``: ``dense`` (:mod:`landscape.engine.plane`: origin + x·U + y·V per parameter, written
+    into a copy of the model), ``factored`` (:mod:`landscape.engine.factored`: W0 + the solutions' updates, weights
     built per module on the base model itself: ~1 model copy instead of ~6) or ``auto`` (factored when the
     dense plane would need more than a quarter of the free memory). ``chart.info["storage"]`` records it.
-    The random charts (``--chart random`` / ``random-line``, :mod:`landscape.directions`) are centred on one
+    The random charts (``--chart random`` / ``random-line``, :mod:`landscape.engine.directions`) are centred on one
     solution and always dense: a PlaneEvaluator on a copy of the model, or over the centre's adapter
     parameters (``--coordinates adapter``).
     """
@@ -288,7 +289,7 @@ def plane(loaded: Loaded, solutions, device):
     random = config.chart in RANDOM_CHARTS  # always dense: the directions span every weight
     storage = "dense" if random else factored.choose_storage(config.plane_storage, base, device)
     dtype, evals = config.landscape_dtype(device.type), eval_set(loaded, device)
-    if random:  # Li et al.'s random directions around one solution (landscape.directions)
+    if random:  # Li et al.'s random directions around one solution (landscape.engine.directions)
         vertex, center = directions.center_of(config.center, solutions)
         chart, evaluator = directions.build_evaluator(config, center, vertex, evals, device, dtype,
                                                       loaded.task.objective)  # fmt: skip
@@ -298,7 +299,7 @@ def plane(loaded: Loaded, solutions, device):
         evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
                                                loaded.task.objective)  # fmt: skip
     else:
-        from landscape.plane import third_vertex, with_third
+        from landscape.engine.plane import third_vertex, with_third
 
         third = third_vertex(solutions)
         roles = {"ft": third, "lora": "lora", "randlora": "randlora"}

@@ -31,7 +31,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 from mpl_toolkits.mplot3d import proj3d
 from plotly.subplots import make_subplots
 
-from landscape.store import write_with
+from landscape.engine.store import write_with
 
 __all__ = [
     "COLORS",
@@ -144,7 +144,7 @@ def chart_note(chart: str, distances: Mapping[str, float] | None = None) -> str:
     """What the plane's axes mean, for the reader: the paper chart is affine and NOT to scale.
 
     ``distances`` (pair name such as ``"ft-lora"`` -> Euclidean distance in weight space, as in
-    :attr:`landscape.plane.Chart.info` ``["distances"]``) are appended when given.
+    :attr:`landscape.engine.plane.Chart.info` ``["distances"]``) are appended when given.
     """
     dist = ", ".join(f"{_pair_label(k)} = {v:.2f}" for k, v in (distances or {}).items())
     if chart == "orthonormal":

@@ -19,9 +19,10 @@ from adapters.errors import UserError
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, score
 from landscape import config as run_config
-from landscape import connectivity, directions
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import RANDOM_CHARTS, default_axes
+from landscape import connectivity
+from landscape.engine import directions
+from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+from landscape.engine.plane import RANDOM_CHARTS, default_axes
 from tests import nodraw
 
 NUM_CLASSES = 4

@@ -21,9 +21,10 @@ from torch import nn
 
 from adapters.models.base import Encoded
 from adapters.objectives import score
-from landscape import factored, paths
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import build_chart, default_axes, solution_weights
+from landscape import paths
+from landscape.engine import factored
+from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+from landscape.engine.plane import build_chart, default_axes, solution_weights
 
 NUM_CLASSES = 4
 REL = 1e-5  # fp32 rounding: the two storages add the same terms in another order
@@ -392,9 +393,9 @@ MEMORY_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from adapters.models.base import Encoded
-    from landscape import factored
-    from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-    from landscape.plane import build_chart, solution_weights
+    from landscape.engine import factored
+    from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+    from landscape.engine.plane import build_chart, solution_weights
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -3,8 +3,8 @@
 Li et al., "Visualizing the Loss Landscape of Neural Nets" (NeurIPS 2018; code: tomgoldstein/loss-landscape;
 also the PyPI package ``loss-landscapes``): two Gaussian directions δ, η over every parameter of the model,
 each rescaled to the scale of the weights it perturbs, around one solution θ* (``--center``). The chart is
-a :class:`landscape.plane.Chart` (origin θ*, U = δ, V = η; :func:`landscape.plane.random_chart`), so the
-grid engine (:class:`~landscape.grid.PlaneEvaluator` itself: the same cost per point as any plane), the
+a :class:`landscape.engine.plane.Chart` (origin θ*, U = δ, V = η; :func:`landscape.engine.plane.random_chart`), so the
+grid engine (:class:`~landscape.engine.grid.PlaneEvaluator` itself: the same cost per point as any plane), the
 grid store, resume, torchrun and the renderers work unchanged. ``random-line`` is the 1-D cut along δ.
 
 Normalisation (``norm``, the names of ``loss-landscapes``):
@@ -54,8 +54,8 @@ from torch import nn
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification
 from adapters.quant import dequantized_weight, is_packed, packed_names
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import RANDOM_CHARTS, Chart, random_chart
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import RANDOM_CHARTS, Chart, random_chart
 
 if TYPE_CHECKING:
     from adapters.solution import Solution
@@ -300,7 +300,7 @@ def build_evaluator(
         return evaluator.chart, evaluator
     chart = draw_chart(center_weights(solution), vertex, seed, config.direction_norm, config.ignore, line)
     if packed_names(solution.base):  # a 4-bit base: θ* + x·δ + y·η applied beside its packed layers
-        from landscape import factored
+        from landscape.engine import factored
 
         chart = factored.affine_chart(solution.base, chart)
         return chart, factored.FactoredEvaluator(solution.base, chart, eval_set, device, dtype,
