@@ -253,14 +253,14 @@ def test_connectivity_plane_uses_the_configured_storage(tiny, storage, monkeypat
     from types import SimpleNamespace
 
     from adapters.objectives import OBJECTIVES
-    from landscape import connectivity
+    from landscape import build
 
     base, solutions, eval_set, *_ = tiny
     config = SimpleNamespace(plane_storage=storage, chart="paper", grid=3, x_range=None, y_range=None,
                              points_per_forward="auto", landscape_dtype=lambda kind: "float32")  # fmt: skip
     loaded = SimpleNamespace(config=config, task=SimpleNamespace(base=base, objective=OBJECTIVES["classification"]))
-    monkeypatch.setattr(connectivity, "eval_set", lambda loaded, device: eval_set)
-    chart, xs, ys, evaluator = connectivity.plane(loaded, solutions, torch.device("cpu"))
+    monkeypatch.setattr(build, "eval_set", lambda loaded, device: eval_set)
+    chart, xs, ys, evaluator = build.plane(loaded, solutions, torch.device("cpu"))
     assert chart.info["storage"] == storage and "distances" in chart.info
     assert isinstance(evaluator, factored.FactoredEvaluator if storage == "factored" else PlaneEvaluator)
     x, y = chart.vertices["ft"]

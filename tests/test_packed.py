@@ -241,15 +241,14 @@ def test_per_point_cache_builds_each_product_once_per_point_with_identical_resul
 
 def test_random_chart_and_paths_keep_the_base_packed(llama, data_root, run4, tmp_path):
     from adapters.deltas import load_adapter
-    from landscape import paths
+    from landscape import build, paths
     from landscape.config import from_argv
-    from landscape.engine import directions
 
     loaded, solutions, evals = run4
     base4, objective = loaded.task.base, loaded.task.objective
     before = _packed_bytes(base4)
     config = from_argv(_argv(llama, data_root, tmp_path, "--chart", "random", "--center", "lora"))
-    chart, evaluator = directions.build_evaluator(config, solutions["lora"], "lora", evals, "cpu", "float32",
+    chart, evaluator = build.random_evaluator(config, solutions["lora"], "lora", evals, "cpu", "float32",
                                                   objective)  # fmt: skip
     centre, moved = evaluator.evaluate(0.0, 0.0).loss, evaluator.evaluate(1.0, -1.0).loss
     evaluator.close()

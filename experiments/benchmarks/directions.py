@@ -12,7 +12,7 @@ and the same evaluation samples, fp32 on the CPU, one point per forward:
   grid benchmark's engine builds it (:func:`experiments.benchmarks.grid.make_engine`);
 - ``random``: the random chart of ``--chart random`` — 2-D, filter-normalised Gaussian directions drawn
   over every parameter, biases and norm parameters fixed (``--ignore biasbn``), centred on the RandLoRA
-  solution — built by :func:`landscape.engine.directions.build_evaluator` itself from a run configuration, as
+  solution — built by :func:`landscape.build.random_evaluator` itself from a run configuration, as
   ``landscape.connectivity`` builds it, with the RandLoRA solution held in memory.
 
 Each evaluator evaluates N points of its own chart's default grid (⌈√N⌉ × ⌈√N⌉ points, the first N in
@@ -68,15 +68,16 @@ def random_evaluator(
     model: nn.Module, deltas: Deltas, eval_set: EvalSet, device: torch.device | str = "cpu", seed: int = 0
 ) -> PlaneEvaluator:
     """The evaluator of ``--chart random --center randlora`` (default norm, ignore, coordinates), built by
-    :func:`landscape.engine.directions.build_evaluator` around an in-memory RandLoRA solution (W0 = ``model``)."""
+    :func:`landscape.build.random_evaluator` around an in-memory RandLoRA solution (W0 = ``model``)."""
     from adapters.solution import Solution
+    from landscape import build
     from landscape.config import RunConfig
     from landscape.engine import directions
 
     config = RunConfig(chart="random", center=CENTER, seed=seed, points_per_forward=1)
     solution = Solution(Path(f"<synthetic {CENTER}>"), {"method": CENTER, "name": CENTER}, {}, model, deltas[CENTER])
     vertex, center = directions.center_of(config.center, {CENTER: solution})
-    _, evaluator = directions.build_evaluator(
+    _, evaluator = build.random_evaluator(
         config, center, vertex, eval_set, device, "float32", OBJECTIVES["classification"]
     )
     return evaluator

@@ -249,7 +249,7 @@ def make_case(folder: Path, hidden: int, seed: int = 0) -> dict:
 
 
 def evaluator_for(storage: str, model: nn.Module, solutions: dict, eval_set, objective):
-    """The plane's evaluator as ``landscape.connectivity.plane`` builds it for ``storage``."""
+    """The plane's evaluator as ``landscape.build.plane`` builds it for ``storage``."""
     from landscape.engine import factored
     from landscape.engine.grid import PlaneEvaluator
     from landscape.engine.plane import build_chart, solution_weights
