@@ -7,7 +7,7 @@ Measures, in one run:
 - training: median optimizer-step time and peak memory (``torch.cuda.max_memory_allocated``)
   for full fine-tuning, LoRA r=32 and RandLoRA r=6 on both encoders (the paper's three
   solutions; batch 128, bf16 autocast, AdamW, the main job's training loop body);
-- grid evaluation: the landscape engine (:class:`landscape.grid.PlaneEvaluator`, bf16, losses
+- grid evaluation: the landscape engine (:class:`landscape.engine.grid.PlaneEvaluator`, bf16, losses
   through :func:`adapters.objectives.score`) on a plane through three synthetic solutions over
   the weights the adapters adapt (:func:`adapters.methods.adapted_weights`: q/k/v, ``c_fc`` and
   ``c_proj`` of both towers), in images/s, and as a fraction of the bf16 matmul peak measured in
@@ -42,8 +42,8 @@ from adapters.objectives import OBJECTIVES
 from adapters.train import TrainConfig, make_optimizer
 from experiments.benchmarks.grid import matmul_peak, point_flops
 from experiments.benchmarks.peers import sync
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import build_chart, solution_weights
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import build_chart, solution_weights
 
 PAPER_POINTS, PAPER_IMAGES = 625, 50_000
 METHODS = (("ft", None), ("lora", 32), ("randlora", 6))

@@ -117,6 +117,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def points_per_forward_arg(text: str) -> int | str:
+    """argparse type of ``--points-per-forward``: ``auto`` or a positive integer."""
+    try:
+        return text if text == "auto" else positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}") from None
+
+
 def parse_named_paths(items, option: str, names: tuple[str, ...] | None = None) -> dict[str, Path]:
     """``NAME=PATH`` items as {name: Path}; ``names`` (optional) restricts NAME; each name once."""
     parsed: dict[str, Path] = {}

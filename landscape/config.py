@@ -28,7 +28,7 @@ PAPER_BY_DEFAULT = ("cifar100", "food101", "ucf101")  # paper-sized by default; 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
-RANDOM_CHARTS = ("random", "random-line")  # landscape.plane.RANDOM_CHARTS (tested equal)
+RANDOM_CHARTS = ("random", "random-line")  # landscape.engine.plane.RANDOM_CHARTS (tested equal)
 RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates")
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -188,7 +188,7 @@ class RunConfig:
         "lora or randlora centre)", toml="landscape.coordinates", choices=("weights", "adapter"),
     )  # fmt: skip
     grid: int = option(
-        11, "grid points per axis; the vertices are grid points (full: 25 = the paper's)", toml="landscape.grid"
+        11, "grid points per axis; the vertices are grid points (full: 25 = the paper's)", toml="landscape.engine.grid"
     )
     x_range: list | None = option(None, "x window [low, high] (paper chart)", flag=None, toml="landscape.x_range")
     y_range: list | None = option(None, "y window [low, high] (paper chart)", flag=None, toml="landscape.y_range")
@@ -495,7 +495,7 @@ def build_parser(prog: str, description: str, epilog: str = "") -> argparse.Argu
 def _cli_type(f):
     kind = str(f.type)
     if f.name == "points_per_forward":
-        from landscape.grid import points_per_forward_arg
+        from landscape.cli import points_per_forward_arg
 
         return points_per_forward_arg
     if f.name == "solutions":

@@ -23,7 +23,6 @@ and the previous stages' results.
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections.abc import Sequence
@@ -34,24 +33,24 @@ import numpy as np
 from adapters import distributed, threads
 from adapters.errors import UserError
 from adapters.io import key_digest
+from landscape import build, curvature, paths, render, report, spectrum
 from landscape import config as run_config
-from landscape import curvature, directions, factored, paths, render, report, spectrum, store
 from landscape import stages as stage_log
 from landscape.cli import Stages, resolve_device, run_main
-from landscape.grid import PlaneEvaluator, run_grid
-from landscape.plane import RANDOM_CHARTS, SOLUTIONS, build_chart, default_axes, paper_axis, solution_weights
+from landscape.engine import directions, factored, store
+from landscape.engine.grid import run_grid
+from landscape.engine.plane import RANDOM_CHARTS, SOLUTIONS
+from landscape.engine.store import GridStore, StaleGrid
 from landscape.report import metadata, print_summary, summarise
 from landscape.run import (
     METHOD_ORDER,
     Loaded,
-    eval_set,
     load,
     solution_keys,
     train_autocast,
     train_key,
     train_solutions,
 )
-from landscape.store import GridStore, StaleGrid
 
 PROG = "python -m landscape.connectivity"
 DESCRIPTION = (
@@ -73,7 +72,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
 
     with stages("load"):
         loaded = load(config)
-        center = directions.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
+        center = build.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
         grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
     precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
     solutions = train_solutions(loaded, device, stages)
@@ -90,7 +89,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
             log.keep(f"train_{method}", key_digest(train_key(loaded, method, device)), [f"solutions/{method}"],
                      stages.seconds.get(f"train_{method}"))  # fmt: skip
     with stages("plane"):
-        chart, xs, ys, evaluator = plane(loaded, solutions, device)
+        chart, xs, ys, evaluator = build.plane(loaded, solutions, device)
         deltas = solution_fingerprints(solutions)
         inputs = stage_log.run_inputs(loaded, deltas, evaluator, device, precision["dtype"])
         # the examples' digest too: data edited in place, or another tokenizer, must not meet old grid points
@@ -226,7 +225,7 @@ def check_grid_store(loaded: Loaded, device, rank: int) -> GridStore:
         "solutions": solution_keys(loaded, device),
     }  # fmt: skip
     if config.chart in RANDOM_CHARTS:  # only then, so the other charts' grids keep their keys
-        settings["random_chart"] = directions.grid_settings(config)
+        settings["random_chart"] = build.grid_settings(config)
     if loaded.task.objective.name == "answer":  # causal LMs' evaluation batches (likewise only there)
         settings["eval_tokens"] = config.eval_tokens_for(device.type)
     grid_store = GridStore(config.out_dir / ".grid", settings, rank=rank)
@@ -271,51 +270,6 @@ def solution_fingerprints(solutions) -> dict[str, str]:
     # the base vertex (no FT solution), the centre of a random chart given as a folder, if any
     names = [*SOLUTIONS, "base", directions.CENTER_VERTEX]
     return {s: delta_fingerprint(solutions[s]) for s in names if s in solutions}
-
-
-def plane(loaded: Loaded, solutions, device):
-    """The chart through the three solutions, its grid axes, and the evaluator on the evaluation set.
-
-    ``config.plane_storage``: ``dense`` (:mod:`landscape.plane`: origin + x·U + y·V per parameter, written
-    into a copy of the model), ``factored`` (:mod:`landscape.factored`: W0 + the solutions' updates, weights
-    built per module on the base model itself: ~1 model copy instead of ~6) or ``auto`` (factored when the
-    dense plane would need more than a quarter of the free memory). ``chart.info["storage"]`` records it.
-    The random charts (``--chart random`` / ``random-line``, :mod:`landscape.directions`) are centred on one
-    solution and always dense: a PlaneEvaluator on a copy of the model, or over the centre's adapter
-    parameters (``--coordinates adapter``).
-    """
-    config, base = loaded.config, loaded.task.base
-    random = config.chart in RANDOM_CHARTS  # always dense: the directions span every weight
-    storage = "dense" if random else factored.choose_storage(config.plane_storage, base, device)
-    dtype, evals = config.landscape_dtype(device.type), eval_set(loaded, device)
-    if random:  # Li et al.'s random directions around one solution (landscape.directions)
-        vertex, center = directions.center_of(config.center, solutions)
-        chart, evaluator = directions.build_evaluator(config, center, vertex, evals, device, dtype,
-                                                      loaded.task.objective)  # fmt: skip
-    elif storage == "factored":
-        deltas = {s: solutions[s].module_deltas(check=False) for s in (*SOLUTIONS, "base") if s in solutions}
-        chart = factored.build_chart(config.chart, base, deltas)
-        evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
-                                               loaded.task.objective)  # fmt: skip
-    else:
-        from landscape.plane import third_vertex, with_third
-
-        third = third_vertex(solutions)
-        roles = {"ft": third, "lora": "lora", "randlora": "randlora"}
-        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[roles[s]].delta() for s in SOLUTIONS})
-        chart = with_third(build_chart(config.chart, thetas), third)
-        del thetas
-        evaluator = PlaneEvaluator(
-            copy.deepcopy(base), chart, evals, device, dtype, config.points_per_forward, loaded.task.objective
-        )
-    chart.info["storage"] = "factored" if isinstance(evaluator, factored.FactoredEvaluator) else "dense"
-    xs, ys = default_axes(chart, config.grid)
-    verts = list(chart.vertices.values())
-    if config.x_range:  # the config's window, the vertices kept on the grid
-        xs = paper_axis(config.grid, *config.x_range, [v[0] for v in verts])
-    if config.y_range and config.chart != "random-line":  # a line has the one row y = 0
-        ys = paper_axis(config.grid, *config.y_range, [v[1] for v in verts])
-    return chart, xs, ys, evaluator
 
 
 def evaluate_grid(evaluator, xs, ys, grid_store: GridStore, config) -> dict:

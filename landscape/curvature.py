@@ -24,7 +24,7 @@ backward through ``torch.autograd``), recorded as ``hvp_mode``.
 By default (``weight_set="adapted"``) the adapted weights (:func:`adapters.methods.adapted_weights`,
 the same for every solution) plus the classification head: every solution is measured in the same
 space, the one the adapters move in. ``weight_set="plane"``: every parameter any of the run's
-solutions changes — what :func:`landscape.plane.solution_weights` puts on the plane; with a full
+solutions changes — what :func:`landscape.engine.plane.solution_weights` puts on the plane; with a full
 fine-tuning solution that is every parameter of the model. ``adapter``: the coordinates the
 optimiser of a LoRA / RandLoRA solution sees — LoRA's A and B factors, RandLoRA's λ and γ (and the
 head), as parameters of the solution's peft model loaded from its folder; full fine-tuning has no
@@ -105,7 +105,7 @@ from adapters.objectives import Classification
 from adapters.progress import progress_bar
 from adapters.quant import packed_names
 from adapters.solution import Solution, delta_fingerprint
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 from landscape.lanczos import HostBasis
 from landscape.lanczos import lanczos as host_lanczos
 

@@ -19,7 +19,7 @@ resume bit-exactly on CPU and only under the same key), with no weight decay: th
 alone, and decay would pull the bends towards zero, away from both solutions.
 
 The trained curve and the straight line are then evaluated at the same t on the run's evaluation set by
-:class:`CurveEvaluator`, the paths' :class:`landscape.grid.PlaneEvaluator` (the line bit-identical to the
+:class:`CurveEvaluator`, the paths' :class:`landscape.engine.grid.PlaneEvaluator` (the line bit-identical to the
 paths' dense evaluation), with both barriers and their paired standard errors
 (:func:`landscape.paths.barriers_with_se`).
 
@@ -56,9 +56,10 @@ from adapters.progress import progress_bar
 from adapters.quant import is_packed, logical_shape, packed_names
 from adapters.solution import base_solution
 from adapters.train import TrainConfig, train
-from landscape import factored, paths, render, store
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import SOLUTIONS, Chart
+from landscape import paths, render
+from landscape.engine import factored, store
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import SOLUTIONS, Chart
 
 PROG = "python -m landscape.curves"
 KINDS = ("bezier", "polychain")
@@ -301,7 +302,7 @@ def evaluate_curve(
     parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve", "line"), "loss"/"accuracy"/
     "loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
     t = paths.path_axis(points, 0.0)
-    if curve.offset:  # W0 + offset(t), built per module beside the packed layers (landscape.factored)
+    if curve.offset:  # W0 + offset(t), built per module beside the packed layers (landscape.engine.factored)
         evaluator = factored.FactoredEvaluator(model, offset_chart(curve, model), eval_set, device, dtype, 1,
                                                objective)  # fmt: skip
     else:
@@ -470,7 +471,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     from adapters.io import key_digest
     from adapters.train import checkpoint_path
     from landscape.cli import resolve_device
-    from landscape.plane import solution_weights
+    from landscape.engine.plane import solution_weights
     from landscape.run import open_run, train_config
 
     args = build_parser().parse_args(argv)

@@ -14,7 +14,7 @@ A barrier near 0 means the two solutions are linearly mode-connected. Each comes
 error paired over the evaluation samples, from the per-sample losses the paths keep (no extra forward).
 
 The line is an affine chart (origin θ_A, U = θ_B − θ_A, V = 0) evaluated by the same
-:class:`landscape.grid.PlaneEvaluator` and :class:`landscape.grid.EvalSet` as the plane, so
+:class:`landscape.engine.grid.PlaneEvaluator` and :class:`landscape.engine.grid.EvalSet` as the plane, so
 the path at t = 0 and t = 1 is the loss of the solutions themselves on the same samples.
 
 Writes under the run folder (or ``--out``):
@@ -45,9 +45,10 @@ from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification, PointResult, paired_se
 from adapters.progress import progress_bar
 from adapters.solution import Solution
-from landscape import factored, render, store
-from landscape.grid import EvalSet, PlaneEvaluator, points_per_forward_arg
-from landscape.plane import SOLUTIONS, Chart, snapped_axis, solution_weights
+from landscape import render
+from landscape.engine import factored, store
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import SOLUTIONS, Chart, snapped_axis, solution_weights
 
 PROG = "python -m landscape.paths"
 PAIRS = (("ft", "lora"), ("ft", "randlora"), ("lora", "randlora"))
@@ -194,10 +195,10 @@ def compute_paths(
 ) -> dict:
     """Loss, accuracy and its standard error along the three pairwise lines; barriers per pair.
 
-    ``points_per_forward``: values of t per vmapped forward (see :mod:`landscape.grid`); ``dtype``: the
+    ``points_per_forward``: values of t per vmapped forward (see :mod:`landscape.engine.grid`); ``dtype``: the
     forward precision, the plane's (``bfloat16`` autocast or ``float32``), so paths and surface agree.
     ``storage``: ``dense``, ``factored`` (W0 + (1 − t)·ΔW_A + t·ΔW_B built per module on ``base_model`` itself)
-    or ``auto``, as the plane's (:mod:`landscape.factored`); ``chart``: the plane's factored chart, whose
+    or ``auto``, as the plane's (:mod:`landscape.engine.factored`); ``chart``: the plane's factored chart, whose
     updates the lines then share (implies ``factored``: full fine-tuning's update is not held twice).
     ``known``: {solution: its result on the same evaluation set and precision, with per-sample losses} (the
     plane's vertices, :func:`landscape.report.vertex_results`): the endpoints t = 0 and t = 1 of a line take
@@ -307,7 +308,7 @@ def summary(result: Mapping) -> dict:
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, points_per_forward_arg, positive_int
 
     p = Parser(
         prog=PROG,

@@ -16,7 +16,7 @@ from adapters import threads
 from adapters.objectives import PointResult, paired_se
 from landscape import paths
 from landscape.cli import versions
-from landscape.plane import SOLUTIONS
+from landscape.engine.plane import SOLUTIONS
 from landscape.run import METHOD_ORDER, Loaded
 
 

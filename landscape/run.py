@@ -33,7 +33,7 @@ from adapters.quant import base_quantization
 from adapters.solution import Solution, check_method, fingerprint, load_solution, read_info
 from adapters.train import Task, TrainConfig, train_solution
 from landscape.config import SOLUTION_NAMES, RunConfig
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 
 METHOD_ORDER = ("head_only", "ft", "lora", "randlora")
 

@@ -16,7 +16,7 @@ summary, is written last). A stage about to be recomputed first loses its record
 run that dies are never taken for the old ones.
 
 The solutions themselves are keyed in their own folders (``solution.json``'s ``train_key``), and grid points in
-``.grid`` (:class:`landscape.store.GridStore`); their records here say what they were computed from.
+``.grid`` (:class:`landscape.engine.store.GridStore`); their records here say what they were computed from.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The directions benchmark compares what it claims: the paper plane and ``--chart random`` around RandLoRA.
 
-References independent of :mod:`landscape.grid` and :mod:`adapters.objectives`: the weights are written into
+References independent of :mod:`landscape.engine.grid` and :mod:`adapters.objectives`: the weights are written into
 a plain copy of the model from the paper's closed form (or θ* + α·δ + β·η) and scored with ``cross_entropy``
 over one unsorted batch; the filter norms are checked with numpy.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from adapters.methods import adapted_weights
 from experiments.benchmarks import directions as bench
 from experiments.benchmarks import grid
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 
 NUM_CLASSES = 4
 TEXTS = [f"sample {i} " + "word " * (i % 5) + "end" for i in range(12)]

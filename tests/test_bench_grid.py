@@ -16,7 +16,7 @@ import torch
 from adapters.methods import adapted_weights
 from experiments.benchmarks import grid as bench
 from experiments.benchmarks import peers
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 
 pytest.importorskip("loss_landscapes")
 

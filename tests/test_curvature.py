@@ -18,7 +18,7 @@ from torch import nn
 from adapters.objectives import OBJECTIVES
 from adapters.solution import Solution
 from landscape import curvature
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 from tests.conftest import TINY_RUN
 from tests.synthetic import synthetic_solutions
 

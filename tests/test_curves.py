@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from adapters.train import TrainConfig
 from landscape import curves, paths
-from landscape.grid import EvalSet
-from landscape.plane import solution_weights
+from landscape.engine.grid import EvalSet
+from landscape.engine.plane import solution_weights
 from tests.synthetic import Crash, adapted_few, die_on_call, synthetic_solutions
 
 N_CLASSES = 4

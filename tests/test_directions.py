@@ -18,10 +18,11 @@ from torch import nn
 from adapters.errors import UserError
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, score
+from landscape import build, connectivity
 from landscape import config as run_config
-from landscape import connectivity, directions
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import RANDOM_CHARTS, default_axes
+from landscape.engine import directions
+from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+from landscape.engine.plane import RANDOM_CHARTS, default_axes
 from tests import nodraw
 
 NUM_CLASSES = 4
@@ -217,7 +218,7 @@ def test_grid_centre_equals_the_solutions_loss(tiny, center):
     base, solutions, evals = tiny
     sol = solutions[center]
     objective = OBJECTIVES["classification"]
-    chart, evaluator = directions.build_evaluator(_config(center=center), sol, center, evals, "cpu", "float32",
+    chart, evaluator = build.random_evaluator(_config(center=center), sol, center, evals, "cpu", "float32",
                                                   objective)  # fmt: skip
     assert type(evaluator) is PlaneEvaluator  # the plane's own engine: the same cost per point
     params = dict(base.named_parameters())
@@ -287,7 +288,7 @@ def test_config_of_the_random_charts(tmp_path):
     cfg = run_config.from_argv(["--config", str(toml)])
     assert (cfg.chart, cfg.center, cfg.direction_seed, cfg.direction_norm, cfg.ignore, cfg.coordinates) == (
         "random-line", "lora", 3, "layer", "none", "adapter")  # fmt: skip
-    assert directions.direction_seed(run_config.from_argv(["--chart", "random", "--seed", "7"])) == 7
+    assert build.direction_seed(run_config.from_argv(["--chart", "random", "--seed", "7"])) == 7
     bad = [  # the values as the command line gives them (argparse itself refuses a bad choice typed as a flag)
         ({"center": "lora"}, "--center lora applies to --chart random / random-line only: drop it"),
         ({"chart": "random", "coordinates": "adapter"}, "--coordinates adapter: adapter coordinates need an adapter"),

@@ -21,9 +21,10 @@ from torch import nn
 
 from adapters.models.base import Encoded
 from adapters.objectives import score
-from landscape import factored, paths
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import build_chart, default_axes, solution_weights
+from landscape import paths
+from landscape.engine import factored
+from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+from landscape.engine.plane import build_chart, default_axes, solution_weights
 
 NUM_CLASSES = 4
 REL = 1e-5  # fp32 rounding: the two storages add the same terms in another order
@@ -252,14 +253,14 @@ def test_connectivity_plane_uses_the_configured_storage(tiny, storage, monkeypat
     from types import SimpleNamespace
 
     from adapters.objectives import OBJECTIVES
-    from landscape import connectivity
+    from landscape import build
 
     base, solutions, eval_set, *_ = tiny
     config = SimpleNamespace(plane_storage=storage, chart="paper", grid=3, x_range=None, y_range=None,
                              points_per_forward="auto", landscape_dtype=lambda kind: "float32")  # fmt: skip
     loaded = SimpleNamespace(config=config, task=SimpleNamespace(base=base, objective=OBJECTIVES["classification"]))
-    monkeypatch.setattr(connectivity, "eval_set", lambda loaded, device: eval_set)
-    chart, xs, ys, evaluator = connectivity.plane(loaded, solutions, torch.device("cpu"))
+    monkeypatch.setattr(build, "eval_set", lambda loaded, device: eval_set)
+    chart, xs, ys, evaluator = build.plane(loaded, solutions, torch.device("cpu"))
     assert chart.info["storage"] == storage and "distances" in chart.info
     assert isinstance(evaluator, factored.FactoredEvaluator if storage == "factored" else PlaneEvaluator)
     x, y = chart.vertices["ft"]
@@ -392,9 +393,9 @@ MEMORY_SCRIPT = textwrap.dedent(
     import torch
     from torch import nn
     from adapters.models.base import Encoded
-    from landscape import factored
-    from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-    from landscape.plane import build_chart, solution_weights
+    from landscape.engine import factored
+    from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+    from landscape.engine.plane import build_chart, solution_weights
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -325,8 +325,8 @@ def test_nan_weight_in_a_given_solution_exits_2(reference, wordnet_root, tmp_pat
 def _writer_module():
     try:
         import adapters.io as module
-    except ImportError:  # before the refactor the atomic writer lived in landscape.store
-        import landscape.store as module
+    except ImportError:  # before the refactor the atomic writer lived in landscape.engine.store
+        import landscape.engine.store as module
     return module
 
 

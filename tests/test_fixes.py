@@ -268,8 +268,8 @@ def test_bf16_check_compares_the_error_with_the_smallest_vertex_gap(run_dir):
     assert check["smallest_vertex_loss_gap"] == pytest.approx(gap, rel=1e-12)
 
     # The vertices in bf16 and fp32, evaluated here independently of the run.
-    from landscape.grid import PlaneEvaluator
-    from landscape.plane import build_chart, solution_weights
+    from landscape.engine.grid import PlaneEvaluator
+    from landscape.engine.plane import build_chart, solution_weights
     from landscape.run import open_run
 
     run = open_run(run_dir)

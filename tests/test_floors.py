@@ -27,7 +27,7 @@ import torch
 
 from adapters import compat
 from adapters.compat import tomllib
-from landscape.grid import PlaneEvaluator
+from landscape.engine.grid import PlaneEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,10 @@ from torch import nn
 
 from adapters.models.base import Encoded
 from landscape import paths
-from landscape.grid import EvalSet, PlaneEvaluator, auto_points_per_forward, points_per_forward_arg, run_grid
-from landscape.plane import build_chart, solution_weights
-from landscape.store import GridStore
+from landscape.cli import points_per_forward_arg
+from landscape.engine.grid import EvalSet, PlaneEvaluator, auto_points_per_forward, run_grid
+from landscape.engine.plane import build_chart, solution_weights
+from landscape.engine.store import GridStore
 from tests.test_paths import _solutions
 from tests.test_plane_grid import _naive_loss, make_setup
 

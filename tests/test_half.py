@@ -271,7 +271,7 @@ def test_fp32_recheck_uses_fp32_weights(bf16_run, storage):
     """precision_check's fp32 losses at the vertices equal an fp32-cast copy of the base with θ_s = W0 + ΔW_s
     written in (no autocast); the evaluator's bf16 weights come back untouched, and its own bf16 losses differ."""
     from adapters.objectives import score
-    from landscape.connectivity import plane
+    from landscape.build import plane
     from landscape.report import precision_check
     from landscape.run import eval_set
 

@@ -238,8 +238,8 @@ def test_eval_tokens_changes_batching_not_numbers_and_keys_the_grid_only(llama, 
     from adapters.data import eval_subset
     from adapters.objectives import score
     from landscape.connectivity import check_grid_store
-    from landscape.grid import EvalSet, PlaneEvaluator
-    from landscape.plane import SOLUTIONS, build_chart, solution_weights
+    from landscape.engine.grid import EvalSet, PlaneEvaluator
+    from landscape.engine.plane import SOLUTIONS, build_chart, solution_weights
     from landscape.run import eval_set, train_key
 
     device = torch.device("cpu")

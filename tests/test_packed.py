@@ -57,7 +57,7 @@ def run4(llama, data_root, tmp_path_factory):
     from adapters.solution import load_solution
     from landscape.cli import Stages
     from landscape.config import from_argv
-    from landscape.grid import EvalSet
+    from landscape.engine.grid import EvalSet
     from landscape.run import load, train_solutions
 
     out = tmp_path_factory.mktemp("run4")
@@ -125,7 +125,7 @@ def _dense(llama: Path, base4: torch.nn.Module, weights: dict[str, torch.Tensor]
 def test_plane_vertices_equal_each_solutions_own_evaluation(llama, run4, third):
     from adapters.deltas import load_adapter
     from adapters.solution import base_solution
-    from landscape import factored
+    from landscape.engine import factored
 
     loaded, solutions, evals = run4
     base4, objective = loaded.task.base, loaded.task.objective
@@ -194,7 +194,7 @@ class _Counted:
 
 def test_per_point_cache_builds_each_product_once_per_point_with_identical_results(run4):
     from adapters.solution import base_solution
-    from landscape import factored
+    from landscape.engine import factored
 
     loaded, solutions, evals = run4
     base4 = loaded.task.base
@@ -241,14 +241,14 @@ def test_per_point_cache_builds_each_product_once_per_point_with_identical_resul
 
 def test_random_chart_and_paths_keep_the_base_packed(llama, data_root, run4, tmp_path):
     from adapters.deltas import load_adapter
-    from landscape import directions, paths
+    from landscape import build, paths
     from landscape.config import from_argv
 
     loaded, solutions, evals = run4
     base4, objective = loaded.task.base, loaded.task.objective
     before = _packed_bytes(base4)
     config = from_argv(_argv(llama, data_root, tmp_path, "--chart", "random", "--center", "lora"))
-    chart, evaluator = directions.build_evaluator(config, solutions["lora"], "lora", evals, "cpu", "float32",
+    chart, evaluator = build.random_evaluator(config, solutions["lora"], "lora", evals, "cpu", "float32",
                                                   objective)  # fmt: skip
     centre, moved = evaluator.evaluate(0.0, 0.0).loss, evaluator.evaluate(1.0, -1.0).loss
     evaluator.close()
@@ -392,7 +392,7 @@ def test_commands_on_a_4bit_run_use_the_base_vertex(llama, data_root, tmp_path, 
 def test_base_vertex_dense_and_factored_charts_agree(name):
     """Without FT the base model (ΔW = 0) is the third vertex: the dense chart (plane.py, updates written into
     θ) and the factored one give the same vertices and geometry, named "base"."""
-    from landscape import factored, plane
+    from landscape.engine import factored, plane
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from landscape import connectivity, paths
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 from tests.conftest import TINY_RUN
 from tests.synthetic import adapted_few, synthetic_solutions
 
@@ -268,8 +268,8 @@ def test_endpoints_reuse_the_planes_vertices(setup):
     """With the plane's vertex results (``known``), each line evaluates only its interior points, and its numbers
     equal the line evaluated in full to fp32 rounding (the vertex is θ_s built through the plane's chart)."""
     from landscape import report
-    from landscape.grid import PlaneEvaluator
-    from landscape.plane import build_chart, solution_weights
+    from landscape.engine.grid import PlaneEvaluator
+    from landscape.engine.plane import build_chart, solution_weights
 
     model, sols, _, _, result, _ = setup
     eval_set = EvalSet.prepare(setup[2], setup[3], 8, "cpu")

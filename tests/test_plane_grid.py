@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from adapters.models.base import Encoded
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import build_chart, default_axes, paper_axis, solution_weights
+from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+from landscape.engine.plane import build_chart, default_axes, paper_axis, solution_weights
 
 
 def _random_solutions(model, seed=0, scale=0.05):

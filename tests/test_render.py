@@ -14,6 +14,7 @@ from matplotlib.text import Text
 from scipy.interpolate import RegularGridInterpolator
 
 from landscape import render
+from landscape.engine.store import write_npz
 from landscape.render import (
     COLORS,
     LABELS,
@@ -24,7 +25,6 @@ from landscape.render import (
     spectrum_figure,
 )
 from landscape.spectrum import spectrum_metrics
-from landscape.store import write_npz
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from landscape.grid import EvalSet, PlaneEvaluator, run_grid
-from landscape.plane import build_chart, solution_weights
-from landscape.store import GridStore
+from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
+from landscape.engine.plane import build_chart, solution_weights
+from landscape.engine.store import GridStore
 from tests.test_plane_grid import _random_solutions
 
 

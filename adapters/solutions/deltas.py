@@ -33,7 +33,7 @@ With ``check=True`` (the default) every ΔW is computed once up front, streaming
 same :class:`~adapters.errors.UserError` as ``delta()``, and all-zero updates are left out (``delta()``
 leaves them out too), so the keys equal ``delta()``'s — except for a foreign solution, whose exactly-zero
 updates are kept (and its ``delta()`` keeps them too: nothing is dropped silently). ``check=False`` skips
-that pass (callers that stream over the deltas anyway, like :mod:`landscape.factored`, check as they go).
+that pass (callers that stream over the deltas anyway, like :mod:`landscape.engine.factored`, check as they go).
 
 The base model's tensors are shared, never modified: attaching peft to the skeleton changes
 ``requires_grad`` of the shared parameters, which is put back; a merge swaps private copies into the

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run(args.dtype, args.threads, Path(tmp), args.avx2)
     print(table(result))
     if args.json is not None:
-        from landscape import store
+        from landscape.engine import store
 
         store.write_json(args.json, result)
     return 0

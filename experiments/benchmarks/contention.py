@@ -8,7 +8,7 @@ Stages (each "step" is one unit of the stage's real work, on CPU, fp32):
 - ``train-effnet``: a full fine-tuning optimizer step of EfficientNet-Lite0 on Fashion-MNIST
   (batch 32, 64 px), the loop of :func:`adapters.train.train` (AdamW, clipping) without the
   bookkeeping; ``train-minilm``: the same for all-MiniLM-L6-v2 on WordNet glosses (the default job).
-- ``grid-minilm``: one point of :class:`landscape.grid.PlaneEvaluator` (paper chart through three
+- ``grid-minilm``: one point of :class:`landscape.engine.grid.PlaneEvaluator` (paper chart through three
   synthetic solutions: base + 1 % noise on every adapted weight and the head), 256 WordNet test
   samples in batches of 128, points cycled over a 3 × 3 patch of the plane.
 
@@ -150,8 +150,8 @@ def grid_stage(model_name: str, dataset: str, samples: int = 256, seed: int = 0)
     from adapters.data import eval_subset, load_dataset
     from adapters.methods.budget import adapted_weights
     from adapters.models import HEAD, get_model
-    from landscape.grid import EvalSet, PlaneEvaluator
-    from landscape.plane import SOLUTIONS, build_chart, solution_weights
+    from landscape.engine.grid import EvalSet, PlaneEvaluator
+    from landscape.engine.plane import SOLUTIONS, build_chart, solution_weights
 
     entry = get_model(model_name)
     data = load_dataset(dataset, seed=seed)

@@ -60,7 +60,7 @@ from adapters.methods import adapted_weights
 from adapters.models.base import HEAD
 from adapters.objectives import OBJECTIVES
 from landscape.curvature import HessianOperator, top_eigenvalues
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 
 PROG = "python -m experiments.benchmarks.curvature"
 CASES = ("minilm-wordnet", "efficientnet-fashion-mnist")

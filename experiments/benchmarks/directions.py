@@ -3,16 +3,16 @@
     python -m experiments.benchmarks.directions [--json PATH] [--quick] [--cases minilm efficientnet]
                                                 [--points N] [--threads N] [--samples N] [--seed S]
 
-The README says ``--chart random`` (:mod:`landscape.directions`) evaluates "at the cost per point of any
+The README says ``--chart random`` (:mod:`landscape.engine.directions`) evaluates "at the cost per point of any
 other chart (it is the same evaluator)". This benchmark measures that claim. Per case, in one process, on
 the same model, the same three synthetic solutions (:func:`experiments.benchmarks.grid.synthetic_deltas`)
 and the same evaluation samples, fp32 on the CPU, one point per forward:
 
-- ``plane``: the paper chart's :class:`landscape.grid.PlaneEvaluator` through FT, LoRA and RandLoRA, as the
+- ``plane``: the paper chart's :class:`landscape.engine.grid.PlaneEvaluator` through FT, LoRA and RandLoRA, as the
   grid benchmark's engine builds it (:func:`experiments.benchmarks.grid.make_engine`);
 - ``random``: the random chart of ``--chart random`` — 2-D, filter-normalised Gaussian directions drawn
   over every parameter, biases and norm parameters fixed (``--ignore biasbn``), centred on the RandLoRA
-  solution — built by :func:`landscape.directions.build_evaluator` itself from a run configuration, as
+  solution — built by :func:`landscape.build.random_evaluator` itself from a run configuration, as
   ``landscape.connectivity`` builds it, with the RandLoRA solution held in memory.
 
 Each evaluator evaluates N points of its own chart's default grid (⌈√N⌉ × ⌈√N⌉ points, the first N in
@@ -49,8 +49,8 @@ from adapters.objectives import OBJECTIVES
 from experiments.benchmarks.grid import Deltas, efficientnet_case, fit_head, make_engine, minilm_case, synthetic_deltas
 from experiments.benchmarks.peers import BATCH_SIZE, sync
 from landscape.cli import Parser, positive_int, run_main
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import Chart, default_axes
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import Chart, default_axes
 
 PROG = "python -m experiments.benchmarks.directions"
 CASES: dict[str, Callable] = {"minilm": minilm_case, "efficientnet": efficientnet_case}
@@ -68,15 +68,16 @@ def random_evaluator(
     model: nn.Module, deltas: Deltas, eval_set: EvalSet, device: torch.device | str = "cpu", seed: int = 0
 ) -> PlaneEvaluator:
     """The evaluator of ``--chart random --center randlora`` (default norm, ignore, coordinates), built by
-    :func:`landscape.directions.build_evaluator` around an in-memory RandLoRA solution (W0 = ``model``)."""
+    :func:`landscape.build.random_evaluator` around an in-memory RandLoRA solution (W0 = ``model``)."""
     from adapters.solution import Solution
-    from landscape import directions
+    from landscape import build
     from landscape.config import RunConfig
+    from landscape.engine import directions
 
     config = RunConfig(chart="random", center=CENTER, seed=seed, points_per_forward=1)
     solution = Solution(Path(f"<synthetic {CENTER}>"), {"method": CENTER, "name": CENTER}, {}, model, deltas[CENTER])
     vertex, center = directions.center_of(config.center, {CENTER: solution})
-    _, evaluator = directions.build_evaluator(
+    _, evaluator = build.random_evaluator(
         config, center, vertex, eval_set, device, "float32", OBJECTIVES["classification"]
     )
     return evaluator

@@ -6,7 +6,7 @@ One process, one model, the same solutions, points and batches for both sides: a
 (shape in :data:`SHAPE`, no download) with fabricated commonsense data, LoRA and RandLoRA trained one step each
 through the toolkit (``--methods lora randlora``; the plane's third vertex is the base model), in fp32 and on an
 NF4 base (``--load-4bit``: the points applied beside the packed layers). For each evaluation-set size in
-batches, :class:`landscape.factored.FactoredEvaluator` evaluates the same inner grid points (every adapter term
+batches, :class:`landscape.engine.factored.FactoredEvaluator` evaluates the same inner grid points (every adapter term
 active) with the cache on (``cache_bytes`` 1 GiB) and off (0: every batch rebuilds the products), the two
 interleaved repeat by repeat so load from other processes hits both alike; the median seconds per point of each
 and their ratio (off / on) are reported, and the losses are checked to be bit-identical.
@@ -60,8 +60,8 @@ def _setup(model: Path, data: Path, out: Path, load_4bit: bool):
 
 def _case(loaded, solutions, batches: int, points: list, repeats: int) -> dict:
     from adapters.data import eval_subset
-    from landscape import factored
-    from landscape.grid import EvalSet
+    from landscape.engine import factored
+    from landscape.engine.grid import EvalSet
 
     task = loaded.task
     subset = eval_subset(task.dataset.test, None, 0)

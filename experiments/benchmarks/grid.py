@@ -6,7 +6,7 @@
 Per case, in one process, on the same model, the same three solutions, the same grid points
 and the same evaluation samples, fp32 everywhere:
 
-- ``engine``: :class:`landscape.grid.PlaneEvaluator` (paper chart) evaluating every point —
+- ``engine``: :class:`landscape.engine.grid.PlaneEvaluator` (paper chart) evaluating every point —
   weights written in place from device-resident base and directions, evaluation set encoded
   once and batched by length, one host sync per point.
 - ``paper_loop``: the RandLoRA paper's per-point loop (state-dict rebuild, ``load_state_dict``,
@@ -26,7 +26,7 @@ the same number of points at the same places in weight space.
 
 ``engine_batched`` (extra measurement, not one of the three methods): the engine with P grid
 points per forward (``points_per_forward``: the P points' plane parameters stacked and the model
-run under ``torch.func.vmap(functional_call)``, see :mod:`landscape.grid`) against the same
+run under ``torch.func.vmap(functional_call)``, see :mod:`landscape.engine.grid`) against the same
 engine with P = 1, on ``--batched-groups`` groups of P grid points (quick: 1, full: 2; the grid
 points in order, cycled), group by group with the order of the two alternating, one untimed
 warm-up group each. P = ``--points-per-forward`` (default: 4 on CPU; on CUDA the engine's
@@ -116,7 +116,7 @@ from experiments.benchmarks.peers import (
     solution_state_dicts,
     sync,
 )
-from landscape.grid import EvalSet, PlaneEvaluator, auto_points_per_forward
+from landscape.engine.grid import EvalSet, PlaneEvaluator, auto_points_per_forward
 
 PROG = "python -m experiments.benchmarks.grid"
 CASES = ("minilm-wordnet", "efficientnet-fashion-mnist", "vit-b32-cifar")

@@ -18,7 +18,7 @@ from adapters.methods import adapted_weights
 from adapters.models.base import HEAD, Classifier, Encoded
 from adapters.objectives import OBJECTIVES
 from experiments.benchmarks.peers import sync
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 
 Deltas = dict[str, dict[str, torch.Tensor]]
 

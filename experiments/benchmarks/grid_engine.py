@@ -1,4 +1,4 @@
-"""The grid benchmark's engine side: :class:`landscape.grid.PlaneEvaluator` built as the main job builds it
+"""The grid benchmark's engine side: :class:`landscape.engine.grid.PlaneEvaluator` built as the main job builds it
 (:func:`make_engine`), its losses over a set of points, and P points per forward against one
 (:func:`engine_batched_vs_single`).
 """
@@ -14,8 +14,8 @@ from torch import nn
 
 from experiments.benchmarks.grid_cases import Deltas
 from experiments.benchmarks.peers import sync
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import build_chart, solution_weights
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import build_chart, solution_weights
 
 # --------------------------------------------------------------------------- the engine
 

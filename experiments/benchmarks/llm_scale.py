@@ -30,8 +30,8 @@ restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
 - ``train_ft`` / ``train_lora`` / ``train_randlora``: 2 optimizer steps of :func:`adapters.train.train`
   (AdamW, batch 4) on the model :func:`adapters.methods.attach` makes: a copy of the base for FT (refused
   on a 4-bit base, recorded as skipped), an adapter on a skeleton sharing the base's tensors;
-- ``plane``: the factored chart through the three solutions (:func:`landscape.factored.build_chart`) and a
-  2 × 2 grid (:func:`landscape.grid.run_grid`) — the plane and the grid are this one stage here;
+- ``plane``: the factored chart through the three solutions (:func:`landscape.engine.factored.build_chart`) and a
+  2 × 2 grid (:func:`landscape.engine.grid.run_grid`) — the plane and the grid are this one stage here;
 - ``paths``: :func:`landscape.paths.compute_paths`, 3 points per pair, factored;
 - ``curvature``: the top Hessian eigenvalue of the RandLoRA solution in adapter coordinates
   (:class:`landscape.curvature.HessianOperator`, Lanczos at most 4 vectors, fp32);
@@ -305,10 +305,10 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
     import transformers  # noqa: F401
 
     import adapters.deltas  # noqa: F401
-    import landscape.factored  # noqa: F401
+    import landscape.engine.factored  # noqa: F401
     from adapters.objectives import OBJECTIVES, score
     from experiments.benchmarks.plain_lm import plain_loop
-    from landscape.grid import EvalSet
+    from landscape.engine.grid import EvalSet
 
     if dtype == "4bit":
         import bitsandbytes  # noqa: F401
@@ -396,8 +396,8 @@ def _train_stage(model, method: str, data, labels, objective, extra: dict) -> in
 
 def _solution_stage(stage: str, model, solutions: dict, eval_set, objective, extra: dict, np) -> int:
     """plane (+ 2 × 2 grid), paths, curvature (RandLoRA, adapter coordinates) or spectrum; held bytes."""
-    from landscape import factored
-    from landscape.grid import run_grid
+    from landscape.engine import factored
+    from landscape.engine.grid import run_grid
 
     ft_bytes = _model_bytes(model)  # FT's ΔW, once in the model's dtype (a 4-bit base: fp32 of its logical shape)
     if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):

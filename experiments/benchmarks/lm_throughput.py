@@ -3,10 +3,10 @@
 Side by side in one process, over the same fabricated multiple-choice examples (:func:`experiments.benchmarks.
 plain_lm.fabricate_examples`: a prompt and 4 candidates of 3 tokens per sample) and the same weights:
 
-- **toolkit**: one grid point of the landscape engine (:class:`landscape.grid.PlaneEvaluator.evaluate` on an
-  :class:`landscape.grid.EvalSet` cut by ``--eval-tokens``), i.e. :class:`adapters.models.lm_scoring.CausalLMScorer`
-  with each sample's prompt run once and its candidates continued from copies of the KV cache, logits only at
-  the answer positions;
+- **toolkit**: one grid point of the landscape engine (:class:`landscape.engine.grid.PlaneEvaluator.evaluate`
+  on an :class:`landscape.engine.grid.EvalSet` cut by ``--eval-tokens``), i.e.
+  :class:`adapters.models.lm_scoring.CausalLMScorer` with each sample's prompt run once and its candidates
+  continued from copies of the KV cache, logits only at the answer positions;
 - **plain**: :func:`experiments.benchmarks.plain_lm.plain_loop`, each candidate its own sequence,
   ``model(input_ids, attention_mask)`` over the whole vocabulary and a gather, ``--plain-batch`` sequences per
   batch.
@@ -84,8 +84,8 @@ def toolkit_evaluator(model, data, gold, eval_tokens: int):
     setting a point costs nothing next to the forwards), over the evaluation set cut by ``eval_tokens``."""
     from adapters.models.lm_scoring import CausalLMScorer
     from adapters.objectives import OBJECTIVES
-    from landscape.grid import EvalSet, PlaneEvaluator
-    from landscape.plane import SOLUTIONS, build_chart, solution_weights
+    from landscape.engine.grid import EvalSet, PlaneEvaluator
+    from landscape.engine.plane import SOLUTIONS, build_chart, solution_weights
 
     scorer = CausalLMScorer(model).eval()
     evals = EvalSet.prepare(data, gold, 1, "cpu", eval_tokens)

@@ -17,10 +17,10 @@ the RSS (``VmRSS``), restarts the peak counter (``/proc/self/clear_refs``; when 
 process's ``ru_maxrss`` is used and includes the loading), loads the three solutions and evaluates a
 2 × 2 grid of the paper chart ((0, 0), (1, 0), (0, 1), (1, 1)) with
 
-- ``factored``: :func:`landscape.factored.build_chart` + :class:`~landscape.factored.FactoredEvaluator`
+- ``factored``: :func:`landscape.engine.factored.build_chart` + :class:`~landscape.engine.factored.FactoredEvaluator`
   on the base model itself (what ``--plane-storage factored`` does);
 - ``dense``: as ``landscape.connectivity`` does with ``--plane-storage dense``: the solutions' dense
-  ``delta()``, :func:`landscape.plane.solution_weights`, the chart, a copy of the model.
+  ``delta()``, :func:`landscape.engine.plane.solution_weights`, the chart, a copy of the model.
 
 Reported per case: ``params``, ``model_bytes``, ``rss_after_base_bytes``, ``grid_peak_rss_bytes`` (the
 peak from solutions loading to the end of the grid), ``ratio`` = (grid peak − RSS after loading the
@@ -199,7 +199,7 @@ def eval_set_for(objective: str, samples: int, length: int):
     """A few fabricated token sequences as one evaluation batch, and the objective that scores them."""
     from adapters.models.base import Encoded
     from adapters.objectives import OBJECTIVES
-    from landscape.grid import EvalSet
+    from landscape.engine.grid import EvalSet
 
     g = torch.Generator().manual_seed(0)
     if objective == "answer":  # 2 candidate responses per sample; the last 8 tokens are the answer
@@ -249,10 +249,10 @@ def make_case(folder: Path, hidden: int, seed: int = 0) -> dict:
 
 
 def evaluator_for(storage: str, model: nn.Module, solutions: dict, eval_set, objective):
-    """The plane's evaluator as ``landscape.connectivity.plane`` builds it for ``storage``."""
-    from landscape import factored
-    from landscape.grid import PlaneEvaluator
-    from landscape.plane import build_chart, solution_weights
+    """The plane's evaluator as ``landscape.build.plane`` builds it for ``storage``."""
+    from landscape.engine import factored
+    from landscape.engine.grid import PlaneEvaluator
+    from landscape.engine.plane import build_chart, solution_weights
 
     if storage == "factored":
         chart = factored.build_chart(
@@ -272,8 +272,8 @@ def worker(case: Path, storage: str, samples: int, length: int) -> dict:
 
     import adapters.deltas  # noqa: F401
     from adapters.solution import Solution, read_info
-    from landscape import factored  # noqa: F401
-    from landscape.grid import run_grid
+    from landscape.engine import factored  # noqa: F401
+    from landscape.engine.grid import run_grid
 
     model, objective = load_base(case)
     model.eval()

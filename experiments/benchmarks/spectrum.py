@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        from landscape.store import write_text
+        from landscape.engine.store import write_text
 
         write_text(args.json, text + "\n")
     return 0

@@ -16,7 +16,7 @@ import plotly.colors as pcolors
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 
-from landscape.store import write_with
+from landscape.engine.store import write_with
 
 # Okabe-Ito palette (colour-blind safe). None of these is a shade of the blue-green tempo
 # colour scale, so the markers stand out on the surface.
@@ -109,7 +109,7 @@ def chart_note(chart: str, distances: Mapping[str, float] | None = None) -> str:
     """What the plane's axes mean, for the reader: the paper chart is affine and NOT to scale.
 
     ``distances`` (pair name such as ``"ft-lora"`` -> Euclidean distance in weight space, as in
-    :attr:`landscape.plane.Chart.info` ``["distances"]``) are appended when given.
+    :attr:`landscape.engine.plane.Chart.info` ``["distances"]``) are appended when given.
     """
     dist = ", ".join(f"{_pair_label(k)} = {v:.2f}" for k, v in (distances or {}).items())
     if chart == "orthonormal":

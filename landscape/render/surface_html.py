@@ -16,8 +16,8 @@ import plotly.graph_objects as go
 from matplotlib.ticker import MaxNLocator
 from plotly.subplots import make_subplots
 
+from landscape.engine.store import write_with
 from landscape.render.style import _color, _label, _unpack
-from landscape.store import write_with
 
 # Default camera of the 3-D surface: from the front (−y) and to the right (+x), looking down at about
 # 40°, as the static figure does. Orthographic, so the line of sight is the same for every point and

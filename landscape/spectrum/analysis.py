@@ -485,7 +485,8 @@ def write_spectrum(solutions: Mapping, out: str | Path, device: str | torch.devi
                    progress: bool = True, method: str = "gram", weight_spectra: bool = True) -> list[Path]:  # fmt: skip
     """:func:`analyse_solutions`, written under ``out``: spectrum.json, spectrum.csv, spectrum.png, rank.png,
     rank.pdf, and similarity.png/pdf when there is an FT reference. Returns the paths written."""
-    from landscape import render, store
+    from landscape import render
+    from landscape.engine import store
 
     out = Path(out)
     result = analyse_solutions(solutions, device=device, progress=progress, method=method,

@@ -171,7 +171,7 @@ def write_csv(spectrum: Mapping, path: str | Path) -> None:
     import csv
     import io
 
-    from landscape import store
+    from landscape.engine import store
 
     cols, rows = scalar_rows(spectrum)
     buf = io.StringIO()

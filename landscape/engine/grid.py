@@ -44,7 +44,7 @@ from adapters import compat
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
 from adapters.progress import progress_bar
-from landscape.plane import Chart
+from landscape.engine.plane import Chart
 
 
 @dataclass
@@ -97,18 +97,6 @@ def auto_points_per_forward(device: torch.device | str, eval_set: EvalSet, plane
     p = min(MAX_POINTS_PER_FORWARD, max(1, TARGET_SAMPLES_PER_FORWARD // rows[len(rows) // 2]))
     memory = torch.cuda.get_device_properties(device).total_memory
     return max(1, min(p, memory // 8 // max(plane_bytes, 1)))
-
-
-def points_per_forward_arg(text: str) -> int | str:
-    """argparse type of ``--points-per-forward``: ``auto`` or a positive integer."""
-    import argparse
-
-    from landscape.cli import positive_int
-
-    try:
-        return text if text == "auto" else positive_int(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', not {text!r}") from None
 
 
 class PlaneEvaluator:

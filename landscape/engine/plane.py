@@ -11,7 +11,7 @@ between the solutions (all others stay at the base model's values).
   Euclidean distances in weight space, so lengths and angles in the picture are true.
 - ``random`` / ``random-line``: Li et al. 2018's chart around ONE solution θ*, over every parameter of
   the model: origin = θ*, U = δ, V = η, two filter-normalised Gaussian directions drawn by
-  :mod:`landscape.directions` (which builds it through :func:`random_chart`). One vertex, the centre,
+  :mod:`landscape.engine.directions` (which builds it through :func:`random_chart`). One vertex, the centre,
   at (0, 0); the default axes are [−1, 1] × [−1, 1] (a line: x only, y = [0]).
 """
 
@@ -27,7 +27,7 @@ from adapters.errors import UserError
 
 SOLUTIONS = ("ft", "lora", "randlora")
 CHARTS = ("paper", "orthonormal")
-RANDOM_CHARTS = ("random", "random-line")  # built by landscape.directions (one solution, random directions)
+RANDOM_CHARTS = ("random", "random-line")  # built by landscape.engine.directions (one solution, random directions)
 PAPER_RANGE = {"x": (-1.0, 1.4), "y": (-0.5, 1.9)}
 
 

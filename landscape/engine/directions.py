@@ -3,8 +3,8 @@
 Li et al., "Visualizing the Loss Landscape of Neural Nets" (NeurIPS 2018; code: tomgoldstein/loss-landscape;
 also the PyPI package ``loss-landscapes``): two Gaussian directions δ, η over every parameter of the model,
 each rescaled to the scale of the weights it perturbs, around one solution θ* (``--center``). The chart is
-a :class:`landscape.plane.Chart` (origin θ*, U = δ, V = η; :func:`landscape.plane.random_chart`), so the
-grid engine (:class:`~landscape.grid.PlaneEvaluator` itself: the same cost per point as any plane), the
+a :class:`landscape.engine.plane.Chart` (origin θ*, U = δ, V = η; :func:`landscape.engine.plane.random_chart`), so the
+grid engine (:class:`~landscape.engine.grid.PlaneEvaluator` itself: the same cost per point as any plane), the
 grid store, resume, torchrun and the renderers work unchanged. ``random-line`` is the 1-D cut along δ.
 
 Normalisation (``norm``, the names of ``loss-landscapes``):
@@ -53,13 +53,12 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification
-from adapters.quant import dequantized_weight, is_packed, packed_names
-from landscape.grid import EvalSet, PlaneEvaluator
-from landscape.plane import RANDOM_CHARTS, Chart, random_chart
+from adapters.quant import dequantized_weight, is_packed
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import Chart, random_chart
 
 if TYPE_CHECKING:
     from adapters.solution import Solution
-    from landscape.config import RunConfig
 
 NORMS = ("filter", "layer", "model")
 IGNORES = ("biasbn", "none")
@@ -180,36 +179,11 @@ def center_weights(solution: Solution) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_center(config: RunConfig, base: nn.Module, model_name: str) -> Solution | None:
-    """The solution given as ``--center PATH`` (None for ft / lora / randlora), loaded onto the run's base now,
-    before any training, so a bad folder fails at once; ``--coordinates adapter`` needs an adapter there."""
-    if config.chart not in RANDOM_CHARTS or config.center in CENTERS:
-        return None
-    from adapters.solution import load_solution
-
-    solution = load_solution(Path(config.center), base=base, model=model_name)
-    if config.coordinates == "adapter":
-        adapter_folder(solution)
-    return solution
-
-
 def center_of(center: str, solutions: dict[str, Solution]) -> tuple[str, Solution]:
     """(vertex name, solution) of the centre: ``ft`` / ``lora`` / ``randlora``, or the folder given
     (``solutions["center"]``, :func:`load_center`)."""
     name = center if center in CENTERS else CENTER_VERTEX
     return name, solutions[name]
-
-
-def grid_settings(config: RunConfig) -> dict:
-    """What the random chart adds to the grid store's key (a stale grid of another centre or seed is refused)."""
-    return {
-        "center": config.center, "direction_seed": direction_seed(config), "direction_norm": config.direction_norm,
-        "ignore": config.ignore, "coordinates": config.coordinates,
-    }  # fmt: skip
-
-
-def direction_seed(config: RunConfig) -> int:
-    return config.seed if config.direction_seed is None else config.direction_seed
 
 
 # --------------------------------------------------------------------------- adapter coordinates
@@ -282,33 +256,6 @@ class AdapterEvaluator(PlaneEvaluator):
         super().__init__(model, chart, eval_set, device, dtype, points_per_forward, objective)
 
 
-def build_evaluator(
-    config: RunConfig,
-    solution: Solution,
-    vertex: str,
-    eval_set: EvalSet,
-    device: torch.device | str,
-    dtype: str,
-    objective: Classification,
-) -> tuple[Chart, PlaneEvaluator]:
-    """The random chart of a run (``config``: chart, coordinates, direction seed / norm / ignore) around
-    ``solution`` and its evaluator: a PlaneEvaluator on a copy of the model, or an :class:`AdapterEvaluator`."""
-    seed, line = direction_seed(config), config.chart == "random-line"
-    if config.coordinates == "adapter":
-        evaluator = AdapterEvaluator(solution, eval_set, device, seed, config.direction_norm, config.ignore, line,
-                                     dtype, config.points_per_forward, objective, vertex)  # fmt: skip
-        return evaluator.chart, evaluator
-    chart = draw_chart(center_weights(solution), vertex, seed, config.direction_norm, config.ignore, line)
-    if packed_names(solution.base):  # a 4-bit base: θ* + x·δ + y·η applied beside its packed layers
-        from landscape import factored
-
-        chart = factored.affine_chart(solution.base, chart)
-        return chart, factored.FactoredEvaluator(solution.base, chart, eval_set, device, dtype,
-                                                 config.points_per_forward, objective)  # fmt: skip
-    model = copy.deepcopy(solution.base)
-    return chart, PlaneEvaluator(model, chart, eval_set, device, dtype, config.points_per_forward, objective)
-
-
 def note(info: dict) -> str:
     """What a random chart's axes mean, for the figures."""
     d = info["directions"]
@@ -330,13 +277,10 @@ __all__ = [
     "AdapterEvaluator",
     "adapter_model",
     "adapter_parameters",
-    "build_evaluator",
     "center_of",
     "center_weights",
     "draw_chart",
     "draw_directions",
     "filter_normalize",
-    "grid_settings",
-    "load_center",
     "normalize",
 ]

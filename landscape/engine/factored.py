@@ -1,6 +1,6 @@
 """The plane held factored: the base model plus only what differs between the solutions.
 
-The dense plane (:mod:`landscape.plane` + :class:`landscape.grid.PlaneEvaluator`) holds θ_s = W0 + ΔW_s
+The dense plane (:mod:`landscape.engine.plane` + :class:`landscape.engine.grid.PlaneEvaluator`) holds θ_s = W0 + ΔW_s
 for the three solutions, the chart's origin, U and V, and writes origin + x·U + y·V into a copy of
 the model: about six dense fp32 copies of the model. That cannot study an 8B LLM. Here every point of
 an affine chart through the solutions is written as an affine combination of their updates,
@@ -9,7 +9,7 @@ an affine chart through the solutions is written as an affine combination of the
 
 with barycentric coefficients from the chart's vertices: paper chart c_randlora = 1 − x − y/2,
 c_ft = y, c_lora = x − y/2; orthonormal chart (origin RandLoRA, unit u towards LoRA, v by
-Gram–Schmidt of FT − RandLoRA, as :func:`landscape.plane.orthonormal_chart`) c_ft = y/‖v_raw‖,
+Gram–Schmidt of FT − RandLoRA, as :func:`landscape.engine.plane.orthonormal_chart`) c_ft = y/‖v_raw‖,
 c_lora = (x − along·c_ft)/‖LoRA − RandLoRA‖, c_randlora = 1 − c_ft − c_lora; a line from A to B
 (:mod:`landscape.paths`) c_A = 1 − t, c_B = t.
 
@@ -21,7 +21,7 @@ The orthonormal chart and the geometry (pairwise distances, triangle angles: the
 ``plane._geometry``) come from the 3 × 3 Gram matrix of the pairwise differences of the updates,
 accumulated in float64 over chunks of each parameter and released.
 
-:class:`FactoredEvaluator` has :class:`~landscape.grid.PlaneEvaluator`'s interface (``run_grid``, the
+:class:`FactoredEvaluator` has :class:`~landscape.engine.grid.PlaneEvaluator`'s interface (``run_grid``, the
 paths and the report use it unchanged) but evaluates ON THE BASE MODEL ITSELF: W0 stays in the
 parameters; a forward pre-hook on each module that uses a plane parameter builds W0 + Σ c_s·ΔW_s into a
 scratch tensor (a view of a flat buffer from a pool shared by all modules, so a few buffers of the
@@ -74,8 +74,8 @@ from torch import nn
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
 from adapters.quant import dequantized_weight, is_packed, logical_shape, packed_names
-from landscape.grid import EvalSet
-from landscape.plane import CHARTS, SOLUTIONS
+from landscape.engine.grid import EvalSet
+from landscape.engine.plane import CHARTS, SOLUTIONS
 
 STORAGES = ("auto", "dense", "factored")
 DENSE_COPIES = 6  # fp32 copies of the plane parameters the dense plane holds (thetas, origin/U/V, the model copy)
@@ -331,7 +331,7 @@ def build_chart(
 
 @torch.no_grad()
 def affine_chart(base: nn.Module, chart) -> FactoredChart:
-    """A dense chart ``origin + x·U + y·V`` (:class:`landscape.plane.Chart`, e.g. Li et al.'s random chart) as a
+    """A dense chart ``origin + x·U + y·V`` (:class:`landscape.engine.plane.Chart`, e.g. Li et al.'s random chart) as a
     factored one on ``base``: W0 + 1·(origin − W0) + x·U + y·V, every term stored in fp32 (as the dense chart holds
     them), so a 4-bit base evaluates it beside its packed layers. Terms that are zero are left out."""
     params = dict(base.named_parameters())
@@ -636,7 +636,7 @@ def _holders(model: nn.Module, chart: FactoredChart, probe: dict[str, torch.Tens
 class FactoredEvaluator:
     """Evaluates the loss at chart points on the base model itself (module docstring).
 
-    The interface of :class:`landscape.grid.PlaneEvaluator` (``eval_set``, ``autocast``,
+    The interface of :class:`landscape.engine.grid.PlaneEvaluator` (``eval_set``, ``autocast``,
     ``points_per_forward`` = 1, ``note``, ``objective``, :meth:`evaluate`, :meth:`evaluate_iter`,
     :meth:`evaluate_many`, :meth:`set_point`). The model is moved to ``device`` and set to eval mode;
     :meth:`close` (or ``with``) removes the hooks and restores its mode and device.

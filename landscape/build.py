@@ -1,0 +1,135 @@
+"""The one place that turns a run's configuration into a chart and its evaluator.
+
+The engine (:mod:`landscape.engine`) knows charts, directions and evaluators but never reads the run
+configuration; the recipes know the configuration. Here the two meet: which chart (the paper's plane, the
+orthonormal one, random directions around a centre), in which storage (dense, factored over a packed or
+large base), in which coordinates (all weights, or an adapter's own parameters), on which grid axes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from adapters.objectives import Classification
+from adapters.quant import packed_names
+from landscape.engine import directions, factored
+from landscape.engine.directions import CENTERS, AdapterEvaluator, adapter_folder, center_weights, draw_chart
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import (
+    RANDOM_CHARTS,
+    SOLUTIONS,
+    Chart,
+    build_chart,
+    default_axes,
+    paper_axis,
+    solution_weights,
+)
+from landscape.run import Loaded, eval_set
+
+if TYPE_CHECKING:
+    from adapters.solution import Solution
+    from landscape.config import RunConfig
+
+
+def plane(
+    loaded: Loaded, solutions: dict[str, Solution], device: torch.device
+) -> tuple[Chart, np.ndarray, np.ndarray, PlaneEvaluator]:
+    """The chart through the three solutions, its grid axes, and the evaluator on the evaluation set.
+
+    ``config.plane_storage``: ``dense`` (:mod:`landscape.engine.plane`: origin + x·U + y·V per parameter, written
+    into a copy of the model), ``factored`` (:mod:`landscape.engine.factored`: W0 + the solutions' updates, weights
+    built per module on the base model itself: ~1 model copy instead of ~6) or ``auto`` (factored when the
+    dense plane would need more than a quarter of the free memory). ``chart.info["storage"]`` records it.
+    The random charts (``--chart random`` / ``random-line``, :mod:`landscape.engine.directions`) are centred on one
+    solution and always dense: a PlaneEvaluator on a copy of the model, or over the centre's adapter
+    parameters (``--coordinates adapter``).
+    """
+    config, base = loaded.config, loaded.task.base
+    random = config.chart in RANDOM_CHARTS  # always dense: the directions span every weight
+    storage = "dense" if random else factored.choose_storage(config.plane_storage, base, device)
+    dtype, evals = config.landscape_dtype(device.type), eval_set(loaded, device)
+    if random:  # Li et al.'s random directions around one solution (landscape.engine.directions)
+        vertex, center = directions.center_of(config.center, solutions)
+        chart, evaluator = random_evaluator(config, center, vertex, evals, device, dtype, loaded.task.objective)
+    elif storage == "factored":
+        deltas = {s: solutions[s].module_deltas(check=False) for s in (*SOLUTIONS, "base") if s in solutions}
+        chart = factored.build_chart(config.chart, base, deltas)
+        evaluator = factored.FactoredEvaluator(base, chart, evals, device, dtype, config.points_per_forward,
+                                               loaded.task.objective)  # fmt: skip
+    else:
+        from landscape.engine.plane import third_vertex, with_third
+
+        third = third_vertex(solutions)
+        roles = {"ft": third, "lora": "lora", "randlora": "randlora"}
+        thetas = solution_weights(dict(base.named_parameters()), {s: solutions[roles[s]].delta() for s in SOLUTIONS})
+        chart = with_third(build_chart(config.chart, thetas), third)
+        del thetas
+        evaluator = PlaneEvaluator(
+            copy.deepcopy(base), chart, evals, device, dtype, config.points_per_forward, loaded.task.objective
+        )
+    chart.info["storage"] = "factored" if isinstance(evaluator, factored.FactoredEvaluator) else "dense"
+    xs, ys = default_axes(chart, config.grid)
+    verts = list(chart.vertices.values())
+    if config.x_range:  # the config's window, the vertices kept on the grid
+        xs = paper_axis(config.grid, *config.x_range, [v[0] for v in verts])
+    if config.y_range and config.chart != "random-line":  # a line has the one row y = 0
+        ys = paper_axis(config.grid, *config.y_range, [v[1] for v in verts])
+    return chart, xs, ys, evaluator
+
+
+def load_center(config: RunConfig, base: nn.Module, model_name: str) -> Solution | None:
+    """The solution given as ``--center PATH`` (None for ft / lora / randlora), loaded onto the run's base now,
+    before any training, so a bad folder fails at once; ``--coordinates adapter`` needs an adapter there."""
+    if config.chart not in RANDOM_CHARTS or config.center in CENTERS:
+        return None
+    from adapters.solution import load_solution
+
+    solution = load_solution(Path(config.center), base=base, model=model_name)
+    if config.coordinates == "adapter":
+        adapter_folder(solution)
+    return solution
+
+
+def grid_settings(config: RunConfig) -> dict:
+    """What the random chart adds to the grid store's key (a stale grid of another centre or seed is refused)."""
+    return {
+        "center": config.center, "direction_seed": direction_seed(config), "direction_norm": config.direction_norm,
+        "ignore": config.ignore, "coordinates": config.coordinates,
+    }  # fmt: skip
+
+
+def direction_seed(config: RunConfig) -> int:
+    return config.seed if config.direction_seed is None else config.direction_seed
+
+
+def random_evaluator(
+    config: RunConfig,
+    solution: Solution,
+    vertex: str,
+    eval_set: EvalSet,
+    device: torch.device | str,
+    dtype: str,
+    objective: Classification,
+) -> tuple[Chart, PlaneEvaluator]:
+    """The random chart of a run (``config``: chart, coordinates, direction seed / norm / ignore) around
+    ``solution`` and its evaluator: a PlaneEvaluator on a copy of the model, or an :class:`AdapterEvaluator`."""
+    seed, line = direction_seed(config), config.chart == "random-line"
+    if config.coordinates == "adapter":
+        evaluator = AdapterEvaluator(solution, eval_set, device, seed, config.direction_norm, config.ignore, line,
+                                     dtype, config.points_per_forward, objective, vertex)  # fmt: skip
+        return evaluator.chart, evaluator
+    chart = draw_chart(center_weights(solution), vertex, seed, config.direction_norm, config.ignore, line)
+    if packed_names(solution.base):  # a 4-bit base: θ* + x·δ + y·η applied beside its packed layers
+        from landscape.engine import factored
+
+        chart = factored.affine_chart(solution.base, chart)
+        return chart, factored.FactoredEvaluator(solution.base, chart, eval_set, device, dtype,
+                                                 config.points_per_forward, objective)  # fmt: skip
+    model = copy.deepcopy(solution.base)
+    return chart, PlaneEvaluator(model, chart, eval_set, device, dtype, config.points_per_forward, objective)
