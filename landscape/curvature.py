@@ -362,7 +362,9 @@ class HessianOperator:
     The model is put in eval mode, its parameters stop requiring gradients (only the chosen ones are
     differentiated, functionally) and, for ``dtype="float64"``, it is converted: pass a copy you own.
     ``hvps`` counts products (one pass over the data each); ``on_hvp`` is called after each.
-    ``gold_only`` (default): a causal LM's candidates other than the gold one are not run — the answer
+    ``micro_batch``: at most this many samples per forward (the evaluation batches split; same products, the
+    graph's activations of that many samples). ``gold_only`` (default): a causal LM's candidates other than
+    the gold one are not run — the answer
     loss does not read them (:meth:`adapters.objectives.AnswerLoss.training_view`), so the products are the
     same and cost one sequence per sample instead of one per candidate.
     """
@@ -376,6 +378,7 @@ class HessianOperator:
         dtype: str = "float32",
         mode: str = "auto",
         gold_only: bool = True,
+        micro_batch: int | None = None,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, not {mode!r}")
@@ -398,7 +401,8 @@ class HessianOperator:
         view = objective.training_view if gold_only else (lambda inputs, target: (inputs, target))
         self.batches = [
             ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target)
-            for inputs, target in (view(i, t) for i, t in eval_set.batches)
+            for i, t in eval_set.batches
+            for inputs, target in _split(*view(i, t), micro_batch)
         ]
         self.n = eval_set.n
         self.objective = objective
@@ -517,6 +521,17 @@ class HessianOperator:
         from scipy.sparse.linalg import LinearOperator
 
         return LinearOperator((self.dim, self.dim), matvec=self.matvec, rmatvec=self.matvec, dtype=np.float64)
+
+
+def _split(inputs: dict[str, torch.Tensor], target: torch.Tensor, size: int | None):
+    """A batch in consecutive pieces of at most ``size`` samples (every input's first dimension), or whole.
+    The HVP is a sum over samples, so the pieces give the same product; its graph holds the activations of
+    one piece instead of one evaluation batch (the part of an HVP's memory that grows with the tokens)."""
+    count = len(target)
+    if size is None or size >= count or any(v.dim() == 0 or len(v) != count for v in inputs.values()):
+        return [(inputs, target)]
+    return [({k: v[lo : lo + size] for k, v in inputs.items()}, target[lo : lo + size])
+            for lo in range(0, count, size)]  # fmt: skip
 
 
 def _accumulate(total: dict | None, part: dict, like: Mapping[str, torch.Tensor]) -> dict:

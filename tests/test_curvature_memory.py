@@ -189,3 +189,20 @@ def test_lanczos_holds_at_most_k_plus_4_coordinate_vectors():
         result = curvature.top_eigenvalues(op, k, tol=1e-6, max_vectors=5)  # 5 steps: ARPACK takes over
     assert "eigsh" in result["method"] and result["hvps"] > 5
     assert 0 < tracker.peak_count <= k + 4, tracker.at_peak
+
+
+def test_micro_batches_give_the_same_products():
+    """``micro_batch`` splits the evaluation batches (of 11 and 19 samples) into pieces of 4: the same loss,
+    gradient norm and products, with fewer samples per forward."""
+    torch.manual_seed(0)
+    model = Stack(8, 2)
+    x, y = torch.randn(30, 8), torch.randint(0, 3, (30,))
+    eval_set = EvalSet([({"x": x[:11]}, y[:11]), ({"x": x[11:]}, y[11:])], 30)
+    names = [n for n, _ in model.named_parameters()]
+    whole = curvature.HessianOperator(copy.deepcopy(model), names, eval_set, CE, "float64")
+    pieces = curvature.HessianOperator(copy.deepcopy(model), names, eval_set, CE, "float64", micro_batch=4)
+    assert [len(t) for _, t in pieces.batches] == [4, 4, 3, 4, 4, 4, 4, 3] and len(whole.batches) == 2
+    v = np.random.default_rng(0).standard_normal(whole.dim)
+    np.testing.assert_allclose(pieces.matvec(v), whole.matvec(v), rtol=1e-10, atol=1e-13)
+    assert pieces.loss == pytest.approx(whole.loss, rel=1e-12)
+    assert pieces.grad_norm == pytest.approx(whole.grad_norm, rel=1e-10)
