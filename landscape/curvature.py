@@ -83,10 +83,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,7 +115,7 @@ PROG = "python -m landscape.curvature"
 SOLUTION_CHOICES = ("ft", "lora", "randlora")
 COORDINATES = ("weights", "adapter")
 WEIGHT_SETS = ("adapted", "plane")
-HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
+HVP_MODES = ("auto", "reverse-over-forward", "forward-over-reverse", "reverse-over-reverse")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ADAPTER_METHODS = ("lora", "randlora")
 LANCZOS_VECTORS = 60  # float64 vectors of the coordinates' size held (on the host) by the top-k Lanczos
@@ -211,6 +213,120 @@ class _PlainUniqueBaseGrad:
         return randlora_lambda[:, :, None] * randlora_a * randlora_gamma[None,]
 
 
+# RandLoRA's product without its scaled bases. peft's forward builds, per adapted layer, the scaled basis
+# S = λ[:, :, None]·A·γ[None] (r × N × d, d = min(in, out), r·N ≈ d: a d × d matrix, r times the layer's own
+# λ/γ) and runs F.linear(F.linear(x, first), second). Inside an HVP every layer's S, its tangent and its
+# gradient are kept by the graph until the backward reaches the layer: about 2r vectors of the coordinates
+# at once (measured: 20 MB per decoder block of the Qwen2 shape at h = 512, against 0.1 MB of λ/γ). The same
+# product in another order keeps only token-sized tensors: peft's A is one (r, 1, d) matrix shared by the N
+# bases, so with in = d
+#     h[t, k, b] = λ[k, b] · Σ_j A[k, j] · γ[b, j] · x[t, j]  =  λ ⊙ ((x ⊙ γ_b) Aᵀ)
+# (x ⊙ γ: T × N × d, transient; saved for the backward: x, and the T × N × r product, activation-sized)
+# and with out = d < in, z = x·B (T × r·N) and
+#     y[t, j] = Σ_k A[k, j] · ((z ⊙ λ) γ)[t, k, j]
+# (T × r × d transient; saved: z ⊙ λ). Tokens go in chunks so a transient never exceeds the larger of S and
+# RANDLORA_CHUNK_ELEMENTS. Same sums in another order: equal to peft's to rounding (tests).
+RANDLORA_CHUNK_ELEMENTS = 1 << 22
+
+
+def _randlora_applies(layer, args: tuple, kwargs: dict) -> bool:
+    """Whether :func:`_randlora_forward` reproduces this peft RandLoRA layer's forward (else peft's runs)."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    for adapter in layer.active_adapters:
+        if adapter in layer.randlora_lambda and layer.randlora_A[adapter].shape[1] != 1:
+            return False  # a basis A per base (peft makes one shared (r, 1, d) A): peft's own forward
+    return True
+
+
+def _randlora_product(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """peft's ``F.linear(F.linear(x, first), second)`` of ``get_scaled_bases`` without forming the basis."""
+    lam, gam = layer.randlora_lambda[adapter], layer.randlora_gamma[adapter]  # (r, N), (N, d)
+    dtype = torch.promote_types(lam.dtype, layer.randlora_B[adapter].dtype)
+    r, n = lam.shape
+    d, big = min(layer.in_features, layer.out_features), max(layer.in_features, layer.out_features)
+    a = layer.randlora_A[adapter][:, 0, :d].to(x.device, dtype)  # (r, d)
+    b = layer.randlora_B[adapter][:big, :n, :].to(x.device, dtype).flatten(1)  # (D, N·r), column b·r + k
+    lam, gam = lam.to(x.device, dtype), gam.to(x.device, dtype)
+    lead, x = x.shape[:-1], x.to(dtype).reshape(-1, x.shape[-1])
+    chunk = max(1, max(r * n * d, RANDLORA_CHUNK_ELEMENTS) // (max(r, n) * d))
+    parts = []
+    for lo in range(0, x.shape[0], chunk):
+        xc = x[lo : lo + chunk]
+        if d == layer.in_features:  # first = S flattened (r·N, d), row k·N + b; second = B flattened
+            p = (xc.unsqueeze(-2) * gam) @ a.T  # (T, N, r)
+            parts.append(F.linear((p.transpose(-1, -2) * lam).flatten(-2), b))
+        else:  # first = Bᵀ: z column b'·r + k' meets S's row k·N + b of the same index
+            w = F.linear(xc, b.T).view(-1, r, n) * lam  # (T, r, N)
+            parts.append(((w @ gam) * a).sum(-2))  # (T, r, d) ⊙ A, summed over k
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out.view(*lead, out.shape[-1])
+
+
+def _randlora_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's RandLoRA Linear forward (plain or bitsandbytes base) with :func:`_randlora_product`."""
+    if not _randlora_applies(layer, args, kwargs):
+        return original(x, *args, **kwargs)
+    previous = x.dtype
+    result = layer.base_layer(x)
+    for adapter in layer.active_adapters:
+        if adapter not in layer.randlora_lambda:
+            continue
+        delta = _randlora_product(layer, adapter, layer.randlora_dropout[adapter](x))
+        result = result + delta.to(result.dtype) * layer.scaling[adapter]
+    return result.to(previous)
+
+
+@contextlib.contextmanager
+def _factored_randlora(model: nn.Module | None):
+    """Every peft RandLoRA Linear of ``model`` runs :func:`_randlora_forward` inside the block."""
+    try:
+        from peft.tuners.randlora.layer import RandLoraLayer
+    except ImportError:
+        RandLoraLayer = None  # noqa: N806
+    swapped = []
+    for module in model.modules() if model is not None and RandLoraLayer is not None else ():
+        # peft's own Linear classes (plain and bitsandbytes), not a subclass with another forward (the toolkit's
+        # convolution, adapters.methods.layers.RandLoraWeight)
+        if (isinstance(module, RandLoraLayer) and type(module).__module__.startswith("peft.tuners.randlora")
+                and isinstance(module.get_base_layer(), nn.Linear)):  # fmt: skip
+            own = module.__dict__.get("forward")  # an instance forward (adapters.methods.randlora's) or none
+            swapped.append((module, own))
+            original = own if own is not None else types.MethodType(type(module).forward, module)
+            module.forward = functools.partial(_randlora_forward, module, original)
+    try:
+        yield
+    finally:
+        for module, own in swapped:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+
+
+def _out_of_place_formulas():
+    """A pass-through dispatch mode, over the forward of reverse-over-forward products. Some of torch's
+    forward-mode formulas (``logsumexp_jvp``, used by ``softmax`` and ``log_softmax``: attention and the
+    cross-entropy) multiply in place a tensor that autograd saved, unless a tensor subclass or a dispatch mode
+    is active; reverse mode over them then fails ("modified by an inplace operation"). Under any mode they take
+    their out-of-place branch: same values, and reverse mode can differentiate them. The cost is a Python call
+    per operation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    return PassThrough()
+
+
+@contextlib.contextmanager
+def _reverse_over_forward_safe(model: nn.Module):
+    """RandLoRA's factored product and out-of-place forward-mode formulas, for reverse mode over forward mode."""
+    with _factored_randlora(model), _out_of_place_formulas():
+        yield
+
+
 @contextlib.contextmanager
 def _differentiable_twice():
     """Math SDPA kernel and peft's RandLoRA product in plain operations, while Hessians are computed."""
@@ -246,7 +362,9 @@ class HessianOperator:
     The model is put in eval mode, its parameters stop requiring gradients (only the chosen ones are
     differentiated, functionally) and, for ``dtype="float64"``, it is converted: pass a copy you own.
     ``hvps`` counts products (one pass over the data each); ``on_hvp`` is called after each.
-    ``gold_only`` (default): a causal LM's candidates other than the gold one are not run — the answer
+    ``micro_batch``: at most this many samples per forward (the evaluation batches split; same products, the
+    graph's activations of that many samples). ``gold_only`` (default): a causal LM's candidates other than
+    the gold one are not run — the answer
     loss does not read them (:meth:`adapters.objectives.AnswerLoss.training_view`), so the products are the
     same and cost one sequence per sample instead of one per candidate.
     """
@@ -260,6 +378,7 @@ class HessianOperator:
         dtype: str = "float32",
         mode: str = "auto",
         gold_only: bool = True,
+        micro_batch: int | None = None,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, not {mode!r}")
@@ -282,7 +401,8 @@ class HessianOperator:
         view = objective.training_view if gold_only else (lambda inputs, target: (inputs, target))
         self.batches = [
             ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target)
-            for inputs, target in (view(i, t) for i, t in eval_set.batches)
+            for i, t in eval_set.batches
+            for inputs, target in _split(*view(i, t), micro_batch)
         ]
         self.n = eval_set.n
         self.objective = objective
@@ -327,6 +447,29 @@ class HessianOperator:
                 loss = loss + loss_b.detach()
         return hv, g, loss
 
+    def _reverse_over_forward(self, v: dict[str, torch.Tensor]) -> tuple[dict, dict | None, torch.Tensor]:
+        import torch.autograd.forward_ad as fwad
+
+        params = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        leaves = list(params.values())
+        hv, g, loss = None, None, 0.0
+        with torch.enable_grad(), _reverse_over_forward_safe(self.model):
+            for inputs, target in self.batches:
+                with fwad.dual_level():
+                    duals = {n: fwad.make_dual(p, v[n]) for n, p in params.items()}
+                    primal, tangent = fwad.unpack_dual(self._loss(duals, inputs, target))
+                if self.loss is None:  # the gradient at the point, once (a second backward of the same graph)
+                    g_b = torch.autograd.grad(primal, leaves, retain_graph=True, allow_unused=True)
+                    g = _accumulate(g, dict(zip(params, g_b, strict=True)), params)
+                # create_graph=False: each node's saved tensors go as the backward passes it (the backward's
+                # own intermediates never pile up, as they do under torch.func.grad, which always records them)
+                hv_b = (torch.autograd.grad(tangent, leaves, allow_unused=True) if tangent is not None
+                        else [None] * len(leaves))  # fmt: skip
+                hv = _accumulate(hv, dict(zip(params, hv_b, strict=True)), params)
+                loss = loss + primal.detach()
+                del primal, tangent, duals
+        return hv, g, loss
+
     def hvp(self, v: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """H·v for ``v`` = {name: tensor shaped like the parameter}: one pass over the evaluation set."""
         v = {n: v[n].to(device=self.device, dtype=self.dtype) for n in self.names}
@@ -334,16 +477,26 @@ class HessianOperator:
         with _differentiable_twice():
             if self.mode == "reverse-over-reverse":
                 hv, g, loss = self._reverse_over_reverse(v)
-            else:
-                try:
-                    hv, g, loss = self._forward_over_reverse(v)
-                except (RuntimeError, NotImplementedError) as e:
-                    if self.mode != "auto" or isinstance(e, compat.OutOfMemoryError):
-                        raise
-                    self.note = f"forward-mode AD failed ({type(e).__name__}: {first_line(e, 160)})"
-                    warnings.warn(f"curvature: {self.note}; using reverse-over-reverse", RuntimeWarning, stacklevel=2)
-                    hv, g, loss = self._reverse_over_reverse(v)
-                self.mode = "reverse-over-reverse" if self.note else "forward-over-reverse"
+            elif self.mode == "forward-over-reverse":
+                hv, g, loss = self._forward_over_reverse(v)
+            elif self.mode == "reverse-over-forward":
+                hv, g, loss = self._reverse_over_forward(v)
+            else:  # auto: the first of the three that this model differentiates, kept for the next products
+                hv = None
+                for mode, product in (("reverse-over-forward", self._reverse_over_forward),
+                                      ("forward-over-reverse", self._forward_over_reverse),
+                                      ("reverse-over-reverse", self._reverse_over_reverse)):  # fmt: skip
+                    try:
+                        hv, g, loss = product(v)
+                    except (RuntimeError, NotImplementedError) as e:
+                        if isinstance(e, compat.OutOfMemoryError) or mode == "reverse-over-reverse":
+                            raise
+                        failed = f"{mode} failed ({type(e).__name__}: {first_line(e, 160)})"
+                        self.note = failed if self.note is None else f"{self.note}; {failed}"
+                        warnings.warn(f"curvature: {failed}; trying the next mode", RuntimeWarning, stacklevel=2)
+                        continue
+                    self.mode = mode
+                    break
         if self.loss is None:
             self.loss = float(loss)
             self.grad_norm = float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in g.values())))
@@ -368,6 +521,23 @@ class HessianOperator:
         from scipy.sparse.linalg import LinearOperator
 
         return LinearOperator((self.dim, self.dim), matvec=self.matvec, rmatvec=self.matvec, dtype=np.float64)
+
+
+def _split(inputs: dict[str, torch.Tensor], target: torch.Tensor, size: int | None):
+    """A batch in consecutive pieces of at most ``size`` samples (every input's first dimension), or whole.
+    The HVP is a sum over samples, so the pieces give the same product; its graph holds the activations of
+    one piece instead of one evaluation batch (the part of an HVP's memory that grows with the tokens)."""
+    count = len(target)
+    if size is None or size >= count or any(v.dim() == 0 or len(v) != count for v in inputs.values()):
+        return [(inputs, target)]
+    return [({k: v[lo : lo + size] for k, v in inputs.items()}, target[lo : lo + size])
+            for lo in range(0, count, size)]  # fmt: skip
+
+
+def _accumulate(total: dict | None, part: dict, like: Mapping[str, torch.Tensor]) -> dict:
+    """``total + part`` per name (None in ``part``: a parameter the loss does not reach, zeros)."""
+    part = {n: torch.zeros_like(like[n]) if t is None else t.detach() for n, t in part.items()}
+    return part if total is None else {n: total[n] + part[n] for n in total}
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
