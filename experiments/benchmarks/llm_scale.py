@@ -242,11 +242,16 @@ def examples(samples: int, prompt_len: int, candidates: int = 4, answer_len: int
 # --------------------------------------------------------------------------- one case (fresh process)
 
 
-def _load(case: Path, dtype: str):
+def _entry(case: Path, dtype: str):
+    """The toolkit's entry of the case's base (its checks and tokenizer: read before the load is measured)."""
     from adapters.models import hf
 
     options = {"load_4bit": True} if dtype == "4bit" else {"torch_dtype": dtype}
-    entry = hf.entry(str(case / "base"), "lm", options)
+    return hf.entry(str(case / "base"), "lm", options)
+
+
+def _load(case: Path, dtype: str):
+    entry = _entry(case, dtype)
     return entry, entry.build(0).eval()
 
 
@@ -294,6 +299,31 @@ def _largest_layer_bytes(base) -> int:
     return max(math.prod(logical_shape(m)) * 4 for n, m in base.named_modules() if n.endswith(TARGETS))
 
 
+def _largest_source(case: Path) -> int:
+    """Bytes of the largest tensor of the base's checkpoint as stored: what a converting load holds besides the
+    converted model (plus the conversion's own scratch)."""
+    from safetensors import safe_open
+
+    with safe_open(str(case / "base" / "model.safetensors"), "pt") as f:
+        sizes = {"F32": 4, "F16": 2, "BF16": 2}
+        slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118 (safe_open has no iterator)
+        return max(math.prod(t.get_shape()) * sizes.get(t.get_dtype(), 4) for t in slices)
+
+
+def _shared_bases_bytes(solution) -> int:
+    """Bytes of the random bases peft holds for a RandLoRA solution (one copy, shared by its layers): regenerated
+    from the PRNG key, no trained parameters, so not in ``held_bytes``; reported beside it (a floor of every stage
+    that reads the adapter, about max(out)² × 4 B: large next to a 4-layer model, small next to a 32-layer one)."""
+    from adapters.deltas import load_adapter
+
+    model = load_adapter(Path(solution.path), solution.base, quiet=True)
+    seen: dict[int, int] = {}
+    for name, b in model.named_buffers():
+        if re.search(r"(^|\.)(randlora|vera)_[AB](\.|$)", name):
+            seen[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def _tokens(ids) -> int:
     return sum(len(p) + len(c) for p, cands in ids for c in cands)
 
@@ -312,19 +342,34 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
 
     if dtype == "4bit":
         import bitsandbytes  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # the model's own code (transformers imports each architecture's module lazily) and the entry's checks and
+    # tokenizer: runtime, not the load of the weights
+    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(case / "base"))]
+    entry = _entry(case, dtype)
+    if stage == "load":
+        # a process's first load initialises once what every later load reuses (8-13 MB whatever the model's
+        # size: measured as the first of three loads in one process, the next two holding the model's bytes):
+        # the runtime's overhead, so the load measured is a second one
+        warm = entry.build(0)
+        del warm
     trim()
     runtime = status_bytes("VmRSS")
     reset = reset_peak()
     start = time.perf_counter()
-    _, model = _load(case, dtype)
+    model = entry.build(0).eval()
     seconds = time.perf_counter() - start
     model_bytes = _model_bytes(model)
     out = {"model_bytes": model_bytes, "runtime_rss_bytes": runtime, "layer_scratch_bytes": _largest_layer_bytes(model),
            "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}  # fmt: skip
     if stage == "load":
         peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - runtime
+        resident = status_bytes("VmRSS") - runtime  # what the loaded model keeps (mapped pages: those touched)
         return {**out, "peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
-                "seconds": round(seconds, 3), "activation_bytes": None}  # fmt: skip
+                "seconds": round(seconds, 3), "activation_bytes": None, "resident_after_load_bytes": resident,
+                "load_scratch_bytes": peak - resident,
+                "largest_source_tensor_bytes": _largest_source(case)}  # fmt: skip
     objective = OBJECTIVES["answer"]
     ids, data, labels = examples(samples, prompt_len)
     eval_set = EvalSet.prepare(data, labels, samples, "cpu")
@@ -356,6 +401,8 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
         raise ValueError(stage)
     seconds = time.perf_counter() - start
     peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - rss_base
+    if stage in SOURCE_STAGES:  # after the peak is read: the bases the stage held besides its factors
+        extra["shared_bases_bytes"] = _shared_bases_bytes(_solutions(case, source, model)["randlora"])
     out.update(extra)
     out.update({"peak_rss_above_base_bytes": peak, "held_bytes": held, "ratio": peak / held if held else None,
                 "activation_bytes": activation, "seconds": round(seconds, 3)})  # fmt: skip
@@ -505,8 +552,9 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
         else:
             held = x["held_bytes"] * scale
         above = x["peak_rss_above_base_bytes"]
-        if stage == "load":  # the loading's peak scales with the model's bytes
-            peak = above / x["model_bytes"] * base_bytes
+        if stage == "load":  # the loading's peak scales with the model's bytes; at least the model (an fp32 load
+            # maps the file, and its pages count only once a forward touches them)
+            peak = max(above / x["model_bytes"], 1.0) * base_bytes
         else:  # the base + the stage's own memory per held byte × held at 8B + activations scaled
             activation = x.get("activation_bytes") or 0
             act_8b = activation * (c.hidden_size * c.num_hidden_layers) / (x["hidden"] * x["layers"])
@@ -579,6 +627,8 @@ def summarise(result: dict) -> dict:
         if c.get("held_bytes") and c.get("peak_rss_above_base_bytes") is not None and c["stage"] != "load":
             above = c["peak_rss_above_base_bytes"] - (c.get("activation_bytes") or 0)
             c["ratio_without_activations"] = max(above, 0) / c["held_bytes"]
+            if c.get("shared_bases_bytes") is not None:
+                c["ratio_without_activations_and_bases"] = max(above - c["shared_bases_bytes"], 0) / c["held_bytes"]
     return {**result, "flatness": flatness(result["cases"]), "projection": project(result["cases"])}
 
 
