@@ -632,11 +632,21 @@ def summarise(result: dict) -> dict:
     return {**result, "flatness": flatness(result["cases"]), "projection": project(result["cases"])}
 
 
+CASE_KEY = ("model", "hidden", "dtype", "source", "stage")
+
+
 def merged(paths: list[Path]) -> dict:
-    """The cases of several runs' JSON (e.g. one per model, run side by side), summarised again."""
+    """The cases of several runs' JSON (e.g. one per model, run side by side), summarised again. A case measured
+    again by a later run (same model, size, dtype, source and stage) replaces the earlier one, marked
+    ``rerun``: a rerun of some rows on newer code updates a full table."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = {k: v for k, v in runs[0].items() if k not in ("cases", "flatness", "projection")}
-    out["cases"] = [c for run in runs for c in run["cases"]]
+    cases: dict[tuple, dict] = {}
+    for i, run in enumerate(runs):
+        for c in run["cases"]:
+            key = tuple(c.get(k) for k in CASE_KEY)
+            cases[key] = {**c, "rerun": True} if i and key in cases else c
+    out["cases"] = list(cases.values())
     out["seconds"] = sum(run.get("seconds", 0) for run in runs)
     out["runs"] = [{k: run.get(k) for k in ("threads", "samples", "prompt_len", "layers", "seconds")} for run in runs]
     return summarise(out)
