@@ -77,3 +77,37 @@ def test_a_differing_copy_stays_its_own(saved, tmp_path):
     assert torch.equal(read[key], state[key])
     others = [v for k, v in read.items() if k.endswith(".randlora_B") and k != key]
     assert all(v.data_ptr() != read[key].data_ptr() for v in others)
+
+
+@pytest.fixture(scope="module")
+def foreign_lora(tmp_path_factory, saved):
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = saved
+    root = tmp_path_factory.mktemp("lora")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    peft_model.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("which", ["lora", "randlora"])
+def test_foreign_adapters_add_from_their_factors(saved, foreign_lora, which, monkeypatch):
+    """A foreign LoRA / RandLoRA on the plane: W0 + c·ΔW built from the factors (one addmm), never by merging a
+    dense fp64 copy of the layer: counted by instrumenting merge_module. Values: peft's merge (the reference)."""
+    base, randlora = saved
+    folder = foreign_lora if which == "lora" else randlora
+    deltas = D.merged_deltas(D.load_adapter(folder, base, quiet=True), base, str(folder))[0]
+    params = dict(base.named_parameters())
+    references = {name: d() for name, d in deltas.items()}  # merge_module: peft's merge, fp64
+    merges = []
+    original = D.merge_module
+    monkeypatch.setattr(D, "merge_module", lambda *a, **k: merges.append(1) or original(*a, **k))
+    for name, delta in deltas.items():
+        out = params[name].detach().float().clone()
+        delta.add_to(out, 0.5)
+        torch.testing.assert_close(out, params[name].float() + 0.5 * references[name], rtol=1e-5, atol=1e-6)
+    assert merges == [], f"{len(merges)} dense merges for {len(deltas)} plane weights"

@@ -378,11 +378,23 @@ def merged_deltas(peft_model: nn.Module, base: nn.Module, source: str) -> tuple[
             for pname in _merged_params(module, weight, source):
                 key = f"{short}.{pname}"
                 compute = _merged(module, pname, source, base_params[key], mover)
-                deltas[key] = Delta(key, logical_shape(base_params[key]), "factored", compute, source, mover)
+                shape = logical_shape(base_params[key])
+                # plain LoRA / RandLoRA Linear (no DoRA, no lora_bias): ΔW is peft's get_delta_weight, added from
+                # the factors in one addmm (no fp64 copy of the layer, no ΔW-sized temporary per build)
+                plain = pname == weight and not _merge_changes_more(module)
+                add = _peft_accumulator(module, shape) if plain else None
+                deltas[key] = Delta(key, shape, "factored", compute, source, mover, add)
             r = getattr(module, "r", None)
             if isinstance(r, dict) and isinstance(r.get("default"), int):
                 ranks[f"{short}.{weight}"] = r["default"]
     return deltas, ranks
+
+
+def _merge_changes_more(module: nn.Module) -> bool:
+    """Whether a tuner layer's merge may be more than W0 + get_delta_weight: DoRA's magnitude, ``lora_bias``, or any
+    LoRA variant (peft ≥ 0.15 keeps DoRA and its kin in ``lora_variant``)."""
+    flags = any(any(getattr(module, flag, {}).values()) for flag in ("use_dora", "lora_bias"))
+    return flags or bool(getattr(module, "lora_variant", {}))
 
 
 def _merged_params(module: nn.Module, weight: str, source: str) -> list[str]:
