@@ -18,8 +18,13 @@ saved once (fp32 safetensors, a word-level tokenizer) with its solutions:
   with :func:`adapters.solution.load_solution` (:mod:`adapters.foreign`).
 
 **Cases.** One per (model, size, dtype, source, stage), each in a FRESH spawned Python process, so its
-peak is its own. The process imports everything first and reads its RSS (the runtime's own overhead);
-``load`` reports the peak of loading the base above it. Every other stage loads the base (``--torch-dtype``
+peak is its own. The process imports everything first (the architecture's module and the entry's tokenizer
+included) and reads its RSS (the runtime's own overhead); ``load`` reports the peak of loading the base above
+it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the size:
+measured as three loads in one process, the second and third holding exactly the model's bytes), with
+``resident_after_load_bytes``, ``load_scratch_bytes`` (peak − resident) and ``largest_source_tensor_bytes`` (the
+checkpoint's largest tensor as stored: a converting load, :func:`adapters.models.hf.streamed_state`, holds one
+of them at a time besides the converted model). Every other stage loads the base (``--torch-dtype``
 or ``--load-4bit`` as the toolkit does it, :func:`adapters.models.hf.entry`), runs one forward of one
 evaluation batch twice (the first call's buffers are not stage memory; the second one's peak is
 ``activation_bytes``: one batch's activations), trims the allocator, reads the RSS (the loaded base),
@@ -44,7 +49,11 @@ plus the adapters' factors), adapters by their factors (fp32), the spectrum one 
 largest), the checkpoint and head_only the model's bytes (nothing else held: their ratio should be near
 0). ``load``: the peak above the runtime over the model's bytes (target ≤ 1.1). Reported beside it:
 ``activation_bytes`` (one batch's forward) and ``layer_scratch_bytes`` (one layer's fp32 ΔW, the scratch of
-a streamed stage). The targets of issue 20 point 3 and whether each case meets them are in ``target``.
+a streamed stage). Stages that read the solutions also report ``shared_bases_bytes``: RandLoRA's random bases
+as peft holds them (one copy, about max(out)² × 4 B, regenerated from the PRNG key: no trained parameters, so
+not in ``held_bytes``, but a floor of every such stage, large next to a 4-layer model and small next to a
+32-layer one); ``ratio_without_activations_and_bases`` subtracts them too. ``--merge`` lets a later run's case
+replace the same (model, size, dtype, source, stage) of an earlier one (marked ``rerun``).
 
 **Throughput.** For evaluation stages (head_only, plane) ``tokens_per_s``: the examples' tokens (prompt +
 candidate, each candidate counted as its own sequence, no padding) per second of the toolkit's own
@@ -581,8 +590,8 @@ def _gb(b) -> str:
 
 def table(result: dict) -> str:
     lines = [f"{'model':<11} {'h':>4} {'params':>10} {'dtype':<8} {'source':<7} {'stage':<15} {'model MB':>9} "
-             f"{'peak MB':>8} {'held MB':>8} {'ratio':>7} {'-act':>7} {'act MB':>7} {'s':>7} {'tok/s':>8} "
-             f"{'plain':>8}"]  # fmt: skip
+             f"{'peak MB':>8} {'held MB':>8} {'ratio':>7} {'-act':>7} {'-bases':>7} {'act MB':>7} {'s':>7} "
+             f"{'tok/s':>8} {'plain':>8}"]  # fmt: skip
     for c in result["cases"]:
         head = f"{c['model']:<11} {c['hidden']:>4} {c['params']:>10,} {c['dtype']:<8} {c['source']:<7} {c['stage']:<15}"
         if "error" in c or "skipped" in c:
@@ -592,8 +601,10 @@ def table(result: dict) -> str:
         tps = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
         ratio = "-" if c.get("ratio") is None else f"{c['ratio']:.2f}"
         bare = "-" if c.get("ratio_without_activations") is None else f"{c['ratio_without_activations']:.2f}"
+        floor = c.get("ratio_without_activations_and_bases")
+        floor = "-" if floor is None else f"{floor:.2f}"
         lines.append(f"{head} {mb(c['model_bytes']):>9} {mb(c['peak_rss_above_base_bytes']):>8} "
-                     f"{mb(c['held_bytes']):>8} {ratio:>7} {bare:>7} {mb(c.get('activation_bytes')):>7} "
+                     f"{mb(c['held_bytes']):>8} {ratio:>7} {bare:>7} {floor:>7} {mb(c.get('activation_bytes')):>7} "
                      f"{c['seconds']:>7.2f} "
                      f"{tps(c.get('tokens_per_s')):>8} {tps(c.get('plain_tokens_per_s')):>8}")  # fmt: skip
     lines.append("")
