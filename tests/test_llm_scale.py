@@ -34,3 +34,28 @@ def test_quick_run_writes_the_documented_json(tmp_path: Path, capsys):
     for p in result["projection"]:
         assert p["projected_peak_bytes"] > 0 and isinstance(p["fits"], bool) and "projection" in p["label"]
     assert result["cpu"] and result["real_configs"]["qwen2-0.5b"]["hidden_size"] == 896
+
+
+def _case(hidden: int, stage: str, ratio: float, **extra) -> dict:
+    return {"model": "qwen2-0.5b", "hidden": hidden, "dtype": "bfloat16", "source": "own", "stage": stage,
+            "params": hidden * 1000, "layers": 4, "model_bytes": hidden * 2000, "held_bytes": hidden * 2000,
+            "peak_rss_above_base_bytes": int(ratio * hidden * 2000), "ratio": ratio, "activation_bytes": 0,
+            "seconds": 1.0, **extra}  # fmt: skip
+
+
+def test_merge_lets_a_rerun_replace_its_rows(tmp_path: Path):
+    old = {"cpu": "x", "cases": [_case(64, "load", 3.0), _case(64, "plane", 2.0)]}
+    new = {"cpu": "x", "cases": [_case(64, "load", 1.2)]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    result = llm_scale.merged([tmp_path / "old.json", tmp_path / "new.json"])
+    by_stage = {c["stage"]: c for c in result["cases"]}
+    assert len(result["cases"]) == 2
+    assert by_stage["load"]["ratio"] == 1.2 and by_stage["load"]["rerun"] is True
+    assert by_stage["plane"]["ratio"] == 2.0 and "rerun" not in by_stage["plane"]
+
+
+def test_the_load_projection_holds_at_least_the_model():
+    # an fp32 load maps the file: its measured peak is below the model's bytes, the projection is not
+    (p,) = [p for p in llm_scale.project([_case(64, "load", 0.05)]) if p["stage"] == "load"]
+    assert p["projected_peak_bytes"] >= p["base_bytes_8b"] and p["label"] == "projection"

@@ -43,6 +43,7 @@ returned deltas do.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable
@@ -219,7 +220,7 @@ def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[s
         raise UserError(f"{folder} has no adapter_config.json: the adapter weights are missing; re-train it")
     flags = [(p, p.requires_grad) for p in base.parameters()]
     try:
-        with warnings.catch_warnings():  # "bases regenerated from the PRNG key": verified below
+        with warnings.catch_warnings(), _shared_read_once():  # "bases regenerated from the PRNG key": verified below
             warnings.filterwarnings("ignore", message=".*save_projection.*")
             if quiet:
                 warnings.simplefilter("ignore")
@@ -239,6 +240,60 @@ def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[s
         except ValueError as e:
             raise UserError(f"{folder}: {e}") from None
     return peft_model
+
+
+# peft's shared projections: one tensor per adapter in the model, which peft's save_pretrained writes once per
+# adapted layer (RandLoRA's and VeRA's random bases; save_projection=True)
+SHARED_SUFFIXES = (".randlora_A", ".randlora_B", ".vera_A", ".vera_B")
+
+
+def read_adapter_file(filename: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's safetensors file, as ``safetensors.torch.load_file`` gives them, but with the
+    copies of a shared projection read once: every later copy is compared with the first (read by ``pread``, one at
+    a time, freed) and, when equal, stands for the same tensor object.
+
+    Why (issue 20 point 3): a RandLoRA adapter saved by peft holds its bases, about one full weight matrix of the
+    largest target's size, once per adapted layer: 7.5× the whole model for a 4-layer model, all of which
+    peft's loader read into memory (a foreign plane peaked at 8× the model, its spectrum at 120× one layer).
+    peft copies each of those keys into the same shared buffer anyway. A copy that differs is kept as its own
+    tensor (peft then loads what the file says, as before)."""
+    device = torch.device(device)
+    first: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    try:
+        handle = safe_open(str(filename), framework="pt", device="cpu", backend="pread")
+    except TypeError:  # a safetensors without the pread backend
+        handle = safe_open(str(filename), framework="pt", device="cpu")
+    for key in handle.keys():  # noqa: SIM118 (safe_open has no iterator)
+        suffix = next((x for x in SHARED_SUFFIXES if key.endswith(x) or f"{x}." in key), None)
+        value = handle.get_tensor(key)
+        if suffix is not None:
+            tag = (key[key.index(suffix) :], tuple(value.shape))
+            seen = first.get(tag)
+            if seen is None:
+                first[tag] = value = value.to(device)
+            elif torch.equal(seen, value.to(seen.device)):
+                value = seen
+        out[key] = value.to(device)
+        del value
+    return out
+
+
+@contextlib.contextmanager
+def _shared_read_once():
+    """peft's adapter loading (``load_peft_weights``) with :func:`read_adapter_file` as its safetensors reader.
+
+    peft reads an adapter file whole with ``safetensors.torch.load_file`` (the module global of
+    ``peft.utils.save_and_load``) and has no option to read shared tensors once; this swaps that one name for
+    the duration of one load, so peft's own key mapping and state-dict loading run unchanged."""
+    from peft.utils import save_and_load
+
+    original = save_and_load.safe_load_file
+    save_and_load.safe_load_file = read_adapter_file
+    try:
+        yield
+    finally:
+        save_and_load.safe_load_file = original
 
 
 def adapter_deltas(folder: Path, base: nn.Module) -> dict[str, Delta]:
@@ -323,11 +378,23 @@ def merged_deltas(peft_model: nn.Module, base: nn.Module, source: str) -> tuple[
             for pname in _merged_params(module, weight, source):
                 key = f"{short}.{pname}"
                 compute = _merged(module, pname, source, base_params[key], mover)
-                deltas[key] = Delta(key, logical_shape(base_params[key]), "factored", compute, source, mover)
+                shape = logical_shape(base_params[key])
+                # plain LoRA / RandLoRA Linear (no DoRA, no lora_bias): ΔW is peft's get_delta_weight, added from
+                # the factors in one addmm (no fp64 copy of the layer, no ΔW-sized temporary per build)
+                plain = pname == weight and not _merge_changes_more(module)
+                add = _peft_accumulator(module, shape) if plain else None
+                deltas[key] = Delta(key, shape, "factored", compute, source, mover, add)
             r = getattr(module, "r", None)
             if isinstance(r, dict) and isinstance(r.get("default"), int):
                 ranks[f"{short}.{weight}"] = r["default"]
     return deltas, ranks
+
+
+def _merge_changes_more(module: nn.Module) -> bool:
+    """Whether a tuner layer's merge may be more than W0 + get_delta_weight: DoRA's magnitude, ``lora_bias``, or any
+    LoRA variant (peft ≥ 0.15 keeps DoRA and its kin in ``lora_variant``)."""
+    flags = any(any(getattr(module, flag, {}).values()) for flag in ("use_dora", "lora_bias"))
+    return flags or bool(getattr(module, "lora_variant", {}))
 
 
 def _merged_params(module: nn.Module, weight: str, source: str) -> list[str]:

@@ -18,8 +18,13 @@ saved once (fp32 safetensors, a word-level tokenizer) with its solutions:
   with :func:`adapters.solution.load_solution` (:mod:`adapters.foreign`).
 
 **Cases.** One per (model, size, dtype, source, stage), each in a FRESH spawned Python process, so its
-peak is its own. The process imports everything first and reads its RSS (the runtime's own overhead);
-``load`` reports the peak of loading the base above it. Every other stage loads the base (``--torch-dtype``
+peak is its own. The process imports everything first (the architecture's module and the entry's tokenizer
+included) and reads its RSS (the runtime's own overhead); ``load`` reports the peak of loading the base above
+it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the size:
+measured as three loads in one process, the second and third holding exactly the model's bytes), with
+``resident_after_load_bytes``, ``load_scratch_bytes`` (peak − resident) and ``largest_source_tensor_bytes`` (the
+checkpoint's largest tensor as stored: a converting load, :func:`adapters.models.hf.streamed_state`, holds one
+of them at a time besides the converted model). Every other stage loads the base (``--torch-dtype``
 or ``--load-4bit`` as the toolkit does it, :func:`adapters.models.hf.entry`), runs one forward of one
 evaluation batch twice (the first call's buffers are not stage memory; the second one's peak is
 ``activation_bytes``: one batch's activations), trims the allocator, reads the RSS (the loaded base),
@@ -44,7 +49,11 @@ plus the adapters' factors), adapters by their factors (fp32), the spectrum one 
 largest), the checkpoint and head_only the model's bytes (nothing else held: their ratio should be near
 0). ``load``: the peak above the runtime over the model's bytes (target ≤ 1.1). Reported beside it:
 ``activation_bytes`` (one batch's forward) and ``layer_scratch_bytes`` (one layer's fp32 ΔW, the scratch of
-a streamed stage). The targets of issue 20 point 3 and whether each case meets them are in ``target``.
+a streamed stage). Stages that read the solutions also report ``shared_bases_bytes``: RandLoRA's random bases
+as peft holds them (one copy, about max(out)² × 4 B, regenerated from the PRNG key: no trained parameters, so
+not in ``held_bytes``, but a floor of every such stage, large next to a 4-layer model and small next to a
+32-layer one); ``ratio_without_activations_and_bases`` subtracts them too. ``--merge`` lets a later run's case
+replace the same (model, size, dtype, source, stage) of an earlier one (marked ``rerun``).
 
 **Throughput.** For evaluation stages (head_only, plane) ``tokens_per_s``: the examples' tokens (prompt +
 candidate, each candidate counted as its own sequence, no padding) per second of the toolkit's own
@@ -242,11 +251,16 @@ def examples(samples: int, prompt_len: int, candidates: int = 4, answer_len: int
 # --------------------------------------------------------------------------- one case (fresh process)
 
 
-def _load(case: Path, dtype: str):
+def _entry(case: Path, dtype: str):
+    """The toolkit's entry of the case's base (its checks and tokenizer: read before the load is measured)."""
     from adapters.models import hf
 
     options = {"load_4bit": True} if dtype == "4bit" else {"torch_dtype": dtype}
-    entry = hf.entry(str(case / "base"), "lm", options)
+    return hf.entry(str(case / "base"), "lm", options)
+
+
+def _load(case: Path, dtype: str):
+    entry = _entry(case, dtype)
     return entry, entry.build(0).eval()
 
 
@@ -294,6 +308,31 @@ def _largest_layer_bytes(base) -> int:
     return max(math.prod(logical_shape(m)) * 4 for n, m in base.named_modules() if n.endswith(TARGETS))
 
 
+def _largest_source(case: Path) -> int:
+    """Bytes of the largest tensor of the base's checkpoint as stored: what a converting load holds besides the
+    converted model (plus the conversion's own scratch)."""
+    from safetensors import safe_open
+
+    with safe_open(str(case / "base" / "model.safetensors"), "pt") as f:
+        sizes = {"F32": 4, "F16": 2, "BF16": 2}
+        slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118 (safe_open has no iterator)
+        return max(math.prod(t.get_shape()) * sizes.get(t.get_dtype(), 4) for t in slices)
+
+
+def _shared_bases_bytes(solution) -> int:
+    """Bytes of the random bases peft holds for a RandLoRA solution (one copy, shared by its layers): regenerated
+    from the PRNG key, no trained parameters, so not in ``held_bytes``; reported beside it (a floor of every stage
+    that reads the adapter, about max(out)² × 4 B: large next to a 4-layer model, small next to a 32-layer one)."""
+    from adapters.deltas import load_adapter
+
+    model = load_adapter(Path(solution.path), solution.base, quiet=True)
+    seen: dict[int, int] = {}
+    for name, b in model.named_buffers():
+        if re.search(r"(^|\.)(randlora|vera)_[AB](\.|$)", name):
+            seen[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def _tokens(ids) -> int:
     return sum(len(p) + len(c) for p, cands in ids for c in cands)
 
@@ -312,19 +351,34 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
 
     if dtype == "4bit":
         import bitsandbytes  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    # the model's own code (transformers imports each architecture's module lazily) and the entry's checks and
+    # tokenizer: runtime, not the load of the weights
+    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(case / "base"))]
+    entry = _entry(case, dtype)
+    if stage == "load":
+        # a process's first load initialises once what every later load reuses (8-13 MB whatever the model's
+        # size: measured as the first of three loads in one process, the next two holding the model's bytes):
+        # the runtime's overhead, so the load measured is a second one
+        warm = entry.build(0)
+        del warm
     trim()
     runtime = status_bytes("VmRSS")
     reset = reset_peak()
     start = time.perf_counter()
-    _, model = _load(case, dtype)
+    model = entry.build(0).eval()
     seconds = time.perf_counter() - start
     model_bytes = _model_bytes(model)
     out = {"model_bytes": model_bytes, "runtime_rss_bytes": runtime, "layer_scratch_bytes": _largest_layer_bytes(model),
            "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}  # fmt: skip
     if stage == "load":
         peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - runtime
+        resident = status_bytes("VmRSS") - runtime  # what the loaded model keeps (mapped pages: those touched)
         return {**out, "peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
-                "seconds": round(seconds, 3), "activation_bytes": None}  # fmt: skip
+                "seconds": round(seconds, 3), "activation_bytes": None, "resident_after_load_bytes": resident,
+                "load_scratch_bytes": peak - resident,
+                "largest_source_tensor_bytes": _largest_source(case)}  # fmt: skip
     objective = OBJECTIVES["answer"]
     ids, data, labels = examples(samples, prompt_len)
     eval_set = EvalSet.prepare(data, labels, samples, "cpu")
@@ -356,6 +410,8 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
         raise ValueError(stage)
     seconds = time.perf_counter() - start
     peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - rss_base
+    if stage in SOURCE_STAGES:  # after the peak is read: the bases the stage held besides its factors
+        extra["shared_bases_bytes"] = _shared_bases_bytes(_solutions(case, source, model)["randlora"])
     out.update(extra)
     out.update({"peak_rss_above_base_bytes": peak, "held_bytes": held, "ratio": peak / held if held else None,
                 "activation_bytes": activation, "seconds": round(seconds, 3)})  # fmt: skip
@@ -505,8 +561,9 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
         else:
             held = x["held_bytes"] * scale
         above = x["peak_rss_above_base_bytes"]
-        if stage == "load":  # the loading's peak scales with the model's bytes
-            peak = above / x["model_bytes"] * base_bytes
+        if stage == "load":  # the loading's peak scales with the model's bytes; at least the model (an fp32 load
+            # maps the file, and its pages count only once a forward touches them)
+            peak = max(above / x["model_bytes"], 1.0) * base_bytes
         else:  # the base + the stage's own memory per held byte × held at 8B + activations scaled
             activation = x.get("activation_bytes") or 0
             act_8b = activation * (c.hidden_size * c.num_hidden_layers) / (x["hidden"] * x["layers"])
@@ -533,8 +590,8 @@ def _gb(b) -> str:
 
 def table(result: dict) -> str:
     lines = [f"{'model':<11} {'h':>4} {'params':>10} {'dtype':<8} {'source':<7} {'stage':<15} {'model MB':>9} "
-             f"{'peak MB':>8} {'held MB':>8} {'ratio':>7} {'-act':>7} {'act MB':>7} {'s':>7} {'tok/s':>8} "
-             f"{'plain':>8}"]  # fmt: skip
+             f"{'peak MB':>8} {'held MB':>8} {'ratio':>7} {'-act':>7} {'-bases':>7} {'act MB':>7} {'s':>7} "
+             f"{'tok/s':>8} {'plain':>8}"]  # fmt: skip
     for c in result["cases"]:
         head = f"{c['model']:<11} {c['hidden']:>4} {c['params']:>10,} {c['dtype']:<8} {c['source']:<7} {c['stage']:<15}"
         if "error" in c or "skipped" in c:
@@ -544,8 +601,10 @@ def table(result: dict) -> str:
         tps = lambda v: "-" if v is None else f"{v:,.0f}"  # noqa: E731
         ratio = "-" if c.get("ratio") is None else f"{c['ratio']:.2f}"
         bare = "-" if c.get("ratio_without_activations") is None else f"{c['ratio_without_activations']:.2f}"
+        floor = c.get("ratio_without_activations_and_bases")
+        floor = "-" if floor is None else f"{floor:.2f}"
         lines.append(f"{head} {mb(c['model_bytes']):>9} {mb(c['peak_rss_above_base_bytes']):>8} "
-                     f"{mb(c['held_bytes']):>8} {ratio:>7} {bare:>7} {mb(c.get('activation_bytes')):>7} "
+                     f"{mb(c['held_bytes']):>8} {ratio:>7} {bare:>7} {floor:>7} {mb(c.get('activation_bytes')):>7} "
                      f"{c['seconds']:>7.2f} "
                      f"{tps(c.get('tokens_per_s')):>8} {tps(c.get('plain_tokens_per_s')):>8}")  # fmt: skip
     lines.append("")
@@ -579,14 +638,26 @@ def summarise(result: dict) -> dict:
         if c.get("held_bytes") and c.get("peak_rss_above_base_bytes") is not None and c["stage"] != "load":
             above = c["peak_rss_above_base_bytes"] - (c.get("activation_bytes") or 0)
             c["ratio_without_activations"] = max(above, 0) / c["held_bytes"]
+            if c.get("shared_bases_bytes") is not None:
+                c["ratio_without_activations_and_bases"] = max(above - c["shared_bases_bytes"], 0) / c["held_bytes"]
     return {**result, "flatness": flatness(result["cases"]), "projection": project(result["cases"])}
 
 
+CASE_KEY = ("model", "hidden", "dtype", "source", "stage")
+
+
 def merged(paths: list[Path]) -> dict:
-    """The cases of several runs' JSON (e.g. one per model, run side by side), summarised again."""
+    """The cases of several runs' JSON (e.g. one per model, run side by side), summarised again. A case measured
+    again by a later run (same model, size, dtype, source and stage) replaces the earlier one, marked
+    ``rerun``: a rerun of some rows on newer code updates a full table."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     out = {k: v for k, v in runs[0].items() if k not in ("cases", "flatness", "projection")}
-    out["cases"] = [c for run in runs for c in run["cases"]]
+    cases: dict[tuple, dict] = {}
+    for i, run in enumerate(runs):
+        for c in run["cases"]:
+            key = tuple(c.get(k) for k in CASE_KEY)
+            cases[key] = {**c, "rerun": True} if i and key in cases else c
+    out["cases"] = list(cases.values())
     out["seconds"] = sum(run.get("seconds", 0) for run in runs)
     out["runs"] = [{k: run.get(k) for k in ("threads", "samples", "prompt_len", "layers", "seconds")} for run in runs]
     return summarise(out)
