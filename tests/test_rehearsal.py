@@ -29,16 +29,34 @@ def test_rehearsal_runs_every_stage_of_each_variant(tmp_path):
     out, report = tmp_path / "rehearsal", tmp_path / "rehearsal.json"
     code = rehearsal.main(["--model", f"hf:{model}", "--out", str(out), "--variants", "fp32", "4bit",
                            "--json", str(report)])  # fmt: skip
-    results = {r["variant"]: r for r in json.loads(report.read_text())["results"]}
+    written = json.loads(report.read_text())
+    results = {r["variant"]: r for r in written["results"]}
     logs = {v: (out / v / "connectivity.log").read_text()[-2000:] for v in results}
     assert code == 0, logs
     for variant, r in results.items():
         meta = json.loads((out / variant / "landscape.json").read_text())
-        # every stage of the pipeline ran (fresh folder: nothing reused)
-        assert {"train_lora", "train_randlora", "grid", "paths", "spectrum"} <= set(r["stages_s"]), variant
+        stages = {s["stage"]: s for s in r["stages"]}
+        # every stage of the pipeline ran (fresh folder: nothing reused), each with its own peak RSS, which no
+        # stage can exceed the process's (wait4's) peak
+        assert {"train_lora", "train_randlora", "grid", "paths", "spectrum"} <= set(meta["wall_time_s"]), variant
+        assert set(meta["wall_time_s"]) < set(stages) and {"curvature lora", "curvature randlora"} < set(stages)
+        for name in meta["wall_time_s"]:
+            assert stages[name]["seconds"] == meta["wall_time_s"][name]
+            assert 0 < stages[name]["peak_rss"] <= r["connectivity"]["peak_rss"], (variant, name)
+        assert stages["curvature randlora"]["hvps"] >= 1
+        # the stages and the processes' time outside them add up to the measured wall time
+        total = r["connectivity"]["seconds"] + r["curvature"]["seconds"]
+        assert abs(sum(s["seconds"] for s in r["stages"]) - total) < 0.5
+        assert len(r["connectivity"]["load_average"]) == 6
         assert meta["config"]["randlora_rank"] == 30 and meta["config"]["grid"] == 3
         eig = r["top_eigenvalue"]
         assert set(eig) == {"lora", "randlora"} and all(torch.isfinite(torch.tensor(v)) for v in eig.values())
+        curvature = json.loads((out / variant / "curvature.json").read_text())
+        assert curvature["settings"]["tol"] == rehearsal.CURVATURE_TOL and curvature["settings"]["top_k"] == 1
+        # the table has one row per stage of the variant, and the CPU it ran on
+        rows = [line for line in written["table"].splitlines() if line.startswith(variant + " ")]
+        assert len(rows) == len(r["stages"]) + 1 and rows[-1].split()[1] == "total"
+    assert "CPU:" in written["table"] and written["cpus"] == os.cpu_count()
     assert json.loads((out / "4bit" / "landscape.json").read_text())["config"]["load_4bit"] is True
 
 
