@@ -101,17 +101,34 @@ def _status_kib(pid: int, field: str) -> int | None:
     return None
 
 
-def run_measured(cmd: list[str], log: Path, poll_s: float = 0.2) -> dict:
-    """Run ``cmd`` with its output in ``log``: its exit code, wall seconds, peak RSS in bytes (``wait4``: this
-    child alone), the load average before and after, and the peak RSS of each stage it reports.
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process so far (``/proc/PID/stat`` fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    Stage peaks: every ``poll_s`` the log is read; when a ``[stage] done`` line appears, the child's ``VmHWM``
+
+def run_measured(cmd: list[str], log: Path, poll_s: float = 0.2) -> dict:
+    """Run ``cmd`` with its output in ``log``: its exit code, wall seconds, CPU seconds (user + system), peak
+    RSS in bytes (``wait4``: this child alone), the load average before and after, and the peak RSS and CPU
+    seconds of each stage it reports.
+
+    Stage figures: every ``poll_s`` the log is read; when a ``[stage] done`` line appears, the child's ``VmHWM``
     is that stage's peak and is reset (``/proc/PID/clear_refs`` 5), so the next stage starts from the RSS it
-    inherits. A stage's peak may include up to ``poll_s`` of the next one. Linux only; elsewhere no stage peaks.
+    inherits, and its CPU seconds since the previous line are that stage's. A stage's figures may include up to
+    ``poll_s`` of the next one. Linux only; elsewhere no stage figures.
+
+    Why CPU seconds: on a shared machine the wall time depends on the other processes; a compute-bound process
+    alone on the cores takes at most its CPU seconds of wall time (it keeps at least one core busy), and at
+    least CPU seconds / cores.
     """
     load_before = os.getloadavg()
     start = time.perf_counter()
     peaks: dict[str, int] = {}
+    cpu: dict[str, float] = {}
+    cpu_before = 0.0
     with open(log, "w") as out:
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -129,6 +146,9 @@ def run_measured(cmd: list[str], log: Path, poll_s: float = 0.2) -> dict:
                 hwm = _status_kib(proc.pid, "VmHWM") if match else None
                 if hwm is not None:
                     peaks[match.group(1)] = hwm * 1024
+                    now = _cpu_seconds(proc.pid)
+                    if now is not None:
+                        cpu[match.group(1)], cpu_before = round(now - cpu_before, 1), now
                     try:
                         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
                     except OSError:
@@ -136,7 +156,8 @@ def run_measured(cmd: list[str], log: Path, poll_s: float = 0.2) -> dict:
             time.sleep(poll_s)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {"exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
-            "peak_rss": usage.ru_maxrss * 1024, "stage_peak_rss": peaks,
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss": usage.ru_maxrss * 1024,
+            "stage_peak_rss": peaks, "stage_cpu_seconds": cpu,
             "load_average": [round(x, 2) for x in load_before + os.getloadavg()]}  # fmt: skip
 
 
@@ -153,11 +174,13 @@ def run_variant(name: str, model: str, data: Path, out: Path, device: str) -> di
         return result
     meta = json.loads((run / "landscape.json").read_text())
     seconds = meta.get("wall_time_s", {})
-    result["stages"] = [{"stage": k, "seconds": v, "peak_rss": measured["stage_peak_rss"].get(k)}
-                        for k, v in seconds.items()]  # fmt: skip
+    result["stages"] = [{"stage": k, "seconds": v, "cpu_seconds": measured["stage_cpu_seconds"].get(k),
+                         "peak_rss": measured["stage_peak_rss"].get(k)} for k, v in seconds.items()]  # fmt: skip
     # imports, argument checks and the final writes: the process's time outside its stages
     other = round(measured["seconds"] - sum(seconds.values()), 1)
-    result["stages"].append({"stage": "connectivity other", "seconds": other, "peak_rss": None})
+    other_cpu = round(measured["cpu_seconds"] - sum(measured["stage_cpu_seconds"].values()), 1)
+    result["stages"].append({"stage": "connectivity other", "seconds": other, "cpu_seconds": other_cpu,
+                             "peak_rss": None})  # fmt: skip
     solutions = meta.get("solutions", {})
     result["vertex_loss"] = {k: v.get("vertex_loss") for k, v in solutions.items() if isinstance(v, dict)}
     result["precision"] = meta.get("precision")
@@ -175,6 +198,7 @@ def run_variant(name: str, model: str, data: Path, out: Path, device: str) -> di
             spent += adapter.get("seconds", 0.0)
             result["stages"].append({"stage": f"curvature {s}", "seconds": adapter.get("seconds"),
                                      "hvps": adapter.get("hvps"), "peak_rss": measured["peak_rss"]})  # fmt: skip
+        # loading the run and the model, the gradient at each solution, the writes (CPU seconds: the whole process)
         result["stages"].append({"stage": "curvature other", "seconds": round(measured["seconds"] - spent, 1),
                                  "peak_rss": measured["peak_rss"]})  # fmt: skip
     return result
@@ -188,23 +212,34 @@ def _total(r: dict) -> float:
     return r["connectivity"]["seconds"] + r.get("curvature", {}).get("seconds", 0.0)
 
 
+def _cpu_total(r: dict) -> float:
+    return r["connectivity"]["cpu_seconds"] + r.get("curvature", {}).get("cpu_seconds", 0.0)
+
+
 def table(results: list[dict], shape: str, layers: int | None) -> str:
-    """One row per (variant, stage): seconds and peak RSS; a total per variant and overall, with the load."""
+    """One row per (variant, stage): wall seconds, CPU seconds, peak RSS; a total per variant and overall, with
+    the load average (the machine may be shared: the wall time depends on it, the CPU seconds much less)."""
     full = SHAPES[shape]["num_hidden_layers"]
     depth = f"{layers} of {full} decoder layers (reduced)" if layers and layers < full else f"all {full} decoder layers"
     lines = [f"rehearsal: {shape}, {depth}; CPU: {cpu_name()}, {os.cpu_count()} cores",
-             f"{'variant':8} {'stage':22} {'seconds':>8} {'peak RSS GB':>12}"]  # fmt: skip
+             f"{'variant':8} {'stage':20} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12}"]  # fmt: skip
     for r in results:
         for st in r["stages"]:
+            cpu = f"{st['cpu_seconds']:8.1f}" if st.get("cpu_seconds") is not None else f"{'':8}"
             gb = f"{st['peak_rss'] / 1e9:12.2f}" if st.get("peak_rss") else f"{'':12}"
             hvps = f"  ({st['hvps']} HVPs)" if st.get("hvps") is not None else ""
-            lines.append(f"{r['variant']:8} {st['stage']:22} {st['seconds']:8.1f} {gb}{hvps}")
+            lines.append(f"{r['variant']:8} {st['stage']:20} {st['seconds']:8.1f} {cpu} {gb}{hvps}")
+        if "curvature" in r:
+            lines.append(f"{r['variant']:8} {'curvature (process)':20} {r['curvature']['seconds']:8.1f} "
+                         f"{r['curvature']['cpu_seconds']:8.1f} {r['curvature']['peak_rss'] / 1e9:12.2f}")  # fmt: skip
         peak = max(r["connectivity"]["peak_rss"], r.get("curvature", {}).get("peak_rss", 0)) / 1e9
         load = r["connectivity"]["load_average"][0], r.get("curvature", r["connectivity"])["load_average"][3]
         failed = "" if _ok(r) else "  FAILED (see the logs)"
-        lines.append(f"{r['variant']:8} {'total':22} {_total(r):8.1f} {peak:12.2f}  load average {load[0]:.1f} "
-                     f"at start, {load[1]:.1f} at end{failed}")  # fmt: skip
-    lines.append(f"all variants: {sum(_total(r) for r in results):.0f} s")
+        lines.append(f"{r['variant']:8} {'total':20} {_total(r):8.1f} {_cpu_total(r):8.1f} {peak:12.2f}  load "
+                     f"average {load[0]:.1f} at start, {load[1]:.1f} at end{failed}")  # fmt: skip
+    wall, cpu = sum(_total(r) for r in results), sum(_cpu_total(r) for r in results)
+    lines.append(f"all variants: {wall:.0f} s wall, {cpu:.0f} CPU s (alone on the cores, a compute-bound run "
+                 f"takes at most its CPU seconds and at least CPU s / {os.cpu_count()})")  # fmt: skip
     return "\n".join(lines)
 
 

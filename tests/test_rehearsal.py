@@ -47,6 +47,10 @@ def test_rehearsal_runs_every_stage_of_each_variant(tmp_path):
         # the stages and the processes' time outside them add up to the measured wall time
         total = r["connectivity"]["seconds"] + r["curvature"]["seconds"]
         assert abs(sum(s["seconds"] for s in r["stages"]) - total) < 0.5
+        # CPU seconds per connectivity stage (from /proc) add up to the process's (from wait4)
+        connectivity = [s for s in r["stages"] if not s["stage"].startswith("curvature")]
+        assert all(s["cpu_seconds"] is not None for s in connectivity)
+        assert abs(sum(s["cpu_seconds"] for s in connectivity) - r["connectivity"]["cpu_seconds"]) < 0.5
         assert len(r["connectivity"]["load_average"]) == 6
         assert meta["config"]["randlora_rank"] == 30 and meta["config"]["grid"] == 3
         eig = r["top_eigenvalue"]
@@ -55,7 +59,7 @@ def test_rehearsal_runs_every_stage_of_each_variant(tmp_path):
         assert curvature["settings"]["tol"] == rehearsal.CURVATURE_TOL and curvature["settings"]["top_k"] == 1
         # the table has one row per stage of the variant, and the CPU it ran on
         rows = [line for line in written["table"].splitlines() if line.startswith(variant + " ")]
-        assert len(rows) == len(r["stages"]) + 1 and rows[-1].split()[1] == "total"
+        assert len(rows) == len(r["stages"]) + 2 and rows[-1].split()[1] == "total"
     assert "CPU:" in written["table"] and written["cpus"] == os.cpu_count()
     assert json.loads((out / "4bit" / "landscape.json").read_text())["config"]["load_4bit"] is True
 
