@@ -18,7 +18,8 @@ so these are stated assumptions). It gives:
   count ``experiments.benchmarks.llm_scale`` uses) over the seconds of one point, after a warm-up point;
 - ``flops_per_token``: the FLOPs that point really ran (``torch.utils.flop_counter.FlopCounterMode`` around
   the same evaluation; the shared prompt forwards and answer-only logits make it less than a plain forward's
-  2 × parameters per token) over those tokens.
+  2 × parameters per token; the padding of each length-sorted batch is counted, as the engine runs it) over
+  those tokens.
 
 **Projected (H200).** :func:`project_grid_wall_time`: the preset's points (``grid``², 625) × its samples
 (``eval_samples``, 512) × the measured tokens per sample × ``flops_per_token``, over the H200's dense bf16
@@ -108,7 +109,9 @@ def preset_grid(config: Path = PRESET) -> dict:
         grid, samples = int(landscape["grid"]), int(landscape["eval_samples"])
     except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError) as e:
         raise UserError(f"--config {config}: cannot read [landscape] grid and eval_samples ({e})") from e
-    return {"config": str(config), "grid": grid, "points": grid * grid, "samples": samples}
+    shown = Path(config).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    return {"config": str(shown), "grid": grid, "points": grid * grid, "samples": samples}
 
 
 def measure_point(device: str = "cpu", dtype: str = "auto", layers: int | None = None, samples: int = 16,
