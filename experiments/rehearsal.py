@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -164,7 +165,9 @@ def run_measured(cmd: list[str], log: Path, poll_s: float = 0.2) -> dict:
 def run_variant(name: str, model: str, data: Path, out: Path, device: str) -> dict:
     """The two commands of one variant: each stage's seconds and peak RSS, the vertex losses, the eigenvalues."""
     run = out / name
-    run.mkdir(parents=True, exist_ok=True)
+    if run.exists():  # a rehearsal times every stage: an earlier run's stages would be reused, not rerun
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
     connectivity = [sys.executable, "-m", "landscape.connectivity", "--dataset", "commonsense", "--config", str(CONFIG),
                     "--model", model, "--data-root", str(data), "--out", str(run), "--device", device, "--no-progress",
                     *VARIANTS[name]]  # fmt: skip
@@ -278,15 +281,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown --model {args.model!r}: qwen2-0.5b, llama3-8b or hf:FOLDER")
         shape = args.model
         model = "hf:" + str(build_model(shape, args.layers, out / f"{shape}-{args.layers or 'full'}", data))
-    results = [run_variant(v, model, data, out, args.device) for v in args.variants]
-    text = table(results, shape, args.layers)
-    print(text)
-    if args.json:
-        from adapters.io import write_json
+    results: list[dict] = []
+    for variant in args.variants:  # the JSON is rewritten after each variant: a stopped run keeps the finished ones
+        results.append(run_variant(variant, model, data, out, args.device))
+        text = table(results, shape, args.layers)
+        if args.json:
+            from adapters.io import write_json
 
-        write_json(Path(args.json), {"model": args.model, "layers": args.layers, "device": args.device,
-                                     "cpu": cpu_name(), "cpus": os.cpu_count(), "curvature_tol": CURVATURE_TOL,
-                                     "results": results, "table": text})  # fmt: skip
+            write_json(Path(args.json), {"model": args.model, "layers": args.layers, "device": args.device,
+                                         "cpu": cpu_name(), "cpus": os.cpu_count(), "curvature_tol": CURVATURE_TOL,
+                                         "results": results, "table": text})  # fmt: skip
+    print(text)
     return 0 if all(_ok(r) for r in results) else 1
 
 
