@@ -70,3 +70,12 @@ def test_gpu_check_rehearsal_needs_cuda():
                           text=True, env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(err) == 1 and "CUDA" in err[0], proc.stderr
+
+
+@pytest.mark.parametrize("layers", ["0", "25"])
+def test_rehearsal_refuses_an_impossible_depth_before_work(tmp_path, layers):
+    proc = subprocess.run([sys.executable, "-m", "experiments.rehearsal", "--layers", layers, "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1 and "--layers" in err[0], proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing fabricated, nothing built
