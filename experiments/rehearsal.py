@@ -215,6 +215,17 @@ def _ok(r: dict) -> bool:
     return r["connectivity"]["exit"] == 0 and r.get("curvature", {}).get("exit", 0) == 0
 
 
+def _failure(r: dict) -> str:
+    """Why a variant failed, for the table ('' when it did not)."""
+    why = []
+    for step in ("connectivity", "curvature"):
+        code = r.get(step, {}).get("exit", 0)
+        if code:
+            killed = " (SIGKILL: most likely the kernel's out-of-memory killer)" if code == -9 else ""
+            why.append(f"{step} exit {code}{killed}")
+    return "  FAILED: " + "; ".join(why) + ", see the logs" if why else ""
+
+
 def _total(r: dict) -> float:
     return r["connectivity"]["seconds"] + r.get("curvature", {}).get("seconds", 0.0)
 
@@ -241,7 +252,7 @@ def table(results: list[dict], shape: str, layers: int | None) -> str:
                          f"{r['curvature']['cpu_seconds']:8.1f} {r['curvature']['peak_rss'] / 1e9:12.2f}")  # fmt: skip
         peak = max(r["connectivity"]["peak_rss"], r.get("curvature", {}).get("peak_rss", 0)) / 1e9
         load = r["connectivity"]["load_average"][0], r.get("curvature", r["connectivity"])["load_average"][3]
-        failed = "" if _ok(r) else "  FAILED (see the logs)"
+        failed = _failure(r)
         lines.append(f"{r['variant']:8} {'total':20} {_total(r):8.1f} {_cpu_total(r):8.1f} {peak:12.2f}  load "
                      f"average {load[0]:.1f} at start, {load[1]:.1f} at end{failed}")  # fmt: skip
     wall, cpu = sum(_total(r) for r in results), sum(_cpu_total(r) for r in results)

@@ -79,3 +79,16 @@ def test_rehearsal_refuses_an_impossible_depth_before_work(tmp_path, layers):
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(err) == 1 and "--layers" in err[0], proc.stderr
     assert not any(tmp_path.iterdir())  # nothing fabricated, nothing built
+
+
+def test_table_names_a_killed_stage():
+    from experiments import rehearsal
+
+    ok = {"exit": 0, "seconds": 10.0, "cpu_seconds": 8.0, "peak_rss": 2e9, "load_average": [1.0] * 6}
+    killed = ok | {"exit": -9, "seconds": 5.0, "cpu_seconds": 1.0, "peak_rss": 3e9}
+    result = {"variant": "fp32", "connectivity": ok, "curvature": killed,
+              "stages": [{"stage": "grid", "seconds": 10.0, "cpu_seconds": 8.0, "peak_rss": 2e9}]}  # fmt: skip
+    text = rehearsal.table([result], "qwen2-0.5b", 4)
+    total = next(line for line in text.splitlines() if line.startswith("fp32     total"))
+    assert "FAILED: curvature exit -9" in total and "out-of-memory" in total and "connectivity exit" not in total
+    assert "4 of 24 decoder layers (reduced)" in text and "15 s wall, 9 CPU s" in text
