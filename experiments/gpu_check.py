@@ -21,6 +21,11 @@ with ``--device cuda`` at real size and prints the same table: Qwen2-0.5B real w
 hf:FOLDER`` points at them, otherwise a randomly initialised Llama-3-8B shape. It needs CUDA (exit 2
 without).
 
+``--grid-projection`` calibrates :mod:`experiments.benchmarks.projection`: one grid point of the commonsense
+engine (Qwen2-0.5B shape, random init, the preset's 512 samples, bf16) timed on the GPU, its FLOPs counted,
+and measured against projected printed for that point and for the preset's whole grid (625 points), with the
+efficiency the GPU reached. It needs CUDA (exit 2 without).
+
 ``--smoke`` runs the same code on the CPU with the reduced ``clip-tiny`` architecture (seconds;
 used by the tests). Results are printed and, with ``--json``, written atomically.
 """
@@ -147,6 +152,29 @@ def run(args) -> dict:
     return report
 
 
+def grid_projection(json_path: str | None) -> int:
+    """Measured against projected: one point of the commonsense grid on this GPU (module docstring)."""
+    from experiments.benchmarks import projection as proj
+
+    preset = proj.preset_grid()
+    measured = proj.measure_point("cuda", "auto", samples=preset["samples"])
+    per_sample = measured["tokens_per_sample"] * preset["samples"]
+    point = proj.project_grid_wall_time(measured["tokens"], 1, measured["flops_per_token"])
+    grid = proj.project_grid_wall_time(per_sample, preset["points"], measured["flops_per_token"])
+    efficiency = measured["flops"] / measured["seconds"] / proj.H200_BF16_DENSE_FLOPS
+    name = torch.cuda.get_device_name()
+    minutes = measured["seconds"] * preset["points"] / 60
+    print(f"{name}: one commonsense grid point ({measured['samples']} samples, {measured['tokens']} tokens, "
+          f"{measured['dtype']}): measured {measured['seconds']:.3f} s, projected {point['projected_seconds']:.3f} s "
+          f"(efficiency assumed {proj.H200_EFFICIENCY}, measured {efficiency:.3f} of the H200 bf16 peak)")  # fmt: skip
+    print(f"preset grid ({preset['points']} points): measured rate x points {minutes:.1f} min, PROJECTED "
+          f"{grid['projected_seconds'] / 60:.1f} min")  # fmt: skip
+    if json_path:
+        write_json(json_path, {"device": name, "preset": preset, "measured": measured, "projected_point": point,
+                               "projected_grid": grid, "measured_efficiency": efficiency})  # fmt: skip
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the report here (atomically)")
@@ -158,7 +186,15 @@ def main(argv=None) -> int:
                    help="run experiments.rehearsal on the GPU at real size (Qwen2-0.5B weights given with --model "
                    "hf:FOLDER, else a random-init Llama-3-8B shape) and print its table")  # fmt: skip
     p.add_argument("--model", default=None, help="--rehearsal: hf:FOLDER of real Qwen2-0.5B weights")
+    p.add_argument("--grid-projection", action="store_true",
+                   help="time a commonsense grid point on the GPU, against the projection")  # fmt: skip
     args = p.parse_args(argv)
+    if args.grid_projection:
+        if not torch.cuda.is_available():
+            print("python -m experiments.gpu_check: error: --grid-projection needs a CUDA GPU; on a CPU run "
+                  "python -m experiments.benchmarks.projection", file=sys.stderr)  # fmt: skip
+            return 2
+        return grid_projection(args.json)
     if args.rehearsal:
         if not torch.cuda.is_available():
             print("python -m experiments.gpu_check: error: --rehearsal needs a CUDA GPU; on a CPU run "

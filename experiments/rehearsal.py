@@ -23,9 +23,11 @@ so). Results are written atomically with ``--json``. ``experiments.gpu_check --r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +35,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "experiments" / "paper" / "commonsense_rehearsal.toml"
+# Lanczos stops when the top Ritz residual r is below tol x |eigenvalue|; the eigenvalue's own error is then at
+# most r and about r² / gap (symmetric matrices): a rehearsal checks that the stage runs, not the fourth digit
+# that landscape.curvature's default 1e-3 pays extra HVPs for.
+CURVATURE_TOL = 1e-2
+# Decoder layers of the Qwen2-0.5B rehearsal on the CPU by default: all 24 (measured: README, "rehearsed").
+CPU_LAYERS: int | None = None
 VARIANTS = {"fp32": [], "4bit": ["--load-4bit"], "bf16": ["--torch-dtype", "bfloat16"]}
 
 # Real configurations (config.json of the released checkpoints), so the rehearsal's cost is the real one.
@@ -84,71 +92,209 @@ def build_model(shape: str, layers: int | None, folder: Path, data: Path) -> Pat
     return folder
 
 
-def run_measured(cmd: list[str], log: Path) -> tuple[int, float, int]:
-    """Run ``cmd``; its exit code, wall seconds and peak RSS in bytes (``wait4``: this child alone)."""
+STAGE_DONE = re.compile(r"^\[(\w+)\] done in ")  # landscape.cli.Stages prints this as each stage ends
+
+
+def _status_kib(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process so far (``/proc/PID/stat`` fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_measured(cmd: list[str], log: Path, poll_s: float = 0.2) -> dict:
+    """Run ``cmd`` with its output in ``log``: its exit code, wall seconds, CPU seconds (user + system), peak
+    RSS in bytes (``wait4``: this child alone), the load average before and after, and the peak RSS and CPU
+    seconds of each stage it reports.
+
+    Stage figures: every ``poll_s`` the log is read; when a ``[stage] done`` line appears, the child's ``VmHWM``
+    is that stage's peak and is reset (``/proc/PID/clear_refs`` 5), so the next stage starts from the RSS it
+    inherits, and its CPU seconds since the previous line are that stage's. A stage's figures may include up to
+    ``poll_s`` of the next one. Linux only; elsewhere no stage figures.
+
+    Why CPU seconds: on a shared machine the wall time depends on the other processes; a compute-bound process
+    alone on the cores takes at most its CPU seconds of wall time (it keeps at least one core busy), and at
+    least CPU seconds / cores.
+    """
+    load_before = os.getloadavg()
     start = time.perf_counter()
+    peaks: dict[str, int] = {}
+    cpu: dict[str, float] = {}
+    cpu_before = 0.0
     with open(log, "w") as out:
         env = os.environ | {"PYTHONPATH": str(ROOT)}
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        seen = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            text = log.read_text(errors="replace")
+            for line in text[seen:].splitlines(keepends=True):
+                if not line.endswith("\n"):
+                    break  # a line still being written: read it next time
+                seen += len(line)
+                match = STAGE_DONE.match(line)
+                hwm = _status_kib(proc.pid, "VmHWM") if match else None
+                if hwm is not None:
+                    peaks[match.group(1)] = hwm * 1024
+                    now = _cpu_seconds(proc.pid)
+                    if now is not None:
+                        cpu[match.group(1)], cpu_before = round(now - cpu_before, 1), now
+                    try:
+                        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+                    except OSError:
+                        pass
+            time.sleep(poll_s)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024
+    return {"exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss": usage.ru_maxrss * 1024,
+            "stage_peak_rss": peaks, "stage_cpu_seconds": cpu,
+            "load_average": [round(x, 2) for x in load_before + os.getloadavg()]}  # fmt: skip
 
 
 def run_variant(name: str, model: str, data: Path, out: Path, device: str) -> dict:
-    """The two commands of one variant; their stage times, peaks and vertex losses."""
+    """The two commands of one variant: each stage's seconds and peak RSS, the vertex losses, the eigenvalues."""
     run = out / name
-    run.mkdir(parents=True, exist_ok=True)
+    if run.exists():  # a rehearsal times every stage: an earlier run's stages would be reused, not rerun
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
     connectivity = [sys.executable, "-m", "landscape.connectivity", "--dataset", "commonsense", "--config", str(CONFIG),
                     "--model", model, "--data-root", str(data), "--out", str(run), "--device", device, "--no-progress",
                     *VARIANTS[name]]  # fmt: skip
-    code, seconds, peak = run_measured(connectivity, run / "connectivity.log")
-    result = {"variant": name, "connectivity_exit": code, "connectivity_s": round(seconds, 1),
-              "connectivity_peak_rss": peak}  # fmt: skip
-    if code != 0:
+    measured = run_measured(connectivity, run / "connectivity.log")
+    result = {"variant": name, "connectivity": measured, "stages": []}
+    if measured["exit"] != 0:
         return result
     meta = json.loads((run / "landscape.json").read_text())
-    result["stages_s"] = meta.get("wall_time_s", {})
+    seconds = meta.get("wall_time_s", {})
+    result["stages"] = [{"stage": k, "seconds": v, "cpu_seconds": measured["stage_cpu_seconds"].get(k),
+                         "peak_rss": measured["stage_peak_rss"].get(k)} for k, v in seconds.items()]  # fmt: skip
+    # imports, argument checks and the final writes: the process's time outside its stages
+    other = round(measured["seconds"] - sum(seconds.values()), 1)
+    other_cpu = round(measured["cpu_seconds"] - sum(measured["stage_cpu_seconds"].values()), 1)
+    result["stages"].append({"stage": "connectivity other", "seconds": other, "cpu_seconds": other_cpu,
+                             "peak_rss": None})  # fmt: skip
     solutions = meta.get("solutions", {})
     result["vertex_loss"] = {k: v.get("vertex_loss") for k, v in solutions.items() if isinstance(v, dict)}
+    result["precision"] = meta.get("precision")
     curvature = [sys.executable, "-m", "landscape.curvature", "--run", str(run), "--solutions", "lora", "randlora",
-                 "--coordinates", "adapter", "--top-k", "1", "--trace-probes", "0", "--slq-probes", "0",
-                 "--device", device, "--no-progress"]  # fmt: skip
-    code, seconds, peak = run_measured(curvature, run / "curvature.log")
-    result.update(curvature_exit=code, curvature_s=round(seconds, 1), curvature_peak_rss=peak)
-    if code == 0:
+                 "--coordinates", "adapter", "--top-k", "1", "--tol", str(CURVATURE_TOL), "--trace-probes", "0",
+                 "--slq-probes", "0", "--device", device, "--no-progress"]  # fmt: skip
+    measured = run_measured(curvature, run / "curvature.log")
+    result["curvature"] = measured
+    if measured["exit"] == 0:
         curv = json.loads((run / "curvature.json").read_text())
-        result["top_eigenvalue"] = {
-            s: (e.get("adapter", {}).get("eigenvalues") or [None])[0] for s, e in curv.get("solutions", {}).items()
-        }
+        result["top_eigenvalue"], spent = {}, 0.0
+        for s, e in curv.get("solutions", {}).items():
+            adapter = e.get("adapter", {})
+            result["top_eigenvalue"][s] = (adapter.get("eigenvalues") or [None])[0]
+            spent += adapter.get("seconds", 0.0)
+            result["stages"].append({"stage": f"curvature {s}", "seconds": adapter.get("seconds"),
+                                     "hvps": adapter.get("hvps"), "peak_rss": measured["peak_rss"]})  # fmt: skip
+        # loading the run and the model, the gradient at each solution, the writes (CPU seconds: the whole process)
+        result["stages"].append({"stage": "curvature other", "seconds": round(measured["seconds"] - spent, 1),
+                                 "peak_rss": measured["peak_rss"]})  # fmt: skip
     return result
 
 
+def _ok(r: dict) -> bool:
+    return r["connectivity"]["exit"] == 0 and r.get("curvature", {}).get("exit", 0) == 0
+
+
+def _failure(r: dict) -> str:
+    """Why a variant failed, for the table ('' when it did not)."""
+    why = []
+    for step in ("connectivity", "curvature"):
+        code = r.get(step, {}).get("exit", 0)
+        if code:
+            killed = " (SIGKILL: most likely the kernel's out-of-memory killer)" if code == -9 else ""
+            why.append(f"{step} exit {code}{killed}")
+    return "  FAILED: " + "; ".join(why) + ", see the logs" if why else ""
+
+
+def _total(r: dict) -> float:
+    return r["connectivity"]["seconds"] + r.get("curvature", {}).get("seconds", 0.0)
+
+
+def _cpu_total(r: dict) -> float:
+    return r["connectivity"]["cpu_seconds"] + r.get("curvature", {}).get("cpu_seconds", 0.0)
+
+
 def table(results: list[dict], shape: str, layers: int | None) -> str:
-    depth = f"{layers} of {SHAPES[shape]['num_hidden_layers']} layers (reduced)" if layers else "full depth"
-    header = f"{'variant':8} {'total s':>8} {'connectivity s':>15} {'curvature s':>12} {'peak GB':>8}  stages (s)"
-    lines = [f"rehearsal: {shape}, {depth}", header]
+    """One row per (variant, stage): wall seconds, CPU seconds, peak RSS; a total per variant and overall, with
+    the load average (the machine may be shared: the wall time depends on it, the CPU seconds much less)."""
+    full = SHAPES[shape]["num_hidden_layers"]
+    depth = f"{layers} of {full} decoder layers (reduced)" if layers and layers < full else f"all {full} decoder layers"
+    lines = [f"rehearsal: {shape}, {depth}; CPU: {cpu_name()}, {os.cpu_count()} cores",
+             f"{'variant':8} {'stage':20} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12}"]  # fmt: skip
     for r in results:
-        total = r["connectivity_s"] + r.get("curvature_s", 0.0)
-        peak = max(r["connectivity_peak_rss"], r.get("curvature_peak_rss", 0)) / 1e9
-        stages = " ".join(f"{k}={v:.0f}" for k, v in r.get("stages_s", {}).items())
-        failed = "" if r["connectivity_exit"] == 0 and r.get("curvature_exit", 0) == 0 else "  FAILED (see the logs)"
-        lines.append(f"{r['variant']:8} {total:8.0f} {r['connectivity_s']:15.0f} {r.get('curvature_s', 0):12.0f} "
-                     f"{peak:8.2f}  {stages}{failed}")  # fmt: skip
-    lines.append(f"total: {sum(r['connectivity_s'] + r.get('curvature_s', 0.0) for r in results):.0f} s")
+        for st in r["stages"]:
+            cpu = f"{st['cpu_seconds']:8.1f}" if st.get("cpu_seconds") is not None else f"{'':8}"
+            gb = f"{st['peak_rss'] / 1e9:12.2f}" if st.get("peak_rss") else f"{'':12}"
+            hvps = f"  ({st['hvps']} HVPs)" if st.get("hvps") is not None else ""
+            lines.append(f"{r['variant']:8} {st['stage']:20} {st['seconds']:8.1f} {cpu} {gb}{hvps}")
+        if "curvature" in r:
+            lines.append(f"{r['variant']:8} {'curvature (process)':20} {r['curvature']['seconds']:8.1f} "
+                         f"{r['curvature']['cpu_seconds']:8.1f} {r['curvature']['peak_rss'] / 1e9:12.2f}")  # fmt: skip
+        peak = max(r["connectivity"]["peak_rss"], r.get("curvature", {}).get("peak_rss", 0)) / 1e9
+        load = r["connectivity"]["load_average"][0], r.get("curvature", r["connectivity"])["load_average"][3]
+        failed = _failure(r)
+        lines.append(f"{r['variant']:8} {'total':20} {_total(r):8.1f} {_cpu_total(r):8.1f} {peak:12.2f}  load "
+                     f"average {load[0]:.1f} at start, {load[1]:.1f} at end{failed}")  # fmt: skip
+    wall, cpu = sum(_total(r) for r in results), sum(_cpu_total(r) for r in results)
+    lines.append(f"all variants: {wall:.0f} s wall, {cpu:.0f} CPU s (alone on the cores, a compute-bound run "
+                 f"takes at most its CPU seconds and at least CPU s / {os.cpu_count()})")  # fmt: skip
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 features (what sets the precision ``auto`` picks)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    feats = [f for f, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
+    named = [label for f, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in feats]
+    return f"{name} ({', '.join(named) or 'no native bf16'})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.rehearsal", description=__doc__.split("\n\n")[0])
+    from landscape.cli import Parser, positive_int
+
+    p = Parser(prog="python -m experiments.rehearsal", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/rehearsal", help="work folder (model, data, one run per variant)")
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--model", default="qwen2-0.5b",
                    help="qwen2-0.5b or llama3-8b (random init, real shape) or hf:FOLDER (real weights)")  # fmt: skip
-    p.add_argument("--layers", type=int, default=None, help="decoder layers of a random-init model (default: all)")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="decoder layers of a random-init model (default: all; on the CPU, Qwen2-0.5B: "
+                   f"{CPU_LAYERS or 'all'}, what fits 30 minutes)")  # fmt: skip
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", default=None, help="write the results here (atomically)")
     args = p.parse_args(argv)
+    if args.layers is None and args.device == "cpu" and args.model == "qwen2-0.5b":
+        args.layers = CPU_LAYERS
+    full = SHAPES.get(args.model, {}).get("num_hidden_layers")
+    if args.layers is not None and full is not None and args.layers > full:
+        p.error(f"--layers {args.layers}: {args.model} has {full} decoder layers")
+    if args.layers is not None and args.layers == full:
+        args.layers = None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
     from tests.llm_data import write_commonsense
@@ -161,15 +307,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown --model {args.model!r}: qwen2-0.5b, llama3-8b or hf:FOLDER")
         shape = args.model
         model = "hf:" + str(build_model(shape, args.layers, out / f"{shape}-{args.layers or 'full'}", data))
-    results = [run_variant(v, model, data, out, args.device) for v in args.variants]
-    text = table(results, shape, args.layers)
-    print(text)
-    if args.json:
-        from adapters.io import write_json
+    results: list[dict] = []
+    for variant in args.variants:  # the JSON is rewritten after each variant: a stopped run keeps the finished ones
+        results.append(run_variant(variant, model, data, out, args.device))
+        text = table(results, shape, args.layers)
+        if args.json:
+            from adapters.io import write_json
 
-        write_json(Path(args.json), {"model": args.model, "layers": args.layers, "device": args.device,
-                                     "results": results, "table": text})  # fmt: skip
-    return 0 if all(r["connectivity_exit"] == 0 and r.get("curvature_exit", 0) == 0 for r in results) else 1
+            write_json(Path(args.json), {"model": args.model, "layers": args.layers, "device": args.device,
+                                         "cpu": cpu_name(), "cpus": os.cpu_count(), "curvature_tol": CURVATURE_TOL,
+                                         "results": results, "table": text})  # fmt: skip
+    print(text)
+    return 0 if all(_ok(r) for r in results) else 1
 
 
 if __name__ == "__main__":

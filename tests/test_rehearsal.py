@@ -29,16 +29,38 @@ def test_rehearsal_runs_every_stage_of_each_variant(tmp_path):
     out, report = tmp_path / "rehearsal", tmp_path / "rehearsal.json"
     code = rehearsal.main(["--model", f"hf:{model}", "--out", str(out), "--variants", "fp32", "4bit",
                            "--json", str(report)])  # fmt: skip
-    results = {r["variant"]: r for r in json.loads(report.read_text())["results"]}
+    written = json.loads(report.read_text())
+    results = {r["variant"]: r for r in written["results"]}
     logs = {v: (out / v / "connectivity.log").read_text()[-2000:] for v in results}
     assert code == 0, logs
     for variant, r in results.items():
         meta = json.loads((out / variant / "landscape.json").read_text())
-        # every stage of the pipeline ran (fresh folder: nothing reused)
-        assert {"train_lora", "train_randlora", "grid", "paths", "spectrum"} <= set(r["stages_s"]), variant
+        stages = {s["stage"]: s for s in r["stages"]}
+        # every stage of the pipeline ran (fresh folder: nothing reused), each with its own peak RSS, which no
+        # stage can exceed the process's (wait4's) peak
+        assert {"train_lora", "train_randlora", "grid", "paths", "spectrum"} <= set(meta["wall_time_s"]), variant
+        assert set(meta["wall_time_s"]) < set(stages) and {"curvature lora", "curvature randlora"} < set(stages)
+        for name in meta["wall_time_s"]:
+            assert stages[name]["seconds"] == meta["wall_time_s"][name]
+            assert 0 < stages[name]["peak_rss"] <= r["connectivity"]["peak_rss"], (variant, name)
+        assert stages["curvature randlora"]["hvps"] >= 1
+        # the stages and the processes' time outside them add up to the measured wall time
+        total = r["connectivity"]["seconds"] + r["curvature"]["seconds"]
+        assert abs(sum(s["seconds"] for s in r["stages"]) - total) < 0.5
+        # CPU seconds per connectivity stage (from /proc) add up to the process's (from wait4)
+        connectivity = [s for s in r["stages"] if not s["stage"].startswith("curvature")]
+        assert all(s["cpu_seconds"] is not None for s in connectivity)
+        assert abs(sum(s["cpu_seconds"] for s in connectivity) - r["connectivity"]["cpu_seconds"]) < 0.5
+        assert len(r["connectivity"]["load_average"]) == 6
         assert meta["config"]["randlora_rank"] == 30 and meta["config"]["grid"] == 3
         eig = r["top_eigenvalue"]
         assert set(eig) == {"lora", "randlora"} and all(torch.isfinite(torch.tensor(v)) for v in eig.values())
+        curvature = json.loads((out / variant / "curvature.json").read_text())
+        assert curvature["settings"]["tol"] == rehearsal.CURVATURE_TOL and curvature["settings"]["top_k"] == 1
+        # the table has one row per stage of the variant, and the CPU it ran on
+        rows = [line for line in written["table"].splitlines() if line.startswith(variant + " ")]
+        assert len(rows) == len(r["stages"]) + 2 and rows[-1].split()[1] == "total"
+    assert "CPU:" in written["table"] and written["cpus"] == os.cpu_count()
     assert json.loads((out / "4bit" / "landscape.json").read_text())["config"]["load_4bit"] is True
 
 
@@ -48,3 +70,25 @@ def test_gpu_check_rehearsal_needs_cuda():
                           text=True, env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(err) == 1 and "CUDA" in err[0], proc.stderr
+
+
+@pytest.mark.parametrize("layers", ["0", "25"])
+def test_rehearsal_refuses_an_impossible_depth_before_work(tmp_path, layers):
+    proc = subprocess.run([sys.executable, "-m", "experiments.rehearsal", "--layers", layers, "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1 and "--layers" in err[0], proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing fabricated, nothing built
+
+
+def test_table_names_a_killed_stage():
+    from experiments import rehearsal
+
+    ok = {"exit": 0, "seconds": 10.0, "cpu_seconds": 8.0, "peak_rss": 2e9, "load_average": [1.0] * 6}
+    killed = ok | {"exit": -9, "seconds": 5.0, "cpu_seconds": 1.0, "peak_rss": 3e9}
+    result = {"variant": "fp32", "connectivity": ok, "curvature": killed,
+              "stages": [{"stage": "grid", "seconds": 10.0, "cpu_seconds": 8.0, "peak_rss": 2e9}]}  # fmt: skip
+    text = rehearsal.table([result], "qwen2-0.5b", 4)
+    total = next(line for line in text.splitlines() if line.startswith("fp32     total"))
+    assert "FAILED: curvature exit -9" in total and "out-of-memory" in total and "connectivity exit" not in total
+    assert "4 of 24 decoder layers (reduced)" in text and "15 s wall, 9 CPU s" in text
