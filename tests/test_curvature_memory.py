@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters.objectives import OBJECTIVES
 from landscape import curvature
-from landscape.grid import EvalSet
+from landscape.engine.grid import EvalSet
 
 CE = OBJECTIVES["classification"]
 

@@ -5,7 +5,7 @@
 
 Nothing here runs on an H200: the H200 figure is a **projection**, and every output says so.
 
-**Measured (this machine).** The landscape engine at one grid point (:class:`landscape.grid.PlaneEvaluator`,
+**Measured (this machine).** The landscape engine at one grid point (:class:`landscape.engine.grid.PlaneEvaluator`,
 the precision ``auto`` picks, :class:`adapters.models.lm_scoring.CausalLMScorer`: each prompt run once, its
 candidates continued from its KV cache, logits only at the answer positions) on a randomly initialised model of
 Qwen2-0.5B's real configuration (:data:`experiments.benchmarks.lm_throughput.QWEN2_0_5B`, all 24 layers unless
@@ -125,7 +125,7 @@ def measure_point(device: str = "cpu", dtype: str = "auto", layers: int | None =
     from experiments.benchmarks.lm_throughput import QWEN2_0_5B, TINY, build_model, encode, toolkit_evaluator
     from experiments.benchmarks.peers import sync
     from experiments.benchmarks.plain_lm import fabricate_examples
-    from landscape.grid import EvalSet, PlaneEvaluator
+    from landscape.engine.grid import EvalSet, PlaneEvaluator
 
     shape = TINY if quick else QWEN2_0_5B
     dtype = resolve_dtype(dtype, device)
