@@ -362,6 +362,15 @@ def _upgraded_path(entry: dict) -> dict:
             "t_max": entry.get("chord_t_max")}  # fmt: skip
 
 
+def _barrier_on(entry: dict, where: str) -> str:
+    """``no barrier on <where>`` for a path at or below its chord, else ``a barrier of X ± SE on <where>``."""
+    from landscape.paths import has_barrier
+
+    if not has_barrier(entry["barrier"]):
+        return f"no barrier on {where}"
+    return f"a barrier of {_pm(entry['barrier'], entry['barrier_se'])} on {where}"
+
+
 def curve_readings(meta: dict, data: dict | None = None) -> list[str]:
     """The barrier (height above the chord, "no barrier" at or below it) and the peak above the endpoint mean on
     the trained curve vs on the straight line (± paired SE), where the peaks are, the curve's lowest point (from
@@ -378,12 +387,11 @@ def curve_readings(meta: dict, data: dict | None = None) -> list[str]:
     out = [
         f"{CURVE_KINDS.get(meta['kind'], meta['kind'])} {meta['pair']} ({meta['bends']} bends, {train['steps']} "
         f"steps of one t each, lr {train['lr']:g}; {meta['points']} values of t on the {meta['eval_samples']} "
-        f"evaluation samples): barrier (max of loss − the chord (1 − t)·L(0) + t·L(1)) on the curve "
-        f"{_barrier_pm(c['barrier'], c['barrier_se'])} vs the straight line "
-        f"{_barrier_pm(line['barrier'], line['barrier_se'])}; peak above the endpoint mean (not a barrier) on the "
-        f"curve {_pm(c['peak_above_endpoint_mean'], c['peak_above_endpoint_mean_se'])} vs the line "
-        f"{_pm(line['peak_above_endpoint_mean'], line['peak_above_endpoint_mean_se'])}, {peaks}; mean loss along "
-        f"the curve {c['mean_loss']:.4f}, along the line {line['mean_loss']:.4f}."
+        f"evaluation samples): above the chord (1 − t)·L(0) + t·L(1), {_barrier_on(c, 'the curve')} and "
+        f"{_barrier_on(line, 'the straight line')}; peak above the endpoint mean (not a barrier) "
+        f"{_pm(c['peak_above_endpoint_mean'], c['peak_above_endpoint_mean_se'])} on the curve and "
+        f"{_pm(line['peak_above_endpoint_mean'], line['peak_above_endpoint_mean_se'])} on the line, {peaks}; mean "
+        f"loss along the curve {c['mean_loss']:.4f}, along the line {line['mean_loss']:.4f}."
     ]
     if data is not None:
         out += _curve_low(data, c)

@@ -79,3 +79,23 @@ def test_figures_say_no_barrier_and_never_call_the_peak_a_barrier():
     # one arrow, from the line's chord at t = 1/2 up to its bump
     arrows = [(a.xy, a.xyann) for a in ax.texts if hasattr(a, "xyann")]
     assert arrows == [((0.5, pytest.approx(0.9 + h)), (0.5, pytest.approx(0.9)))]
+
+
+def test_the_gallery_redoes_barriers_of_the_old_format(tmp_path):
+    """experiments.figures reruns what holds format-1 barriers (Frankle's quantity called the barrier)."""
+    import json
+
+    from experiments.figures import _old_barriers
+
+    cases = {
+        "old.json": ({"paths": {"barrier": {"ft-lora": 0.02}}}, True),
+        "new.json": ({"paths": {"barrier": {"ft-lora": 0.0}, "format_version": paths.FORMAT_VERSION}}, False),
+        "none.json": ({"paths": None}, False),  # a random chart: no paths, nothing to redo
+    }
+    for name, (content, old) in cases.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        assert _old_barriers(tmp_path / name, "paths") is old, name
+    (tmp_path / "curve.json").write_text(json.dumps({"curve": {"barrier": 0.01}, "line": {"barrier": 0.02}}))
+    assert _old_barriers(tmp_path / "curve.json")
+    (tmp_path / "curve.json").write_text(json.dumps({"format_version": 2, "curve": {}, "line": {}}))
+    assert not _old_barriers(tmp_path / "curve.json")
