@@ -99,3 +99,18 @@ def test_the_gallery_redoes_barriers_of_the_old_format(tmp_path):
     assert _old_barriers(tmp_path / "curve.json")
     (tmp_path / "curve.json").write_text(json.dumps({"format_version": 2, "curve": {}, "line": {}}))
     assert not _old_barriers(tmp_path / "curve.json")
+
+
+def test_the_runs_closing_summary_prints_each_barrier(capsys):
+    from landscape import report
+
+    result = {"pairs": ["ft-lora", "lora-randlora"], "points": len(T), "extend": 0.25, "barriers": {}}
+    for pair, loss in zip(result["pairs"], (_chord(T, 0.4, 0.9) + 0.2 * np.sin(np.pi * T), 0.2 + (T - 0.3) ** 2),
+                          strict=True):  # fmt: skip
+        result["barriers"][pair] = {**paths.loss_barrier(T, loss), "barrier_se": 0.01,
+                                    "peak_above_endpoint_mean_se": 0.02}  # fmt: skip
+    report.print_summary([], {}, {"paths": 1.0}, paths.summary(result))
+    out = capsys.readouterr().out.splitlines()
+    peak = f"peak above the endpoint mean {result['barriers']['ft-lora']['peak_above_endpoint_mean']:.4f} ± 0.0200"
+    assert out[-2] == f"path ft-lora        barrier 0.2000 ± 0.0100 at t = 0.500; {peak}"
+    assert out[-1].startswith("path lora-randlora  no barrier; peak above the endpoint mean ")
