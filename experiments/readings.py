@@ -2,8 +2,8 @@
 made from each run's JSON and npz contents (never from files: the caller reads them), with their standard errors.
 
 - the plane's main section: who beats the head-only baseline, depth of each basin, barriers (heights above the
-  chord) beside the peaks above the endpoint mean, ranks and the
-  similarity of each adapter's update to full fine-tuning's (:func:`readings`);
+  chord) beside the peaks above the endpoint mean, ranks and the similarity of each adapter's update to full
+  fine-tuning's (:func:`readings`);
 - "Beyond the plane": the random lines' rises and minima (:func:`line_rise`, :func:`rise_readings`), the random
   plane (:func:`plane_readings`), the curvature at each solution (:func:`curvature_readings`) and a trained
   curve (:func:`curve_readings`).
