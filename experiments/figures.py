@@ -67,10 +67,21 @@ def resolve_argv(argv: list[str]) -> list[str]:
     return [f"hf:{minilm.model_path()}" if a == "hf:MINILM" else a for a in argv]
 
 
+def _old_barriers(path: Path, key: str | None = None) -> bool:
+    """Whether the JSON at ``path`` (its ``key``: landscape.json's "paths") holds barriers from before
+    :data:`landscape.paths.FORMAT_VERSION`, which called Frankle's quantity the barrier: they are redone (a rerun
+    of the main job reuses its solutions and grid and computes the paths again)."""
+    from landscape.paths import FORMAT_VERSION
+
+    record = json.loads(path.read_text())
+    record = record.get(key) if key else record
+    return bool(record) and record.get("format_version", 1) < FORMAT_VERSION
+
+
 def ensure_run(name: str, argv: list[str], runs: Path, force: bool) -> Path:
     argv = resolve_argv(argv)
     out = runs / name
-    if force or not (out / "landscape.json").exists():
+    if force or not (out / "landscape.json").exists() or _old_barriers(out / "landscape.json", "paths"):
         print(f"[figures] running {' '.join(argv)} --out {out}", file=sys.stderr)
         code = connectivity.main([*argv, "--out", str(out), "--no-progress"])
         if code != 0:
@@ -261,7 +272,8 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
     if force or not _curvature_done(run / "curvature.json"):
         print(f"[figures] {_shown('landscape.curvature', curvature_argv(run))}", file=sys.stderr)
         _check(curvature.main(curvature_argv(run)), f"the curvature of '{name}'")
-    if force or not (run / "curves" / f"{'-'.join(CURVE_PAIR)}.json").exists():
+    curve_json = run / "curves" / f"{'-'.join(CURVE_PAIR)}.json"
+    if force or not curve_json.exists() or _old_barriers(curve_json):
         print(f"[figures] {_shown('landscape.curves', curve_argv(run))}", file=sys.stderr)
         _check(curves.main(curve_argv(run)), f"the {'-'.join(CURVE_PAIR)} curve of '{name}'")
 

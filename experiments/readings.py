@@ -1,8 +1,9 @@
 """The gallery's readings: the sentences and tables of numbers that experiments.figures writes into the README,
 made from each run's JSON and npz contents (never from files: the caller reads them), with their standard errors.
 
-- the plane's main section: who beats the head-only baseline, depth of each basin, barriers, ranks and the
-  similarity of each adapter's update to full fine-tuning's (:func:`readings`);
+- the plane's main section: who beats the head-only baseline, depth of each basin, barriers (heights above the
+  chord) beside the peaks above the endpoint mean, ranks and the similarity of each adapter's update to full
+  fine-tuning's (:func:`readings`);
 - "Beyond the plane": the random lines' rises and minima (:func:`line_rise`, :func:`rise_readings`), the random
   plane (:func:`plane_readings`), the curvature at each solution (:func:`curvature_readings`) and a trained
   curve (:func:`curve_readings`).
@@ -100,22 +101,47 @@ def _depth(sols: dict, gap_se: dict) -> str:
     return f"Depth on the plane (vertex loss, lowest first): {text} (SE of each step, paired: {shown}; {note})."
 
 
+def _upgraded(paths: dict) -> dict:
+    """A landscape.json "paths" summary in the current format (:data:`landscape.paths.FORMAT_VERSION`): a summary
+    from before it (no ``peak_above_endpoint_mean``) had Frankle's quantity as ``barrier`` and the chord barrier,
+    when recorded, as ``chord_barrier``; its numbers are renamed, never read under the other meaning."""
+    if "peak_above_endpoint_mean" in paths:
+        return paths
+    old = dict(paths)
+    new = {"peak_above_endpoint_mean": old.pop("barrier", {}), "peak_above_endpoint_mean_se": old.pop("barrier_se", {})}
+    old.pop("t_max", None)
+    if old.get("chord_barrier"):
+        new.update(barrier=old["chord_barrier"], barrier_se=old.get("chord_barrier_se") or {})
+    return {**old, **new}
+
+
+def _barrier_pm(value: float, se: float | None) -> str:
+    """A chord barrier ``value ± se`` as :func:`_pm` writes it, or "no barrier" for a path at or below its chord."""
+    from landscape.paths import has_barrier
+
+    return _pm(value, se) if has_barrier(value) else "no barrier"
+
+
 def _barriers(paths: dict) -> str:
-    """Both barriers of each straight path with their paired SE, each marked "within noise" (2 SE) when so;
-    runs from before the chord barrier give the first alone."""
-    chord, chord_se = paths.get("chord_barrier") or {}, paths.get("chord_barrier_se") or {}
-    parts = []
-    for pair, value in paths["barrier"].items():
-        text = f"{pair} {_pm(value, (paths.get('barrier_se') or {}).get(pair))}"
-        if pair in chord:
-            text += f", above the chord {_pm(chord[pair], chord_se.get(pair))}"
-        parts.append(text)
-    if not chord:
-        return "Barriers on the straight paths (max loss − mean endpoint loss, ± paired SE): " + ", ".join(parts) + "."
-    return (
-        "Barriers on the straight paths (± paired SE; max loss − mean endpoint loss, Frankle et al. 2020, and max "
-        "of loss − the chord (1 − t)·L(0) + t·L(1), Entezari et al. 2022): " + "; ".join(parts) + "."
-    )
+    """The barrier of each straight path (its height above the chord, "no barrier" at or below it) and its peak
+    above the endpoint mean, never called a barrier, each ± paired SE and marked "within noise" (2 SE) when so;
+    runs from before the chord barrier give the peak alone."""
+    paths = _upgraded(paths)
+    peak, peak_se = paths["peak_above_endpoint_mean"], paths.get("peak_above_endpoint_mean_se") or {}
+    out = []
+    if paths.get("barrier"):
+        se = paths.get("barrier_se") or {}
+        out.append(
+            "Barriers on the straight paths (max over t of L(t) − the chord (1 − t)·L(0) + t·L(1), Entezari et al. "
+            "2022, ± paired SE): " + "; ".join(f"{p} {_barrier_pm(v, se.get(p))}" for p, v in paths["barrier"].items())
+            + "."
+        )  # fmt: skip
+    out.append(
+        "Peak above the endpoint mean, max L(t) − (L(0) + L(1))/2 (Frankle et al. 2020; not a barrier: half the "
+        "endpoints' gap on a monotone path), ± paired SE: " + "; ".join(f"{p} {_pm(v, peak_se.get(p))}"
+                                                                       for p, v in peak.items()) + "."
+    )  # fmt: skip
+    return " ".join(out)
 
 
 def _similarity(layers: list[dict], k: int) -> list[str]:
@@ -325,26 +351,47 @@ def curvature_readings(result: dict) -> list[str]:
     return out
 
 
+def _upgraded_path(entry: dict) -> dict:
+    """One path of a curves/A-B.json (or a paths.json pair) in the current format: an entry from before it (no
+    ``peak_above_endpoint_mean``) had Frankle's quantity as ``barrier``, at ``t_max``, and the chord barrier as
+    ``chord_barrier``, at ``chord_t_max``."""
+    if "peak_above_endpoint_mean" in entry:
+        return entry
+    return {**entry, "peak_above_endpoint_mean": entry["barrier"], "peak_above_endpoint_mean_se": entry["barrier_se"],
+            "peak_t": entry["t_max"], "barrier": entry["chord_barrier"], "barrier_se": entry["chord_barrier_se"],
+            "t_max": entry.get("chord_t_max")}  # fmt: skip
+
+
+def _barrier_on(entry: dict, where: str) -> str:
+    """``no barrier on <where>`` for a path at or below its chord, else ``a barrier of X ± SE on <where>``."""
+    from landscape.paths import has_barrier
+
+    if not has_barrier(entry["barrier"]):
+        return f"no barrier on {where}"
+    return f"a barrier of {_pm(entry['barrier'], entry['barrier_se'])} on {where}"
+
+
 def curve_readings(meta: dict, data: dict | None = None) -> list[str]:
-    """Both barriers on the trained curve vs on the straight line (± paired SE), where each path peaks, the curve's
-    lowest point (from curves/A-B.npz when given) and the time, from curves/A-B.json."""
+    """The barrier (height above the chord, "no barrier" at or below it) and the peak above the endpoint mean on
+    the trained curve vs on the straight line (± paired SE), where the peaks are, the curve's lowest point (from
+    curves/A-B.npz when given) and the time, from curves/A-B.json."""
     from landscape.render import CURVE_KINDS
 
-    c, line, train = meta["curve"], meta["line"], meta["train"]
-    ends = c["t_max"] == line["t_max"] and c["t_max"] in (0.0, 1.0)
+    c, line, train = _upgraded_path(meta["curve"]), _upgraded_path(meta["line"]), meta["train"]
+    ends = c["peak_t"] == line["peak_t"] and c["peak_t"] in (0.0, 1.0)
     peaks = (
-        f"both peak at the end t = {c['t_max']:g}, where this barrier is half the endpoints' gap whatever the path"
+        f"both at the end t = {c['peak_t']:g}, where it is half the endpoints' gap whatever the path"
         if ends
-        else f"peaks at t = {c['t_max']:g} on the curve, {line['t_max']:g} on the line"
+        else f"at t = {c['peak_t']:g} on the curve, {line['peak_t']:g} on the line"
     )
     out = [
         f"{CURVE_KINDS.get(meta['kind'], meta['kind'])} {meta['pair']} ({meta['bends']} bends, {train['steps']} "
         f"steps of one t each, lr {train['lr']:g}; {meta['points']} values of t on the {meta['eval_samples']} "
-        f"evaluation samples): barrier (max loss − mean endpoint loss) on the curve "
-        f"{_pm(c['barrier'], c['barrier_se'])} vs the straight line {_pm(line['barrier'], line['barrier_se'])} "
-        f"— {peaks}; above the chord on the curve {_pm(c['chord_barrier'], c['chord_barrier_se'])} vs the line "
-        f"{_pm(line['chord_barrier'], line['chord_barrier_se'])}; mean loss along the curve {c['mean_loss']:.4f}, "
-        f"along the line {line['mean_loss']:.4f}."
+        f"evaluation samples): above the chord (1 − t)·L(0) + t·L(1), {_barrier_on(c, 'the curve')} and "
+        f"{_barrier_on(line, 'the straight line')}; peak above the endpoint mean (not a barrier) "
+        f"{_pm(c['peak_above_endpoint_mean'], c['peak_above_endpoint_mean_se'])} on the curve and "
+        f"{_pm(line['peak_above_endpoint_mean'], line['peak_above_endpoint_mean_se'])} on the line, {peaks}; mean "
+        f"loss along the curve {c['mean_loss']:.4f}, along the line {line['mean_loss']:.4f}."
     ]
     if data is not None:
         out += _curve_low(data, c)

@@ -130,7 +130,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
                 wall_time_total_s=round(time.perf_counter() - started, 1),
                 command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
     store.write_json(out / "landscape.json", meta)
-    print_summary([out / "landscape.json", *written], summary, stages.seconds)
+    print_summary([out / "landscape.json", *written], summary, stages.seconds, path_summary)
     return out
 
 

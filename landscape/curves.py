@@ -20,8 +20,9 @@ alone, and decay would pull the bends towards zero, away from both solutions.
 
 The trained curve and the straight line are then evaluated at the same t on the run's evaluation set by
 :class:`CurveEvaluator`, the paths' :class:`landscape.engine.grid.PlaneEvaluator` (the line bit-identical to the
-paths' dense evaluation), with both barriers and their paired standard errors
-(:func:`landscape.paths.barriers_with_se`).
+paths' dense evaluation), each with its barrier (the height above the chord between the endpoint losses;
+"no barrier" at or below it) and its peak above the endpoint mean, never called a barrier, both with their
+paired standard errors (:func:`landscape.paths.barriers_with_se`).
 
 Memory: the bends are dense fp32 copies of the plane parameters (bends × model), and training adds their
 gradients and AdamW's two moments (4 × bends × model in all), plus θ_A, θ_B and θ(t).
@@ -29,7 +30,9 @@ gradients and AdamW's two moments (4 × bends × model in all), plus θ_A, θ_B 
 Writes under ``--out`` (default: the run folder), ``curves/``:
 
   <A>-<B>.npz          t (n,), loss / accuracy / loss_se (2, n) with rows ``paths`` = (curve, line), train_loss
-  <A>-<B>.json         both paths' barriers (both definitions, paired SE), mean loss; settings, training summary
+  <A>-<B>.json         ``format_version`` (:data:`landscape.paths.FORMAT_VERSION`: 2, ``barrier`` the chord
+                       barrier, as paths.json's); per path (curve, line) the keys of a paths.json pair (barrier,
+                       barrier_se, peak_above_endpoint_mean, ...) and its mean loss; settings, training summary
   <A>-<B>.png          loss along the curve and along the straight line, chords and barriers drawn
   <A>-<B>.safetensors  the bends: ``bend<k>.<parameter name>``; kind, bends, pair in the metadata
 """
@@ -298,9 +301,9 @@ def evaluate_curve(
     progress: bool = True,
 ) -> dict:
     """Loss, accuracy and loss_se of the curve and of the straight line at ``points`` values of t in [0, 1],
-    each path's barriers (:func:`landscape.paths.barriers_with_se`) and mean loss over t. ``model``'s
-    parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve", "line"), "loss"/"accuracy"/
-    "loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
+    each path's barrier and peak above the endpoint mean (:func:`landscape.paths.barriers_with_se`) and mean
+    loss over t. ``model``'s parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve",
+    "line"), "loss"/"accuracy"/"loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
     t = paths.path_axis(points, 0.0)
     if curve.offset:  # W0 + offset(t), built per module beside the packed layers (landscape.engine.factored)
         evaluator = factored.FactoredEvaluator(model, offset_chart(curve, model), eval_set, device, dtype, 1,
@@ -363,8 +366,10 @@ def write_curve(
         "kind": curve.kind,
         "bends": curve.num_bends,
         "points": len(result["t"]),
+        "format_version": paths.FORMAT_VERSION,
         "barrier_definition": paths.BARRIER_DEFINITION.replace("(1-t)*theta_A + t*theta_B", "theta(t)"),
         "chord_barrier_definition": paths.CHORD_BARRIER_DEFINITION.replace("(1-t)*theta_A + t*theta_B", "theta(t)"),
+        "peak_above_endpoint_mean_definition": paths.PEAK_DEFINITION.replace("(1-t)*theta_A + t*theta_B", "theta(t)"),
         **{row: {**result["barriers"][row], "mean_loss": result["mean_loss"][row]} for row in ROWS},
         "seconds": result.get("seconds"),
     }
@@ -417,8 +422,9 @@ def build_parser():
         prog=PROG,
         description="Train a curve of low loss between two solutions of a run (written by landscape.connectivity): "
         "fixed endpoints, trainable bends (Garipov et al. 2018), then the loss along it and along the straight "
-        "line, with both barriers. Memory: the bends are dense fp32 copies of the plane's parameters (bends × "
-        "model), and training holds their gradients and AdamW's two moments too (4 × bends × model).",
+        "line, with the barrier of each (its height above the chord between the endpoint losses). Memory: the "
+        "bends are dense fp32 copies of the plane's parameters (bends × model), and training holds their "
+        "gradients and AdamW's two moments too (4 × bends × model).",
         epilog="Example: python -m landscape.curves --run runs/wordnet --pair ft,lora --bends 1 --steps 300",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
@@ -520,8 +526,8 @@ def _run(argv: Sequence[str] | None = None) -> None:
     print("wrote " + ", ".join(str(p) for p in written))
     for row in ROWS:
         b = result["barriers"][row]
-        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, barrier {b['barrier']:.4f} ± {b['barrier_se']:.4f}, "
-              f"chord barrier {b['chord_barrier']:.4f} ± {b['chord_barrier_se']:.4f}")  # fmt: skip
+        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}; peak above the endpoint "
+              f"mean {b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}")  # fmt: skip
 
 
 def _info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:

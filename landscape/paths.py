@@ -2,15 +2,17 @@
 
 For each pair (A, B) of (ft, lora), (ft, randlora), (lora, randlora) the loss is evaluated on
 the straight line ``θ(t) = (1 − t)·θ_A + t·θ_B = θ_A + t·(θ_B − θ_A)`` for ``points`` values
-of t in ``[−extend, 1 + extend]`` (0 and 1 are always exactly on the grid). Two barriers per pair:
+of t in ``[−extend, 1 + extend]`` (0 and 1 are always exactly on the grid). Per pair:
 
-- ``barrier = max_{t ∈ [0, 1]} L(θ(t)) − (L(θ_A) + L(θ_B)) / 2`` (Frankle et al. 2020; REFERENCE.md §3),
-  never negative; but on a monotone path between endpoints of different loss it is half their gap,
-  positive with no bump at all;
-- ``chord_barrier = max_{t ∈ [0, 1]} [L(θ(t)) − ((1 − t)·L(θ_A) + t·L(θ_B))]`` (Entezari et al. 2022):
-  the height above the chord between the endpoint losses, 0 for any path that never rises above it.
+- ``barrier = max_{t ∈ [0, 1]} [L(θ(t)) − ((1 − t)·L(θ_A) + t·L(θ_B))]``, the chord barrier (Entezari et al.
+  2022): the height of the path above the chord between the endpoint losses, at ``t_max``. It is 0 for any
+  path at or below its chord (a monotone or convex path among them), which reads "no barrier". The same
+  value is kept under ``chord_barrier`` (``chord_t_max``, ``chord_loss_max``, ``chord_barrier_se``).
+- ``peak_above_endpoint_mean = max_{t ∈ [0, 1]} L(θ(t)) − (L(θ_A) + L(θ_B)) / 2`` (Frankle et al. 2020;
+  REFERENCE.md §3), at ``peak_t``. It is not a barrier: on a monotone path between endpoints of different
+  loss it is half their gap, positive with no bump at all.
 
-A barrier near 0 means the two solutions are linearly mode-connected. Each comes with its standard
+A barrier near 0 means the two solutions are linearly mode-connected. Each quantity comes with its standard
 error paired over the evaluation samples, from the per-sample losses the paths keep (no extra forward).
 
 The line is an affine chart (origin θ_A, U = θ_B − θ_A, V = 0) evaluated by the same
@@ -20,9 +22,14 @@ the path at t = 0 and t = 1 is the loss of the solutions themselves on the same 
 Writes under the run folder (or ``--out``):
 
   paths.npz   t (n,), loss / accuracy / loss_se (3, n) (row k = pairs[k]), pairs (3,) e.g. "ft-lora"
-  paths.json  per pair: barrier, t_max, loss_max, endpoint losses, chord_barrier, chord_t_max, their paired
-              standard errors; both definitions; points, extend, seed, eval info
-  paths.png / paths.pdf   loss along t, one line per pair, solutions marked, barriers and chords drawn
+  paths.json  ``format_version`` (:data:`FORMAT_VERSION`); per pair: barrier, barrier_se, t_max, loss_max,
+              the chord_barrier* copies, peak_above_endpoint_mean, its _se, peak_t, peak_loss, endpoint
+              losses; the definitions; points, extend, seed, eval info
+  paths.png / paths.pdf   loss along t, one line per pair, solutions marked, chords and barriers drawn
+
+Format versions of paths.json (and of the curves' JSON, :mod:`landscape.curves`): 1 (no ``format_version``
+key) had ``barrier`` = max L(t) − mean endpoint loss, Frankle's quantity; 2 has ``barrier`` = the chord
+barrier and Frankle's quantity as ``peak_above_endpoint_mean``.
 
 The command reopens a run with :func:`landscape.run.open_run` (the configuration recorded in
 ``landscape.json``), so the evaluation set, the device's precision and the solutions are the run's.
@@ -56,21 +63,32 @@ PAIRS = (("ft", "lora"), ("ft", "randlora"), ("lora", "randlora"))
 __all__ = [
     "BARRIER_DEFINITION",
     "CHORD_BARRIER_DEFINITION",
+    "FORMAT_VERSION",
+    "NO_BARRIER_ATOL",
     "PAIRS",
+    "PEAK_DEFINITION",
     "barrier_se",
+    "barrier_text",
     "barriers_with_se",
     "check_options",
     "chord_barrier_se",
     "compute_paths",
+    "has_barrier",
     "line_chart",
     "loss_barrier",
     "main",
     "path_axis",
+    "peak_above_endpoint_mean_se",
     "write_paths",
 ]
 
-BARRIER_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - (L(theta_A) + L(theta_B)) / 2"
+FORMAT_VERSION = 2  # of paths.json and the curves' JSON: 2 = ``barrier`` is the chord barrier (module docstring)
 CHORD_BARRIER_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - ((1-t)*L(theta_A) + t*L(theta_B))"
+BARRIER_DEFINITION = CHORD_BARRIER_DEFINITION
+PEAK_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - (L(theta_A) + L(theta_B)) / 2"
+# The chord barrier is exactly 0 at the ends; a path on its chord (a straight-line loss) may rise above it by
+# float64 rounding alone, far below this, and still reads "no barrier".
+NO_BARRIER_ATOL = 1e-12
 
 
 def pair_name(a: str, b: str) -> str:
@@ -99,11 +117,13 @@ def line_chart(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.
 
 
 def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
-    """Both barriers of one path (module docstring) from its losses at ``t`` (which holds 0 and 1).
+    """The barrier and the peak above the endpoint mean of one path (module docstring) from its losses at ``t``
+    (which holds 0 and 1).
 
-    ``barrier``: max over t ∈ [0, 1] of the loss minus the mean of the losses at t = 0 and 1, at ``t_max``;
-    ``chord_barrier``: max over t ∈ [0, 1] of the loss minus the chord ``(1 − t)·L(0) + t·L(1)``, at
-    ``chord_t_max`` (≥ 0: the chord meets the path at both ends).
+    ``barrier`` (and its copy ``chord_barrier``): max over t ∈ [0, 1] of the loss minus the chord
+    ``(1 − t)·L(0) + t·L(1)``, at ``t_max`` (``chord_t_max``) where the loss is ``loss_max``; never negative,
+    as the chord meets the path at both ends. ``peak_above_endpoint_mean``: max over t ∈ [0, 1] of the loss
+    minus the mean of the losses at t = 0 and 1, at ``peak_t`` where the loss is ``peak_loss``.
     """
     t, loss = np.asarray(t, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     inside = np.flatnonzero((t >= 0.0) & (t <= 1.0))
@@ -112,40 +132,59 @@ def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
     mean_ends = 0.5 * (loss[i0] + loss[i1])
     above_chord = loss[inside] - ((1.0 - t[inside]) * loss[i0] + t[inside] * loss[i1])
     c = int(np.argmax(above_chord))
+    chord = {"barrier": float(above_chord[c]), "t_max": float(t[inside[c]]), "loss_max": float(loss[inside[c]])}
     return {
-        "barrier": float(loss[k] - mean_ends),
-        "t_max": float(t[k]),
-        "loss_max": float(loss[k]),
+        **chord,
+        **{f"chord_{key}": value for key, value in chord.items()},
+        "peak_above_endpoint_mean": float(loss[k] - mean_ends),
+        "peak_t": float(t[k]),
+        "peak_loss": float(loss[k]),
         "loss_t0": float(loss[i0]),
         "loss_t1": float(loss[i1]),
         "mean_endpoint_loss": float(mean_ends),
-        "chord_barrier": float(above_chord[c]),
-        "chord_t_max": float(t[inside[c]]),
-        "chord_loss_max": float(loss[inside[c]]),
     }
 
 
-def barrier_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> float:
-    """Standard error of a path's barrier, paired over the evaluation samples: of the mean over samples of
-    l(t_max) − (l(0) + l(1)) / 2 (the points share their samples, so their errors largely cancel).
-    ``samples[j]`` holds the per-sample losses at ``t[j]``."""
+def has_barrier(value: float) -> bool:
+    """Whether a chord barrier ``value`` is a barrier at all: a path at or below its chord (0) has none."""
+    return value > NO_BARRIER_ATOL
+
+
+def barrier_text(info: Mapping, digits: int = 4) -> str:
+    """One path's barrier as printed: ``barrier X ± SE at t = T``, or ``no barrier`` for a path at or below
+    its chord. ``info``: a path's entry of paths.json (:func:`barriers_with_se`)."""
+    if not has_barrier(info["barrier"]):
+        return "no barrier"
+    se = info.get("barrier_se")
+    pm = "" if se is None else f" ± {se:.{digits}f}"
+    return f"barrier {info['barrier']:.{digits}f}{pm} at t = {info['t_max']:.3f}"
+
+
+def peak_above_endpoint_mean_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> float:
+    """Standard error of a path's peak above the endpoint mean, paired over the evaluation samples: of the mean
+    over samples of l(peak_t) − (l(0) + l(1)) / 2 (the points share their samples, so their errors largely
+    cancel). ``samples[j]`` holds the per-sample losses at ``t[j]``."""
     at = {float(tj): s for tj, s in zip(t, samples, strict=True)}
-    return paired_se(at[info["t_max"]], (at[0.0] + at[1.0]) / 2)
+    return paired_se(at[info["peak_t"]], (at[0.0] + at[1.0]) / 2)
 
 
 def chord_barrier_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> float:
-    """Standard error of a path's chord barrier, paired over the evaluation samples: of the mean over samples
-    of l(t*) − ((1 − t*)·l(0) + t*·l(1)) at t* = ``info["chord_t_max"]``."""
+    """Standard error of a path's (chord) barrier, paired over the evaluation samples: of the mean over samples
+    of l(t*) − ((1 − t*)·l(0) + t*·l(1)) at t* = ``info["chord_t_max"]`` (0 when t* is an end)."""
     at = {float(tj): s for tj, s in zip(t, samples, strict=True)}
     tc = info["chord_t_max"]
     return paired_se(at[tc], (1.0 - tc) * at[0.0] + tc * at[1.0])
 
 
+barrier_se = chord_barrier_se  # the barrier is the chord barrier
+
+
 def barriers_with_se(t: np.ndarray, loss: np.ndarray, samples: Sequence[torch.Tensor]) -> dict:
-    """:func:`loss_barrier` of a path plus ``barrier_se`` and ``chord_barrier_se`` from its per-sample losses."""
+    """:func:`loss_barrier` of a path plus ``barrier_se`` (= ``chord_barrier_se``) and
+    ``peak_above_endpoint_mean_se`` from its per-sample losses."""
     info = loss_barrier(t, loss)
-    info["barrier_se"] = barrier_se(t, samples, info)
-    info["chord_barrier_se"] = chord_barrier_se(t, samples, info)
+    info["barrier_se"] = info["chord_barrier_se"] = chord_barrier_se(t, samples, info)
+    info["peak_above_endpoint_mean_se"] = peak_above_endpoint_mean_se(t, samples, info)
     return info
 
 
@@ -277,8 +316,10 @@ def write_paths(
         "extend": float(result["extend"]),
         "t_range": [float(result["t"][0]), float(result["t"][-1])],
         "eval_samples": int(result["eval_samples"]),
+        "format_version": FORMAT_VERSION,
         "barrier_definition": BARRIER_DEFINITION,
         "chord_barrier_definition": CHORD_BARRIER_DEFINITION,
+        "peak_above_endpoint_mean_definition": PEAK_DEFINITION,
         "pairs": {p: dict(result["barriers"][p]) for p in result["pairs"]},
         "seconds": result.get("seconds"),
     }
@@ -290,17 +331,19 @@ def write_paths(
 
 
 def summary(result: Mapping) -> dict:
-    """What landscape.json records under "paths"."""
+    """What landscape.json records under "paths": per quantity {pair: value}; ``barrier`` the chord barrier."""
+    keys = ("barrier", "barrier_se", "t_max", "chord_barrier", "chord_t_max", "chord_barrier_se",
+            "peak_above_endpoint_mean", "peak_above_endpoint_mean_se", "peak_t")  # fmt: skip
     return {
+        "format_version": FORMAT_VERSION,
         "points": int(result["points"]),
         "extend": float(result["extend"]),
-        "barrier": {p: result["barriers"][p]["barrier"] for p in result["pairs"]},
-        "t_max": {p: result["barriers"][p]["t_max"] for p in result["pairs"]},
-        "barrier_se": {p: result["barriers"][p].get("barrier_se") for p in result["pairs"]},
-        "chord_barrier": {p: result["barriers"][p]["chord_barrier"] for p in result["pairs"]},
-        "chord_t_max": {p: result["barriers"][p]["chord_t_max"] for p in result["pairs"]},
-        "chord_barrier_se": {p: result["barriers"][p].get("chord_barrier_se") for p in result["pairs"]},
-        "definitions": {"barrier": BARRIER_DEFINITION, "chord_barrier": CHORD_BARRIER_DEFINITION},
+        **{key: {p: result["barriers"][p].get(key) for p in result["pairs"]} for key in keys},
+        "definitions": {
+            "barrier": BARRIER_DEFINITION,
+            "chord_barrier": CHORD_BARRIER_DEFINITION,
+            "peak_above_endpoint_mean": PEAK_DEFINITION,
+        },
     }
 
 
@@ -313,7 +356,8 @@ def build_parser():
     p = Parser(
         prog=PROG,
         description="Loss along the straight lines between the ft, lora and randlora solutions of a run "
-        "(written by landscape.connectivity) and the barrier of each pair.",
+        "(written by landscape.connectivity) and the barrier of each pair: the height of the path above the chord "
+        "between its endpoint losses.",
         epilog="Example: python -m landscape.paths --run runs/wordnet --points 21 --extend 0.25",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
@@ -374,8 +418,8 @@ def _run(argv: Sequence[str] | None = None) -> None:
     for p in result["pairs"]:
         b = result["barriers"][p]
         print(
-            f"{p:<14} barrier {b['barrier']:.4f} ± {b['barrier_se']:.4f} at t = {b['t_max']:.3f}, "
-            f"chord barrier {b['chord_barrier']:.4f} ± {b['chord_barrier_se']:.4f} at t = {b['chord_t_max']:.3f}"
+            f"{p:<14} {barrier_text(b)}; peak above the endpoint mean {b['peak_above_endpoint_mean']:.4f} ± "
+            f"{b['peak_above_endpoint_mean_se']:.4f} at t = {b['peak_t']:.3f}"
         )
 
 

@@ -153,7 +153,9 @@ def metadata(loaded: Loaded, chart, xs, ys, result, summary, path_summary, evalu
     }  # fmt: skip
 
 
-def print_summary(written: list[Path], summary: dict, seconds: dict) -> None:
+def print_summary(written: list[Path], summary: dict, seconds: dict, path_summary: dict | None = None) -> None:
+    """The run's closing lines: the files, a table of the solutions, and with ``path_summary`` (landscape.json's
+    "paths") each straight path's barrier ("no barrier" at or below its chord) and peak above the endpoint mean."""
     print("\nwrote " + ", ".join(str(p) for p in written))
     print(f"{'solution':<10} {'trainable':>11} {'rank':>5} {'test acc':>9} {'test loss':>10} {'vertex loss':>12}")
     for name in [*METHOD_ORDER, "base"]:  # the methods the run has (--load-4bit: no ft), the base vertex
@@ -166,6 +168,10 @@ def print_summary(written: list[Path], summary: dict, seconds: dict) -> None:
         print(f"{name:<10} {s['trainable_params'] or 0:>11,} {s['rank'] or '':>5} {acc:>9} {loss:>10} {vl:>12}")
     print("trainable counts include the classification head; wall time (s): "
           + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))  # fmt: skip
+    for pair in (path_summary or {}).get("barrier") or {}:
+        entry = {k: path_summary[k][pair] for k in ("barrier", "barrier_se", "t_max")}
+        peak, se = (path_summary[k][pair] for k in ("peak_above_endpoint_mean", "peak_above_endpoint_mean_se"))
+        print(f"path {pair:<14} {paths.barrier_text(entry)}; peak above the endpoint mean {peak:.4f} ± {se:.4f}")
 
 
 __all__ = [

@@ -144,11 +144,11 @@ STAGE_READS: dict[str, Reads] = {
         _fields("base", "eval", "training", "chart", "precision"),
         ("base", "solutions", "eval", "precision", "objective", "storage"),
     ),
-    # 2: chord barriers
+    # 2: chord barriers; 3: barrier is the chord barrier, Frankle's quantity peak_above_endpoint_mean
     "paths": Reads(
         _fields("base", "eval", "training", "precision", "paths", extra=("chart", "plane_storage")),
         ("base", "solutions", "eval", "precision", "objective", "storage"),
-        format=2,
+        format=3,
     ),
     # spectra of ΔW and of W0, W0 + ΔW (so the base); 2: W0 and W0 + ΔW spectra
     "spectrum": Reads(_fields("base", "training"), ("base", "solutions", "device"), format=2),

@@ -139,6 +139,14 @@ def test_evaluation_against_paths_and_naive(setup, tmp_path):
     assert loaded.kind == "bezier" and loaded.num_bends == 1 and torch.equal(loaded.bends, curve.bends)
     meta = json.loads(written[1].read_text())
     assert meta["curve"]["chord_barrier"] == result["barriers"]["curve"]["chord_barrier"] and meta["seed"] == 0
+    assert meta["format_version"] == paths.FORMAT_VERSION == 2
+    for row in curves.ROWS:  # the barrier is the chord barrier; Frankle's quantity has its own name
+        assert meta[row]["barrier"] == meta[row]["chord_barrier"] == result["barriers"][row]["chord_barrier"]
+        assert meta[row]["barrier_se"] == meta[row]["chord_barrier_se"]
+        assert meta[row]["peak_above_endpoint_mean"] == result["barriers"][row]["peak_above_endpoint_mean"]
+    assert meta["barrier_definition"] == meta["chord_barrier_definition"] and "(1-t)*L(theta_A)" in meta[
+        "barrier_definition"]  # fmt: skip
+    assert meta["peak_above_endpoint_mean_definition"].endswith("(L(theta_A) + L(theta_B)) / 2")
     assert not list(tmp_path.glob("**/.*tmp*")), "temporary files left behind"
 
 
@@ -197,7 +205,9 @@ def test_cli_trains_a_curve_of_lower_loss(run_dir, tmp_path):
     assert got["loss"][0, 1] < got["loss"][1, 1]
     assert len(got["train_loss"]) == 30 and meta["train"]["steps"] == 30 and meta["bends"] == 1
     for row in ("curve", "line"):
-        assert {"barrier", "barrier_se", "chord_barrier", "chord_barrier_se", "chord_t_max"} <= set(meta[row])
+        assert {"barrier", "barrier_se", "chord_barrier", "chord_barrier_se", "chord_t_max", "peak_above_endpoint_mean",
+                "peak_above_endpoint_mean_se"} <= set(meta[row])  # fmt: skip
+        assert meta[row]["barrier"] == meta[row]["chord_barrier"]
     assert (folder / "ft-randlora.png").read_bytes()[:4] == b"\x89PNG"
     assert (folder / "ft-randlora.safetensors").stat().st_size > 0
     assert not list(folder.glob(".*")), "the checkpoint goes once the curve is written"

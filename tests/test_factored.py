@@ -245,6 +245,10 @@ def test_paths_factored_equal_dense(tiny):
     for pair in dense["pairs"]:
         assert lazy["barriers"][pair]["t_max"] == dense["barriers"][pair]["t_max"]
         assert lazy["barriers"][pair]["barrier"] == pytest.approx(dense["barriers"][pair]["barrier"], abs=1e-5)
+        assert lazy["barriers"][pair]["peak_t"] == dense["barriers"][pair]["peak_t"]
+        assert lazy["barriers"][pair]["peak_above_endpoint_mean"] == pytest.approx(
+            dense["barriers"][pair]["peak_above_endpoint_mean"], abs=1e-5
+        )
     _assert_unchanged(base, snap)
 
 

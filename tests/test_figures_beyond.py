@@ -105,28 +105,40 @@ def test_trace_differences_use_the_paired_se_over_the_same_probes():
     assert "2.5 min for 50 Hessian-vector products over 5 entries (3.0 s each" in out[3]
 
 
-def test_curve_readings_report_both_barriers_on_curve_and_line():
+def test_curve_readings_report_the_barrier_and_the_peak_on_curve_and_line():
     meta = {
         "pair": "ft-lora", "kind": "bezier", "bends": 3, "points": 5, "eval_samples": 320, "seconds": 90.0,
-        "train": {"steps": 150, "lr": 2e-5, "train_seconds": 120.0},
-        "curve": {"barrier": 0.001, "barrier_se": 0.002, "chord_barrier": 0.0, "chord_barrier_se": 0.0,
-                  "mean_loss": 0.2, "t_max": 1.0, "loss_t0": 0.3, "loss_t1": 0.32},
-        "line": {"barrier": 0.02, "barrier_se": 0.005, "chord_barrier": 0.012, "chord_barrier_se": 0.004,
-                 "mean_loss": 0.21, "t_max": 0.5},
+        "format_version": 2, "train": {"steps": 150, "lr": 2e-5, "train_seconds": 120.0},
+        "curve": {"barrier": 0.0, "barrier_se": 0.0, "t_max": 0.0, "peak_above_endpoint_mean": 0.001,
+                  "peak_above_endpoint_mean_se": 0.002, "peak_t": 1.0, "mean_loss": 0.2, "loss_t0": 0.3,
+                  "loss_t1": 0.32},
+        "line": {"barrier": 0.012, "barrier_se": 0.004, "t_max": 0.5, "peak_above_endpoint_mean": 0.02,
+                 "peak_above_endpoint_mean_se": 0.005, "peak_t": 0.5, "mean_loss": 0.21},
     }  # fmt: skip
     out = figures.curve_readings(meta)
     assert (
-        "on the curve 0.0010 ± 0.0020 (within noise) vs the straight line 0.0200 ± 0.0050 — peaks at t = 1 on "
-        in out[0]
+        "above the chord (1 − t)·L(0) + t·L(1), no barrier on the curve and a barrier of 0.0120 ± 0.0040 on the "
+        "straight line;" in out[0]
     )
-    assert "chord on the curve 0.0000 ± 0.0000 (within noise) vs the line 0.0120 ± 0.0040;" in out[0]
+    assert (
+        "peak above the endpoint mean (not a barrier) 0.0010 ± 0.0020 (within noise) on the curve and "
+        "0.0200 ± 0.0050 on the line, at t = 1 on the curve, 0.5 on the line;" in out[0]
+    )
+    # a curves JSON from before format 2 reads the same: its barrier was the peak, its chord barrier the barrier
+    old = {**meta, "curve": {**meta["curve"], "barrier": 0.001, "barrier_se": 0.002, "t_max": 1.0,
+                             "chord_barrier": 0.0, "chord_barrier_se": 0.0, "chord_t_max": 0.0},
+           "line": {**meta["line"], "barrier": 0.02, "barrier_se": 0.005, "chord_barrier": 0.012,
+                    "chord_barrier_se": 0.004, "chord_t_max": 0.5}}  # fmt: skip
+    for entry in (old["curve"], old["line"]):
+        del entry["peak_above_endpoint_mean"], entry["peak_above_endpoint_mean_se"], entry["peak_t"]
+    assert figures.curve_readings(old) == out
     assert "Bézier curve ft-lora (3 bends, 150 steps" in out[0] and "lr 2e-05" in out[0]
     assert out[1] == "Wall time: training 2.0 min, evaluation 1.5 min."
     # with the npz: the curve's dip below its lower end (t = 0), SEs combined as if independent
     data = {"t": np.linspace(0, 1, 5), "loss": np.array([[0.3, 0.25, 0.2, 0.28, 0.32]]),
             "loss_se": np.array([[0.01, 0.01, 0.02, 0.01, 0.01]])}  # fmt: skip
-    low = figures.curve_readings({**meta, "line": {**meta["line"], "t_max": 1.0}}, data)
-    assert "both peak at the end t = 1" in low[0]
+    low = figures.curve_readings({**meta, "line": {**meta["line"], "peak_t": 1.0}}, data)
+    assert "both at the end t = 1, where it is half the endpoints' gap whatever the path" in low[0]
     assert (
         f"lowest at t = 0.5, loss 0.2000, 0.1000 ± {math.hypot(0.01, 0.02):.4f} below the lower end (t = 0, 0.3000"
         in low[1]

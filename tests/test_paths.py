@@ -101,43 +101,51 @@ def test_barrier_equals_direct_numpy(setup):
     result = setup[4]
     t, loss = result["t"], result["loss"]
     inside = (t >= 0) & (t <= 1)
+    # the peak above the endpoint mean of the computed paths, from numpy
     for k, pair in enumerate(result["pairs"]):
         expected = loss[k][inside].max() - (loss[k][t == 0][0] + loss[k][t == 1][0]) / 2
         got = result["barriers"][pair]
-        assert got["barrier"] == pytest.approx(expected, abs=1e-12) and got["barrier"] >= 0
-        assert got["loss_max"] == pytest.approx(loss[k][inside].max(), abs=1e-12)
-        assert 0.0 <= got["t_max"] <= 1.0
+        assert got["peak_above_endpoint_mean"] == pytest.approx(expected, abs=1e-12)
+        assert got["peak_loss"] == pytest.approx(loss[k][inside].max(), abs=1e-12)
+        assert 0.0 <= got["peak_t"] <= 1.0
     # a hand-made path with a known barrier; the peak outside [0, 1] does not count
     b = paths.loss_barrier(np.array([-0.5, 0.0, 0.5, 1.0, 1.5]), np.array([9.0, 1.0, 4.0, 3.0, 9.0]))
-    assert b["barrier"] == pytest.approx(2.0) and b["t_max"] == 0.5
-    assert b["chord_barrier"] == pytest.approx(2.0) and b["chord_t_max"] == 0.5  # chord at 0.5: (1 + 3) / 2
-    # the chord barrier of the computed paths, from numpy
+    assert b["barrier"] == pytest.approx(2.0) and b["t_max"] == 0.5  # chord at 0.5: (1 + 3) / 2
+    assert b["chord_barrier"] == pytest.approx(2.0) and b["chord_t_max"] == 0.5
+    assert b["peak_above_endpoint_mean"] == pytest.approx(2.0) and b["peak_t"] == 0.5
+    # the barrier (= chord barrier) of the computed paths, from numpy
     for k, pair in enumerate(result["pairs"]):
         above = loss[k][inside] - ((1 - t[inside]) * loss[k][t == 0][0] + t[inside] * loss[k][t == 1][0])
         got = result["barriers"][pair]
-        assert got["chord_barrier"] == pytest.approx(above.max(), abs=1e-12) and got["chord_barrier"] >= 0
-        assert got["chord_t_max"] == t[inside][np.argmax(above)]
-        assert got["barrier_se"] > 0 and got["chord_barrier_se"] >= 0
+        assert got["barrier"] == pytest.approx(above.max(), abs=1e-12) and got["barrier"] >= 0
+        assert got["t_max"] == t[inside][np.argmax(above)]
+        assert got["loss_max"] == loss[k][inside][np.argmax(above)]
+        copies = {"chord_barrier": "barrier", "chord_t_max": "t_max", "chord_loss_max": "loss_max",
+                  "chord_barrier_se": "barrier_se"}  # fmt: skip
+        assert all(got[c] == got[k] for c, k in copies.items())  # the chord_* keys stay, the same numbers
+        assert got["peak_above_endpoint_mean_se"] > 0 and got["barrier_se"] >= 0
 
 
-def test_both_barriers_against_a_closed_form_path():
-    # L(t) = L0 + Δ·t + 4h·t(1 − t): the chord is L0 + Δ·t, so the chord barrier is h at t = 1/2; the
-    # maximum is at t* = (Δ + 4h) / 8h with L(t*) = L0 + (Δ + 4h)² / 16h, so barrier = (Δ + 4h)² / 16h − Δ / 2.
+def test_both_quantities_against_a_closed_form_path():
+    # L(t) = L0 + Δ·t + 4h·t(1 − t): the chord is L0 + Δ·t, so the barrier is h at t = 1/2; the maximum is at
+    # t* = (Δ + 4h) / 8h with L(t*) = L0 + (Δ + 4h)² / 16h, so the peak above the endpoint mean is
+    # (Δ + 4h)² / 16h − Δ / 2.
     l0, delta, h = 0.3, 1.0, 1.0
     t = np.linspace(-0.25, 1.25, 13)  # step 1/8: t* = 5/8 and 1/2 are on the axis; the ends outside do not count
     loss = l0 + delta * t + 4 * h * t * (1 - t)
     b = paths.loss_barrier(t, loss)
-    assert b["barrier"] == pytest.approx((delta + 4 * h) ** 2 / (16 * h) - delta / 2, abs=1e-12)
-    assert b["t_max"] == 0.625 and b["loss_max"] == pytest.approx(l0 + (delta + 4 * h) ** 2 / (16 * h), abs=1e-12)
-    assert b["chord_barrier"] == pytest.approx(h, abs=1e-12) and b["chord_t_max"] == 0.5
-    assert b["chord_loss_max"] == pytest.approx(l0 + delta / 2 + h, abs=1e-12)
-    # a monotone path between endpoints of different loss: half their gap above the mean, nothing above the chord
+    assert b["barrier"] == pytest.approx(h, abs=1e-12) and b["t_max"] == 0.5
+    assert b["loss_max"] == pytest.approx(l0 + delta / 2 + h, abs=1e-12)
+    assert b["chord_barrier"] == b["barrier"] and b["chord_t_max"] == 0.5
+    assert b["peak_above_endpoint_mean"] == pytest.approx((delta + 4 * h) ** 2 / (16 * h) - delta / 2, abs=1e-12)
+    assert b["peak_t"] == 0.625 and b["peak_loss"] == pytest.approx(l0 + (delta + 4 * h) ** 2 / (16 * h), abs=1e-12)
+    # a monotone path between endpoints of different loss: half their gap above the mean, no barrier
     line = paths.loss_barrier(t, l0 + delta * t)
-    assert line["barrier"] == pytest.approx(delta / 2, abs=1e-12) and line["t_max"] == 1.0
-    assert abs(line["chord_barrier"]) < 1e-12
-    # a path below its chord everywhere inside: the chord barrier is 0 (at an end), never negative
+    assert line["peak_above_endpoint_mean"] == pytest.approx(delta / 2, abs=1e-12) and line["peak_t"] == 1.0
+    assert abs(line["barrier"]) < 1e-12 and not paths.has_barrier(line["barrier"])
+    # a path below its chord everywhere inside: the barrier is 0 (at an end), never negative
     valley = paths.loss_barrier(t, l0 + delta * t - 4 * h * t * (1 - t))
-    assert valley["chord_barrier"] == 0.0 and valley["chord_t_max"] in (0.0, 1.0)
+    assert valley["barrier"] == 0.0 and valley["t_max"] in (0.0, 1.0)
 
 
 def test_barrier_errors_against_numpy():
@@ -151,14 +159,16 @@ def test_barrier_errors_against_numpy():
     samples = [torch.tensor(s) for s in per_sample]
     b = paths.barriers_with_se(t, loss, samples)
     at = dict(zip(t.tolist(), per_sample, strict=True))
-    d = at[b["t_max"]] - (at[0.0] + at[1.0]) / 2
+    d = at[b["peak_t"]] - (at[0.0] + at[1.0]) / 2
+    assert b["peak_above_endpoint_mean_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
+    assert b["peak_above_endpoint_mean"] == pytest.approx(d.mean(), abs=1e-12)
+    tc = b["t_max"]
+    assert 0.0 < tc < 1.0  # the bump 2t(1 − t) is inside: the barrier's SE is not trivially 0
+    d = at[tc] - ((1 - tc) * at[0.0] + tc * at[1.0])
     assert b["barrier_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
     assert b["barrier"] == pytest.approx(d.mean(), abs=1e-12)
-    tc = b["chord_t_max"]
-    d = at[tc] - ((1 - tc) * at[0.0] + tc * at[1.0])
-    assert b["chord_barrier_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(n), rel=1e-12)
-    assert b["chord_barrier"] == pytest.approx(d.mean(), abs=1e-12)
-    assert paths.chord_barrier_se(t, samples, b) == b["chord_barrier_se"]
+    assert b["chord_barrier_se"] == b["barrier_se"] and b["chord_barrier"] == b["barrier"]
+    assert paths.chord_barrier_se(t, samples, b) == b["barrier_se"] == paths.barrier_se(t, samples, b)
 
 
 def test_write_paths(setup, tmp_path):
@@ -169,11 +179,15 @@ def test_write_paths(setup, tmp_path):
     assert np.array_equal(data["t"], result["t"])
     meta = json.loads((tmp_path / "paths.json").read_text())
     assert meta["seed"] == 0 and meta["points"] == 5 and meta["extend"] == 0.25
-    assert meta["pairs"]["ft-lora"]["barrier"] == result["barriers"]["ft-lora"]["barrier"]
-    for key in ("chord_barrier", "chord_barrier_se", "chord_t_max"):
-        assert meta["pairs"]["ft-lora"][key] == result["barriers"]["ft-lora"][key], key
-    assert meta["barrier_definition"] == paths.BARRIER_DEFINITION
-    assert meta["chord_barrier_definition"] == paths.CHORD_BARRIER_DEFINITION
+    assert meta["format_version"] == paths.FORMAT_VERSION == 2
+    got = meta["pairs"]["ft-lora"]
+    for key in ("barrier", "barrier_se", "t_max", "chord_barrier", "chord_barrier_se", "chord_t_max",
+                "peak_above_endpoint_mean", "peak_above_endpoint_mean_se", "peak_t"):  # fmt: skip
+        assert got[key] == result["barriers"]["ft-lora"][key], key
+    assert got["barrier"] == got["chord_barrier"] and got["barrier_se"] == got["chord_barrier_se"]
+    assert meta["barrier_definition"] == meta["chord_barrier_definition"] == paths.CHORD_BARRIER_DEFINITION
+    assert meta["peak_above_endpoint_mean_definition"] == paths.PEAK_DEFINITION
+    assert "(L(theta_A) + L(theta_B)) / 2" in paths.PEAK_DEFINITION
     assert (tmp_path / "paths.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "paths.pdf").read_bytes()[:4] == b"%PDF"
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
@@ -197,14 +211,18 @@ def test_connectivity_records_paths(run_dir):
     for name in ("paths.npz", "paths.json", "paths.png", "paths.pdf"):
         assert (run_dir / name).stat().st_size > 0, name
     recorded = json.loads((run_dir / "paths.json").read_text())["pairs"]
-    for key in ("chord_barrier", "chord_barrier_se", "chord_t_max"):
+    for key in ("barrier", "barrier_se", "t_max", "chord_barrier", "chord_barrier_se", "chord_t_max",
+                "peak_above_endpoint_mean", "peak_above_endpoint_mean_se", "peak_t"):  # fmt: skip
         assert meta["paths"][key] == {p: recorded[p][key] for p in recorded}, key
-    assert meta["paths"]["definitions"]["chord_barrier"] == paths.CHORD_BARRIER_DEFINITION
+    assert meta["paths"]["barrier"] == meta["paths"]["chord_barrier"] and meta["paths"]["format_version"] == 2
+    assert meta["paths"]["definitions"]["barrier"] == paths.CHORD_BARRIER_DEFINITION
+    assert meta["paths"]["definitions"]["peak_above_endpoint_mean"] == paths.PEAK_DEFINITION
 
 
 def test_cli_rebuilds_the_run_exactly(run_dir, tmp_path, capsys):
     assert paths.main(["--run", str(run_dir), "--out", str(tmp_path), "--points", "3", "--no-progress"]) == 0
-    assert "warning" not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "warning" not in printed.err
     ours, runs = np.load(tmp_path / "paths.npz"), np.load(run_dir / "paths.npz")
     assert np.allclose(ours["loss"], runs["loss"], rtol=1e-6, atol=1e-7)
     meta = json.loads((tmp_path / "paths.json").read_text())
@@ -214,6 +232,12 @@ def test_cli_rebuilds_the_run_exactly(run_dir, tmp_path, capsys):
     assert meta["pairs"]["ft-lora"]["loss_t0"] == pytest.approx(run_meta["solutions"]["ft"]["vertex_loss"], rel=1e-5)
     for name in ("paths.png", "paths.pdf", "paths.json"):
         assert (tmp_path / name).stat().st_size > 0
+    # the printed summary: the barrier ("no barrier" at or below the chord), then the peak, never called a barrier
+    for pair, b in meta["pairs"].items():
+        head = "no barrier" if not paths.has_barrier(b["barrier"]) else f"barrier {b['barrier']:.4f} ± "
+        line = next(x for x in printed.out.splitlines() if x.startswith(pair + " "))
+        assert line.split(maxsplit=1)[1].startswith(head), line
+        assert f"; peak above the endpoint mean {b['peak_above_endpoint_mean']:.4f} ± " in line
 
 
 def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
@@ -246,22 +270,36 @@ def test_paths_figure_draws_the_chords(setup):
         b = result["barriers"][pair]
         assert ((0.0, 1.0), (b["loss_t0"], b["loss_t1"])) in lines, pair
     legend = [x.get_text() for x in ax.get_legend().get_texts()]
-    assert f"chord {result['barriers']['ft-lora']['chord_barrier']:.3g}" in legend[0]
+    b = result["barriers"]["ft-lora"]
+    want = f"barrier {b['barrier']:.3g}" if paths.has_barrier(b["barrier"]) else "no barrier"
+    assert legend[0].endswith(f"({want})") and not any("mean endpoint" in text for text in legend)
 
 
-def test_readings_mention_both_barriers():
+def test_readings_mention_the_barrier_and_the_peak_apart():
     from experiments.figures import _barriers
 
-    summary = {"barrier": {"ft-lora": 0.02, "lora-randlora": 0.01},
-               "barrier_se": {"ft-lora": 0.005, "lora-randlora": 0.01},
-               "chord_barrier": {"ft-lora": 0.004, "lora-randlora": 0.03},
-               "chord_barrier_se": {"ft-lora": 0.003, "lora-randlora": 0.01}}  # fmt: skip
+    pairs = ("ft-lora", "lora-randlora", "ft-randlora")
+    values = {
+        "barrier": (0.004, 0.03, 0.0),
+        "barrier_se": (0.003, 0.01, 0.0),
+        "peak_above_endpoint_mean": (0.02, 0.01, 0.05),
+        "peak_above_endpoint_mean_se": (0.005, 0.01, 0.01),
+    }
+    summary = {key: dict(zip(pairs, v, strict=True)) for key, v in values.items()}
     text = _barriers(summary)
-    assert "ft-lora 0.0200 ± 0.0050, above the chord 0.0040 ± 0.0030 (within noise)" in text  # 0.004 < 2·0.003
-    assert "lora-randlora 0.0100 ± 0.0100 (within noise), above the chord 0.0300 ± 0.0100." in text
-    assert "chord" in text and "Entezari" in text
-    old = _barriers({"barrier": {"ft-lora": 0.02}, "barrier_se": {"ft-lora": 0.005}})  # a run from before the chord
-    assert "chord" not in old and "ft-lora 0.0200 ± 0.0050" in old
+    barriers, peaks = text.split("Peak above the endpoint mean")
+    assert "ft-lora 0.0040 ± 0.0030 (within noise)" in barriers  # 0.004 < 2·0.003
+    assert "lora-randlora 0.0300 ± 0.0100;" in barriers and "ft-randlora no barrier." in barriers
+    assert "chord" in barriers and "Entezari" in barriers
+    assert "ft-lora 0.0200 ± 0.0050;" in peaks and "lora-randlora 0.0100 ± 0.0100 (within noise)" in peaks
+    assert "ft-randlora 0.0500 ± 0.0100" in peaks and "not a barrier" in peaks and "barrier 0.05" not in text
+    # a run from before format 2: its "barrier" was the peak, its "chord_barrier" the barrier
+    old = _barriers({"barrier": {"ft-lora": 0.02}, "barrier_se": {"ft-lora": 0.005},
+                     "chord_barrier": {"ft-lora": 0.0}, "chord_barrier_se": {"ft-lora": 0.0}})  # fmt: skip
+    barriers, peaks = old.split("Peak above the endpoint mean")
+    assert "ft-lora no barrier" in barriers and "ft-lora 0.0200 ± 0.0050" in peaks
+    older = _barriers({"barrier": {"ft-lora": 0.02}, "barrier_se": {"ft-lora": 0.005}})  # before the chord
+    assert older.startswith("Peak above the endpoint mean") and "ft-lora 0.0200 ± 0.0050" in older
 
 
 def test_endpoints_reuse_the_planes_vertices(setup):

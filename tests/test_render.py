@@ -322,27 +322,28 @@ def test_short_layer_names():
 def test_paths_figure_in_render():
     t = np.linspace(-0.25, 1.25, 7)
     pairs = ["ft-lora", "ft-randlora", "lora-randlora"]
-    loss = np.array([0.2 + 0.1 * np.sin(np.pi * t) * (k + 1) for k in range(3)])
+    # two bumps of height 0.1 and 0.2 on a sloped chord, and a convex path (below its chord): no barrier
+    loss = np.array([0.2 + 0.3 * t + 0.1 * np.sin(np.pi * t), 0.5 - 0.2 * t + 0.2 * np.sin(np.pi * t),
+                     0.2 + 0.3 * t - 0.1 * np.sin(np.pi * t)])  # fmt: skip
     barriers = {}
     for k, p in enumerate(pairs):
         inside = (t >= 0) & (t <= 1)
-        i = int(np.flatnonzero(inside)[np.argmax(loss[k, inside])])
         ends = (loss[k, t == 0][0], loss[k, t == 1][0])
-        barriers[p] = {
-            "barrier": loss[k, i] - np.mean(ends),
-            "t_max": t[i],
-            "loss_max": loss[k, i],
-            "loss_t0": ends[0],
-            "loss_t1": ends[1],
-            "mean_endpoint_loss": np.mean(ends),
-        }
+        above = loss[k, inside] - ((1 - t[inside]) * ends[0] + t[inside] * ends[1])
+        i = int(np.flatnonzero(inside)[np.argmax(above)])
+        barriers[p] = {"barrier": above.max(), "t_max": t[i], "loss_max": loss[k, i], "loss_t0": ends[0],
+                       "loss_t1": ends[1]}  # fmt: skip
+    assert barriers["ft-lora"]["barrier"] == pytest.approx(0.1) and barriers["lora-randlora"]["barrier"] == 0.0
     fig = render.paths_figure({"t": t, "loss": loss, "pairs": pairs, "barriers": barriers}, "paths")
     assert isinstance(fig, Figure)
     (ax,) = fig.axes
     legend = [x.get_text() for x in ax.get_legend().get_texts()]
-    assert legend[:3] == [f"Full FT → LoRA  (barrier {barriers['ft-lora']['barrier']:.3g})",
-                          f"Full FT → RandLoRA  (barrier {barriers['ft-randlora']['barrier']:.3g})",
-                          f"LoRA → RandLoRA  (barrier {barriers['lora-randlora']['barrier']:.3g})"]  # fmt: skip
+    assert legend[:3] == ["Full FT → LoRA  (barrier 0.1)", "Full FT → RandLoRA  (barrier 0.2)",
+                          "LoRA → RandLoRA  (no barrier)"]  # fmt: skip
+    # an arrow from the chord up to each bump's top, none on the convex path
+    arrows = sorted((a.xy, a.xyann) for a in ax.texts if hasattr(a, "xyann"))
+    assert arrows == sorted(((0.5, barriers[p]["loss_max"]), (0.5, barriers[p]["loss_max"] - barriers[p]["barrier"]))
+                            for p in ("ft-lora", "ft-randlora"))  # fmt: skip
     assert legend[3:6] == ["Full FT", "LoRA", "RandLoRA"]
     assert [ln.get_color() for ln in ax.get_lines()[:1]] == [render.PAIR_STYLES["ft-lora"][0]]
     assert ax.get_title() == "paths"

@@ -1,5 +1,6 @@
-"""Loss along 1-D paths: the straight paths between the solutions with their barriers (:func:`paths_figure`)
-and a trained curve against the straight line (:func:`curve_figure`).
+"""Loss along 1-D paths: the straight paths between the solutions with their barriers, the heights above the
+chord between the endpoint losses (:func:`paths_figure`), and a trained curve against the straight line
+(:func:`curve_figure`).
 """
 
 from __future__ import annotations
@@ -20,32 +21,30 @@ from landscape.render.style import COLORS, LABELS
 PAIR_STYLES = {"ft-lora": ("#E69F00", "-"), "ft-randlora": ("#0072B2", "--"), "lora-randlora": ("#009E73", "-.")}
 
 
+def has_barrier(info: Mapping) -> bool:
+    """:func:`landscape.paths.has_barrier` of a path's barrier (imported here: landscape.paths imports render)."""
+    from landscape.paths import has_barrier as above_chord
+
+    return above_chord(info["barrier"])
+
+
 def _barrier_label(info: Mapping) -> str:
-    """``barrier X`` and, when recorded (results from before the chord barrier have none), ``; chord Y``."""
-    chord = info.get("chord_barrier")
-    return f"barrier {info['barrier']:.3g}" + ("" if chord is None else f"; chord {chord:.3g}")
+    """``barrier X`` (the height above the chord), or ``no barrier`` for a path at or below its chord."""
+    return f"barrier {info['barrier']:.3g}" if has_barrier(info) else "no barrier"
 
 
 def _draw_barriers(ax, info: Mapping, color: str) -> None:
-    """One path's two barriers: the mean endpoint loss (dotted) with a solid arrow up to the highest loss on
-    [0, 1], and the chord (1 − t)·L(0) + t·L(1) (dashed) with a thin arrow up to where the path is furthest
-    above it. The chord is drawn from the endpoint losses, also for results that predate the chord barrier."""
-    ax.hlines(info["mean_endpoint_loss"], 0.0, 1.0, colors=color, linestyles=":", linewidth=1)
-    ax.annotate(
-        "",
-        xy=(info["t_max"], info["loss_max"]),
-        xytext=(info["t_max"], info["mean_endpoint_loss"]),
-        arrowprops=dict(arrowstyle="<->", color=color, linewidth=1.2, shrinkA=0, shrinkB=0),
-    )
+    """One path's chord (1 − t)·L(0) + t·L(1) (dashed) and, when the path rises above it, an arrow from the chord
+    up to the path where it is furthest above it: the barrier (none for a path at or below its chord)."""
     ax.plot([0.0, 1.0], [info["loss_t0"], info["loss_t1"]], color=color, linestyle=(0, (5, 3)), linewidth=0.9)
-    if info.get("chord_t_max") is not None:
-        tc = info["chord_t_max"]
+    if has_barrier(info):
+        tc = info["t_max"]
         on_chord = (1.0 - tc) * info["loss_t0"] + tc * info["loss_t1"]
         ax.annotate(
             "",
-            xy=(tc, info["chord_loss_max"]),
+            xy=(tc, info["loss_max"]),
             xytext=(tc, on_chord),
-            arrowprops=dict(arrowstyle="<->", color=color, linewidth=0.8, linestyle="--", shrinkA=0, shrinkB=0),
+            arrowprops=dict(arrowstyle="<->", color=color, linewidth=1.2, shrinkA=0, shrinkB=0),
         )
 
 
@@ -64,16 +63,15 @@ def _end_markers(ax, pairs: Sequence[str], ends: Mapping[str, tuple[float, float
 
 
 def _barrier_keys() -> list[Line2D]:
-    """Legend entries that explain the barrier marks (fresh artists: an artist belongs to one figure)."""
-    chord = "chord (1 − t)·L(0) + t·L(1); ↕ chord barrier"
-    return [
-        Line2D([], [], color="0.3", linestyle=":", label="mean endpoint loss; ↕ barrier"),
-        Line2D([], [], color="0.3", linestyle=(0, (5, 3)), linewidth=0.9, label=chord),
-    ]
+    """The legend entry that explains the chord and barrier marks (a fresh artist: an artist belongs to one
+    figure)."""
+    chord = "chord (1 − t)·L(0) + t·L(1); ↕ barrier, the height above it"
+    return [Line2D([], [], color="0.3", linestyle=(0, (5, 3)), linewidth=0.9, label=chord)]
 
 
 def paths_figure(result: Mapping, title: str | None = None) -> Figure:
-    """Loss along t per pair; solutions marked in their method colours, barriers as vertical arrows, chords dashed."""
+    """Loss along t per pair; solutions marked in their method colours, chords dashed, barriers (heights above
+    the chord) as vertical arrows; a path at or below its chord reads "no barrier" in the legend."""
     t = np.asarray(result["t"], dtype=np.float64)
     loss = np.asarray(result["loss"], dtype=np.float64)
     pairs = [str(p) for p in result["pairs"]]
@@ -105,7 +103,7 @@ CURVE_KINDS = {"bezier": "Bézier curve", "polychain": "polygonal chain"}
 
 def curve_figure(result: Mapping, title: str | None = None) -> Figure:
     """A trained curve between two solutions against the straight line between them (landscape.curves):
-    loss along t ∈ [0, 1] for both, each with its barriers; the chord between the endpoint losses dashed.
+    loss along t ∈ [0, 1] for both, each with its barrier above the chord between the endpoint losses (dashed).
 
     ``result``: ``t`` (n,), ``loss`` (2, n) with rows ``paths`` = ("curve", "line"), ``barriers`` per row
     (:func:`landscape.paths.loss_barrier`), ``pair`` ("ft-lora"), ``kind`` and ``bends``.
