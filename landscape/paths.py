@@ -53,6 +53,7 @@ from adapters.objectives import OBJECTIVES, Classification, PointResult, paired_
 from adapters.progress import progress_bar
 from adapters.solution import Solution
 from landscape import render
+from landscape.barriers import NO_BARRIER_ATOL, barrier_text, has_barrier
 from landscape.engine import factored, store
 from landscape.engine.grid import EvalSet, PlaneEvaluator
 from landscape.engine.plane import SOLUTIONS, Chart, snapped_axis, solution_weights
@@ -86,11 +87,10 @@ FORMAT_VERSION = 2  # of paths.json and the curves' JSON: 2 = ``barrier`` is the
 CHORD_BARRIER_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - ((1-t)*L(theta_A) + t*L(theta_B))"
 BARRIER_DEFINITION = CHORD_BARRIER_DEFINITION
 PEAK_DEFINITION = "max over t in [0, 1] of L((1-t)*theta_A + t*theta_B) - (L(theta_A) + L(theta_B)) / 2"
+
+
 # The chord barrier is exactly 0 at the ends; a path on its chord (a straight-line loss) may rise above it by
 # float64 rounding alone, far below this, and still reads "no barrier".
-NO_BARRIER_ATOL = 1e-12
-
-
 def pair_name(a: str, b: str) -> str:
     return f"{a}-{b}"
 
@@ -143,21 +143,6 @@ def loss_barrier(t: np.ndarray, loss: np.ndarray) -> dict:
         "loss_t1": float(loss[i1]),
         "mean_endpoint_loss": float(mean_ends),
     }
-
-
-def has_barrier(value: float) -> bool:
-    """Whether a chord barrier ``value`` is a barrier at all: a path at or below its chord (0) has none."""
-    return value > NO_BARRIER_ATOL
-
-
-def barrier_text(info: Mapping, digits: int = 4) -> str:
-    """One path's barrier as printed: ``barrier X ± SE at t = T``, or ``no barrier`` for a path at or below
-    its chord. ``info``: a path's entry of paths.json (:func:`barriers_with_se`)."""
-    if not has_barrier(info["barrier"]):
-        return "no barrier"
-    se = info.get("barrier_se")
-    pm = "" if se is None else f" ± {se:.{digits}f}"
-    return f"barrier {info['barrier']:.{digits}f}{pm} at t = {info['t_max']:.3f}"
 
 
 def peak_above_endpoint_mean_se(t: np.ndarray, samples: Sequence[torch.Tensor], info: dict) -> float:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import adapters.solution
 import adapters.train
-from landscape import connectivity
+from landscape import build, connectivity
 from tests import nodraw, procs
 
 SOLUTIONS = ("ft", "lora", "randlora")
@@ -239,7 +239,7 @@ def test_failed_save_resumes_at_the_last_step_without_retraining(run_dir, wordne
 
     steps = count_steps(monkeypatch)
     with monkeypatch.context() as mp:
-        mp.setattr(connectivity, "solution_weights", stop)  # the plane stage, after all training and saving
+        mp.setattr(build, "solution_weights", stop)  # the plane stage, after all training and saving
         with pytest.raises(Stop):
             connectivity.main(argv(wordnet_root, out))
     assert len(steps) == 0, f"the rerun trained {len(steps)} steps again instead of resuming at the last step"

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from landscape.barriers import has_barrier as above_chord
 from landscape.render.style import COLORS, LABELS
 
 # One colour per pair, from the Okabe-Ito colours the methods do not use, plus a line style
@@ -22,9 +23,7 @@ PAIR_STYLES = {"ft-lora": ("#E69F00", "-"), "ft-randlora": ("#0072B2", "--"), "l
 
 
 def has_barrier(info: Mapping) -> bool:
-    """:func:`landscape.paths.has_barrier` of a path's barrier (imported here: landscape.paths imports render)."""
-    from landscape.paths import has_barrier as above_chord
-
+    """:func:`landscape.barriers.has_barrier` of a path's barrier."""
     return above_chord(info["barrier"])
 
 
