@@ -42,10 +42,12 @@ Neither bounds the other (Flat-LoRA, ICML 2025, contrasts them).
 
 **Output** (under ``--out``, default the run folder, written atomically after each entry):
 ``sharpness.json`` — settings, ``seed``, the run's ``training_seed``, and per solution and coordinates
-``worst_case``, ``average_case`` ± ``average_se``, the loss at the point, the dimension, and the details
-(ascent trajectory, every draw). Training seeds: one today (the run's); with issue 22's ``--seeds N``, each
-entry will gain a ``per_seed`` list of such entries and a t-interval over them, the current keys staying
-those of the run's own seed.
+``worst_case``, ``average_case`` ± ``average_se``, the loss at the point, its ``resolution`` (the spacing of
+floating-point numbers at L(w) in the passes' precision: a difference of that order is rounding; float64,
+``--dtype``, resolves smaller ones), the dimension, and the details (ascent trajectory, every draw).
+Training seeds: one today (the run's); with issue 22's ``--seeds N`` (not built yet), each entry will gain
+a ``per_seed`` list of such entries and a t-interval over them, the current keys staying those of the
+run's own seed.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ class FunctionLoss:
         with torch.enable_grad():
             loss = self.fn(leaves)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return float(loss), {n: torch.zeros_like(p) if g is None else g
+        return float(loss.detach()), {n: torch.zeros_like(p) if g is None else g
                              for (n, p), g in zip(leaves.items(), grads, strict=True)}  # fmt: skip
 
 
@@ -219,7 +221,7 @@ class EvalLoss:
                                 strict=True):  # fmt: skip
                     if g is not None:
                         grad[n] += g
-                total += float(loss)
+                total += float(loss.detach())
         self._counted()
         return total, grad
 
@@ -315,10 +317,14 @@ def sharpness_at(loss: Loss, settings: SharpnessSettings) -> dict:
     kw = {"seed": settings.seed, "xi": settings.xi, "adaptive": settings.adaptive, "base": base}
     worst = worst_case(loss, settings.rho, settings.steps, settings.step_size, **kw)
     average = average_case(loss, settings.rho, settings.draws, **kw)
+    dtype = next(iter(loss.params.values())).dtype
     return {
         "dim": sum(p.numel() for p in loss.params.values()),
         "parameters": len(loss.params),
         "loss": base,
+        # the spacing of floating-point numbers at L(w) in the passes' precision: a difference L(w + δ) − L(w)
+        # of this order is rounding (float32 at L ≈ 2: 2.4e-7), so a smaller average case reads "not resolved"
+        "resolution": float(torch.finfo(dtype).eps * abs(base)),
         "worst_case": worst["value"],
         "average_case": average["value"],
         "average_se": average["se"],
@@ -472,8 +478,11 @@ def _run(argv: Sequence[str] | None = None) -> None:
     for name, per in result["solutions"].items():
         for coordinates, e in per.items():
             if "worst_case" in e:
+                rounding = (f" (below the {settings.dtype} resolution {e['resolution']:.2g}: try --dtype float64)"
+                            if abs(e["average_case"]) < e["resolution"] else "")  # fmt: skip
+                average = f"{e['average_case']:.3g} ± {e['average_se']:.2g}{rounding}"
                 print(f"{name:<9} {coordinates:<8} dim {e['dim']:>10,}: loss {e['loss']:.4g}; worst case "
-                      f"{e['worst_case']:.4g}; average {e['average_case']:.3g} ± {e['average_se']:.2g}")  # fmt: skip
+                      f"{e['worst_case']:.4g}; average {average}")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,6 +114,39 @@ def test_adaptive_sharpness_is_invariant_to_a_function_preserving_rescaling():
         torch.testing.assert_close(grad[n], params[n].grad, rtol=1e-10, atol=1e-12)
 
 
+def test_lora_rescaling_b_c_a_over_c_keeps_adaptive_sharpness_in_adapter_coordinates():
+    """A peft LoRA with B·c, A/c (the same ΔW = B·A, the same function): adaptive sharpness in the adapter's
+    own coordinates is unchanged, plain sharpness is not."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    model = get_peft_model(TwoLayer(), LoraConfig(r=2, target_modules=["l1", "l2"], init_lora_weights=False))
+    model = model.double()  # rescaled in float64: c·A, B/c rounded at 1e-16, not at float32's 1e-7
+    x = x.double()
+    eval_set = EvalSet([({"x": x}, y)], 20)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(names) == 4 and all("lora_" in n for n in names)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in scaled.named_parameters():
+            if "lora_B" in n:
+                p.mul_(5.0)
+            elif "lora_A" in n:
+                p.div_(5.0)
+        torch.testing.assert_close(scaled(x=x), model(x=x))
+
+    def measure(m, adaptive):
+        s = sharpness.SharpnessSettings(rho=0.3, steps=4, draws=4, dtype="float64", adaptive=adaptive)
+        return sharpness.sharpness_at(sharpness.EvalLoss(copy.deepcopy(m), names, eval_set, CE, "float64"), s)
+
+    a, b = measure(model, True), measure(scaled, True)
+    assert a["worst_case"] > 0 and a["worst_case"] == pytest.approx(b["worst_case"], rel=1e-9)
+    assert a["average_case"] == pytest.approx(b["average_case"], rel=1e-9, abs=1e-15)
+    pa, pb = measure(model, False), measure(scaled, False)
+    assert abs(pa["worst_case"] - pb["worst_case"]) > 0.1 * max(pa["worst_case"], pb["worst_case"])
+
+
 def test_settings_are_checked():
     for bad, needle in [({"rho": 0.0}, "--rho"), ({"steps": 0}, "--steps"), ({"draws": 1}, "--draws"),
                         ({"xi": -1.0}, "--xi"), ({"step_size": float("nan")}, "--step-size"),
@@ -147,6 +180,7 @@ def test_command_on_a_run_writes_sharpness(run_dir, tmp_path):
         assert weights["worst_case"] == max(weights["worst"]["values"]) > 0  # the ascent goes up
         assert len(weights["worst"]["values"]) == 3 and len(weights["average"]["values"]) == 2
         assert weights["average_se"] >= 0 and weights["passes"] == 1 + 3 + 2
+        assert weights["resolution"] == pytest.approx(np.finfo(np.float32).eps * weights["loss"])
         if name == "ft":
             assert "skipped" in result["solutions"][name]["adapter"]
         else:  # the peft model (adapter coordinates) and the merged weights are the same point
