@@ -54,6 +54,22 @@ def test_worst_case_at_a_quadratic_minimum_is_half_rho2_lambda_max():
     assert plain["value"] == pytest.approx(0.5 * rho**2 * np.linalg.eigvalsh(h)[-1], rel=1e-6)
 
 
+def test_worst_case_away_from_the_minimum_equals_a_search_of_the_circle():
+    """Away from w* the gradient counts too: the max over ‖u‖ ≤ ρ of gᵀ·diag|w|·u + ½uᵀAu (a convex quadratic)
+    lies on the circle ‖u‖ = ρ (2-D), found here by evaluating 200 000 angles; the ascent reaches it."""
+    h = np.array([[3.0, 1.0], [1.0, 2.0]])
+    w_star, w = np.array([0.4, -1.5]), np.array([1.0, -0.7])
+    ht, wst = torch.from_numpy(h), torch.from_numpy(w_star)
+    loss = sharpness.FunctionLoss(lambda p: 0.5 * (p["w"] - wst) @ ht @ (p["w"] - wst), {"w": torch.from_numpy(w)})
+    rho = 0.3
+    theta = np.linspace(0, 2 * np.pi, 200_000, endpoint=False)
+    u = rho * np.stack([np.cos(theta), np.sin(theta)], 1)
+    r = w + np.abs(w) * u - w_star
+    best = (0.5 * np.einsum("ni,ij,nj->n", r, h, r)).max() - 0.5 * (w - w_star) @ h @ (w - w_star)
+    result = sharpness.worst_case(loss, rho, steps=40, step_size=0.5, seed=1)
+    assert result["value"] == pytest.approx(best, rel=1e-6)
+
+
 def test_average_case_at_a_quadratic_minimum_is_half_rho2_trace_over_d_within_its_se():
     loss, _, a = quadratic()
     rho, d = 0.01, a.shape[0]
