@@ -45,6 +45,8 @@ Neither bounds the other (Flat-LoRA, ICML 2025, contrasts them).
 ``worst_case``, ``average_case`` ± ``average_se``, the loss at the point, its ``resolution`` (the spacing of
 floating-point numbers at L(w) in the passes' precision: a difference of that order is rounding; float64,
 ``--dtype``, resolves smaller ones), the dimension, and the details (ascent trajectory, every draw).
+Each entry carries a key of everything that determines it (settings, the solution's ΔW, the evaluation
+samples, the objective): a rerun, or a run killed half-way, reuses the entries whose key matches.
 Training seeds: one today (the run's); with issue 22's ``--seeds N`` (not built yet), each entry will gain
 a ``per_seed`` list of such entries and a t-interval over them, the current keys staying those of the
 run's own seed.
@@ -53,6 +55,7 @@ run's own seed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -66,7 +69,7 @@ import torch
 from torch import nn
 
 from adapters.errors import UserError
-from adapters.io import write_json
+from adapters.io import key_digest, write_json
 from adapters.objectives import Classification
 from adapters.progress import progress_bar
 from adapters.quant import packed_names
@@ -131,6 +134,10 @@ class SharpnessSettings:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "coordinates": list(self.coordinates)}
+
+    def key(self) -> dict:
+        """Every setting that changes an entry's numbers (which coordinates are asked for does not)."""
+        return {k: v for k, v in self.to_dict().items() if k != "coordinates"}
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -338,6 +345,15 @@ def sharpness_at(loss: Loss, settings: SharpnessSettings) -> dict:
 # --------------------------------------------------------------------------- the stage
 
 
+def _previous(path: Path) -> dict:
+    """The solutions of an earlier sharpness.json (none if absent or unreadable)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return old.get("solutions", {}) if isinstance(old, dict) else {}
+
+
 def _entry(name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
            settings: SharpnessSettings, device, progress: bool) -> dict:  # fmt: skip
     flags = [(p, p.requires_grad) for p in solution.base.parameters()]
@@ -373,11 +389,16 @@ def sharpness_stage(
 ) -> dict:
     """Sharpness of every solution in every coordinates of ``settings``; writes ``out``/sharpness.json after
     each entry; returns what it holds. ``source``: an :class:`landscape.run.OpenRun` or a ``Loaded``."""
+    from adapters.solution import delta_fingerprint, fingerprint
+
     settings.check()
     task = getattr(source, "loaded", source).task
     out = Path(out)
     names = curvature.weight_names(task.base, task.entry.targets, "adapted", plane_solutions or solutions,
                                    settings.include_head)  # fmt: skip
+    common = {"settings": settings.key(), "base": fingerprint(task.base), "objective": task.objective.name,
+              "eval": curvature.eval_fingerprint(eval_set), "weights": names, "format": FORMAT}  # fmt: skip
+    previous = _previous(out / "sharpness.json")
     result = {"format": FORMAT, **(dict(info) if info else {}), "settings": settings.to_dict(),
               "seed": settings.seed, "measure": "adaptive" if settings.adaptive else "plain",
               "eval_samples": eval_set.n, "objective": task.objective.name, "device": str(device),
@@ -390,8 +411,13 @@ def sharpness_stage(
             elif coordinates == "weights" and packed_names(task.base):
                 per[coordinates] = {"skipped": curvature.PACKED_WEIGHTS}
             else:
-                per[coordinates] = _entry(name, solution, coordinates, names, task, eval_set, settings, device,
-                                          progress)  # fmt: skip
+                key = key_digest({**common, "coordinates": coordinates, "solution": delta_fingerprint(solution)})
+                old = previous.get(name, {}).get(coordinates, {})
+                if old.get("key") == key:  # the same settings, point and samples: the same numbers
+                    per[coordinates] = {**old, "reused": True}
+                else:
+                    entry = _entry(name, solution, coordinates, names, task, eval_set, settings, device, progress)
+                    per[coordinates] = {"key": key, **entry}
             write_json(out / "sharpness.json", result)  # saved as each entry completes
     result["complete"] = True
     write_json(out / "sharpness.json", result)

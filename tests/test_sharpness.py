@@ -206,6 +206,16 @@ def test_command_on_a_run_writes_sharpness(run_dir, tmp_path):
     # the weight coordinates are the same space for every solution: the same seeded start and draws (paired)
     dims = {result["solutions"][n]["weights"]["dim"] for n in ("ft", "lora", "randlora")}
     assert len(dims) == 1
+    # a rerun reuses every entry (same key); another rho recomputes them
+    assert sharpness.main(["--run", str(run_dir), "--out", str(out), "--solutions", "lora", *FAST]) == 0
+    again = json.loads((out / "sharpness.json").read_text())["solutions"]["lora"]
+    assert all(e["reused"] and e["worst_case"] == result["solutions"]["lora"][c]["worst_case"]
+               for c, e in again.items())  # fmt: skip
+    assert sharpness.main(["--run", str(run_dir), "--out", str(out), "--solutions", "lora", "--rho", "0.2",
+                           *FAST]) == 0  # fmt: skip
+    other = json.loads((out / "sharpness.json").read_text())["solutions"]["lora"]
+    assert not any(e.get("reused") for e in other.values())
+    assert other["weights"]["worst_case"] > result["solutions"]["lora"]["weights"]["worst_case"]
 
 
 def test_command_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys):
