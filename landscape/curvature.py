@@ -126,7 +126,7 @@ from adapters.errors import UserError, first_line
 from adapters.io import digest, key_digest, write_json, write_with
 from adapters.objectives import Classification
 from adapters.progress import progress_bar
-from adapters.quant import packed_names
+from adapters.quant import is_packed, packed_names
 from adapters.solution import Solution, delta_fingerprint
 from landscape.grid import EvalSet
 from landscape.lanczos import HostBasis
@@ -341,10 +341,75 @@ def _out_of_place_formulas():
     return PassThrough()
 
 
+class _PackedMatmul(torch.autograd.Function):
+    """``x · Wᵀ`` for a bitsandbytes 4-bit weight W, with a forward-mode formula (bitsandbytes' own Function has
+    none): the product by bitsandbytes' kernel, the input's gradient ``g · dequantize(W)`` (as bitsandbytes'
+    MatMul4Bit backward computes it) and the tangent ``ẋ · Wᵀ`` through this same Function, so reverse mode over
+    the tangent keeps no dense copy of W either (every product dequantises, one layer at a time)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from bitsandbytes.functional import dequantize_4bit
+
+        weight = ctx.weight
+        return grad @ dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(grad.dtype), None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor, _weight_tangent) -> torch.Tensor:
+        return _PackedMatmul.apply(x_tangent, ctx.weight)
+
+
+def _packed_forward(module: nn.Module, original, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``Linear4bit.forward`` through :class:`_PackedMatmul` (its CPU repacking for inference
+    excepted: a weight already repacked keeps bitsandbytes' forward)."""
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        return original(x)
+    if not module.compute_type_is_set:
+        module.set_compute_type(x)
+        module.compute_type_is_set = True
+    previous = x.dtype
+    if module.compute_dtype is not None:
+        x = x.to(module.compute_dtype)
+    out = _PackedMatmul.apply(x, module.weight)
+    if module.bias is not None:
+        out = out + module.bias.to(out.dtype)
+    return out.to(previous)
+
+
+@contextlib.contextmanager
+def _packed_with_tangents(model: nn.Module):
+    """Every bitsandbytes 4-bit Linear of ``model`` runs :func:`_packed_forward` inside the block."""
+    swapped = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and hasattr(module, "compute_type_is_set") and is_packed(module):
+            own = module.__dict__.get("forward")
+            swapped.append((module, own))
+            original = own if own is not None else types.MethodType(type(module).forward, module)
+            module.forward = functools.partial(_packed_forward, module, original)
+    try:
+        yield
+    finally:
+        for module, own in swapped:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+
+
 @contextlib.contextmanager
 def _reverse_over_forward_safe(model: nn.Module):
     """RandLoRA's factored product and out-of-place forward-mode formulas, for reverse mode over forward mode."""
-    with _factored_randlora(model), _out_of_place_formulas():
+    with _factored_randlora(model), _packed_with_tangents(model), _out_of_place_formulas():
         yield
 
 
@@ -827,9 +892,9 @@ def _compute_entry(
     else:
         model, chosen = adapter_coordinates(solution, settings.include_head, settings.dtype, device)
     # bitsandbytes' 4-bit matmul is an autograd.Function without setup_context, which torch.func's
-    # forward-over-reverse refuses (measured with bitsandbytes 0.50.2 on CPU); its backward is plain torch
-    # operations, so reverse-over-reverse (double backward) differentiates through the packed layer exactly
-    mode = "reverse-over-reverse" if packed_names(model) else "auto"
+    # forward-over-reverse refuses (measured with bitsandbytes 0.50.2 on CPU): a packed base goes by
+    # reverse-over-forward (its layers through _PackedMatmul), else by double backward (the note says why)
+    mode = "auto"
     try:
         op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode)
     finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
