@@ -183,12 +183,15 @@ class CurvatureSettings:
     density_points: int = 400
     broadening: float = 0.01  # σ of the density's Gaussians, as a fraction of the range of the nodes
     dtype: str = "float32"
+    hvp_batch: int | None = None  # samples per HVP forward (None: the evaluation batches); same products
 
     def check(self) -> None:
         """UserError naming the first bad setting and its fix."""
         ints = {"top_k": (self.top_k, 1), "trace_probes": (self.trace_probes, 0), "slq_probes": (self.slq_probes, 0),
                 "slq_steps": (self.slq_steps, 2), "density_points": (self.density_points, 10),
                 "lanczos_vectors": (self.lanczos_vectors, 2)}  # fmt: skip
+        if self.hvp_batch is not None:
+            ints["hvp_batch"] = (self.hvp_batch, 1)
         for name, (value, low) in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{_flag(name)} {value!r}: must be an integer >= {low}: pass a value >= {low}")
@@ -209,7 +212,8 @@ class CurvatureSettings:
 
     def key(self) -> dict:
         """Every setting that changes an entry's numbers (which coordinates are asked for does not)."""
-        return {k: v for k, v in self.to_dict().items() if k != "coordinates"}
+        # nor how the products' passes are split (hvp_batch): the same sums, to rounding
+        return {k: v for k, v in self.to_dict().items() if k not in ("coordinates", "hvp_batch")}
 
 
 def _flag(name: str) -> str:
@@ -896,7 +900,8 @@ def _compute_entry(
     # reverse-over-forward (its layers through _PackedMatmul), else by double backward (the note says why)
     mode = "auto"
     try:
-        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode)
+        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode,
+                             micro_batch=settings.hvp_batch)  # fmt: skip
     finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -1090,6 +1095,9 @@ def build_parser():
         help="evaluation samples: the first N of the run's seeded permutation of its evaluation split, so fewer "
         "than the run's are a subset of them (default: the run's evaluation set)",
     )
+    p.add_argument("--hvp-batch", type=positive_int, default=None,
+                   help="samples per forward of a Hessian-vector product: fewer hold fewer activations, same "
+                   "products (default: the evaluation batches)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--out", default=None, help="where to write curvature.{json,png,pdf} (default: the run folder)")
@@ -1103,7 +1111,7 @@ def settings_from(args) -> CurvatureSettings:
     settings = CurvatureSettings(
         top_k=args.top_k, tol=args.tol, lanczos_vectors=args.lanczos_vectors, trace_probes=args.trace_probes,
         slq_probes=args.slq_probes, slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
-        include_head=not args.no_head, seed=args.seed,
+        include_head=not args.no_head, seed=args.seed, hvp_batch=args.hvp_batch,
     )  # fmt: skip
     settings.check()
     return settings
