@@ -21,11 +21,11 @@ the model differentiates is kept (``hvp_mode``; a failure is recorded in ``hvp_n
   every layer's backward intermediates stay until the product ends. Two things make it work: the forward
   runs under a pass-through dispatch mode, because torch's forward-mode formulas of ``softmax`` and
   ``log_softmax`` (attention, the cross-entropy) otherwise multiply a saved tensor in place, which reverse
-  mode refuses; and peft's RandLoRA layers run their product in another order
-  (:func:`_randlora_product`, same sums), so the scaled basis λ·A·γ — a d × d matrix per layer, r times
-  that layer's λ/γ — is never formed or kept (measured on the Qwen2 shape at h = 512, 16 samples of 51
-  tokens: a product's peak 860 MB above the loaded base instead of 1,060 MB; at 47 tokens 111 MB
-  instead of 215 MB).
+  mode refuses; and, for calls of fewer tokens than min(in, out) (``--hvp-batch``), peft's RandLoRA layers
+  run their product in another order (:func:`_randlora_product`, same sums), so the scaled basis λ·A·γ — a
+  d × d matrix per layer, r times that layer's λ/γ — is never formed or kept. Measured on the Qwen2 shape
+  (4 layers, fp32, CPU): a product's peak above the loaded base, 16 samples of 51 tokens at h = 512, 860 MB
+  instead of 1,060 MB by ``torch.func``; one sample at h = 1024, 270 MB instead of 635 MB.
 - ``forward-over-reverse``: ``torch.func.jvp(grad(L), (θ,), (v,))`` through ``functional_call``.
 - ``reverse-over-reverse``: double backward through ``torch.autograd``: the one that differentiates
   bitsandbytes' 4-bit matmul (an ``autograd.Function`` without forward-mode formula or ``setup_context``).
@@ -250,13 +250,20 @@ class _PlainUniqueBaseGrad:
 # and with out = d < in, z = x·B (T × r·N) and
 #     y[t, j] = Σ_k A[k, j] · ((z ⊙ λ) γ)[t, k, j]
 # (T × r × d transient; saved: z ⊙ λ). Tokens go in chunks so a transient never exceeds the larger of S and
-# RANDLORA_CHUNK_ELEMENTS. Same sums in another order: equal to peft's to rounding (tests).
+# RANDLORA_CHUNK_ELEMENTS. Same sums in another order: equal to peft's to rounding (tests). Used for calls of
+# fewer tokens than d (_randlora_applies): a micro-batch (--hvp-batch), or a short evaluation batch.
 RANDLORA_CHUNK_ELEMENTS = 1 << 22
 
 
-def _randlora_applies(layer, args: tuple, kwargs: dict) -> bool:
-    """Whether :func:`_randlora_forward` reproduces this peft RandLoRA layer's forward (else peft's runs)."""
+def _randlora_applies(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether :func:`_randlora_forward` runs for this call (else peft's forward): it reproduces the layer's
+    forward, and it holds less. It keeps about T·r·N for T tokens where peft's keeps S and its tangent, 2·r·N·d,
+    and its T × N × d transients cost time: fewer tokens than d (measured, Qwen2 shape: at h = 1024 and 47
+    tokens a product's peak 270 MB instead of 440 MB; at h = 256 and 816 tokens 437 MB and twice the time,
+    instead of 396 MB)."""
     if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    if x.numel() // max(x.shape[-1], 1) >= min(layer.in_features, layer.out_features):
         return False
     for adapter in layer.active_adapters:
         if adapter in layer.randlora_lambda and layer.randlora_A[adapter].shape[1] != 1:
@@ -290,7 +297,7 @@ def _randlora_product(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
 
 def _randlora_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's RandLoRA Linear forward (plain or bitsandbytes base) with :func:`_randlora_product`."""
-    if not _randlora_applies(layer, args, kwargs):
+    if not _randlora_applies(layer, x, args, kwargs):
         return original(x, *args, **kwargs)
     previous = x.dtype
     result = layer.base_layer(x)
