@@ -105,6 +105,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import sys
@@ -429,20 +430,22 @@ def _differentiable_twice():
     """Math SDPA kernel and peft's RandLoRA product in plain operations, while Hessians are computed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    swapped = None
-    try:
-        from peft.tuners.randlora import layer as randlora_layer
-
-        swapped = (randlora_layer, randlora_layer.UniqueBaseGrad)
-        randlora_layer.UniqueBaseGrad = _PlainUniqueBaseGrad
-    except (ImportError, AttributeError):
-        pass
+    # the name in peft's randlora.layer and the one its bitsandbytes layers imported (randlora.bnb)
+    swapped = []
+    for module_name in ("peft.tuners.randlora.layer", "peft.tuners.randlora.bnb"):
+        module = sys.modules.get(module_name)
+        if module is None and module_name.endswith(".layer"):
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(module_name)
+        if module is not None and getattr(module, "UniqueBaseGrad", None) not in (None, _PlainUniqueBaseGrad):
+            swapped.append((module, module.UniqueBaseGrad))
+            module.UniqueBaseGrad = _PlainUniqueBaseGrad
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
-        if swapped is not None:
-            swapped[0].UniqueBaseGrad = swapped[1]
+        for module, original in swapped:
+            module.UniqueBaseGrad = original
 
 
 def batch_loss(objective: Classification, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -209,10 +209,12 @@ def test_micro_batches_give_the_same_products():
     assert pieces.grad_norm == pytest.approx(whole.grad_norm, rel=1e-10)
 
 
-def test_reverse_over_forward_through_4bit_layers_equals_double_backward():
+@pytest.mark.parametrize("samples", [6, 40])
+def test_reverse_over_forward_through_4bit_layers_equals_double_backward(samples):
     """A bitsandbytes NF4 base (CPU) with RandLoRA on its packed layers: the products go by reverse mode over
     forward mode (:class:`landscape.curvature._PackedMatmul` gives the packed matmul a tangent) and equal
-    double backward through bitsandbytes' own Function; the packed bytes are untouched."""
+    double backward through bitsandbytes' own Function; the packed bytes are untouched. 6 tokens: RandLoRA's
+    factored product; 40 (more than d = 32): peft's bitsandbytes layer's own, with its UniqueBaseGrad swapped."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     d = 32
@@ -225,7 +227,7 @@ def test_reverse_over_forward_through_4bit_layers_equals_double_backward():
     disable_cpu_repacking(model)  # as the toolkit's loading does (bitsandbytes' in-place CPU repacking off)
     peft_model, names = _randlora(model, 4, r"layers\.\d+")
     codes = [layer.weight.clone() for layer in model.layers]
-    eval_set = EvalSet([({"x": torch.randn(6, d)}, torch.tensor([0, 1, 2, 0, 1, 2]))], 6)
+    eval_set = EvalSet([({"x": torch.randn(samples, d)}, torch.arange(samples) % 3)], samples)
     forward = curvature.HessianOperator(peft_model, names, eval_set, CE, "float32")
     double = curvature.HessianOperator(peft_model, names, eval_set, CE, "float32", mode="reverse-over-reverse")
     v = np.random.default_rng(0).standard_normal(forward.dim)
