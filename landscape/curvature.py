@@ -8,17 +8,38 @@ off; BatchNorm normalises with its frozen running statistics), fp32.
 
 **Hessian-vector products** (:class:`HessianOperator`). A causal LM's answer loss reads only the gold
 candidate, so only the gold continuation is run (the objective's training view): the same loss and
-products at 1/C of the work for C candidates. Forward-over-reverse with ``torch.func``:
-``jvp(grad(L), (θ,), (v,))`` through ``functional_call`` over the chosen parameters only (the rest
-of the model is constant), summed over the evaluation batches: one HVP is one pass over the data,
-and every pass is counted (``hvps``). Two rewrites make the models of this toolkit differentiable
-this way, both exact: attention runs on PyTorch's math SDPA kernel (the fused CPU/GPU kernels have
-no forward-mode derivative), and peft's RandLoRA ``UniqueBaseGrad`` — an ``autograd.Function``
-that torch.func cannot trace, whose forward is the product ``λ[:, :, None]·A·γ[None]`` and whose
-hand-written backward is that product's gradient — is replaced, for the duration of the
+products at 1/C of the work for C candidates. Each product is one pass over the evaluation batches
+(``micro_batch``: in pieces of at most that many samples), summed; every pass is counted (``hvps``). Only
+the chosen parameters are differentiated (the rest of the model is constant). Three ways, the first that
+the model differentiates is kept (``hvp_mode``; a failure is recorded in ``hvp_note``):
+
+- ``reverse-over-forward`` (first): the parameters become dual tensors ``θ + ε·v``
+  (``torch.autograd.forward_ad``), one forward gives the loss and its directional derivative ∇L·v, and one
+  ``torch.autograd.grad`` of that derivative (``create_graph=False``) gives H·v. The graph holds the forward's
+  activations and their tangents, and the backward frees each node's tensors as it passes it. The
+  ``torch.func`` ways below record the backward itself (``torch.func.grad`` always does, to allow nesting), so
+  every layer's backward intermediates stay until the product ends. Two things make it work: the forward
+  runs under a pass-through dispatch mode, because torch's forward-mode formulas of ``softmax`` and
+  ``log_softmax`` (attention, the cross-entropy) otherwise multiply a saved tensor in place, which reverse
+  mode refuses; and, for calls of fewer tokens than min(in, out) (``--hvp-batch``), peft's RandLoRA layers
+  run their product in another order (:func:`_randlora_product`, same sums), so the scaled basis λ·A·γ — a
+  d × d matrix per layer, r times that layer's λ/γ — is never formed or kept. Measured on the Qwen2 shape
+  (4 layers, fp32, CPU): a product's peak above the loaded base, 16 samples of 51 tokens at h = 512, 860 MB
+  instead of 1,060 MB by ``torch.func``; one sample at h = 1024, 270 MB instead of 635 MB.
+- ``forward-over-reverse``: ``torch.func.jvp(grad(L), (θ,), (v,))`` through ``functional_call``.
+- ``reverse-over-reverse``: double backward through ``torch.autograd``: the one that differentiates
+  bitsandbytes' 4-bit matmul (an ``autograd.Function`` without forward-mode formula or ``setup_context``).
+
+For both ``torch.func``/double-backward ways attention runs on PyTorch's math SDPA kernel (the fused CPU/GPU
+kernels have no forward-mode derivative), and peft's RandLoRA ``UniqueBaseGrad`` — an
+``autograd.Function`` that torch.func cannot trace, whose forward is the product ``λ[:, :, None]·A·γ[None]``
+and whose hand-written backward is that product's gradient — is replaced, for the duration of the
 computation, by the same product in plain tensor operations (same values, same derivatives).
-A model that still cannot run forward-mode AD falls back to reverse-over-reverse (double
-backward through ``torch.autograd``), recorded as ``hvp_mode``.
+
+**Memory.** What grows with the tokens is the graph: the forward's activations and their tangents, about
+1 MB per token at h = 512 with 4 layers in fp32 (``micro_batch`` bounds it). What does not: the coordinate
+vectors (the product, the gradient of the first pass, the vector multiplied), a layer's transients and,
+for RandLoRA, peft's shared random bases, which loading the adapter costs.
 
 **Coordinates.** ``weights``: the dense weights at the solution, θ = W0 + ΔW (:meth:`Solution.model`).
 By default (``weight_set="adapted"``) the adapted weights (:func:`adapters.methods.adapted_weights`,
@@ -84,6 +105,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import sys
@@ -105,7 +127,7 @@ from adapters.errors import UserError, first_line
 from adapters.io import digest, key_digest, write_json, write_with
 from adapters.objectives import Classification
 from adapters.progress import progress_bar
-from adapters.quant import packed_names
+from adapters.quant import is_packed, packed_names
 from adapters.solution import Solution, delta_fingerprint
 from landscape.engine.grid import EvalSet
 from landscape.lanczos import HostBasis
@@ -162,12 +184,15 @@ class CurvatureSettings:
     density_points: int = 400
     broadening: float = 0.01  # σ of the density's Gaussians, as a fraction of the range of the nodes
     dtype: str = "float32"
+    hvp_batch: int | None = None  # samples per HVP forward (None: the evaluation batches); same products
 
     def check(self) -> None:
         """UserError naming the first bad setting and its fix."""
         ints = {"top_k": (self.top_k, 1), "trace_probes": (self.trace_probes, 0), "slq_probes": (self.slq_probes, 0),
                 "slq_steps": (self.slq_steps, 2), "density_points": (self.density_points, 10),
                 "lanczos_vectors": (self.lanczos_vectors, 2)}  # fmt: skip
+        if self.hvp_batch is not None:
+            ints["hvp_batch"] = (self.hvp_batch, 1)
         for name, (value, low) in ints.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{_flag(name)} {value!r}: must be an integer >= {low}: pass a value >= {low}")
@@ -188,7 +213,8 @@ class CurvatureSettings:
 
     def key(self) -> dict:
         """Every setting that changes an entry's numbers (which coordinates are asked for does not)."""
-        return {k: v for k, v in self.to_dict().items() if k != "coordinates"}
+        # nor how the products' passes are split (hvp_batch): the same sums, to rounding
+        return {k: v for k, v in self.to_dict().items() if k not in ("coordinates", "hvp_batch")}
 
 
 def _flag(name: str) -> str:
@@ -225,13 +251,20 @@ class _PlainUniqueBaseGrad:
 # and with out = d < in, z = x·B (T × r·N) and
 #     y[t, j] = Σ_k A[k, j] · ((z ⊙ λ) γ)[t, k, j]
 # (T × r × d transient; saved: z ⊙ λ). Tokens go in chunks so a transient never exceeds the larger of S and
-# RANDLORA_CHUNK_ELEMENTS. Same sums in another order: equal to peft's to rounding (tests).
+# RANDLORA_CHUNK_ELEMENTS. Same sums in another order: equal to peft's to rounding (tests). Used for calls of
+# fewer tokens than d (_randlora_applies): a micro-batch (--hvp-batch), or a short evaluation batch.
 RANDLORA_CHUNK_ELEMENTS = 1 << 22
 
 
-def _randlora_applies(layer, args: tuple, kwargs: dict) -> bool:
-    """Whether :func:`_randlora_forward` reproduces this peft RandLoRA layer's forward (else peft's runs)."""
+def _randlora_applies(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether :func:`_randlora_forward` runs for this call (else peft's forward): it reproduces the layer's
+    forward, and it holds less. It keeps about T·r·N for T tokens where peft's keeps S and its tangent, 2·r·N·d,
+    and its T × N × d transients cost time: fewer tokens than d (measured, Qwen2 shape: at h = 1024 and 47
+    tokens a product's peak 270 MB instead of 440 MB; at h = 256 and 816 tokens 437 MB and twice the time,
+    instead of 396 MB)."""
     if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    if x.numel() // max(x.shape[-1], 1) >= min(layer.in_features, layer.out_features):
         return False
     for adapter in layer.active_adapters:
         if adapter in layer.randlora_lambda and layer.randlora_A[adapter].shape[1] != 1:
@@ -265,7 +298,7 @@ def _randlora_product(layer, adapter: str, x: torch.Tensor) -> torch.Tensor:
 
 def _randlora_forward(layer, original, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's RandLoRA Linear forward (plain or bitsandbytes base) with :func:`_randlora_product`."""
-    if not _randlora_applies(layer, args, kwargs):
+    if not _randlora_applies(layer, x, args, kwargs):
         return original(x, *args, **kwargs)
     previous = x.dtype
     result = layer.base_layer(x)
@@ -320,10 +353,75 @@ def _out_of_place_formulas():
     return PassThrough()
 
 
+class _PackedMatmul(torch.autograd.Function):
+    """``x · Wᵀ`` for a bitsandbytes 4-bit weight W, with a forward-mode formula (bitsandbytes' own Function has
+    none): the product by bitsandbytes' kernel, the input's gradient ``g · dequantize(W)`` (as bitsandbytes'
+    MatMul4Bit backward computes it) and the tangent ``ẋ · Wᵀ`` through this same Function, so reverse mode over
+    the tangent keeps no dense copy of W either (every product dequantises, one layer at a time)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, weight, quant_state=weight.quant_state)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.weight = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from bitsandbytes.functional import dequantize_4bit
+
+        weight = ctx.weight
+        return grad @ dequantize_4bit(weight.view(-1, 1), weight.quant_state).to(grad.dtype), None
+
+    @staticmethod
+    def jvp(ctx, x_tangent: torch.Tensor, _weight_tangent) -> torch.Tensor:
+        return _PackedMatmul.apply(x_tangent, ctx.weight)
+
+
+def _packed_forward(module: nn.Module, original, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``Linear4bit.forward`` through :class:`_PackedMatmul` (its CPU repacking for inference
+    excepted: a weight already repacked keeps bitsandbytes' forward)."""
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        return original(x)
+    if not module.compute_type_is_set:
+        module.set_compute_type(x)
+        module.compute_type_is_set = True
+    previous = x.dtype
+    if module.compute_dtype is not None:
+        x = x.to(module.compute_dtype)
+    out = _PackedMatmul.apply(x, module.weight)
+    if module.bias is not None:
+        out = out + module.bias.to(out.dtype)
+    return out.to(previous)
+
+
+@contextlib.contextmanager
+def _packed_with_tangents(model: nn.Module):
+    """Every bitsandbytes 4-bit Linear of ``model`` runs :func:`_packed_forward` inside the block."""
+    swapped = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and hasattr(module, "compute_type_is_set") and is_packed(module):
+            own = module.__dict__.get("forward")
+            swapped.append((module, own))
+            original = own if own is not None else types.MethodType(type(module).forward, module)
+            module.forward = functools.partial(_packed_forward, module, original)
+    try:
+        yield
+    finally:
+        for module, own in swapped:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+
+
 @contextlib.contextmanager
 def _reverse_over_forward_safe(model: nn.Module):
     """RandLoRA's factored product and out-of-place forward-mode formulas, for reverse mode over forward mode."""
-    with _factored_randlora(model), _out_of_place_formulas():
+    with _factored_randlora(model), _packed_with_tangents(model), _out_of_place_formulas():
         yield
 
 
@@ -332,20 +430,22 @@ def _differentiable_twice():
     """Math SDPA kernel and peft's RandLoRA product in plain operations, while Hessians are computed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    swapped = None
-    try:
-        from peft.tuners.randlora import layer as randlora_layer
-
-        swapped = (randlora_layer, randlora_layer.UniqueBaseGrad)
-        randlora_layer.UniqueBaseGrad = _PlainUniqueBaseGrad
-    except (ImportError, AttributeError):
-        pass
+    # the name in peft's randlora.layer and the one its bitsandbytes layers imported (randlora.bnb)
+    swapped = []
+    for module_name in ("peft.tuners.randlora.layer", "peft.tuners.randlora.bnb"):
+        module = sys.modules.get(module_name)
+        if module is None and module_name.endswith(".layer"):
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(module_name)
+        if module is not None and getattr(module, "UniqueBaseGrad", None) not in (None, _PlainUniqueBaseGrad):
+            swapped.append((module, module.UniqueBaseGrad))
+            module.UniqueBaseGrad = _PlainUniqueBaseGrad
     try:
         with sdpa_kernel([SDPBackend.MATH]):
             yield
     finally:
-        if swapped is not None:
-            swapped[0].UniqueBaseGrad = swapped[1]
+        for module, original in swapped:
+            module.UniqueBaseGrad = original
 
 
 def batch_loss(objective: Classification, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -806,11 +906,12 @@ def _compute_entry(
     else:
         model, chosen = adapter_coordinates(solution, settings.include_head, settings.dtype, device)
     # bitsandbytes' 4-bit matmul is an autograd.Function without setup_context, which torch.func's
-    # forward-over-reverse refuses (measured with bitsandbytes 0.50.2 on CPU); its backward is plain torch
-    # operations, so reverse-over-reverse (double backward) differentiates through the packed layer exactly
-    mode = "reverse-over-reverse" if packed_names(model) else "auto"
+    # forward-over-reverse refuses (measured with bitsandbytes 0.50.2 on CPU): a packed base goes by
+    # reverse-over-forward (its layers through _PackedMatmul), else by double backward (the note says why)
+    mode = "auto"
     try:
-        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode)
+        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode,
+                             micro_batch=settings.hvp_batch)  # fmt: skip
     finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -1004,6 +1105,9 @@ def build_parser():
         help="evaluation samples: the first N of the run's seeded permutation of its evaluation split, so fewer "
         "than the run's are a subset of them (default: the run's evaluation set)",
     )
+    p.add_argument("--hvp-batch", type=positive_int, default=None,
+                   help="samples per forward of a Hessian-vector product: fewer hold fewer activations, same "
+                   "products (default: the evaluation batches)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--out", default=None, help="where to write curvature.{json,png,pdf} (default: the run folder)")
@@ -1017,7 +1121,7 @@ def settings_from(args) -> CurvatureSettings:
     settings = CurvatureSettings(
         top_k=args.top_k, tol=args.tol, lanczos_vectors=args.lanczos_vectors, trace_probes=args.trace_probes,
         slq_probes=args.slq_probes, slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
-        include_head=not args.no_head, seed=args.seed,
+        include_head=not args.no_head, seed=args.seed, hvp_batch=args.hvp_batch,
     )  # fmt: skip
     settings.check()
     return settings

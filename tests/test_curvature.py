@@ -269,11 +269,17 @@ def test_randlora_adapter_hvp_equals_double_backward_through_peft(tiny, tmp_path
 
 def test_settings_are_checked():
     for bad in ({"top_k": 0}, {"tol": 0.0}, {"tol": float("nan")}, {"slq_steps": 1}, {"coordinates": ("hessian",)},
-                {"weight_set": "all"}, {"trace_probes": -1}):  # fmt: skip
+                {"weight_set": "all"}, {"trace_probes": -1}, {"hvp_batch": 0}):  # fmt: skip
         with pytest.raises(curvature.UserError) as e:
             curvature.CurvatureSettings(**bad).check()
         assert "\n" not in str(e.value) and ":" in str(e.value)
     curvature.CurvatureSettings().check()
+    # --hvp-batch splits the products' passes (same sums): not part of an entry's reuse key
+    split = curvature.CurvatureSettings(hvp_batch=2)
+    split.check()
+    assert split.key() == curvature.CurvatureSettings().key()
+    args = curvature.build_parser().parse_args(["--run", "r", "--hvp-batch", "3"])
+    assert curvature.settings_from(args).hvp_batch == 3
 
 
 def _synthetic_solutions(model, scale=0.2):

@@ -7,7 +7,7 @@ peft's own double backward.
   size of one layer's scaled basis S = λ·A·γ at once, however many layers: the product never forms S
   (reverse mode over forward mode, :func:`landscape.curvature._randlora_product`). ``torch.func``'s
   forward-over-reverse with peft's forward keeps S, its tangent and its gradient for every layer (the test
-  fails on that code: about 3 per layer).
+  fails on that code: 40 at once for 6 layers; double backward 24).
 - The top-k Lanczos keeps at most k + 4 coordinate-sized torch tensors alive (its basis is numpy, on the host).
 """
 
@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters.objectives import OBJECTIVES
+from adapters.quant import disable_cpu_repacking
 from landscape import curvature
 from landscape.engine.grid import EvalSet
 
@@ -107,7 +108,7 @@ def test_an_hvp_holds_no_scaled_basis_per_layer():
     with tracker:
         op.flat_hvp(v)
     # a layer's transients only (the factored product's chunks stay below S: 4 tokens × N × d); torch.func's
-    # forward-over-reverse through peft's forward held 3 per layer (18 here)
+    # forward-over-reverse through peft's forward (the default before) held 40 at once, double backward 24
     assert tracker.peak_count <= 2, tracker.at_peak
 
 
@@ -206,3 +207,32 @@ def test_micro_batches_give_the_same_products():
     np.testing.assert_allclose(pieces.matvec(v), whole.matvec(v), rtol=1e-10, atol=1e-13)
     assert pieces.loss == pytest.approx(whole.loss, rel=1e-12)
     assert pieces.grad_norm == pytest.approx(whole.grad_norm, rel=1e-10)
+
+
+@pytest.mark.parametrize("samples", [6, 40])
+def test_reverse_over_forward_through_4bit_layers_equals_double_backward(samples):
+    """A bitsandbytes NF4 base (CPU) with RandLoRA on its packed layers: the products go by reverse mode over
+    forward mode (:class:`landscape.curvature._PackedMatmul` gives the packed matmul a tangent) and equal
+    double backward through bitsandbytes' own Function; the packed bytes are untouched. 6 tokens: RandLoRA's
+    factored product; 40 (more than d = 32): peft's bitsandbytes layer's own, with its UniqueBaseGrad swapped."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    d = 32
+    model = Stack(d, 2)
+    for i, layer in enumerate(model.layers):
+        packed = bnb.nn.Linear4bit(d, d, compute_dtype=torch.float32, quant_type="nf4")
+        packed.load_state_dict(layer.state_dict())
+        model.layers[i] = packed.to("cpu")  # quantised here
+    assert all(getattr(layer.weight, "quant_state", None) is not None for layer in model.layers)
+    disable_cpu_repacking(model)  # as the toolkit's loading does (bitsandbytes' in-place CPU repacking off)
+    peft_model, names = _randlora(model, 4, r"layers\.\d+")
+    codes = [layer.weight.clone() for layer in model.layers]
+    eval_set = EvalSet([({"x": torch.randn(samples, d)}, torch.arange(samples) % 3)], samples)
+    forward = curvature.HessianOperator(peft_model, names, eval_set, CE, "float32")
+    double = curvature.HessianOperator(peft_model, names, eval_set, CE, "float32", mode="reverse-over-reverse")
+    v = np.random.default_rng(0).standard_normal(forward.dim)
+    reference = double.matvec(v)
+    np.testing.assert_allclose(forward.matvec(v), reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
+    assert forward.mode == "reverse-over-forward" and forward.note is None
+    assert forward.loss == pytest.approx(double.loss, rel=1e-6)
+    assert all(torch.equal(c, layer.weight) for c, layer in zip(codes, model.layers, strict=True))
