@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -363,6 +364,7 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
         # the runtime's overhead, so the load measured is a second one
         warm = entry.build(0)
         del warm
+        gc.collect()  # a transformers model holds reference cycles: freed by the collector, not by del
     trim()
     runtime = status_bytes("VmRSS")
     reset = reset_peak()
@@ -374,7 +376,8 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
            "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}  # fmt: skip
     if stage == "load":
         peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - runtime
-        resident = status_bytes("VmRSS") - runtime  # what the loaded model keeps (mapped pages: those touched)
+        trim()  # the freed scratch back to the system: what the loaded model keeps (mapped pages: those touched)
+        resident = status_bytes("VmRSS") - runtime
         return {**out, "peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
                 "seconds": round(seconds, 3), "activation_bytes": None, "resident_after_load_bytes": resident,
                 "load_scratch_bytes": peak - resident,
@@ -569,6 +572,7 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             act_8b = activation * (c.hidden_size * c.num_hidden_layers) / (x["hidden"] * x["layers"])
             peak = base_bytes + max(above - activation, 0) / x["held_bytes"] * held + act_8b
         out.append({"stage": stage, "dtype": dtype, "model": model, "from_params": x["params"],
+                    "from_source": x.get("source"),
                     "from_ratio": x["ratio"], "held_bytes_8b": held, "base_bytes_8b": base_bytes,
                     "projected_peak_bytes": int(peak), "fits": bool(peak <= GPU_BYTES),
                     "label": "projection"})  # fmt: skip
