@@ -14,11 +14,13 @@ fabricates LLM-Adapters commonsense files in the real format, and runs, per vari
    adapter in its own coordinates.
 
 Variants: ``fp32`` (fp32 weights), ``4bit`` (``--load-4bit``: NF4 base, QLoRA recipe) and ``bf16``
-(``--torch-dtype bfloat16``: bf16 storage). Each command runs as its own process; the table gives each stage's
-wall time (from the run's ``landscape.json`` and ``curvature.json``), the process's peak RSS and the vertex
-losses. ``--layers`` shortens the model (the only reduction allowed when a variant cannot fit; the table says
-so); on the CPU the Qwen2-0.5B rehearsal defaults to :data:`CPU_LAYERS` (4 of 24: all 24 do not fit). Results are written atomically with ``--json``. ``experiments.gpu_check --rehearsal`` calls this with
-``--device cuda`` at full size.
+(``--torch-dtype bfloat16``: bf16 storage). Each command runs as its own process, each variant from an empty
+run folder; the table gives each stage's wall time (from the run's ``landscape.json`` and ``curvature.json``),
+CPU seconds and peak RSS (:func:`run_measured`), the load average, and the JSON the vertex losses and top
+eigenvalues. ``--layers`` shortens the model (the only reduction allowed when a variant cannot fit; the table
+says so); on the CPU the Qwen2-0.5B rehearsal defaults to :data:`CPU_LAYERS` (4 of 24: all 24 do not fit).
+Results are written atomically with ``--json``, after each variant. ``experiments.gpu_check --rehearsal`` calls
+this with ``--device cuda`` at full size.
 """
 
 from __future__ import annotations
