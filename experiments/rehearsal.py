@@ -14,11 +14,13 @@ fabricates LLM-Adapters commonsense files in the real format, and runs, per vari
    adapter in its own coordinates.
 
 Variants: ``fp32`` (fp32 weights), ``4bit`` (``--load-4bit``: NF4 base, QLoRA recipe) and ``bf16``
-(``--torch-dtype bfloat16``: bf16 storage). Each command runs as its own process; the table gives each stage's
-wall time (from the run's ``landscape.json`` and ``curvature.json``), the process's peak RSS and the vertex
-losses. ``--layers`` shortens the model (the only reduction allowed when a variant cannot fit; the table says
-so). Results are written atomically with ``--json``. ``experiments.gpu_check --rehearsal`` calls this with
-``--device cuda`` at full size.
+(``--torch-dtype bfloat16``: bf16 storage). Each command runs as its own process, each variant from an empty
+run folder; the table gives each stage's wall time (from the run's ``landscape.json`` and ``curvature.json``),
+CPU seconds and peak RSS (:func:`run_measured`), the load average, and the JSON the vertex losses and top
+eigenvalues. ``--layers`` shortens the model (the only reduction allowed when a variant cannot fit; the table
+says so); on the CPU the Qwen2-0.5B rehearsal defaults to :data:`CPU_LAYERS` (4 of 24: all 24 do not fit).
+Results are written atomically with ``--json``, after each variant. ``experiments.gpu_check --rehearsal`` calls
+this with ``--device cuda`` at full size.
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ CONFIG = ROOT / "experiments" / "paper" / "commonsense_rehearsal.toml"
 # most r and about r² / gap (symmetric matrices): a rehearsal checks that the stage runs, not the fourth digit
 # that landscape.curvature's default 1e-3 pays extra HVPs for.
 CURVATURE_TOL = 1e-2
-# Decoder layers of the Qwen2-0.5B rehearsal on the CPU by default: all 24 (measured: README, "rehearsed").
-CPU_LAYERS: int | None = None
+# Decoder layers of the Qwen2-0.5B rehearsal on the CPU by default. All 24 do not fit: on the 2-core, 23 GB
+# machine of the README's measurement the fp32 variant's pipeline took 660 CPU s and its curvature was killed by
+# the OOM killer at 16.4 GB. At 4 layers the fp32 variant ran end to end (733 CPU s, 12.1 GB, curvature 564 of
+# them): README, "The seed's commonsense pipeline, rehearsed".
+CPU_LAYERS: int | None = 4
 VARIANTS = {"fp32": [], "4bit": ["--load-4bit"], "bf16": ["--torch-dtype", "bfloat16"]}
 
 # Real configurations (config.json of the released checkpoints), so the rehearsal's cost is the real one.
