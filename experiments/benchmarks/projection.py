@@ -43,9 +43,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import tomllib
 import torch
 
+from adapters.compat import tomllib
 from adapters.errors import UserError
 
 PROG = "python -m experiments.benchmarks.projection"
