@@ -188,7 +188,7 @@ class RunConfig:
         "lora or randlora centre)", toml="landscape.coordinates", choices=("weights", "adapter"),
     )  # fmt: skip
     grid: int = option(
-        11, "grid points per axis; the vertices are grid points (full: 25 = the paper's)", toml="landscape.engine.grid"
+        11, "grid points per axis; the vertices are grid points (full: 25 = the paper's)", toml="landscape.grid"
     )
     x_range: list | None = option(None, "x window [low, high] (paper chart)", flag=None, toml="landscape.x_range")
     y_range: list | None = option(None, "y window [low, high] (paper chart)", flag=None, toml="landscape.y_range")
