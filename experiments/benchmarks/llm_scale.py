@@ -340,13 +340,12 @@ def _tokens(ids) -> int:
 
 def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt_len: int) -> dict:
     """One stage of one case (module docstring); its readings."""
-    import numpy as np
     import peft  # noqa: F401  (code before the baseline)
     import transformers  # noqa: F401
 
     import adapters.deltas  # noqa: F401
     import landscape.engine.factored  # noqa: F401
-    from adapters.objectives import OBJECTIVES, score
+    from adapters.objectives import OBJECTIVES
     from experiments.benchmarks.plain_lm import plain_loop
     from landscape.engine.grid import EvalSet
 
@@ -375,42 +374,18 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
     out = {"model_bytes": model_bytes, "runtime_rss_bytes": runtime, "layer_scratch_bytes": _largest_layer_bytes(model),
            "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}  # fmt: skip
     if stage == "load":
-        peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - runtime
-        trim()  # the freed scratch back to the system: what the loaded model keeps (mapped pages: those touched)
-        resident = status_bytes("VmRSS") - runtime
-        return {**out, "peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
-                "seconds": round(seconds, 3), "activation_bytes": None, "resident_after_load_bytes": resident,
-                "load_scratch_bytes": peak - resident,
-                "largest_source_tensor_bytes": _largest_source(case)}  # fmt: skip
+        return {**out, **_load_readings(case, runtime, reset, model_bytes), "seconds": round(seconds, 3)}
     objective = OBJECTIVES["answer"]
     ids, data, labels = examples(samples, prompt_len)
     eval_set = EvalSet.prepare(data, labels, samples, "cpu")
-    with torch.no_grad():
-        model(**eval_set.batches[0][0])
-        trim()
-        before = status_bytes("VmRSS")
-        reset_peak()
-        model(**eval_set.batches[0][0])
-        activation = status_bytes("VmHWM") - before if reset else None
+    activation = _activation_bytes(model, eval_set, reset)
     trim()
     rss_base = status_bytes("VmRSS")
     reset_peak()
     start = time.perf_counter()
     extra: dict = {}
-    held = model_bytes
-    if stage == "head_only":
-        score(lambda inputs: model(**inputs), eval_set.batches, eval_set.n, objective)
-    elif stage.startswith("train_"):
-        held = _train_stage(model, stage.removeprefix("train_"), data, labels, objective, extra)
-    elif stage in ("plane", "paths", "curvature", "spectrum"):
-        held = _solution_stage(stage, model, _solutions(case, source, model), eval_set, objective, extra, np)
-    elif stage == "checkpoint":
-        with tempfile.TemporaryDirectory(dir=case) as tmp:
-            from adapters.io import write_torch
-
-            write_torch(Path(tmp) / "checkpoint.pt", {"model": model.state_dict(), "step": 0})
-    else:
-        raise ValueError(stage)
+    held = _run_stage(stage, model, case, source, (data, labels, eval_set, objective), extra)
+    held = model_bytes if held is None else held
     seconds = time.perf_counter() - start
     peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - rss_base
     if stage in SOURCE_STAGES:  # after the peak is read: the bases the stage held besides its factors
@@ -427,6 +402,51 @@ def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt
         out["plain_tokens_per_s"] = tokens / plain_s
         out["plain_padded_tokens"] = plain_tokens
     return out
+
+
+def _load_readings(case: Path, runtime: int, reset: bool, model_bytes: int) -> dict:
+    """The load's readings, right after it: its peak above the runtime, what stays resident, its scratch."""
+    peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - runtime
+    trim()  # the freed scratch back to the system: what the loaded model keeps (mapped pages: those touched)
+    resident = status_bytes("VmRSS") - runtime
+    return {"peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
+            "activation_bytes": None, "resident_after_load_bytes": resident, "load_scratch_bytes": peak - resident,
+            "largest_source_tensor_bytes": _largest_source(case)}  # fmt: skip
+
+
+def _activation_bytes(model, eval_set, reset: bool) -> int | None:
+    """One batch's activations: the peak of a second no-grad forward above the RSS before it (None without
+    a resettable peak)."""
+    with torch.no_grad():
+        model(**eval_set.batches[0][0])
+        trim()
+        before = status_bytes("VmRSS")
+        reset_peak()
+        model(**eval_set.batches[0][0])
+        return status_bytes("VmHWM") - before if reset else None
+
+
+def _run_stage(stage: str, model, case: Path, source: str, inputs: tuple, extra: dict) -> int | None:
+    """The stage's work on the loaded model; the bytes it holds besides the base (None: the model's own)."""
+    import numpy as np
+
+    from adapters.objectives import score
+
+    data, labels, eval_set, objective = inputs
+    if stage == "head_only":
+        score(lambda batch: model(**batch), eval_set.batches, eval_set.n, objective)
+        return None
+    if stage.startswith("train_"):
+        return _train_stage(model, stage.removeprefix("train_"), data, labels, objective, extra)
+    if stage in ("plane", "paths", "curvature", "spectrum"):
+        return _solution_stage(stage, model, _solutions(case, source, model), eval_set, objective, extra, np)
+    if stage == "checkpoint":
+        with tempfile.TemporaryDirectory(dir=case) as tmp:
+            from adapters.io import write_torch
+
+            write_torch(Path(tmp) / "checkpoint.pt", {"model": model.state_dict(), "step": 0})
+        return None
+    raise ValueError(stage)
 
 
 def _train_stage(model, method: str, data, labels, objective, extra: dict) -> int:
