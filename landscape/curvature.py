@@ -317,24 +317,17 @@ def _factored_randlora(model: nn.Module | None):
         from peft.tuners.randlora.layer import RandLoraLayer
     except ImportError:
         RandLoraLayer = None  # noqa: N806
-    swapped = []
-    for module in model.modules() if model is not None and RandLoraLayer is not None else ():
+    chosen = [
+        module
+        for module in (model.modules() if model is not None and RandLoraLayer is not None else ())
         # peft's own Linear classes (plain and bitsandbytes), not a subclass with another forward (the toolkit's
         # convolution, adapters.methods.layers.RandLoraWeight)
-        if (isinstance(module, RandLoraLayer) and type(module).__module__.startswith("peft.tuners.randlora")
-                and isinstance(module.get_base_layer(), nn.Linear)):  # fmt: skip
-            own = module.__dict__.get("forward")  # an instance forward (adapters.methods.randlora's) or none
-            swapped.append((module, own))
-            original = own if own is not None else types.MethodType(type(module).forward, module)
-            module.forward = functools.partial(_randlora_forward, module, original)
-    try:
+        if isinstance(module, RandLoraLayer)
+        and type(module).__module__.startswith("peft.tuners.randlora")
+        and isinstance(module.get_base_layer(), nn.Linear)
+    ]
+    with _forwards_replaced(chosen, _randlora_forward):
         yield
-    finally:
-        for module, own in swapped:
-            if own is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = own
 
 
 def _out_of_place_formulas():
@@ -401,13 +394,22 @@ def _packed_forward(module: nn.Module, original, x: torch.Tensor) -> torch.Tenso
 @contextlib.contextmanager
 def _packed_with_tangents(model: nn.Module):
     """Every bitsandbytes 4-bit Linear of ``model`` runs :func:`_packed_forward` inside the block."""
+    chosen = [m for m in model.modules() if isinstance(m, nn.Linear) and hasattr(m, "compute_type_is_set")
+              and is_packed(m)]  # fmt: skip
+    with _forwards_replaced(chosen, _packed_forward):
+        yield
+
+
+@contextlib.contextmanager
+def _forwards_replaced(modules: list[nn.Module], replacement):
+    """Inside the block each module's forward is ``replacement(module, original_forward, *args)``; afterwards
+    each gets back what it had (an instance forward, such as adapters.methods.randlora's, or its class's)."""
     swapped = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and hasattr(module, "compute_type_is_set") and is_packed(module):
-            own = module.__dict__.get("forward")
-            swapped.append((module, own))
-            original = own if own is not None else types.MethodType(type(module).forward, module)
-            module.forward = functools.partial(_packed_forward, module, original)
+    for module in modules:
+        own = module.__dict__.get("forward")
+        swapped.append((module, own))
+        original = own if own is not None else types.MethodType(type(module).forward, module)
+        module.forward = functools.partial(replacement, module, original)
     try:
         yield
     finally:
