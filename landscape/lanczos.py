@@ -16,7 +16,7 @@ and never read whole into memory. In fp64: in fp32, the rounding of million-term
 top Ritz value of EfficientNet-Lite0's Hessian by 2e-5 relative.
 
 :func:`lanczos` is the solver; its ``stop(alpha, beta, next_beta)`` callback decides when the top Ritz
-pairs are good enough (:class:`landscape.curvature` passes ARPACK's residual test).
+pairs are good enough (:class:`landscape.curvature.solvers._RitzTest` passes ARPACK's residual test).
 """
 
 from __future__ import annotations

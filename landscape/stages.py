@@ -186,7 +186,7 @@ def base_digest(loaded) -> str:
 
 def run_inputs(loaded, solution_deltas: Mapping[str, str], evaluator, device, precision: str) -> dict[str, str]:
     """The digests of :data:`INPUTS` for a run: ``solution_deltas`` are the solutions' ΔW fingerprints."""
-    from landscape.curvature import eval_fingerprint
+    from landscape.engine.grid import eval_fingerprint
 
     return {
         "base": base_digest(loaded),

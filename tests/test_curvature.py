@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES
 from adapters.solution import Solution
 from landscape import curvature
+from landscape.curvature import hessian, solvers
 from landscape.engine.grid import EvalSet
 from tests.conftest import TINY_RUN
 from tests.synthetic import synthetic_solutions
@@ -107,7 +109,7 @@ def test_lanczos_stops_when_the_residuals_meet_tol(tiny):
     model, eval_set, names, exact = tiny
     reference = np.linalg.eigvalsh(exact)[::-1][:5]
     op = operator(model, names, eval_set)
-    stop = curvature._RitzTest(5, 1e-3)
+    stop = solvers._RitzTest(5, 1e-3)
     v0 = torch.from_numpy(np.random.default_rng(7).standard_normal(op.dim))
     alpha, beta, basis = curvature.lanczos(op, v0 / torch.linalg.vector_norm(v0), 60, stop)
     assert stop.done and len(alpha) < 60 and op.hvps == len(alpha)
@@ -153,8 +155,8 @@ def test_hutchinson_trace_within_its_standard_error(tiny):
     assert many["trace_se"] < 0.3 * few["trace_se"]  # the error shrinks like 1/sqrt(probes)
     assert abs(many["trace"] - trace) < 0.1 * abs(trace) + 0.1 * np.abs(np.linalg.eigvalsh(exact)).sum()
     # each sample is zᵀHz for a ±1 vector z: the exact Hessian gives the same numbers for the same z
-    generator = torch.Generator().manual_seed(curvature._stream_seed(0, 1))
-    z = [curvature._rademacher(op.dim, generator, torch.float64).numpy() for _ in range(30)]
+    generator = torch.Generator().manual_seed(solvers._stream_seed(0, 1))
+    z = [solvers._rademacher(op.dim, generator, torch.float64).numpy() for _ in range(30)]
     np.testing.assert_allclose(few["samples"], [zi @ exact @ zi for zi in z], rtol=1e-9)
 
 
@@ -168,8 +170,8 @@ def test_slq_density_integrates_to_one_and_its_mean_is_trace_over_dim(tiny):
     mean = trapezoid(grid * values, grid)
     assert mean == pytest.approx(result["mean"], abs=1e-6 * np.ptp(grid))
     # Gauss quadrature is exact for degree 1: the mean is the probes' mean of uᵀHu, u = z/‖z‖ (same z)
-    generator = torch.Generator().manual_seed(curvature._stream_seed(0, 2))
-    z = [curvature._rademacher(op.dim, generator, torch.float64).numpy() for _ in range(8)]
+    generator = torch.Generator().manual_seed(solvers._stream_seed(0, 2))
+    z = [solvers._rademacher(op.dim, generator, torch.float64).numpy() for _ in range(8)]
     assert result["mean"] == pytest.approx(np.mean([zi @ exact @ zi for zi in z]) / op.dim, rel=1e-8)
     per_probe = [zi @ exact @ zi / op.dim for zi in z]
     se = np.std(per_probe, ddof=1) / math.sqrt(len(per_probe))
@@ -264,13 +266,13 @@ def test_randlora_adapter_hvp_equals_double_backward_through_peft(tiny, tmp_path
     np.testing.assert_allclose(hv, reference.numpy(), rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
     from peft.tuners.randlora import layer
 
-    assert layer.UniqueBaseGrad is not curvature._PlainUniqueBaseGrad  # put back after the computation
+    assert layer.UniqueBaseGrad is not hessian._PlainUniqueBaseGrad  # put back after the computation
 
 
 def test_settings_are_checked():
     for bad in ({"top_k": 0}, {"tol": 0.0}, {"tol": float("nan")}, {"slq_steps": 1}, {"coordinates": ("hessian",)},
                 {"weight_set": "all"}, {"trace_probes": -1}, {"hvp_batch": 0}):  # fmt: skip
-        with pytest.raises(curvature.UserError) as e:
+        with pytest.raises(UserError) as e:
             curvature.CurvatureSettings(**bad).check()
         assert "\n" not in str(e.value) and ":" in str(e.value)
     curvature.CurvatureSettings().check()

@@ -5,7 +5,7 @@ peft's own double backward.
 
 - An HVP in RandLoRA's λ/γ coordinates on a stack of adapted layers holds at most a few tensors of the
   size of one layer's scaled basis S = λ·A·γ at once, however many layers: the product never forms S
-  (reverse mode over forward mode, :func:`landscape.curvature._randlora_product`). ``torch.func``'s
+  (reverse mode over forward mode, :func:`landscape.curvature.hessian._randlora_product`). ``torch.func``'s
   forward-over-reverse with peft's forward keeps S, its tangent and its gradient for every layer (the test
   fails on that code: 40 at once for 6 layers; double backward 24).
 - The top-k Lanczos keeps at most k + 4 coordinate-sized torch tensors alive (its basis is numpy, on the host).
@@ -25,6 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adapters.objectives import OBJECTIVES
 from adapters.quant import disable_cpu_repacking
 from landscape import curvature
+from landscape.curvature import hessian
 from landscape.engine.grid import EvalSet
 
 CE = OBJECTIVES["classification"]
@@ -123,12 +124,12 @@ def test_factored_randlora_equals_peft(shape, chunk, monkeypatch):
     peft_model, names = _randlora(model, 4, ["0"])
     peft_model = peft_model.double()
     if chunk is not None:
-        monkeypatch.setattr(curvature, "RANDLORA_CHUNK_ELEMENTS", chunk)  # one token per chunk
+        monkeypatch.setattr(hessian, "RANDLORA_CHUNK_ELEMENTS", chunk)  # one token per chunk
     x = torch.randn(5, 2, d_in, dtype=torch.float64)
     layer = peft_model.base_model.model[0]
     with torch.no_grad():
         expected = layer(x)
-        with curvature._factored_randlora(peft_model):
+        with hessian._factored_randlora(peft_model):
             assert "forward" in layer.__dict__
             got = layer(x)
     assert "forward" not in layer.__dict__  # peft's forward is back
@@ -212,7 +213,7 @@ def test_micro_batches_give_the_same_products():
 @pytest.mark.parametrize("samples", [6, 40])
 def test_reverse_over_forward_through_4bit_layers_equals_double_backward(samples):
     """A bitsandbytes NF4 base (CPU) with RandLoRA on its packed layers: the products go by reverse mode over
-    forward mode (:class:`landscape.curvature._PackedMatmul` gives the packed matmul a tangent) and equal
+    forward mode (:class:`landscape.curvature.hessian._PackedMatmul` gives the packed matmul a tangent) and equal
     double backward through bitsandbytes' own Function; the packed bytes are untouched. 6 tokens: RandLoRA's
     factored product; 40 (more than d = 32): peft's bitsandbytes layer's own, with its UniqueBaseGrad swapped."""
     bnb = pytest.importorskip("bitsandbytes")

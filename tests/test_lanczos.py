@@ -12,7 +12,7 @@ from scipy.linalg import eigh_tridiagonal
 from scipy.sparse.linalg import eigsh
 
 from landscape import lanczos as lz
-from landscape.curvature import _RitzTest
+from landscape.curvature.solvers import _RitzTest
 
 
 def symmetric(dim: int, seed: int = 0) -> np.ndarray:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from adapters import compat
+from adapters.io import digest
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
 from adapters.progress import progress_bar
@@ -82,6 +83,12 @@ class EvalSet:
             inputs = {k: v.to(device) for k, v in data.batch(index).items()}
             batches.append((inputs, labels[index].to(device)))
         return cls(batches, len(order))
+
+
+def eval_fingerprint(eval_set: EvalSet) -> str:
+    """Digest of the evaluation batches (inputs and targets, in order): the key of every stage that reads them."""
+    return digest((f"{i}.{k}", t) for i, (inputs, target) in enumerate(eval_set.batches)
+                  for k, t in [*sorted(inputs.items()), ("target", target)])  # fmt: skip
 
 
 TARGET_SAMPLES_PER_FORWARD = 1024  # auto P on CUDA: P × (samples per batch) ≈ this

@@ -1,0 +1,87 @@
+"""Curvature of the loss at a solution — ``python -m landscape.curvature``: the top Hessian eigenvalues
+(Lanczos), the Hessian's trace (Hutchinson) and its spectral density (stochastic Lanczos quadrature).
+
+**Objective.** H = ∇²L(θ) of the run's objective, the mean loss over the run's evaluation set —
+the same objective (:mod:`adapters.objectives`) and the same samples as the plane and the paths
+(``--samples N``: the first N of the same seeded permutation). The model is in eval mode (dropout
+off; BatchNorm normalises with its frozen running statistics), fp32.
+
+
+**What lives where** (each module's docstring says how and why):
+
+- :mod:`~landscape.curvature.settings` — :class:`CurvatureSettings` (checked before any loading) and the names
+  every part shares (coordinates, weight sets, dtypes).
+- :mod:`~landscape.curvature.hessian` — :class:`HessianOperator`: Hessian-vector products of the run's objective
+  (reverse-over-forward, forward-over-reverse, double backward), and the rewrites that let a product
+  differentiate peft's RandLoRA layers (the factored product, without the scaled bases) and bitsandbytes' 4-bit
+  layers.
+- :mod:`~landscape.curvature.solvers` — top-k eigenvalues (Lanczos with ARPACK's residual test, its basis in
+  host memory through :mod:`landscape.lanczos`), Hutchinson's trace, SLQ's density, the seeded probes.
+- :mod:`~landscape.curvature.stage` — the coordinates at a solution (dense weights or the adapter's own) and
+  :func:`curvature_stage`, which writes curvature.json entry by entry, reused by key.
+- :mod:`~landscape.curvature.figure` — curvature.png / .pdf.
+- :mod:`~landscape.curvature.cli` — the command line (``__main__`` runs it).
+
+The names below are re-exported for the callers (:mod:`landscape.connectivity`, :mod:`landscape.sharpness`, the
+benchmarks, the README's API). A test that replaces a name replaces it in the module that uses it.
+"""
+
+from __future__ import annotations
+
+from landscape.curvature.cli import PROG, build_parser, main, settings_from
+from landscape.curvature.figure import curvature_figure, write_figure
+from landscape.curvature.hessian import HVP_MODES, HessianOperator, batch_loss
+from landscape.curvature.settings import (
+    ADAPTER_METHODS,
+    COORDINATES,
+    DTYPES,
+    LANCZOS_VECTORS,
+    NO_ADAPTER,
+    PACKED_WEIGHTS,
+    SOLUTION_CHOICES,
+    WEIGHT_SETS,
+    CurvatureSettings,
+)
+from landscape.curvature.solvers import (
+    broadened_density,
+    curvature_at,
+    hutchinson_trace,
+    lanczos,
+    slq_density,
+    top_eigenvalues,
+)
+from landscape.curvature.stage import adapter_coordinates, curvature_stage, summary, weight_coordinates, weight_names
+from landscape.engine.grid import eval_fingerprint
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "COORDINATES",
+    "DTYPES",
+    "HVP_MODES",
+    "LANCZOS_VECTORS",
+    "NO_ADAPTER",
+    "PACKED_WEIGHTS",
+    "PROG",
+    "SOLUTION_CHOICES",
+    "WEIGHT_SETS",
+    "CurvatureSettings",
+    "HessianOperator",
+    "adapter_coordinates",
+    "batch_loss",
+    "broadened_density",
+    "build_parser",
+    "curvature_at",
+    "curvature_figure",
+    "curvature_stage",
+    "eval_fingerprint",
+    "hutchinson_trace",
+    "lanczos",
+    "main",
+    "settings_from",
+    "slq_density",
+    "summary",
+    "top_eigenvalues",
+    "weight_coordinates",
+    "weight_names",
+    "write_figure",
+]

@@ -1,0 +1,124 @@
+"""``python -m landscape.curvature``: the command line over :func:`landscape.curvature.stage.curvature_stage`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+from adapters.errors import UserError
+from landscape.curvature.settings import COORDINATES, LANCZOS_VECTORS, SOLUTION_CHOICES, WEIGHT_SETS, CurvatureSettings
+from landscape.curvature.stage import curvature_stage
+
+PROG = "python -m landscape.curvature"
+
+
+def build_parser():
+    from landscape.cli import Parser, positive_int
+
+    def count(text: str) -> int:  # an integer >= 0 (0 skips)
+        import argparse
+
+        if not text.isdigit():
+            raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
+        return int(text)
+
+    p = Parser(
+        prog=PROG,
+        description="Curvature of the loss at the solutions of a run (written by landscape.connectivity): top "
+        "Hessian eigenvalues (Lanczos), Hessian trace (Hutchinson) and spectral density (SLQ).",
+        epilog="Example: python -m landscape.curvature --run runs/wordnet --solutions lora randlora --top-k 5",
+    )
+    p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
+    p.add_argument("--solutions", nargs="+", choices=SOLUTION_CHOICES, default=None,
+                   help="solutions to measure (default: those of ft lora randlora the run has)")  # fmt: skip
+    p.add_argument("--top-k", type=positive_int, default=5, help="top Hessian eigenvalues (default: 5)")
+    p.add_argument("--tol", type=float, default=1e-3,
+                   help="Lanczos tolerance: each Ritz residual <= tol x |eigenvalue| (default: 1e-3)")  # fmt: skip
+    p.add_argument("--lanczos-vectors", type=positive_int, default=LANCZOS_VECTORS,
+                   help="most Lanczos vectors held (float64, the coordinates' size) before ARPACK's restarts take "
+                   f"over (default: {LANCZOS_VECTORS})")  # fmt: skip
+    p.add_argument("--trace-probes", type=count, default=30, help="Hutchinson probes, 0 skips (default: 30)")
+    p.add_argument("--slq-probes", type=count, default=2, help="SLQ probes, 0 skips the density (default: 2)")
+    p.add_argument("--slq-steps", type=positive_int, default=40, help="Lanczos steps per SLQ probe (default: 40)")
+    p.add_argument(
+        "--coordinates",
+        choices=("weights", "adapter", "both"),
+        default="both",
+        help="dense weights at the solution, the adapter's own parameters, or both (default: both)",
+    )
+    p.add_argument("--weight-set", choices=WEIGHT_SETS, default="adapted",
+                   help="weights coordinates: the adapted weights + head, or every parameter the solutions change "
+                   "(the plane's) (default: adapted)")  # fmt: skip
+    p.add_argument("--no-head", action="store_true", help="leave the classification head out of the coordinates")
+    p.add_argument(
+        "--samples",
+        type=positive_int,
+        default=None,
+        help="evaluation samples: the first N of the run's seeded permutation of its evaluation split, so fewer "
+        "than the run's are a subset of them (default: the run's evaluation set)",
+    )
+    p.add_argument("--hvp-batch", type=positive_int, default=None,
+                   help="samples per forward of a Hessian-vector product: fewer hold fewer activations, same "
+                   "products (default: the evaluation batches)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--out", default=None, help="where to write curvature.{json,png,pdf} (default: the run folder)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from(args) -> CurvatureSettings:
+    coordinates = COORDINATES if args.coordinates == "both" else (args.coordinates,)
+    settings = CurvatureSettings(
+        top_k=args.top_k, tol=args.tol, lanczos_vectors=args.lanczos_vectors, trace_probes=args.trace_probes,
+        slq_probes=args.slq_probes, slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
+        include_head=not args.no_head, seed=args.seed, hvp_batch=args.hvp_batch,
+    )  # fmt: skip
+    settings.check()
+    return settings
+
+
+def _run(argv: Sequence[str] | None = None) -> None:
+    from adapters import threads
+    from landscape import run as run_module
+    from landscape.cli import resolve_device
+
+    args = build_parser().parse_args(argv)
+    settings = settings_from(args)  # every setting is checked before any loading
+    threads.configure(args.threads)
+    device = resolve_device(args.device)
+    ctx = run_module.open_run(args.run, device, with_eval_set=args.samples is None)
+    eval_set = ctx.eval_set
+    if args.samples is not None:
+        config = dataclasses.replace(ctx.loaded.config, eval_samples=args.samples)
+        eval_set = run_module.eval_set(dataclasses.replace(ctx.loaded, config=config), device)
+    meta = ctx.meta
+    info = {k: meta.get(k) for k in ("dataset", "model", "eval_split")}
+    info.update(run=str(ctx.run_dir), title=f"{meta.get('model')} on {meta.get('dataset')}: curvature at the solutions")
+    out = Path(args.out) if args.out else ctx.run_dir
+    chosen = args.solutions or [s for s in SOLUTION_CHOICES if s in ctx.solutions]  # --load-4bit: no ft
+    missing = [s for s in chosen if s not in ctx.solutions]
+    if missing:
+        raise UserError(f"--solutions {' '.join(chosen)}: the run {args.run} has no {missing[0]} solution")
+    solutions = {s: ctx.solutions[s] for s in dict.fromkeys(chosen)}
+    result = curvature_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
+                             plane_solutions=ctx.solutions, info=info)  # fmt: skip
+    print(f"wrote {out / 'curvature.json'}, {out / 'curvature.png'}, {out / 'curvature.pdf'}")
+    for name, per in result["solutions"].items():
+        for coordinates, e in per.items():
+            if "eigenvalues" not in e:
+                continue
+            trace = "" if e.get("trace") is None else f"; trace {e['trace']:.4g} ± {e['trace_se']:.2g}"
+            top = ", ".join(f"{v:.4g}" for v in e["eigenvalues"])
+            print(f"{name:<9} {coordinates:<8} dim {e['dim']:>10,}: top eigenvalues {top}{trace} ({e['hvps']} HVPs)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from landscape.cli import run_main
+
+    try:
+        return run_main(_run, argv, PROG)
+    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
+        return e.code if isinstance(e.code, int) else 2
