@@ -382,6 +382,15 @@ def solution_folders(run_dir: str | Path, meta: dict) -> dict[str, Path]:
     return {s: Path(recorded[s]) if s in recorded else run_dir / "solutions" / s for s in SOLUTION_NAMES}
 
 
+def seed_solution_folders(run_dir: str | Path, meta: dict) -> dict[int, dict[str, Path]]:
+    """The folders of a run's extra training seeds (``--seeds N``): {seed: {method: solutions/seed-K/METHOD}};
+    empty for a run of one seed."""
+    settings = {k: v for k, v in meta["config"].items() if k in RunConfig.__dataclass_fields__}
+    config = RunConfig(**{**settings, "solutions": {}})
+    return {seed: {m: seed_folder(run_dir, m, seed, config.seed) for m in config.method_set()}
+            for seed in training_seeds(config)[1:]}  # fmt: skip
+
+
 def open_run(run_dir: str | Path, device: torch.device | str = "cpu", with_eval_set: bool = True) -> OpenRun:
     """Reopen a run: the base model, the three solutions and its evaluation set, rebuilt exactly as the run
     built them from the configuration recorded in landscape.json."""
@@ -417,6 +426,7 @@ __all__ = [
     "open_run",
     "read_meta",
     "seed_folder",
+    "seed_solution_folders",
     "solution_folders",
     "train_config",
     "train_key",
