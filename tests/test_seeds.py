@@ -200,3 +200,22 @@ def test_sharpness_reports_the_interval_over_seeds(seeds_run, tmp_path):
     assert entry["worst_case_per_seed"][0] == entry["worst_case"] and len(set(entry["worst_case_per_seed"])) == N
     for q in ("worst_case", "average_case"):
         assert entry[f"{q}_ci95"] == pytest.approx(scipy_interval(entry[f"{q}_per_seed"]), rel=1e-9)
+
+
+def test_curves_give_the_barrier_over_seeds(seeds_run, tmp_path):
+    from landscape import curves
+
+    out = tmp_path / "curves_out"
+    argv = ["--run", str(seeds_run), "--out", str(out), "--pair", "ft,lora", "--bends", "1", "--steps", "3",
+            "--points", "3", "--no-progress"]  # fmt: skip
+    assert curves.main(argv) == 0
+    own = json.loads((out / "curves" / "ft-lora.json").read_text())
+    others = [json.loads((out / "curves" / f"seed-{k}" / "ft-lora.json").read_text()) for k in range(1, N)]
+    assert [o["train"]["seed"] for o in others] == list(range(1, N))  # each seed's curve on its seed's batches
+    for row in ("curve", "line"):
+        per_seed = own[row]["barrier_per_seed"]
+        assert per_seed == [own[row]["barrier"], *(o[row]["barrier"] for o in others)]
+        assert own[row]["barrier_ci95"] == pytest.approx(scipy_interval(per_seed), rel=1e-9, abs=1e-15)
+    # seed 1's line starts at seed 1's FT solution, whose vertex loss the run's seeds.json holds
+    seeds_json = json.loads((seeds_run / "seeds.json").read_text())
+    assert others[0]["line"]["loss_t0"] == pytest.approx(seeds_json["per_seed"]["1"]["vertex_loss"]["ft"], rel=1e-6)
