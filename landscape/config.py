@@ -321,7 +321,7 @@ class RunConfig:
             if choices and f.name != "preset" and getattr(self, f.name) not in choices:
                 self._fail(f.name, "not a valid choice", f"use one of {', '.join(choices)}")
         at_least = {
-            "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0, "seeds": 1,
+            "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
             "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
             "threads": 1, "cutoff_len": 8, "direction_seed": 0, "eval_tokens": 1,
         }  # fmt: skip
@@ -377,7 +377,10 @@ class RunConfig:
             self._fail("out", f"{what}, not a folder", "pass a folder (new or existing) for the outputs")
 
     def _validate_seeds(self) -> None:
-        """``seeds`` > 1 trains every method of the plane per seed: not solutions given, nor a random chart."""
+        """``seeds``: an integer >= 1; above 1 it trains every method of the plane per seed: not solutions given,
+        nor a random chart."""
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            self._fail("seeds", "must be an integer >= 1", "pass a value >= 1 (1: the run's own seed only)")
         if self.seeds == 1:
             return
         if self.solutions:

@@ -219,7 +219,11 @@ def lines(summary: Mapping, orderings: Mapping, path_summary: Mapping | None) ->
         if s.get("vertex_loss_ci95"):
             low, high = s["vertex_loss_ci95"]
             values = ", ".join(f"{v:.4f}" for v in s["vertex_loss_per_seed"])
-            out.append(f"  {name:<9} vertex loss {s['vertex_loss_mean']:.4f} [{low:.4f}, {high:.4f}] ({values})")
+            line = f"  {name:<9} vertex loss {s['vertex_loss_mean']:.4f} [{low:.4f}, {high:.4f}] ({values})"
+            for key, label in (("vertex_accuracy", "vertex accuracy"), ("test_accuracy", "test accuracy")):
+                if s.get(f"{key}_ci95"):
+                    line += f"; {label} {s[f'{key}_mean']:.4f} [{s[f'{key}_ci95'][0]:.4f}, {s[f'{key}_ci95'][1]:.4f}]"
+            out.append(line)
     for pair, o in orderings.items():
         low, high = o["difference_ci95"]
         a, b = pair.split("-")
