@@ -7,7 +7,8 @@
   :mod:`~landscape.spectrum` (singular-value spectra and ranks of each ΔW).
 - The run: :mod:`~landscape.config` (preset ← TOML ← command line, validated once), :mod:`~landscape.cli`
   (argument types, error handling), :mod:`~landscape.run` (loading a run: data, model, solutions, evaluation
-  set), :mod:`~landscape.stages` (stage keys, what each stage reads), :mod:`~landscape.report`.
+  set), :mod:`~landscape.stages` (stage keys, what each stage reads), :mod:`~landscape.report`,
+  :mod:`~landscape.seeds` (``--seeds N``: readings over training seeds with their t-interval).
 - :mod:`landscape.engine`: charts and directions, the dense and factored evaluators, the store.
 - :mod:`landscape.render`: figures, one module per family (surface, lines, spectra; one style for all).
 """

@@ -233,6 +233,12 @@ class RunConfig:
     )  # fmt: skip
     # --- the run
     seed: int = option(0, "seed for data split, initialisation, batches and bases")
+    seeds: int = option(
+        1, "training seeds per method: N solutions with the seeds --seed, --seed + 1, ..., which vary the batches, "
+        "the adapters' init and RandLoRA's bases (the split, the evaluation samples and the base stay --seed's); "
+        "vertex losses, accuracies, orderings and path barriers get a 95-percent t-interval over them; the plane is "
+        "--seed's. Each extra seed trains every method again and evaluates its paths", toml="train.seeds",
+    )  # fmt: skip
     device: str = option("auto", "device", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, "CPU threads (default: the CPUs available to this process)")
     out: str | None = option(None, "output folder (default: runs/<dataset>)", metavar="DIR")
@@ -285,6 +291,8 @@ class RunConfig:
         """The resolved settings, as recorded in landscape.json."""
         d = asdict(self)
         d.pop("sources")
+        if d["seeds"] == 1:  # one seed, the default: landscape.json stays as it was before --seeds
+            d.pop("seeds")
         d["solutions"] = {k: str(v) for k, v in self.solutions.items()}
         return d
 
@@ -350,6 +358,7 @@ class RunConfig:
         for name in self.solutions:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
+        self._validate_seeds()
         self._validate_methods()
         self._validate_packed()
         self._validate_random_chart()
@@ -366,6 +375,20 @@ class RunConfig:
         if existing is not None and not existing.is_dir():
             what = "is an existing file" if existing == path else f"lies under the file {existing}"
             self._fail("out", f"{what}, not a folder", "pass a folder (new or existing) for the outputs")
+
+    def _validate_seeds(self) -> None:
+        """``seeds``: an integer >= 1; above 1 it trains every method of the plane per seed: not solutions given,
+        nor a random chart."""
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            self._fail("seeds", "must be an integer >= 1", "pass a value >= 1 (1: the run's own seed only)")
+        if self.seeds == 1:
+            return
+        if self.solutions:
+            self._fail("seeds", "trains every method once per seed, and --solutions are trained elsewhere",
+                       "drop --solutions or pass --seeds 1")  # fmt: skip
+        if self.chart in RANDOM_CHARTS:
+            self._fail("seeds", f"applies to the planes through the solutions, not --chart {self.chart}",
+                       "pass --chart paper or orthonormal, or --seeds 1")  # fmt: skip
 
     def _validate_methods(self) -> None:
         """``methods``: a non-empty list of ft / lora / randlora; ft not trained on a 4-bit base (it is packed)."""

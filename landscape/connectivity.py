@@ -33,7 +33,7 @@ import numpy as np
 from adapters import distributed, threads
 from adapters.errors import UserError
 from adapters.io import key_digest
-from landscape import build, curvature, paths, render, report, spectrum
+from landscape import build, curvature, paths, render, report, seeds, spectrum
 from landscape import config as run_config
 from landscape import stages as stage_log
 from landscape.cli import Stages, resolve_device, run_main
@@ -51,6 +51,7 @@ from landscape.run import (
     train_key,
     train_solutions,
 )
+from landscape.run import training_seeds as run_training_seeds
 
 PROG = "python -m landscape.connectivity"
 DESCRIPTION = (
@@ -82,12 +83,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
     if center is not None:
         solutions[directions.CENTER_VERTEX] = center
-    for method in METHOD_ORDER:  # solutions reused from the earlier run keep its training times
-        if f"train_{method}" not in stages.seconds and method not in config.solutions:
-            stages.reuse(f"train_{method}", previous, say=False)
-        if method in solutions and method not in config.solutions:  # their folders hold their keys; noted here
-            log.keep(f"train_{method}", key_digest(train_key(loaded, method, device)), [f"solutions/{method}"],
-                     stages.seconds.get(f"train_{method}"))  # fmt: skip
+    note_training(loaded, solutions, device, stages, log, previous)
+    seeds.train_extra(loaded, device, stages, log, previous)  # --seeds N: the other seeds' solutions
     with stages("plane"):
         chart, xs, ys, evaluator = build.plane(loaded, solutions, device)
         deltas = solution_fingerprints(solutions)
@@ -103,8 +100,11 @@ def run(argv: Sequence[str] | None = None) -> Path:
     written = [out / "landscape.npz"]
     store.write_npz(written[0], **arrays)
     keys = {s: stage_log.stage_digest(s, config, inputs) for s in stage_log.STAGE_READS}
+    seeds.stage_keys(loaded, device, inputs, keys)  # --seeds N: the seeds' key, and the paths' extended by it
     log.record("grid", keys["grid"], written, stages.seconds.get("grid"))
-    path_summary = paths_stage(loaded, solutions, evaluator, device, stages, log, keys, written)
+    extra = seeds.seeds_stage(loaded, solutions, evaluator, device, stages, log, keys, written)
+    path_summary = paths_stage(loaded, solutions, evaluator, device, stages, log, keys, written, extra)
+    orderings = seeds.finish(loaded, summary, extra, written)  # over seeds, into summary; None with one seed
     if log.reusable("spectrum", keys["spectrum"]):
         stages.reuse("spectrum", previous)
     else:
@@ -126,12 +126,26 @@ def run(argv: Sequence[str] | None = None) -> Path:
     meta = metadata(loaded, chart, xs, ys, result, summary, path_summary, evaluator, device, world)
     if curvature_summary is not None:
         meta["curvature"] = curvature_summary
+    if orderings is not None:
+        meta["seed_orderings"] = orderings
     meta.update(wall_time_s=stages.seconds, reused_stages=sorted(stages.reused), stage_keys=keys, precision=precision,
                 wall_time_total_s=round(time.perf_counter() - started, 1),
                 command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
     store.write_json(out / "landscape.json", meta)
-    print_summary([out / "landscape.json", *written], summary, stages.seconds, path_summary)
+    print_summary([out / "landscape.json", *written], summary, stages.seconds, path_summary, orderings)
     return out
+
+
+def note_training(loaded: Loaded, solutions, device, stages, log, previous: dict) -> None:
+    """The run's solutions in stages.json (their folders hold their keys): those reused from the earlier run
+    keep its training times."""
+    config = loaded.config
+    for method in METHOD_ORDER:
+        if f"train_{method}" not in stages.seconds and method not in config.solutions:
+            stages.reuse(f"train_{method}", previous, say=False)
+        if method in solutions and method not in config.solutions:
+            log.keep(f"train_{method}", key_digest(train_key(loaded, method, device)), [f"solutions/{method}"],
+                     stages.seconds.get(f"train_{method}"))  # fmt: skip
 
 
 def vertex_names(chart) -> list[str]:
@@ -149,9 +163,10 @@ def landscape_arrays(chart, xs, ys, result) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
-def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys, written) -> dict | None:
+def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys, written, extra=None) -> dict | None:
     """The 1-D paths between the solutions, on the plane's evaluation set and precision (reused when unchanged:
-    ``log``'s record of the same key)."""
+    ``log``'s record of the same key). ``extra``: the other training seeds' readings (:mod:`landscape.seeds`),
+    whose barriers join each pair's as ``barrier_per_seed``, ``barrier_mean``, ``barrier_ci95``."""
     config, out = loaded.config, loaded.config.out_dir
     if not config.path_points:
         return None
@@ -173,6 +188,8 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys,
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
                 "eval_split": config.eval_split, "dtype": dtype}  # fmt: skip
         title = f"{loaded.model_name} on {config.dataset}: linear paths"
+        if extra is not None:
+            seeds.add_barriers(result["barriers"], extra, run_training_seeds(config))
         files = paths.write_paths(result, out, info=info, title=title)
     written += files
     summary = paths.summary(result)

@@ -35,6 +35,10 @@ Writes under ``--out`` (default: the run folder), ``curves/``:
                        barrier_se, peak_above_endpoint_mean, ...) and its mean loss; settings, training summary
   <A>-<B>.png          loss along the curve and along the straight line, chords and barriers drawn
   <A>-<B>.safetensors  the bends: ``bend<k>.<parameter name>``; kind, bends, pair in the metadata
+  seed-K/<A>-<B>.*     on a run of ``--seeds N`` (:mod:`landscape.seeds`): the curve between seed K's solutions,
+                       trained on seed K's batches; then each row of <A>-<B>.json also holds ``barrier_per_seed``
+                       (the run's seed first), ``barrier_mean`` and ``barrier_ci95``. It costs N curves
+                       (``--one-seed``: the run's seed only).
 """
 
 from __future__ import annotations
@@ -348,14 +352,14 @@ def write_curve(
     pair: tuple[str, str],
     info: Mapping | None = None,
     title: str | None = None,
+    folder: str = "curves",
 ) -> list[Path]:
-    """Write ``curves/<A>-<B>.{npz,json,png,safetensors}`` under ``out_dir`` atomically; returns them.
-
-    ``result``: :func:`evaluate_curve`'s, optionally with ``train_loss``; ``info`` is merged into the JSON."""
+    """Write ``curves/<A>-<B>.{npz,json,png,safetensors}`` (``folder``/...) under ``out_dir`` atomically; returns
+    them. ``result``: :func:`evaluate_curve`'s, optionally with ``train_loss``; ``info`` is merged into the JSON."""
     from safetensors.torch import save_file
 
     name = paths.pair_name(*pair)
-    base = Path(out_dir) / "curves" / name
+    base = Path(out_dir) / folder / name
     files = [base.with_suffix(f".{ext}") for ext in ("npz", "json", "png", "safetensors")]
     train_loss = np.asarray(result.get("train_loss", []), dtype=np.float64)
     arrays = {k: np.asarray(result[k], dtype=np.float64) for k in ("t", "loss", "accuracy", "loss_se")}
@@ -441,6 +445,9 @@ def build_parser():
     p.add_argument("--out", default=None, help="where curves/ goes (default: the run folder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
+    p.add_argument("--one-seed", action="store_true",
+                   help="on a run of --seeds N: only the run's own seed's curve (default: one curve per seed, N times "
+                   "the cost, for the barrier's interval over seeds)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -457,57 +464,83 @@ def check_args(args) -> tuple[str, str]:
     return pair
 
 
-def curve_key(ctx, pair: tuple[str, str], args, device: torch.device) -> dict:
-    """Everything that changes a trained curve: its checkpoint is resumed only under the same key."""
+def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=None, seed=None) -> dict:
+    """Everything that changes a trained curve: its checkpoint is resumed only under the same key. ``solutions``
+    and ``seed``: an extra training seed's (``--seeds N``), default the run's own."""
     from adapters.solution import delta_fingerprint
     from landscape.run import train_key
 
+    solutions = ctx.solutions if solutions is None else solutions
     return {
         "curve": 1,
         "pair": list(pair),
         "kind": args.kind,
         "bends": args.bends,
-        "solutions": {s: delta_fingerprint(ctx.solutions[s]) for s in pair},
-        "data": train_key(ctx.loaded, "ft", device),  # the run's data, model, base weights and batches
+        "solutions": {s: delta_fingerprint(solutions[s]) for s in pair},
+        "data": train_key(ctx.loaded, "ft", device, seed),  # the run's data, model, base weights and batches
     }
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
     from adapters import threads
-    from adapters.io import key_digest
-    from adapters.train import checkpoint_path
+    from adapters.solution import load_solution
     from landscape.cli import resolve_device
-    from landscape.engine.plane import solution_weights
-    from landscape.run import open_run, train_config
+    from landscape.run import open_run, seed_solution_folders
 
     args = build_parser().parse_args(argv)
     pair = check_args(args)
     threads.configure(args.threads)
     device = resolve_device(args.device)
     ctx = open_run(args.run, device)
-    base = dict(ctx.base.named_parameters())
     if "base" in pair:
         ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
     missing = [s for s in pair if s not in ctx.solutions]
     if missing:
         raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
+    out = Path(args.out) if args.out else ctx.run_dir
+    extra = {} if args.one_seed else seed_solution_folders(ctx.run_dir, ctx.meta)
+    others = []  # --seeds N: each extra seed's curve, between its own solutions, trained on its seed's batches
+    for seed, folders in extra.items():
+        chosen = {s: load_solution(f, base=ctx.base, expect_method=s) for s, f in folders.items()}
+        others.append(one_curve(ctx, {**ctx.solutions, **chosen}, pair, args, device, out, seed, []))
+    result = one_curve(ctx, ctx.solutions, pair, args, device, out, None, others)
+    for row in ROWS:
+        b = result["barriers"][row]
+        spread = (f"; over {len(b['barrier_per_seed'])} seeds {b['barrier_mean']:.4f} [{b['barrier_ci95'][0]:.4f}, "
+                  f"{b['barrier_ci95'][1]:.4f}]" if b.get("barrier_ci95") else "")  # fmt: skip
+        peak = f"{b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}"
+        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}{spread}; peak above the "
+              f"endpoint mean {peak}")  # fmt: skip
+
+
+def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, others: list) -> dict:
+    """Train (or resume) and evaluate the curve between ``pair`` of ``solutions`` (``seed``: an extra training
+    seed's, written under ``curves/seed-K/``; None: the run's own), write its files; returns its result. With
+    ``others`` (the extra seeds' results) each row's barrier gets its value per seed, mean and t-interval."""
+    from adapters.io import key_digest
+    from adapters.train import checkpoint_path
+    from landscape.engine.plane import solution_weights
+    from landscape.run import train_config
+    from landscape.seeds import over_seeds
+
+    base = dict(ctx.base.named_parameters())
     if packed_names(ctx.base) or "base" in pair:  # offsets from W0: beside a packed base, never written into it
-        deltas = {s: ctx.solutions[s].delta() for s in pair}
+        deltas = {s: solutions[s].delta() for s in pair}
         names = [n for n in base if any(n in d for d in deltas.values())]
         ends = [{n: deltas[s].get(n, torch.zeros(logical_shape(base[n]))) for n in names} for s in pair]
         curve = Curve(ends[0], ends[1], args.bends, args.kind, offset=True)
         del deltas, ends
     else:
-        thetas = solution_weights(base, {s: ctx.solutions[s].delta() for s in SOLUTIONS})
+        thetas = solution_weights(base, {s: solutions[s].delta() for s in SOLUTIONS})
         curve = Curve(thetas[pair[0]], thetas[pair[1]], args.bends, args.kind)
         del thetas
-    ft = train_config(ctx.loaded, "ft", device)
+    ft = train_config(ctx.loaded, "ft", device, seed)
     lr = args.lr if args.lr is not None else ft.lr
     config = dataclasses.replace(ft, steps=args.steps or ft.steps, lr=lr, head_lr=lr, weight_decay=0.0,
                                  generate_eval=False)  # fmt: skip
-    out = Path(args.out) if args.out else ctx.run_dir
-    key = curve_key(ctx, pair, args, device)
-    ckpt = checkpoint_path(out / "curves" / paths.pair_name(*pair), key)
+    folder = "curves" if seed is None else f"curves/seed-{seed}"
+    key = curve_key(ctx, pair, args, device, solutions, seed)
+    ckpt = checkpoint_path(out / folder / paths.pair_name(*pair), key)
     task = ctx.loaded.task
     history = train_curve(
         curve, copy.deepcopy(ctx.base), task.train, task.dataset.train.labels, config, device, task.objective,
@@ -518,16 +551,17 @@ def _run(argv: Sequence[str] | None = None) -> None:
     result = evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
                             task.objective, progress=not args.no_progress)  # fmt: skip
     result["train_loss"] = history["train_loss"]
+    for row in ROWS if others else ():
+        values = [result["barriers"][row]["barrier"], *(o["barriers"][row]["barrier"] for o in others)]
+        seeds = [ctx.loaded.config.seed, *(o["seed"] for o in others)]
+        result["barriers"][row].update(over_seeds("barrier", values), seeds=seeds)
     meta = ctx.meta
     title = (f"{meta.get('model')} on {meta.get('dataset')}: trained {render.CURVE_KINDS[args.kind]} ({args.bends} "
-             f"bend{'s' * (args.bends != 1)}) vs the straight line")  # fmt: skip
-    written = write_curve(result, curve, out, pair, _info(ctx, config, history, device, dtype), title)
+             f"bend{'s' * (args.bends != 1)}) vs the straight line" + (f", seed {seed}" if seed else ""))  # fmt: skip
+    written = write_curve(result, curve, out, pair, _info(ctx, config, history, device, dtype), title, folder)
     ckpt.unlink(missing_ok=True)  # only now: a kill before the files are written resumes from the checkpoint
     print("wrote " + ", ".join(str(p) for p in written))
-    for row in ROWS:
-        b = result["barriers"][row]
-        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}; peak above the endpoint "
-              f"mean {b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}")  # fmt: skip
+    return {**result, "seed": seed}
 
 
 def _info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:

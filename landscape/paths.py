@@ -202,6 +202,13 @@ def _known_ends(t: np.ndarray, a: str, b: str, known: Mapping[str, PointResult] 
             if known and s in known and known[s].samples is not None}  # fmt: skip
 
 
+def _share_ends(known: dict, t: np.ndarray, a: str, b: str, results: Mapping[int, PointResult]) -> None:
+    """The ends of the line from ``a`` to ``b`` join ``known``: the next lines take them (an extra training seed's
+    paths, :mod:`landscape.seeds`: 3 forwards fewer). Off by default: a t = 1 end is θ_A + (θ_B − θ_A), θ_B only
+    to rounding, and the paths' numbers stay those they were."""
+    known.update({s: results[int(np.flatnonzero(t == e)[0])] for s, e in ((a, 0.0), (b, 1.0)) if s not in known})
+
+
 def compute_paths(
     base_model: nn.Module,
     solutions: Mapping[str, Solution],
@@ -216,6 +223,7 @@ def compute_paths(
     storage: str = "auto",
     chart: factored.FactoredChart | None = None,
     known: Mapping[str, PointResult] | None = None,
+    share_ends: bool = False,
 ) -> dict:
     """Loss, accuracy and its standard error along the three pairwise lines; barriers per pair.
 
@@ -227,6 +235,7 @@ def compute_paths(
     ``known``: {solution: its result on the same evaluation set and precision, with per-sample losses} (the
     plane's vertices, :func:`landscape.report.vertex_results`): the endpoints t = 0 and t = 1 of a line take
     these instead of being evaluated again (the same weights to fp32 rounding, built through the plane's chart).
+    ``share_ends``: a solution evaluated at one line's end is not evaluated again at the next's (:func:`_share_ends`).
     Returns ``{"t": (n,), "pairs": [..3], "loss"/"accuracy"/"loss_se": (3, n), "barriers": {pair: {...}},
     "points", "extend", "eval_samples", "seconds", "storage"}``. ``base_model``'s weights are not modified.
     """
@@ -242,7 +251,7 @@ def compute_paths(
     lines = [(third if a == "ft" else a, b) for a, b in PAIRS]
     pairs = [pair_name(a, b) for a, b in lines]
     out = {k: np.full((len(lines), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
-    barriers: dict[str, dict] = {}
+    barriers, known = {}, dict(known or {})
     start = time.perf_counter()
     bar = progress_bar(total=len(lines) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     for k, (a, b) in enumerate(lines):
@@ -262,6 +271,8 @@ def compute_paths(
             out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
             samples.append(r.samples)
         barriers[pairs[k]] = barriers_with_se(t, out["loss"][k], samples)
+        if share_ends:
+            _share_ends(known, t, a, b, results)
         if storage == "factored":  # the hooks go; the base model goes home after the last pair
             evaluator.close(restore_device=k == len(lines) - 1)
         del evaluator
@@ -319,6 +330,8 @@ def summary(result: Mapping) -> dict:
     """What landscape.json records under "paths": per quantity {pair: value}; ``barrier`` the chord barrier."""
     keys = ("barrier", "barrier_se", "t_max", "chord_barrier", "chord_t_max", "chord_barrier_se",
             "peak_above_endpoint_mean", "peak_above_endpoint_mean_se", "peak_t")  # fmt: skip
+    if any("barrier_per_seed" in b for b in result["barriers"].values()):  # --seeds N > 1 (landscape.seeds)
+        keys += ("barrier_per_seed", "barrier_mean", "barrier_ci95")
     return {
         "format_version": FORMAT_VERSION,
         "points": int(result["points"]),

@@ -153,9 +153,11 @@ def metadata(loaded: Loaded, chart, xs, ys, result, summary, path_summary, evalu
     }  # fmt: skip
 
 
-def print_summary(written: list[Path], summary: dict, seconds: dict, path_summary: dict | None = None) -> None:
+def print_summary(written: list[Path], summary: dict, seconds: dict, path_summary: dict | None = None,
+                  orderings: dict | None = None) -> None:  # fmt: skip
     """The run's closing lines: the files, a table of the solutions, and with ``path_summary`` (landscape.json's
-    "paths") each straight path's barrier ("no barrier" at or below its chord) and peak above the endpoint mean."""
+    "paths") each straight path's barrier ("no barrier" at or below its chord) and peak above the endpoint mean;
+    with ``orderings`` (``--seeds N``, :mod:`landscape.seeds`) the readings over the training seeds."""
     print("\nwrote " + ", ".join(str(p) for p in written))
     print(f"{'solution':<10} {'trainable':>11} {'rank':>5} {'test acc':>9} {'test loss':>10} {'vertex loss':>12}")
     for name in [*METHOD_ORDER, "base"]:  # the methods the run has (--load-4bit: no ft), the base vertex
@@ -172,6 +174,10 @@ def print_summary(written: list[Path], summary: dict, seconds: dict, path_summar
         entry = {k: path_summary[k][pair] for k in ("barrier", "barrier_se", "t_max")}
         peak, se = (path_summary[k][pair] for k in ("peak_above_endpoint_mean", "peak_above_endpoint_mean_se"))
         print(f"path {pair:<14} {paths.barrier_text(entry)}; peak above the endpoint mean {peak:.4f} ± {se:.4f}")
+    if orderings is not None:
+        from landscape import seeds
+
+        seeds.print_report(summary, orderings, path_summary)
 
 
 __all__ = [

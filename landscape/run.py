@@ -188,7 +188,8 @@ def load(config: RunConfig) -> Loaded:
     return loaded
 
 
-def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConfig:
+def train_config(loaded: Loaded, method: str, device: torch.device, seed: int | None = None) -> TrainConfig:
+    """How ``method`` trains; ``seed``: the training seed (batches, augmentation; default ``--seed``)."""
     config, entry = loaded.config, loaded.task.entry
     return TrainConfig(
         steps=config.steps_for(len(loaded.task.dataset.train)),
@@ -199,7 +200,7 @@ def train_config(loaded: Loaded, method: str, device: torch.device) -> TrainConf
         if config.weight_decay is not None
         else entry.defaults.get("weight_decay", 0.01),
         grad_clip=config.grad_clip,
-        seed=config.seed,
+        seed=config.seed if seed is None else seed,
         eval_batch_size=config.eval_batch,
         grad_accum=config.grad_accum,
         autocast=train_autocast(loaded, device),
@@ -226,17 +227,18 @@ def train_autocast(loaded: Loaded, device: torch.device) -> str:
     return "bfloat16" if resolve_dtype(loaded.config.train_dtype, device) == "bfloat16" else "none"
 
 
-def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
+def train_key(loaded: Loaded, method: str, device: torch.device, seed: int | None = None) -> dict:
     """Everything that changes a trained solution: a finished folder is reused, and a checkpoint resumed,
-    only under the same key."""
+    only under the same key. ``seed``: the training seed (default ``--seed``; the split and base stay its)."""
     config, dataset = loaded.config, loaded.task.dataset
+    seed = config.seed if seed is None else seed
     return {
         "dataset": config.dataset,
         "model": loaded.model_name,
         "method": method,
         "rank": loaded.ranks.get(method),
-        "seed": config.seed,
-        "train_config": train_config(loaded, method, device).to_dict(),
+        "seed": seed,
+        "train_config": train_config(loaded, method, device, seed).to_dict(),
         "base_fingerprint": loaded.base_fingerprint,
         "data_root": config.data_root,
         "data_source": dataset.source,
@@ -247,20 +249,24 @@ def train_key(loaded: Loaded, method: str, device: torch.device) -> dict:
         "model_options": loaded.model_options,
         **({"quantization": base_quantization(loaded.task.base)} if loaded.model_options.get("load_4bit") else {}),
         "targets": list(loaded.task.entry.targets),
-        **({"randlora": randlora_settings(config)} if method == "randlora" else {}),
+        **({"randlora": randlora_settings(config, seed)} if method == "randlora" else {}),
     }
 
 
-def randlora_settings(config: RunConfig) -> dict:
-    """RandLoRA's alpha, dropout and bases' key (None alpha: the method's default, 20 r)."""
-    key = seed_prng_key(config.seed) if config.projection_prng_key == "seed-formula" else config.seed
+def randlora_settings(config: RunConfig, seed: int | None = None) -> dict:
+    """RandLoRA's alpha, dropout and bases' key (None alpha: the method's default, 20 r): the configured
+    ``projection_prng_key`` rule applied to ``seed`` (default ``--seed``)."""
+    seed = config.seed if seed is None else seed
+    key = seed_prng_key(seed) if config.projection_prng_key == "seed-formula" else seed
     return {"alpha": config.randlora_alpha, "dropout": config.randlora_dropout, "prng_key": key}
 
 
-def method_spec(loaded: Loaded, method: str) -> MethodSpec:
+def method_spec(loaded: Loaded, method: str, seed: int | None = None) -> MethodSpec:
+    """The adapter of ``method`` (init and RandLoRA's bases from ``seed``, default ``--seed``)."""
     config = loaded.config
-    extra = randlora_settings(config) if method == "randlora" else {}
-    return MethodSpec(method, rank=loaded.ranks.get(method), seed=config.seed, **extra)
+    seed = config.seed if seed is None else seed
+    extra = randlora_settings(config, seed) if method == "randlora" else {}
+    return MethodSpec(method, rank=loaded.ranks.get(method), seed=seed, **extra)
 
 
 def solution_keys(loaded: Loaded, device: torch.device) -> dict[str, str]:
@@ -273,22 +279,44 @@ def solution_keys(loaded: Loaded, device: torch.device) -> dict[str, str]:
     }
 
 
-def train_solutions(loaded: Loaded, device: torch.device, stages) -> dict[str, Solution]:
+def training_seeds(config: RunConfig) -> list[int]:
+    """The training seeds of a run: ``--seed``, ``--seed`` + 1, ..., ``--seeds`` of them."""
+    return [config.seed + k for k in range(config.seeds)]
+
+
+def seed_folder(out_dir: str | Path, method: str, seed: int, run_seed: int) -> Path:
+    """Where the solution of ``method`` trained with ``seed`` lives: ``solutions/METHOD`` for the run's own seed,
+    ``solutions/seed-K/METHOD`` for an extra seed K of ``--seeds``."""
+    root = Path(out_dir) / "solutions"
+    return root / method if seed == run_seed else root / f"seed-{seed}" / method
+
+
+def train_stage_name(method: str, seed: int, run_seed: int) -> str:
+    """The stage (and stages.json record) of a training: ``train_ft``, or ``train_ft_seed1`` for an extra seed."""
+    return f"train_{method}" if seed == run_seed else f"train_{method}_seed{seed}"
+
+
+def train_solutions(loaded: Loaded, device: torch.device, stages, seed: int | None = None) -> dict[str, Solution]:
     """Every solution of the run (the baseline and ``config.method_set()``): given, reused from the output folder
-    (same training key), or trained."""
-    solutions = dict(loaded.solutions)
+    (same training key), or trained. ``seed``: an extra training seed of ``--seeds`` (its methods only, no
+    baseline, in :func:`seed_folder`); default the run's own."""
+    run_seed = loaded.config.seed
+    seed = run_seed if seed is None else seed
+    solutions = dict(loaded.solutions) if seed == run_seed else {}
     for method in METHOD_ORDER:
         if method in solutions or (method != "head_only" and method not in loaded.config.method_set()):
             continue
-        folder = loaded.config.out_dir / "solutions" / method
-        key = train_key(loaded, method, device)
+        if method == "head_only" and seed != run_seed:
+            continue
+        folder = seed_folder(loaded.config.out_dir, method, seed, run_seed)
+        key = train_key(loaded, method, device, seed)
         if _reusable(folder, key):
             if distributed.is_lead():
                 print(f"[train {method}] reusing {folder}", file=sys.stderr)
         else:
-            with stages(f"train_{method}"):
-                spec = method_spec(loaded, method)
-                config = train_config(loaded, method, device)
+            with stages(train_stage_name(method, seed, run_seed)):
+                spec = method_spec(loaded, method, seed)
+                config = train_config(loaded, method, device, seed)
                 train_solution(loaded.task, spec, config, key, folder, device, loaded.config.progress)
         distributed.wait_for_all()  # the other ranks wait for rank 0's saved solution
         solutions[method] = load_solution(folder, base=loaded.task.base, expect_method=method)
@@ -354,6 +382,15 @@ def solution_folders(run_dir: str | Path, meta: dict) -> dict[str, Path]:
     return {s: Path(recorded[s]) if s in recorded else run_dir / "solutions" / s for s in SOLUTION_NAMES}
 
 
+def seed_solution_folders(run_dir: str | Path, meta: dict) -> dict[int, dict[str, Path]]:
+    """The folders of a run's extra training seeds (``--seeds N``): {seed: {method: solutions/seed-K/METHOD}};
+    empty for a run of one seed."""
+    settings = {k: v for k, v in meta["config"].items() if k in RunConfig.__dataclass_fields__}
+    config = RunConfig(**{**settings, "solutions": {}})
+    return {seed: {m: seed_folder(run_dir, m, seed, config.seed) for m in config.method_set()}
+            for seed in training_seeds(config)[1:]}  # fmt: skip
+
+
 def open_run(run_dir: str | Path, device: torch.device | str = "cpu", with_eval_set: bool = True) -> OpenRun:
     """Reopen a run: the base model, the three solutions and its evaluation set, rebuilt exactly as the run
     built them from the configuration recorded in landscape.json."""
@@ -388,8 +425,11 @@ __all__ = [
     "method_spec",
     "open_run",
     "read_meta",
+    "seed_folder",
+    "seed_solution_folders",
     "solution_folders",
     "train_config",
     "train_key",
     "train_solutions",
+    "training_seeds",
 ]

@@ -47,9 +47,10 @@ floating-point numbers at L(w) in the passes' precision: a difference of that or
 ``--dtype``, resolves smaller ones), the dimension, and the details (ascent trajectory, every draw).
 Each entry carries a key of everything that determines it (settings, the solution's ΔW, the evaluation
 samples, the objective): a rerun, or a run killed half-way, reuses the entries whose key matches.
-Training seeds: one today (the run's); with issue 22's ``--seeds N`` (not built yet), each entry will gain
-a ``per_seed`` list of such entries and a t-interval over them, the current keys staying those of the
-run's own seed.
+Training seeds: on a run of ``--seeds N`` > 1 (:mod:`landscape.seeds`) every entry, whose keys stay those
+of the run's own seed s, gains a ``per_seed`` list (seed s's numbers, then a keyed entry per extra seed,
+measured at ``solutions/seed-K/``'s solution with the same settings, start and draws) and over the N seeds
+``worst_case_per_seed`` / ``_mean`` / ``_ci95`` and the same for ``average_case``: the 95 % t-interval.
 """
 
 from __future__ import annotations
@@ -386,9 +387,13 @@ def sharpness_stage(
     progress: bool = True,
     plane_solutions: Mapping[str, Solution] | None = None,
     info: Mapping | None = None,
+    seed_solutions: Callable[[int, str], Solution] | None = None,
+    seeds: Sequence[int] = (),
 ) -> dict:
     """Sharpness of every solution in every coordinates of ``settings``; writes ``out``/sharpness.json after
-    each entry; returns what it holds. ``source``: an :class:`landscape.run.OpenRun` or a ``Loaded``."""
+    each entry; returns what it holds. ``source``: an :class:`landscape.run.OpenRun` or a ``Loaded``.
+    ``seeds``: the run's training seeds (its own first) and ``seed_solutions(seed, name)`` the solution of an
+    extra one: each entry gets its ``per_seed`` readings and t-intervals (module docstring)."""
     from adapters.solution import delta_fingerprint, fingerprint
 
     settings.check()
@@ -418,10 +423,37 @@ def sharpness_stage(
                 else:
                     entry = _entry(name, solution, coordinates, names, task, eval_set, settings, device, progress)
                     per[coordinates] = {"key": key, **entry}
+                if len(seeds) > 1:
+                    run_entry = {"common": common, "task": task, "eval_set": eval_set, "names": names}
+                    _over_seeds(per[coordinates], old, name, coordinates, seeds, seed_solutions, run_entry,
+                                settings, device, progress)  # fmt: skip
             write_json(out / "sharpness.json", result)  # saved as each entry completes
     result["complete"] = True
     write_json(out / "sharpness.json", result)
     return result
+
+
+def _over_seeds(entry: dict, old: Mapping, name: str, coordinates: str, seeds: Sequence[int], load: Callable,
+                run: Mapping, settings: SharpnessSettings, device, progress: bool) -> None:  # fmt: skip
+    """``entry`` (seed ``seeds[0]``'s) gains ``per_seed`` (each extra seed's entry, reused from ``old``'s by key)
+    and the worst and average cases' mean and t-interval over the seeds."""
+    from adapters.solution import delta_fingerprint
+    from landscape.seeds import over_seeds
+
+    kept = {e.get("seed"): e for e in old.get("per_seed") or [] if isinstance(e, dict)}
+    per_seed = [{"seed": seeds[0], **{k: entry[k] for k in ("worst_case", "average_case", "average_se", "loss")}}]
+    for seed in seeds[1:]:
+        solution = load(seed, name)
+        key = key_digest({**run["common"], "coordinates": coordinates, "solution": delta_fingerprint(solution)})
+        if kept.get(seed, {}).get("key") == key:
+            per_seed.append({**kept[seed], "reused": True})
+        else:
+            found = _entry(f"{name}@seed{seed}", solution, coordinates, run["names"], run["task"], run["eval_set"],
+                           settings, device, progress)  # fmt: skip
+            per_seed.append({"seed": seed, "key": key, **found})
+    entry["per_seed"] = per_seed
+    for quantity in ("worst_case", "average_case"):
+        entry.update(over_seeds(quantity, [e[quantity] for e in per_seed]))
 
 
 # ----------------------------------------------------------------------------- command line ----
@@ -498,8 +530,18 @@ def _run(argv: Sequence[str] | None = None) -> None:
     info.update(run=str(ctx.run_dir), training_seed=ctx.loaded.config.seed)
     out = Path(args.out) if args.out else ctx.run_dir
     solutions = {s: ctx.solutions[s] for s in dict.fromkeys(chosen)}
+    extra = run_module.seed_solution_folders(ctx.run_dir, meta)  # --seeds N: the other seeds' solutions
+
+    def load(seed: int, name: str) -> Solution:
+        from adapters.solution import load_solution
+
+        return load_solution(extra[seed][name], base=ctx.base, expect_method=name)
+
+    seeds = [ctx.loaded.config.seed, *extra] if extra else []
+    if seeds:
+        info["training_seeds"] = seeds
     result = sharpness_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
-                             plane_solutions=ctx.solutions, info=info)  # fmt: skip
+                             plane_solutions=ctx.solutions, info=info, seed_solutions=load, seeds=seeds)  # fmt: skip
     print(f"wrote {out / 'sharpness.json'} ({result['measure']} sharpness, rho {settings.rho})")
     for name, per in result["solutions"].items():
         for coordinates, e in per.items():
@@ -509,6 +551,11 @@ def _run(argv: Sequence[str] | None = None) -> None:
                 average = f"{e['average_case']:.3g} ± {e['average_se']:.2g}{rounding}"
                 print(f"{name:<9} {coordinates:<8} dim {e['dim']:>10,}: loss {e['loss']:.4g}; worst case "
                       f"{e['worst_case']:.4g}; average {average}")  # fmt: skip
+            if e.get("worst_case_ci95"):
+                (wl, wh), (al, ah) = e["worst_case_ci95"], e["average_case_ci95"]
+                print(f"{'':<18} over {len(e['per_seed'])} training seeds (mean [95 % t-interval]): worst case "
+                      f"{e['worst_case_mean']:.4g} [{wl:.4g}, {wh:.4g}]; average {e['average_case_mean']:.3g} "
+                      f"[{al:.3g}, {ah:.3g}]")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -110,6 +110,8 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "config_file",
         "points_per_forward",
         "sources",
+        # the extra seeds' solutions and readings are keyed apart (landscape.seeds): the plane is --seed's
+        "seeds",
     ),
 }
 
