@@ -104,6 +104,8 @@ class MergeSettings:
             raise UserError(f"--top-k {k!r}: the percentage of entries TIES keeps must be in (0, 100]: try 20")
         if not isinstance(p, int | float) or not math.isfinite(p) or not 0 <= p < 1:
             raise UserError(f"--drop {p!r}: DARE's drop probability must be in [0, 1): try 0.9")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise UserError(f"--seed {self.seed!r}: must be an integer >= 0: try 0")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "kinds": list(self.kinds)}
@@ -132,7 +134,7 @@ def ties(deltas: Sequence[torch.Tensor], weights: Sequence[float], top_k: float)
     for d in deltas:
         keep = int(top_k / 100 * d.numel())
         flat = d.reshape(-1)
-        order = torch.argsort(flat.abs(), descending=True, stable=True)[:keep]
+        order = torch.topk(flat.abs(), keep, sorted=False).indices  # which of equal magnitudes: as peft's
         t = torch.zeros_like(flat)
         t[order] = flat[order]
         trimmed.append(t.reshape(d.shape))
@@ -188,7 +190,8 @@ def merge(
 
 
 def _dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    return float(sum(torch.sum(a[n].double() * b[n].double()) for n in a))
+    # fp32 products summed in float64: millions of terms (a float64 copy of each would cost twice the time)
+    return float(sum(torch.sum(a[n] * b[n], dtype=torch.float64) for n in a))
 
 
 def plane_chart(deltas: Mapping[str, Mapping[str, torch.Tensor]], chart: str) -> Chart | None:
@@ -206,16 +209,23 @@ def plane_chart(deltas: Mapping[str, Mapping[str, torch.Tensor]], chart: str) ->
     return build_chart(chart if chart in CHARTS else "paper", full)
 
 
-def project(chart: Chart, delta: Mapping[str, torch.Tensor]) -> tuple[list[float], float]:
-    """(x, y) minimising ‖Δ − (origin + x·U + y·V)‖ and that minimum (the distance off the plane), float64."""
-    d = {n: delta[n].double() - chart.origin[n].double() if n in delta else -chart.origin[n].double()
-         for n in chart.origin}  # fmt: skip
+def gram(chart: Chart) -> np.ndarray:
+    """[[U·U, U·V], [V·U, V·V]] of a chart (float64): what every :func:`project` onto it shares."""
     u, v = chart.u, chart.v
-    gram = np.array([[_dot(u, u), _dot(u, v)], [_dot(v, u), _dot(v, v)]])
+    return np.array([[_dot(u, u), _dot(u, v)], [_dot(v, u), _dot(v, v)]])
+
+
+def project(chart: Chart, delta: Mapping[str, torch.Tensor], g: np.ndarray | None = None) -> tuple[list[float], float]:
+    """(x, y) minimising ‖Δ − (origin + x·U + y·V)‖ and that minimum (the distance off the plane); ``g``: the
+    chart's :func:`gram` (computed when not given)."""
+    d = {n: delta[n].float() - o if n in delta else -o for n, o in chart.origin.items()}
+    u, v = chart.u, chart.v
     rhs = np.array([_dot(u, d), _dot(v, d)])
-    xy = np.linalg.lstsq(gram, rhs, rcond=None)[0]
-    rest = sum(float(torch.sum((d[n] - xy[0] * u[n].double() - xy[1] * v[n].double()) ** 2)) for n in d)
-    return [float(xy[0]), float(xy[1])], math.sqrt(max(rest, 0.0))
+    xy = np.linalg.lstsq(gram(chart) if g is None else g, rhs, rcond=None)[0]
+    x, y = float(xy[0]), float(xy[1])
+    # the residual itself, not ‖d‖² − bᵀG⁻¹b: a point of the plane gives 0 up to rounding, not to cancellation
+    rest = sum(float(torch.sum((d[n] - x * u[n] - y * v[n]) ** 2, dtype=torch.float64)) for n in d)
+    return [x, y], math.sqrt(rest)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -268,7 +278,8 @@ def compute_merges(
     every = {**(plane or {}), **solutions}
     deltas = {s: every[s].delta() for s in every if s in names or s in SOLUTIONS}
     chart_obj = plane_chart({s: deltas[s] for s in (plane or solutions) if s in SOLUTIONS}, chart)
-    place = (lambda d: project(chart_obj, d)) if chart_obj is not None else (lambda d: (None, None))
+    g = gram(chart_obj) if chart_obj is not None else None
+    place = (lambda d: project(chart_obj, d, g)) if chart_obj is not None else (lambda d: (None, None))
     loss = PointLoss(base, eval_set, device, dtype, objective)
     plan = _plan(names, settings)
     bar = progress_bar(total=len(names) + len(plan), desc="merges", disable=not progress, dynamic_ncols=True)

@@ -45,15 +45,15 @@ def _plane(ax, result: Mapping, surface: Mapping | None) -> None:
                (float(np.max(surface["x"])), float(np.max(surface["y"])))]  # fmt: skip
     if xy:
         lo, hi = np.min(np.asarray(xy, dtype=np.float64), axis=0), np.max(np.asarray(xy, dtype=np.float64), axis=0)
-        pad = 0.08 * np.maximum(hi - lo, 1e-12)
+        pad = 0.12 * np.maximum(hi - lo, 1e-12)  # room for the vertices' labels
         ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
         ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
     chart = result.get("chart") or "paper"
     xt, yt = AXIS_TITLES.get(chart, ("x", "y"))
     ax.set_xlabel(xt)
     ax.set_ylabel(yt)
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(loc="best", fontsize=8)
+    ax.set_aspect("equal", adjustable="box")  # the limits above stay; the box takes the aspect
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)  # below: clear of the points
     ax.set_title(f"projected onto the plane ({chart} chart)", fontsize=10)
 
 
