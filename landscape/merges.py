@@ -38,7 +38,8 @@ Euclidean norm of the rest (weight-space units): 0 for a point of the plane.
   merges.json   ``merges``: per merge ``kind``, ``solutions``, ``weights``, ``loss``, ``loss_se``, ``accuracy``,
                 ``gap``, ``gap_se``, ``best_endpoint``, ``coords``, ``off_plane_distance``, ``delta_norm``
                 (‖ΔW‖) and ``seed`` (dare); ``endpoints`` (each solution's loss and coordinates); the settings,
-                ``seed``, the run's ``training_seed``, chart, precision and evaluation set
+                ``seed``, the run's ``training_seed``, chart, precision and evaluation set (``eval``: the
+                digest of its batches, as :func:`landscape.curvature.eval_fingerprint`)
   merges.npz    the same numbers as arrays (coords (m, 2), loss, loss_se, gap, gap_se, off_plane_distance, ...)
   merges.png / merges.pdf   the merges on the plane's loss contour (landscape.npz) and their gaps ± 2 SE
 """
@@ -308,9 +309,12 @@ def compute_merges(
     vertices = None if chart_obj is None else {k: list(v) for k, v in chart_obj.vertices.items()}
     if vertices is not None and "ft" not in solutions and "ft" not in (plane or {}):
         vertices["base"] = vertices.pop("ft")  # the third vertex is the base model, as on the run's plane
+    from landscape.curvature import eval_fingerprint
+
     seconds = round(time.perf_counter() - start, 3)
     return {"endpoints": endpoints, "merges": merges, "chart": chart_name, "vertices": vertices,
-            "eval_samples": eval_set.n, "passes": loss.passes, "seconds": seconds}  # fmt: skip
+            "eval_samples": eval_set.n, "eval": eval_fingerprint(eval_set), "passes": loss.passes,
+            "seconds": seconds}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- outputs
@@ -330,7 +334,7 @@ def write_merges(result: Mapping, out: str | Path, settings: MergeSettings, info
     out = Path(out)
     merges = result["merges"]
     meta = {"format": FORMAT, **(dict(info) if info else {}), "settings": settings.to_dict(), "seed": settings.seed,
-            **{k: result[k] for k in ("chart", "vertices", "eval_samples", "passes", "seconds")},
+            **{k: result[k] for k in ("chart", "vertices", "eval_samples", "eval", "passes", "seconds")},
             "definitions": DEFINITIONS, "note": PEFT_NOTE, "endpoints": result["endpoints"],
             "merges": merges}  # fmt: skip
     nan2 = [math.nan, math.nan]

@@ -199,9 +199,11 @@ def test_command_on_a_run(tiny_wordnet_run, tmp_path):
 def _check_against_peft(run_dir, result):
     """The TIES and DARE merges of ft + lora the command evaluated are peft's merges of the run's ΔW: their norms
     (recorded in merges.json) match peft's on the same tensors and seed."""
+    from landscape.curvature import eval_fingerprint
     from landscape.run import open_run
 
-    ctx = open_run(run_dir, "cpu", with_eval_set=False)
+    ctx = open_run(run_dir, "cpu")
+    assert result["eval"] == eval_fingerprint(ctx.eval_set)  # the run's evaluation batches, those of paths.json
     d = [ctx.solutions[s].delta() for s in ("ft", "lora")]
     names = sorted(set(d[0]) | set(d[1]))
     for m in result["merges"]:

@@ -14,6 +14,8 @@ from landscape.render.style import AXIS_TITLES, TEMPO_R, _color, _label, clip_fo
 
 KIND_STYLES = {"task_arithmetic": ("o", "#009E73", "task arithmetic"), "ties": ("^", "#0072B2", "TIES"),
                "dare": ("s", "#E69F00", "DARE")}  # fmt: skip
+# task arithmetic and DARE land on the same coordinates (DARE is unbiased): the later kinds are drawn smaller
+KIND_SIZES = {"task_arithmetic": 120, "ties": 60, "dare": 32}
 
 
 def _plane(ax, result: Mapping, surface: Mapping | None) -> None:
@@ -35,8 +37,8 @@ def _plane(ax, result: Mapping, surface: Mapping | None) -> None:
         if m["coords"] is None:
             continue
         marker, color, label = KIND_STYLES.get(m["kind"], ("x", "0.3", m["kind"]))
-        ax.scatter(*m["coords"], marker=marker, color=color, s=55, edgecolors="black", linewidths=0.6, zorder=12,
-                   label=None if m["kind"] in seen else label)  # fmt: skip
+        ax.scatter(*m["coords"], marker=marker, color=color, s=KIND_SIZES.get(m["kind"], 50), edgecolors="black",
+                   linewidths=0.6, zorder=12, label=None if m["kind"] in seen else label)  # fmt: skip
         seen.add(m["kind"])
     # the vertices, the merges and the surface in view with a margin (contourf alone would clip at the grid)
     xy = [*vertices.values(), *(m["coords"] for m in result["merges"] if m["coords"] is not None)]
@@ -54,7 +56,8 @@ def _plane(ax, result: Mapping, surface: Mapping | None) -> None:
     ax.set_ylabel(yt)
     ax.set_aspect("equal", adjustable="box")  # the limits above stay; the box takes the aspect
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)  # below: clear of the points
-    ax.set_title(f"projected onto the plane ({chart} chart)", fontsize=10)
+    ax.set_title(f"merges projected onto the plane ({chart} chart)\ncontour: the plane's loss, not the merges' own",
+                 fontsize=9)  # fmt: skip
 
 
 def _gaps(ax, result: Mapping) -> None:
