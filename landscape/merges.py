@@ -22,8 +22,9 @@ These merge the dense updates ΔW = W − W0. peft's ``add_weighted_adapter`` (c
 operation (its ΔW is not a merge of the ΔWs) and is not what this module computes.
 
 **Default merges**: every pair of the chosen solutions at weights (½, ½) and the three at (⅓, ⅓, ⅓), for
-each kind. A (½, ½) task-arithmetic merge is the midpoint of the straight path between the two solutions
-(``paths.json`` at t = 0.5), and every task-arithmetic merge with weights summing to 1 lies on the plane.
+each kind (``--weights``: instead, one merge of the ``--solutions`` at those weights). A (½, ½)
+task-arithmetic merge is the midpoint of the straight path between the two solutions (``paths.json`` at
+t = 0.5), and every task-arithmetic merge with weights summing to 1 lies on the plane.
 
 **Evaluation and placement.** Each merge W0 + ΔW is evaluated on the run's evaluation set (the samples,
 objective and precision of ``paths.json`` and the plane), and so is each merged solution. ``gap`` = merged
@@ -94,6 +95,7 @@ class MergeSettings:
     top_k: float = 20.0  # TIES: the percentage of each ΔW's entries kept, by magnitude
     drop: float = 0.9  # DARE: the probability p of dropping an entry
     seed: int = 0
+    weights: tuple[float, ...] | None = None  # one merge of all the chosen solutions at these weights
 
     def check(self) -> None:
         """UserError naming the first bad setting and its fix."""
@@ -107,9 +109,15 @@ class MergeSettings:
             raise UserError(f"--drop {p!r}: DARE's drop probability must be in [0, 1): try 0.9")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise UserError(f"--seed {self.seed!r}: must be an integer >= 0: try 0")
+        w = self.weights
+        if w is not None and (
+            len(w) not in (2, 3) or not all(isinstance(x, int | float) and math.isfinite(x) for x in w)
+        ):
+            raise UserError(f"--weights {' '.join(map(str, w))}: two or three finite numbers, one per solution")
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "kinds": list(self.kinds)}
+        weights = None if self.weights is None else list(self.weights)
+        return {**dataclasses.asdict(self), "kinds": list(self.kinds), "weights": weights}
 
 
 def default_merges(names: Sequence[str]) -> list[tuple[tuple[str, ...], tuple[float, ...]]]:
@@ -256,9 +264,14 @@ class PointLoss:
 
 
 def _plan(names: Sequence[str], settings: MergeSettings) -> list[dict]:
+    """Each merge to make: the default ones, or the one of every chosen solution at ``settings.weights``."""
+    if settings.weights is not None and len(settings.weights) != len(names):
+        raise UserError(f"--weights {' '.join(map(str, settings.weights))}: one weight per solution "
+                        f"({' '.join(names)}): pass --solutions with as many names")  # fmt: skip
+    merges = default_merges(names) if settings.weights is None else [(tuple(names), tuple(settings.weights))]
     return [{"kind": kind, "solutions": list(chosen), "weights": [float(w) for w in weights],
              **({"seed": merge_seed(settings.seed, chosen)} if kind == "dare" else {})}
-            for kind in settings.kinds for chosen, weights in default_merges(names)]  # fmt: skip
+            for kind in settings.kinds for chosen, weights in merges]  # fmt: skip
 
 
 def compute_merges(
@@ -276,13 +289,13 @@ def compute_merges(
                         "run without --load-4bit")  # fmt: skip
     start = time.perf_counter()
     names = list(solutions)
+    plan = _plan(names, settings)  # checked before any work
     every = {**(plane or {}), **solutions}
     deltas = {s: every[s].delta() for s in every if s in names or s in SOLUTIONS}
     chart_obj = plane_chart({s: deltas[s] for s in (plane or solutions) if s in SOLUTIONS}, chart)
     g = gram(chart_obj) if chart_obj is not None else None
     place = (lambda d: project(chart_obj, d, g)) if chart_obj is not None else (lambda d: (None, None))
     loss = PointLoss(base, eval_set, device, dtype, objective)
-    plan = _plan(names, settings)
     bar = progress_bar(total=len(names) + len(plan), desc="merges", disable=not progress, dynamic_ncols=True)
     endpoints, results = {}, {}
     for s in names:
@@ -397,6 +410,9 @@ def build_parser():
     p.add_argument("--drop", type=float, default=d.drop,
                    help=f"DARE: probability of dropping an entry, in [0, 1) (default: {d.drop})")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed, help="seed of DARE's masks (default: 0)")
+    p.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="one merge of the --solutions at these weights, one per solution, instead of the default "
+                   "pairs at (1/2, 1/2) and triple at (1/3, 1/3, 1/3)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--out", default=None, help="where to write merges.{json,npz,png,pdf} (default: the run folder)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
@@ -410,10 +426,15 @@ def _run(argv: Sequence[str] | None = None) -> None:
     from landscape.cli import resolve_device
 
     args = build_parser().parse_args(argv)
-    settings = MergeSettings(tuple(dict.fromkeys(args.kinds)), args.top_k, args.drop, args.seed)
+    weights = None if args.weights is None else tuple(args.weights)
+    settings = MergeSettings(tuple(dict.fromkeys(args.kinds)), args.top_k, args.drop, args.seed, weights)
     settings.check()  # every setting is checked before any loading
-    if args.solutions is not None and len(set(args.solutions)) < 2:
+    given = args.solutions
+    if given is not None and (len(set(given)) != len(given) or len(given) < 2):
         raise UserError(f"--solutions {' '.join(args.solutions)}: a merge needs two or three different solutions")
+    if weights is not None and len(weights) != len(args.solutions or ()):
+        raise UserError(f"--weights {' '.join(map(str, weights))}: one weight per solution: pass --solutions with "
+                        f"{len(weights)} names")  # fmt: skip
     run_module.read_meta(args.run)  # a missing or foreign run folder: one line, before the model loads
     threads.configure(args.threads)
     device = resolve_device(args.device)

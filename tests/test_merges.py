@@ -138,7 +138,8 @@ def test_settings_are_checked():
     for bad, needle in [({"top_k": 0.0}, "--top-k"), ({"top_k": 100.5}, "--top-k"),
                         ({"top_k": float("nan")}, "--top-k"), ({"drop": 1.0}, "--drop"), ({"drop": -0.1}, "--drop"),
                         ({"kinds": ("soup",)}, "--kinds"), ({"kinds": ()}, "--kinds"),
-                        ({"seed": -1}, "--seed")]:  # fmt: skip
+                        ({"seed": -1}, "--seed"), ({"weights": (1.0,)}, "--weights"),
+                        ({"weights": (0.5, float("inf"))}, "--weights")]:  # fmt: skip
         with pytest.raises(merges.UserError, match=needle):
             merges.MergeSettings(**bad).check()
     merges.MergeSettings(top_k=100.0, drop=0.0).check()  # the ends that are allowed
@@ -153,7 +154,7 @@ def test_command_on_a_run(tiny_wordnet_run, tmp_path):
     result = json.loads((out / "merges.json").read_text())
     run = json.loads((run_dir / "landscape.json").read_text())
     assert result["seed"] == 4 and result["training_seed"] == run["config"]["seed"]
-    assert result["settings"] == {"kinds": list(merges.KINDS), "top_k": 20.0, "drop": 0.9, "seed": 4}
+    assert result["settings"] == {"kinds": list(merges.KINDS), "top_k": 20.0, "drop": 0.9, "seed": 4, "weights": None}
     assert (
         result["chart"] == "paper"
         and result["eval_samples"] == run["eval_samples"]
@@ -194,6 +195,15 @@ def test_command_on_a_run(tiny_wordnet_run, tmp_path):
     assert arrays["coords"].shape == (12, 2) and list(arrays["kind"]) == [m["kind"] for m in result["merges"]]
     np.testing.assert_array_equal(arrays["gap"], [m["gap"] for m in result["merges"]])
     assert (out / "merges.png").stat().st_size > 10_000 and (out / "merges.pdf").stat().st_size > 1_000
+    # one merge of the chosen solutions at the weights asked for
+    argv = ["--solutions", "ft", "lora", "--weights", "0.25", "0.75", "--kinds", "task_arithmetic", "ties"]
+    assert merges.main(["--run", str(run_dir), "--out", str(tmp_path / "w"), *argv, "--no-progress"]) == 0
+    weighted = json.loads((tmp_path / "w" / "merges.json").read_text())
+    assert [(m["kind"], m["solutions"], m["weights"]) for m in weighted["merges"]] == [
+        ("task_arithmetic", ["ft", "lora"], [0.25, 0.75]), ("ties", ["ft", "lora"], [0.25, 0.75])]  # fmt: skip
+    expect = 0.25 * np.array(weighted["vertices"]["ft"]) + 0.75 * np.array(weighted["vertices"]["lora"])
+    np.testing.assert_allclose(weighted["merges"][0]["coords"], expect, atol=1e-6)
+    _check_against_peft(run_dir, weighted)
 
 
 def _check_against_peft(run_dir, result):
@@ -231,6 +241,8 @@ def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, cap
         (["--run", run_dir, "--seed", "-3"], "--seed"),
         (["--run", run_dir, "--solutions", "sgd", "lora"], "--solutions"),
         (["--run", run_dir, "--solutions", "lora", "lora"], "--solutions"),
+        (["--run", run_dir, "--weights", "0.5", "0.5"], "--weights"),
+        (["--run", run_dir, "--solutions", "ft", "lora", "--weights", "1", "2", "3"], "--weights"),
     ]
     for argv, needle in cases:
         capsys.readouterr()
