@@ -145,6 +145,50 @@ def test_settings_are_checked():
     merges.MergeSettings(top_k=100.0, drop=0.0).check()  # the ends that are allowed
 
 
+def test_merges_without_ft_are_evaluated_naively_and_placed_with_the_base_vertex(tiny_entry, one_torch_thread):
+    """compute_merges on synthetic LoRA and RandLoRA updates (no FT: the base model is the plane's third vertex):
+    each merge's loss and per-sample paired gap equal a plain forward of a model holding W0 + the merged ΔW."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from landscape.engine.grid import EvalSet
+    from tests.synthetic import adapted_few, synthetic_solutions
+
+    torch.manual_seed(0)
+    model = tiny_entry.build(4)
+    sols = synthetic_solutions(model, adapted_few(model), 0.05, seed=1)
+    del sols["ft"]
+    data, labels = tiny_entry.encode([f"text {i} " + "w " * (i % 5) for i in range(19)]), torch.arange(19) % 4
+    eval_set = EvalSet.prepare(data, labels, 8, "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = merges.MergeSettings(top_k=30.0, drop=0.5, seed=2)
+    result = merges.compute_merges(model, sols, eval_set, "cpu", settings, progress=False)
+    assert set(result["vertices"]) == {"base", "lora", "randlora"} and len(result["merges"]) == 3
+
+    @torch.no_grad()
+    def per_sample(delta):
+        fresh = copy.deepcopy(model).eval()
+        params = dict(fresh.named_parameters())
+        for n, d in delta.items():
+            params[n].add_(d)
+        return F.cross_entropy(fresh(**data.batch(torch.arange(19))).float(), labels, reduction="none").double()
+
+    ends = {s: per_sample(sols[s].delta()) for s in sols}
+    deltas = [sols[s].delta() for s in ("lora", "randlora")]
+    for m in result["merges"]:
+        merged = merges.merge(m["kind"], deltas, m["weights"], settings, m.get("seed"))
+        losses = per_sample(merged)
+        best = min(ends, key=lambda s: float(ends[s].mean()))
+        assert m["loss"] == pytest.approx(float(losses.mean()), rel=1e-5) and m["best_endpoint"] == best
+        d = losses - ends[best]
+        assert m["gap"] == pytest.approx(float(d.mean()), rel=1e-4, abs=1e-6)
+        assert m["gap_se"] == pytest.approx(float(d.std() / math.sqrt(19)), rel=1e-3)
+    ta = result["merges"][0]
+    assert ta["kind"] == "task_arithmetic" and ta["coords"] == pytest.approx([0.5, 0.0], abs=1e-6)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the base model is untouched
+
+
 # ----------------------------------------------------------------------------- the command on a run
 
 
