@@ -231,6 +231,12 @@ class RunConfig:
         "curvature.json / .png; about 130 Hessian-vector products per solution and coordinates",
         toml="landscape.curvature", action="store_true",
     )  # fmt: skip
+    merges: bool = option(
+        False, "also merge the solutions' updates (python -m landscape.merges with its defaults: task arithmetic, "
+        "TIES, DARE of every pair at (1/2, 1/2) and the three at (1/3, 1/3, 1/3)), evaluate them on the paths' "
+        "samples and place them on the plane: merges.json / .npz / .png / .pdf; 15 evaluations of the set",
+        toml="landscape.merges", action="store_true",
+    )  # fmt: skip
     # --- the run
     seed: int = option(0, "seed for data split, initialisation, batches and bases")
     seeds: int = option(

@@ -14,6 +14,8 @@ their weight updates, and writes the output contract under --out:
   spectrum.json / spectrum.csv / spectrum.png / rank.png / similarity.png   spectra of each ΔW (landscape.spectrum)
   curvature.json / curvature.png / curvature.pdf   with --curvature: Hessian eigenvalues, trace, density
                                                    at each solution (landscape.curvature)
+  merges.json / merges.npz / merges.png / merges.pdf   with --merges: task arithmetic, TIES and DARE merges of the
+                                                   solutions' ΔW on the plane (landscape.merges)
   stages.json     one record per finished stage (its key, what it read, its files), written as each finishes:
                   a rerun reuses the paths and spectra whose inputs are unchanged (landscape.stages)
 
@@ -119,6 +121,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
     if curvature_summary is not None:
         log.record("curvature", keys["curvature"], [f"curvature.{e}" for e in ("json", "png", "pdf")],
                    stages.seconds["curvature"])  # fmt: skip
+    written += merges_stage(loaded, solutions, evaluator, device, stages)
     with stages("render"):
         figures = render_landscape(loaded, chart, arrays, summary)
     written += figures
@@ -212,6 +215,17 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
                                            progress=config.progress, info=info)  # fmt: skip
     written += [out / f"curvature.{ext}" for ext in ("json", "png", "pdf")]
     return curvature.summary(result)
+
+
+def merges_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[Path]:
+    """``--merges``: :mod:`landscape.merges` with its defaults and the run's seed, on the plane's evaluation set
+    and precision (merges.json, .npz, .png, .pdf next to landscape.npz); nothing without the flag."""
+    if not loaded.config.merges:
+        return []
+    from landscape import merges
+
+    with stages("merges"):
+        return merges.merges_stage(loaded, solutions, evaluator.eval_set, device, loaded.config.progress)
 
 
 def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list[Path]:
