@@ -139,6 +139,10 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
         raise UserError(f"{config.out_dir / '.grid'}: {e}: rerun with --restart to discard them, or pick another "
                         "--out") from None  # fmt: skip
     info.update(draws.summary(xs, ys, arrays, info["collapse_level"]))
+    from adapters import distributed
+
+    if distributed.is_lead():
+        print(draws.line(info), flush=True)
     return {**{k: arrays[k] for k in ("draw_loss", "draw_accuracy", "draw_loss_se", "draw_seeds")},
             **draws.spread_arrays(arrays, info["collapse_level"])}  # fmt: skip
 

@@ -198,3 +198,20 @@ def spread_arrays(arrays: dict, level: float | None) -> dict[str, np.ndarray]:
         "collapsed": np.zeros(loss.shape, dtype=bool) if level is None else ~(loss < level),
         "collapse_level": np.array(np.nan if level is None else level),
     }  # fmt: skip
+
+
+def line(info: dict) -> str:
+    """The run's console line for its draws: the sharpness with its spread, the collapsed points."""
+    sharp = info["sharpness"]["at_scale"]
+    rise = (
+        f"rise at α = {sharp['alpha']:g} {sharp['mean']:.4f} (SD {sharp['sd']:.4f}; {sharp['min']:.4f}–"
+        f"{sharp['max']:.4f} over the draws)"
+        if sharp.get("per_draw")
+        else "no step without collapsed points, no rise"
+    )
+    total = int(np.asarray(info["collapsed_per_draw"]).size)
+    level = "unknown" if info["collapse_level"] is None else f"{info['collapse_level']:.4f}"
+    return (
+        f"random directions, {info['count']} draws: {rise}; {info['collapsed_points']} of {total} points at or above "
+        f"the collapse level {level}"
+    )
