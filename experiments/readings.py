@@ -6,7 +6,10 @@ made from each run's JSON and npz contents (never from files: the caller reads t
   fine-tuning's (:func:`readings`);
 - "Beyond the plane": the random lines' rises and minima (:func:`line_rise`, :func:`rise_readings`), the random
   plane (:func:`plane_readings`), the curvature at each solution (:func:`curvature_readings`) and a trained
-  curve (:func:`curve_readings`).
+  curve (:func:`curve_readings`);
+- random charts with several draws of the directions (``--draws``): each sharpness with its spread over the
+  draws (SD, min, max), ranked only beyond that spread (:func:`draw_readings`, :func:`ranked_by_spread`), the
+  step scales beside the collapse level (:func:`ends_vs_level`) and the plane's draws (:func:`plane_draw_reading`).
 """
 
 from __future__ import annotations

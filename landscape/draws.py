@@ -203,12 +203,13 @@ def spread_arrays(arrays: dict, level: float | None) -> dict[str, np.ndarray]:
 def line(info: dict) -> str:
     """The run's console line for its draws: the sharpness with its spread, the collapsed points."""
     sharp = info["sharpness"]["at_scale"]
-    rise = (
-        f"rise at α = {sharp['alpha']:g} {sharp['mean']:.4f} (SD {sharp['sd']:.4f}; {sharp['min']:.4f}–"
-        f"{sharp['max']:.4f} over the draws)"
-        if sharp.get("per_draw")
-        else "no step without collapsed points, no rise"
-    )
+    if not sharp.get("per_draw"):
+        rise = "no step without collapsed points, no rise"
+    elif info["count"] == 1:
+        rise = f"rise at α = {sharp['alpha']:g} {sharp['mean']:.4f} (one draw: no spread)"
+    else:
+        rise = (f"rise at α = {sharp['alpha']:g} {sharp['mean']:.4f} (SD {sharp['sd']:.4f}; {sharp['min']:.4f}–"
+                f"{sharp['max']:.4f} over the draws)")  # fmt: skip
     total = int(np.asarray(info["collapsed_per_draw"]).size)
     level = "unknown" if info["collapse_level"] is None else f"{info['collapse_level']:.4f}"
     return (

@@ -224,3 +224,28 @@ def test_cli_random_line_keeps_every_draw(wordnet_root, tmp_path):
     np.testing.assert_array_equal(np.array(d["loss_per_draw"]), data["draw_loss"])
     np.testing.assert_array_equal(data["collapsed"], data["draw_loss"] >= d["collapse_level"])
     assert meta["config"]["draws"] == 2 and d["step"]["rule"].startswith("a = 1 halved")
+
+
+def test_collapse_level_is_ln_c_for_classes_and_ln_v_over_an_lms_vocabulary():
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from adapters.objectives import OBJECTIVES
+    from tests.llm_models import config
+
+    task = SimpleNamespace(objective=OBJECTIVES["classification"], dataset=SimpleNamespace(classes=list("abcdefghij")))
+    assert draws.collapse_level(task)[0] == pytest.approx(math.log(10))
+    lm = nn.ModuleDict({"scorer": AutoModelForCausalLM.from_config(config("llama", 300))})  # wrapped, as the scorer
+    level, rule = draws.collapse_level(SimpleNamespace(objective=OBJECTIVES["answer"], base=lm))
+    assert level == pytest.approx(math.log(300)) and "300-token vocabulary" in rule
+
+
+def test_ends_vs_level_counts_the_collapsed_points_and_reads_the_scales():
+    level = math.log(10)
+    loss = np.array([[[3.0, 1.0, 0.5, 1.2, 2.0]], [[2.1, 1.1, 0.5, 1.0, 1.9]]])
+    lines = {"ft": {"x": np.linspace(-0.25, 0.25, 5), "draw_loss": loss, "collapsed": loss >= level,
+                    "collapse_level": np.array(level)}}  # fmt: skip
+    text = readings.ends_vs_level(lines)
+    assert "full fine-tuning ±0.25" in text and "1.900–3.000" in text and "1 of 10 points flagged collapsed" in text
+    assert f"collapse level {level:.3f}" in text
