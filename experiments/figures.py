@@ -312,7 +312,7 @@ def random_lines_figure(lines: dict[str, dict], directions: dict, title: str, pn
         ax.set_yscale("log")
     ax.set_xlabel(f"α (δ: {directions['norm']}-normalised Gaussian, seed {directions['seed']})")
     count = min(len(d["draw_seeds"]) for d in lines.values()) if draws else 1
-    bands = f"dark band: ± SE; light band: min–max over {count} draws" if draws else "band: ± SE"
+    bands = f"dark: ± SE; light: min–max of {count} draws" if draws else "band: ± SE"
     ax.set_ylabel(f"loss ({'log scale; ' if log else ''}{bands})")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

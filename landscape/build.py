@@ -165,6 +165,7 @@ def grid_settings(config: RunConfig) -> dict:
     return {
         "center": config.center, "direction_seed": direction_seed(config), "direction_norm": config.direction_norm,
         "ignore": config.ignore, "coordinates": config.coordinates,
+        "draws": config.draws,  # the step-scale probe, hence the grid's axes, depends on the draws
     }  # fmt: skip
 
 
