@@ -23,6 +23,7 @@ from landscape import connectivity, draws
 from landscape.engine import directions
 from landscape.engine.grid import EvalSet, PlaneEvaluator, run_grid
 from landscape.engine.plane import centred_axis
+from tests.test_directions import tiny as tiny  # noqa: F401 (the fixture: tiny-bert and its solutions)
 
 CLASSES = 3
 SEED = 11
@@ -249,3 +250,16 @@ def test_ends_vs_level_counts_the_collapsed_points_and_reads_the_scales():
     text = readings.ends_vs_level(lines)
     assert "full fine-tuning ±0.25" in text and "1.900–3.000" in text and "1 of 10 points flagged collapsed" in text
     assert f"collapse level {level:.3f}" in text
+
+
+def test_redraw_in_adapter_coordinates_equals_a_fresh_draw_of_that_seed(tiny):
+    """RandLoRA's λ, γ are normalised as a layer: a draw written in place follows the same rule as the evaluator
+    drawn afresh with that seed (same directions, same loss at a point off the centre)."""
+    _, solutions, evals = tiny
+    ev = directions.AdapterEvaluator(solutions["randlora"], evals, "cpu", seed=3)
+    seed = directions.draw_seed(3, 1)
+    directions.redraw(ev.chart, seed)
+    fresh = directions.AdapterEvaluator(solutions["randlora"], evals, "cpu", seed=seed)
+    for n in fresh.chart.u:
+        assert torch.equal(ev.chart.u[n], fresh.chart.u[n]) and torch.equal(ev.chart.v[n], fresh.chart.v[n]), n
+    assert ev.evaluate(0.5, -0.5).loss == fresh.evaluate(0.5, -0.5).loss
