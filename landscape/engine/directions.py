@@ -138,7 +138,7 @@ def draw_directions(
 def draw_seed(seed: int, k: int) -> int:
     """The seed of draw ``k`` around a centre: ``seed`` itself for draw 0 (so one draw is the single-draw chart
     of before), else numpy's ``SeedSequence([seed, k])``'s first 31-bit word: deterministic, and unlike seed + k
-    never the draw 0 of a neighbouring seed (``--seeds`` trains with s, s + 1, …)."""
+    not the draw 0 of a neighbouring seed (``--seeds`` trains with s, s + 1, …) but for a 1-in-2³¹ chance."""
     if k == 0:
         return int(seed)
     return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0]) & 0x7FFFFFFF
