@@ -11,7 +11,9 @@ plane around RandLoRA and a random line through each solution (``--chart random`
 run's trained solutions, in sibling folders ``runs/<name>-random*``), the curvature at each solution
 (:mod:`landscape.curvature`, ``curvature.json`` in the run) and a trained ft–lora curve
 (:mod:`landscape.curves`, ``curves/`` in the run). Each is run when its outputs are missing (again with
-``--force``), only for runs made by the set's own command, and read back with its standard errors.
+``--force``), only for runs made by the set's own command, and read back with its standard errors. The random
+charts run with the default ``--draws 5`` (a chart from before ``--draws`` is redone): their sharpness is read
+with its spread over the draws and ranked only beyond it (:func:`experiments.readings.draw_readings`).
 The sentences of numbers themselves are made in :mod:`experiments.readings`; this module runs, copies and writes.
 """
 
