@@ -263,3 +263,23 @@ def test_redraw_in_adapter_coordinates_equals_a_fresh_draw_of_that_seed(tiny):
     for n in fresh.chart.u:
         assert torch.equal(ev.chart.u[n], fresh.chart.u[n]) and torch.equal(ev.chart.v[n], fresh.chart.v[n]), n
     assert ev.evaluate(0.5, -0.5).loss == fresh.evaluate(0.5, -0.5).loss
+
+
+def test_draws_resume_from_their_grid_stores(fitted, tmp_path):
+    """Each draw checkpoints into its own store: a second pass reads every point back and evaluates none."""
+    from landscape.engine.store import GridStore
+
+    model, evals = fitted
+    xs, ys, k = centred_axis(5) * 0.2, np.zeros(1), 3
+
+    def store(i: int) -> GridStore:
+        s = GridStore(tmp_path / f"draw-{i}", {"draw": i})
+        s.set_solutions({"x": xs.tolist()})
+        return s
+
+    ev = _evaluator(model, evals, SEED)
+    first = run_grid(ev, xs, ys, progress=False)
+    done = draws.evaluate_draws(ev, xs, ys, first, k, SEED, store, progress=False)
+    again = draws.evaluate_draws(ev, xs, ys, first, k, SEED, store, progress=False)
+    assert done["points_computed_draws"] == (k - 1) * 5 and again["points_computed_draws"] == 0
+    np.testing.assert_array_equal(again["draw_loss"], done["draw_loss"])
