@@ -118,6 +118,7 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
     """Draws 1..K−1 of a random chart after draw 0's grid ``first`` (:func:`landscape.draws.evaluate_draws`), each
     checkpointed in ``.grid/draw-k`` beside the run's grid store; ``chart.info["draws"]`` gains their summary
     (every draw's losses, the collapsed points, the sharpness with its spread). Returns landscape.npz's arrays."""
+    from adapters import distributed
     from adapters.errors import UserError
     from landscape.engine.store import StaleGrid
 
@@ -129,8 +130,10 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
         extra = {"draw": k, "draw_seed": directions.draw_seed(seed, k)}
         s = GridStore(grid_store.folder / f"draw-{k}", {**grid_store.config, **extra}, grid_store.solutions,
                       rank=grid_store.rank)  # fmt: skip
-        if config.restart and s.rank == 0:
-            s.clear()
+        if config.restart:  # as the run's own grid store: rank 0 clears, every rank waits for it
+            if s.rank == 0:
+                s.clear()
+            distributed.wait_for_all()
         return s
 
     try:
@@ -139,8 +142,7 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
         raise UserError(f"{config.out_dir / '.grid'}: {e}: rerun with --restart to discard them, or pick another "
                         "--out") from None  # fmt: skip
     info.update(draws.summary(xs, ys, arrays, info["collapse_level"]))
-    from adapters import distributed
-
+    info["points_computed_this_run"] = arrays["points_computed_draws"]  # draws 1..K-1 (resumed points excluded)
     if distributed.is_lead():
         print(draws.line(info), flush=True)
     return {**{k: arrays[k] for k in ("draw_loss", "draw_accuracy", "draw_loss_se", "draw_seeds")},
