@@ -283,3 +283,12 @@ def test_draws_resume_from_their_grid_stores(fitted, tmp_path):
     again = draws.evaluate_draws(ev, xs, ys, first, k, SEED, store, progress=False)
     assert done["points_computed_draws"] == (k - 1) * 5 and again["points_computed_draws"] == 0
     np.testing.assert_array_equal(again["draw_loss"], done["draw_loss"])
+
+
+def test_figures_redo_a_random_chart_from_before_draws(tmp_path):
+    from experiments import figures
+
+    (tmp_path / "landscape.json").write_text(json.dumps({"chart_geometry": {"directions": {}}}))
+    assert figures._one_draw(tmp_path)
+    (tmp_path / "landscape.json").write_text(json.dumps({"chart_geometry": {"directions": {}, "draws": {}}}))
+    assert not figures._one_draw(tmp_path) and not figures._one_draw(tmp_path / "missing")
