@@ -11,7 +11,9 @@ plane around RandLoRA and a random line through each solution (``--chart random`
 run's trained solutions, in sibling folders ``runs/<name>-random*``), the curvature at each solution
 (:mod:`landscape.curvature`, ``curvature.json`` in the run) and a trained ft–lora curve
 (:mod:`landscape.curves`, ``curves/`` in the run). Each is run when its outputs are missing (again with
-``--force``), only for runs made by the set's own command, and read back with its standard errors.
+``--force``), only for runs made by the set's own command, and read back with its standard errors. The random
+charts run with the default ``--draws 5`` (a chart from before ``--draws`` is redone): their sharpness is read
+with its spread over the draws and ranked only beyond it (:func:`experiments.readings.draw_readings`).
 The sentences of numbers themselves are made in :mod:`experiments.readings`; this module runs, copies and writes.
 """
 
@@ -34,7 +36,10 @@ from experiments.readings import (
     centre_check,
     curvature_readings,
     curve_readings,
+    draw_readings,
     ends_vs_chance,
+    ends_vs_level,
+    plane_draw_reading,
     plane_readings,
     readings,
     rise_readings,
@@ -253,6 +258,12 @@ def _curvature_done(path: Path) -> bool:
     return bool(result.get("complete")) and same and str(result.get("eval_samples")) == CURVATURE_ARGV[1]
 
 
+def _one_draw(out: Path) -> bool:
+    """Whether the random chart in ``out`` is from before ``--draws`` (no draws recorded): it is redone."""
+    path = out / "landscape.json"
+    return path.exists() and "draws" not in json.loads(path.read_text())["chart_geometry"]
+
+
 def _check(code: int, what: str) -> None:
     if code != 0:
         raise UserError(f"{what} failed (exit {code}): see the message above, fix it and rerun experiments.figures")
@@ -268,7 +279,7 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
     for key, out in random_outputs(name, runs).items():
         chart, center = ("random", PLANE_CENTER) if key == "plane" else ("random-line", key)
         _seed_head_only(run, out)
-        ensure_run(out.name, random_argv(argv, run, chart, center), runs, force)
+        ensure_run(out.name, random_argv(argv, run, chart, center), runs, force or _one_draw(out))
     if force or not _curvature_done(run / "curvature.json"):
         print(f"[figures] {_shown('landscape.curvature', curvature_argv(run))}", file=sys.stderr)
         _check(curvature.main(curvature_argv(run)), f"the curvature of '{name}'")
@@ -279,24 +290,32 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
 
 
 def random_lines_figure(lines: dict[str, dict], directions: dict, title: str, png: Path) -> None:
-    """The 1-D random lines through each solution on one axes: loss vs α with ±SE bands."""
+    """The 1-D random lines through each solution on one axes: loss vs α of draw 0 with its ±SE band, the
+    min–max band over every draw of the direction (runs with several draws), and the collapse level."""
     from matplotlib.figure import Figure
 
     from landscape.render import COLORS
 
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
+    draws = all("draw_loss" in d for d in lines.values())
     for c, d in lines.items():
         x, loss, se = d["x"], d["loss"][0], d["loss_se"][0]
-        ax.fill_between(x, loss - se, loss + se, color=COLORS[c], alpha=0.25, linewidth=0)
-        ax.plot(x, loss, "o-", color=COLORS[c], markersize=3.5, label=f"{LABELS[c]} (θ* + α·δ)")
+        if draws:
+            ax.fill_between(x, d["draw_loss_min"][0], d["draw_loss_max"][0], color=COLORS[c], alpha=0.15, linewidth=0)
+        ax.fill_between(x, loss - se, loss + se, color=COLORS[c], alpha=0.3, linewidth=0)
+        ax.plot(x, loss, "o-", color=COLORS[c], markersize=3.5, label=f"{LABELS[c]} (θ* + α·δ, draw 0)")
     ax.axvline(0.0, color="0.6", linewidth=0.8, linestyle=":")
+    if draws and np.isfinite(level := float(next(iter(lines.values()))["collapse_level"])):
+        ax.axhline(level, color="0.3", linewidth=0.8, linestyle="--", label=f"collapse level {level:.3f}")
     losses = np.concatenate([d["loss"][0] for d in lines.values()])
     log = bool(losses.min() > 0 and losses.max() > 10 * losses.min())  # a basin and walls 10× higher: show both
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(f"α (δ: {directions['norm']}-normalised Gaussian, seed {directions['seed']})")
-    ax.set_ylabel(f"loss ({'log scale; ' if log else ''}band: ± SE)")
+    count = min(len(d["draw_seeds"]) for d in lines.values()) if draws else 1
+    bands = f"dark: ± SE; light: min–max of {count} draws" if draws else "band: ± SE"
+    ax.set_ylabel(f"loss ({'log scale; ' if log else ''}{bands})")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     write_with(png, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
@@ -345,13 +364,15 @@ def _random_part(name: str, run: Path, runs: Path, figures: Path) -> str:
     ]
     plane = dict(np.load(outs["plane"] / "landscape.npz"))
     run_meta = json.loads((run / "landscape.json").read_text())
-    readings = [
-        *plane_readings(metas["plane"], plane),
-        *rise_readings(lines, directions),
-        centre_check(lines, run_meta),
-    ]
-    if run_meta.get("classes"):
-        readings.append(ends_vs_chance(lines, len(run_meta["classes"])))
+    readings = [*plane_readings(metas["plane"], plane)]
+    if plane_draw_reading(metas["plane"]):
+        readings.append(plane_draw_reading(metas["plane"]))
+    if all("draw_loss" in d for d in lines.values()):  # every draw kept: sharpness with its spread
+        readings += [*draw_readings(lines), centre_check(lines, run_meta), ends_vs_level(lines)]
+    else:  # a run from before --draws: one draw
+        readings += [*rise_readings(lines, directions), centre_check(lines, run_meta)]
+        if run_meta.get("classes"):
+            readings.append(ends_vs_chance(lines, len(run_meta["classes"])))
     return "\n".join(text + [f"- {r}" for r in readings] + [""])
 
 

@@ -6,7 +6,10 @@ made from each run's JSON and npz contents (never from files: the caller reads t
   fine-tuning's (:func:`readings`);
 - "Beyond the plane": the random lines' rises and minima (:func:`line_rise`, :func:`rise_readings`), the random
   plane (:func:`plane_readings`), the curvature at each solution (:func:`curvature_readings`) and a trained
-  curve (:func:`curve_readings`).
+  curve (:func:`curve_readings`);
+- random charts with several draws of the directions (``--draws``): each sharpness with its spread over the
+  draws (SD, min, max), ranked only beyond that spread (:func:`draw_readings`, :func:`ranked_by_spread`), the
+  step scales beside the collapse level (:func:`ends_vs_level`) and the plane's draws (:func:`plane_draw_reading`).
 """
 
 from __future__ import annotations
@@ -414,3 +417,107 @@ def _curve_low(data: dict, c: dict) -> list[str]:
         "the two points' SEs combined as if independent, which overstates the noise of a difference on the same "
         "samples)."
     ]
+
+
+# --------------------------------------------------------------------------- several draws of the directions
+
+
+def _spread_text(values: np.ndarray) -> str:
+    """``mean (SD s; min–max)`` over per-draw values (SD with ddof = 1, as landscape.draws records it)."""
+    from landscape.draws import spread
+
+    s = spread(values)
+    return f"{s['mean']:.4f} (SD {s['sd']:.4f}; {s['min']:.4f}–{s['max']:.4f})"
+
+
+def ranked_by_spread(values: dict[str, np.ndarray]) -> str:
+    """{solution: its per-draw sharpness} flattest first when every step of the order holds beyond the spread of
+    draws (the min–max ranges of neighbours do not overlap), else "within the spread of draws" and no order."""
+    shown = lambda c: f"{LABELS[c]} {_spread_text(values[c])}"  # noqa: E731
+    if min(len(v) for v in values.values()) < 2:
+        return "one draw of directions: no spread to rank against, no ranking: " + ", ".join(map(shown, values))
+    order = sorted(values, key=lambda c: float(np.mean(values[c])))
+    overlaps = [(a, b) for a, b in zip(order, order[1:], strict=False) if np.max(values[a]) >= np.min(values[b])]
+    if not overlaps:
+        ranked = " < ".join(map(shown, order))
+        return f"flattest first, beyond the spread of draws (no min–max ranges overlap): {ranked}"
+    pairs = ", ".join(f"{LABELS[a]} and {LABELS[b]}" for a, b in overlaps)
+    return f"within the spread of draws (min–max over draws overlap: {pairs}), no ranking: " + ", ".join(
+        map(shown, values)
+    )
+
+
+def _steps(data: dict) -> set[float]:
+    """The steps α > 0 of a line's grid that hold ±α with no collapsed point at ±α in any draw."""
+    from landscape.draws import _index
+
+    x, collapsed = data["x"], np.asarray(data["collapsed"])
+    out = set()
+    for a in (float(v) for v in x if v > 0):
+        jm, jp = _index(x, -a), _index(x, a)
+        if jm is not None and not collapsed[:, 0, [jm, jp]].any():
+            out.add(round(a, 12))
+    return out
+
+
+def draw_readings(lines: dict[str, dict]) -> list[str]:
+    """The random lines {centre: landscape.npz content with every draw} read with their spread over draws: each
+    solution's rise (L(−α) + L(+α))/2 − L(0) per draw, at the largest step α that every line's grid holds with no
+    collapsed point at ±α (the lines' step scales may differ), and at the smallest such step; ranked only beyond
+    the spread."""
+    from landscape.draws import rises
+
+    common = sorted(set.intersection(*(_steps(d) for d in lines.values())))
+    count = min(len(d["draw_seeds"]) for d in lines.values())
+    head = (
+        f"Loss rise along a random line through each solution, (L(−α) + L(+α))/2 − L(0) per draw of the direction "
+        f"({count} draws, seeds {', '.join(str(s) for s in next(iter(lines.values()))['draw_seeds'])}), mean (SD; "
+        "min–max over the draws)"
+    )
+    if not common:
+        return [head + ": no step α holds uncollapsed points on every line, no sharpness reported."]
+    out = []
+    for alpha, which in ((common[-1], "the largest step every line holds below the collapse level"),
+                         (common[0], "the first such step")):  # fmt: skip
+        values = {c: rises(d["x"], d["y"], np.asarray(d["draw_loss"]), alpha) for c, d in lines.items()}
+        out.append(f"at α = {alpha:g} ({which}): {ranked_by_spread(values)}")
+        if len(common) == 1:
+            break
+    return [head + "; " + "; ".join(out) + "."]
+
+
+def ends_vs_level(lines: dict[str, dict]) -> str:
+    """The lines' step scales and their losses at the ends over every draw, beside the collapse level (the loss of
+    a uniform prediction), and how many points are flagged collapsed (left out of the sharpness)."""
+    level = float(next(iter(lines.values()))["collapse_level"])
+    ends = [float(v) for d in lines.values() for v in np.asarray(d["draw_loss"])[:, 0, [0, -1]].ravel()]
+    flagged = sum(int(np.asarray(d["collapsed"]).sum()) for d in lines.values())
+    total = sum(np.asarray(d["collapsed"]).size for d in lines.values())
+    scales = ", ".join(f"{LABELS[c]} ±{float(d['x'][-1]):g}" for c, d in lines.items())
+    return (
+        f"Step scales (the α range of each line, halved from ±1 until every draw's ends are below the collapse "
+        f"level): {scales}; losses at the ends over all draws {min(ends):.3f}–{max(ends):.3f}, against the "
+        f"collapse level {level:.3f} (a uniform prediction); {flagged} of {total} points flagged collapsed and left "
+        "out of the sharpness."
+    )
+
+
+def plane_draw_reading(meta: dict) -> str | None:
+    """The random plane's draws: the rise at the scale (mean over δ and η) with its spread, the collapsed points."""
+    d = meta["chart_geometry"].get("draws")
+    if not d or "sharpness" not in d:
+        return None
+    sharp = d["sharpness"]["at_scale"]
+    rise = (
+        f"rise at α = {sharp['alpha']:g} (the mean of the rises along δ and η) {sharp['mean']:.4f} (SD "
+        f"{sharp['sd']:.4f}; {sharp['min']:.4f}–{sharp['max']:.4f} over the draws)"
+        if sharp.get("per_draw")
+        else "no step without collapsed points: no rise reported"
+    )
+    scale = d["step"]["scale"]
+    return (
+        f"Random plane over {d['count']} draws of δ, η (seeds {', '.join(map(str, d['seeds']))}), axes ±"
+        f"{scale if scale is not None else 'as configured'}: {rise}; {d['collapsed_points']} of "
+        f"{int(np.asarray(d['collapsed_per_draw']).size)} points at or above the collapse level "
+        f"{d['collapse_level']:.3f} ({d['collapse_rule']})."
+    )

@@ -18,6 +18,7 @@ from torch import nn
 
 from adapters.objectives import Classification
 from adapters.quant import packed_names
+from landscape import draws
 from landscape.engine import directions, factored
 from landscape.engine.directions import CENTERS, AdapterEvaluator, adapter_folder, center_weights, draw_chart
 from landscape.engine.grid import EvalSet, PlaneEvaluator
@@ -30,6 +31,7 @@ from landscape.engine.plane import (
     paper_axis,
     solution_weights,
 )
+from landscape.engine.store import GridStore
 from landscape.run import Loaded, eval_set
 
 if TYPE_CHECKING:
@@ -80,7 +82,71 @@ def plane(
         xs = paper_axis(config.grid, *config.x_range, [v[0] for v in verts])
     if config.y_range and config.chart != "random-line":  # a line has the one row y = 0
         ys = paper_axis(config.grid, *config.y_range, [v[1] for v in verts])
+    if random:
+        xs, ys = random_scale(loaded, evaluator, xs, ys)
     return chart, xs, ys, evaluator
+
+
+def random_scale(loaded: Loaded, evaluator: PlaneEvaluator, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The random chart's axes scaled by the step scale (:func:`landscape.draws.probe_scale`: every draw's extreme
+    points below the collapse level) unless the config gives its window; ``chart.info["draws"]`` records the
+    draws' seeds, the collapse level and the scale."""
+    config, chart = loaded.config, evaluator.chart
+    seed = direction_seed(config)
+    level, level_rule = draws.collapse_level(loaded.task)
+    count = draw_count(config, evaluator)
+    info = {"count": count, "seeds": [directions.draw_seed(seed, k) for k in range(count)],
+            "collapse_level": level, "collapse_rule": level_rule}  # fmt: skip
+    if count < config.draws:
+        info["note"] = f"{config.draws} draws asked for; a 4-bit base's factored chart is drawn once (not redrawn)"
+    if config.x_range or config.y_range:
+        info["step"] = {"scale": None, "rule": "the window the configuration gives (x_range / y_range)"}
+    else:
+        scale, info["step"] = draws.probe_scale(evaluator, count, seed, level)
+        xs, ys = xs * scale, ys * scale  # the default axes are [-1, 1] (x/h: scaled, 0 and the ends stay exact)
+    chart.info["draws"] = info
+    return xs, ys
+
+
+def draw_count(config: RunConfig, evaluator: PlaneEvaluator) -> int:
+    """``--draws``, or 1 for a 4-bit base: its factored chart holds no dense directions to redraw in place."""
+    return config.draws if isinstance(evaluator.chart, Chart) else 1
+
+
+def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, ys: np.ndarray, first: dict,
+                 grid_store: GridStore | None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Draws 1..K−1 of a random chart after draw 0's grid ``first`` (:func:`landscape.draws.evaluate_draws`), each
+    checkpointed in ``.grid/draw-k`` beside the run's grid store; ``chart.info["draws"]`` gains their summary
+    (every draw's losses, the collapsed points, the sharpness with its spread). Returns landscape.npz's arrays."""
+    from adapters import distributed
+    from adapters.errors import UserError
+    from landscape.engine.store import StaleGrid
+
+    seed, info = direction_seed(config), evaluator.chart.info["draws"]
+
+    def store(k: int) -> GridStore | None:
+        if grid_store is None:
+            return None
+        extra = {"draw": k, "draw_seed": directions.draw_seed(seed, k)}
+        s = GridStore(grid_store.folder / f"draw-{k}", {**grid_store.config, **extra}, grid_store.solutions,
+                      rank=grid_store.rank)  # fmt: skip
+        if config.restart:  # as the run's own grid store: rank 0 clears, every rank waits for it
+            if s.rank == 0:
+                s.clear()
+            distributed.wait_for_all()
+        return s
+
+    try:
+        arrays = draws.evaluate_draws(evaluator, xs, ys, first, info["count"], seed, store, config.progress)
+    except StaleGrid as e:
+        raise UserError(f"{config.out_dir / '.grid'}: {e}: rerun with --restart to discard them, or pick another "
+                        "--out") from None  # fmt: skip
+    info.update(draws.summary(xs, ys, arrays, info["collapse_level"]))
+    info["points_computed_this_run"] = arrays["points_computed_draws"]  # draws 1..K-1 (resumed points excluded)
+    if distributed.is_lead():
+        print(draws.line(info), flush=True)
+    return {**{k: arrays[k] for k in ("draw_loss", "draw_accuracy", "draw_loss_se", "draw_seeds")},
+            **draws.spread_arrays(arrays, info["collapse_level"])}  # fmt: skip
 
 
 def load_center(config: RunConfig, base: nn.Module, model_name: str) -> Solution | None:
@@ -101,6 +167,7 @@ def grid_settings(config: RunConfig) -> dict:
     return {
         "center": config.center, "direction_seed": direction_seed(config), "direction_norm": config.direction_norm,
         "ignore": config.ignore, "coordinates": config.coordinates,
+        "draws": config.draws,  # the step-scale probe, hence the grid's axes, depends on the draws
     }  # fmt: skip
 
 

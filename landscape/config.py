@@ -29,7 +29,7 @@ PAPER_DIR = Path(__file__).resolve().parents[1] / "experiments" / "paper"
 SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
 RANDOM_CHARTS = ("random", "random-line")  # landscape.engine.plane.RANDOM_CHARTS (tested equal)
-RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates")
+RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates", "draws")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # `quick` fits the default run (wordnet + MiniLM) in under 10 minutes on a 2-core CPU with AVX2 only
@@ -172,6 +172,11 @@ class RunConfig:
     direction_seed: int | None = option(
         None, "random charts: seed of the Gaussian directions (default: --seed)", toml="landscape.direction_seed"
     )
+    draws: int = option(
+        5, "random charts: independent draws of the directions around the centre (draw 0 is the --direction-seed "
+        "one; the others' seeds are derived from it and recorded); every draw's losses are kept",
+        toml="landscape.draws", metavar="K",
+    )  # fmt: skip
     direction_norm: str = option(
         "filter", "random charts: rescale each direction per filter (row / output channel), per layer (parameter "
         "tensor) or as a whole to the centre's norm (loss-landscapes' names)", toml="landscape.direction_norm",
@@ -300,6 +305,8 @@ class RunConfig:
         if d["seeds"] == 1:  # one seed, the default: landscape.json stays as it was before --seeds
             d.pop("seeds")
         d["solutions"] = {k: str(v) for k, v in self.solutions.items()}
+        if self.chart not in RANDOM_CHARTS:  # --draws applies to the random charts only: the others' record unchanged
+            d.pop("draws")
         return d
 
     # ----------------------------------------------------------------------------- validation
@@ -329,7 +336,7 @@ class RunConfig:
         at_least = {
             "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
             "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
-            "threads": 1, "cutoff_len": 8, "direction_seed": 0, "eval_tokens": 1,
+            "threads": 1, "cutoff_len": 8, "direction_seed": 0, "eval_tokens": 1, "draws": 1,
         }  # fmt: skip
         for name, low in at_least.items():
             value = getattr(self, name)

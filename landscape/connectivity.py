@@ -95,6 +95,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         grid_store.set_solutions({"deltas": deltas, "x": xs, "y": ys, "eval": inputs["eval"]})
     with stages("grid"):
         result = evaluate_grid(evaluator, xs, ys, grid_store, config)
+        if config.chart in RANDOM_CHARTS:  # the other draws of the directions (landscape.draws)
+            result["draws"] = build.random_draws(config, evaluator, xs, ys, result, grid_store)
     if rank != 0:
         return out
     summary = summarise(loaded, solutions, chart, xs, ys, result, evaluator)
@@ -162,7 +164,7 @@ def landscape_arrays(chart, xs, ys, result) -> dict[str, np.ndarray]:
     return {
         "x": xs, "y": ys, "loss": result["loss"], "accuracy": result["accuracy"], "loss_se": result["loss_se"],
         "points": np.array([chart.vertices[s] for s in names], dtype=np.float64).reshape(-1, 2),
-        "point_names": np.array(names),
+        "point_names": np.array(names), **result.get("draws", {}),
     }  # fmt: skip
 
 

@@ -24,6 +24,9 @@ each element to |θ*_i|: neither is a random direction).
 
 Drawing: one CPU ``torch.Generator`` seeded with ``seed`` draws δ for every parameter in the model's order,
 then η, in fp32: the same numbers on every device, and a line gets the δ of the plane of the same seed.
+``--draws K`` repeats the draw K times around the same centre (:mod:`landscape.draws`): draw 0 uses the direction
+seed itself, draw k > 0 the seed :func:`draw_seed` derives from it and k; :func:`redraw` writes a draw's
+directions into a chart in place, so one evaluator serves every draw.
 δ and η are not orthogonalised: Li et al. rely on random directions in millions of dimensions being nearly
 orthogonal; their cosine is recorded in ``chart.info["directions"]`` (landscape.json).
 
@@ -48,6 +51,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -129,6 +133,37 @@ def draw_directions(
     draw = lambda w: torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.device)  # noqa: E731
     raw = [{n: draw(w) for n, w in weights.items()} for _ in range(count)]  # every δ value, then every η value
     return [normalize(d, weights, norm, ignore, layer_rule) for d in raw]
+
+
+def draw_seed(seed: int, k: int) -> int:
+    """The seed of draw ``k`` around a centre: ``seed`` itself for draw 0 (so one draw is the single-draw chart
+    of before), else numpy's ``SeedSequence([seed, k])``'s first 31-bit word: deterministic, and unlike seed + k
+    not the draw 0 of a neighbouring seed (``--seeds`` trains with s, s + 1, …) but for a 1-in-2³¹ chance."""
+    if k == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def layer_rule(names: Collection[str], coordinates: str) -> list[str]:
+    """The parameters normalised as a layer under ``filter``: RandLoRA's λ, γ in adapter coordinates."""
+    if coordinates != "adapter":
+        return []
+    return [n for n in names if any(f".{k}." in f".{n}." for k in LAYER_RULE)]
+
+
+@torch.no_grad()
+def redraw(chart: Chart, seed: int) -> list[float]:
+    """Write the directions of ``seed`` into ``chart`` in place (U, and V unless a line), drawn around its origin
+    with the rule ``chart.info["directions"]`` records; every tensor keeps its identity, so an evaluator holding
+    them evaluates the new draw. Returns the directions' norms."""
+    info = chart.info["directions"]
+    line = chart.name == "random-line"
+    rule = layer_rule(list(chart.origin), info["coordinates"])
+    dirs = draw_directions(chart.origin, seed, info["norm"], info["ignore"], 1 if line else 2, rule)
+    for target, d in zip((chart.u, chart.v), dirs, strict=False):
+        for n, t in d.items():
+            target[n].copy_(t)
+    return [math.sqrt(_flat_dot(d, d)) for d in dirs]
 
 
 def _flat_dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -251,7 +286,7 @@ class AdapterEvaluator(PlaneEvaluator):
     ):
         model = adapter_model(solution)
         center = {n: p.detach().float().clone() for n, p in adapter_parameters(model).items()}  # a*, not aliased
-        rule = [n for n in center if any(f".{k}." in f".{n}." for k in LAYER_RULE)]
+        rule = layer_rule(list(center), "adapter")
         chart = draw_chart(center, vertex or solution.method, seed, norm, ignore, line, rule, "adapter")
         super().__init__(model, chart, eval_set, device, dtype, points_per_forward, objective)
 
@@ -263,9 +298,11 @@ def note(info: dict) -> str:
     fixed = "; biases and norm parameters fixed" if d["ignore"] == "biasbn" else ""
     line = len(d["direction_norms"]) == 1
     point, dirs = ("θ* + α·δ", "δ") if line else ("θ* + α·δ + β·η", "δ, η")
+    draws = info.get("draws")
+    shown = "" if not draws or draws["count"] == 1 else f"; draw 0 of {draws['count']}, spread in landscape.json"
     return (
         f"random directions (Li et al. 2018) around {d['center']} over {where}: {point}, "
-        f"{d['norm']}-normalised Gaussian {dirs} (seed {d['seed']}{fixed})"
+        f"{d['norm']}-normalised Gaussian {dirs} (seed {d['seed']}{fixed}{shown})"
     )
 
 
@@ -281,6 +318,9 @@ __all__ = [
     "center_weights",
     "draw_chart",
     "draw_directions",
+    "draw_seed",
     "filter_normalize",
+    "layer_rule",
     "normalize",
+    "redraw",
 ]
