@@ -91,6 +91,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "direction_norm",
         "ignore",
         "coordinates",
+        "draws",
         "grid",
         "x_range",
         "y_range",
@@ -168,7 +169,8 @@ def stage_key(stage: str, config, inputs: Mapping[str, str]) -> dict:
     return {
         "stage": stage,
         "format": reads.format,
-        "config": {f: settings.get(f) for f in reads.config},
+        # a setting the run leaves out of its record (--draws off a random chart, --seeds 1) is not read
+        "config": {f: settings[f] for f in reads.config if f in settings},
         "inputs": {k: inputs[k] for k in reads.inputs},
     }
 

@@ -1,0 +1,168 @@
+"""The run configuration's checks: every value's range, choice and combination, checked once before any work.
+
+:class:`ConfigChecks` is the half of :class:`landscape.config.RunConfig` that validates: each failure is a
+:class:`UserError` naming the setting as the user gave it (``--batch-size 0``, ``FILE [train] batch_size = 0``)
+and the fix. The names of the solutions and of the random charts live here, below the configuration that
+imports them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from adapters.errors import UserError
+
+SOLUTION_NAMES = ("ft", "lora", "randlora")
+LR_METHODS = ("ft", "lora", "randlora", "head_only")
+RANDOM_CHARTS = ("random", "random-line")  # landscape.engine.plane.RANDOM_CHARTS (tested equal)
+RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates", "draws")
+
+_Config = TypeVar("_Config", bound="ConfigChecks")  # validate() returns the RunConfig it checked
+
+
+class ConfigChecks:
+    """Validation of a :class:`landscape.config.RunConfig` (a mixin: the fields live on the dataclass)."""
+
+    def where(self, name: str) -> str:
+        """How the user set ``name``: '--batch-size', 'FILE [train] batch_size', 'preset quick' or 'default'."""
+        return self.sources.get(name, "default")
+
+    def _shown(self, name: str) -> str:
+        """The setting as the user gave it: '--batch-size 0' or "FILE [train] batch_size = 0"."""
+        where, value = self.where(name), getattr(self, name)
+        return f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+
+    def _fail(self, name: str, problem: str, fix: str) -> None:
+        raise UserError(f"{self._shown(name)}: {problem}: {fix}")
+
+    def validate(self: _Config) -> _Config:
+        """Check every value (ranges, choices, combinations); a UserError names the first bad one."""
+        from adapters.data import dataset_names
+
+        if self.dataset not in dataset_names():
+            raise UserError(f"unknown dataset '{self.dataset}': choose one of {', '.join(dataset_names())}")
+        for f in fields(self):
+            choices = f.metadata.get("cli", {}).get("choices") if f.metadata else None
+            if choices and f.name != "preset" and getattr(self, f.name) not in choices:
+                self._fail(f.name, "not a valid choice", f"use one of {', '.join(choices)}")
+        at_least = {
+            "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
+            "train_steps": 1, "randlora_rank": 1, "lora_rank": 1, "train_per_class": 1, "test_per_class": 1,
+            "threads": 1, "cutoff_len": 8, "direction_seed": 0, "eval_tokens": 1, "draws": 1,
+        }  # fmt: skip
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                why = "is too small: a surface needs at least 2 points per axis" if name == "grid" else ""
+                self._fail(name, why or f"must be an integer >= {low}", f"pass a value >= {low}")
+        for name, low, strict in (("epochs", 0, True), ("weight_decay", 0, False), ("grad_clip", 0, True),
+                                  ("path_extend", 0, False), ("randlora_alpha", 0, True),
+                                  ("randlora_dropout", 0, False)):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and not _number_above(value, low, strict):
+                self._fail(name, f"must be a finite number {'>' if strict else '>='} {low}", "fix the value")
+        if self.randlora_dropout >= 1:
+            self._fail("randlora_dropout", "must be below 1", "pass e.g. 0.05")
+        if self.batch_size % self.grad_accum:
+            self._fail("grad_accum", f"does not divide the batch size {self.batch_size}", "pass a divisor")
+        if self.path_points != 0 and (not isinstance(self.path_points, int) or self.path_points < 2):
+            self._fail("path_points", "a path needs at least 2 points (0 and 1)", "pass 0 (no paths) or >= 2, e.g. 11")
+        if self.points_per_forward != "auto" and not (
+            isinstance(self.points_per_forward, int) and self.points_per_forward >= 1
+        ):
+            self._fail("points_per_forward", "must be a positive integer or auto", "pass e.g. 1 or auto")
+        for key, lr in self.lr.items():
+            if key not in LR_METHODS or not _number_above(lr, 0, strict=key != "head_only"):
+                self._fail("lr", f"'{key}' must be one of {', '.join(LR_METHODS)} with a finite rate > 0", "fix it")
+        for name in ("x_range", "y_range"):
+            value = getattr(self, name)
+            if value is not None and not (
+                len(value) == 2 and all(_number_above(v, -math.inf, True) for v in value) and value[0] < value[1]
+            ):
+                self._fail(name, "must be [low, high] with low < high", "fix the range")
+        for name in self.solutions:
+            if name not in SOLUTION_NAMES:
+                raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
+        self._validate_seeds()
+        self._validate_methods()
+        self._validate_packed()
+        self._validate_random_chart()
+        self._validate_out()
+        return self
+
+    def _validate_out(self) -> None:
+        """--out is a folder, or can become one: its nearest existing ancestor is a folder (else every stage's
+        files would fail to write after the training)."""
+        if self.out is None:
+            return
+        path = Path(self.out)
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            what = "is an existing file" if existing == path else f"lies under the file {existing}"
+            self._fail("out", f"{what}, not a folder", "pass a folder (new or existing) for the outputs")
+
+    def _validate_seeds(self) -> None:
+        """``seeds``: an integer >= 1; above 1 it trains every method of the plane per seed: not solutions given,
+        nor a random chart."""
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            self._fail("seeds", "must be an integer >= 1", "pass a value >= 1 (1: the run's own seed only)")
+        if self.seeds == 1:
+            return
+        if self.solutions:
+            self._fail("seeds", "trains every method once per seed, and --solutions are trained elsewhere",
+                       "drop --solutions or pass --seeds 1")  # fmt: skip
+        if self.chart in RANDOM_CHARTS:
+            self._fail("seeds", f"applies to the planes through the solutions, not --chart {self.chart}",
+                       "pass --chart paper or orthonormal, or --seeds 1")  # fmt: skip
+
+    def _validate_methods(self) -> None:
+        """``methods``: a non-empty list of ft / lora / randlora; ft not trained on a 4-bit base (it is packed)."""
+        if self.methods is None:
+            return
+        if not self.methods or any(m not in SOLUTION_NAMES for m in self.methods):
+            self._fail("methods", f"must be one or more of {', '.join(SOLUTION_NAMES)}", "fix the list")
+        if self.load_4bit and "ft" in self.methods and "ft" not in self.solutions:
+            where = self.where("methods")
+            shown = f"{where} {' '.join(self.methods)}" if where.startswith("--") else self._shown("methods")
+            raise UserError(
+                f"{shown} with {self.where('load_4bit')}: full fine-tuning cannot train a packed "
+                "4-bit base: drop ft (the default under --load-4bit is lora randlora) or bring an FT model with "
+                "--solutions ft=CHECKPOINT"
+            )
+
+    def _validate_packed(self) -> None:
+        """A 4-bit base keeps its weights packed: the plane is factored (points applied beside the packed layers)."""
+        if self.load_4bit and self.plane_storage == "dense":
+            raise UserError(
+                f"{self._shown('plane_storage')} with {self.where('load_4bit')}: the dense plane writes W0 + ΔW "
+                "into the weights, which a 4-bit base keeps packed: use --plane-storage factored or auto"
+            )
+
+    def _validate_random_chart(self) -> None:
+        """The random charts' settings: given only with a random chart; an adapter centre for adapter coordinates."""
+        random = self.chart in RANDOM_CHARTS
+        if not random:
+            given = [self._shown(k) for k in RANDOM_OPTIONS if self.where(k) != "default"]
+            if given:
+                verb = "apply" if len(given) > 1 else "applies"
+                raise UserError(f"{', '.join(given)} {verb} to --chart random / random-line only: drop "
+                                f"{'them' if len(given) > 1 else 'it'} or pass --chart random")  # fmt: skip
+            return
+        if self.center not in SOLUTION_NAMES and not Path(self.center).exists():
+            self._fail("center", "is neither ft, lora, randlora nor an existing solution folder",
+                       "pass ft, lora, randlora or a folder written by landscape.connectivity")  # fmt: skip
+        if self.coordinates == "adapter" and self.center == "ft":
+            self._fail("coordinates", "adapter coordinates need an adapter centre, and the centre is ft",
+                       "pass --center lora or randlora (or --coordinates weights)")  # fmt: skip
+        if self.plane_storage == "factored":
+            self._fail("plane_storage", "the random charts hold the dense plane (directions over every weight)",
+                       "pass --plane-storage dense or auto")  # fmt: skip
+
+
+def _number_above(value: Any, low: float, strict: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    return value > low if strict else value >= low
