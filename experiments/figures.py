@@ -15,6 +15,13 @@ run's trained solutions, in sibling folders ``runs/<name>-random*``), the curvat
 charts run with the default ``--draws 5`` (a chart from before ``--draws`` is redone): their sharpness is read
 with its spread over the draws and ranked only beyond it (:func:`experiments.readings.draw_readings`).
 The sentences of numbers themselves are made in :mod:`experiments.readings`; this module runs, copies and writes.
+
+The full sections' runs train ``--seeds N`` solutions per method (default 3; the compared ``hf:`` run one), and the
+README's claims table (between its own markers, :mod:`experiments.claims`) tests the paper's claims on them: each
+with its interval over the seeds and a verdict. A run of the set made with another number of seeds is made again
+(its seed-s solutions, grid and spectrum are reused by key). The table's caption states this command's wall time
+against ``--budget-minutes`` (default 360: the whole offline set from nothing, 3 seeds, on this project's 2-core
+CPU machine; a run over it says so) and the stage times of the runs it reads.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +38,7 @@ import numpy as np
 
 from adapters.errors import UserError
 from adapters.io import atomic_folder, write_text, write_with
+from experiments import claims
 from experiments.readings import (
     LABELS,
     TRIO,
@@ -83,10 +92,35 @@ def _old_barriers(path: Path, key: str | None = None) -> bool:
     return bool(record) and record.get("format_version", 1) < FORMAT_VERSION
 
 
+def set_argv(name: str, seeds: int) -> list[str]:
+    """The set's command of run ``name``: a full section's run trains ``seeds`` solutions per method."""
+    return [*OFFLINE.get(name, PAPER.get(name, [])), *(["--seeds", str(seeds)] if name in BEYOND and seeds > 1 else [])]
+
+
+def _other_seeds(out: Path, argv: list[str]) -> bool:
+    """Whether the run in ``out`` is the set's command ``argv`` but for its number of seeds: it is made again."""
+    path = out / "landscape.json"
+    if not path.exists():
+        return False
+    words, n = list(argv), 1
+    if "--seeds" in words:
+        i = words.index("--seeds")
+        n = int(words[i + 1])
+        del words[i : i + 2]
+    meta = json.loads(path.read_text())
+    command = meta["command"].split()
+    if "--seeds" in command:
+        i = command.index("--seeds")
+        del command[i : i + 2]
+    meta = {**meta, "command": " ".join(command)}
+    return _made_by(meta, words) and len(claims.seeds_of(meta)) != n
+
+
 def ensure_run(name: str, argv: list[str], runs: Path, force: bool) -> Path:
     argv = resolve_argv(argv)
     out = runs / name
-    if force or not (out / "landscape.json").exists() or _old_barriers(out / "landscape.json", "paths"):
+    if (force or not (out / "landscape.json").exists() or _old_barriers(out / "landscape.json", "paths")
+            or _other_seeds(out, argv)):  # fmt: skip
         print(f"[figures] running {' '.join(argv)} --out {out}", file=sys.stderr)
         code = connectivity.main([*argv, "--out", str(out), "--no-progress"])
         if code != 0:
@@ -128,7 +162,7 @@ def section(name: str, out: Path, figures: Path) -> str:
     minutes = sum(meta["wall_time_s"].values()) / 60  # reused stages keep the times of the run that computed them
     lines += [
         f"`{meta['command'].replace(str(ROOT) + '/', '')}` — stages took {minutes:.1f} min in all on "
-        f"{meta['device']} ({meta['dtype']}), seed {meta['seed']}.",
+        f"{meta['device']} ({meta['dtype']}), {_seeds_text(claims.seeds_of(meta))}.",
         "",
     ]
     for fig in FIGURES:
@@ -167,6 +201,12 @@ def section(name: str, out: Path, figures: Path) -> str:
     if name in BEYOND:
         lines.append(beyond_section(name, out, out.parent, figures))
     return "\n".join(lines)
+
+
+def _seeds_text(seeds: list[int]) -> str:
+    return (
+        f"seed {seeds[0]}" if len(seeds) == 1 else f"training seeds {seeds[0]}–{seeds[-1]} (the plane: seed {seeds[0]})"
+    )
 
 
 def comparison(name: str, out: Path, reference: Path) -> str:
@@ -231,7 +271,11 @@ def _shown(prog: str, argv: list[str]) -> str:
 
 def made_by_set(out: Path, argv: list[str]) -> bool:
     """Whether the run in ``out`` was made by the set's command ``argv`` (the analyses' settings are the set's)."""
-    words = json.loads((out / "landscape.json").read_text())["command"].split()[3:]  # after python -m PROG
+    return _made_by(json.loads((out / "landscape.json").read_text()), argv)
+
+
+def _made_by(meta: dict, argv: list[str]) -> bool:
+    words = meta["command"].split()[3:]  # after python -m PROG
     if "--out" in words:
         i = words.index("--out")
         del words[i : i + 2]
@@ -424,13 +468,45 @@ def beyond_section(name: str, run: Path, runs: Path, figures: Path) -> str:
     return "\n".join(head + parts)
 
 
-def rewrite_readme(text: str, readme: Path) -> None:
+def rewrite_readme(text: str, readme: Path, markers: tuple[str, str] = (START, END), what: str = "the gallery") -> None:
     body = readme.read_text()
-    if START not in body or END not in body:
-        raise UserError(f"{readme} has no {START} … {END} markers: add them where the gallery goes")
-    head, rest = body.split(START, 1)
-    _, tail = rest.split(END, 1)
-    write_text(readme, f"{head}{START}\n{text}\n{END}{tail}")
+    start, end = markers
+    if start not in body or end not in body:
+        raise UserError(f"{readme} has no {start} … {end} markers: add them where {what} goes")
+    head, rest = body.split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_text(readme, f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def _runs_minutes(run: Path, runs: Path) -> float:
+    """The recorded stage time of a full section's run and of its random charts (minutes; the curvature and the
+    curve record no total)."""
+    metas = [run / "landscape.json", *(o / "landscape.json" for o in random_outputs(run.name, runs).values())]
+    total = sum((m := json.loads(p.read_text())).get("wall_time_total_s", sum(m["wall_time_s"].values()))
+                for p in metas if p.exists())  # fmt: skip
+    return total / 60
+
+
+def claims_text(runs: Path, seconds: float, budget: float) -> str:
+    """The claims table over the full sections' runs that exist, its caption stating the wall times."""
+    tasks, commands, minutes = {}, [], 0.0
+    for name in BEYOND:
+        out = runs / name
+        if (out / "landscape.json").exists() and (out / "spectrum.json").exists():
+            meta = json.loads((out / "landscape.json").read_text())
+            tasks[f"{meta['model']} on {meta['dataset']}"] = (meta, json.loads((out / "spectrum.json").read_text()))
+            commands.append(f"`{meta['command'].replace(str(ROOT) + '/', '')}` ({meta['device']}, "
+                            f"{_seeds_text(claims.seeds_of(meta))})")  # fmt: skip
+            minutes += _runs_minutes(out, runs)
+    if not tasks:
+        return "No run of the set to test the claims on yet: run `python -m experiments.figures`."
+    within = "within" if seconds / 60 <= budget else "OVER"
+    caption = (
+        f"Measured on {'; '.join(commands)}. The last `python -m experiments.figures` took "
+        f"{seconds / 60:.1f} min ({within} its budget of {budget:g} min, `--budget-minutes`); the stages of "
+        f"these runs and their random charts took {minutes:.1f} min in all when they were computed."
+    )
+    return claims.table(tasks, caption)
 
 
 def _run(argv: Sequence[str] | None) -> None:
@@ -441,7 +517,12 @@ def _run(argv: Sequence[str] | None) -> None:
     p.add_argument("--only", nargs="+", default=None, help="only these runs (names of the set)")
     p.add_argument("--figures", default=str(ROOT / "figures"), help="where the figures go (default: figures/)")
     p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose gallery is rewritten")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of the full sections' runs (default 3)")
+    p.add_argument("--budget-minutes", type=float, default=360.0, help="wall-time budget stated with the claims")
     args = p.parse_args(argv)
+    started = time.perf_counter()
+    if args.seeds < 1 or args.budget_minutes <= 0:
+        raise UserError("--seeds must be at least 1 and --budget-minutes above 0: pass e.g. --seeds 3")
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     every = todo = {**OFFLINE, **(PAPER if args.paper else {})}
@@ -451,7 +532,8 @@ def _run(argv: Sequence[str] | None) -> None:
             raise UserError(f"unknown run(s) {', '.join(unknown)}: choose from {', '.join(todo)}")
         todo = {k: v for k, v in todo.items() if k in args.only}
     parts = []
-    for name, run_argv in every.items():
+    for name in every:
+        run_argv = set_argv(name, args.seeds)
         out = Path(args.runs) / name
         if name in todo:
             out = ensure_run(name, run_argv, Path(args.runs), args.force)
@@ -464,6 +546,13 @@ def _run(argv: Sequence[str] | None) -> None:
         else:
             parts.append(section(name, out, figures))  # --only reruns its runs; the others keep their section
     rewrite_readme("\n".join(parts), Path(args.readme))
+    seconds = time.perf_counter() - started
+    rewrite_readme(claims_text(Path(args.runs), seconds, args.budget_minutes), Path(args.readme),
+                   (claims.START, claims.END), "the claims table")  # fmt: skip
+    if seconds / 60 > args.budget_minutes:
+        print(
+            f"[figures] over budget: {seconds / 60:.1f} min > --budget-minutes {args.budget_minutes:g}", file=sys.stderr
+        )
     print(f"[figures] wrote figures/ and the README gallery ({', '.join(todo)})", file=sys.stderr)
 
 
