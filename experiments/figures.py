@@ -523,6 +523,9 @@ def _run(argv: Sequence[str] | None) -> None:
     started = time.perf_counter()
     if args.seeds < 1 or args.budget_minutes <= 0:
         raise UserError("--seeds must be at least 1 and --budget-minutes above 0: pass e.g. --seeds 3")
+    readme = Path(args.readme)
+    if not readme.is_file() or START not in (body := readme.read_text()) or END not in body:  # before hours of runs
+        raise UserError(f"{readme} has no {START} … {END} markers: add them where the gallery goes")
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     every = todo = {**OFFLINE, **(PAPER if args.paper else {})}
@@ -547,8 +550,11 @@ def _run(argv: Sequence[str] | None) -> None:
             parts.append(section(name, out, figures))  # --only reruns its runs; the others keep their section
     rewrite_readme("\n".join(parts), Path(args.readme))
     seconds = time.perf_counter() - started
-    rewrite_readme(claims_text(Path(args.runs), seconds, args.budget_minutes), Path(args.readme),
-                   (claims.START, claims.END), "the claims table")  # fmt: skip
+    if claims.START in Path(args.readme).read_text():  # a README without the claims markers gets no table
+        rewrite_readme(claims_text(Path(args.runs), seconds, args.budget_minutes), Path(args.readme),
+                       (claims.START, claims.END), "the claims table")  # fmt: skip
+    else:
+        print(f"[figures] {args.readme} has no {claims.START} marker: no claims table written", file=sys.stderr)
     if seconds / 60 > args.budget_minutes:
         print(
             f"[figures] over budget: {seconds / 60:.1f} min > --budget-minutes {args.budget_minutes:g}", file=sys.stderr
