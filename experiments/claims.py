@@ -1,6 +1,7 @@
 """The paper's claims put to the test: a table of each claim, our measurement with its interval, and a verdict.
 
-The claims (RandLoRA, Albert et al. ICLR 2025, and the seed's connectivity study: /work/shared/REFERENCE.md):
+The claims (the RandLoRA paper, Albert et al. ICLR 2025: its stated findings on the
+loss landscape, and its ΔW's rank d = min(out, in) for generic λ, γ):
 
 - FT deepest: full fine-tuning's vertex loss below LoRA's and RandLoRA's;
 - LoRA shallowest: LoRA's vertex loss above FT's and RandLoRA's;

@@ -19,9 +19,9 @@ The sentences of numbers themselves are made in :mod:`experiments.readings`; thi
 The full sections' runs train ``--seeds N`` solutions per method (default 3; the compared ``hf:`` run one), and the
 README's claims table (between its own markers, :mod:`experiments.claims`) tests the paper's claims on them: each
 with its interval over the seeds and a verdict. A run of the set made with another number of seeds is made again
-(its seed-s solutions, grid and spectrum are reused by key). The table's caption states this command's wall time
-against ``--budget-minutes`` (default 360: the whole offline set from nothing, 3 seeds, on this project's 2-core
-CPU machine; a run over it says so) and the stage times of the runs it reads.
+(the job reuses the stages whose keys are unchanged). The table's caption states this command's wall time against
+``--budget-minutes`` (default 360: the whole offline set from nothing, 3 seeds, on this project's 2-core CPU
+machine, estimated from the gallery's recorded stage times; a run over it says so) and the runs' stage times.
 """
 
 from __future__ import annotations
