@@ -112,12 +112,16 @@ def _interval(o: Mapping) -> str:
     return f"L({a}) − L({b}) = {o['mean']:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
+def _span(values: Sequence[int]) -> str:
+    return str(min(values)) if min(values) == max(values) else f"{min(values)}–{max(values)}"
+
+
 def measurement(row: Mapping) -> str:
     """The table cell of one claim's measurement."""
     if "rank" in row:
         r = row["rank"]
         return (
-            f"numerical rank {min(r['ranks'])}–{max(r['ranks'])} of full {min(r['full'])}–{max(r['full'])}; "
+            f"numerical rank {_span(r['ranks'])} of full {_span(r['full'])}; "
             f"{r['at_full']} of {r['layers']} layers at full rank (the first seed's spectrum; tolerance "
             "s_max·max(m, n)·ε₃₂)"
         )
@@ -125,7 +129,7 @@ def measurement(row: Mapping) -> str:
     if "budget" in row:
         b = row["budget"]
         text += (
-            f" — budget matched: LoRA r = {b['lora_rank']} {b['lora']:,} vs RandLoRA r = {b['randlora_rank']} "
+            f" — budget matched: LoRA (r = {b['lora_rank']}) {b['lora']:,} vs RandLoRA (r = {b['randlora_rank']}) "
             f"{b['randlora']:,} adapter parameters ({100 * b['relative_gap']:.1f} % apart, the closest LoRA rank)"
         )
     return text
