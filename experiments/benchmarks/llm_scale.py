@@ -59,7 +59,9 @@ replace the same (model, size, dtype, source, stage) of an earlier one (marked `
 candidate, each candidate counted as its own sequence, no padding) per second of the toolkit's own
 evaluation; ``plain_tokens_per_s``: the same tokens through :func:`experiments.benchmarks.plain_lm.plain_loop`
 (``model(**batch)`` and a gather of the answer log-probs, each candidate its own sequence), in the same
-process on the same weights.
+process on the same weights. Both are timed side by side in 3 interleaved rounds (the plain loop, then the
+evaluation again) and the best round of each is kept (``eval_rounds``, ``plain_rounds``: every round's seconds),
+so another job on a shared machine slows a ratio less.
 
 **Projection** (labelled so: nothing at 8B is measured). For each stage and dtype, from the ratio measured
 at the largest size: ``projected_peak_bytes`` = the 8B base's bytes (fp32 4 B, bf16 2 B, 4-bit 0.5 B per
