@@ -70,11 +70,21 @@ def test_4bit_load_is_streamed_and_packs_the_same_codes(llama, monkeypatch):
     chunks = []
     kernel = torch.ops.bitsandbytes.quantize_4bit.default
     monkeypatch.setattr(hf_stream, "QUANT_CHUNK", 1024)  # the tiny model's weights in several chunks each
+    mappings, from_map = [], []
+    mapped_init, mapped_tensor = hf_stream._Mapped.__init__, hf_stream._Mapped.tensor
+    monkeypatch.setattr(hf_stream._Mapped, "__init__", lambda self, path: mappings.append(self) or
+                        mapped_init(self, path))  # fmt: skip
+    monkeypatch.setattr(hf_stream._Mapped, "tensor", lambda self, key: from_map.append(key) or
+                        mapped_tensor(self, key))  # fmt: skip
     monkeypatch.setattr(torch.ops.bitsandbytes.quantize_4bit, "default", lambda A, *a: chunks.append(A.numel()) or
                         kernel(A, *a))  # fmt: skip
     model = hf.entry(str(llama), "lm", {"load_4bit": True}).build(0)
     monkeypatch.undo()
     assert chunks and max(chunks) == 1024, "the 4-bit load did not quantise in chunks"
+    assert any(k.endswith("proj.weight") for k in from_map), "no quantised source was read from the mapping"
+    assert any("embed" in k for k in from_map)  # kept, not quantised: it must get memory of its own
+    kept = [t for t in [*model.parameters(), *model.buffers()] if t.numel()]
+    assert not any(m.holds(t) for m in mappings for t in kept), "a parameter still views the mapped file"
     assert any(isinstance(c["state_dict"], hf._LazyState) for c in seen), "the 4-bit load did not stream"
     reference = AutoModelForCausalLM.from_pretrained(llama, **hf._load_kwargs(hf.check_options({"load_4bit": True})))
     ours = dict(model.backbone.named_parameters())
