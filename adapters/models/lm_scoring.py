@@ -5,14 +5,18 @@
 the summed next-token cross-entropy over each candidate's answer tokens and their count
 (:class:`adapters.objectives.AnswerLoss` turns those into the loss and accuracy).
 
-**Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their
-prompt: the longest prefix common to all of them (up to the first position whose logits score an answer
-token) runs once through the decoder with a KV cache, and every candidate continues from a copy of that
-cache (the cache is expanded over the batch's candidates, one row per candidate), with explicit positions
-and an attention mask over ``[prefix, continuation]``. Only the hidden states at scored positions go
-through the LM head: the vocabulary projection of a whole sequence is the largest activation of an LLM
-(T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens this computes
-P + C·A token positions instead of C·(P + A), and C·A rows of logits instead of C·(P + A).
+**Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their prompt:
+the longest prefix common to all of them (up to the first position whose logits score an answer token) runs once
+through the decoder. Where the attention takes a custom 4-D mask (``sdpa``, ``eager``), the prefix and every
+candidate's continuation go through ONE forward as a packed row ``[prefix, continuation 1, continuation 2,
+...]`` with explicit positions and a block mask (each continuation sees the prefix and itself, causally): every
+layer runs once per batch, which is what lets the factored plane build each layer's weights once per batch.
+Otherwise the prefix runs with a KV cache and every candidate continues from a copy of it (the cache expanded
+over the batch's candidates, one row per candidate), with explicit positions and an attention mask over
+``[prefix, continuation]``; ``pack_candidates=False`` takes that path too. Only the hidden states at scored
+positions go through the LM head: the vocabulary projection of a whole sequence is the largest activation of an
+LLM (T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens this computes P +
+C·A token positions instead of C·(P + A), and C·A rows of logits instead of C·(P + A).
 
 **Full sequences** (the plain path, also what training uses): each candidate as its own sequence through
 the whole model (``logits_to_keep`` limits the head to the scored positions where the model takes it).

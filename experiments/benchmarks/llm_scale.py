@@ -23,12 +23,12 @@ included) and reads its RSS (the runtime's own overhead); ``load`` reports the p
 it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the size:
 measured as three loads in one process, the second and third holding exactly the model's bytes), with
 ``resident_after_load_bytes``, ``load_scratch_bytes`` (peak − resident) and ``largest_source_tensor_bytes`` (the
-checkpoint's largest tensor as stored: a converting load, :func:`adapters.models.hf.streamed_state`, holds one
-of them at a time besides the converted model). Every other stage loads the base (``--torch-dtype``
-or ``--load-4bit`` as the toolkit does it, :func:`adapters.models.hf.entry`), runs one forward of one
-evaluation batch twice (the first call's buffers are not stage memory; the second one's peak is
-``activation_bytes``: one batch's activations), trims the allocator, reads the RSS (the loaded base),
-restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
+checkpoint's largest tensor as stored: a casting load, :func:`adapters.models.hf.streamed_state`, holds one
+of them at a time besides the converted model; a 4-bit load only a chunk of one, :mod:`adapters.models.hf_stream`).
+Every other stage loads the base (``--torch-dtype`` or ``--load-4bit`` as the toolkit does it,
+:func:`adapters.models.hf.entry`), runs one forward of one evaluation batch twice (the first call's buffers are not
+stage memory; the second one's peak is ``activation_bytes``: one batch's activations), trims the allocator, reads
+the RSS (the loaded base), restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
 
 - ``head_only``: the evaluation of the base (a causal LM has no head: nothing trains) —
   :func:`adapters.objectives.score` over the evaluation set;
