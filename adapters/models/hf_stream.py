@@ -74,6 +74,17 @@ class _Mapped:
             self.mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
+def _mapping(file: Path) -> _Mapped | None:
+    """``file`` mapped for the chunked quantiser; None where it cannot be (no ``MADV_DONTNEED``, a file system
+    without mappings): its tensors are then read whole, as for a casting load."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        return _Mapped(file)
+    except (OSError, ValueError, struct.error):
+        return None
+
+
 # The mappings of the 4-bit load in progress (read by the chunked quantiser).
 _MAPPED: list[_Mapped] = []
 
@@ -159,7 +170,7 @@ def streamed_state(where: str, dtype: torch.dtype, quantised: bool) -> _LazyStat
     try:
         for file in files:
             handle = safe_open(str(file), framework="pt", backend="pread")
-            mapped = _Mapped(file) if quantised and hasattr(mmap, "MADV_DONTNEED") else None
+            mapped = _mapping(file) if quantised else None
             if mapped is not None:
                 state.mapped.append(mapped)
             for key in handle.keys():  # noqa: SIM118 (safe_open has no iterator)
