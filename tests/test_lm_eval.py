@@ -96,17 +96,20 @@ class _Calls:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 @pytest.mark.parametrize("merged", [False, True])
-def test_shared_prompts_equal_the_plain_loop(family, merged):
+@pytest.mark.parametrize("pack", [True, False])
+def test_shared_prompts_equal_the_plain_loop(family, merged, pack):
     from adapters.models.lm_scoring import CausalLMScorer
     from experiments.benchmarks.plain_lm import plain_loop
 
     model, examples = _model(family), _examples()
     batch = _encode(examples, merged)
-    scorer = CausalLMScorer(model).eval()
+    scorer = CausalLMScorer(model, pack_candidates=pack).eval()
     calls = _Calls(scorer._decoder())
     with torch.no_grad():
         out = scorer(**batch)
-    assert calls.calls == 3  # the full-sequence forward of the unsharable sample, the prefixes, the continuations
+    # the full-sequence forward of the unsharable sample, then the prefixes and their continuations packed into
+    # one forward (pack) or the prefixes with a KV cache and the continuations from it
+    assert calls.calls == (2 if pack else 3)
     real = batch["attention_mask"].any(-1)
     assert out[..., 1].tolist() == batch["answer_mask"][..., 1:].sum(-1).float().tolist()
     assert (out[~real] == 0).all()
@@ -115,6 +118,22 @@ def test_shared_prompts_equal_the_plain_loop(family, merged):
     if not merged:  # the plain transformers loop over the same examples (its own padding and batches)
         plain, _, _ = plain_loop(model, examples, batch_size=5)
         torch.testing.assert_close(-out[..., 0][real], plain, rtol=0, atol=1e-5)
+
+
+def test_packed_candidates_under_eager_attention_equal_the_direct_loop():
+    """The eager attention adds its mask: the packed forward's block mask goes in additive form."""
+    from transformers import AutoModelForCausalLM
+
+    from adapters.models.lm_scoring import CausalLMScorer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config("qwen2", VOCAB), attn_implementation="eager").eval()
+    batch = _encode(_examples(), merged=True)
+    scorer = CausalLMScorer(model).eval()
+    assert scorer._packs(scorer._decoder())
+    with torch.no_grad():
+        out = scorer(**batch)
+    torch.testing.assert_close(out[..., 0], _direct(model, batch), rtol=0, atol=1e-5)
 
 
 def test_shared_prompts_compute_fewer_positions():

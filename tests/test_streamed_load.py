@@ -63,9 +63,28 @@ def test_4bit_load_is_streamed_and_packs_the_same_codes(llama, monkeypatch):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
+    from adapters.models import hf_stream
+
     hf.set_4bit_device("cpu")
     seen = _calls(monkeypatch)
+    chunks = []
+    kernel = torch.ops.bitsandbytes.quantize_4bit.default
+    monkeypatch.setattr(hf_stream, "QUANT_CHUNK", 1024)  # the tiny model's weights in several chunks each
+    mappings, from_map = [], []
+    mapped_init, mapped_tensor = hf_stream._Mapped.__init__, hf_stream._Mapped.tensor
+    monkeypatch.setattr(hf_stream._Mapped, "__init__", lambda self, path: mappings.append(self) or
+                        mapped_init(self, path))  # fmt: skip
+    monkeypatch.setattr(hf_stream._Mapped, "tensor", lambda self, key: from_map.append(key) or
+                        mapped_tensor(self, key))  # fmt: skip
+    monkeypatch.setattr(torch.ops.bitsandbytes.quantize_4bit, "default", lambda A, *a: chunks.append(A.numel()) or
+                        kernel(A, *a))  # fmt: skip
     model = hf.entry(str(llama), "lm", {"load_4bit": True}).build(0)
+    monkeypatch.undo()
+    assert chunks and max(chunks) == 1024, "the 4-bit load did not quantise in chunks"
+    assert any(k.endswith("proj.weight") for k in from_map), "no quantised source was read from the mapping"
+    assert any("embed" in k for k in from_map)  # kept, not quantised: it must get memory of its own
+    kept = [t for t in [*model.parameters(), *model.buffers()] if t.numel()]
+    assert not any(m.holds(t) for m in mappings for t in kept), "a parameter still views the mapped file"
     assert any(isinstance(c["state_dict"], hf._LazyState) for c in seen), "the 4-bit load did not stream"
     reference = AutoModelForCausalLM.from_pretrained(llama, **hf._load_kwargs(hf.check_options({"load_4bit": True})))
     ours = dict(model.backbone.named_parameters())
@@ -79,4 +98,29 @@ def test_4bit_load_is_streamed_and_packs_the_same_codes(llama, monkeypatch):
             packed += 1
             assert torch.equal(q.quant_state.absmax, p.quant_state.absmax), name
             assert torch.equal(q.quant_state.state2.absmax, p.quant_state.state2.absmax), name
+            assert torch.equal(q.quant_state.offset, p.quant_state.offset), name
+            assert (q.quant_state.shape, q.quant_state.dtype) == (p.quant_state.shape, p.quant_state.dtype), name
     assert packed > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(40, 64), (33, 77), (257, 5)])  # whole blocks; a short last block; an odd count
+def test_chunked_quantisation_equals_bitsandbytes(dtype, shape):
+    """The chunked quantiser against bitsandbytes' own quantize_4bit of the whole tensor: codes and every field
+    of the state, for NF4 and FP4, with and without double-quantised statistics."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as F
+
+    from adapters.models.hf_stream import quantize_4bit_chunked
+
+    A = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for compress in (True, False):
+        for quant_type in ("nf4", "fp4"):
+            want, want_state = F.quantize_4bit(A, blocksize=64, compress_statistics=compress, quant_type=quant_type)
+            got, got_state = quantize_4bit_chunked(A, blocksize=64, compress_statistics=compress,
+                                                   quant_type=quant_type, chunk=256)  # fmt: skip
+            assert torch.equal(got, want) and got.shape == want.shape
+            theirs, ours = want_state.as_dict(packed=True), got_state.as_dict(packed=True)
+            assert theirs.keys() == ours.keys()
+            for key, value in theirs.items():
+                assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value, key

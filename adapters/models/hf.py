@@ -21,17 +21,17 @@ encoder and the model agree. ``--load-4bit``: bitsandbytes NF4 (double-quantised
 ``--torch-dtype``), placed on the run's device (CUDA, or the CPU: :func:`set_4bit_device`), then the QLoRA recipe
 (:func:`_prepare_4bit`); the wrappers expose ``is_loaded_in_4bit`` so peft wraps the packed layers in its own
 4-bit tuner layers. Adapter targets default per architecture family (:func:`targets_for`).
+
+Around it: :mod:`adapters.models.hf_hub` (resolving ``ID_OR_PATH``, the config, the tokenizer),
+:mod:`adapters.models.hf_stream` (the converting load, one tensor at a time), :mod:`adapters.models.hf_generate`
+(the generation-based accuracy) and :mod:`adapters.models.lm_scoring` (the scorer); their public names are
+re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import os
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -39,10 +39,19 @@ from torch import nn
 from adapters.errors import UserError
 from adapters.models import minilm
 from adapters.models.base import Encoded, ModelEntry, _Quantised, set_checkpointing
+from adapters.models.hf_generate import (
+    ANSWER_PATTERNS,
+    answer_pattern,
+    extract_answer,
+    generate_accuracy,
+    generate_answers,
+    generate_texts,
+    generation_config,
+)
+from adapters.models.hf_hub import HUB_HOST, PREFIX, is_causal_lm, load_config, resolve, tokenizer
+from adapters.models.hf_stream import _LazyState, load_pretrained, streamed_state
 from adapters.models.lm_scoring import CausalLMScorer
 
-PREFIX = "hf:"
-HUB_HOST = "huggingface.co"
 MODALITIES = ("text", "lm")
 OPTIONS = ("torch_dtype", "load_4bit", "cutoff_len")
 DEFAULT_OPTIONS = {"torch_dtype": "float32", "load_4bit": False, "cutoff_len": 256}
@@ -66,20 +75,6 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "task_head", "pooler"}
 TEXT_DEFAULTS = minilm.ENTRY.defaults
 LM_DEFAULTS = {"lr": {"ft": 2e-5, "lora": 2e-4, "randlora": 1e-4, "head_only": 1e-4}, "randlora_rank": 30}
 
-# LLM-Adapters' answer extraction (commonsense_evaluate.py): the first match in the generated text.
-ANSWERS_1_5 = r"answer1|answer2|answer3|answer4|answer5"
-ANSWER_PATTERNS = {
-    "boolq": r"true|false",
-    "piqa": r"solution1|solution2",
-    "social_i_qa": ANSWERS_1_5,
-    "arc-challenge": ANSWERS_1_5,
-    "arc-easy": ANSWERS_1_5,
-    "openbookqa": ANSWERS_1_5,
-    "hellaswag": r"ending1|ending2|ending3|ending4",
-    "winogrande": r"option1|option2",
-}
-
-
 # --------------------------------------------------------------------------- options and loading
 
 
@@ -97,80 +92,6 @@ def check_options(options: Mapping | None) -> dict:
         raise UserError(f"--cutoff-len {cutoff}: must be an integer >= 2: pass a larger value")
     opts["load_4bit"] = bool(opts["load_4bit"])
     return opts
-
-
-def _looks_like_path(spec: str) -> bool:
-    # hub ids are "name" or "org/name"; anything else with slashes or a leading . / ~ is meant as a folder
-    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
-
-
-def _cached_snapshot(spec: str) -> str | None:
-    """The local snapshot folder of hub id ``spec`` in the Hugging Face cache, without any network access."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(spec, local_files_only=True)
-    except Exception:  # not cached, incomplete, or not a valid repo id: all mean "not usable from the cache"
-        return None
-    return folder if (Path(folder) / "config.json").is_file() else None
-
-
-def resolve(spec: str) -> str:
-    """Where to load ``spec`` from: a local folder (given, or a cached hub snapshot) or, online, the hub id.
-
-    Fails with one line when the folder lacks config.json, or the id is not cached and the hub is offline.
-    """
-    from adapters.network import hub_offline
-
-    if not spec:
-        raise UserError("--model hf: needs a hub id or a folder after 'hf:' (e.g. hf:Qwen/Qwen2-0.5B-Instruct)")
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model folder {path} has no config.json: pass a folder written by save_pretrained "
-                "(config.json, weights and tokenizer)"
-            )
-        return str(path.resolve())
-    if _looks_like_path(spec):
-        raise UserError(f"--model hf:{spec}: no such folder: pass an existing model folder or a hub id (org/name)")
-    cached = _cached_snapshot(spec)
-    if cached is not None:
-        return cached
-    if hub_offline(HUB_HOST):
-        offline_env = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-        why = "HF_HUB_OFFLINE is set" if offline_env else f"{HUB_HOST} is unreachable"
-        raise UserError(
-            f"hub model '{spec}' is not in the local Hugging Face cache and {why}: "
-            f"pass a local folder (--model hf:/path/to/model) or download it first"
-        )
-    return spec
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def load_config(where: str):
-    """The model's transformers config (one line naming the folder or id when it cannot be read)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(where)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read the model config of {where} ({_first_line(e)}): check the id or folder") from e
-
-
-def is_causal_lm(config) -> bool:
-    """Whether ``config`` describes a causal LM with its head (its saved architectures, else its model type)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL
-
-    archs = getattr(config, "architectures", None) or []
-    if archs:
-        classes = set(CAUSAL.values())
-        return any(a in classes or a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    return config.model_type in CAUSAL
 
 
 BNB_FLOOR = "0.46"  # bitsandbytes' first release with CPU kernels for NF4 (the torch.library backends)
@@ -216,25 +137,6 @@ def compute_dtype(torch_dtype: str) -> torch.dtype:
     if dtype != "auto":
         return dtype
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer(where: str):
-    """The model's tokenizer, padding on the right (``Encoded.batch`` trims the right end); pad = eos if none."""
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UserError(
-            f"cannot load the tokenizer of {where} ({_first_line(e)}): save the model's tokenizer into the folder"
-        ) from e
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise UserError(f"the tokenizer of {where} has neither a pad nor an eos token: add one to it")
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
 
 
 def _load_kwargs(opts: dict) -> dict:
@@ -305,94 +207,6 @@ def _quiet_transformers() -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
-
-
-class _LazyState(dict):
-    """Tensors read on demand from safetensors files; ``from_pretrained`` deep-copies its keyword arguments, and a
-    file handle cannot be copied (nor needs to be)."""
-
-    def __deepcopy__(self, memo: dict) -> _LazyState:
-        return self
-
-
-_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def _safetensors_files(where: str) -> list[Path] | None:
-    """The safetensors files of a local model folder (one file or an index of shards), or None."""
-    folder = Path(where)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else None
-
-
-def streamed_state(where: str, dtype: torch.dtype, quantised: bool) -> _LazyState | None:
-    """The checkpoint as tensors read one at a time with ``pread`` (safetensors' ``backend="pread"``), when the
-    load converts them (cast to ``dtype`` or quantised); None when it does not (or cannot be read so).
-
-    Why: transformers maps the files (``mmap``) and every page it reads for a conversion stays resident until
-    the whole load ends, so a bf16 load of fp32 files peaked at 3× the bf16 model and a 4-bit load at 7-8×
-    (issue 20). Read by ``pread``, each source tensor is a private buffer freed once converted: the peak is
-    the converted model + one source tensor + the conversion's scratch. A load that keeps the file's dtype stays
-    mapped (nothing is copied at all)."""
-    files = _safetensors_files(where)
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    state = _LazyState()
-    converts = quantised
-    try:
-        for file in files:
-            handle = safe_open(str(file), framework="pt", backend="pread")
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no iterator)
-                piece = handle.get_slice(key)
-                stored = _SAFETENSORS_FLOATS.get(piece.get_dtype())
-                converts = converts or (stored is not None and stored != dtype)
-                state[key] = piece
-    except TypeError:  # a safetensors without the pread backend (< 0.7): transformers' own mapped load
-        return None
-    return state if converts else None
-
-
-@contextlib.contextmanager
-def _sequential_loading():
-    """transformers' loader one tensor at a time (its thread pool materialises up to 4 source tensors at once,
-    each of them in the file's dtype, ahead of the conversion: memory, not speed, bounds a large load)."""
-    key = "HF_DEACTIVATE_ASYNC_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-
-
-def load_pretrained(auto, where: str, **kwargs) -> nn.Module:
-    """``auto.from_pretrained(where, **kwargs)`` (``auto`` an ``AutoModel*`` class), with a converting load of
-    local safetensors files streamed tensor by tensor (:func:`streamed_state`)."""
-    config = load_config(where)
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    state = streamed_state(where, dtype, "quantization_config" in kwargs) if isinstance(dtype, torch.dtype) else None
-    try:
-        cls = auto._model_mapping[type(config)] if state is not None else None
-    except (KeyError, ValueError):  # remote code or an unmapped config: transformers' own load
-        cls = None
-    if cls is None:
-        return auto.from_pretrained(where, **kwargs)
-    with _sequential_loading():
-        # the model class itself: the Auto classes refuse a state dict beside a folder
-        model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
-    if (Path(where) / "generation_config.json").is_file() and model.can_generate():
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(where)
-    return model
 
 
 def build(
@@ -583,134 +397,10 @@ def entry(spec: str, modality: str, options: Mapping | None = None) -> ModelEntr
     )
 
 
-# --------------------------------------------------------------------------- generation-based accuracy
-
-
-def answer_pattern(task: str) -> str:
-    """LLM-Adapters' answer pattern of a commonsense task (case-insensitive task name)."""
-    pattern = ANSWER_PATTERNS.get(task.lower())
-    if pattern is None:
-        raise UserError(f"no answer pattern for task '{task}': use one of {', '.join(ANSWER_PATTERNS)}")
-    return pattern
-
-
-def extract_answer(task: str, text: str) -> str:
-    """The first match of the task's answer pattern in ``text`` ('' when none)."""
-    found = re.search(answer_pattern(task), text)
-    return found.group(0) if found else ""
-
-
-def _tokenizer_of(tokenizer_or_entry):
-    if isinstance(tokenizer_or_entry, ModelEntry):
-        return tokenizer(resolve(tokenizer_or_entry.name.removeprefix(PREFIX)))
-    return tokenizer_or_entry
-
-
-def generation_config(tok, max_new_tokens: int, num_beams: int):
-    """The paper's decoding (LLM-Adapters: beam search, no sampling); no penalties from the model's defaults."""
-    from transformers import GenerationConfig
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        num_beams=num_beams,
-        do_sample=False,
-        repetition_penalty=1.0,
-        length_penalty=1.0,
-        no_repeat_ngram_size=0,
-        pad_token_id=pad,
-        eos_token_id=tok.eos_token_id,
-    )
-
-
-@torch.no_grad()
-def _generate_batch(model: nn.Module, prompts: list[list[int]], pad: int, config) -> torch.Tensor:
-    """Generated token ids after the prompts (left-padded to one width), ``(B, new tokens)``."""
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-    return out[:, width:].cpu()
-
-
-def generate_texts(
-    scorer: nn.Module,
-    tokenizer_or_entry,
-    prompts: Sequence[str],
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    num_beams: int = 4,
-) -> list[str]:
-    """Per prompt, the text the model generates after it (special tokens dropped).
-
-    Prompts are batched by length (left padding within a batch) to waste little compute on padding.
-    """
-    tok = _tokenizer_of(tokenizer_or_entry)
-    model = getattr(scorer, "backbone", scorer)  # through peft's wrappers too
-    config = generation_config(tok, max_new_tokens, num_beams)
-    ids = tok(list(prompts))["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    texts = [""] * len(ids)
-    training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            new = _generate_batch(model, [ids[i] for i in index], config.pad_token_id, config)
-            for i, text in zip(index, tok.batch_decode(new, skip_special_tokens=True), strict=True):
-                texts[i] = text
-    finally:
-        model.train(training)
-    return texts
-
-
-def generate_answers(
-    scorer: nn.Module,
-    tokenizer_or_entry,
-    records: Sequence[Mapping],
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    num_beams: int = 4,
-) -> list[str]:
-    """Per record, the answer extracted from the text generated after its prompt ('' if none)."""
-    for record in records:
-        answer_pattern(record["task"])  # an unknown task fails before any generation
-    prompts = [r["prompt"] for r in records]
-    texts = generate_texts(scorer, tokenizer_or_entry, prompts, batch_size, max_new_tokens, num_beams)
-    return [extract_answer(r["task"], text) for r, text in zip(records, texts, strict=True)]
-
-
-def generate_accuracy(
-    scorer: nn.Module,
-    tokenizer_or_entry,
-    records: Sequence[Mapping],
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    num_beams: int = 4,
-) -> dict:
-    """The paper's evaluation: generated answer == ``record["answer"]``.
-
-    Returns ``{"accuracy", "per_task": {task: {"accuracy", "n"}}, "n"}``.
-    """
-    if not records:
-        raise UserError("no records to evaluate: pass a non-empty split")
-    predicted = generate_answers(scorer, tokenizer_or_entry, records, batch_size, max_new_tokens, num_beams)
-    per_task: dict[str, list[bool]] = {}
-    for record, answer in zip(records, predicted, strict=True):
-        per_task.setdefault(record["task"], []).append(answer == record["answer"])
-    hits = [h for v in per_task.values() for h in v]
-    return {
-        "accuracy": sum(hits) / len(hits),
-        "per_task": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_task.items())},
-        "n": len(hits),
-    }
-
-
 __all__ = [
+    "ANSWER_PATTERNS",
+    "HUB_HOST",
+    "PREFIX",
     "CausalLMScorer",
     "HFClassifier",
     "answer_pattern",
@@ -720,6 +410,11 @@ __all__ = [
     "encode_lm",
     "encode_text",
     "entry",
+    "generation_config",
+    "load_config",
+    "load_pretrained",
+    "streamed_state",
+    "_LazyState",
     "extract_answer",
     "generate_accuracy",
     "generate_answers",

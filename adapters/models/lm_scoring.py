@@ -5,14 +5,18 @@
 the summed next-token cross-entropy over each candidate's answer tokens and their count
 (:class:`adapters.objectives.AnswerLoss` turns those into the loss and accuracy).
 
-**Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their
-prompt: the longest prefix common to all of them (up to the first position whose logits score an answer
-token) runs once through the decoder with a KV cache, and every candidate continues from a copy of that
-cache (the cache is expanded over the batch's candidates, one row per candidate), with explicit positions
-and an attention mask over ``[prefix, continuation]``. Only the hidden states at scored positions go
-through the LM head: the vocabulary projection of a whole sequence is the largest activation of an LLM
-(T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens this computes
-P + C·A token positions instead of C·(P + A), and C·A rows of logits instead of C·(P + A).
+**Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their prompt:
+the longest prefix common to all of them (up to the first position whose logits score an answer token) runs once
+through the decoder. Where the attention takes a custom 4-D mask (``sdpa``, ``eager``), the prefix and every
+candidate's continuation go through ONE forward as a packed row ``[prefix, continuation 1, continuation 2,
+...]`` with explicit positions and a block mask (each continuation sees the prefix and itself, causally): every
+layer runs once per batch, which is what lets the factored plane build each layer's weights once per batch.
+Otherwise the prefix runs with a KV cache and every candidate continues from a copy of it (the cache expanded
+over the batch's candidates, one row per candidate), with explicit positions and an attention mask over
+``[prefix, continuation]``; ``pack_candidates=False`` takes that path too. Only the hidden states at scored
+positions go through the LM head: the vocabulary projection of a whole sequence is the largest activation of an
+LLM (T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens this computes P +
+C·A token positions instead of C·(P + A), and C·A rows of logits instead of C·(P + A).
 
 **Full sequences** (the plain path, also what training uses): each candidate as its own sequence through
 the whole model (``logits_to_keep`` limits the head to the scored positions where the model takes it).
@@ -86,10 +90,11 @@ class CausalLMScorer(_Quantised, nn.Module):
     # Rows are selected by content (data-dependent shapes): one grid point per forward, never vmapped.
     batch_grid_points = False
 
-    def __init__(self, backbone: nn.Module, share_prompts: bool = True):
+    def __init__(self, backbone: nn.Module, share_prompts: bool = True, pack_candidates: bool = True):
         super().__init__()
         self.backbone = backbone
         self.share_prompts = share_prompts
+        self.pack_candidates = pack_candidates
         self._warned = False
 
     # ------------------------------------------------------------------------ entry
@@ -213,20 +218,7 @@ class CausalLMScorer(_Quantised, nn.Module):
         ids, mask, counted, real, lengths = ids[keep], mask[keep], counted[keep], real[keep], lengths[keep]
         shared, first = shared[keep], first[keep]
         decoder = self._decoder()
-        argument = cache_argument(decoder)
-        config = getattr(decoder, "config", None) or self.backbone.config
-
-        # 1. the prefixes, right-padded to the longest one (a padded query still sees the real tokens before it)
-        width = int(shared.max())
-        steps = torch.arange(width, device=device)
-        prefix_mask = steps < shared[:, None]  # (B', Lp)
-        prefix_ids = ids[torch.arange(len(keep), device=device), first, :width].masked_fill(~prefix_mask, 0)
-        cache = _new_cache(config)
-        decoder(input_ids=prefix_ids, attention_mask=prefix_mask.long(), position_ids=steps.expand(len(keep), -1),
-                use_cache=True, **{argument: cache})  # fmt: skip
-
-        # 2. every real candidate continues from its sample's cache (one copy per candidate)
-        sample, cand = real.nonzero(as_tuple=True)  # (R,)
+        sample, cand = real.nonzero(as_tuple=True)  # (R,) every real candidate, grouped by sample
         start = shared[sample]  # (R,)
         rest = lengths[sample, cand] - start
         span = max(int(rest.max()), 1)
@@ -234,12 +226,9 @@ class CausalLMScorer(_Quantised, nn.Module):
         inside = positions < lengths[sample, cand][:, None]
         at = positions.clamp(max=t - 1)
         rows_ids = ids[sample, cand]  # (R, T)
-        suffix = rows_ids.gather(1, at).masked_fill(~inside, 0)
-        cache.batch_select_indices(sample)
-        attention = torch.cat([prefix_mask[sample], inside], 1).long()
-        hidden = decoder(input_ids=suffix, attention_mask=attention, position_ids=positions, use_cache=True,
-                         **{argument: cache}).last_hidden_state  # fmt: skip
-        del cache
+        prefixes = ids[torch.arange(len(keep), device=device), first]  # (B', T): each sample's reference row
+        args = (decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at)
+        hidden = self._packed_hidden(*args) if self._packs(decoder) else self._cached_hidden(*args)
 
         # 3. logits only where a token is scored: hidden at position p predicts token p + 1
         wanted = F.pad(counted[sample, cand], (0, 1)).gather(1, at) & inside  # (R, W)
@@ -252,6 +241,75 @@ class CausalLMScorer(_Quantised, nn.Module):
         kept[sample, cand] = per_row
         out[keep] = kept
         return out
+
+    def _packs(self, decoder: nn.Module) -> bool:
+        """Whether the prefix and its continuations can run as one packed sequence: the attention takes a custom
+        4-D mask (``sdpa``: a boolean one; ``eager``: an additive one) and positions given explicitly."""
+        config = getattr(decoder, "config", None) or self.backbone.config
+        return self.pack_candidates and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+    def _packed_hidden(self, decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at) -> torch.Tensor:
+        """(R, W, H) hidden states of every candidate's continuation, from ONE decoder forward per batch: each
+        sample's row is ``[prefix, continuation 1, continuation 2, ...]``, a continuation attending causally to
+        the prefix and to itself only, at its own absolute positions. The same maths as the KV-cache path
+        (:meth:`_cached_hidden`) and the same token positions (P + C·A per sample), but every layer runs once
+        per batch instead of twice, so a factored plane builds each layer's weights once per batch."""
+        b, device = len(prefixes), prefixes.device
+        r = len(sample)
+        # where each continuation starts in its sample's packed row: after the prefix and the earlier ones
+        before = rest.cumsum(0) - rest  # exclusive running total over all rows (grouped by sample)
+        first_row = torch.full((b,), r, dtype=torch.long, device=device).scatter_reduce(
+            0, sample, torch.arange(r, device=device), "amin"
+        )
+        offset = shared[sample] + before - before[first_row[sample]]  # (R,)
+        total = shared.clone().index_add_(0, sample, rest)  # (B',) packed lengths
+        width = int(total.max())
+        steps = torch.arange(width, device=device)
+        packed = torch.zeros(b, width, dtype=prefixes.dtype, device=device)
+        packed[:, : min(width, prefixes.shape[1])] = prefixes[:, :width]
+        packed.masked_fill_(steps >= shared[:, None], 0)
+        position_ids = torch.where(steps < shared[:, None], steps, 0).expand(b, -1).clone()
+        segment = torch.where(steps < shared[:, None], -1, -2).expand(b, -1).clone()  # -1 prefix, -2 padding
+        dest = offset[:, None] + torch.arange(positions.shape[1], device=device)  # (R, W) packed positions
+        rows = sample[:, None].expand_as(dest)
+        packed[rows[inside], dest[inside]] = rows_ids.gather(1, at)[inside]
+        position_ids[rows[inside], dest[inside]] = positions[inside]
+        segment[rows[inside], dest[inside]] = torch.arange(r, device=device)[:, None].expand_as(dest)[inside]
+        real = segment != -2
+        visible = (segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None])  # (B', q, k)
+        allowed = visible & real[:, None, :] & real[:, :, None] & (steps[None, :] <= steps[:, None])
+        allowed = (allowed | torch.eye(width, dtype=torch.bool, device=device))[:, None]  # no empty padding rows
+        config = getattr(decoder, "config", None) or self.backbone.config
+        if config._attn_implementation == "eager":  # an additive mask
+            dtype = next(decoder.parameters()).dtype
+            dtype = dtype if dtype.is_floating_point else torch.float32
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        hidden = decoder(input_ids=packed, attention_mask=allowed, position_ids=position_ids,
+                         use_cache=False).last_hidden_state  # fmt: skip
+        return hidden[rows, dest.clamp(max=width - 1)]
+
+    def _cached_hidden(self, decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at) -> torch.Tensor:
+        """(R, W, H) hidden states of every candidate's continuation, in two decoder forwards: the prefixes with a
+        KV cache, then every candidate from a copy of its sample's cache."""
+        device = prefixes.device
+        argument = cache_argument(decoder)
+        config = getattr(decoder, "config", None) or self.backbone.config
+        # 1. the prefixes, right-padded to the longest one (a padded query still sees the real tokens before it)
+        width = int(shared.max())
+        steps = torch.arange(width, device=device)
+        prefix_mask = steps < shared[:, None]  # (B', Lp)
+        prefix_ids = prefixes[:, :width].masked_fill(~prefix_mask, 0)
+        cache = _new_cache(config)
+        decoder(input_ids=prefix_ids, attention_mask=prefix_mask.long(), position_ids=steps.expand(len(prefixes), -1),
+                use_cache=True, **{argument: cache})  # fmt: skip
+        # 2. every real candidate continues from its sample's cache (one copy per candidate)
+        suffix = rows_ids.gather(1, at).masked_fill(~inside, 0)
+        cache.batch_select_indices(sample)
+        attention = torch.cat([prefix_mask[sample], inside], 1).long()
+        return decoder(input_ids=suffix, attention_mask=attention, position_ids=positions, use_cache=True,
+                       **{argument: cache}).last_hidden_state  # fmt: skip
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_checkpointing(self.backbone, enable)

@@ -23,12 +23,12 @@ included) and reads its RSS (the runtime's own overhead); ``load`` reports the p
 it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the size:
 measured as three loads in one process, the second and third holding exactly the model's bytes), with
 ``resident_after_load_bytes``, ``load_scratch_bytes`` (peak − resident) and ``largest_source_tensor_bytes`` (the
-checkpoint's largest tensor as stored: a converting load, :func:`adapters.models.hf.streamed_state`, holds one
-of them at a time besides the converted model). Every other stage loads the base (``--torch-dtype``
-or ``--load-4bit`` as the toolkit does it, :func:`adapters.models.hf.entry`), runs one forward of one
-evaluation batch twice (the first call's buffers are not stage memory; the second one's peak is
-``activation_bytes``: one batch's activations), trims the allocator, reads the RSS (the loaded base),
-restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
+checkpoint's largest tensor as stored: a casting load, :func:`adapters.models.hf.streamed_state`, holds one
+of them at a time besides the converted model; a 4-bit load only a chunk of one, :mod:`adapters.models.hf_stream`).
+Every other stage loads the base (``--torch-dtype`` or ``--load-4bit`` as the toolkit does it,
+:func:`adapters.models.hf.entry`), runs one forward of one evaluation batch twice (the first call's buffers are not
+stage memory; the second one's peak is ``activation_bytes``: one batch's activations), trims the allocator, reads
+the RSS (the loaded base), restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
 
 - ``head_only``: the evaluation of the base (a causal LM has no head: nothing trains) —
   :func:`adapters.objectives.score` over the evaluation set;
@@ -59,7 +59,9 @@ replace the same (model, size, dtype, source, stage) of an earlier one (marked `
 candidate, each candidate counted as its own sequence, no padding) per second of the toolkit's own
 evaluation; ``plain_tokens_per_s``: the same tokens through :func:`experiments.benchmarks.plain_lm.plain_loop`
 (``model(**batch)`` and a gather of the answer log-probs, each candidate its own sequence), in the same
-process on the same weights.
+process on the same weights. Both are timed side by side in 3 interleaved rounds (the plain loop, then the
+evaluation again) and the best round of each is kept (``eval_rounds``, ``plain_rounds``: every round's seconds),
+so another job on a shared machine slows a ratio less.
 
 **Projection** (labelled so: nothing at 8B is measured). For each stage and dtype, from the ratio measured
 at the largest size: ``projected_peak_bytes`` = the 8B base's bytes (fp32 4 B, bf16 2 B, 4-bit 0.5 B per
@@ -69,20 +71,17 @@ coordinates (not run here) is projected from its design: a dense copy of the mod
 fp32, k + 4 fp32 vectors of the target weights on the device (the basis on the host).
 
 The CPU, the thread count and the environment are recorded. Results print as a table and, with ``--json``,
-are written atomically.
+are written atomically. The cases (constants, models, solutions, examples) are built by
+:mod:`experiments.benchmarks.llm_scale_cases`, each one is run by :mod:`experiments.benchmarks.llm_scale_worker`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import math
 import os
 import platform
-import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -91,425 +90,26 @@ from pathlib import Path
 
 import torch
 
-from experiments.benchmarks.memory import reset_peak, status_bytes, trim
-
-ROOT = Path(__file__).resolve().parents[2]
-PROG = "python -m experiments.benchmarks.llm_scale"
-GPU_BYTES = 141e9  # one H200
-VOCAB = 4096
-LAYERS = 4
-QUICK_LAYERS = 2
-TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-RANKS = {"lora": 8, "randlora": 30}
-SIZES = (128, 256, 512)
-QUICK_SIZES = (64, 96, 128)
-DTYPES = ("float32", "bfloat16", "4bit")
-SOURCES = ("own", "foreign")
-STAGES = ("load", "head_only", "train_ft", "train_lora", "train_randlora", "plane", "paths", "curvature",
-          "spectrum", "checkpoint")  # fmt: skip
-EVAL_STAGES = ("head_only", "plane")
-FACTOR = re.compile(r"(^|\.)(lora_A|lora_B|randlora_lambda|randlora_gamma)(\.|$)")
-SOURCE_STAGES = ("plane", "paths", "curvature", "spectrum")  # the stages that read solutions
-TARGET = {"load": 1.1, "plane": 1.5, "paths": 1.5}  # issue 20 point 3 (load: above the runtime)
-
-# The real configurations (config.json of the hub repositories), scaled by scaled_config().
-REAL = {
-    "qwen2-0.5b": {"family": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-                   "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-                   "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-                   "max_position_embeddings": 32768},
-    "llama3-8b": {"family": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                  "tie_word_embeddings": False, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-                  "max_position_embeddings": 8192},
-}  # fmt: skip
-
-
-# --------------------------------------------------------------------------- models, solutions, data
-
-
-def scaled_config(model: str, hidden: int, layers: int = LAYERS, vocab: int = VOCAB):
-    """The real configuration of ``model`` at hidden size ``hidden`` (module docstring)."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    real = REAL[model]
-    heads = max(2, hidden // 64)
-    kv = max(1, round(heads * real["num_key_value_heads"] / real["num_attention_heads"]))
-    while heads % kv:
-        kv -= 1
-    inter = 64 * max(1, round(hidden * real["intermediate_size"] / real["hidden_size"] / 64))
-    kwargs = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                  num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=real["tie_word_embeddings"],
-                  rope_theta=real["rope_theta"], rms_norm_eps=real["rms_norm_eps"], max_position_embeddings=512,
-                  bos_token_id=None, eos_token_id=vocab - 1, pad_token_id=vocab - 2)  # fmt: skip
-    return (Qwen2Config if real["family"] == "qwen2" else LlamaConfig)(**kwargs)
-
-
-def full_config(model: str):
-    """The real configuration itself (for the projection: shapes only, never instantiated)."""
-    from transformers import LlamaConfig, Qwen2Config
-
-    real = {k: v for k, v in REAL[model].items() if k != "family"}
-    return (Qwen2Config if REAL[model]["family"] == "qwen2" else LlamaConfig)(**real)
-
-
-def save_tokenizer(folder: Path, vocab: int = VOCAB) -> None:
-    """A word-level tokenizer ``t0 … t{V-3}``, ``<pad>``, ``</s>``: hf.entry needs one (the examples are given as
-    token ids: beside a qwen2 config.json transformers reads it with Qwen2's own tokenizer class)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {f"t{i}": i for i in range(vocab - 2)} | {"<pad>": vocab - 2, "</s>": vocab - 1}
-    tok = Tokenizer(models.WordLevel(words, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>").save_pretrained(folder)
-
-
-def _peft_config(method: str):
-    from peft import LoraConfig, RandLoraConfig
-
-    if method == "lora":
-        return LoraConfig(r=RANKS["lora"], lora_alpha=2 * RANKS["lora"], target_modules=list(TARGETS),
-                          task_type="CAUSAL_LM")  # fmt: skip
-    return RandLoraConfig(r=RANKS["randlora"], randlora_alpha=2 * RANKS["randlora"], target_modules=list(TARGETS),
-                          task_type="CAUSAL_LM", projection_prng_key=0)  # fmt: skip
-
-
-def _perturb(model: torch.nn.Module, g: torch.Generator) -> None:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:  # ft: every weight; lora: A and (zero-initialised) B; randlora: λ, γ
-                p.add_((1e-3 if "randlora" in name else 1e-2) * torch.randn(p.shape, generator=g))
-
-
-def make_case(folder: Path, model: str, hidden: int, layers: int) -> dict:
-    """Save the scaled ``model`` and its own and foreign solutions under ``folder``; its sizes."""
-    from peft import get_peft_model
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
-    from adapters.methods import MethodSpec, attach
-    from adapters.models import hf
-    from adapters.solution import fingerprint, save_solution
-
-    torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(scaled_config(model, hidden, layers))
-    lm.save_pretrained(folder / "base")
-    save_tokenizer(folder / "base")
-    base = hf.entry(str(folder / "base"), "lm").build(0)
-    g = torch.Generator().manual_seed(1)
-    for method in ("ft", "lora", "randlora"):
-        trained = attach(copy.deepcopy(base), MethodSpec(method, rank=RANKS.get(method)), TARGETS)
-        _perturb(trained, g)
-        info = {"name": method, "method": method, "model": f"hf:{folder / 'base'}", "num_classes": 0,
-                "rank": RANKS.get(method), "base_fingerprint": fingerprint(base), "targets": list(TARGETS)}  # fmt: skip
-        save_solution(folder / "own" / method, trained, info, {})
-        del trained
-    (folder / "foreign").mkdir()
-    ft = copy.deepcopy(lm)
-    ft.requires_grad_(True)
-    _perturb(ft, g)
-    tied = lm.config.tie_word_embeddings  # a tied head is the embedding: saved once
-    state = {k: v.contiguous() for k, v in ft.state_dict().items() if k != "lm_head.weight" or not tied}
-    save_file(state, folder / "foreign" / "ft.safetensors")
-    del ft, state
-    for method in ("lora", "randlora"):
-        peft_model = get_peft_model(copy.deepcopy(lm), _peft_config(method))
-        _perturb(peft_model, g)
-        peft_model.save_pretrained(folder / "foreign" / method)
-        del peft_model
-    targets = [m for n, m in lm.named_modules() if n.endswith(TARGETS) and isinstance(m, torch.nn.Linear)]
-    return {"params": sum(p.numel() for p in lm.parameters()), "hidden": hidden, "layers": layers,
-            "intermediate": lm.config.intermediate_size, "heads": lm.config.num_attention_heads,
-            "kv_heads": lm.config.num_key_value_heads,
-            "target_params": sum(m.weight.numel() for m in targets)}  # fmt: skip
-
-
-def examples(samples: int, prompt_len: int, candidates: int = 4, answer_len: int = 3):
-    """Fabricated multiple-choice examples as token ids (the plain loop's input), the same sequences in the
-    toolkit's encoding (what :func:`adapters.models.hf.encode_lm` makes of records: ``(N, C, T)`` ids,
-    attention and answer masks, the eos that ends each answer included), and a gold candidate each."""
-    from adapters.models.base import Encoded
-    from experiments.benchmarks.plain_lm import fabricate_examples
-
-    raw = fabricate_examples(samples, VOCAB - 2, prompt_len, answer_len, candidates)
-    ids = [(prompt, [[*c, VOCAB - 1] for c in cands]) for prompt, cands in raw]
-    width = max(len(p) + len(c) for p, cands in ids for c in cands)
-    input_ids = torch.full((samples, candidates, width), VOCAB - 2, dtype=torch.int64)
-    attention = torch.zeros_like(input_ids)
-    answer = torch.zeros_like(input_ids, dtype=torch.bool)
-    for i, (prompt, cands) in enumerate(ids):
-        for j, cand in enumerate(cands):
-            seq = torch.tensor([*prompt, *cand])
-            input_ids[i, j, : len(seq)] = seq
-            attention[i, j, : len(seq)] = 1
-            answer[i, j, len(prompt) : len(seq)] = True
-    data = Encoded({"input_ids": input_ids, "attention_mask": attention, "answer_mask": answer},
-                   lengths=attention.sum(-1).amax(-1))  # fmt: skip
-    return ids, data, torch.arange(samples) % candidates
-
-
-# --------------------------------------------------------------------------- one case (fresh process)
-
-
-def _entry(case: Path, dtype: str):
-    """The toolkit's entry of the case's base (its checks and tokenizer: read before the load is measured)."""
-    from adapters.models import hf
-
-    options = {"load_4bit": True} if dtype == "4bit" else {"torch_dtype": dtype}
-    return hf.entry(str(case / "base"), "lm", options)
-
-
-def _load(case: Path, dtype: str):
-    entry = _entry(case, dtype)
-    return entry, entry.build(0).eval()
-
-
-def _model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights as stored (a packed 4-bit weight: its codes, plus its quantisation state)."""
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * p.element_size()
-        state = getattr(p, "quant_state", None)
-        if state is not None:
-            total += state.absmax.numel() * state.absmax.element_size()
-    return total
-
-
-def _solutions(case: Path, source: str, base):
-    from adapters.solution import Solution, load_solution, read_info
-
-    if source == "own":
-        return {s: Solution(path=case / "own" / s, info=read_info(case / "own" / s), metrics={}, base=base)
-                for s in ("ft", "lora", "randlora")}  # fmt: skip
-    where = {"ft": case / "foreign" / "ft.safetensors", "lora": case / "foreign" / "lora",
-             "randlora": case / "foreign" / "randlora"}  # fmt: skip
-    return {s: load_solution(p, base=base, expect_method=s, model="base") for s, p in where.items()}
-
-
-def _factor_bytes(solution) -> int:
-    """The adapter's own parameters (its factors) in fp32, from its saved file."""
-    from safetensors import safe_open
-
-    files = list(Path(solution.path).glob("adapter_model.safetensors"))
-    total = 0
-    for file in files:
-        with safe_open(file, "pt") as f:
-            for k in f.keys():  # noqa: SIM118 (safe_open has no iterator)
-                # LoRA's A/B, RandLoRA's λ/γ; not RandLoRA's random bases (randlora_A/B), which peft's own
-                # save_pretrained writes too (fixed, regenerated from the seed: no trained parameters)
-                if FACTOR.search(k):
-                    total += math.prod(f.get_slice(k).get_shape()) * 4
-    return total
-
-
-def _largest_layer_bytes(base) -> int:
-    from adapters.quant import logical_shape
-
-    return max(math.prod(logical_shape(m)) * 4 for n, m in base.named_modules() if n.endswith(TARGETS))
-
-
-def _largest_source(case: Path) -> int:
-    """Bytes of the largest tensor of the base's checkpoint as stored: what a converting load holds besides the
-    converted model (plus the conversion's own scratch)."""
-    from safetensors import safe_open
-
-    with safe_open(str(case / "base" / "model.safetensors"), "pt") as f:
-        sizes = {"F32": 4, "F16": 2, "BF16": 2}
-        slices = [f.get_slice(k) for k in f.keys()]  # noqa: SIM118 (safe_open has no iterator)
-        return max(math.prod(t.get_shape()) * sizes.get(t.get_dtype(), 4) for t in slices)
-
-
-def _shared_bases_bytes(solution) -> int:
-    """Bytes of the random bases peft holds for a RandLoRA solution (one copy, shared by its layers): regenerated
-    from the PRNG key, no trained parameters, so not in ``held_bytes``; reported beside it (a floor of every stage
-    that reads the adapter, about max(out)² × 4 B: large next to a 4-layer model, small next to a 32-layer one)."""
-    from adapters.deltas import load_adapter
-
-    model = load_adapter(Path(solution.path), solution.base, quiet=True)
-    seen: dict[int, int] = {}
-    for name, b in model.named_buffers():
-        if re.search(r"(^|\.)(randlora|vera)_[AB](\.|$)", name):
-            seen[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _tokens(ids) -> int:
-    return sum(len(p) + len(c) for p, cands in ids for c in cands)
-
-
-def worker(case: Path, dtype: str, source: str, stage: str, samples: int, prompt_len: int) -> dict:
-    """One stage of one case (module docstring); its readings."""
-    import peft  # noqa: F401  (code before the baseline)
-    import transformers  # noqa: F401
-
-    import adapters.deltas  # noqa: F401
-    import landscape.engine.factored  # noqa: F401
-    from adapters.objectives import OBJECTIVES
-    from experiments.benchmarks.plain_lm import plain_loop
-    from landscape.engine.grid import EvalSet
-
-    if dtype == "4bit":
-        import bitsandbytes  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    # the model's own code (transformers imports each architecture's module lazily) and the entry's checks and
-    # tokenizer: runtime, not the load of the weights
-    AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(case / "base"))]
-    entry = _entry(case, dtype)
-    if stage == "load":
-        # a process's first load initialises once what every later load reuses (8-13 MB whatever the model's
-        # size: measured as the first of three loads in one process, the next two holding the model's bytes):
-        # the runtime's overhead, so the load measured is a second one
-        warm = entry.build(0)
-        del warm
-        gc.collect()  # a transformers model holds reference cycles: freed by the collector, not by del
-    trim()
-    runtime = status_bytes("VmRSS")
-    reset = reset_peak()
-    start = time.perf_counter()
-    model = entry.build(0).eval()
-    seconds = time.perf_counter() - start
-    model_bytes = _model_bytes(model)
-    out = {"model_bytes": model_bytes, "runtime_rss_bytes": runtime, "layer_scratch_bytes": _largest_layer_bytes(model),
-           "peak_source": "VmHWM after clear_refs" if reset else "ru_maxrss"}  # fmt: skip
-    if stage == "load":
-        return {**out, **_load_readings(case, runtime, reset, model_bytes), "seconds": round(seconds, 3)}
-    objective = OBJECTIVES["answer"]
-    ids, data, labels = examples(samples, prompt_len)
-    eval_set = EvalSet.prepare(data, labels, samples, "cpu")
-    activation = _activation_bytes(model, eval_set, reset)
-    trim()
-    rss_base = status_bytes("VmRSS")
-    reset_peak()
-    start = time.perf_counter()
-    extra: dict = {}
-    held = _run_stage(stage, model, case, source, (data, labels, eval_set, objective), extra)
-    held = model_bytes if held is None else held
-    seconds = time.perf_counter() - start
-    peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - rss_base
-    if stage in SOURCE_STAGES:  # after the peak is read: the bases the stage held besides its factors
-        extra["shared_bases_bytes"] = _shared_bases_bytes(_solutions(case, source, model)["randlora"])
-    out.update(extra)
-    out.update({"peak_rss_above_base_bytes": peak, "held_bytes": held, "ratio": peak / held if held else None,
-                "activation_bytes": activation, "seconds": round(seconds, 3)})  # fmt: skip
-    if stage in EVAL_STAGES:
-        points = extra.pop("points", 1)
-        grid_seconds = extra.pop("eval_seconds", seconds)
-        tokens = _tokens(ids)
-        out["tokens_per_s"] = tokens * points / grid_seconds
-        _, plain_tokens, plain_s = plain_loop(model.backbone, ids, batch_size=8)
-        out["plain_tokens_per_s"] = tokens / plain_s
-        out["plain_padded_tokens"] = plain_tokens
-    return out
-
-
-def _load_readings(case: Path, runtime: int, reset: bool, model_bytes: int) -> dict:
-    """The load's readings, right after it: its peak above the runtime, what stays resident, its scratch."""
-    peak = (status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - runtime
-    trim()  # the freed scratch back to the system: what the loaded model keeps (mapped pages: those touched)
-    resident = status_bytes("VmRSS") - runtime
-    return {"peak_rss_above_base_bytes": peak, "held_bytes": model_bytes, "ratio": peak / model_bytes,
-            "activation_bytes": None, "resident_after_load_bytes": resident, "load_scratch_bytes": peak - resident,
-            "largest_source_tensor_bytes": _largest_source(case)}  # fmt: skip
-
-
-def _activation_bytes(model, eval_set, reset: bool) -> int | None:
-    """One batch's activations: the peak of a second no-grad forward above the RSS before it (None without
-    a resettable peak)."""
-    with torch.no_grad():
-        model(**eval_set.batches[0][0])
-        trim()
-        before = status_bytes("VmRSS")
-        reset_peak()
-        model(**eval_set.batches[0][0])
-        return status_bytes("VmHWM") - before if reset else None
-
-
-def _run_stage(stage: str, model, case: Path, source: str, inputs: tuple, extra: dict) -> int | None:
-    """The stage's work on the loaded model; the bytes it holds besides the base (None: the model's own)."""
-    import numpy as np
-
-    from adapters.objectives import score
-
-    data, labels, eval_set, objective = inputs
-    if stage == "head_only":
-        score(lambda batch: model(**batch), eval_set.batches, eval_set.n, objective)
-        return None
-    if stage.startswith("train_"):
-        return _train_stage(model, stage.removeprefix("train_"), data, labels, objective, extra)
-    if stage in ("plane", "paths", "curvature", "spectrum"):
-        return _solution_stage(stage, model, _solutions(case, source, model), eval_set, objective, extra, np)
-    if stage == "checkpoint":
-        with tempfile.TemporaryDirectory(dir=case) as tmp:
-            from adapters.io import write_torch
-
-            write_torch(Path(tmp) / "checkpoint.pt", {"model": model.state_dict(), "step": 0})
-        return None
-    raise ValueError(stage)
-
-
-def _train_stage(model, method: str, data, labels, objective, extra: dict) -> int:
-    """2 steps of the toolkit's training on the model attach() makes (a skeleton for an adapter); held bytes."""
-    from adapters.deltas import skeleton
-    from adapters.errors import UserError
-    from adapters.methods import ADAPTERS, MethodSpec, attach
-    from adapters.train import TrainConfig, train
-
-    trainable = skeleton(model) if method in ADAPTERS else copy.deepcopy(model)
-    try:
-        trainable = attach(trainable, MethodSpec(method, rank=RANKS.get(method)), TARGETS)
-    except UserError as e:
-        extra["skipped"] = str(e)
-        return _model_bytes(model)
-    storage = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    autocast = "bfloat16" if storage == torch.bfloat16 else "none"
-    config = TrainConfig(steps=2, batch_size=4, lr=1e-4, autocast=autocast)
-    history = train(trainable, data, labels, config, "cpu", progress=False, objective=objective)
-    extra["train_loss"] = history["train_loss"]
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    extra["trainable_params"] = sum(p.numel() for p in params)
-    # a full-size update once in the model's dtype; adapters by their factors (fp32)
-    return _model_bytes(model) if method == "ft" else sum(p.numel() * 4 for p in params)
-
-
-def _solution_stage(stage: str, model, solutions: dict, eval_set, objective, extra: dict, np) -> int:
-    """plane (+ 2 × 2 grid), paths, curvature (RandLoRA, adapter coordinates) or spectrum; held bytes."""
-    from landscape.engine import factored
-    from landscape.engine.grid import run_grid
-
-    ft_bytes = _model_bytes(model)  # FT's ΔW, once in the model's dtype (a 4-bit base: fp32 of its logical shape)
-    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
-        ft_bytes = sum(math.prod(p.quant_state.shape) * 4 if getattr(p, "quant_state", None) is not None
-                       else p.numel() * p.element_size() for p in model.parameters())  # fmt: skip
-    factors = sum(_factor_bytes(solutions[s]) for s in ("lora", "randlora"))
-    if stage == "plane":
-        deltas = {s: sol.module_deltas(check=False) for s, sol in solutions.items()}
-        chart = factored.build_chart("paper", model, deltas)
-        evaluator = factored.FactoredEvaluator(model, chart, eval_set, "cpu", objective=objective)
-        result = run_grid(evaluator, np.array([0.0, 1.0]), np.array([0.0, 1.0]), progress=False)
-        extra.update(points=4, eval_seconds=float(result["seconds"]), loss=np.asarray(result["loss"]).tolist())
-        return ft_bytes + factors
-    if stage == "paths":
-        from landscape.paths import compute_paths
-
-        result = compute_paths(model, solutions, eval_set, "cpu", points=3, progress=False, objective=objective,
-                               storage="factored")  # fmt: skip
-        extra["barriers"] = {k: v.get("barrier") for k, v in result["barriers"].items()}
-        return ft_bytes + factors
-    if stage == "curvature":
-        from landscape import curvature
-
-        adapter, names = curvature.adapter_coordinates(solutions["randlora"], head=False, device="cpu")
-        op = curvature.HessianOperator(adapter, names, eval_set, objective)
-        result = curvature.top_eigenvalues(op, 1, tol=1e-1, max_vectors=4)
-        extra.update(eigenvalues=result["eigenvalues"], hvps=result["hvps"], dim=op.dim)
-        return op.dim * 4
-    from landscape.spectrum import analyse_solutions
-
-    result = analyse_solutions(solutions, device="cpu", progress=False)
-    extra["layers"] = len(result["layers"])
-    return _largest_layer_bytes(model)
+from experiments.benchmarks.llm_scale_cases import (
+    DTYPES,
+    GPU_BYTES,
+    LAYERS,
+    PROG,
+    QUICK_LAYERS,
+    QUICK_SIZES,
+    RANKS,
+    REAL,
+    ROOT,
+    SIZES,
+    SOURCE_STAGES,
+    SOURCES,
+    STAGES,
+    TARGETS,
+    VOCAB,
+    full_config,
+    make_case,
+)
+from experiments.benchmarks.llm_scale_worker import worker
 
 
 def run_case(case: Path, dtype: str, source: str, stage: str, samples: int, prompt_len: int,
