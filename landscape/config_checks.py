@@ -177,6 +177,15 @@ class ConfigChecks:
         if self.coordinates == "adapter" and self.center == "ft":
             self._fail("coordinates", "adapter coordinates need an adapter centre, and the centre is ft",
                        "pass --center lora or randlora (or --coordinates weights)")  # fmt: skip
+        if (
+            self.methods is not None
+            and self.center in SOLUTION_NAMES
+            and self.center not in (*self.methods, *self.solutions)
+        ):
+            default = " (the default)" if self.where("center") == "default" else ""
+            raise UserError(f"--center {self.center}{default}: is not among the solutions (--methods "
+                            f"{' '.join(self.methods)}): add {self.center} to --methods, bring it with --solutions, "
+                            "or pick another --center")  # fmt: skip
         if self.load_4bit:
             self._fail("chart", f"with {self.where('load_4bit')}: the Hessian chart holds the dense plane, which a "
                        "4-bit base keeps packed", "drop --load-4bit or pass --chart random")  # fmt: skip

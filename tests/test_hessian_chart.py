@@ -104,8 +104,9 @@ def test_config_of_the_hessian_chart():
     bad = [
         ({"chart": "hessian", "coordinates": "adapter"}, "adapter coordinates need an adapter centre"),
         ({"chart": "hessian", "direction_seed": 3}, "do not apply to --chart hessian"),
-        ({"chart": "hessian", "load_4bit": True, "methods": ["lora"]}, "4-bit base keeps packed"),
+        ({"chart": "hessian", "center": "lora", "load_4bit": True, "methods": ["lora"]}, "4-bit base keeps packed"),
         ({"chart": "hessian", "plane_storage": "factored"}, "hessian chart holds the dense plane"),
+        ({"chart": "hessian", "center": "ft", "methods": ["lora"]}, "--center ft: is not among the solutions"),
     ]
     for given, words in bad:
         with pytest.raises(UserError) as e:
@@ -136,7 +137,8 @@ def test_cli_hessian_chart(wordnet_root, tmp_path, capsys):
     assert plane["loss"][1, 1] == pytest.approx(check["loss_at_center"], abs=1e-6)
 
     for extra, words in ((("--center", "ft", "--coordinates", "adapter"), "adapter coordinates need an adapter"),
-                         (("--load-4bit", "--methods", "lora"), "4-bit base keeps packed")):  # fmt: skip
+                         (("--center", "lora", "--load-4bit", "--methods", "lora"), "4-bit base keeps packed"),
+                         (("--methods", "lora"), "--center ft (the default): is not among the solutions")):  # fmt: skip
         bad_out = tmp_path / f"bad{len(words)}"
         assert connectivity.main(_argv(wordnet_root, bad_out, "--chart", "hessian", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
