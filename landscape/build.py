@@ -9,6 +9,7 @@ large base), in which coordinates (all weights, or an adapter's own parameters),
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,9 +120,11 @@ def hessian_evaluator(loaded: Loaded, solution: Solution, vertex: str, evals: Ev
     finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
         for p, flag in flags:
             p.requires_grad_(flag)
+    start = time.perf_counter()
     values, vectors, info = hessian_chart.top_eigenpairs(op.flat_hvp, op.dim, op.device, op.dtype, seed=config.seed)
     info = {**info, "coordinates": config.coordinates, "center": vertex, "parameters": len(names), "dim": op.dim,
-            "hvps": op.hvps, "rise": hessian_chart.DEFAULT_RISE}  # fmt: skip
+            "hvps": op.hvps, "rise": hessian_chart.DEFAULT_RISE, "hvp_mode": op.mode,
+            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     chart = hessian_chart.hessian_chart(dict(op.params), values, vectors, vertex, info)
     del op, vectors
     return chart, PlaneEvaluator(model, chart, evals, device, dtype, config.points_per_forward, task.objective)
