@@ -9,6 +9,7 @@ large base), in which coordinates (all weights, or an adapter's own parameters),
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,12 +28,16 @@ from landscape.engine.plane import (
     SOLUTIONS,
     Chart,
     build_chart,
+    centred_axis,
     default_axes,
     paper_axis,
     solution_weights,
 )
 from landscape.engine.store import GridStore
 from landscape.run import Loaded, eval_set
+
+HESSIAN = "hessian"  # the eigen-direction chart (landscape.engine.hessian_chart)
+CENTRED_CHARTS = (*RANDOM_CHARTS, HESSIAN)  # charts around one solution (--center)
 
 if TYPE_CHECKING:
     from adapters.solution import Solution
@@ -53,10 +58,13 @@ def plane(
     parameters (``--coordinates adapter``).
     """
     config, base = loaded.config, loaded.task.base
-    random = config.chart in RANDOM_CHARTS  # always dense: the directions span every weight
+    random = config.chart in CENTRED_CHARTS  # always dense: the directions span every weight
     storage = "dense" if random else factored.choose_storage(config.plane_storage, base, device)
     dtype, evals = config.landscape_dtype(device.type), eval_set(loaded, device)
-    if random:  # Li et al.'s random directions around one solution (landscape.engine.directions)
+    if config.chart == HESSIAN:  # the centre's top-2 Hessian eigenvectors (landscape.engine.hessian_chart)
+        vertex, center = directions.center_of(config.center, solutions)
+        chart, evaluator = hessian_evaluator(loaded, center, vertex, evals, device, dtype)
+    elif random:  # Li et al.'s random directions around one solution (landscape.engine.directions)
         vertex, center = directions.center_of(config.center, solutions)
         chart, evaluator = random_evaluator(config, center, vertex, evals, device, dtype, loaded.task.objective)
     elif storage == "factored":
@@ -82,9 +90,62 @@ def plane(
         xs = paper_axis(config.grid, *config.x_range, [v[0] for v in verts])
     if config.y_range and config.chart != "random-line":  # a line has the one row y = 0
         ys = paper_axis(config.grid, *config.y_range, [v[1] for v in verts])
-    if random:
+    if config.chart == HESSIAN:
+        xs, ys = hessian_axes(config, evaluator, xs, ys)
+    elif random:
         xs, ys = random_scale(loaded, evaluator, xs, ys)
     return chart, xs, ys, evaluator
+
+
+def hessian_evaluator(loaded: Loaded, solution: Solution, vertex: str, evals: EvalSet, device: torch.device,
+                      dtype: str) -> tuple[Chart, PlaneEvaluator]:  # fmt: skip
+    """The Hessian chart around ``solution`` (:mod:`landscape.engine.hessian_chart`) and its dense evaluator.
+
+    Coordinates as :mod:`landscape.curvature`'s (the same Hessian as curvature.json's): ``weights`` = the adapted
+    weights and the head at θ* = W0 + ΔW; ``adapter`` = the centre's peft parameters. One HessianOperator (fp32)
+    gives the products for Lanczos; its model, at the centre, then carries the plane's points."""
+    from landscape import curvature
+    from landscape.engine import hessian_chart
+
+    config, task = loaded.config, loaded.task
+    flags = [(p, p.requires_grad) for p in solution.base.parameters()]
+    if config.coordinates == "adapter":
+        adapter_folder(solution)
+        model, names = curvature.adapter_coordinates(solution, True, "float32", device)
+    else:
+        names = curvature.weight_names(task.base, task.entry.targets, "adapted", {vertex: solution}, True)
+        model, names = curvature.weight_coordinates(solution, names)
+    try:
+        op = curvature.HessianOperator(model.to(device), names, evals, task.objective, "float32")
+    finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    start = time.perf_counter()
+    values, vectors, info = hessian_chart.top_eigenpairs(op.flat_hvp, op.dim, op.device, op.dtype, seed=config.seed)
+    info = {**info, "coordinates": config.coordinates, "center": vertex, "parameters": len(names), "dim": op.dim,
+            "hvps": op.hvps, "rise": hessian_chart.DEFAULT_RISE, "hvp_mode": op.mode,
+            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    chart = hessian_chart.hessian_chart(dict(op.params), values, vectors, vertex, info)
+    del op, vectors
+    return chart, PlaneEvaluator(model, chart, evals, device, dtype, config.points_per_forward, task.objective)
+
+
+def hessian_axes(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, ys: np.ndarray) -> tuple:
+    """The Hessian chart's axes: [−α, α] on both, ½λ₁α² = Δ (unless the config gives its window), and the
+    second-difference check at h = α / STEP_FRACTION, printed and kept in ``chart.info["hessian"]``."""
+    from adapters import distributed
+    from landscape.engine import hessian_chart
+
+    info = evaluator.chart.info["hessian"]
+    alpha = hessian_chart.half_width(info["eigenvalues"][0], info["rise"])
+    info["half_width"] = alpha
+    if not (config.x_range or config.y_range):
+        xs, ys = centred_axis(config.grid) * alpha, centred_axis(config.grid) * alpha
+    loss = lambda x, y: evaluator.evaluate(x, y).loss  # noqa: E731
+    info["check"] = hessian_chart.second_differences(loss, info["eigenvalues"], alpha / hessian_chart.STEP_FRACTION)
+    if distributed.is_lead():
+        print(hessian_chart.check_line(info["check"]), flush=True)
+    return xs, ys
 
 
 def random_scale(loaded: Loaded, evaluator: PlaneEvaluator, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -152,7 +213,7 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
 def load_center(config: RunConfig, base: nn.Module, model_name: str) -> Solution | None:
     """The solution given as ``--center PATH`` (None for ft / lora / randlora), loaded onto the run's base now,
     before any training, so a bad folder fails at once; ``--coordinates adapter`` needs an adapter there."""
-    if config.chart not in RANDOM_CHARTS or config.center in CENTERS:
+    if config.chart not in CENTRED_CHARTS or config.center in CENTERS:
         return None
     from adapters.solution import load_solution
 

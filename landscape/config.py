@@ -158,9 +158,10 @@ class RunConfig(ConfigChecks):
         "paper",
         "plane chart: paper = the RandLoRA paper's affine chart (RandLoRA (0,0), LoRA (1,0), FT (0.5,1)); "
         "orthonormal = Garipov et al., Euclidean units; random = Li et al. 2018, two filter-normalised Gaussian "
-        "directions around one solution (--center), axes [-1, 1]; random-line = the 1-D cut along the first",
+        "directions around one solution (--center), axes [-1, 1]; random-line = the 1-D cut along the first; "
+        "hessian = the plane of --center's top-2 Hessian eigenvectors (unit-norm, --coordinates)",
         toml="landscape.chart",
-        choices=("paper", "orthonormal", "random", "random-line"),
+        choices=("paper", "orthonormal", "random", "random-line", "hessian"),
     )
     center: str = option(
         "ft", "random charts: the solution at the centre: ft, lora, randlora, or a solution folder PATH",

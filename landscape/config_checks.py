@@ -19,6 +19,7 @@ SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
 RANDOM_CHARTS = ("random", "random-line")  # landscape.engine.plane.RANDOM_CHARTS (tested equal)
 RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates", "draws")
+HESSIAN_OPTIONS = ("center", "coordinates")  # --chart hessian (landscape.engine.hessian_chart): a centre, coordinates
 
 _Config = TypeVar("_Config", bound="ConfigChecks")  # validate() returns the RunConfig it checked
 
@@ -144,6 +145,9 @@ class ConfigChecks:
     def _validate_random_chart(self) -> None:
         """The random charts' settings: given only with a random chart; an adapter centre for adapter coordinates."""
         random = self.chart in RANDOM_CHARTS
+        if self.chart == "hessian":
+            self._validate_hessian_chart()
+            return
         if not random:
             given = [self._shown(k) for k in RANDOM_OPTIONS if self.where(k) != "default"]
             if given:
@@ -160,6 +164,33 @@ class ConfigChecks:
         if self.plane_storage == "factored":
             self._fail("plane_storage", "the random charts hold the dense plane (directions over every weight)",
                        "pass --plane-storage dense or auto")  # fmt: skip
+
+    def _validate_hessian_chart(self) -> None:
+        """--chart hessian: a solution centre (as the random charts), --center / --coordinates only, no 4-bit base."""
+        given = [self._shown(k) for k in RANDOM_OPTIONS if k not in HESSIAN_OPTIONS and self.where(k) != "default"]
+        if given:
+            raise UserError(f"{', '.join(given)}: random-direction settings do not apply to --chart hessian (its axes "
+                            "are the centre's top Hessian eigenvectors): drop them or pass --chart random")  # fmt: skip
+        if self.center not in SOLUTION_NAMES and not Path(self.center).exists():
+            self._fail("center", "is neither ft, lora, randlora nor an existing solution folder",
+                       "pass ft, lora, randlora or a folder written by landscape.connectivity")  # fmt: skip
+        if self.coordinates == "adapter" and self.center == "ft":
+            self._fail("coordinates", "adapter coordinates need an adapter centre, and the centre is ft",
+                       "pass --center lora or randlora (or --coordinates weights)")  # fmt: skip
+        if (
+            self.methods is not None
+            and self.center in SOLUTION_NAMES
+            and self.center not in (*self.methods, *self.solutions)
+        ):
+            default = " (the default)" if self.where("center") == "default" else ""
+            raise UserError(f"--center {self.center}{default}: is not among the solutions (--methods "
+                            f"{' '.join(self.methods)}): add {self.center} to --methods, bring it with --solutions, "
+                            "or pick another --center")  # fmt: skip
+        if self.load_4bit:
+            self._fail("chart", f"with {self.where('load_4bit')}: the Hessian chart holds the dense plane, which a "
+                       "4-bit base keeps packed", "drop --load-4bit or pass --chart random")  # fmt: skip
+        if self.plane_storage == "factored":
+            self._fail("plane_storage", "the hessian chart holds the dense plane", "pass --plane-storage dense or auto")
 
 
 def _number_above(value: Any, low: float, strict: bool) -> bool:

@@ -242,6 +242,11 @@ def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list
         name = render.LABELS.get(vertex_names(chart)[0], "the solution")
         cut = "a random line" if config.chart == "random-line" else "a random plane"
         title = f"{loaded.model_name} on {config.dataset}: loss on {cut} through {name} (Li et al. 2018)"
+    elif config.chart == build.HESSIAN:
+        data.update(clip_factor=RANDOM_CLIP_FACTOR)
+        name = render.LABELS.get(vertex_names(chart)[0], "the solution")
+        lam = ", ".join(f"{x:.4g}" for x in chart.info["hessian"]["eigenvalues"])
+        title = f"{loaded.model_name} on {config.dataset}: loss on the top-2 Hessian eigenvectors at {name} (λ = {lam})"
     render.landscape_html(data, out / "landscape.html", title)
     render.landscape_static(data, out / "landscape.png", out / "landscape.pdf", title)
     return [out / f"landscape.{ext}" for ext in ("html", "png", "pdf")]
@@ -259,6 +264,8 @@ def check_grid_store(loaded: Loaded, device, rank: int) -> GridStore:
     }  # fmt: skip
     if config.chart in RANDOM_CHARTS:  # only then, so the other charts' grids keep their keys
         settings["random_chart"] = build.grid_settings(config)
+    if config.chart == build.HESSIAN:  # its centre and coordinates (the axes follow from them and the seed)
+        settings["hessian_chart"] = {"center": config.center, "coordinates": config.coordinates}
     if loaded.task.objective.name == "answer":  # causal LMs' evaluation batches (likewise only there)
         settings["eval_tokens"] = config.eval_tokens_for(device.type)
     grid_store = GridStore(config.out_dir / ".grid", settings, rank=rank)

@@ -150,6 +150,9 @@ def metadata(loaded: Loaded, chart, xs, ys, result, summary, path_summary, evalu
         "data_source": dataset.source, "classes": dataset.classes, "test_samples": len(dataset.test),
         "solutions": summary, "paths": path_summary,
         "versions": versions(),
+        # the hessian chart (landscape.engine.hessian_chart): [λ1, λ2] of the unit axes x, y and the check
+        **({"chart_eigenvalues": chart.info["hessian"]["eigenvalues"], "chart_check": chart.info["hessian"]["check"]}
+           if "hessian" in chart.info else {}),
     }  # fmt: skip
 
 

@@ -201,7 +201,7 @@ def default_axes(chart: Chart, n: int) -> tuple[np.ndarray, np.ndarray]:
     around its centre (a line: n × 1, y = [0])."""
     if n < 2:
         raise UserError(f"--grid {n} is too small: a surface needs at least 2 points per axis (try --grid 11)")
-    if chart.name in RANDOM_CHARTS:
+    if chart.name in (*RANDOM_CHARTS, "hessian"):  # centred on one solution (the hessian chart: scaled by its caller)
         return centred_axis(n), (np.zeros(1) if chart.name == "random-line" else centred_axis(n))
     xs = [p[0] for p in chart.vertices.values()]
     ys = [p[1] for p in chart.vertices.values()]

@@ -34,6 +34,7 @@ AXIS_TITLES = {
     "orthonormal": ("α (weight-space distance)", "β (weight-space distance)"),
     "random": ("α (along δ)", "β (along η)"),
     "random-line": ("α (along δ)", "y"),
+    "hessian": ("α (along q₁, top Hessian eigenvector)", "β (along q₂, second)"),
 }
 
 
