@@ -155,15 +155,25 @@ class ConfigChecks:
                 raise UserError(f"{', '.join(given)} {verb} to --chart random / random-line only: drop "
                                 f"{'them' if len(given) > 1 else 'it'} or pass --chart random")  # fmt: skip
             return
+        self._validate_center()
+        if self.plane_storage == "factored":
+            self._fail("plane_storage", "the random charts hold the dense plane (directions over every weight)",
+                       "pass --plane-storage dense or auto")  # fmt: skip
+
+    def _validate_center(self) -> None:
+        """A chart around one solution (random, hessian): the centre is a solution this run trains or brings, or
+        a solution folder; adapter coordinates need an adapter centre. Checked here, not after the training."""
         if self.center not in SOLUTION_NAMES and not Path(self.center).exists():
             self._fail("center", "is neither ft, lora, randlora nor an existing solution folder",
                        "pass ft, lora, randlora or a folder written by landscape.connectivity")  # fmt: skip
         if self.coordinates == "adapter" and self.center == "ft":
             self._fail("coordinates", "adapter coordinates need an adapter centre, and the centre is ft",
                        "pass --center lora or randlora (or --coordinates weights)")  # fmt: skip
-        if self.plane_storage == "factored":
-            self._fail("plane_storage", "the random charts hold the dense plane (directions over every weight)",
-                       "pass --plane-storage dense or auto")  # fmt: skip
+        if self.center in SOLUTION_NAMES and self.center not in self.method_set():
+            default = " (the default)" if self.where("center") == "default" else ""
+            raise UserError(f"--center {self.center}{default}: is not among the solutions "
+                            f"({' '.join(self.method_set())}): add {self.center} to --methods, bring it with "
+                            "--solutions, or pick another --center")  # fmt: skip
 
     def _validate_hessian_chart(self) -> None:
         """--chart hessian: a solution centre (as the random charts), --center / --coordinates only, no 4-bit base."""
@@ -171,21 +181,7 @@ class ConfigChecks:
         if given:
             raise UserError(f"{', '.join(given)}: random-direction settings do not apply to --chart hessian (its axes "
                             "are the centre's top Hessian eigenvectors): drop them or pass --chart random")  # fmt: skip
-        if self.center not in SOLUTION_NAMES and not Path(self.center).exists():
-            self._fail("center", "is neither ft, lora, randlora nor an existing solution folder",
-                       "pass ft, lora, randlora or a folder written by landscape.connectivity")  # fmt: skip
-        if self.coordinates == "adapter" and self.center == "ft":
-            self._fail("coordinates", "adapter coordinates need an adapter centre, and the centre is ft",
-                       "pass --center lora or randlora (or --coordinates weights)")  # fmt: skip
-        if (
-            self.methods is not None
-            and self.center in SOLUTION_NAMES
-            and self.center not in (*self.methods, *self.solutions)
-        ):
-            default = " (the default)" if self.where("center") == "default" else ""
-            raise UserError(f"--center {self.center}{default}: is not among the solutions (--methods "
-                            f"{' '.join(self.methods)}): add {self.center} to --methods, bring it with --solutions, "
-                            "or pick another --center")  # fmt: skip
+        self._validate_center()
         if self.load_4bit:
             self._fail("chart", f"with {self.where('load_4bit')}: the Hessian chart holds the dense plane, which a "
                        "4-bit base keeps packed", "drop --load-4bit or pass --chart random")  # fmt: skip

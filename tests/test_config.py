@@ -171,3 +171,15 @@ def test_landscape_json_records_the_resolved_config(finished_run):
     assert "sources" not in cfg
     rebuilt = run_config.RunConfig(**cfg).validate()
     assert rebuilt.to_dict() == cfg
+
+
+@pytest.mark.parametrize("chart", ["random", "random-line", "hessian"])
+def test_a_centre_the_run_does_not_make_is_refused_before_training(chart):
+    """A chart around ft when the run trains only the adapters (or a 4-bit base, whose default is the adapters):
+    refused while resolving the configuration (it was a KeyError after the training for the random charts)."""
+    for given, shown in (({"methods": ["lora", "randlora"]}, "--center ft (the default)"),
+                         ({"methods": ["lora"], "center": "randlora"}, "--center randlora")):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            run_config.resolve({"chart": chart, **given})
+        assert str(e.value).startswith(f"{shown}: is not among the solutions") and "\n" not in str(e.value)
+    assert run_config.resolve({"chart": chart, "methods": ["lora"], "center": "lora"}).center == "lora"
