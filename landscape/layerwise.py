@@ -125,6 +125,11 @@ def compute_layerwise(
     for a, b in pairs:
         if a == b or a not in solutions or b not in solutions:
             raise UserError(f"--pair {a} {b}: two different solutions of {', '.join(solutions)}")
+    from adapters.quant import packed_names
+
+    if packed_names(base):
+        raise UserError("layer-wise paths write weights into the base, which a packed 4-bit base cannot hold: "
+                        "run without --load-4bit")  # fmt: skip
     start = time.perf_counter()
     t = np.linspace(0.0, 1.0, points)
     w0 = {n: p.detach().float() for n, p in base.named_parameters()}
@@ -276,7 +281,6 @@ def build_parser():
 
 def _run(argv: Sequence[str] | None = None) -> None:
     from adapters import threads
-    from adapters.quant import packed_names
     from landscape import run as run_module
     from landscape.cli import resolve_device
 
@@ -289,9 +293,6 @@ def _run(argv: Sequence[str] | None = None) -> None:
     threads.configure(args.threads)
     device = resolve_device(args.device)
     ctx = run_module.open_run(args.run, device)
-    if packed_names(ctx.base):
-        raise UserError("layer-wise paths write weights into the base, which a packed 4-bit base cannot hold: "
-                        "run without --load-4bit")  # fmt: skip
     chosen = [s for s in SOLUTIONS if s in ctx.solutions]
     missing = [s for s in (args.pair or ()) if s not in ctx.solutions]
     if missing:

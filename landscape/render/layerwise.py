@@ -35,7 +35,8 @@ def layerwise_figure(data: Mapping[str, np.ndarray], title: str) -> Figure:
     ax.set_yticks(range(len(blocks)), blocks, fontsize=8)
     whole = ", ".join(f"{p} {w:.3g} ± {s:.2g}" for p, w, s in
                       zip(pairs, data["whole_barrier"], data["whole_barrier_se"], strict=True))  # fmt: skip
-    ax.set_title(f"{title}\nchord barrier (in cells) and barrier / paired SE (colour), one block interpolated\n"
+    ax.set_title(f"{title}\nchord barrier (in cells) and barrier / paired SE (colour), one block interpolated "
+                 "(blank: the pair does not differ there)\n"
                  f"whole path: {whole}", fontsize=9)  # fmt: skip
     fig.colorbar(im, ax=ax, label="barrier / SE (≥ 2: a barrier)")
     return fig
