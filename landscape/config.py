@@ -240,6 +240,12 @@ class RunConfig(ConfigChecks):
         "samples and place them on the plane: merges.json / .npz / .png / .pdf; 15 evaluations of the set",
         toml="landscape.merges", action="store_true",
     )  # fmt: skip
+    layerwise: bool = option(
+        False, "also walk every pair of solutions one transformer layer at a time, the rest held at either end "
+        "(python -m landscape.layerwise with its defaults: 5 points), and report each layer's chord barrier with its "
+        "paired SE on the paths' samples: layerwise.json / .npz / .png / .pdf",
+        toml="landscape.layerwise", action="store_true",
+    )  # fmt: skip
     # --- the run
     seed: int = option(0, "seed for data split, initialisation, batches and bases")
     seeds: int = option(

@@ -16,6 +16,8 @@ their weight updates, and writes the output contract under --out:
                                                    at each solution (landscape.curvature)
   merges.json / merges.npz / merges.png / merges.pdf   with --merges: task arithmetic, TIES and DARE merges of the
                                                    solutions' ΔW on the plane (landscape.merges)
+  layerwise.json / layerwise.npz / layerwise.png / layerwise.pdf   with --layerwise: each layer's barrier between
+                                                   every pair, the rest held at either end (landscape.layerwise)
   stages.json     one record per finished stage (its key, what it read, its files), written as each finishes:
                   a rerun reuses the paths and spectra whose inputs are unchanged (landscape.stages)
 
@@ -124,6 +126,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
         log.record("curvature", keys["curvature"], [f"curvature.{e}" for e in ("json", "png", "pdf")],
                    stages.seconds["curvature"])  # fmt: skip
     written += merges_stage(loaded, solutions, evaluator, device, stages)
+    written += layerwise_stage(loaded, solutions, evaluator, device, stages)
     with stages("render"):
         figures = render_landscape(loaded, chart, arrays, summary)
     written += figures
@@ -228,6 +231,17 @@ def merges_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[P
 
     with stages("merges"):
         return merges.merges_stage(loaded, solutions, evaluator.eval_set, device, loaded.config.progress)
+
+
+def layerwise_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[Path]:
+    """``--layerwise``: :mod:`landscape.layerwise` with its defaults on the plane's evaluation set and precision
+    (layerwise.json, .npz, .png, .pdf next to landscape.npz); nothing without the flag."""
+    if not loaded.config.layerwise:
+        return []
+    from landscape import layerwise
+
+    with stages("layerwise"):
+        return layerwise.layerwise_stage(loaded, solutions, evaluator.eval_set, device, loaded.config.progress)
 
 
 def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list[Path]:
