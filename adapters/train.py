@@ -153,6 +153,7 @@ def train(
     augment: Callable | None = None,
     checkpoint_key: str = "",
     objective: Classification = OBJECTIVES["classification"],
+    fsdp: bool = False,
 ) -> dict:
     """Train in place; returns a small history (loss every step, wall time).
 
@@ -166,7 +167,8 @@ def train(
     ``augment(inputs, generator)`` (used when ``config.augment``) transforms each batch on the
     device; its generator is seeded by (seed, step), so augmentation survives a resume exactly.
     ``config.grad_accum`` splits each rank's batch into that many micro-batches whose summed
-    losses give the same gradient as the whole batch at once.
+    losses give the same gradient as the whole batch at once. With ``fsdp`` (under torchrun) the model is
+    sharded with FSDP2 (:mod:`adapters.fsdp`) and ``checkpoint`` is a sharded checkpoint folder.
     """
     if config.augment and augment is None:
         raise ValueError("config.augment is set but no augment function was given")
@@ -182,14 +184,20 @@ def train(
     # mean loss when the slices are equal (global batch divisible by the world size).
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     config, scaler, precision = _mixed_precision(model, trainable, config, device)
-    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if fsdp:  # after the fp32 masters: the shards (and AdamW's state on them) are fp32
+        forward = fsdp_shard(model)
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
     )
     losses: list[float] = []
     first = 0
-    if checkpoint is not None and Path(checkpoint).exists():
+    if fsdp and checkpoint is not None:
+        first, losses = _resume_sharded(Path(checkpoint), model, optimizer, schedule, config, checkpoint_key)
+    elif checkpoint is not None and Path(checkpoint).exists():
         first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config, checkpoint_key, scaler)
     start = time.perf_counter()
     batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
@@ -205,7 +213,10 @@ def train(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         # Also after the last step: the trained weights survive a kill before the caller has saved them.
-        if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == config.steps):
+        due = checkpoint is not None and (done % checkpoint_every == 0 or done == config.steps)
+        if due and fsdp:  # collective: every rank writes its shards
+            _save_sharded(Path(checkpoint), done, losses, model, optimizer, schedule, config, checkpoint_key)
+        elif due and rank == 0:
             _save_checkpoint(
                 Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key, scaler
             )
@@ -261,7 +272,10 @@ def _backward(
         if config.augment:
             inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
         sync = k == len(micro) - 1 or world == 1
-        with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
+        # DDP: all-reduce once per step; FSDP2 (no no_sync) reduce-scatters each micro-batch, same sum
+        with (
+            contextlib.nullcontext() if sync or not hasattr(forward, "no_sync") else forward.no_sync()
+        ):  # DDP: all-reduce once per step
             with autocast_context(device, config.autocast):
                 outputs = forward(**inputs).float()
             if len(micro) == 1:
@@ -295,6 +309,45 @@ def _save_checkpoint(
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     write_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
+
+
+def fsdp_shard(model: nn.Module) -> nn.Module:
+    """``model`` sharded with FSDP2 over the torchrun group (:func:`adapters.fsdp.shard`)."""
+    from adapters import fsdp
+
+    if not distributed.active():
+        raise ValueError("fsdp needs torchrun (a process group): launch with torchrun --nproc-per-node N")
+    return fsdp.shard(model)
+
+
+def _save_sharded(path: Path, step, losses, model, optimizer, schedule, config: TrainConfig, key: str) -> None:
+    from adapters import fsdp
+
+    extra = {
+        "key": key,
+        "step": step,
+        "losses": torch.tensor(losses, dtype=torch.float64),
+        "config": repr(config.to_dict()),
+        "schedule": schedule.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    fsdp.save_checkpoint(path, model, optimizer, extra)
+
+
+def _resume_sharded(path: Path, model, optimizer, schedule, config: TrainConfig, key: str) -> tuple[int, list[float]]:
+    from adapters import fsdp
+
+    if (path / "extra.pt").exists():
+        extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
+        if extra.get("key") != key or extra.get("config") != repr(config.to_dict()):
+            print(f"[train] checkpoint {path} is from another configuration; starting over")
+            return 0, []
+    extra = fsdp.load_checkpoint(path, model, optimizer)
+    if extra is None:
+        return 0, []
+    schedule.load_state_dict(extra["schedule"])
+    torch.set_rng_state(extra["rng"])
+    return int(extra["step"]), extra["losses"].tolist()
 
 
 def _resume(
