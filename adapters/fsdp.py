@@ -18,16 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
-from torch.distributed.fsdp import fully_shard
 
+# torch.distributed.fsdp and .checkpoint are imported where used: adapters.train imports this module, and every
+# run, sharded or not, would pay for them at start-up
 from adapters.io import write_torch
 
 
@@ -40,6 +34,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place over the process group: each block its own FSDP unit (its parameters are
     gathered only around its forward and backward), then the root (embeddings, head). Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
     for block in blocks(model):
         fully_shard(block)
     fully_shard(model)
@@ -49,6 +45,8 @@ def shard(model: nn.Module) -> nn.Module:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full fp32 state of the sharded trainable parameters, gathered to rank 0's CPU (empty elsewhere).
     Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -59,6 +57,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict) -> Non
     """A sharded checkpoint at the folder ``path``: the model and optimizer shards through
     ``torch.distributed.checkpoint`` and ``extra`` (step, losses, schedule, RNG) as ``extra.pt``, written to a
     temporary folder and renamed, so a kill mid-write leaves the previous checkpoint. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
     tmp = path.with_name(path.name + ".tmp")
     if dist.get_rank() == 0:
@@ -79,6 +80,9 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict) -> Non
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict | None:
     """Load the sharded checkpoint at ``path`` into ``model`` and ``optimizer``; returns its ``extra``
     (None when there is no complete checkpoint). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     if not (path / "extra.pt").exists():
         return None
     extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
@@ -89,4 +93,38 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict | None:
     return extra
 
 
-__all__ = ["blocks", "full_state_dict", "load_checkpoint", "save_checkpoint", "shard"]
+def save_training(
+    path: Path, step: int, losses: list[float], model: nn.Module, optimizer, schedule, ident: dict
+) -> None:
+    """The training state after ``step`` at ``path`` (:func:`save_checkpoint`): shards, then the step, losses,
+    schedule and CPU RNG state, with ``ident`` (the run's key and config) to be checked on resume."""
+    extra = {**ident, "step": step, "losses": torch.tensor(losses, dtype=torch.float64),
+             "schedule": schedule.state_dict(), "rng": torch.get_rng_state()}  # fmt: skip
+    save_checkpoint(path, model, optimizer, extra)
+
+
+def resume_training(path: Path, model: nn.Module, optimizer, schedule, ident: dict) -> tuple[int, list[float]]:
+    """(step, losses) of the training state at ``path``, loaded into ``model``, ``optimizer``, ``schedule`` and the
+    CPU RNG; (0, []) when there is none or it records another ``ident``. Collective."""
+    if (path / "extra.pt").exists():
+        extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
+        if any(extra.get(k) != v for k, v in ident.items()):
+            print(f"[train] checkpoint {path} is from another configuration; starting over")
+            return 0, []
+    extra = load_checkpoint(path, model, optimizer)
+    if extra is None:
+        return 0, []
+    schedule.load_state_dict(extra["schedule"])
+    torch.set_rng_state(extra["rng"])
+    return int(extra["step"]), extra["losses"].tolist()
+
+
+__all__ = [
+    "blocks",
+    "full_state_dict",
+    "load_checkpoint",
+    "resume_training",
+    "save_checkpoint",
+    "save_training",
+    "shard",
+]

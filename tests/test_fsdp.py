@@ -63,3 +63,47 @@ def test_kill_and_resume_is_bit_equal(runs):
     assert "resumed at step 4" in _run([str(runs / "killed.safetensors"), str(ck)], 2)
     full, resumed = load_file(runs / "two.safetensors"), load_file(runs / "killed.safetensors")
     assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_fsdp_bad_inputs_exit_2_before_work(wordnet_root, tmp_path, capsys, monkeypatch):
+    from landscape import connectivity
+    from tests.conftest import TINY_RUN
+
+    def bad(*extra: str) -> str:
+        out = tmp_path / "out"
+        argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN, "--fsdp"]
+        assert connectivity.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and "Traceback" not in "\n".join(err) and not out.exists()
+        return err[-1]
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "torchrun" in bad("--methods", "ft")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check runs before any process group
+    assert "no FT solution" in bad("--methods", "lora", "randlora")
+    assert "no FT solution" in bad("--load-4bit")  # its default methods are the adapters
+
+
+def test_connectivity_fsdp_run_saves_a_plain_fp32_solution(wordnet_root, tmp_path):
+    """``--fsdp`` end to end under torchrun (FT sharded, the adapters under DDP): the FT solution is consolidated
+    into the toolkit's solution folder (fp32 safetensors), which the plane and
+    the spectra of that run read."""
+    from adapters.solutions.solution import load_solution
+    from tests.conftest import TINY_RUN
+
+    out = tmp_path / "run"
+    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN,
+            "--fsdp"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
+           "-m", "tests.nodraw", "landscape.connectivity", *argv]  # fmt: skip
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[train ft] FSDP2: " in done.stdout + done.stderr and "from 2 shards" in done.stdout + done.stderr
+    folder = out / "solutions" / "ft"
+    tensors = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert tensors and all(v.dtype == torch.float32 for v in tensors.values() if v.is_floating_point())
+    assert not list(out.glob("solutions/.*.dcp"))  # the sharded checkpoint is removed once the solution is saved
+    solution = load_solution(folder, expect_method="ft")
+    assert solution.info["method"] == "ft"
+    meta = (out / "landscape.json").read_text()
+    assert '"ft"' in meta and (out / "landscape.npz").exists() and (out / "spectrum.json").exists()
