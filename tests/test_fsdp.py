@@ -107,3 +107,14 @@ def test_connectivity_fsdp_run_saves_a_plain_fp32_solution(wordnet_root, tmp_pat
     assert solution.info["method"] == "ft"
     meta = (out / "landscape.json").read_text()
     assert '"ft"' in meta and (out / "landscape.npz").exists() and (out / "spectrum.json").exists()
+
+
+def test_weights_and_adamw_state_are_sharded(runs):
+    """Each rank's checkpoint shard holds about half of the fp32 weights and AdamW's two moments
+    (12 bytes per parameter in all): no rank keeps a full copy of either."""
+    params = sum(v.numel() for v in load_file(runs / "two.safetensors").values())
+    shards = sorted((runs / "ck-full").glob("__*_0.distcp"))
+    assert len(shards) == 2
+    sizes = [f.stat().st_size for f in shards]
+    assert 12 * params <= sum(sizes) <= 1.1 * 12 * params  # fp32 weights + exp_avg + exp_avg_sq, once
+    assert all(0.4 * sum(sizes) <= s <= 0.6 * sum(sizes) for s in sizes)
