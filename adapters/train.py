@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from adapters import distributed
+from adapters import fsdp as sharding
 from adapters.data.base import Dataset
 from adapters.io import key_digest, write_torch
 from adapters.methods import MethodSpec
@@ -153,6 +155,7 @@ def train(
     augment: Callable | None = None,
     checkpoint_key: str = "",
     objective: Classification = OBJECTIVES["classification"],
+    fsdp: bool = False,
 ) -> dict:
     """Train in place; returns a small history (loss every step, wall time).
 
@@ -166,7 +169,8 @@ def train(
     ``augment(inputs, generator)`` (used when ``config.augment``) transforms each batch on the
     device; its generator is seeded by (seed, step), so augmentation survives a resume exactly.
     ``config.grad_accum`` splits each rank's batch into that many micro-batches whose summed
-    losses give the same gradient as the whole batch at once.
+    losses give the same gradient as the whole batch at once. With ``fsdp`` (under torchrun) the model is
+    sharded with FSDP2 (:mod:`adapters.fsdp`) and ``checkpoint`` is a sharded checkpoint folder.
     """
     if config.augment and augment is None:
         raise ValueError("config.augment is set but no augment function was given")
@@ -182,14 +186,15 @@ def train(
     # mean loss when the slices are equal (global batch divisible by the world size).
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     config, scaler, precision = _mixed_precision(model, trainable, config, device)
-    forward = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    forward, trainable = _wrap(model, config, fsdp, world)
     optimizer = make_optimizer(model, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
     )
-    losses: list[float] = []
-    first = 0
-    if checkpoint is not None and Path(checkpoint).exists():
+    first, losses, ident = 0, [], {"key": checkpoint_key, "config": repr(config.to_dict())}
+    if fsdp and checkpoint is not None:  # collective: every rank reads its shards
+        first, losses = sharding.resume_training(Path(checkpoint), model, optimizer, schedule, ident)
+    elif checkpoint is not None and Path(checkpoint).exists():
         first, losses = _resume(Path(checkpoint), trainable, optimizer, schedule, config, checkpoint_key, scaler)
     start = time.perf_counter()
     batches = batch_indices(len(labels), min(config.batch_size, len(labels)), config.seed, data.lengths)
@@ -205,7 +210,10 @@ def train(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         # Also after the last step: the trained weights survive a kill before the caller has saved them.
-        if checkpoint is not None and rank == 0 and (done % checkpoint_every == 0 or done == config.steps):
+        due = checkpoint is not None and (done % checkpoint_every == 0 or done == config.steps)
+        if due and fsdp:  # collective: every rank writes its shards
+            sharding.save_training(Path(checkpoint), done, losses, model, optimizer, schedule, ident)
+        elif due and rank == 0:
             _save_checkpoint(
                 Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key, scaler
             )
@@ -261,7 +269,10 @@ def _backward(
         if config.augment:
             inputs = augment(inputs, torch.Generator().manual_seed(config.seed * 1_000_003 + step * 64 + k))
         sync = k == len(micro) - 1 or world == 1
-        with contextlib.nullcontext() if sync else forward.no_sync():  # DDP: all-reduce once per step
+        # DDP: all-reduce once per step; FSDP2 (no no_sync) reduce-scatters each micro-batch, same sum
+        with (
+            contextlib.nullcontext() if sync or not hasattr(forward, "no_sync") else forward.no_sync()
+        ):  # DDP: all-reduce once per step
             with autocast_context(device, config.autocast):
                 outputs = forward(**inputs).float()
             if len(micro) == 1:
@@ -295,6 +306,19 @@ def _save_checkpoint(
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     write_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
+
+
+def _wrap(model: nn.Module, config: TrainConfig, fsdp: bool, world: int) -> tuple[nn.Module, dict]:
+    """The module the steps call (sharded in place with FSDP2, DDP-wrapped under torchrun, or ``model``) and the
+    trainable parameters the optimizer steps (FSDP2's are the sharded DTensors)."""
+    if fsdp:
+        if not distributed.active() or config.autocast == "float16":
+            raise ValueError("fsdp needs torchrun (a process group) and no float16 loss scaling")
+        model = sharding.shard(model)  # after the fp32 masters: the shards (and AdamW's state on them) are fp32
+    elif world > 1:
+        return torch.nn.parallel.DistributedDataParallel(model), {n: p for n, p in model.named_parameters()
+                                                                  if p.requires_grad}  # fmt: skip
+    return model, {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _resume(
@@ -387,19 +411,24 @@ def train_solution(
     folder: str | os.PathLike,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    fsdp: bool = False,
 ) -> None:
     """Train one solution of ``spec`` on ``task`` and save it (with its test metrics) to ``folder``.
 
     Checkpointed every 50 steps at :func:`checkpoint_path` (``key`` covers everything that changes
     the result), so a killed run resumes where it died; the checkpoint is removed only after the
     solution folder is saved atomically. Under torchrun all ranks train together (DDP, each on a
-    slice of the global batch); rank 0 evaluates and saves.
+    slice of the global batch); rank 0 evaluates and saves. With ``fsdp`` (full fine-tuning under torchrun) the
+    model is sharded with FSDP2, checkpointed as a sharded ``torch.distributed.checkpoint`` folder, and its
+    trained weights consolidated to rank 0 (full fp32) before the evaluation and the save.
     """
     from adapters.deltas import skeleton
     from adapters.methods import attach, has_head
 
     folder = Path(folder)
     ckpt = checkpoint_path(folder, key)
+    if fsdp:  # a folder of shards, apart from the one-file checkpoint of an unsharded run
+        ckpt = ckpt.with_suffix(".dcp")
     nothing_to_train = spec.method == "head_only" and not has_head(task.base)
     shared = _shares_base(task.base, spec, device)
     flags = [(p, p.requires_grad) for p in task.base.parameters()]
@@ -413,7 +442,7 @@ def train_solution(
             model = attach(skeleton(task.base) if shared else copy.deepcopy(task.base), spec, task.entry.targets)
     try:
         _train_and_save(task, spec, config, key, folder, device, progress, model, ckpt, nothing_to_train,
-                        shared or nothing_to_train)  # fmt: skip
+                        shared or nothing_to_train, fsdp)  # fmt: skip
     finally:
         for p, flag in flags:  # peft froze the shared base parameters: the base model is not ours to change
             p.requires_grad_(flag)
@@ -431,7 +460,7 @@ def _shares_base(base: nn.Module, spec, device: torch.device | str) -> bool:
 
 
 def _train_and_save(task, spec, config, key, folder, device, progress, model, ckpt, nothing_to_train: bool,
-                    shared: bool) -> None:  # fmt: skip
+                    shared: bool, fsdp: bool = False) -> None:  # fmt: skip
     """The training pass (none when there is nothing to train), test evaluation and the saved solution."""
     from adapters.methods import has_head, trainable_params
     from adapters.quant import base_quantization
@@ -443,8 +472,10 @@ def _train_and_save(task, spec, config, key, folder, device, progress, model, ck
         history = train(
             model, task.train, task.dataset.train.labels, config, device=device, desc=f"train {spec.method}",
             progress=progress and distributed.is_lead(), checkpoint=ckpt, checkpoint_every=50,
-            augment=task.entry.augment, checkpoint_key=key_digest(key), objective=task.objective,
+            augment=task.entry.augment, checkpoint_key=key_digest(key), objective=task.objective, fsdp=fsdp,
         )  # fmt: skip
+    if fsdp:
+        model = _consolidated(model, task, spec)
     if not distributed.is_lead():
         return
     test_loss, test_acc = evaluate(
@@ -494,4 +525,30 @@ def _train_and_save(task, spec, config, key, folder, device, progress, model, ck
     }
     # a model sharing the base's tensors is not moved (that would move the base): the writers copy to the host
     save_solution(folder, model if shared else model.cpu(), info, metrics)
-    ckpt.unlink(missing_ok=True)  # only now: a kill before the save resumes from the checkpoint
+    # only now: a kill before the save resumes from the checkpoint
+    if fsdp:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    else:
+        ckpt.unlink(missing_ok=True)
+
+
+def _consolidated(model: nn.Module, task: Task, spec) -> nn.Module | None:
+    """The FSDP-sharded ``model``'s trained weights in an unsharded fp32 copy on rank 0's CPU (None on the other
+    ranks), which rank 0 evaluates and saves as any other solution. Collective."""
+    from adapters import fsdp
+    from adapters.methods import attach
+
+    state = fsdp.full_state_dict(model)
+    if not distributed.is_lead():
+        return None
+    plain = attach(copy.deepcopy(task.base), spec, task.entry.targets).cpu()
+    trainable = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+    if set(trainable) != set(state):
+        raise RuntimeError(f"FSDP consolidation: {len(state)} gathered tensors for {len(trainable)} parameters")
+    fp32_masters(trainable)
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(state[name])
+    world = distributed.rank_world()[1]
+    print(f"[train {spec.method}] FSDP2: {len(state)} fp32 tensors consolidated from {world} shards", file=sys.stderr)
+    return plain.eval()

@@ -118,6 +118,10 @@ class RunConfig(ConfigChecks):
         False, "recompute activations in the backward (CLIP): less memory", toml="train.grad_checkpointing",
         action="store_true",
     )  # fmt: skip
+    fsdp: bool = option(
+        False, "under torchrun, shard full fine-tuning with FSDP2 (weights, gradients, AdamW state; the adapters "
+        "train under DDP as without it)", toml="train.fsdp", action="store_true",
+    )  # fmt: skip
     weight_decay: float | None = option(
         None, "AdamW weight decay (default: the model's, 0.01)", flag=None, toml="train.weight_decay"
     )

@@ -9,6 +9,7 @@ imports them.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,6 +122,7 @@ class ConfigChecks:
 
     def _validate_methods(self) -> None:
         """``methods``: a non-empty list of ft / lora / randlora; ft not trained on a 4-bit base (it is packed)."""
+        self._validate_fsdp()
         if self.methods is None:
             return
         if not self.methods or any(m not in SOLUTION_NAMES for m in self.methods):
@@ -133,6 +135,19 @@ class ConfigChecks:
                 "4-bit base: drop ft (the default under --load-4bit is lora randlora) or bring an FT model with "
                 "--solutions ft=CHECKPOINT"
             )
+
+    def _validate_fsdp(self) -> None:
+        """``fsdp`` shards full fine-tuning over torchrun's processes: it needs torchrun and an FT solution to
+        train (the adapters of the same run train under DDP, as without it)."""
+        if not self.fsdp:
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            self._fail("fsdp", "shards over torchrun's processes, and this is one process",
+                       "launch with torchrun --nproc-per-node N (N >= 2), or drop it")  # fmt: skip
+        default = ("lora", "randlora") if self.load_4bit else SOLUTION_NAMES
+        if "ft" not in set(self.methods or default) - set(self.solutions):
+            fix = "train ft (in --methods, not under --load-4bit, not given by --solutions), or drop it"
+            self._fail("fsdp", "shards full fine-tuning, and this run trains no FT solution", fix)
 
     def _validate_packed(self) -> None:
         """A 4-bit base keeps its weights packed: the plane is factored (points applied beside the packed layers)."""

@@ -317,7 +317,8 @@ def train_solutions(loaded: Loaded, device: torch.device, stages, seed: int | No
             with stages(train_stage_name(method, seed, run_seed)):
                 spec = method_spec(loaded, method, seed)
                 config = train_config(loaded, method, device, seed)
-                train_solution(loaded.task, spec, config, key, folder, device, loaded.config.progress)
+                fsdp = loaded.config.fsdp and method == "ft"  # FSDP2 shards full fine-tuning only
+                train_solution(loaded.task, spec, config, key, folder, device, loaded.config.progress, fsdp=fsdp)
         distributed.wait_for_all()  # the other ranks wait for rank 0's saved solution
         solutions[method] = load_solution(folder, base=loaded.task.base, expect_method=method)
     return solutions

@@ -113,6 +113,8 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "config_file",
         "points_per_forward",
         "sources",
+        # FSDP2 vs DDP: the same training (tests/test_fsdp.py: 2 processes equal 1 to 1e-6), as with torchrun itself
+        "fsdp",
         # the extra seeds' solutions and readings are keyed apart (landscape.seeds): the plane is --seed's
         "seeds",
     ),

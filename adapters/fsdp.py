@@ -1,0 +1,130 @@
+"""Full fine-tuning that does not fit one device: FSDP2 sharding, sharded checkpoints, consolidation.
+
+Under torchrun with ``--fsdp``, the model is sharded with ``torch.distributed.fsdp.fully_shard`` per
+transformer block and at the root. Every parameter becomes a DTensor sharded over the ranks, so the fp32
+master weights, their gradients and AdamW's two moments (built on the sharded parameters) each hold
+1/world of the model per rank. Gradients are reduce-scattered with averaging, which equals DDP's mean
+(each rank computes on its slice of the global batch, as in :func:`adapters.train.train`).
+
+Checkpoints are written with ``torch.distributed.checkpoint`` (each rank writes its own shards; the step,
+losses, schedule and RNG state go beside them), so a kill resumes bit-equal. The trained weights are
+consolidated into one full fp32 state dict on rank 0, which the toolkit saves as any other solution.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# torch.distributed.fsdp and .checkpoint are imported where used: adapters.train imports this module, and every
+# run, sharded or not, would pay for them at start-up
+from adapters.io import write_torch
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of ``model``: the members of its longest ``nn.ModuleList`` (a transformer's layers)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard(model: nn.Module) -> nn.Module:
+    """Shard ``model`` in place over the process group: each block its own FSDP unit (its parameters are
+    gathered only around its forward and backward), then the root (embeddings, head). Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full fp32 state of the sharded trainable parameters, gathered to rank 0's CPU (empty elsewhere).
+    Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.float() for n, t in state.items() if n in trainable} if dist.get_rank() == 0 else {}
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict) -> None:
+    """A sharded checkpoint at the folder ``path``: the model and optimizer shards through
+    ``torch.distributed.checkpoint`` and ``extra`` (step, losses, schedule, RNG) as ``extra.pt``, written to a
+    temporary folder and renamed, so a kill mid-write leaves the previous checkpoint. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    tmp = path.with_name(path.name + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if dist.get_rank() == 0:
+        write_torch(tmp / "extra.pt", extra)
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict | None:
+    """Load the sharded checkpoint at ``path`` into ``model`` and ``optimizer``; returns its ``extra``
+    (None when there is no complete checkpoint). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (path / "extra.pt").exists():
+        return None
+    extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return extra
+
+
+def save_training(
+    path: Path, step: int, losses: list[float], model: nn.Module, optimizer, schedule, ident: dict
+) -> None:
+    """The training state after ``step`` at ``path`` (:func:`save_checkpoint`): shards, then the step, losses,
+    schedule and CPU RNG state, with ``ident`` (the run's key and config) to be checked on resume."""
+    extra = {**ident, "step": step, "losses": torch.tensor(losses, dtype=torch.float64),
+             "schedule": schedule.state_dict(), "rng": torch.get_rng_state()}  # fmt: skip
+    save_checkpoint(path, model, optimizer, extra)
+
+
+def resume_training(path: Path, model: nn.Module, optimizer, schedule, ident: dict) -> tuple[int, list[float]]:
+    """(step, losses) of the training state at ``path``, loaded into ``model``, ``optimizer``, ``schedule`` and the
+    CPU RNG; (0, []) when there is none or it records another ``ident``. Collective."""
+    if (path / "extra.pt").exists():
+        extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
+        if any(extra.get(k) != v for k, v in ident.items()):
+            print(f"[train] checkpoint {path} is from another configuration; starting over")
+            return 0, []
+    extra = load_checkpoint(path, model, optimizer)
+    if extra is None:
+        return 0, []
+    schedule.load_state_dict(extra["schedule"])
+    torch.set_rng_state(extra["rng"])
+    return int(extra["step"]), extra["losses"].tolist()
+
+
+__all__ = [
+    "blocks",
+    "full_state_dict",
+    "load_checkpoint",
+    "resume_training",
+    "save_checkpoint",
+    "save_training",
+    "shard",
+]
