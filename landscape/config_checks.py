@@ -93,7 +93,21 @@ class ConfigChecks:
         self._validate_packed()
         self._validate_random_chart()
         self._validate_out()
+        self._validate_plane_vertices()
         return self
+
+    def _validate_plane_vertices(self) -> None:
+        """A plane through the solutions (paper, orthonormal) needs LoRA and RandLoRA; without FT the base model is
+        its third vertex. A run of FT alone has no plane (it raised KeyError after the training)."""
+        if self.chart in (*RANDOM_CHARTS, "hessian"):
+            return
+        missing = [m for m in ("lora", "randlora") if m not in self.method_set()]
+        if missing:
+            raise UserError(f"--chart {self.chart} is the plane through the solutions and needs lora and randlora, "
+                            f"but the run has no {' and no '.join(missing)} (solutions: "
+                            f"{' '.join(self.method_set())}): add {' '.join(missing)} to --methods or bring "
+                            f"{'them' if len(missing) > 1 else 'it'} with --solutions, or chart one solution with "
+                            "--chart random / hessian --center NAME")  # fmt: skip
 
     def _validate_out(self) -> None:
         """--out is a folder, or can become one: its nearest existing ancestor is a folder (else every stage's

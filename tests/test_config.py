@@ -183,3 +183,14 @@ def test_a_centre_the_run_does_not_make_is_refused_before_training(chart):
             run_config.resolve({"chart": chart, **given})
         assert str(e.value).startswith(f"{shown}: is not among the solutions") and "\n" not in str(e.value)
     assert run_config.resolve({"chart": chart, "methods": ["lora"], "center": "lora"}).center == "lora"
+
+
+def test_a_plane_without_lora_or_randlora_is_refused_before_training():
+    """The plane through the solutions needs LoRA and RandLoRA (the base model stands in for a missing FT): a run of
+    FT alone, or of FT and one adapter, is refused while resolving (it was a KeyError in the plane after training)."""
+    for methods, missing in ((["ft"], "no lora and no randlora"), (["ft", "lora"], "no randlora")):
+        with pytest.raises(UserError) as e:
+            run_config.resolve({"methods": methods})
+        assert f"the run has {missing}" in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert run_config.resolve({"methods": ["lora", "randlora"]}).method_set() == ("lora", "randlora")
+    assert run_config.resolve({"methods": ["ft"], "chart": "random-line"}).method_set() == ("ft",)

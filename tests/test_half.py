@@ -42,7 +42,7 @@ def _loaded(llama: Path, data_root: Path, out: Path, dtype: str):
     from landscape.run import load
 
     argv = ["--model", f"hf:{llama}", "--dataset", "commonsense", "--data-root", str(data_root), "--out", str(out),
-            "--no-progress", "--device", "cpu", "--torch-dtype", dtype, "--methods", "ft"]  # fmt: skip
+            "--no-progress", "--device", "cpu", "--torch-dtype", dtype]  # fmt: skip
     return load(from_argv(argv))
 
 
