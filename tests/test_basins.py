@@ -107,8 +107,12 @@ def test_command_on_a_run(tiny_wordnet_run, tmp_path):
         assert len(entry["random"]) == 2 and len(entry["eigen"]) == 2
         lam = [e["eigenvalue"] for e in entry["eigen"]]
         assert lam[0] >= lam[1] and entry["eigen_accuracy"] == pytest.approx(entry["accuracy"])
-        for e in entry["random"] + entry["eigen"]:
-            assert [f for _, f in e["trace"]][-1] is (e["radius"] is not None) or e["trace"][-1][1] is False
+        for e in entry["random"] + entry["eigen"]:  # the bracket's ends were evaluated: failing, and safe (or 0)
+            seen = {r: f for r, f in e["trace"]}
+            if e["radius"] is None:
+                assert not any(seen.values()) and e["censored_at"] == max(seen)
+            else:
+                assert seen[e["radius"]] and (e["radius_low"] == 0 or not seen[e["radius_low"]])
     data = np.load(out / "basins.npz")
     assert data["random_radius"].shape == (3, 2) and data["eigen_radius"].shape == (3, 2)
     assert (out / "basins.png").stat().st_size > 10_000 and (out / "basins.pdf").stat().st_size > 1_000
