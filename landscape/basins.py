@@ -225,8 +225,23 @@ def arrays(result: Mapping) -> dict[str, np.ndarray]:
     for i, s in enumerate(names):
         for j, e in enumerate(result["solutions"][s].get("eigen", [])):
             eig[i, j], lam[i, j] = nan(e["radius"]), e["eigenvalue"]
+    cens = np.array([[nan(d["censored_at"]) for d in result["solutions"][s]["random"]] for s in names], dtype=float)
+    ecens = np.full((len(names), 2), np.nan)
+    for i, s in enumerate(names):
+        for j, e in enumerate(result["solutions"][s].get("eigen", [])):
+            ecens[i, j] = nan(e["censored_at"])
+    sharp = np.array([_worst_case(result["solutions"][s]) for s in names], dtype=np.float64)
     return {"random_radius": rand.reshape(len(names), result["draws"]), "eigen_radius": eig, "eigenvalues": lam,
+            "random_censored_at": cens.reshape(len(names), result["draws"]), "eigen_censored_at": ecens,
+            "accuracy": np.array([result["solutions"][s]["accuracy"] for s in names], dtype=np.float64),
+            "loss_sharpness": sharp,
             "solutions": np.array(names, dtype=str), "seeds": np.array(result["seeds"], dtype=np.int64)}  # fmt: skip
+
+
+def _worst_case(entry: Mapping) -> float:
+    """The solution's worst-case loss sharpness in weight coordinates (sharpness.json's), else NaN."""
+    value = entry.get("loss_sharpness", {}).get("weights", {}).get("worst_case")
+    return float(value) if isinstance(value, (int, float)) else np.nan
 
 
 def write_basins(result: Mapping, out: str | Path, info: Mapping | None = None,
@@ -257,8 +272,8 @@ def attach_sharpness(result: dict, folder: Path) -> None:
     entries = sharp.get("solutions", sharp) if isinstance(sharp, dict) else {}
     for name, entry in result["solutions"].items():
         if isinstance(entries, dict) and isinstance(entries.get(name), dict):  # per coordinates: the readings only
-            entry["loss_sharpness"] = {c: {k: v[k] for k in SHARPNESS_KEYS if k in v}
-                                       for c, v in entries[name].items() if isinstance(v, dict)}  # fmt: skip
+            read = {c: v for c, v in entries[name].items() if isinstance(v, dict) and "worst_case" in v}
+            entry["loss_sharpness"] = {c: {k: v[k] for k in SHARPNESS_KEYS if k in v} for c, v in read.items()}
 
 
 def _eigen_for(loaded, evals: EvalSet, device, dtype: str) -> Callable:

@@ -118,6 +118,21 @@ def test_command_on_a_run(tiny_wordnet_run, tmp_path):
     assert (out / "basins.png").stat().st_size > 10_000 and (out / "basins.pdf").stat().st_size > 1_000
 
 
+def test_loss_sharpness_beside_the_radii(tmp_path):
+    """sharpness.json's readings per solution and coordinates are copied beside the radii; npz holds the worst case."""
+    result = {"draws": 1, "seeds": [0], "solutions": {s: {"accuracy": 0.5, "random": [
+        {"radius": 0.1, "censored_at": None}]} for s in ("ft", "lora")}}  # fmt: skip
+    sharp = {"solutions": {"ft": {"weights": {"worst_case": 0.25, "average_case": 0.01, "average_se": 0.002,
+                                              "trajectory": [1, 2]}, "adapter": {"note": "no adapter"}}}}  # fmt: skip
+    (tmp_path / "sharpness.json").write_text(json.dumps(sharp))
+    basins.attach_sharpness(result, tmp_path)
+    assert result["solutions"]["ft"]["loss_sharpness"] == {"weights": {"worst_case": 0.25, "average_case": 0.01,
+                                                                       "average_se": 0.002}}  # fmt: skip
+    assert "loss_sharpness" not in result["solutions"]["lora"]
+    data = basins.arrays(result)
+    assert data["loss_sharpness"][0] == 0.25 and np.isnan(data["loss_sharpness"][1])
+
+
 def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, capsys):
     run_dir, out = str(tiny_wordnet_run), tmp_path / "bad"
     cases = [
