@@ -250,6 +250,12 @@ class RunConfig(ConfigChecks):
         "paired SE on the paths' samples: layerwise.json / .npz / .png / .pdf",
         toml="landscape.layerwise", action="store_true",
     )  # fmt: skip
+    basins: bool = option(
+        False, "also measure each solution's task-metric basin (python -m landscape.basins with its defaults: 5 "
+        "random filter-normalised directions and the top-2 Hessian eigen-directions): the radius at which accuracy "
+        "drops by more than 2 paired SEs: basins.json / .npz / .png / .pdf",
+        toml="landscape.basins", action="store_true",
+    )  # fmt: skip
     # --- the run
     seed: int = option(0, "seed for data split, initialisation, batches and bases")
     seeds: int = option(

@@ -18,6 +18,8 @@ their weight updates, and writes the output contract under --out:
                                                    solutions' ΔW on the plane (landscape.merges)
   layerwise.json / layerwise.npz / layerwise.png / layerwise.pdf   with --layerwise: each layer's barrier between
                                                    every pair, the rest held at either end (landscape.layerwise)
+  basins.json / basins.npz / basins.png / basins.pdf   with --basins: each solution's accuracy radius along random
+                                                   and Hessian eigen-directions (landscape.basins)
   stages.json     one record per finished stage (its key, what it read, its files), written as each finishes:
                   a rerun reuses the paths and spectra whose inputs are unchanged (landscape.stages)
 
@@ -127,6 +129,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
                    stages.seconds["curvature"])  # fmt: skip
     written += merges_stage(loaded, solutions, evaluator, device, stages)
     written += layerwise_stage(loaded, solutions, evaluator, device, stages)
+    written += basins_stage(loaded, solutions, evaluator, device, stages)
     with stages("render"):
         figures = render_landscape(loaded, chart, arrays, summary)
     written += figures
@@ -242,6 +245,17 @@ def layerwise_stage(loaded: Loaded, solutions, evaluator, device, stages) -> lis
 
     with stages("layerwise"):
         return layerwise.layerwise_stage(loaded, solutions, evaluator.eval_set, device, loaded.config.progress)
+
+
+def basins_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[Path]:
+    """``--basins``: :mod:`landscape.basins` with its defaults and the run's seed on the plane's evaluation set and
+    precision (basins.json, .npz, .png, .pdf next to landscape.npz); nothing without the flag."""
+    if not loaded.config.basins:
+        return []
+    from landscape import basins
+
+    with stages("basins"):
+        return basins.basins_stage(loaded, solutions, evaluator.eval_set, device, loaded.config.progress)
 
 
 def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list[Path]:

@@ -102,6 +102,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "curvature": ("curvature",),
     "merges": ("merges",),  # landscape.merges' stage (--merges); merges.json is rewritten whenever it runs
     "layerwise": ("layerwise",),  # landscape.layerwise's stage (--layerwise); rewritten whenever it runs
+    "basins": ("basins",),  # landscape.basins' stage (--basins); rewritten whenever it runs
     # how the run runs, not what it computes (points per forward: the same numbers, tested in test_grid_batched)
     "run": (
         "device",
