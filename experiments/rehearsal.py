@@ -1,7 +1,8 @@
 """Rehearsal of the seed's commonsense pipeline at the real architecture, on whatever machine is at hand.
 
     python -m experiments.rehearsal [--out runs/rehearsal] [--variants fp32 4bit bf16] [--layers N]
-                                    [--model qwen2-0.5b|llama3-8b|hf:FOLDER] [--device cpu|cuda] [--json PATH]
+                                    [--model qwen2-0.5b|llama3-8b|hf:FOLDER] [--device cpu|cuda] [--threads N]
+                                    [--json PATH]
 
 Builds a randomly initialised model from a real configuration written below (no download; Qwen2-0.5B by
 default, the seed's Llama-3-8B shape with ``--model llama3-8b``) or takes a real one (``--model hf:FOLDER``),
@@ -10,15 +11,17 @@ fabricates LLM-Adapters commonsense files in the real format, and runs, per vari
 1. ``python -m landscape.connectivity --config experiments/paper/commonsense_rehearsal.toml`` — the seed's
    RandLoRA r = 30 and a budget-matched LoRA trained (~10 steps), head-only baseline, the plane and its grid,
    the straight paths and the spectra; then
-2. ``python -m landscape.curvature --coordinates adapter --top-k 1`` — the top Hessian eigenvalue of each
-   adapter in its own coordinates.
+2. ``python -m landscape.curvature --coordinates adapter --top-k 1 --tol 5e-2 --hvp-batch 4`` — the top
+   Hessian eigenvalue of each adapter in its own coordinates.
 
 Variants: ``fp32`` (fp32 weights), ``4bit`` (``--load-4bit``: NF4 base, QLoRA recipe) and ``bf16``
 (``--torch-dtype bfloat16``: bf16 storage). Each command runs as its own process, each variant from an empty
 run folder; the table gives each stage's wall time (from the run's ``landscape.json`` and ``curvature.json``),
-CPU seconds and peak RSS (:func:`run_measured`), the load average, and the JSON the vertex losses and top
-eigenvalues. ``--layers`` shortens the model (the only reduction allowed when a variant cannot fit; the table
-says so); on the CPU the Qwen2-0.5B rehearsal defaults to :data:`CPU_LAYERS` (4 of 24: all 24 do not fit).
+CPU seconds and peak RSS (:func:`run_measured`), the load average, and the total against the budget,
+:data:`BUDGET_CPU_S` = 1,800 CPU s (30 min on 2 cores: a compute-bound run alone on the cores takes at most
+its CPU seconds of wall time); the JSON adds the vertex losses and top eigenvalues. ``--layers`` shortens
+the model (the only reduction allowed when a variant cannot fit; the table says so); on the CPU the
+Qwen2-0.5B rehearsal defaults to :data:`CPU_LAYERS` (4 of 24: all 24 do not fit).
 Results are written atomically with ``--json``, after each variant. ``experiments.gpu_check --rehearsal`` calls
 this with ``--device cuda`` at full size.
 """
