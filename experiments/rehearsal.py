@@ -45,7 +45,7 @@ CONFIG = ROOT / "experiments" / "paper" / "commonsense_rehearsal.toml"
 # eigenvalue within 5 %, not the third digit that landscape.curvature's default 1e-3 pays extra HVPs for
 # (curvature.json records the residual after every step: the HVPs another tol would take can be read there).
 CURVATURE_TOL = 5e-2
-# Samples per HVP forward: length-sorted pieces of 4 run without their trailing padding (16 % fewer tokens than
+# Samples per HVP forward: length-sorted pieces of 4 run without their trailing padding (13 % fewer tokens than
 # the evaluation batch of 16 at the rehearsal's shape) and hold a quarter of its activations; same products.
 CURVATURE_HVP_BATCH = 4
 # Decoder layers of the Qwen2-0.5B rehearsal on the CPU by default. All 24 do not fit: on the 2-core, 23 GB
