@@ -509,3 +509,48 @@ def test_hvps_score_only_the_gold_continuation():
         assert sum(rows) == (6 if gold else 24)  # one sequence per sample, not C = 4
     torch.testing.assert_close(products[True], products[False], rtol=1e-10, atol=1e-12)
     assert ops[True].loss == pytest.approx(ops[False].loss, rel=1e-12)
+
+
+def test_pieces_run_without_their_trailing_padding():
+    """A causal LM's micro-batch runs only up to its longest real sequence (its trailing columns of padding cut):
+    the backbone sees each piece's own length, and the products and loss equal the double backward (torch's
+    ``autograd.functional.hvp``) of the untrimmed batch's answer loss (fp64, its cross-entropy in fp32 on both
+    sides: to fp32 rounding; cutting a real token moves them by 1e-2)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapters.models.hf import CausalLMScorer
+    from adapters.objectives import AnswerLoss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    model = CausalLMScorer(LlamaForCausalLM(config)).double().eval()
+    lengths = torch.tensor([5, 6, 6, 9, 10, 12])  # right-padded to 14: the last 2 columns are padding everywhere
+    ids = torch.randint(3, 50, (6, 2, 14))
+    mask = (torch.arange(14) < lengths[:, None, None]).long().expand(6, 2, 14).clone()
+    answer = ((torch.arange(14) >= lengths[:, None, None] - 2) & (mask == 1)).long()
+    inputs, target = {"input_ids": ids, "attention_mask": mask, "answer_mask": answer}, torch.tensor([0, 1, 1, 0, 1, 0])
+    names = ["backbone.model.layers.0.mlp.down_proj.weight", "backbone.model.layers.0.self_attn.v_proj.weight"]
+    seen = []
+    model.backbone.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[-1]),
+                                                   with_kwargs=True)  # fmt: skip
+    op = curvature.HessianOperator(copy.deepcopy(model), names, EvalSet([(inputs, target)], 6), AnswerLoss(),
+                                   "float64", micro_batch=2)  # fmt: skip
+    v = torch.from_numpy(np.random.default_rng(0).standard_normal(op.dim))
+    product = op.flat_hvp(v)
+    assert seen == [6, 9, 12]  # pieces (5, 6), (6, 9), (10, 12): each its own longest, none the batch's 14
+
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+
+    def loss(*flat):
+        out = torch.func.functional_call(model, dict(zip(names, flat, strict=True)), args=(), kwargs=inputs)
+        return AnswerLoss().loss(out, target, reduction="sum") / 6
+
+    parts = [p.reshape(s) for p, s in zip(v.split([params[n].numel() for n in names]), shapes, strict=True)]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):  # the fused CPU kernel has no double backward
+        value, reference = torch.autograd.functional.hvp(loss, tuple(params[n].detach() for n in names), tuple(parts))
+    torch.testing.assert_close(product, torch.cat([r.reshape(-1) for r in reference]), rtol=1e-5, atol=1e-7)
+    assert op.loss == pytest.approx(float(value), rel=1e-6)

@@ -338,7 +338,7 @@ class HessianOperator:
         # candidates' forwards and backwards add work and nothing to H (same loss, same products).
         view = objective.training_view if gold_only else (lambda inputs, target: (inputs, target))
         self.batches = [
-            ({k: _cast(v, self.dtype) for k, v in inputs.items()}, target)
+            ({k: _cast(v, self.dtype) for k, v in _trimmed(inputs).items()}, target)
             for i, t in eval_set.batches
             for inputs, target in _split(*view(i, t), micro_batch)
         ]
@@ -470,6 +470,22 @@ def _split(inputs: dict[str, torch.Tensor], target: torch.Tensor, size: int | No
         return [(inputs, target)]
     return [({k: v[lo : lo + size] for k, v in inputs.items()}, target[lo : lo + size])
             for lo in range(0, count, size)]  # fmt: skip
+
+
+def _trimmed(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A causal LM's piece without its trailing columns of padding (no row has a token there): a position
+    after every real token is read by no real token's causal attention and scores nothing, so the loss and its
+    derivatives are the same, and a length-sorted piece (``micro_batch``) runs its own length instead of its
+    evaluation batch's longest. Other inputs (no ``answer_mask``: classifiers, images) are left whole."""
+    mask = inputs.get("attention_mask")
+    if mask is None or "answer_mask" not in inputs or mask.dim() == 0 or mask.shape[-1] == 0:
+        return inputs
+    length = mask.shape[-1]
+    used = mask.reshape(-1, length).bool().any(0).nonzero()
+    last = int(used.max()) + 1 if len(used) else length
+    if last == length or any(v.dim() == 0 or v.shape[-1] != length for v in inputs.values()):
+        return inputs
+    return {k: v[..., :last] for k, v in inputs.items()}
 
 
 def _accumulate(total: dict | None, part: dict, like: Mapping[str, torch.Tensor]) -> dict:

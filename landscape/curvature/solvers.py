@@ -68,7 +68,7 @@ def top_eigenvalues(
 ) -> dict:
     """The k largest (algebraic) eigenvalues, descending: Lanczos stopped as soon as they have converged
     (module docstring), ARPACK's ``eigsh`` if not within ``max_vectors`` steps, exactly for k >= dim."""
-    start, before = time.perf_counter(), op.hvps
+    start, before, history = time.perf_counter(), op.hvps, []
     if k >= op.dim:
         columns = [op.flat_hvp(torch.eye(op.dim, dtype=op.dtype)[j]).double().cpu().numpy() for j in range(op.dim)]
         h = np.stack(columns, axis=1)
@@ -78,14 +78,17 @@ def top_eigenvalues(
         stop = _RitzTest(k, tol)
         alpha, beta, basis = lanczos(op, v0 / torch.linalg.vector_norm(v0), min(op.dim, max(max_vectors, k + 1)), stop)
         with basis:
-            values, converged, method = stop.values, stop.done, LANCZOS
+            values, converged, method, history = stop.values, stop.done, LANCZOS, stop.history
             restart = None if converged else _top_ritz_vector(alpha, beta, basis, k)
         if not converged:  # restart ARPACK from the Ritz vectors of the top k: its implicit restarts converge
             values, converged = _eigsh(op, k, tol, restart, len(alpha))
             method = f"{LANCZOS}, then {EIGSH} from its top Ritz vectors"
     values = np.sort(np.asarray(values, dtype=np.float64))[::-1]
+    # residuals: after each Lanczos step, the top k's largest residual / |θ| (what tol is compared with), so a
+    # reader sees how many products another tol would have taken
     return {"eigenvalues": [float(x) for x in values], "method": method, "converged": bool(converged), "tol": tol,
-            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+            "residuals": history, "hvps": op.hvps - before,
+            "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
 
 
 LANCZOS = "lanczos (full reorthogonalisation, stopped when the top k Ritz residuals are below tol·|θ|)"
@@ -100,6 +103,7 @@ class _RitzTest:
 
     def __init__(self, k: int, tol: float):
         self.k, self.tol, self.values, self.done = k, tol, np.zeros(0), False
+        self.history: list[float] = []  # after each step from the k-th: the largest residual / |θ| of the top k
 
     def __call__(self, alpha: Sequence[float], beta: Sequence[float], next_beta: float) -> bool:
         if len(alpha) < self.k:
@@ -108,6 +112,7 @@ class _RitzTest:
         top = np.argsort(theta)[::-1][: self.k]
         self.values = theta[top]
         residual = abs(next_beta) * np.abs(s[-1, top])
+        self.history.append(float(np.max(residual / np.maximum(np.abs(self.values), np.finfo(float).tiny))))
         self.done = bool(np.all(residual <= self.tol * np.abs(self.values)))
         return self.done
 
@@ -205,8 +210,10 @@ def broadened_density(
 
 
 def curvature_at(op: HessianOperator, settings: CurvatureSettings, bar: tqdm | None = None) -> dict:
-    """Eigenvalues, trace and density of one operator: one entry of curvature.json (without its key)."""
-    start = time.perf_counter()
+    """Eigenvalues, trace and density of one operator: one entry of curvature.json (without its key).
+    ``cpu_seconds``: this process's CPU time (user + system, every thread) over the entry, beside its wall
+    ``seconds`` (on a shared machine the wall time depends on the other jobs, the CPU time much less)."""
+    start, cpu = time.perf_counter(), time.process_time()
     parts = {}
     say = (lambda stage: bar.set_postfix_str(stage)) if bar is not None else (lambda stage: None)  # noqa: E731
     say("eigenvalues")
@@ -232,4 +239,5 @@ def curvature_at(op: HessianOperator, settings: CurvatureSettings, bar: tqdm | N
         "hvp_note": op.note,
         "seconds_per_hvp": op.hvp_seconds / max(op.hvps, 1),
         "seconds": round(time.perf_counter() - start, 3),
+        "cpu_seconds": round(time.process_time() - cpu, 3),
     }

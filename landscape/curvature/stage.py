@@ -15,7 +15,8 @@ adapter (its optimiser's coordinates are the weights), so its ``adapter`` entry 
 **Outputs** (under ``--out``, default the run folder, written atomically): ``curvature.json`` — the
 settings and seed, and per solution and coordinates the eigenvalues, trace ± standard error,
 density grid and values (and the quadrature nodes and weights), the loss and gradient norm at the
-point, the number of HVPs and the seconds of each part; ``curvature.png`` / ``.pdf`` — top
+point, the number of HVPs and the seconds of each part (and the entry's CPU seconds), the Lanczos
+residual / |θ| after each step (``eigen.residuals``); ``curvature.png`` / ``.pdf`` — top
 eigenvalues and densities of the solutions side by side. Each (solution, coordinates) entry is
 saved as soon as it is done, under a key of everything that determines it (settings, the
 solution's ΔW, the evaluation samples, the objective); a rerun after a kill reuses the entries
