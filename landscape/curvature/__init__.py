@@ -20,6 +20,9 @@ off; BatchNorm normalises with its frozen running statistics), fp32.
 - :mod:`~landscape.curvature.stage` — the coordinates at a solution (dense weights or the adapter's own) and
   :func:`curvature_stage`, which writes curvature.json entry by entry, reused by key.
 - :mod:`~landscape.curvature.figure` — curvature.png / .pdf.
+- :mod:`~landscape.curvature.blocks` — ``--blocks``: per block (a transformer layer, or ``--block-by module``)
+  the top eigenvalue and trace of the block's diagonal Hessian, and the blocks' spectral heterogeneity (JS
+  distances of their SLQ densities); blocks.json / .png / .pdf.
 - :mod:`~landscape.curvature.cli` — the command line (``__main__`` runs it).
 
 The names below are re-exported for the callers (:mod:`landscape.connectivity`, :mod:`landscape.sharpness`, the
@@ -28,6 +31,7 @@ benchmarks, the README's API). A test that replaces a name replaces it in the mo
 
 from __future__ import annotations
 
+from landscape.curvature.blocks import BLOCK_BY, block_curvature, blocks_stage
 from landscape.curvature.cli import PROG, build_parser, main, settings_from
 from landscape.curvature.figure import curvature_figure, write_figure
 from landscape.curvature.hessian import HVP_MODES, HessianOperator, batch_loss
@@ -55,6 +59,7 @@ from landscape.engine.grid import eval_fingerprint
 
 __all__ = [
     "ADAPTER_METHODS",
+    "BLOCK_BY",
     "COORDINATES",
     "DTYPES",
     "HVP_MODES",
@@ -68,6 +73,8 @@ __all__ = [
     "HessianOperator",
     "adapter_coordinates",
     "batch_loss",
+    "block_curvature",
+    "blocks_stage",
     "broadened_density",
     "build_parser",
     "curvature_at",

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.errors import UserError
+from landscape.curvature.blocks import BLOCK_BY, blocks_stage, check_block_by
 from landscape.curvature.settings import COORDINATES, LANCZOS_VECTORS, SOLUTION_CHOICES, WEIGHT_SETS, CurvatureSettings
 from landscape.curvature.stage import curvature_stage
 
@@ -61,6 +62,12 @@ def build_parser():
     p.add_argument("--hvp-batch", type=positive_int, default=None,
                    help="samples per forward of a Hessian-vector product: fewer hold fewer activations, same "
                    "products (default: the evaluation batches)")  # fmt: skip
+    p.add_argument("--blocks", action="store_true",
+                   help="curvature per block instead: each block's top eigenvalue, trace and spectral density, and "
+                   "the blocks' Jensen-Shannon distances (blocks.{json,png,pdf})")  # fmt: skip
+    p.add_argument("--block-by", choices=BLOCK_BY, default="layer",
+                   help="with --blocks: a block is a transformer layer, or a module kind in a layer (attention, "
+                   "mlp, norm) (default: layer)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--out", default=None, help="where to write curvature.{json,png,pdf} (default: the run folder)")
@@ -87,6 +94,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     settings = settings_from(args)  # every setting is checked before any loading
+    check_block_by(args.block_by)
     threads.configure(args.threads)
     device = resolve_device(args.device)
     ctx = run_module.open_run(args.run, device, with_eval_set=args.samples is None)
@@ -103,6 +111,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
     if missing:
         raise UserError(f"--solutions {' '.join(chosen)}: the run {args.run} has no {missing[0]} solution")
     solutions = {s: ctx.solutions[s] for s in dict.fromkeys(chosen)}
+    if args.blocks:
+        _run_blocks(args, ctx, solutions, eval_set, out, settings, device, info)
+        return
     result = curvature_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
                              plane_solutions=ctx.solutions, info=info)  # fmt: skip
     print(f"wrote {out / 'curvature.json'}, {out / 'curvature.png'}, {out / 'curvature.pdf'}")
@@ -113,6 +124,24 @@ def _run(argv: Sequence[str] | None = None) -> None:
             trace = "" if e.get("trace") is None else f"; trace {e['trace']:.4g} ± {e['trace_se']:.2g}"
             top = ", ".join(f"{v:.4g}" for v in e["eigenvalues"])
             print(f"{name:<9} {coordinates:<8} dim {e['dim']:>10,}: top eigenvalues {top}{trace} ({e['hvps']} HVPs)")
+
+
+def _run_blocks(args, ctx, solutions, eval_set, out: Path, settings, device, info: dict) -> None:
+    if not solutions:
+        raise UserError(f"--blocks: the run {args.run} has no solutions: train them with landscape.connectivity")
+    info = {**info, "title": info["title"].replace("curvature", f"curvature per {args.block_by}")}
+    result = blocks_stage(ctx, solutions, eval_set, out, settings, args.block_by, device,
+                          plane_solutions=ctx.solutions, info=info)  # fmt: skip
+    print(f"wrote {out / 'blocks.json'}, {out / 'blocks.png'}, {out / 'blocks.pdf'}")
+    for name, per in result["solutions"].items():
+        for coordinates, e in per.items():
+            if "blocks" not in e:
+                continue
+            trace = "" if e["trace"] is None else f"; trace {e['trace']:.4g} ± {e['trace_se']:.2g}"
+            print(f"{name:<9} {coordinates:<8} top eigenvalue {e['top_eigenvalue']:.4g}{trace} ({e['hvps']} HVPs)")
+            for b in e["blocks"]:
+                t = "" if b["trace"] is None else f"; trace {b['trace']:.4g} ± {b['trace_se']:.2g}"
+                print(f"  {b['name']:<22} dim {b['dim']:>10,}: top eigenvalue {b['top_eigenvalue']:.4g}{t}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
