@@ -232,6 +232,8 @@ def blocks_figure(result: Mapping, title: str | None = None):
         top = [b["top_eigenvalue"] for b in entry["blocks"]]
         ax_eig.barh(range(len(labels)), top, color="#4477aa")
         ax_eig.axvline(entry["top_eigenvalue"], color="k", ls="--", lw=1, label="whole Hessian")
+        if min(top) > 0 and entry["top_eigenvalue"] / min(top) >= 10:  # a log axis where they span decades
+            ax_eig.set_xscale("log")
         ax_eig.set_yticks(range(len(labels)), labels, fontsize=7)
         ax_eig.invert_yaxis()
         ax_eig.set(xlabel="top eigenvalue of the block's Hessian", title=f"top eigenvalue per block ({where})")
