@@ -152,6 +152,14 @@ def test_command_writes_blocks_json(tiny_wordnet_run, tmp_path, capsys):
             assert {"name", "trace", "trace_se", "top_eigenvalue"} <= set(b)
             assert b["top_eigenvalue"] <= entry["top_eigenvalue"] * (1 + 1e-3) + 1e-9  # fp32, tol 1e-3
     assert "top eigenvalue" in capsys.readouterr().out
+    saved = np.load(out / "blocks.npz")
+    entry = result["solutions"]["lora"]["adapter"]
+    assert list(saved["lora/adapter/names"]) == [b["name"] for b in entry["blocks"]]
+    np.testing.assert_array_equal(saved["lora/adapter/js_distance"], entry["js_distance"])
+    assert curvature.main(argv) == 0  # a rerun reuses every entry
+    again = json.loads((out / "blocks.json").read_text())["solutions"]["lora"]
+    for coordinates, e in again.items():
+        assert e["reused"] and {**e, "reused": None} == {**result["solutions"]["lora"][coordinates], "reused": None}
 
 
 def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, capsys, monkeypatch):

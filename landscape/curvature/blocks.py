@@ -21,9 +21,11 @@ blocks i and j (scipy's ``jensenshannon``, computed so that an underflowing tail
 ``blocks.png`` / ``.pdf``: per solution and coordinates, that blocks × blocks heatmap beside the blocks' top
 eigenvalues.
 
-**Output** (``blocks.json``, atomic): ``solutions`` → name → ``coordinates`` → {``trace``, ``trace_se``,
-``top_eigenvalue``, ``blocks``: [{``name``, ``trace``, ``trace_se``, ``top_eigenvalue``, ...}], ``js_distance``,
-...}, with the settings, the seed and ``block_by``.
+**Output** (atomic; ``blocks.npz`` holds the arrays, :func:`arrays`). ``blocks.json``, an entry saved as
+soon as it is done under a key of what determines it (a rerun reuses the entries whose key matches):
+``solutions`` → name → ``coordinates`` → {``trace``, ``trace_se``, ``top_eigenvalue``, ``blocks``: [{``name``,
+``trace``, ``trace_se``, ``top_eigenvalue``, ...}], ``js_distance``, ...}, with the settings, the seed and
+``block_by``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from adapters.errors import UserError
-from adapters.io import write_json
+from adapters.io import key_digest, write_json, write_npz
 from adapters.quant import packed_names
 from landscape.curvature.hessian import HessianOperator
 from landscape.curvature.settings import ADAPTER_METHODS, NO_ADAPTER, PACKED_WEIGHTS, CurvatureSettings
@@ -170,7 +172,9 @@ def blocks_stage(
 ) -> dict:  # fmt: skip
     """Block curvature of every solution in every coordinates of ``settings``: blocks.json (after each entry)
     and blocks.png / .pdf under ``out``; returns what blocks.json holds."""
-    from landscape.curvature.stage import adapter_coordinates, weight_coordinates, weight_names
+    from adapters.solution import delta_fingerprint, fingerprint
+    from landscape.curvature.stage import _previous, adapter_coordinates, weight_coordinates, weight_names
+    from landscape.engine.grid import eval_fingerprint
 
     settings.check()
     check_block_by(block_by)
@@ -180,6 +184,9 @@ def blocks_stage(
     out = Path(out)
     names = weight_names(task.base, task.entry.targets, settings.weight_set, plane_solutions or solutions,
                          settings.include_head)  # fmt: skip
+    common = {"settings": settings.key(), "base": fingerprint(task.base), "eval": eval_fingerprint(eval_set),
+              "objective": task.objective.name, "weights": names, "block_by": block_by}  # fmt: skip
+    previous = _previous(out / "blocks.json")
     result = {**(dict(info) if info else {}), "settings": settings.to_dict(), "seed": settings.seed,
               "block_by": block_by, "eval_samples": eval_set.n, "device": str(device), "complete": False,
               "solutions": {}}  # fmt: skip
@@ -192,22 +199,48 @@ def blocks_stage(
             if coordinates == "weights" and packed_names(task.base):
                 per[coordinates] = {"skipped": PACKED_WEIGHTS}
                 continue
+            key = key_digest({**common, "coordinates": coordinates, "solution": delta_fingerprint(solution)})
+            old = previous.get(name, {}).get(coordinates, {})
+            if old.get("key") == key:  # a rerun (after a kill) reuses what it finished
+                per[coordinates] = {**old, "reused": True}
+                continue
             flags = [(p, p.requires_grad) for p in solution.base.parameters()]
             try:
                 if coordinates == "weights":
                     model, chosen = weight_coordinates(solution, names)
                 else:
                     model, chosen = adapter_coordinates(solution, settings.include_head, settings.dtype, device)
-                per[coordinates] = block_curvature(model.to(device), chosen, eval_set, task.objective, settings,
-                                                   block_by, settings.hvp_batch)  # fmt: skip
+                entry = block_curvature(model.to(device), chosen, eval_set, task.objective, settings, block_by,
+                                        settings.hvp_batch)  # fmt: skip
+                per[coordinates] = {"key": key, **entry}
             finally:  # the operators froze parameters an adapter's skeleton shares with the base: put back
                 for p, flag in flags:
                     p.requires_grad_(flag)
             write_json(out / "blocks.json", result)
     result["complete"] = True
     write_json(out / "blocks.json", result)
+    write_npz(out / "blocks.npz", **arrays(result))
     write_blocks_figure(result, out, (info or {}).get("title"))
     return result
+
+
+def arrays(result: Mapping) -> dict[str, np.ndarray]:
+    """blocks.npz: per ``SOLUTION/COORDINATES/`` the block names, their top eigenvalues, traces and SEs, the
+    JS distances and the common-grid densities (rows = blocks)."""
+    out = {}
+    for name, per in result["solutions"].items():
+        for coordinates, e in per.items():
+            if "blocks" not in e:
+                continue
+            at = f"{name}/{coordinates}/"
+            out[at + "names"] = np.asarray([b["name"] for b in e["blocks"]])
+            for k in ("top_eigenvalue", "trace", "trace_se"):
+                out[at + k] = np.asarray([np.nan if b[k] is None else b[k] for b in e["blocks"]], dtype=np.float64)
+            if "js_distance" in e:
+                out[at + "js_distance"] = np.asarray(e["js_distance"])
+                out[at + "density_grid"] = np.asarray(e["density"]["grid"])
+                out[at + "density_values"] = np.asarray(e["density"]["values"])
+    return out
 
 
 def blocks_figure(result: Mapping, title: str | None = None):
