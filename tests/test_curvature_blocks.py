@@ -111,6 +111,7 @@ def test_blocks_equal_the_dense_hessians_diagonal_blocks(two_layers, block_by):
     js = np.asarray(result["js_distance"])
     assert js.shape == (len(expected),) * 2 and np.allclose(js, js.T) and np.all(np.diag(js) == 0)
     assert np.all((js >= 0) & (js <= 1)) and js.max() > 0
+    np.testing.assert_allclose([b["js_mean"] for b in result["blocks"]], js.sum(1) / (len(js) - 1), rtol=1e-12)
 
 
 def test_js_distance_equals_its_formula():

@@ -159,7 +159,10 @@ def block_curvature(
     if densities:
         grid, values, sigma = common_densities(densities, settings.density_points, settings.broadening)
         result["density"] = {"grid": grid.tolist(), "values": values.tolist(), "sigma": sigma}
-        result["js_distance"] = js_distances(values).tolist()
+        js = js_distances(values)
+        result["js_distance"] = js.tolist()
+        for i, entry in enumerate(blocks):  # a block's heterogeneity: its mean distance to the other blocks
+            entry["js_mean"] = float(js[i].sum() / max(len(blocks) - 1, 1))
         result["js_definition"] = JS_DEFINITION
     result.update(hvps=hvps, seconds=round(time.perf_counter() - start, 3))
     return result
@@ -244,16 +247,19 @@ def arrays(result: Mapping) -> dict[str, np.ndarray]:
 
 
 def blocks_figure(result: Mapping, title: str | None = None):
-    """Per (solution, coordinates) entry with densities: the blocks' JS distances (left) beside their top
-    eigenvalues (right, with the whole Hessian's as a line)."""
+    """First row: block × (solution, coordinates) heatmaps of each block's mean JS distance to the other blocks
+    beside its top eigenvalue; then per entry the blocks' JS distances (left) beside their top eigenvalues
+    (right, with the whole Hessian's as a line)."""
     from matplotlib.figure import Figure
 
     from landscape.render import LABELS
 
     rows = [(n, c, e) for n, per in result["solutions"].items() for c, e in per.items() if "blocks" in e]
-    fig = Figure(figsize=(11, 3.8 * max(len(rows), 1)), layout="constrained")
-    axes = fig.subplots(max(len(rows), 1), 2, squeeze=False)
-    for (name, coordinates, entry), (ax_js, ax_eig) in zip(rows, axes, strict=False):
+    fig = Figure(figsize=(11, 3.8 * (len(rows) + 1)), layout="constrained")
+    axes = fig.subplots(len(rows) + 1, 2, squeeze=False)
+    if rows:
+        _summary_row(fig, axes[0], rows, LABELS)
+    for (name, coordinates, entry), (ax_js, ax_eig) in zip(rows, axes[1:], strict=False):
         labels = [b["name"] for b in entry["blocks"]]
         where = f"{LABELS.get(name, name)}, {coordinates}"
         if "js_distance" in entry:
@@ -275,6 +281,26 @@ def blocks_figure(result: Mapping, title: str | None = None):
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _summary_row(fig, axes, rows: list, labels: Mapping) -> None:
+    """Blocks (rows) × entries (columns): mean JS distance to the other blocks, and log10 top eigenvalue."""
+    blocks = list(dict.fromkeys(b["name"] for _, _, e in rows for b in e["blocks"]))
+    columns = [f"{labels.get(n, n)}\n{c}" for n, c, _ in rows]
+    for ax, key, what in ((axes[0], "js_mean", "mean JS distance to the other blocks"),
+                          (axes[1], "top_eigenvalue", "log10 top eigenvalue of the block")):  # fmt: skip
+        grid = np.full((len(blocks), len(rows)), np.nan)
+        for j, (_, _, e) in enumerate(rows):
+            for b in e["blocks"]:
+                value = b.get(key)
+                if value is not None and key == "top_eigenvalue":
+                    value = math.log10(value) if value > 0 else None  # a negative top: left blank
+                grid[blocks.index(b["name"]), j] = np.nan if value is None else value
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", **({"vmin": 0, "vmax": 1} if key == "js_mean" else {}))
+        fig.colorbar(im, ax=ax, label=what)
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
+        ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
+        ax.set_title(f"per block and solution: {what}", fontsize=9)
 
 
 def write_blocks_figure(result: Mapping, out: str | Path, title: str | None = None) -> list[Path]:
