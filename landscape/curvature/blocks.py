@@ -13,7 +13,7 @@ by Cauchy's interlacing theorem it never exceeds H's top eigenvalue. Its trace f
 Hutchinson probes: tr H_bb ≈ mean over Rademacher z of z_bᵀ(Hz)_b (unbiased, E[zzᵀ] = I), so the block
 traces cost no product beyond the whole trace's and, probe by probe, sum to the whole estimate zᵀHz (the
 same probes as :func:`~landscape.curvature.solvers.hutchinson_trace`, so the whole trace is curvature.json's).
-The price: its variance also holds the block's coupling to the others (2‖H_bc‖_F² for each other block c),
+The price: its variance also holds the block's coupling to the others (‖H_bc‖_F² per probe for each other block c),
 so its SE can exceed that of probes of H_bb alone; the SE is reported beside each trace. Only the top
 eigenvalue is computed per block (``--top-k`` is the whole-Hessian command's).
 
