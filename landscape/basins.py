@@ -306,7 +306,7 @@ def basins_stage(loaded, solutions: Mapping, eval_set: EvalSet, device, progress
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, add_run_options
 
     p = Parser(
         prog=PROG,
@@ -325,17 +325,12 @@ def build_parser():
     p.add_argument("--start", type=float, default=DEFAULT_START, help="the ladder's first radius (default: 1e-3)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="rungs of the ×2 ladder (default: 14)")
     p.add_argument("--bisections", type=int, default=DEFAULT_BISECTIONS, help="bisections (default: 4)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--out", default=None, help="where to write basins.{json,npz,png,pdf} (default: the run folder)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "basins.{json,npz,png,pdf}")
     return p
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
     from landscape import run as run_module
-    from landscape.cli import resolve_device
 
     args = build_parser().parse_args(argv)
     if args.draws < 0 or (args.epsilon is not None and not args.epsilon >= 0):
@@ -343,10 +338,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     if args.draws == 0 and not args.eigen:
         raise UserError("--draws 0 --no-eigen: no direction to walk: give --draws K or --eigen")
     find_radius(lambda r: True, args.start, args.steps, args.bisections)
-    run_module.read_meta(args.run)  # a missing or foreign run folder: one line, before the model loads
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = run_module.open_run(args.run, device)
+    ctx, device = run_module.open_run_from_args(args)
     chosen = {s: ctx.solutions[s] for s in SOLUTIONS if s in ctx.solutions}
     if not chosen:
         raise UserError(f"the run {args.run} has no solution: train one first")
@@ -375,12 +367,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    try:
-        return run_main(_run, argv, PROG)
-    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
-        return e.code if isinstance(e.code, int) else 2
+    return recipe_main(_run, argv, PROG)
 
 
 if __name__ == "__main__":

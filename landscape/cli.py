@@ -49,6 +49,23 @@ def run_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     return 0
 
 
+def recipe_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None, prog: str) -> int:
+    """:func:`run_main` for a recipe over a finished run, with argparse's exit (its one-line error, --help) returned
+    as the exit code instead of raised."""
+    try:
+        return run_main(body, argv, prog)
+    except SystemExit as e:  # argparse's one-line error (Parser) or --help, as a return code
+        return e.code if isinstance(e.code, int) else 2
+
+
+def add_run_options(p: argparse.ArgumentParser, writes: str) -> None:
+    """The options every recipe over a finished run shares: device, output folder, threads, progress."""
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--out", default=None, help=f"where to write {writes} (default: the run folder)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 class Stages:
     """Wall time per stage of a recipe, printed as it goes."""
 

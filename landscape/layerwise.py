@@ -256,7 +256,7 @@ def layerwise_stage(loaded, solutions: Mapping, eval_set: EvalSet, device, progr
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, add_run_options
 
     p = Parser(
         prog=PROG,
@@ -272,27 +272,19 @@ def build_parser():
     p.add_argument("--blocks", default="layer", choices=GROUPINGS,
                    help="layer: one transformer layer (all its weights) per block; module: per layer and module "
                    "kind (attention, mlp, norm) (default: layer)")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--out", default=None, help="where to write layerwise.{json,npz,png,pdf} (default: the run folder)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "layerwise.{json,npz,png,pdf}")
     return p
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
     from landscape import run as run_module
-    from landscape.cli import resolve_device
 
     args = build_parser().parse_args(argv)
     if args.points < 2:
         raise UserError(f"--points {args.points}: a path needs at least 2 points (0 and 1): try 5")
     if args.pair is not None and (args.pair[0] == args.pair[1] or any(s not in SOLUTIONS for s in args.pair)):
         raise UserError(f"--pair {' '.join(args.pair)}: two different solutions of {', '.join(SOLUTIONS)}")
-    run_module.read_meta(args.run)  # a missing or foreign run folder: one line, before the model loads
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = run_module.open_run(args.run, device)
+    ctx, device = run_module.open_run_from_args(args)
     chosen = [s for s in SOLUTIONS if s in ctx.solutions]
     missing = [s for s in (args.pair or ()) if s not in ctx.solutions]
     if missing:
@@ -321,12 +313,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    try:
-        return run_main(_run, argv, PROG)
-    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
-        return e.code if isinstance(e.code, int) else 2
+    return recipe_main(_run, argv, PROG)
 
 
 if __name__ == "__main__":

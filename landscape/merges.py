@@ -390,7 +390,7 @@ def merges_stage(loaded, solutions: Mapping[str, Solution], eval_set: EvalSet, d
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, add_run_options
 
     d = MergeSettings()
     p = Parser(
@@ -413,17 +413,12 @@ def build_parser():
     p.add_argument("--weights", type=float, nargs="+", default=None,
                    help="one merge of the --solutions at these weights, one per solution, instead of the default "
                    "pairs at (1/2, 1/2) and triple at (1/3, 1/3, 1/3)")  # fmt: skip
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--out", default=None, help="where to write merges.{json,npz,png,pdf} (default: the run folder)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "merges.{json,npz,png,pdf}")
     return p
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
     from landscape import run as run_module
-    from landscape.cli import resolve_device
 
     args = build_parser().parse_args(argv)
     weights = None if args.weights is None else tuple(args.weights)
@@ -435,10 +430,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     if weights is not None and len(weights) != len(args.solutions or ()):
         raise UserError(f"--weights {' '.join(map(str, weights))}: one weight per solution: pass --solutions with "
                         f"{len(weights)} names")  # fmt: skip
-    run_module.read_meta(args.run)  # a missing or foreign run folder: one line, before the model loads
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = run_module.open_run(args.run, device)
+    ctx, device = run_module.open_run_from_args(args)
     chosen = list(dict.fromkeys(args.solutions or [s for s in SOLUTIONS if s in ctx.solutions]))
     missing = [s for s in chosen if s not in ctx.solutions]
     if missing:
@@ -469,12 +461,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    try:
-        return run_main(_run, argv, PROG)
-    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
-        return e.code if isinstance(e.code, int) else 2
+    return recipe_main(_run, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -392,6 +392,17 @@ def seed_solution_folders(run_dir: str | Path, meta: dict) -> dict[int, dict[str
             for seed in training_seeds(config)[1:]}  # fmt: skip
 
 
+def open_run_from_args(args, with_eval_set: bool = True) -> tuple[OpenRun, torch.device]:
+    """Reopen ``args.run`` as a recipe's command line asks (:func:`landscape.cli.add_run_options`): its CPU threads,
+    its device; a missing or foreign run folder is one line before the model loads (:func:`read_meta`)."""
+    from adapters import threads
+    from landscape.cli import resolve_device
+
+    threads.configure(args.threads)
+    device = resolve_device(args.device)
+    return open_run(args.run, device, with_eval_set=with_eval_set), device
+
+
 def open_run(run_dir: str | Path, device: torch.device | str = "cpu", with_eval_set: bool = True) -> OpenRun:
     """Reopen a run: the base model, the three solutions and its evaluation set, rebuilt exactly as the run
     built them from the configuration recorded in landscape.json."""

@@ -460,7 +460,7 @@ def _over_seeds(entry: dict, old: Mapping, name: str, coordinates: str, seeds: S
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, add_run_options, positive_int
 
     d = SharpnessSettings()
     p = Parser(
@@ -488,10 +488,7 @@ def build_parser():
     p.add_argument("--samples", type=positive_int, default=None,
                    help="evaluation samples: the first N of the run's evaluation set (default: all of it)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the ascent's start and the draws (default: 0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--out", default=None, help="where to write sharpness.json (default: the run folder)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "sharpness.json")
     return p
 
 
@@ -507,16 +504,11 @@ def settings_from(args) -> SharpnessSettings:
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
     from landscape import run as run_module
-    from landscape.cli import resolve_device
 
     args = build_parser().parse_args(argv)
     settings = settings_from(args)  # every setting is checked before any loading
-    run_module.read_meta(args.run)  # a missing or foreign run folder: one line, before the model loads
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = run_module.open_run(args.run, device, with_eval_set=args.samples is None)
+    ctx, device = run_module.open_run_from_args(args, with_eval_set=args.samples is None)
     chosen = args.solutions or [s for s in SOLUTION_CHOICES if s in ctx.solutions]
     missing = [s for s in chosen if s not in ctx.solutions]
     if missing:
@@ -559,12 +551,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    try:
-        return run_main(_run, argv, PROG)
-    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
-        return e.code if isinstance(e.code, int) else 2
+    return recipe_main(_run, argv, PROG)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ PROG = "python -m landscape.curvature"
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, add_run_options, positive_int
 
     def count(text: str) -> int:  # an integer >= 0 (0 skips)
         import argparse
@@ -69,10 +69,7 @@ def build_parser():
                    help="with --blocks: a block is a transformer layer, or a module kind in a layer (attention, "
                    "mlp, norm) (default: layer)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--out", default=None, help="where to write curvature.{json,png,pdf} (default: the run folder)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, "curvature.{json,png,pdf}")
     return p
 
 
@@ -88,16 +85,12 @@ def settings_from(args) -> CurvatureSettings:
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
     from landscape import run as run_module
-    from landscape.cli import resolve_device
 
     args = build_parser().parse_args(argv)
     settings = settings_from(args)  # every setting is checked before any loading
     check_block_by(args.block_by)
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = run_module.open_run(args.run, device, with_eval_set=args.samples is None)
+    ctx, device = run_module.open_run_from_args(args, with_eval_set=args.samples is None)
     eval_set = ctx.eval_set
     if args.samples is not None:
         config = dataclasses.replace(ctx.loaded.config, eval_samples=args.samples)
@@ -145,9 +138,6 @@ def _run_blocks(args, ctx, solutions, eval_set, out: Path, settings, device, inf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    try:
-        return run_main(_run, argv, PROG)
-    except SystemExit as e:  # argparse's one-line error (landscape.cli.Parser) or --help, as a return code
-        return e.code if isinstance(e.code, int) else 2
+    return recipe_main(_run, argv, PROG)
