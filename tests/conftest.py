@@ -95,3 +95,30 @@ def free_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return str(sock.getsockname()[1])
+
+
+SEEDS_N = 3  # the shared --seeds run's N
+
+
+def scipy_interval(values) -> list[float]:
+    """The reference: scipy's 95 % t-interval of the mean (sem = sd / √N)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    return list(stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)))
+
+
+@pytest.fixture(scope="session")
+def seeds_run(tmp_path_factory, wordnet_root):
+    """The tiny run of TINY_RUN with --seeds 3 (figures built, not drawn), shared by test_seeds and test_claims:
+    read only (tests that rerun or add outputs copy it or write under their own --out)."""
+    from landscape import connectivity
+    from tests.nodraw import figures_not_drawn
+
+    out = tmp_path_factory.mktemp("seeds") / "wordnet"
+    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN, "--seeds",
+            str(SEEDS_N)]  # fmt: skip
+    with figures_not_drawn():
+        assert connectivity.main(argv) == 0
+    return out

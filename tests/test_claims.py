@@ -9,30 +9,10 @@ import shutil
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from experiments import claims
-from tests.conftest import TINY_RUN
-
-N = 3
-
-
-def scipy_interval(values) -> list[float]:
-    x = np.asarray(values, dtype=np.float64)
-    return list(stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)))
-
-
-@pytest.fixture(scope="module")
-def seeds_run(tmp_path_factory, wordnet_root):
-    """The tiny run of conftest's TINY_RUN with --seeds 3 (figures built, not drawn)."""
-    from landscape import connectivity
-    from tests.nodraw import figures_not_drawn
-
-    out = tmp_path_factory.mktemp("claims") / "wordnet"
-    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN, "--seeds", str(N)]
-    with figures_not_drawn():
-        assert connectivity.main(argv) == 0
-    return out
+from tests.conftest import SEEDS_N as N
+from tests.conftest import scipy_interval
 
 
 @pytest.mark.parametrize(

@@ -10,32 +10,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from adapters.errors import UserError
 from landscape import seeds
-from tests.conftest import TINY_RUN
-
-N = 3
-
-
-def scipy_interval(values) -> list[float]:
-    """The reference: scipy's 95 % t-interval of the mean (sem = sd / √N)."""
-    x = np.asarray(values, dtype=np.float64)
-    return list(stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)))
-
-
-@pytest.fixture(scope="module")
-def seeds_run(tmp_path_factory, wordnet_root):
-    """The tiny run of conftest's TINY_RUN with --seeds 3 (figures built, not drawn)."""
-    from landscape import connectivity
-    from tests.nodraw import figures_not_drawn
-
-    out = tmp_path_factory.mktemp("seeds") / "run"
-    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *TINY_RUN, "--seeds", str(N)]
-    with figures_not_drawn():
-        assert connectivity.main(argv) == 0
-    return out
+from tests.conftest import SEEDS_N as N
+from tests.conftest import TINY_RUN, scipy_interval
 
 
 def test_t_interval_is_scipys():
