@@ -256,6 +256,12 @@ class RunConfig(ConfigChecks):
         "drops by more than 2 paired SEs: basins.json / .npz / .png / .pdf",
         toml="landscape.basins", action="store_true",
     )  # fmt: skip
+    blocks: bool = option(
+        False, "also measure the curvature per transformer layer (python -m landscape.curvature --blocks with its "
+        "defaults): each block's top Hessian eigenvalue, Hutchinson trace with its SE and SLQ density, and the "
+        "blocks' Jensen-Shannon distances, in weight and adapter coordinates: blocks.json / .npz / .png / .pdf",
+        toml="landscape.blocks", action="store_true",
+    )  # fmt: skip
     # --- the run
     seed: int = option(0, "seed for data split, initialisation, batches and bases")
     seeds: int = option(

@@ -20,6 +20,8 @@ their weight updates, and writes the output contract under --out:
                                                    every pair, the rest held at either end (landscape.layerwise)
   basins.json / basins.npz / basins.png / basins.pdf   with --basins: each solution's accuracy radius along random
                                                    and Hessian eigen-directions (landscape.basins)
+  blocks.json / blocks.npz / blocks.png / blocks.pdf   with --blocks: the curvature per transformer layer at each
+                                                   solution (python -m landscape.curvature --blocks)
   stages.json     one record per finished stage (its key, what it read, its files), written as each finishes:
                   a rerun reuses the paths and spectra whose inputs are unchanged (landscape.stages)
 
@@ -130,6 +132,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
     written += merges_stage(loaded, solutions, evaluator, device, stages)
     written += layerwise_stage(loaded, solutions, evaluator, device, stages)
     written += basins_stage(loaded, solutions, evaluator, device, stages)
+    written += blocks_stage(loaded, solutions, evaluator, device, stages)
     with stages("render"):
         figures = render_landscape(loaded, chart, arrays, summary)
     written += figures
@@ -256,6 +259,25 @@ def basins_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[P
 
     with stages("basins"):
         return basins.basins_stage(loaded, solutions, evaluator.eval_set, device, loaded.config.progress)
+
+
+def blocks_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[Path]:
+    """``--blocks``: ``python -m landscape.curvature --blocks`` with its defaults and the run's seed on the plane's
+    evaluation set (blocks.json, .npz, .png, .pdf next to landscape.npz; entries reused by key); nothing without
+    the flag."""
+    config = loaded.config
+    if not config.blocks:
+        return []
+    from landscape.curvature.blocks import blocks_stage as measure
+
+    chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}
+    info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
+            "run": str(config.out_dir),
+            "title": f"{loaded.model_name} on {config.dataset}: curvature per layer at the solutions"}  # fmt: skip
+    with stages("blocks"):
+        measure(loaded, chosen, evaluator.eval_set, config.out_dir, curvature.CurvatureSettings(seed=config.seed),
+                device=device, plane_solutions=solutions, info=info)  # fmt: skip
+    return [config.out_dir / f"blocks.{ext}" for ext in ("json", "npz", "png", "pdf")]
 
 
 def render_landscape(loaded: Loaded, chart, arrays: dict, summary: dict) -> list[Path]:

@@ -103,6 +103,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "merges": ("merges",),  # landscape.merges' stage (--merges); merges.json is rewritten whenever it runs
     "layerwise": ("layerwise",),  # landscape.layerwise's stage (--layerwise); rewritten whenever it runs
     "basins": ("basins",),  # landscape.basins' stage (--basins); rewritten whenever it runs
+    "blocks": ("blocks",),  # landscape.curvature --blocks as a stage (--blocks); its entries are reused by key
     # how the run runs, not what it computes (points per forward: the same numbers, tested in test_grid_batched)
     "run": (
         "device",

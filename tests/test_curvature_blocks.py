@@ -179,3 +179,42 @@ def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, cap
         errors = [line for line in err.splitlines() if "error:" in line]
         assert errors == err.splitlines()[-1:] and needle in errors[0] and "Traceback" not in err, (argv, err)
     assert not out.exists()
+
+
+def test_stage_of_the_connectivity_run_equals_the_command(tmp_path, wordnet_root, tiny_wordnet_run, no_figure_drawing):
+    """``--blocks`` writes blocks.json next to the run's outputs, entry for entry the numbers that ``python -m
+    landscape.curvature --run DIR --blocks`` (its defaults, the run's seed) computes afresh on that run; without it
+    (the shared run) there is none."""
+    from landscape import connectivity
+    from tests.conftest import TINY_RUN
+
+    run = tmp_path / "run"
+    assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(run), *TINY_RUN,
+                              "--blocks"]) == 0  # fmt: skip
+    meta = json.loads((run / "landscape.json").read_text())
+    assert meta["config"]["blocks"] and "blocks" in meta["wall_time_s"]
+    assert all((run / f"blocks.{e}").is_file() for e in ("json", "npz", "png", "pdf"))
+    stage = json.loads((run / "blocks.json").read_text())
+    out = tmp_path / "recipe"  # a folder of its own: nothing to reuse, every entry computed again
+    assert curvature.main(["--run", str(run), "--blocks", "--seed", str(meta["config"]["seed"]), "--out", str(out),
+                           "--no-progress"]) == 0  # fmt: skip
+    recipe = json.loads((out / "blocks.json").read_text())
+    assert stage["complete"] and stage["settings"] == recipe["settings"] and stage["seed"] == recipe["seed"]
+    assert stage["eval_samples"] == recipe["eval_samples"] == meta["eval_samples"]
+    assert set(stage["solutions"]) == set(recipe["solutions"]) == {"ft", "lora", "randlora"}
+    for name, per in recipe["solutions"].items():
+        for coordinates, e in per.items():
+            s = stage["solutions"][name][coordinates]
+            if "skipped" in e:  # full fine-tuning has no adapter coordinates
+                assert s == e
+                continue
+            assert s["key"] == e["key"] and not s.get("reused") and not e.get("reused")
+            for k in ("top_eigenvalue", "trace", "trace_se", "loss"):
+                assert s[k] == pytest.approx(e[k], rel=1e-5, abs=1e-8), (name, coordinates, k)
+            assert [b["name"] for b in s["blocks"]] == [b["name"] for b in e["blocks"]]
+            for a, b in zip(s["blocks"], e["blocks"], strict=True):
+                for k in ("top_eigenvalue", "trace", "trace_se"):
+                    assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-8), (name, coordinates, a["name"], k)
+            np.testing.assert_allclose(s["js_distance"], e["js_distance"], rtol=1e-4, atol=1e-6)
+    assert not (tiny_wordnet_run / "blocks.json").exists()
+    assert not json.loads((tiny_wordnet_run / "landscape.json").read_text())["config"]["blocks"]
