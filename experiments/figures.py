@@ -15,6 +15,8 @@ run's trained solutions, in sibling folders ``runs/<name>-random*``), the curvat
 charts run with the default ``--draws 5`` (a chart from before ``--draws`` is redone): their sharpness is read
 with its spread over the draws and ranked only beyond it (:func:`experiments.readings.draw_readings`).
 The sentences of numbers themselves are made in :mod:`experiments.readings`; this module runs, copies and writes.
+The same full sections get "Instruments" (:mod:`experiments.instruments`): merges, layer-wise barriers, task-metric
+basins, curvature per block and a Hessian eigen-direction chart (``runs/<name>-hessian``), run when missing.
 
 The full sections' runs train ``--seeds N`` solutions per method (default 3; the compared ``hf:`` run one), and the
 README's claims table (between its own markers, :mod:`experiments.claims`) tests the paper's claims on them: each
@@ -38,7 +40,7 @@ import numpy as np
 
 from adapters.errors import UserError
 from adapters.io import atomic_folder, write_text, write_with
-from experiments import claims
+from experiments import claims, instruments
 from experiments.readings import (
     LABELS,
     TRIO,
@@ -200,6 +202,7 @@ def section(name: str, out: Path, figures: Path) -> str:
     lines += ["Measured readings:", ""] + [f"- {r}" for r in readings(meta, spec)] + [""]
     if name in BEYOND:
         lines.append(beyond_section(name, out, out.parent, figures))
+        lines.append(instruments.section(name, out, out.parent, figures))
     return "\n".join(lines)
 
 
@@ -331,6 +334,7 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
     if force or not curve_json.exists() or _old_barriers(curve_json):
         print(f"[figures] {_shown('landscape.curves', curve_argv(run))}", file=sys.stderr)
         _check(curves.main(curve_argv(run)), f"the {'-'.join(CURVE_PAIR)} curve of '{name}'")
+    instruments.ensure(name, run, runs, force)  # merges, layer-wise, basins, blocks, the Hessian chart
 
 
 def random_lines_figure(lines: dict[str, dict], directions: dict, title: str, png: Path) -> None:

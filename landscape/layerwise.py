@@ -58,8 +58,8 @@ DEFINITIONS = {
     "barrier": CHORD_BARRIER_DEFINITION + " along the path; barrier_se paired over the evaluation samples",
     "whole": "every block at once: the straight path of paths.json",
 }
-# a stack of transformer layers: BERT's encoder.layer.N, GPT-2's h.N, LLaMA's layers.N, ViT's blocks.N
-LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
+# a stack of layers: BERT's encoder.layer.N, GPT-2's h.N, LLaMA's layers.N, ViT's blocks.N, EfficientNet's _blocks.N
+LAYER = re.compile(r"(?:^|\.)(?:layer|layers|h|_?blocks|block)\.(\d+)\.")
 KINDS = (("attention", ("attention", "attn", "query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj")),
          ("norm", ("layernorm", "layer_norm", "norm", "ln_")),
          ("mlp", ("mlp", "intermediate", "output", "ffn", "fc", "gate", "up_proj", "down_proj")))  # fmt: skip

@@ -1,0 +1,152 @@
+"""The gallery's "Instruments" part of a full section (experiments.figures): issue 23's instruments on the run's own
+solutions, each run when its outputs are missing or older than the solutions (again with ``--force``), only for
+runs made by the set's own command, like "Beyond the plane":
+
+- merges of the solutions' updates (``python -m landscape.merges --run DIR``: merges.json / .png in the run);
+- layer-wise barriers (``python -m landscape.layerwise --run DIR``: every pair, layerwise.json / .png);
+- task-metric basins (``python -m landscape.basins --run DIR``: 5 random and the top-2 eigen-directions);
+- curvature per block (``python -m landscape.curvature --run DIR --blocks`` with :data:`BLOCKS_ARGV`, fewer probes
+  than its defaults and weight coordinates only: blocks.json / .png);
+- the Hessian eigen-direction chart around RandLoRA (``--chart hessian --center randlora`` on the run's trained
+  solutions, in the sibling folder ``runs/<name>-hessian``, like the random charts).
+
+Each part copies its figure into ``figures/`` and states its command, its wall time as its outputs record it and
+the readings of :mod:`experiments.readings_instruments`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from experiments import readings_instruments as ri
+
+HESSIAN_CENTER = "randlora"
+# the recipes' own defaults, but for block curvature: 64 samples (as the gallery's curvature), fewer probes, a
+# looser Lanczos tolerance and the weights only (comparable across FT, LoRA and RandLoRA), to fit the budget
+BLOCKS_ARGV = ["--samples", "64", "--trace-probes", "10", "--slq-probes", "1", "--slq-steps", "20", "--tol", "1e-2",
+               "--coordinates", "weights"]  # fmt: skip
+RECIPES = {  # kind: (module, arguments after --run DIR, output stem, heading)
+    "merges": ("landscape.merges", [], "merges", "Merges of the solutions' updates"),
+    "layerwise": ("landscape.layerwise", [], "layerwise", "Layer-wise barriers"),
+    "basins": ("landscape.basins", [], "basins", "Task-metric basins"),
+    "blocks": ("landscape.curvature", ["--blocks", *BLOCKS_ARGV], "blocks", "Curvature per block"),
+}
+SOLUTIONS = ("ft", "lora", "randlora")
+
+
+def recipe_argv(kind: str, run: Path) -> list[str]:
+    return ["--run", str(run), *RECIPES[kind][1], "--no-progress"]
+
+
+def hessian_output(name: str, runs: Path) -> Path:
+    return runs / f"{name}-hessian"
+
+
+def hessian_argv(name: str, run: Path) -> list[str]:
+    from experiments import figures
+
+    return figures.random_argv(figures.resolve_argv(figures.OFFLINE[name]), run, "hessian", HESSIAN_CENTER)
+
+
+def _solutions_time(run: Path) -> float:
+    """The latest modification time of the run's three solutions' files (0 when none)."""
+    times = [p.stat().st_mtime for s in SOLUTIONS for p in (run / "solutions" / s).glob("**/*") if p.is_file()]
+    return max(times, default=0.0)
+
+
+def _settings_match(result: dict) -> bool:
+    """blocks.json made with :data:`BLOCKS_ARGV` (another --samples, probes or tolerance: recompute)."""
+    wanted = dict(zip(BLOCKS_ARGV[0::2], BLOCKS_ARGV[1::2], strict=True))
+    settings = result.get("settings", {})
+    same = all(float(settings.get(k[2:].replace("-", "_"), "nan")) == float(v) for k, v in wanted.items()
+               if k not in ("--samples", "--coordinates"))  # fmt: skip
+    return (same and str(result.get("eval_samples")) == wanted["--samples"]
+            and list(settings.get("coordinates", [])) == [wanted["--coordinates"]])  # fmt: skip
+
+
+def done(kind: str, run: Path) -> bool:
+    """Whether the run holds the instrument's output, made after its solutions (and, for block curvature, complete
+    and with the gallery's settings)."""
+    path = run / f"{RECIPES[kind][2]}.json"
+    if not path.exists() or path.stat().st_mtime < _solutions_time(run):
+        return False
+    if kind == "blocks":
+        result = json.loads(path.read_text())
+        return bool(result.get("complete")) and _settings_match(result)
+    return True
+
+
+def ensure(name: str, run: Path, runs: Path, force: bool) -> None:
+    """Run the instruments whose outputs are missing or stale (all of them with ``force``; block curvature reuses
+    its entries by key even then) and the Hessian chart when its run is missing or older than the solutions."""
+    import importlib
+
+    from experiments import figures
+
+    for kind, (module, _, _, heading) in RECIPES.items():
+        if force or not done(kind, run):
+            argv = recipe_argv(kind, run)
+            print(f"[figures] {figures._shown(module, argv)}", file=sys.stderr)
+            figures._check(importlib.import_module(module).main(argv), f"{heading.lower()} of '{name}'")
+    out = hessian_output(name, runs)
+    stale = (out / "landscape.json").exists() and (out / "landscape.json").stat().st_mtime < _solutions_time(run)
+    figures._seed_head_only(run, out)
+    figures.ensure_run(out.name, hessian_argv(name, run), runs, force or stale)
+
+
+READINGS = {"merges": ri.merge_readings, "layerwise": ri.layerwise_readings, "basins": ri.basin_readings,
+            "blocks": ri.block_readings}  # fmt: skip
+
+
+def _recipe_part(kind: str, name: str, run: Path, figures_dir: Path) -> str:
+    from experiments import figures
+
+    module, _, stem, heading = RECIPES[kind]
+    if not done(kind, run):
+        return ""
+    result = json.loads((run / f"{stem}.json").read_text())
+    png = figures._copy(run / f"{stem}.png", figures_dir / f"{name}_{stem}.png")
+    seconds = ri.seconds_of(kind, result)
+    text = [f"**{heading}**: `{figures._shown(module, recipe_argv(kind, run))}` ({ri.time_text(seconds)}).", "",
+            f"![{name} {stem}]({figures._rel(png)})", ""]  # fmt: skip
+    return "\n".join(text + [f"- {r}" for r in READINGS[kind](result)] + [""])
+
+
+def _hessian_part(name: str, run: Path, runs: Path, figures_dir: Path) -> str:
+    from experiments import figures
+
+    out = hessian_output(name, runs)
+    if not (out / "landscape.json").exists():
+        return ""
+    meta = json.loads((out / "landscape.json").read_text())
+    png = figures._copy(out / "landscape.png", figures_dir / f"{name}_hessian.png")
+    command = figures._shown("landscape.connectivity", [*hessian_argv(name, run), "--out", str(out)])
+    seconds = ri.seconds_of("hessian", meta)
+    text = [f"**Hessian eigen-directions** around {ri.LABELS[HESSIAN_CENTER]} (PyHessian's plane): `{command}` "
+            f"({ri.time_text(seconds)}).", "", f"![{name} hessian]({figures._rel(png)})", ""]  # fmt: skip
+    readings = ri.hessian_readings(meta, dict(np.load(out / "landscape.npz")))
+    return "\n".join(text + [f"- {r}" for r in readings] + [""])
+
+
+def section(name: str, run: Path, runs: Path, figures_dir: Path) -> str:
+    """The "Instruments" part of a full section, from the outputs that exist ('' when none); its heading states
+    the instruments' total recorded time."""
+    parts = [_recipe_part(k, name, run, figures_dir) for k in RECIPES]
+    parts.append(_hessian_part(name, run, runs, figures_dir))
+    parts = [p for p in parts if p]
+    if not parts:
+        return ""
+    total = sum(ri.seconds_of(k, json.loads((run / f"{RECIPES[k][2]}.json").read_text())) for k in RECIPES
+                if done(k, run))  # fmt: skip
+    if (hessian_output(name, runs) / "landscape.json").exists():
+        total += ri.seconds_of("hessian", json.loads((hessian_output(name, runs) / "landscape.json").read_text()))
+    head = ["#### Instruments", "",
+            "Merges, layer-wise barriers, task-metric basins, curvature per block and the Hessian eigen-direction "
+            "chart on the run's own solutions, each rerun by `python -m experiments.figures` when its outputs are "
+            f"missing; {ri.time_text(total)} in all as their outputs record it; every reading below comes from their "
+            "JSON / NPZ files.", ""]  # fmt: skip
+    return "\n".join(head + parts)
