@@ -202,7 +202,7 @@ def section(name: str, out: Path, figures: Path) -> str:
     lines += ["Measured readings:", ""] + [f"- {r}" for r in readings(meta, spec)] + [""]
     if name in BEYOND:
         lines.append(beyond_section(name, out, out.parent, figures))
-        lines.append(instruments.section(name, out, out.parent, figures))
+        lines.append(instruments.section(name, out, out.parent, figures, ROOT))
     return "\n".join(lines)
 
 
@@ -334,7 +334,17 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
     if force or not curve_json.exists() or _old_barriers(curve_json):
         print(f"[figures] {_shown('landscape.curves', curve_argv(run))}", file=sys.stderr)
         _check(curves.main(curve_argv(run)), f"the {'-'.join(CURVE_PAIR)} curve of '{name}'")
-    instruments.ensure(name, run, runs, force)  # merges, layer-wise, basins, blocks, the Hessian chart
+    instruments.ensure(name, run, force, ROOT)  # merges, layer-wise barriers, basins, curvature per block
+    ensure_hessian(name, run, runs, force)
+
+
+def ensure_hessian(name: str, run: Path, runs: Path, force: bool) -> None:
+    """The Hessian eigen-direction chart around RandLoRA on the run's solutions (runs/<name>-hessian), when missing
+    or older than the solutions."""
+    out = instruments.hessian_output(name, runs)
+    _seed_head_only(run, out)
+    chart = random_argv(resolve_argv(OFFLINE[name]), run, "hessian", instruments.HESSIAN_CENTER)
+    ensure_run(out.name, chart, runs, force or instruments.stale(out, run))
 
 
 def random_lines_figure(lines: dict[str, dict], directions: dict, title: str, png: Path) -> None:

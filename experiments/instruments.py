@@ -8,7 +8,8 @@ runs made by the set's own command, like "Beyond the plane":
 - curvature per block (``python -m landscape.curvature --run DIR --blocks`` with :data:`BLOCKS_ARGV`, fewer probes
   than its defaults and weight coordinates only: blocks.json / .png);
 - the Hessian eigen-direction chart around RandLoRA (``--chart hessian --center randlora`` on the run's trained
-  solutions, in the sibling folder ``runs/<name>-hessian``, like the random charts).
+  solutions, in the sibling folder ``runs/<name>-hessian``, like the random charts; run by
+  :func:`experiments.figures.ensure_hessian`, which this module does not import).
 
 Each part copies its figure into ``figures/`` and states its command, its wall time as its outputs record it and
 the readings of :mod:`experiments.readings_instruments`.
@@ -16,12 +17,16 @@ the readings of :mod:`experiments.readings_instruments`.
 
 from __future__ import annotations
 
+import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from adapters.errors import UserError
+from adapters.io import write_with
 from experiments import readings_instruments as ri
 
 HESSIAN_CENTER = "randlora"
@@ -44,12 +49,6 @@ def recipe_argv(kind: str, run: Path) -> list[str]:
 
 def hessian_output(name: str, runs: Path) -> Path:
     return runs / f"{name}-hessian"
-
-
-def hessian_argv(name: str, run: Path) -> list[str]:
-    from experiments import figures
-
-    return figures.random_argv(figures.resolve_argv(figures.OFFLINE[name]), run, "hessian", HESSIAN_CENTER)
 
 
 def _solutions_time(run: Path) -> float:
@@ -80,63 +79,77 @@ def done(kind: str, run: Path) -> bool:
     return True
 
 
-def ensure(name: str, run: Path, runs: Path, force: bool) -> None:
-    """Run the instruments whose outputs are missing or stale (all of them with ``force``; block curvature reuses
-    its entries by key even then) and the Hessian chart when its run is missing or older than the solutions."""
-    import importlib
+def stale(out: Path, run: Path) -> bool:
+    """Whether the chart run in ``out`` is older than the run's solutions (it is redone)."""
+    path = out / "landscape.json"
+    return path.exists() and path.stat().st_mtime < _solutions_time(run)
 
-    from experiments import figures
 
+def _shown(root: Path, prog: str, argv: list[str]) -> str:
+    """A command as the gallery shows it: paths inside the repository ``root`` relative to it."""
+    return " ".join([f"python -m {prog}", *argv]).replace(str(root) + "/", "")
+
+
+def _rel(root: Path, path: Path) -> str:
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _copy(source: Path, target: Path) -> Path:
+    write_with(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target
+
+
+def ensure(name: str, run: Path, force: bool, root: Path) -> None:
+    """Run the recipes whose outputs are missing or stale (all of them with ``force``; block curvature reuses its
+    entries by key even then). The Hessian chart is a connectivity run: :func:`experiments.figures.ensure_hessian`."""
     for kind, (module, _, _, heading) in RECIPES.items():
         if force or not done(kind, run):
             argv = recipe_argv(kind, run)
-            print(f"[figures] {figures._shown(module, argv)}", file=sys.stderr)
-            figures._check(importlib.import_module(module).main(argv), f"{heading.lower()} of '{name}'")
-    out = hessian_output(name, runs)
-    stale = (out / "landscape.json").exists() and (out / "landscape.json").stat().st_mtime < _solutions_time(run)
-    figures._seed_head_only(run, out)
-    figures.ensure_run(out.name, hessian_argv(name, run), runs, force or stale)
+            print(f"[figures] {_shown(root, module, argv)}", file=sys.stderr)
+            code = importlib.import_module(module).main(argv)
+            if code != 0:
+                raise UserError(f"the {heading.lower()} of '{name}' failed (exit {code}): see the message above, fix "
+                                "it and rerun experiments.figures")  # fmt: skip
 
 
 READINGS = {"merges": ri.merge_readings, "layerwise": ri.layerwise_readings, "basins": ri.basin_readings,
             "blocks": ri.block_readings}  # fmt: skip
 
 
-def _recipe_part(kind: str, name: str, run: Path, figures_dir: Path) -> str:
-    from experiments import figures
-
+def _recipe_part(kind: str, name: str, run: Path, figures_dir: Path, root: Path) -> str:
     module, _, stem, heading = RECIPES[kind]
     if not done(kind, run):
         return ""
     result = json.loads((run / f"{stem}.json").read_text())
-    png = figures._copy(run / f"{stem}.png", figures_dir / f"{name}_{stem}.png")
+    png = _copy(run / f"{stem}.png", figures_dir / f"{name}_{stem}.png")
     seconds = ri.seconds_of(kind, result)
-    text = [f"**{heading}**: `{figures._shown(module, recipe_argv(kind, run))}` ({ri.time_text(seconds)}).", "",
-            f"![{name} {stem}]({figures._rel(png)})", ""]  # fmt: skip
+    text = [f"**{heading}**: `{_shown(root, module, recipe_argv(kind, run))}` ({ri.time_text(seconds)}).", "",
+            f"![{name} {stem}]({_rel(root, png)})", ""]  # fmt: skip
     return "\n".join(text + [f"- {r}" for r in READINGS[kind](result)] + [""])
 
 
-def _hessian_part(name: str, run: Path, runs: Path, figures_dir: Path) -> str:
-    from experiments import figures
-
+def _hessian_part(name: str, runs: Path, figures_dir: Path, root: Path) -> str:
     out = hessian_output(name, runs)
     if not (out / "landscape.json").exists():
         return ""
     meta = json.loads((out / "landscape.json").read_text())
-    png = figures._copy(out / "landscape.png", figures_dir / f"{name}_hessian.png")
-    command = figures._shown("landscape.connectivity", [*hessian_argv(name, run), "--out", str(out)])
+    png = _copy(out / "landscape.png", figures_dir / f"{name}_hessian.png")
+    command = meta["command"].replace(str(root) + "/", "")
     seconds = ri.seconds_of("hessian", meta)
     text = [f"**Hessian eigen-directions** around {ri.LABELS[HESSIAN_CENTER]} (PyHessian's plane): `{command}` "
-            f"({ri.time_text(seconds)}).", "", f"![{name} hessian]({figures._rel(png)})", ""]  # fmt: skip
+            f"({ri.time_text(seconds)}).", "", f"![{name} hessian]({_rel(root, png)})", ""]  # fmt: skip
     readings = ri.hessian_readings(meta, dict(np.load(out / "landscape.npz")))
     return "\n".join(text + [f"- {r}" for r in readings] + [""])
 
 
-def section(name: str, run: Path, runs: Path, figures_dir: Path) -> str:
+def section(name: str, run: Path, runs: Path, figures_dir: Path, root: Path) -> str:
     """The "Instruments" part of a full section, from the outputs that exist ('' when none); its heading states
     the instruments' total recorded time."""
-    parts = [_recipe_part(k, name, run, figures_dir) for k in RECIPES]
-    parts.append(_hessian_part(name, run, runs, figures_dir))
+    parts = [_recipe_part(k, name, run, figures_dir, root) for k in RECIPES]
+    parts.append(_hessian_part(name, runs, figures_dir, root))
     parts = [p for p in parts if p]
     if not parts:
         return ""

@@ -141,18 +141,20 @@ def test_instruments_run_when_missing_and_their_sentences_hold_the_measured_numb
     run = runs / "wordnet"
     shutil.copytree(tiny_wordnet_run, run)
     fig.mkdir()
-    assert instruments.section("wordnet", run, runs, fig) == ""  # nothing measured yet
-    instruments.ensure("wordnet", run, runs, force=False)
+    assert instruments.section("wordnet", run, runs, fig, tmp_path) == ""  # nothing measured yet
+    instruments.ensure("wordnet", run, False, tmp_path)
+    figures.ensure_hessian("wordnet", run, runs, False)
     for stem in ("merges", "layerwise", "basins", "blocks"):
         assert instruments.done(stem, run) and (run / f"{stem}.png").is_file()
     hessian = runs / "wordnet-hessian"
     meta = json.loads((hessian / "landscape.json").read_text())
     assert meta["chart"] == "hessian" and meta["config"]["center"] == "randlora"
     stamps = {p: p.stat().st_mtime_ns for p in [*run.glob("*.json"), hessian / "landscape.json"]}
-    instruments.ensure("wordnet", run, runs, force=False)  # every output present: nothing runs again
+    instruments.ensure("wordnet", run, False, tmp_path)  # every output present: nothing runs again
+    figures.ensure_hessian("wordnet", run, runs, False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
-    text = instruments.section("wordnet", run, runs, fig)
+    text = instruments.section("wordnet", run, runs, fig, tmp_path)
     assert text.startswith("#### Instruments")
     for stem in ("merges", "layerwise", "basins", "blocks", "hessian"):
         assert f"](figures/wordnet_{stem}.png)" in text and (fig / f"wordnet_{stem}.png").is_file()
