@@ -125,7 +125,8 @@ def basin_readings(result: dict) -> list[str]:
         censored = len(s["random"]) - len(found)
         if len(found):
             radii[name] = found
-            text = (f"{_label(name)} (accuracy {s['accuracy']:.4f}): random radius {found.mean():.4g} "
+            text = (f"{_label(name)} (accuracy {s['accuracy']:.4f}): random radius (units of the direction) "
+                    f"{found.mean():.4g} "
                     f"(SD {found.std(ddof=1) if len(found) > 1 else float('nan'):.3g}; "
                     f"{found.min():.4g}–{found.max():.4g} over {len(found)} draws")  # fmt: skip
         else:
@@ -202,8 +203,11 @@ def hessian_readings(meta: dict, data: dict) -> list[str]:
     x, y, loss = np.asarray(data["x"]), np.asarray(data["y"]), np.asarray(data["loss"])
     i0, j0 = int(np.argmin(np.abs(y))), int(np.argmin(np.abs(x)))  # the row y = 0 and the column x = 0
     centre = float(loss[i0, j0])
+    rise = (meta.get("chart_geometry") or {}).get("hessian", {}).get("rise")
+    chosen = f", chosen so that ½λ1α² = {rise:g}" if rise is not None else ""
     out = [f"Top-2 Hessian eigenvalues at {_label(meta['config']['center'])}: λ1 = {lam[0]:.4g}, λ2 = {lam[1]:.4g}; "
-           f"axes over ±{x.max():.4g} (unit eigenvectors, weight-space norm)."]  # fmt: skip
+           f"axes over ±{x.max():.4g}{chosen} (unit eigenvectors in {meta['config'].get('coordinates', 'weights')} "
+           "coordinates)."]  # fmt: skip
     rises = []
     for axis, line, coord, value in (("x", loss[i0, :], x, lam[0]), ("y", loss[:, j0], y, lam[1])):
         edge = 0.5 * (float(line[0]) + float(line[-1])) - centre

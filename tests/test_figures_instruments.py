@@ -74,10 +74,14 @@ def test_basin_readings_report_the_spread_over_draws_and_rank_only_beyond_it():
     out = ri.basin_readings(result)
     sd = statistics.stdev([0.1, 0.2, 0.3])
     assert out[0].startswith(
-        f"full fine-tuning (accuracy 0.9000): random radius 0.2 (SD {sd:.3g}; 0.1–0.3 over 3 draws)"
+        f"full fine-tuning (accuracy 0.9000): random radius (units of the direction) 0.2 (SD {sd:.3g}; "
+        "0.1–0.3 over 3 draws)"
     )
     assert "eigenvectors (weight-space norm) x (λ 12): 0.5, y (λ 3): > 9" in out[0]
-    assert f"random radius 0.55 (SD {statistics.stdev([0.5, 0.6]):.3g}; 0.5–0.6 over 2 draws; 1 censored)" in out[1]
+    assert (
+        f"random radius (units of the direction) 0.55 (SD {statistics.stdev([0.5, 0.6]):.3g}; 0.5–0.6 over 2 "
+        "draws; 1 censored)" in out[1]
+    )
     assert "no random draw left the basin up to r = 8.192 (3 censored)" in out[2]
     assert "narrowest first, beyond the spread of draws" in out[3] and "full fine-tuning 0.2000" in out[3]
     assert "3 random directions per solution (seeded from seed 0), 120 evaluations of 64 samples in 30.0 s" in out[4]
@@ -111,12 +115,14 @@ def test_hessian_readings_of_a_quadratic_bowl_give_half_lambda_alpha_squared():
     loss = 1.0 + 0.5 * lam[0] * x[None, :] ** 2 + 0.5 * lam[1] * y[:, None] ** 2  # rows: y, columns: x
     check = {"step": 0.2, "axes": [{"axis": "x", "eigenvalue": 3.0, "second_difference": 3.01},
                                    {"axis": "y", "eigenvalue": 0.5, "second_difference": 0.49}]}  # fmt: skip
-    meta = {"chart_eigenvalues": lam, "config": {"center": "randlora"}, "chart_check": check, "wall_time_total_s": 75.0,
+    meta = {"chart_eigenvalues": lam, "config": {"center": "randlora", "coordinates": "weights"},
+            "chart_geometry": {"hessian": {"rise": 6.0}}, "chart_check": check, "wall_time_total_s": 75.0,
             "wall_time_s": {"grid": 1.0}}  # fmt: skip
     out = ri.hessian_readings(meta, {"x": x, "y": y, "loss": loss})
     assert (
-        out[0] == "Top-2 Hessian eigenvalues at RandLoRA: λ1 = 3, λ2 = 0.5; axes over ±2 (unit eigenvectors, "
-        "weight-space norm)."
+        out[0]
+        == "Top-2 Hessian eigenvalues at RandLoRA: λ1 = 3, λ2 = 0.5; axes over ±2, chosen so that ½λ1α² = 6 (unit "
+        "eigenvectors in weights coordinates)."
     )
     assert "x: 6 (½λα² = 6), y: 1 (½λα² = 1)" in out[1]
     assert "(h = 0.2) vs eigenvalue: x 3.01 vs 3, y 0.49 vs 0.5" in out[2] and out[3].endswith("took 1.2 min.")
