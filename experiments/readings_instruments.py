@@ -64,7 +64,7 @@ def merge_readings(result: dict) -> list[str]:
         below = [_names(m["solutions"]) for m in merges if not _within(m["gap"], m["gap_se"]) and m["gap"] < 0]
         verdict = (f"above the best endpoint beyond {NOISE_SE:g} SE: {', '.join(above) or 'none'}; below it: "
                    f"{', '.join(below) or 'none'}")  # fmt: skip
-        out.append(f"{label} (weights {_weights(merges)}): merged loss − best endpoint's {gaps} ({verdict}).")
+        out.append(f"{label} (weights {_weights(merges)}): merged loss − best endpoint's: {gaps} ({verdict}).")
     off = {KINDS[k]: [m["off_plane_distance"] for m in result["merges"] if m["kind"] == k] for k in KINDS}
     out.append("Distance off the plane (weight-space units): " + ", ".join(
         f"{k} {min(v):.3g}–{max(v):.3g}" for k, v in off.items() if v) + "; a task-arithmetic merge with weights "

@@ -31,7 +31,7 @@ def test_merge_readings_mark_each_gap_against_two_paired_ses():
         _merge("ties", ["ft", "lora"], 0.2, 0.02, off=1.5), _merge("ties", ["ft", "lora", "randlora"], 0.1, 0.02, 2.5),
     ]}  # fmt: skip
     out = ri.merge_readings(result)
-    assert out[0].startswith("task arithmetic (weights (0.5, 0.5)): ")
+    assert out[0].startswith("task arithmetic (weights (0.5, 0.5)): merged loss − best endpoint's: full")
     assert "full fine-tuning + LoRA 0.05 ± 0.01, full fine-tuning + RandLoRA 0.015 ± 0.01 (within noise)" in out[0]
     assert "above the best endpoint beyond 2 SE: full fine-tuning + LoRA; below it: LoRA + RandLoRA" in out[0]
     assert out[1].startswith("TIES (weights (0.5, 0.5) and (0.333, 0.333, 0.333))") and "below it: none" in out[1]
