@@ -22,7 +22,7 @@ from pathlib import Path
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = re.compile(r"<!-- cli: ([\w.]+) -->")
+CLI = re.compile(r"^<!-- cli: ([\w.]+) -->$", re.M)  # on a line of its own (not one quoted in text)
 WIDTH = "110"  # argparse wraps to $COLUMNS: fixed, so the pages do not depend on the terminal that built them
 
 
