@@ -171,3 +171,60 @@ def test_each_documented_command_runs(block, tiny_wordnet_run, wordnet_root, tmp
                 assert proc.returncode == 0, f"{part}\n{proc.stderr[-3000:]}"
             else:
                 assert _in_process(part, extra) == 0, part
+
+
+class _Parsed(Exception):
+    """Raised by the patched parser once a command line parsed: nothing after the parse runs."""
+
+
+INLINE = re.compile(r"`((?:[A-Z_]+=\S+ )*(?:/usr/bin/time )?(?:python3?|torchrun[^`]*?) -m [\w.]+[^`]*)`")
+PLACEHOLDER = re.compile(r"…|\.\.\.|\||\{|<|\$|\b[A-Z][A-Z0-9_]*\b(?!=)")  # a synopsis, not a command line
+EXAMPLE = {"DIR": "runs/x", "PATH": "x.json", "C": "ft", "V": "fp32", "MODEL": "tiny-bert"}  # placeholder: a value
+
+
+def _example(words: str) -> str:
+    """A synopsis' placeholders replaced by example values, its optional options ([--x N]) kept."""
+    words = words.replace("[", "").replace("]", "")
+    return " ".join(EXAMPLE.get(w, w) for w in words.split())
+
+
+def inline_commands() -> list[tuple[str, str]]:
+    """The commands quoted in running text (page, command), with example values for the common placeholders; those
+    with other placeholders (``NAME=PATH ...``) are synopses, left out."""
+    found = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # the fenced blocks are run above
+        text = re.sub(r"^#.*$", "", text, flags=re.M)  # a heading names a command, without its options
+        for command in INLINE.findall(" ".join(text.split())):
+            words = _example(command[command.index("-m ") :])
+            if " -" in words and not PLACEHOLDER.search(words):
+                found.append((str(page.relative_to(ROOT)), words))
+    return sorted(set(found))
+
+
+def test_every_command_quoted_in_the_text_parses(monkeypatch):
+    """The options of every command quoted in the pages' text are options its parser accepts (parsed, not run)."""
+    import argparse
+
+    commands = inline_commands()
+    assert len(commands) > 20  # the pages quote many commands: a broken pattern must not pass silently
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        original(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    failed = []
+    for page, command in commands:
+        words = shlex.split(command)[1:]
+        module = importlib.import_module(words[0])
+        main = getattr(module, "main", None) or importlib.import_module(words[0] + ".cli").main
+        try:
+            code = main(words[1:])
+            failed.append(f"{page}: {command} (returned {code} before parsing its options)")
+        except _Parsed:
+            pass
+        except SystemExit as e:
+            failed.append(f"{page}: {command} (exit {e.code})")
+    assert not failed, "\n".join(failed)
