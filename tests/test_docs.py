@@ -7,19 +7,21 @@ blank lines) by one HTML comment that says how its test runs it:
 - ``<!-- test: ARGS -->``: every ``python -m MODULE ...`` (or ``torchrun ... -m MODULE ...``) command of the block
   runs, with ARGS appended (the small overrides that make it fast: argparse lets a later flag win), in a scratch
   folder whose ``runs/wordnet`` is a copy of the shared tiny run (``conftest.tiny_wordnet_run``: tiny-bert on the
-  tiny WordNet); it must exit 0. A main job on WordNet also gets ``--data-root`` of the tiny WordNet, as the
-  shared run was made, so with that run's settings it reuses the run's stages. A command without shell syntax
-  runs in this process (its module's ``main``), one with it (``$(...)``, pipes) or ``torchrun`` under bash with
-  the venv's python first on PATH. ``bash scripts/setup.sh`` made the environment this runs in, and
-  ``python -m pytest`` is this suite: neither is rerun; the README's test command must be the one ``.ci/run``
-  runs.
+  tiny WordNet); it must exit 0. A main job on WordNet also gets ``--data-root`` of the tiny WordNet, as the shared
+  run was made, so with that run's settings it reuses the run's stages. A command without shell syntax runs in this
+  process (its module's ``main``; a ``$(python -c "...")`` in it is evaluated here first), one with other shell
+  syntax or ``torchrun`` under bash with the venv's python first on PATH. ``bash scripts/setup.sh`` made the
+  environment this runs in, and ``python -m pytest`` is this suite: neither is rerun; the README's test command must
+  be the one ``.ci/run`` runs.
 - ``<!-- needs: WHAT -->`` (``gpu``, ``slurm``, ``data``: data or weights that are not offline): not run here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
 import re
 import shlex
@@ -142,6 +144,21 @@ def _wordnet(part: str, root: Path) -> list[str]:
     return ["--data-root", str(root)] if dataset is None or dataset.group(1) == "wordnet" else []
 
 
+SUBSTITUTION = re.compile(r'\$\(python3? -c "([^"$`]*)"\)')
+
+
+def _substitute(part: str) -> str:
+    """``$(python -c "CODE")`` replaced by what CODE prints, run here (a second interpreter costs seconds)."""
+
+    def printed(match: re.Match) -> str:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(match.group(1), {})
+        return out.getvalue().strip()
+
+    return SUBSTITUTION.sub(printed, part)
+
+
 def _in_process(part: str, extra: list[str]) -> int:
     words = shlex.split(part)
     words = words[words.index("-m") + 1 :]
@@ -162,7 +179,7 @@ def test_each_documented_command_runs(block, tiny_wordnet_run, wordnet_root, tmp
     monkeypatch.chdir(scratch)
     for command in block.commands:
         for part in _segments(command):
-            extra = [*_wordnet(part, wordnet_root), *shlex.split(block.arg)]
+            part, extra = _substitute(part), [*_wordnet(part, wordnet_root), *shlex.split(block.arg)]
             if SHELL & set(part) or part.startswith("torchrun"):
                 part = re.sub(r"^\S*/python3?\b", "python", part)  # the venv's python, first on PATH
                 env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
