@@ -1,9 +1,9 @@
-"""python -m experiments.figures — regenerate every figure under figures/ and the README gallery.
+"""python -m experiments.figures — regenerate every figure under figures/ and the gallery (docs/gallery.md).
 
 Runs the connectivity job for each run of the set whose outputs are missing (offline set:
 wordnet + MiniLM and fashion-mnist + EfficientNet-Lite0; ``--paper`` adds the CLIP runs of
 experiments/paper when their data and weights are present), copies the figures into
-``figures/`` and rewrites the README section between the gallery markers with the measured
+``figures/`` and rewrites the gallery page's section between the gallery markers with the measured
 numbers read from each run's JSON files. Nothing in the gallery is typed by hand.
 
 The full sections of the offline set (not the compared ``hf:`` run) also get "Beyond the plane": a random
@@ -19,11 +19,12 @@ The same full sections get "Instruments" (:mod:`experiments.instruments`): merge
 basins, curvature per block and a Hessian eigen-direction chart (``runs/<name>-hessian``), run when missing.
 
 The full sections' runs train ``--seeds N`` solutions per method (default 3; the compared ``hf:`` run one), and the
-README's claims table (between its own markers, :mod:`experiments.claims`) tests the paper's claims on them: each
-with its interval over the seeds and a verdict. A run of the set made with another number of seeds is made again
-(the job reuses the stages whose keys are unchanged). The table's caption states this command's wall time against
-``--budget-minutes`` (default 360: the whole offline set from nothing, 3 seeds, on this project's 2-core CPU
-machine, estimated from the gallery's recorded stage times; a run over it says so) and the runs' stage times.
+claims table of the README and of docs/claims.md (between its own markers, :mod:`experiments.claims`) tests the
+paper's claims on them: each with its interval over the seeds and a verdict. A run of the set made with another
+number of seeds is made again (the job reuses the stages whose keys are unchanged). The table's caption states this
+command's wall time against ``--budget-minutes`` (default 360: the whole offline set from nothing, 3 seeds, on this
+project's 2-core CPU machine, estimated from the gallery's recorded stage times; a run over it says so) and the
+runs' stage times.
 """
 
 from __future__ import annotations
@@ -530,16 +531,18 @@ def _run(argv: Sequence[str] | None) -> None:
     p.add_argument("--force", action="store_true", help="rerun even when a run's outputs exist")
     p.add_argument("--only", nargs="+", default=None, help="only these runs (names of the set)")
     p.add_argument("--figures", default=str(ROOT / "figures"), help="where the figures go (default: figures/)")
-    p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose gallery is rewritten")
+    p.add_argument("--gallery", default=str(ROOT / "docs" / "gallery.md"), help="page whose gallery is rewritten")
+    p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose claims table is rewritten")
+    p.add_argument("--claims-page", default=str(ROOT / "docs" / "claims.md"), help="docs page of the claims table")
     p.add_argument("--seeds", type=int, default=3, help="training seeds of the full sections' runs (default 3)")
     p.add_argument("--budget-minutes", type=float, default=360.0, help="wall-time budget stated with the claims")
     args = p.parse_args(argv)
     started = time.perf_counter()
     if args.seeds < 1 or args.budget_minutes <= 0:
         raise UserError("--seeds must be at least 1 and --budget-minutes above 0: pass e.g. --seeds 3")
-    readme = Path(args.readme)
-    if not readme.is_file() or START not in (body := readme.read_text()) or END not in body:  # before hours of runs
-        raise UserError(f"{readme} has no {START} … {END} markers: add them where the gallery goes")
+    gallery = Path(args.gallery)
+    if not gallery.is_file() or START not in (body := gallery.read_text()) or END not in body:  # before hours of runs
+        raise UserError(f"{gallery} has no {START} … {END} markers: add them where the gallery goes")
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     every = todo = {**OFFLINE, **(PAPER if args.paper else {})}
@@ -562,18 +565,20 @@ def _run(argv: Sequence[str] | None) -> None:
             parts.append(comparison(name, out, Path(args.runs) / COMPARED[name]))
         else:
             parts.append(section(name, out, figures))  # --only reruns its runs; the others keep their section
-    rewrite_readme("\n".join(parts), Path(args.readme))
+    rewrite_readme("\n".join(parts), gallery)
     seconds = time.perf_counter() - started
-    if claims.START in Path(args.readme).read_text():  # a README without the claims markers gets no table
-        rewrite_readme(claims_text(Path(args.runs), seconds, args.budget_minutes), Path(args.readme),
-                       (claims.START, claims.END), "the claims table")  # fmt: skip
-    else:
-        print(f"[figures] {args.readme} has no {claims.START} marker: no claims table written", file=sys.stderr)
+    table = None
+    for page in (Path(args.readme), Path(args.claims_page)):  # the same table in the README and in the docs
+        if page.is_file() and claims.START in page.read_text():  # a page without the claims markers gets no table
+            table = table or claims_text(Path(args.runs), seconds, args.budget_minutes)
+            rewrite_readme(table, page, (claims.START, claims.END), "the claims table")
+        else:
+            print(f"[figures] {page} has no {claims.START} marker: no claims table written", file=sys.stderr)
     if seconds / 60 > args.budget_minutes:
         print(
             f"[figures] over budget: {seconds / 60:.1f} min > --budget-minutes {args.budget_minutes:g}", file=sys.stderr
         )
-    print(f"[figures] wrote figures/ and the README gallery ({', '.join(todo)})", file=sys.stderr)
+    print(f"[figures] wrote figures/ and the gallery in {gallery} ({', '.join(todo)})", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,14 +100,17 @@ def test_figures_writes_the_claims_table_with_its_wall_time(seeds_run, tmp_path)
 
     runs = tmp_path / "runs"
     shutil.copytree(seeds_run, runs / "wordnet")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{claims.START}\nold claims\n{claims.END}\nmid\n{figures.START}\nold\n{figures.END}\nend\n")
+    readme, page, gallery = tmp_path / "README.md", tmp_path / "claims.md", tmp_path / "gallery.md"
+    readme.write_text(f"# x\n{claims.START}\nold claims\n{claims.END}\nend\n")
+    page.write_text(f"# claims\n{claims.START}\nold claims\n{claims.END}\nafter\n")
+    gallery.write_text(f"# g\n{figures.START}\nold\n{figures.END}\nend\n")
     argv = ["--only", "wordnet", "--runs", str(runs), "--figures", str(tmp_path / "fig"), "--readme", str(readme),
-            "--budget-minutes", "30"]  # fmt: skip
+            "--claims-page", str(page), "--gallery", str(gallery), "--budget-minutes", "30"]  # fmt: skip
     assert figures.main(argv) == 0  # a run of other settings than the set's: read as it is, not made again
     text = readme.read_text()
-    assert "old" not in text and "\nmid\n" in text and text.endswith("end\n")
+    assert "old" not in text and text.endswith("end\n") and "old" not in gallery.read_text()
     table = text.split(claims.START)[1].split(claims.END)[0]
+    assert page.read_text() == f"# claims\n{claims.START}{table}{claims.END}\nafter\n"  # the same table in the docs
     meta = json.loads((seeds_run / "landscape.json").read_text())
     diff = np.subtract(
         meta["solutions"]["ft"]["vertex_loss_per_seed"], meta["solutions"]["lora"]["vertex_loss_per_seed"]

@@ -207,11 +207,12 @@ def test_figures_command_on_a_tiny_run(run_dir, tmp_path):
 
     runs = tmp_path / "runs"
     shutil.copytree(run_dir, runs / "wordnet")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{figures.START}\nold\n{figures.END}\nafter\n")
-    argv = ["--only", "wordnet", "--runs", str(runs), "--figures", str(tmp_path / "fig"), "--readme", str(readme)]
+    gallery = tmp_path / "gallery.md"
+    gallery.write_text(f"# x\n\n{figures.START}\nold\n{figures.END}\nafter\n")
+    argv = ["--only", "wordnet", "--runs", str(runs), "--figures", str(tmp_path / "fig"), "--gallery", str(gallery),
+            "--readme", str(tmp_path / "no-README.md"), "--claims-page", str(tmp_path / "no-claims.md")]  # fmt: skip
     assert figures.main(argv) == 0
-    text = readme.read_text()
+    text = gallery.read_text()
     assert "old" not in text and text.endswith("after\n")
     assert "| LoRA |" in text and "beat the head-only baseline" in text
     meta = json.loads((run_dir / "landscape.json").read_text())
