@@ -140,3 +140,25 @@ def test_each_rank_materialises_only_its_shard(tmp_path):
     assert all(p >= full for p in peaks["copy"])  # a full fp32 copy (then sharded)
     assert all(p <= 0.8 * full for p in peaks["meta"])  # its half (1/2 of the fp32 model) and one tensor's buffer
     assert all(m <= 0.75 * c for m, c in zip(peaks["meta"], peaks["copy"], strict=True))
+
+
+def test_a_float16_model_under_fsdp_is_a_user_error_before_sharding():
+    """A float16 model reaching the sharded training (--torch-dtype auto on a float16 checkpoint: the config check
+    sees only an explicit float16) is refused with the fix, before anything is sharded or trained."""
+    import torch.distributed as dist
+
+    from adapters.errors import UserError
+    from adapters.models import get_model
+    from adapters.train import TrainConfig, train
+
+    entry = get_model("tiny-bert")
+    model = entry.build(4).half()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match="--torch-dtype bfloat16 or float32"):
+            train(model, entry.encode(["a b", "c d"]), torch.tensor([0, 1]), TrainConfig(steps=1, batch_size=2),
+                  progress=False, fsdp=True)  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    assert all(type(p) is torch.nn.Parameter and torch.equal(p, before[n]) for n, p in model.named_parameters())
