@@ -31,10 +31,10 @@ layer's fp32 scratch, the adapters' factors (negligible) and one evaluation batc
 recomputed forward 2 P) + 16 L h s (attention scores and values, forward, recompute and backward, causal halves
 counted once) over N GPUs at the dense bf16 peak × an efficiency; FSDP traffic per step (all-gather in the forward,
 again in the backward, reduce-scatter of the gradients, all in fp32: 12 P (N − 1) / N bytes per GPU) at
-:data:`NVLINK_BYTES_PER_S`, assumed to overlap the compute (step = the longer of the two). Grid: 2 × the blocks' parameters
-FLOPs per token (the head runs at the answers only: not counted; an embedding is a lookup) + 4 L h × the mean
-context; the points split over the N
-GPUs (⌈625 / N⌉ each), plus each GPU's load of the bf16 base at :data:`LOAD_BYTES_PER_S`.
+:data:`NVLINK_BYTES_PER_S`, assumed to overlap the compute (step = the longer of the two). Grid: 2 × the blocks'
+parameters FLOPs per token (the head runs at the answers only: not counted; an embedding is a lookup) + 4 L h ×
+the mean context; the points split over the N GPUs (⌈625 / N⌉ each), plus each GPU's load of the bf16 base at
+:data:`LOAD_BYTES_PER_S`.
 
 **Assumptions and calibration.** The efficiencies (:data:`TRAIN_EFFICIENCY`, the grid's
 :data:`experiments.benchmarks.projection.H200_EFFICIENCY`), the link and the disk are assumptions, printed as such.
