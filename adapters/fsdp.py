@@ -1,10 +1,14 @@
 """Full fine-tuning that does not fit one device: FSDP2 sharding, sharded checkpoints, consolidation.
 
 Under torchrun with ``--fsdp``, the model is sharded with ``torch.distributed.fsdp.fully_shard`` per
-transformer block and at the root. Every parameter becomes a DTensor sharded over the ranks, so the fp32
-master weights, their gradients and AdamW's two moments (built on the sharded parameters) each hold
-1/world of the model per rank. Gradients are reduce-scattered with averaging, which equals DDP's mean
-(each rank computes on its slice of the global batch, as in :func:`adapters.train.train`).
+transformer block and at the root. :func:`sharded_copy` builds the model to train on the meta device, shards it
+there and materialises only each rank's shard (``to_empty``), then loads the base's weights into the shards with
+``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)``: rank 0's base is the source, one tensor
+at a time, so no rank ever holds a second full copy of the model (the deep copy it replaced held one in fp32).
+Every parameter becomes a DTensor sharded over the ranks, so the fp32 master weights, their gradients and
+AdamW's two moments (built on the sharded parameters) each hold 1/world of the model per rank. Gradients are
+reduce-scattered with averaging, which equals DDP's mean (each rank computes on its slice of the global batch, as
+in :func:`adapters.train.train`).
 
 Checkpoints are written with ``torch.distributed.checkpoint`` (each rank writes its own shards; the step,
 losses, schedule and RNG state go beside them), so a kill resumes bit-equal. The trained weights are
@@ -13,7 +17,9 @@ consolidated into one full fp32 state dict on rank 0, which the toolkit saves as
 
 from __future__ import annotations
 
+import copy
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +45,40 @@ def shard(model: nn.Module) -> nn.Module:
     for block in blocks(model):
         fully_shard(block)
     fully_shard(model)
+    return model
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (shapes, dtypes and ties kept;
+    no bytes): the memo maps each tensor to its meta twin before ``deepcopy`` would copy it."""
+    memo: dict = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("meta")
+    return copy.deepcopy(model, memo)
+
+
+def sharded_copy(base: nn.Module, prepare: Callable[[nn.Module], nn.Module], device: torch.device | str) -> nn.Module:
+    """``prepare`` (e.g. :func:`adapters.methods.attach` for FT) applied to a copy of ``base``, with fp32 master
+    weights, sharded over the process group: built on the meta device, only the rank's shards materialised on
+    ``device``, their values broadcast from rank 0's ``base`` tensor by tensor. Buffers (non-persistent ones are
+    in no state dict) come from each rank's own ``base``. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model = prepare(meta_copy(base))
+    for p in model.parameters():  # the fp32 masters (adapters.train.fp32_masters), cast on meta: no bytes
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    shard(model)
+    model.to_empty(device=device)  # the rank's shards only: FSDP2 keeps 1/world of each parameter
+    source = base.state_dict() if dist.get_rank() == 0 else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, source, options=options)
+    own = dict(base.named_buffers())
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(own[name])
     return model
 
 
@@ -125,6 +165,8 @@ __all__ = [
     "load_checkpoint",
     "resume_training",
     "save_checkpoint",
+    "meta_copy",
     "save_training",
     "shard",
+    "sharded_copy",
 ]

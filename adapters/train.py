@@ -26,6 +26,7 @@ from torch import nn
 from adapters import distributed
 from adapters import fsdp as sharding
 from adapters.data.base import Dataset
+from adapters.errors import UserError
 from adapters.io import key_digest, write_torch
 from adapters.methods import MethodSpec
 from adapters.models.base import HEAD, Encoded, ModelEntry
@@ -227,7 +228,8 @@ def _mixed_precision(
 ) -> tuple[TrainConfig, torch.amp.GradScaler | None, dict]:
     """fp32 master copies of the trainable parameters (in place); the config with the forward's autocast (half
     weights: a mixed forward), the loss scaler fp16 needs (None otherwise), and the precision record."""
-    storage = storage_dtype(model)
+    # a model sharded by adapters.fsdp.sharded_copy holds fp32 shards already: its base's dtype decides
+    storage = getattr(model, "base_storage_dtype", None) or storage_dtype(model)
     fp32_masters(trainable)  # before the optimizer and DDP see the parameters
     if storage != "float32" and config.autocast == "none":
         config = dataclasses.replace(config, autocast=storage)  # fp32 masters beside half weights: mixed forward
@@ -312,9 +314,15 @@ def _wrap(model: nn.Module, config: TrainConfig, fsdp: bool, world: int) -> tupl
     """The module the steps call (sharded in place with FSDP2, DDP-wrapped under torchrun, or ``model``) and the
     trainable parameters the optimizer steps (FSDP2's are the sharded DTensors)."""
     if fsdp:
-        if not distributed.active() or config.autocast == "float16":
-            raise ValueError("fsdp needs torchrun (a process group) and no float16 loss scaling")
-        model = sharding.shard(model)  # after the fp32 masters: the shards (and AdamW's state on them) are fp32
+        if not distributed.active():
+            raise ValueError("fsdp needs torchrun (a process group)")
+        if config.autocast == "float16":  # --torch-dtype auto on a float16 checkpoint (an explicit one: config)
+            raise UserError("--fsdp trains with no float16 loss scaling, and the model is float16: pass "
+                            "--torch-dtype bfloat16 or float32")  # fmt: skip
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(model, FSDPModule):  # sharded_copy shards on the meta device; a plain model here
+            model = sharding.shard(model)  # after the fp32 masters: the shards (and AdamW's state) are fp32
     elif world > 1:
         return torch.nn.parallel.DistributedDataParallel(model), {n: p for n, p in model.named_parameters()
                                                                   if p.requires_grad}  # fmt: skip
@@ -439,7 +447,12 @@ def train_solution(
             torch.manual_seed(spec.seed)  # peft's LoRA initialises A from the global generator
             # an adapter trains beside the frozen base: its skeleton shares the base's tensors (no second copy
             # of the weights); full fine-tuning changes every weight, so it trains a copy
-            model = attach(skeleton(task.base) if shared else copy.deepcopy(task.base), spec, task.entry.targets)
+            if fsdp:  # built on the meta device: each rank materialises its shards only (no full copy)
+                model = sharding.sharded_copy(task.base, lambda m: attach(m, spec, task.entry.targets), device)
+                model.base_storage_dtype = storage_dtype(task.base)  # its shards are fp32: autocast follows the base
+            else:
+                model = attach(skeleton(task.base) if shared else copy.deepcopy(task.base), spec,
+                               task.entry.targets)  # fmt: skip
     try:
         _train_and_save(task, spec, config, key, folder, device, progress, model, ckpt, nothing_to_train,
                         shared or nothing_to_train, fsdp)  # fmt: skip

@@ -26,6 +26,11 @@ engine (Qwen2-0.5B shape, random init, the preset's 512 samples, bf16) timed on 
 and measured against projected printed for that point and for the preset's whole grid (625 points), with the
 efficiency the GPU reached. It needs CUDA (exit 2 without).
 
+``--calibrate`` measures the two efficiencies :mod:`experiments.benchmarks.llm_scale_plan` assumes (training: a
+2-layer Llama-3-8B shape, bf16 autocast, fp32 masters, AdamW, checkpointing; grid: the commonsense grid point
+above) and writes them to its calibration file, which the scaling projection then uses. It needs CUDA (exit 2
+without).
+
 ``--smoke`` runs the same code on the CPU with the reduced ``clip-tiny`` architecture (seconds;
 used by the tests). Results are printed and, with ``--json``, written atomically.
 """
@@ -175,6 +180,26 @@ def grid_projection(json_path: str | None) -> int:
     return 0
 
 
+def calibrate(json_path: str | None) -> int:
+    """Both efficiencies the scaling projection assumes, measured on this GPU, written where
+    :mod:`experiments.benchmarks.llm_scale_plan` reads them (its CALIBRATION, or ``json_path``)."""
+    from experiments.benchmarks import llm_scale_plan as plan
+    from experiments.benchmarks import projection as proj
+
+    point = proj.measure_point("cuda", "auto", samples=proj.preset_grid()["samples"])
+    train = plan.measure_train("cuda")
+    report = {"device": torch.cuda.get_device_name(), "eval_efficiency": point["flops"] / point["seconds"]
+              / proj.H200_BF16_DENSE_FLOPS, "train_efficiency": train["train_efficiency"], "grid_point": point,
+              "train": train, "written_by": "python -m experiments.gpu_check --calibrate"}  # fmt: skip
+    path = json_path or plan.CALIBRATION
+    write_json(path, report)
+    print(
+        f"{report['device']}: efficiency of the dense bf16 peak: training {report['train_efficiency']:.3f} "
+        f"(Llama-3-8B shape, {train['layers']} layers), grid {report['eval_efficiency']:.3f}; written to {path}"
+    )
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the report here (atomically)")
@@ -188,7 +213,17 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="--rehearsal: hf:FOLDER of real Qwen2-0.5B weights")
     p.add_argument("--grid-projection", action="store_true",
                    help="time a commonsense grid point on the GPU, against the projection")  # fmt: skip
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure the training and grid efficiencies the scaling projection assumes "
+                   "(experiments.benchmarks.llm_scale_plan) and write its calibration file (or --json)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.calibrate:
+        if not torch.cuda.is_available():
+            print("python -m experiments.gpu_check: error: --calibrate needs a CUDA GPU; without one, "
+                  "python -m experiments.benchmarks.llm_scale_plan prints the uncalibrated projection",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return calibrate(args.json)
     if args.grid_projection:
         if not torch.cuda.is_available():
             print("python -m experiments.gpu_check: error: --grid-projection needs a CUDA GPU; on a CPU run "

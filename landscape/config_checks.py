@@ -151,8 +151,9 @@ class ConfigChecks:
             )
 
     def _validate_fsdp(self) -> None:
-        """``fsdp`` shards full fine-tuning over torchrun's processes: it needs torchrun and an FT solution to
-        train (the adapters of the same run train under DDP, as without it)."""
+        """``fsdp`` shards full fine-tuning over torchrun's processes: it needs torchrun, an FT solution to
+        train (the adapters of the same run train under DDP, as without it) and no float16 weights (an fp16
+        checkpoint loaded with --torch-dtype auto is refused when its dtype is known, before FT trains)."""
         if not self.fsdp:
             return
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -162,6 +163,9 @@ class ConfigChecks:
         if "ft" not in set(self.methods or default) - set(self.solutions):
             fix = "train ft (in --methods, not under --load-4bit, not given by --solutions), or drop it"
             self._fail("fsdp", "shards full fine-tuning, and this run trains no FT solution", fix)
+        if self.torch_dtype == "float16":  # fp16 needs a loss scaler, which the sharded training has not
+            self._fail("torch_dtype", f"cannot train under {self.where('fsdp')} (float16 needs loss scaling, which "
+                       "the sharded training does not do)", "pass --torch-dtype bfloat16 or float32")  # fmt: skip
 
     def _validate_packed(self) -> None:
         """A 4-bit base keeps its weights packed: the plane is factored (points applied beside the packed layers)."""

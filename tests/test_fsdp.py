@@ -8,6 +8,7 @@ launched again ends bit-equal to an uninterrupted sharded run. The weights compa
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,6 +83,12 @@ def test_fsdp_bad_inputs_exit_2_before_work(wordnet_root, tmp_path, capsys, monk
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check runs before any process group
     assert "no FT solution" in bad("--methods", "lora", "randlora")
     assert "no FT solution" in bad("--load-4bit")  # its default methods are the adapters
+    fp16 = bad("--torch-dtype", "float16")  # no loss scaling in the sharded training: refused at config time
+    assert "error: --torch-dtype float16: cannot train under --fsdp" in fp16 and "bfloat16 or float32" in fp16
+    from landscape import config as run_config  # bfloat16 (no loss scaling) is accepted with --fsdp
+
+    argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *TINY_RUN, "--fsdp", "--torch-dtype", "bfloat16"]
+    assert run_config.from_argv(argv, "prog", "").torch_dtype == "bfloat16"
 
 
 def test_connectivity_fsdp_run_saves_a_plain_fp32_solution(wordnet_root, tmp_path):
@@ -118,3 +125,40 @@ def test_weights_and_adamw_state_are_sharded(runs):
     sizes = [f.stat().st_size for f in shards]
     assert 12 * params <= sum(sizes) <= 1.1 * 12 * params  # fp32 weights + exp_avg + exp_avg_sq, once
     assert all(0.4 * sum(sizes) <= s <= 0.6 * sum(sizes) for s in sizes)
+
+
+def test_each_rank_materialises_only_its_shard(tmp_path):
+    """Building the sharded FT model (:func:`adapters.fsdp.sharded_copy`: on the meta device, each rank's shards
+    materialised, the weights broadcast from rank 0 tensor by tensor) raises a rank's peak RSS above its loaded
+    bf16 base by about its fp32 shard; the deep copy it replaced first held the whole model in fp32."""
+    peaks = {}
+    for mode in ("copy", "meta"):
+        _run(["--rss", str(tmp_path / f"{mode}.json"), mode, "bfloat16"], 2)
+        record = json.loads((tmp_path / f"{mode}.json").read_text())
+        full = record["fp32_model_bytes"]
+        peaks[mode] = [r["built_peak_above_base"] for r in record["ranks"]]
+    assert all(p >= full for p in peaks["copy"])  # a full fp32 copy (then sharded)
+    assert all(p <= 0.8 * full for p in peaks["meta"])  # its half (1/2 of the fp32 model) and one tensor's buffer
+    assert all(m <= 0.75 * c for m, c in zip(peaks["meta"], peaks["copy"], strict=True))
+
+
+def test_a_float16_model_under_fsdp_is_a_user_error_before_sharding():
+    """A float16 model reaching the sharded training (--torch-dtype auto on a float16 checkpoint: the config check
+    sees only an explicit float16) is refused with the fix, before anything is sharded or trained."""
+    import torch.distributed as dist
+
+    from adapters.errors import UserError
+    from adapters.models import get_model
+    from adapters.train import TrainConfig, train
+
+    entry = get_model("tiny-bert")
+    model = entry.build(4).half()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match="--torch-dtype bfloat16 or float32"):
+            train(model, entry.encode(["a b", "c d"]), torch.tensor([0, 1]), TrainConfig(steps=1, batch_size=2),
+                  progress=False, fsdp=True)  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    assert all(type(p) is torch.nn.Parameter and torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -59,3 +59,83 @@ def test_the_load_projection_holds_at_least_the_model():
     # an fp32 load maps the file: its measured peak is below the model's bytes, the projection is not
     (p,) = [p for p in llm_scale.project([_case(64, "load", 0.05)]) if p["stage"] == "load"]
     assert p["projected_peak_bytes"] >= p["base_bytes_8b"] and p["label"] == "projection"
+
+
+# --------------------------------------------------------------------------- the scaling projection (llm_scale_plan)
+
+
+def _meta_llama():
+    """Llama-3-8B from its real configuration, built on the meta device (shapes only, no bytes)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from experiments.benchmarks.llm_scale_cases import full_config
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(full_config("llama3-8b"))
+
+
+def test_scaling_memory_matches_the_parameters_of_the_real_model():
+    """The closed-form counts against the model transformers builds from the same configuration: 16 B per
+    parameter over N for FT's sharded state, 2 B per parameter for the grid's bf16 base."""
+    from experiments.benchmarks import llm_scale_plan as plan
+
+    model = _meta_llama()
+    params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    s = plan.shape()
+    assert 8.0e9 < params < 8.1e9 and s["params"] == params and s["block_params"] == block
+    assert s["root_params"] == params - len(model.model.layers) * block
+    targets = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[-2] in plan.TARGETS)
+    assert s["target_params"] == targets
+    result = plan.plan()
+    for row in result["rows"]:
+        assert row["ft_memory"]["sharded_state"] == 16 * params / row["gpus"]
+        assert row["grid_memory"]["base_bf16"] == 2 * params
+    assert "uncalibrated" in result["label"] or plan.CALIBRATION.exists()
+
+
+def test_scaling_is_monotone_in_the_gpu_count():
+    from experiments.benchmarks import llm_scale_plan as plan
+
+    rows = plan.plan((1, 2, 4, 8, 16), calibration=None)["rows"]
+    ft = [r["ft_memory"]["total"] for r in rows]
+    assert all(a > b for a, b in zip(ft, ft[1:], strict=False))  # more GPUs, fewer bytes each
+    assert not rows[0]["ft_memory"]["fits"] and rows[1]["ft_memory"]["fits"]  # 16 B/param of 8 B: not on one
+    grid = [r["grid_time"]["seconds"] for r in rows]
+    assert all(a > b for a, b in zip(grid, grid[1:], strict=False))
+    assert len({r["grid_memory"]["total"] for r in rows}) == 1  # the grid splits points, not the model
+    compute = [r["ft_time"]["compute_s_per_step"] * r["gpus"] for r in rows]
+    assert max(compute) / min(compute) - 1 < 1e-12  # compute divides over the GPUs exactly
+    comm = [r["ft_time"]["comm_s_per_step"] for r in rows]
+    assert comm[0] == 0 and all(a < b for a, b in zip(comm, comm[1:], strict=False))
+
+
+def test_scaling_uses_a_calibration_file_and_says_so(tmp_path, capsys):
+    from experiments.benchmarks import llm_scale_plan as plan
+
+    path = tmp_path / "cal.json"
+    assert plan.main(["--calibration", str(path), "--gpus", "1", "2"]) == 0
+    assert "PROJECTION (not measured), uncalibrated" in capsys.readouterr().out
+    base = plan.plan((2,), None)["rows"][0]
+    path.write_text(json.dumps({"device": "NVIDIA H200", "train_efficiency": 0.8, "eval_efficiency": 0.6}))
+    out = tmp_path / "plan.json"
+    assert plan.main(["--calibration", str(path), "--gpus", "2", "--json", str(out)]) == 0
+    assert "calibrated on NVIDIA H200" in capsys.readouterr().out
+    row = json.loads(out.read_text())["rows"][0]
+    ratio = base["grid_time"]["s_per_point"] / row["grid_time"]["s_per_point"]
+    assert abs(ratio - 0.6 / plan.H200_EFFICIENCY) < 1e-9
+    path.write_text(json.dumps({"train_efficiency": 1.5, "eval_efficiency": 0.5}))
+    assert plan.main(["--calibration", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_efficiency" in err[0] and "gpu_check --calibrate" in err[0]
+
+
+def test_training_calibration_runs_and_counts_at_least_the_matmuls():
+    """gpu_check --calibrate's training measurement on a CPU-sized Llama (the code the GPU runs): a positive
+    efficiency, and counted FLOPs at least 6 x the weights' matmul parameters x tokens (forward + backward)."""
+    from experiments.benchmarks import llm_scale_plan as plan
+
+    m = plan.measure_train("cpu", layers=1, batch=1, steps=1, hidden=64, vocab=256)
+    matmul = m["params"] - 256 * 64  # all but the embeddings multiply
+    assert m["step_flops"] >= 6 * matmul * plan.SEQ and 0 < m["train_efficiency"] < 1 and m["step_s"] > 0

@@ -68,7 +68,10 @@ at the largest size: ``projected_peak_bytes`` = the 8B base's bytes (fp32 4 B, b
 weight of the linear layers + 2 B for the rest) + (peak above base − activations) / held × the stage's held
 bytes at 8B + the activations scaled by hidden × layers; ``fits``: ≤ 141 GB. Curvature in weight
 coordinates (not run here) is projected from its design: a dense copy of the model at the solution in
-fp32, k + 4 fp32 vectors of the target weights on the device (the basis on the host).
+fp32, k + 4 fp32 vectors of the target weights on the device (the basis on the host). ``scaling``: per-GPU memory
+and wall time of Llama-3-8B FT under ``--fsdp`` and of the commonsense grid on 1, 2, 4 and 8 H200s, also a
+projection, calibrated by ``gpu_check --calibrate`` when its file exists
+(:mod:`experiments.benchmarks.llm_scale_plan`).
 
 The CPU, the thread count and the environment are recorded. Results print as a table and, with ``--json``,
 are written atomically. The cases (constants, models, solutions, examples) are built by
@@ -243,6 +246,10 @@ def table(result: dict) -> str:
     for p in result["projection"]:
         lines.append(f"  projection {p['stage']:<17} {p['dtype']:<8} {p['projected_peak_bytes'] / 1e9:8.1f} GB  "
                      f"{'fits' if p['fits'] else 'does not fit'}")  # fmt: skip
+    if result.get("scaling"):  # experiments.benchmarks.llm_scale_plan
+        from experiments.benchmarks.llm_scale_plan import markdown
+
+        lines += ["", "FT (--fsdp) and the commonsense grid on 1-8 GPUs:", markdown(result["scaling"])]
     return "\n".join(lines)
 
 
@@ -264,7 +271,11 @@ def summarise(result: dict) -> dict:
             c["ratio_without_activations"] = max(above, 0) / c["held_bytes"]
             if c.get("shared_bases_bytes") is not None:
                 c["ratio_without_activations_and_bases"] = max(above - c["shared_bases_bytes"], 0) / c["held_bytes"]
-    return {**result, "flatness": flatness(result["cases"]), "projection": project(result["cases"])}
+    from experiments.benchmarks import llm_scale_plan  # FT under --fsdp and the grid on 1-8 GPUs
+
+    scaling = llm_scale_plan.plan(calibration=llm_scale_plan.load_calibration(llm_scale_plan.CALIBRATION))
+    return {**result, "flatness": flatness(result["cases"]), "projection": project(result["cases"]),
+            "scaling": scaling}  # fmt: skip
 
 
 CASE_KEY = ("model", "hidden", "dtype", "source", "stage")
