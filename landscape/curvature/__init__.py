@@ -16,7 +16,9 @@ off; BatchNorm normalises with its frozen running statistics), fp32.
   differentiate peft's RandLoRA layers (the factored product, without the scaled bases) and bitsandbytes' 4-bit
   layers.
 - :mod:`~landscape.curvature.solvers` — top-k eigenvalues (Lanczos with ARPACK's residual test, its basis in
-  host memory through :mod:`landscape.lanczos`), Hutchinson's trace, SLQ's density, the seeded probes.
+  host memory through :mod:`landscape.lanczos`), Hutchinson's trace, SLQ's density, the seeded probes (by index
+  range, and their parts combined: :func:`trace_probes`, :func:`density_probes`, :func:`combine_trace`,
+  :func:`combine_density`, for a job array).
 - :mod:`~landscape.curvature.stage` — the coordinates at a solution (dense weights or the adapter's own) and
   :func:`curvature_stage`, which writes curvature.json entry by entry, reused by key.
 - :mod:`~landscape.curvature.figure` — curvature.png / .pdf.
@@ -48,11 +50,15 @@ from landscape.curvature.settings import (
 )
 from landscape.curvature.solvers import (
     broadened_density,
+    combine_density,
+    combine_trace,
     curvature_at,
+    density_probes,
     hutchinson_trace,
     lanczos,
     slq_density,
     top_eigenvalues,
+    trace_probes,
 )
 from landscape.curvature.stage import adapter_coordinates, curvature_stage, summary, weight_coordinates, weight_names
 from landscape.engine.grid import eval_fingerprint
@@ -77,9 +83,12 @@ __all__ = [
     "blocks_stage",
     "broadened_density",
     "build_parser",
+    "combine_density",
+    "combine_trace",
     "curvature_at",
     "curvature_figure",
     "curvature_stage",
+    "density_probes",
     "eval_fingerprint",
     "hutchinson_trace",
     "lanczos",
@@ -88,6 +97,7 @@ __all__ = [
     "slq_density",
     "summary",
     "top_eigenvalues",
+    "trace_probes",
     "weight_coordinates",
     "weight_names",
     "write_figure",
