@@ -2,9 +2,9 @@
 probe ranges a job array computes.
 
 The torchrun test launches ``tests.curvature_worker`` once: it runs ``python -m landscape.curvature`` on the
-session's tiny run in float64 and then in float32 (13 evaluation samples: shards of 6 and 7, so an unweighted
-mean of the ranks' products would be off by percents, far outside the tolerances). The same worker in this
-process is the one-process reference.
+session's tiny run in float64, in float32 and with ``--blocks`` (13 evaluation samples: shards of 6 and 7, so
+an unweighted mean of the ranks' products would be off by percents, far outside the tolerances). The same
+worker in this process is the one-process reference.
 """
 
 from __future__ import annotations
@@ -54,14 +54,15 @@ def _quantities(entry: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def launched(tiny_wordnet_run, tmp_path_factory):
-    """The worker's outputs: {"one": folder, "two": folder}, each with float64/ and float32/ curvature.json."""
+    """The worker's outputs: {"one": folder, "two": folder}, each with float64/ and float32/ curvature.json
+    and blocks/blocks.json."""
     root = tmp_path_factory.mktemp("curvature_torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port(),
            "-m", "tests.curvature_worker", str(tiny_wordnet_run), str(root / "two")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:  # the one-process reference runs here while the two processes run
-        assert curvature_worker.run_both(str(tiny_wordnet_run), str(root / "one")) == 0
+        assert curvature_worker.run_all(str(tiny_wordnet_run), str(root / "one")) == 0
         log, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -85,6 +86,22 @@ def test_two_gloo_processes_equal_one_process(launched, dtype, rtol):
         for quantity, values in _quantities(a).items():
             difference = _relative(values, _quantities(b)[quantity])
             assert difference <= rtol, f"{name} {quantity}: relative difference {difference:.2e} > {rtol:.0e}"
+
+
+def test_blocks_in_two_gloo_processes_equal_one_process(launched):
+    one = json.loads((launched["one"] / "blocks" / "blocks.json").read_text())
+    two = json.loads((launched["two"] / "blocks" / "blocks.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2) and two["complete"]
+    a, b = one["solutions"]["lora"]["adapter"], two["solutions"]["lora"]["adapter"]
+    assert a["hvps"] == b["hvps"] and [x["name"] for x in a["blocks"]] == [x["name"] for x in b["blocks"]]
+
+    def numbers(e: dict) -> dict:
+        return {"top eigenvalues": [e["top_eigenvalue"], *(x["top_eigenvalue"] for x in e["blocks"])],
+                "traces": [e["trace"], *(x["trace"] for x in e["blocks"])], "JS": e["js_distance"]}  # fmt: skip
+
+    for quantity, values in numbers(a).items():
+        difference = _relative(values, numbers(b)[quantity])
+        assert difference <= FLOAT64_RTOL, f"blocks {quantity}: relative difference {difference:.2e}"
 
 
 class TinyNet(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,9 +106,6 @@ def _run(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     settings = settings_from(args)  # every setting is checked before any loading
     check_block_by(args.block_by)
-    if args.blocks and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--blocks runs in one process: launch it without torchrun (curvature without --blocks "
-                        "shares its products over torchrun's processes)")  # fmt: skip
     # under torchrun every process joins (before loading: rank 0 alone reports it), takes its shard of the
     # samples, and only rank 0 writes and prints
     rank, _ = distributed.init(resolve_device(args.device).type)
@@ -145,11 +141,15 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def _run_blocks(args, ctx, solutions, eval_set, out: Path, settings, device, info: dict) -> None:
+    from adapters import distributed
+
     if not solutions:
         raise UserError(f"--blocks: the run {args.run} has no solutions: train them with landscape.connectivity")
     info = {**info, "title": info["title"].replace("curvature", f"curvature per {args.block_by}")}
     result = blocks_stage(ctx, solutions, eval_set, out, settings, args.block_by, device,
-                          plane_solutions=ctx.solutions, info=info)  # fmt: skip
+                          plane_solutions=ctx.solutions, info=info, distributed=True)  # fmt: skip
+    if not distributed.is_lead():
+        return
     print(f"wrote {out / 'blocks.json'}, {out / 'blocks.png'}, {out / 'blocks.pdf'}")
     for name, per in result["solutions"].items():
         for coordinates, e in per.items():
