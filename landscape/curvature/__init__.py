@@ -4,7 +4,12 @@
 **Objective.** H = ∇²L(θ) of the run's objective, the mean loss over the run's evaluation set —
 the same objective (:mod:`adapters.objectives`) and the same samples as the plane and the paths
 (``--samples N``: the first N of the same seeded permutation). The model is in eval mode (dropout
-off; BatchNorm normalises with its frozen running statistics), fp32.
+off; BatchNorm normalises with its frozen running statistics), fp32 (``--hvp-dtype float64``: float64).
+
+**Under torchrun** (``torchrun --nproc-per-node K -m landscape.curvature -- --run DIR ...``; the ``--`` keeps
+torchrun from reading ``--run`` as its ``--run-path``) each process holds a contiguous shard of the samples; each
+product is the processes' products averaged with their shards' sample counts as weights, the solvers run
+identically on every process (same products, same seeded probes), and rank 0 writes.
 
 
 **What lives where** (each module's docstring says how and why):
