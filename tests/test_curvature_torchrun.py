@@ -178,6 +178,31 @@ def test_probe_ranges_combine_to_the_whole_estimates(tiny):
         curvature.combine_trace([parts[1], curvature.trace_probes(op, 4, 1, 7)])
 
 
+def test_an_entrys_probes_by_range_equal_the_stages_entry(tiny_wordnet_run, tmp_path, no_figure_drawing):
+    """What a job array does with an entry of curvature.json: the entry's operator (entry_operator), its probes
+    computed by range in separate calls, combined: the stage's own trace and density, probe for probe."""
+    from landscape.run import open_run
+
+    run = open_run(tiny_wordnet_run)
+    settings = curvature.CurvatureSettings(top_k=1, trace_probes=3, slq_probes=3, slq_steps=4, seed=2,
+                                           coordinates=("weights", "adapter"), density_points=60)  # fmt: skip
+    solution = run.solutions["randlora"]
+    staged = curvature.curvature_stage(run, {"randlora": solution}, run.eval_set, tmp_path, settings,
+                                       progress=False)["solutions"]["randlora"]  # fmt: skip
+    for coordinates in ("weights", "adapter"):
+        op = curvature.entry_operator(run, solution, coordinates, run.eval_set, settings)
+        assert op.dim == staged[coordinates]["dim"]
+        trace = curvature.combine_trace([curvature.trace_probes(op, 2, lo, hi) for lo, hi in ((0, 1), (1, 3))])
+        density = curvature.combine_density([curvature.density_probes(op, 4, 2, lo, hi) for lo, hi in ((2, 3), (0, 2))],
+                                            settings.density_points, settings.broadening)  # fmt: skip
+        assert trace["samples"] == staged[coordinates]["hutchinson"]["samples"]
+        assert trace["trace"] == staged[coordinates]["trace"]
+        assert density["nodes"] == staged[coordinates]["density"]["nodes"]
+        assert density["values"] == staged[coordinates]["density"]["values"]
+    with pytest.raises(ValueError, match="no adapter"):
+        curvature.entry_operator(run, run.solutions["ft"], "adapter", run.eval_set, settings)
+
+
 def test_hvp_dtype_is_a_checked_option(tiny_wordnet_run, tmp_path, capsys):
     argv = ["--run", str(tiny_wordnet_run), "--out", str(tmp_path / "c"), "--no-progress"]
     assert curvature.main([*argv, "--hvp-dtype", "float16"]) == 2

@@ -65,7 +65,14 @@ from landscape.curvature.solvers import (
     top_eigenvalues,
     trace_probes,
 )
-from landscape.curvature.stage import adapter_coordinates, curvature_stage, summary, weight_coordinates, weight_names
+from landscape.curvature.stage import (
+    adapter_coordinates,
+    curvature_stage,
+    entry_operator,
+    summary,
+    weight_coordinates,
+    weight_names,
+)
 from landscape.engine.grid import eval_fingerprint
 
 __all__ = [
@@ -94,6 +101,7 @@ __all__ = [
     "curvature_figure",
     "curvature_stage",
     "density_probes",
+    "entry_operator",
     "eval_fingerprint",
     "hutchinson_trace",
     "lanczos",

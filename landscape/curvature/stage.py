@@ -111,12 +111,11 @@ def _previous(path: Path) -> dict:
     return old.get("solutions", {}) if isinstance(old, dict) else {}
 
 
-def _compute_entry(
-    name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
-    settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
-    distributed: bool = False,
-) -> dict:  # fmt: skip
-    """One (solution, coordinates) entry, computed."""
+def _operator(
+    solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet, settings: CurvatureSettings,
+    device: torch.device | str, distributed: bool = False,
+) -> HessianOperator:  # fmt: skip
+    """The operator of one (solution, coordinates) entry (``names``: the weight coordinates' names)."""
     flags = [(p, p.requires_grad) for p in solution.base.parameters()]
     if coordinates == "weights":
         model, chosen = weight_coordinates(solution, names)
@@ -127,11 +126,40 @@ def _compute_entry(
     # reverse-over-forward (its layers through _PackedMatmul), else by double backward (the note says why)
     mode = "auto"
     try:
-        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode,
-                             micro_batch=settings.hvp_batch, distributed=distributed)  # fmt: skip
+        return HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode,
+                               micro_batch=settings.hvp_batch, distributed=distributed)  # fmt: skip
     finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def entry_operator(
+    source, solution: Solution, coordinates: str, eval_set: EvalSet, settings: CurvatureSettings,
+    device: torch.device | str = "cpu", plane_solutions: Mapping[str, Solution] | None = None,
+) -> HessianOperator:  # fmt: skip
+    """The :class:`HessianOperator` that :func:`curvature_stage` measures for one (solution, coordinates) entry.
+
+    For spreading an entry's probes over jobs (a job array): each job builds the operator and computes its
+    probe range with :func:`~landscape.curvature.solvers.trace_probes` /
+    :func:`~landscape.curvature.solvers.density_probes` (``settings.seed``, ``settings.slq_steps``); the driver
+    joins the parts with :func:`~landscape.curvature.solvers.combine_trace` /
+    :func:`~landscape.curvature.solvers.combine_density` (``settings.density_points``, ``settings.broadening``).
+    ``source``, ``eval_set``, ``plane_solutions``: as :func:`curvature_stage`'s."""
+    task = getattr(source, "loaded", source).task
+    if coordinates == "adapter" and solution.method not in ADAPTER_METHODS:
+        raise ValueError(f"a {solution.method} solution has no adapter: {NO_ADAPTER}")
+    names = weight_names(task.base, task.entry.targets, settings.weight_set, plane_solutions or {"": solution},
+                         settings.include_head) if coordinates == "weights" else []  # fmt: skip
+    return _operator(solution, coordinates, names, task, eval_set, settings, device)
+
+
+def _compute_entry(
+    name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
+    settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
+    distributed: bool = False,
+) -> dict:  # fmt: skip
+    """One (solution, coordinates) entry, computed."""
+    op = _operator(solution, coordinates, names, task, eval_set, settings, device, distributed)
     op.scratch = scratch
     # one tick per HVP: each Lanczos iteration, trace probe and SLQ step (whole lines in a log)
     bar = progress_bar(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
@@ -165,7 +193,7 @@ def curvature_stage(
     ``distributed``: every torchrun rank calls this together; the products are averaged over the ranks' shards of
     the evaluation samples (:class:`HessianOperator`), the solvers run identically on every rank, rank 0's reading
     of curvature.json decides what is reused, and only rank 0 writes (every rank returns the result). Without
-    it, a call on one rank alone (the main job's ``--curvature`` stage, run by rank 0) uses no collective.
+    it, the call uses no collective: it computes on its own process's samples, all of them, and writes.
     """
     from adapters.solution import fingerprint
 
