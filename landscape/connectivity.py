@@ -103,7 +103,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         result = evaluate_grid(evaluator, xs, ys, grid_store, config)
         if config.chart in RANDOM_CHARTS:  # the other draws of the directions (landscape.draws)
             result["draws"] = build.random_draws(config, evaluator, xs, ys, result, grid_store)
-    if rank != 0:
+    if rank != 0:  # the other ranks share curvature's products (rank 0 reaches it after the paths and spectra)
+        curvature_stage(loaded, solutions, evaluator, device, stages, [])
         return out
     summary = summarise(loaded, solutions, chart, xs, ys, result, evaluator)
     arrays = landscape_arrays(chart, xs, ys, result)
@@ -213,7 +214,8 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys,
 
 def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, written) -> dict | None:
     """``--curvature``: :mod:`landscape.curvature` at the three solutions with its default settings and the run's
-    seed, on the plane's evaluation set; its entries are reused by key (curvature.json) when unchanged."""
+    seed, on the plane's evaluation set; its entries are reused by key (curvature.json) when unchanged. Under
+    torchrun every rank calls it: the products are averaged over the ranks' shards of the samples, rank 0 writes."""
     if not loaded.config.curvature:
         return None
     config, out = loaded.config, loaded.config.out_dir
@@ -223,7 +225,7 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
             "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
     with stages("curvature"):
         result = curvature.curvature_stage(loaded, chosen, evaluator.eval_set, out, settings, device,
-                                           progress=config.progress, info=info)  # fmt: skip
+                                           progress=config.progress, info=info, distributed=True)  # fmt: skip
     written += [out / f"curvature.{ext}" for ext in ("json", "png", "pdf")]
     return curvature.summary(result)
 

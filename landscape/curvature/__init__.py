@@ -4,7 +4,12 @@
 **Objective.** H = ∇²L(θ) of the run's objective, the mean loss over the run's evaluation set —
 the same objective (:mod:`adapters.objectives`) and the same samples as the plane and the paths
 (``--samples N``: the first N of the same seeded permutation). The model is in eval mode (dropout
-off; BatchNorm normalises with its frozen running statistics), fp32.
+off; BatchNorm normalises with its frozen running statistics), fp32 (``--hvp-dtype float64``: float64).
+
+**Under torchrun** (``torchrun --nproc-per-node K -m landscape.curvature -- --run DIR ...``; the ``--`` keeps
+torchrun from reading ``--run`` as its ``--run-path``) each process holds a contiguous shard of the samples; each
+product is the processes' products averaged with their shards' sample counts as weights, the solvers run
+identically on every process (same products, same seeded probes), and rank 0 writes.
 
 
 **What lives where** (each module's docstring says how and why):
@@ -16,7 +21,9 @@ off; BatchNorm normalises with its frozen running statistics), fp32.
   differentiate peft's RandLoRA layers (the factored product, without the scaled bases) and bitsandbytes' 4-bit
   layers.
 - :mod:`~landscape.curvature.solvers` — top-k eigenvalues (Lanczos with ARPACK's residual test, its basis in
-  host memory through :mod:`landscape.lanczos`), Hutchinson's trace, SLQ's density, the seeded probes.
+  host memory through :mod:`landscape.lanczos`), Hutchinson's trace, SLQ's density, the seeded probes (by index
+  range, and their parts combined: :func:`trace_probes`, :func:`density_probes`, :func:`combine_trace`,
+  :func:`combine_density`, for a job array).
 - :mod:`~landscape.curvature.stage` — the coordinates at a solution (dense weights or the adapter's own) and
   :func:`curvature_stage`, which writes curvature.json entry by entry, reused by key.
 - :mod:`~landscape.curvature.figure` — curvature.png / .pdf.
@@ -48,13 +55,24 @@ from landscape.curvature.settings import (
 )
 from landscape.curvature.solvers import (
     broadened_density,
+    combine_density,
+    combine_trace,
     curvature_at,
+    density_probes,
     hutchinson_trace,
     lanczos,
     slq_density,
     top_eigenvalues,
+    trace_probes,
 )
-from landscape.curvature.stage import adapter_coordinates, curvature_stage, summary, weight_coordinates, weight_names
+from landscape.curvature.stage import (
+    adapter_coordinates,
+    curvature_stage,
+    entry_operator,
+    summary,
+    weight_coordinates,
+    weight_names,
+)
 from landscape.engine.grid import eval_fingerprint
 
 __all__ = [
@@ -77,9 +95,13 @@ __all__ = [
     "blocks_stage",
     "broadened_density",
     "build_parser",
+    "combine_density",
+    "combine_trace",
     "curvature_at",
     "curvature_figure",
     "curvature_stage",
+    "density_probes",
+    "entry_operator",
     "eval_fingerprint",
     "hutchinson_trace",
     "lanczos",
@@ -88,6 +110,7 @@ __all__ = [
     "slq_density",
     "summary",
     "top_eigenvalues",
+    "trace_probes",
     "weight_coordinates",
     "weight_names",
     "write_figure",

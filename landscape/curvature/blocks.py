@@ -129,19 +129,21 @@ def js_distances(values: np.ndarray) -> np.ndarray:
 
 def block_curvature(
     model: torch.nn.Module, names: Sequence[str], eval_set: EvalSet, objective, settings: CurvatureSettings,
-    block_by: str = "layer", micro_batch: int | None = None,
+    block_by: str = "layer", micro_batch: int | None = None, distributed: bool = False,
 ) -> dict:  # fmt: skip
     """One (solution, coordinates) entry of blocks.json: the whole Hessian's top eigenvalue and trace, and per
-    block its top eigenvalue, trace (from the whole probes) and SLQ density; the blocks' JS distances."""
+    block its top eigenvalue, trace (from the whole probes) and SLQ density; the blocks' JS distances.
+    ``distributed``: under torchrun, every rank calls it and the products are shared (:class:`HessianOperator`)."""
     start = time.perf_counter()
     groups = group_blocks(names, block_by)
-    whole = HessianOperator(model, names, eval_set, objective, settings.dtype, micro_batch=micro_batch)
+    whole = HessianOperator(model, names, eval_set, objective, settings.dtype, micro_batch=micro_batch,
+                            distributed=distributed)  # fmt: skip
     eigen = top_eigenvalues(whole, 1, settings.tol, settings.seed, settings.lanczos_vectors)
     traces = blocked_hutchinson(whole, groups, settings.trace_probes, settings.seed) if settings.trace_probes else None
     hvps, blocks, densities = whole.hvps, [], []
     for b, chosen in groups.items():  # the same model: each operator differentiates its block's parameters only
         op = HessianOperator(model, chosen, eval_set, objective, settings.dtype, mode=whole.mode,
-                             micro_batch=micro_batch)  # fmt: skip
+                             micro_batch=micro_batch, distributed=distributed)  # fmt: skip
         e = top_eigenvalues(op, 1, settings.tol, settings.seed, settings.lanczos_vectors)
         t = traces["blocks"][b] if traces else {"trace": None, "trace_se": None}
         entry = {"name": b, "parameters": len(chosen), "dim": op.dim, "trace": t["trace"], "trace_se": t["trace_se"],
@@ -174,12 +176,14 @@ def block_curvature(
 def blocks_stage(
     source, solutions: Mapping, eval_set: EvalSet, out: str | Path, settings: CurvatureSettings,
     block_by: str = "layer", device: torch.device | str = "cpu", plane_solutions: Mapping | None = None,
-    info: Mapping | None = None,
+    info: Mapping | None = None, distributed: bool = False,
 ) -> dict:  # fmt: skip
     """Block curvature of every solution in every coordinates of ``settings``: blocks.json (after each entry)
-    and blocks.png / .pdf under ``out``; returns what blocks.json holds."""
+    and blocks.png / .pdf under ``out``; returns what blocks.json holds. ``distributed``: as
+    :func:`~landscape.curvature.stage.curvature_stage`'s (every torchrun rank calls it, rank 0 writes)."""
     from adapters.solution import delta_fingerprint, fingerprint
-    from landscape.curvature.stage import _previous, adapter_coordinates, weight_coordinates, weight_names
+    from landscape.curvature.hessian import distributed_ranks
+    from landscape.curvature.stage import _agreed, _previous, adapter_coordinates, weight_coordinates, weight_names
     from landscape.engine.grid import eval_fingerprint
 
     settings.check()
@@ -192,10 +196,12 @@ def blocks_stage(
                          settings.include_head)  # fmt: skip
     common = {"settings": settings.key(), "base": fingerprint(task.base), "eval": eval_fingerprint(eval_set),
               "objective": task.objective.name, "weights": names, "block_by": block_by}  # fmt: skip
-    previous = _previous(out / "blocks.json")
+    rank, world = distributed_ranks() if distributed else (0, 1)
+    previous = _agreed(_previous(out / "blocks.json"), world)
     result = {**(dict(info) if info else {}), "settings": settings.to_dict(), "seed": settings.seed,
-              "block_by": block_by, "eval_samples": eval_set.n, "device": str(device), "complete": False,
-              "solutions": {}}  # fmt: skip
+              "block_by": block_by, "eval_samples": eval_set.n, "device": str(device), "world_size": world,
+              "complete": False, "solutions": {}}  # fmt: skip
+    write = (lambda: write_json(out / "blocks.json", result)) if rank == 0 else (lambda: None)  # noqa: E731
     for name, solution in solutions.items():
         result["solutions"][name] = per = {}
         for coordinates in settings.coordinates:
@@ -217,16 +223,17 @@ def blocks_stage(
                 else:
                     model, chosen = adapter_coordinates(solution, settings.include_head, settings.dtype, device)
                 entry = block_curvature(model.to(device), chosen, eval_set, task.objective, settings, block_by,
-                                        settings.hvp_batch)  # fmt: skip
+                                        settings.hvp_batch, distributed)  # fmt: skip
                 per[coordinates] = {"key": key, **entry}
             finally:  # the operators froze parameters an adapter's skeleton shares with the base: put back
                 for p, flag in flags:
                     p.requires_grad_(flag)
-            write_json(out / "blocks.json", result)
+            write()
     result["complete"] = True
-    write_json(out / "blocks.json", result)
-    write_npz(out / "blocks.npz", **arrays(result))
-    write_blocks_figure(result, out, (info or {}).get("title"))
+    if rank == 0:
+        write()
+        write_npz(out / "blocks.npz", **arrays(result))
+        write_blocks_figure(result, out, (info or {}).get("title"))
     return result
 
 

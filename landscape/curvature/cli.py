@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.errors import UserError
 from landscape.curvature.blocks import BLOCK_BY, blocks_stage, check_block_by
-from landscape.curvature.settings import COORDINATES, LANCZOS_VECTORS, SOLUTION_CHOICES, WEIGHT_SETS, CurvatureSettings
+from landscape.curvature.settings import (
+    COORDINATES,
+    DTYPES,
+    LANCZOS_VECTORS,
+    SOLUTION_CHOICES,
+    WEIGHT_SETS,
+    CurvatureSettings,
+)
 from landscape.curvature.stage import curvature_stage
 
 PROG = "python -m landscape.curvature"
@@ -62,6 +70,9 @@ def build_parser():
     p.add_argument("--hvp-batch", type=positive_int, default=None,
                    help="samples per forward of a Hessian-vector product: fewer hold fewer activations, same "
                    "products (default: the evaluation batches)")  # fmt: skip
+    p.add_argument("--hvp-dtype", choices=tuple(DTYPES), default="float32",
+                   help="precision of the products: the model and its inputs converted to it (float64: the reference "
+                   "for checks, twice the memory and several times the time) (default: float32)")  # fmt: skip
     p.add_argument("--blocks", action="store_true",
                    help="curvature per block instead: each block's top eigenvalue, trace and spectral density, and "
                    "the blocks' Jensen-Shannon distances (blocks.{json,png,pdf})")  # fmt: skip
@@ -78,18 +89,26 @@ def settings_from(args) -> CurvatureSettings:
     settings = CurvatureSettings(
         top_k=args.top_k, tol=args.tol, lanczos_vectors=args.lanczos_vectors, trace_probes=args.trace_probes,
         slq_probes=args.slq_probes, slq_steps=args.slq_steps, coordinates=coordinates, weight_set=args.weight_set,
-        include_head=not args.no_head, seed=args.seed, hvp_batch=args.hvp_batch,
+        include_head=not args.no_head, seed=args.seed, hvp_batch=args.hvp_batch, dtype=args.hvp_dtype,
     )  # fmt: skip
     settings.check()
     return settings
 
 
 def _run(argv: Sequence[str] | None = None) -> None:
+    from adapters import distributed
     from landscape import run as run_module
+    from landscape.cli import resolve_device
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # torchrun's own parser takes --run for an abbreviation of its --run-path: the documented torchrun command
+    # passes our options after a "--", which some Python versions hand on to us
+    args = build_parser().parse_args(argv[1:] if argv[:1] == ["--"] else argv)
     settings = settings_from(args)  # every setting is checked before any loading
     check_block_by(args.block_by)
+    # under torchrun every process joins (before loading: rank 0 alone reports it), takes its shard of the
+    # samples, and only rank 0 writes and prints
+    rank, _ = distributed.init(resolve_device(args.device).type)
     ctx, device = run_module.open_run_from_args(args, with_eval_set=args.samples is None)
     eval_set = ctx.eval_set
     if args.samples is not None:
@@ -108,7 +127,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
         _run_blocks(args, ctx, solutions, eval_set, out, settings, device, info)
         return
     result = curvature_stage(ctx, solutions, eval_set, out, settings, device, progress=not args.no_progress,
-                             plane_solutions=ctx.solutions, info=info)  # fmt: skip
+                             plane_solutions=ctx.solutions, info=info, distributed=True)  # fmt: skip
+    if rank != 0:
+        return
     print(f"wrote {out / 'curvature.json'}, {out / 'curvature.png'}, {out / 'curvature.pdf'}")
     for name, per in result["solutions"].items():
         for coordinates, e in per.items():
@@ -120,11 +141,15 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def _run_blocks(args, ctx, solutions, eval_set, out: Path, settings, device, info: dict) -> None:
+    from adapters import distributed
+
     if not solutions:
         raise UserError(f"--blocks: the run {args.run} has no solutions: train them with landscape.connectivity")
     info = {**info, "title": info["title"].replace("curvature", f"curvature per {args.block_by}")}
     result = blocks_stage(ctx, solutions, eval_set, out, settings, args.block_by, device,
-                          plane_solutions=ctx.solutions, info=info)  # fmt: skip
+                          plane_solutions=ctx.solutions, info=info, distributed=True)  # fmt: skip
+    if not distributed.is_lead():
+        return
     print(f"wrote {out / 'blocks.json'}, {out / 'blocks.png'}, {out / 'blocks.pdf'}")
     for name, per in result["solutions"].items():
         for coordinates, e in per.items():
@@ -138,6 +163,14 @@ def _run_blocks(args, ctx, solutions, eval_set, out: Path, settings, device, inf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from adapters import distributed
     from landscape.cli import recipe_main
 
-    return recipe_main(_run, argv, PROG)
+    joined = not distributed.active()  # a caller's own process group (a script running several) stays up
+    code = recipe_main(_run, argv, PROG)
+    if distributed.active():
+        if code == 0:
+            distributed.wait_for_all()  # the other ranks wait until rank 0 has written every output
+        if joined:
+            distributed.shutdown()
+    return code

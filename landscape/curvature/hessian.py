@@ -32,6 +32,12 @@ and whose hand-written backward is that product's gradient — is replaced, for 
 computation, by the same product in plain tensor operations (same values, same derivatives).
 
 
+**Under torchrun** (``distributed=True``): each rank keeps a contiguous shard of the evaluation samples
+(:func:`shard_eval_set`) and a product is the average of the ranks' products, each the mean over its shard,
+weighted by the shards' sample counts (one ``all_reduce`` per product). Every rank receives the same sum, so the
+solvers run identically on every rank, from the same seeded probes.
+
+
 **Memory.** What grows with the tokens is the graph: the forward's activations and their tangents, about
 1 MB per token at h = 512 with 4 layers in fp32 (``micro_batch`` bounds it). What does not: the coordinate
 vectors (the product, the gradient of the first pass, the vector multiplied), a layer's transients and,
@@ -304,7 +310,9 @@ class HessianOperator:
     graph's activations of that many samples). ``gold_only`` (default): a causal LM's candidates other than
     the gold one are not run — the answer
     loss does not read them (:meth:`adapters.objectives.AnswerLoss.training_view`), so the products are the
-    same and cost one sequence per sample instead of one per candidate.
+    same and cost one sequence per sample instead of one per candidate. ``distributed``: under torchrun, this
+    rank's shard of the samples, and products averaged over the ranks (module docstring); every rank must call
+    :meth:`hvp` the same number of times.
     """
 
     def __init__(
@@ -317,6 +325,7 @@ class HessianOperator:
         mode: str = "auto",
         gold_only: bool = True,
         micro_batch: int | None = None,
+        distributed: bool = False,
     ):
         if mode not in HVP_MODES:
             raise ValueError(f"mode must be one of {HVP_MODES}, not {mode!r}")
@@ -337,12 +346,16 @@ class HessianOperator:
         # sequence per sample): the answer loss reads only the gold candidate's cross-entropy, so the other
         # candidates' forwards and backwards add work and nothing to H (same loss, same products).
         view = objective.training_view if gold_only else (lambda inputs, target: (inputs, target))
+        self.total = eval_set.n  # the samples of H's mean, over every rank
+        self.rank, self.world = distributed_ranks() if distributed else (0, 1)
+        if self.world > 1:  # this rank's samples only: its products are summed with the others' (hvp)
+            eval_set = shard_eval_set(eval_set, self.rank, self.world)
         self.batches = [
             ({k: _cast(v, self.dtype) for k, v in _trimmed(inputs).items()}, target)
             for i, t in eval_set.batches
             for inputs, target in _split(*view(i, t), micro_batch)
         ]
-        self.n = eval_set.n
+        self.n = eval_set.n  # this rank's samples (all of them in a single process)
         self.objective = objective
         self.mode = mode
         self.note: str | None = None
@@ -435,6 +448,8 @@ class HessianOperator:
                         continue
                     self.mode = mode
                     break
+        if self.world > 1:
+            hv, g, loss = self._weighted_over_ranks(hv, g, loss)
         if self.loss is None:
             self.loss = float(loss)
             self.grad_norm = float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in g.values())))
@@ -443,6 +458,29 @@ class HessianOperator:
         if self.on_hvp is not None:
             self.on_hvp()
         return hv
+
+    def _weighted_over_ranks(self, hv: dict | None, g: dict | None, loss) -> tuple[dict, dict | None, torch.Tensor]:
+        """The ranks' products (and, at the first, their gradients and losses), each the mean over its own
+        shard, averaged with the shards' sample counts as weights: Σ_r n_r·x_r / N, H·v of the whole mean loss.
+        One all_reduce of one flat vector; every rank gets the same sum, so the solvers above run identically."""
+        import torch.distributed as dist
+
+        first = self.loss is None  # the gradient and loss are read once, at the first product
+        zeros = lambda: {n: torch.zeros_like(p) for n, p in self.params.items()}  # noqa: E731  (an empty shard)
+        hv, g = hv if hv is not None else zeros(), g if g is not None else zeros()
+        parts = [hv[n].reshape(-1) for n in self.names]
+        if first:
+            parts += [g[n].reshape(-1).to(self.dtype) for n in self.names]
+            parts.append(torch.as_tensor(loss, dtype=self.dtype, device=self.device).reshape(1))
+        flat = torch.cat(parts) * self.n
+        dist.all_reduce(flat)
+        flat /= self.total
+        pieces = list(flat.split([*self.sizes, *(self.sizes if first else []), *([1] if first else [])]))
+        hv = {n: t.view(s) for n, t, s in zip(self.names, pieces, self.shapes, strict=False)}
+        if not first:
+            return hv, None, torch.zeros(())
+        g = {n: t.view(s) for n, t, s in zip(self.names, pieces[len(self.names) :], self.shapes, strict=False)}
+        return hv, g, pieces[-1][0]
 
     def flat_hvp(self, x: torch.Tensor) -> torch.Tensor:
         """H·x for a flat vector ``x`` (dim,) in the operator's dtype and device; returns the same layout."""
@@ -459,6 +497,32 @@ class HessianOperator:
         from scipy.sparse.linalg import LinearOperator
 
         return LinearOperator((self.dim, self.dim), matvec=self.matvec, rmatvec=self.matvec, dtype=np.float64)
+
+
+def distributed_ranks() -> tuple[int, int]:
+    """(rank, world size) of the torchrun process group, (0, 1) without one."""
+    from adapters.distributed import rank_world
+
+    return rank_world()
+
+
+def shard_eval_set(eval_set: EvalSet, rank: int, world: int) -> EvalSet:
+    """Rank ``rank``'s samples of ``eval_set``: the contiguous range [rank·N/world, (rank+1)·N/world) of its
+    samples in batch order, each batch cut to its part of the range (a batch whose inputs are not all per-sample
+    goes whole to the rank holding its first sample). The shards partition the samples, so the ranks' sums
+    add up to the single process's; a rank past the last sample gets none (its products are zeros)."""
+    lo, hi = rank * eval_set.n // world, (rank + 1) * eval_set.n // world
+    batches, offset, count = [], 0, 0
+    for inputs, target in eval_set.batches:
+        size = len(target)
+        a, b = max(lo, offset) - offset, min(hi, offset + size) - offset
+        if any(v.dim() == 0 or len(v) != size for v in inputs.values()):
+            a, b = (0, size) if lo <= offset < hi else (0, 0)
+        if a < b:
+            batches.append(({k: v[a:b] for k, v in inputs.items()}, target[a:b]))
+            count += b - a
+        offset += size
+    return EvalSet(batches, count)
 
 
 def _split(inputs: dict[str, torch.Tensor], target: torch.Tensor, size: int | None):

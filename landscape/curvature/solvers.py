@@ -38,7 +38,12 @@ as ARPACK's are):
 
 
 Every random draw derives from ``seed`` (recorded): the same probes for every solution, so their
-differences are paired.
+differences are paired, and the same on every torchrun rank, so the solvers run identically on each.
+
+**Probes spread over jobs** (a Slurm job array): :func:`trace_probes` and :func:`density_probes` compute the
+probes of an index range [start, stop) — probe i is the same vector in any range — and :func:`combine_trace` /
+:func:`combine_density` join parts that tile 0 .. P - 1 into exactly what :func:`hutchinson_trace` /
+:func:`slq_density` return for P probes (they are those two functions' own path, with one part).
 
 """
 
@@ -147,16 +152,65 @@ def _rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype) -> tor
 
 def hutchinson_trace(op: HessianOperator, probes: int, seed: int = 0) -> dict:
     """tr H ≈ mean of zᵀHz over ``probes`` Rademacher vectors z, with the standard error of that mean."""
-    start, before = time.perf_counter(), op.hvps
-    generator = torch.Generator().manual_seed(_stream_seed(seed, 1))
+    return combine_trace([trace_probes(op, seed, 0, probes)])
+
+
+def _skipped_generator(stream: int, seed: int, start: int, dim: int, dtype: torch.dtype) -> torch.Generator:
+    """The generator of a probe stream, positioned at probe ``start``: the earlier probes drawn and dropped (cheap
+    beside their products), so probe i is the same vector whichever range computes it."""
+    generator = torch.Generator().manual_seed(_stream_seed(seed, stream))
+    for _ in range(start):
+        _rademacher(dim, generator, dtype)
+    return generator
+
+
+def _check_range(start: int, stop: int) -> None:
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
+        raise ValueError(f"probe range [{start}, {stop}): need integers 0 <= start <= stop")
+
+
+def trace_probes(op: HessianOperator, seed: int, start: int, stop: int) -> dict:
+    """Hutchinson's probes ``start`` .. ``stop - 1`` of ``seed``: their samples zᵢᵀHzᵢ (one HVP each).
+
+    A part of :func:`hutchinson_trace`, for spreading its probes over jobs (a job array, one range per task):
+    probe i is the same vector in any range, so :func:`combine_trace` of parts that cover 0 .. P - 1 (each
+    computed on the same operator: run, solution, coordinates, dtype) is the trace of P probes, equal to one
+    ``hutchinson_trace(op, P, seed)``. Returns ``{"kind": "trace", "seed", "start", "stop", "samples", "hvps",
+    "seconds"}`` (JSON-ready)."""
+    _check_range(start, stop)
+    begin, before = time.perf_counter(), op.hvps
+    generator = _skipped_generator(1, seed, start, op.dim, op.dtype)
     samples = []
-    for _ in range(probes):
+    for _ in range(start, stop):
         z = _rademacher(op.dim, generator, op.dtype)  # ±1: exact in any precision
         samples.append(float((z.double() * op.flat_hvp(z).double().cpu()).sum()))
-    x = np.asarray(samples)
+    return {"kind": "trace", "seed": seed, "start": start, "stop": stop, "samples": samples,
+            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - begin, 3)}  # fmt: skip
+
+
+def _ordered(parts: Sequence[dict], kind: str) -> list[dict]:
+    """``parts`` in probe order, checked: one kind and seed, ranges that tile 0 .. P - 1 without gap or overlap."""
+    parts = sorted(parts, key=lambda p: p["start"])
+    if not parts or any(p.get("kind") != kind for p in parts) or len({p["seed"] for p in parts}) != 1:
+        raise ValueError(
+            f"combine: need {kind} parts of one seed, got {[(p.get('kind'), p.get('seed')) for p in parts]}"
+        )
+    ends = [0, *(p["stop"] for p in parts)]
+    if any(p["start"] != end for p, end in zip(parts, ends, strict=False)):
+        raise ValueError(f"combine: the ranges {[(p['start'], p['stop']) for p in parts]} do not tile 0 .. P - 1")
+    return parts
+
+
+def combine_trace(parts: Sequence[dict]) -> dict:
+    """The Hutchinson estimate from :func:`trace_probes` parts (any order) that tile the probes 0 .. P - 1:
+    what :func:`hutchinson_trace` returns for P probes (``seconds`` and ``hvps`` summed over the parts)."""
+    parts = _ordered(parts, "trace")
+    x = np.asarray([v for p in parts for v in p["samples"]], dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("combine_trace: no probes")
     se = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
-    return {"trace": float(x.mean()), "trace_se": se, "probes": probes, "samples": samples,
-            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    return {"trace": float(x.mean()), "trace_se": se, "probes": len(x), "samples": x.tolist(),
+            "hvps": sum(p["hvps"] for p in parts), "seconds": round(sum(p["seconds"] for p in parts), 3)}  # fmt: skip
 
 
 def lanczos(
@@ -177,21 +231,49 @@ def slq_density(
 ) -> dict:
     """Spectral density by stochastic Lanczos quadrature (module docstring): nodes, weights, and the
     Gaussian-broadened density on a grid of ``points`` values."""
-    start, before = time.perf_counter(), op.hvps
-    generator = torch.Generator().manual_seed(_stream_seed(seed, 2))
+    return combine_density([density_probes(op, steps, seed, 0, probes)], points, broadening)
+
+
+def density_probes(op: HessianOperator, steps: int, seed: int, start: int, stop: int) -> dict:
+    """SLQ's probes ``start`` .. ``stop - 1`` of ``seed``: each probe's quadrature nodes and weights (at most
+    ``steps`` HVPs each).
+
+    A part of :func:`slq_density`, for spreading its probes over jobs, as :func:`trace_probes` is for the trace:
+    :func:`combine_density` of parts that tile 0 .. P - 1 (same operator and ``steps``) equals one
+    ``slq_density(op, steps, P, seed)``. Returns ``{"kind": "density", "seed", "start", "stop", "steps", "dim",
+    "nodes", "weights", "hvps", "seconds"}`` (JSON-ready)."""
+    _check_range(start, stop)
+    begin, before = time.perf_counter(), op.hvps
+    generator = _skipped_generator(2, seed, start, op.dim, torch.float64)
     nodes, weights = [], []
-    for _ in range(probes):
+    for _ in range(start, stop):
         z = _rademacher(op.dim, generator, torch.float64)
         alpha, beta, basis = lanczos(op, z / math.sqrt(op.dim), steps)
         basis.close()
         theta, vectors = np.linalg.eigh(np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1))
         nodes.append(theta.tolist())
         weights.append((vectors[0] ** 2).tolist())
+    return {"kind": "density", "seed": seed, "start": start, "stop": stop, "steps": steps, "dim": op.dim,
+            "nodes": nodes, "weights": weights, "hvps": op.hvps - before,
+            "seconds": round(time.perf_counter() - begin, 3)}  # fmt: skip
+
+
+def combine_density(parts: Sequence[dict], points: int = 400, broadening: float = 0.01) -> dict:
+    """The SLQ density from :func:`density_probes` parts (any order) that tile the probes 0 .. P - 1: what
+    :func:`slq_density` returns for P probes (``seconds`` and ``hvps`` summed over the parts)."""
+    parts = _ordered(parts, "density")
+    if len({(p["steps"], p["dim"]) for p in parts}) != 1:
+        raise ValueError("combine_density: the parts differ in steps or dimension: not one operator's probes")
+    nodes = [t for p in parts for t in p["nodes"]]
+    weights = [w for p in parts for w in p["weights"]]
+    if not nodes:
+        raise ValueError("combine_density: no probes")
     grid, values, sigma = broadened_density(nodes, weights, points, broadening)
     mean = float(np.mean([np.dot(t, w) for t, w in zip(nodes, weights, strict=True)]))
     return {"grid": grid.tolist(), "values": values.tolist(), "sigma": sigma, "nodes": nodes, "weights": weights,
-            "mean": mean, "trace_estimate": mean * op.dim, "steps": steps, "probes": probes,
-            "hvps": op.hvps - before, "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+            "mean": mean, "trace_estimate": mean * parts[0]["dim"], "steps": parts[0]["steps"],
+            "probes": len(nodes), "hvps": sum(p["hvps"] for p in parts),
+            "seconds": round(sum(p["seconds"] for p in parts), 3)}  # fmt: skip
 
 
 def broadened_density(

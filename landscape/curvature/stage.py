@@ -17,7 +17,8 @@ settings and seed, and per solution and coordinates the eigenvalues, trace ± st
 density grid and values (and the quadrature nodes and weights), the loss and gradient norm at the
 point, the number of HVPs and the seconds of each part (and the entry's CPU seconds), the Lanczos
 residual / |θ| after each step (``eigen.residuals``); ``curvature.png`` / ``.pdf`` — top
-eigenvalues and densities of the solutions side by side. Each (solution, coordinates) entry is
+eigenvalues and densities of the solutions side by side. ``world_size``: the torchrun processes whose
+products were averaged (1: one process). Each (solution, coordinates) entry is
 saved as soon as it is done, under a key of everything that determines it (settings, the
 solution's ΔW, the evaluation samples, the objective); a rerun after a kill reuses the entries
 whose key matches and computes the rest.
@@ -40,7 +41,7 @@ from adapters.progress import progress_bar
 from adapters.quant import packed_names
 from adapters.solution import Solution, delta_fingerprint
 from landscape.curvature.figure import write_figure
-from landscape.curvature.hessian import HessianOperator
+from landscape.curvature.hessian import HessianOperator, distributed_ranks
 from landscape.curvature.settings import ADAPTER_METHODS, DTYPES, NO_ADAPTER, PACKED_WEIGHTS, CurvatureSettings
 from landscape.curvature.solvers import curvature_at
 from landscape.engine.grid import EvalSet, eval_fingerprint
@@ -110,11 +111,11 @@ def _previous(path: Path) -> dict:
     return old.get("solutions", {}) if isinstance(old, dict) else {}
 
 
-def _compute_entry(
-    name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
-    settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
-) -> dict:  # fmt: skip
-    """One (solution, coordinates) entry, computed."""
+def _operator(
+    solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet, settings: CurvatureSettings,
+    device: torch.device | str, distributed: bool = False,
+) -> HessianOperator:  # fmt: skip
+    """The operator of one (solution, coordinates) entry (``names``: the weight coordinates' names)."""
     flags = [(p, p.requires_grad) for p in solution.base.parameters()]
     if coordinates == "weights":
         model, chosen = weight_coordinates(solution, names)
@@ -125,11 +126,40 @@ def _compute_entry(
     # reverse-over-forward (its layers through _PackedMatmul), else by double backward (the note says why)
     mode = "auto"
     try:
-        op = HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode,
-                             micro_batch=settings.hvp_batch)  # fmt: skip
+        return HessianOperator(model.to(device), chosen, eval_set, task.objective, settings.dtype, mode=mode,
+                               micro_batch=settings.hvp_batch, distributed=distributed)  # fmt: skip
     finally:  # the operator (and peft) froze parameters an adapter's skeleton shares with the base: put back
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def entry_operator(
+    source, solution: Solution, coordinates: str, eval_set: EvalSet, settings: CurvatureSettings,
+    device: torch.device | str = "cpu", plane_solutions: Mapping[str, Solution] | None = None,
+) -> HessianOperator:  # fmt: skip
+    """The :class:`HessianOperator` that :func:`curvature_stage` measures for one (solution, coordinates) entry.
+
+    For spreading an entry's probes over jobs (a job array): each job builds the operator and computes its
+    probe range with :func:`~landscape.curvature.solvers.trace_probes` /
+    :func:`~landscape.curvature.solvers.density_probes` (``settings.seed``, ``settings.slq_steps``); the driver
+    joins the parts with :func:`~landscape.curvature.solvers.combine_trace` /
+    :func:`~landscape.curvature.solvers.combine_density` (``settings.density_points``, ``settings.broadening``).
+    ``source``, ``eval_set``, ``plane_solutions``: as :func:`curvature_stage`'s."""
+    task = getattr(source, "loaded", source).task
+    if coordinates == "adapter" and solution.method not in ADAPTER_METHODS:
+        raise ValueError(f"a {solution.method} solution has no adapter: {NO_ADAPTER}")
+    names = weight_names(task.base, task.entry.targets, settings.weight_set, plane_solutions or {"": solution},
+                         settings.include_head) if coordinates == "weights" else []  # fmt: skip
+    return _operator(solution, coordinates, names, task, eval_set, settings, device)
+
+
+def _compute_entry(
+    name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
+    settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
+    distributed: bool = False,
+) -> dict:  # fmt: skip
+    """One (solution, coordinates) entry, computed."""
+    op = _operator(solution, coordinates, names, task, eval_set, settings, device, distributed)
     op.scratch = scratch
     # one tick per HVP: each Lanczos iteration, trace probe and SLQ step (whole lines in a log)
     bar = progress_bar(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
@@ -150,6 +180,7 @@ def curvature_stage(
     progress: bool = True,
     plane_solutions: Mapping[str, Solution] | None = None,
     info: Mapping | None = None,
+    distributed: bool = False,
 ) -> dict:
     """Curvature of every solution in every coordinates of ``settings``; writes curvature.json after each
     entry and curvature.png/.pdf at the end, under ``out``; returns what curvature.json holds.
@@ -158,6 +189,11 @@ def curvature_stage(
     base model, the adapter targets and the objective). ``plane_solutions``: whose changed parameters make
     ``weight_set="plane"`` (default ``solutions``). ``info`` is merged into curvature.json (its ``title``
     also heads the figure). Entries of an earlier curvature.json in ``out`` with the same key are reused.
+
+    ``distributed``: every torchrun rank calls this together; the products are averaged over the ranks' shards of
+    the evaluation samples (:class:`HessianOperator`), the solvers run identically on every rank, rank 0's reading
+    of curvature.json decides what is reused, and only rank 0 writes (every rank returns the result). Without
+    it, the call uses no collective: it computes on its own process's samples, all of them, and writes.
     """
     from adapters.solution import fingerprint
 
@@ -168,9 +204,13 @@ def curvature_stage(
                          settings.include_head)  # fmt: skip
     common = {"settings": settings.key(), "base": fingerprint(task.base), "eval": eval_fingerprint(eval_set),
               "objective": task.objective.name, "weights": names}  # fmt: skip
-    previous = _previous(out / "curvature.json")
+    rank, world = distributed_ranks() if distributed else (0, 1)
+    previous = _agreed(_previous(out / "curvature.json"), world)
+    # world_size: how many processes shared the products (not in the entries' key: the same sums, to rounding)
     result = {**(dict(info) if info else {}), "settings": settings.to_dict(), "seed": settings.seed,
-              "eval_samples": eval_set.n, "device": str(device), "complete": False, "solutions": {}}  # fmt: skip
+              "eval_samples": eval_set.n, "device": str(device), "world_size": world, "complete": False,
+              "solutions": {}}  # fmt: skip
+    write = (lambda: write_json(out / "curvature.json", result)) if rank == 0 else (lambda: None)  # noqa: E731
     for name, solution in solutions.items():
         result["solutions"][name] = per = {}
         delta = delta_fingerprint(solution)
@@ -186,14 +226,26 @@ def curvature_stage(
             if old.get("key") == key:
                 per[coordinates] = {**old, "reused": True}
             else:
-                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device, progress,
-                                       out)  # fmt: skip
+                entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device,
+                                       progress and rank == 0, out, distributed)  # fmt: skip
                 per[coordinates] = {"key": key, **entry}
-            write_json(out / "curvature.json", result)  # saved as it completes: a rerun resumes here
+            write()  # saved as it completes: a rerun resumes here
     result["complete"] = True
-    write_json(out / "curvature.json", result)
-    write_figure(result, out, (info or {}).get("title"))
+    write()
+    if rank == 0:
+        write_figure(result, out, (info or {}).get("title"))
     return result
+
+
+def _agreed(previous: dict, world: int) -> dict:
+    """Rank 0's earlier entries, on every rank (so every rank reuses and computes the same entries)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [previous]
+        dist.broadcast_object_list(box, src=0)
+        previous = box[0]
+    return previous
 
 
 def summary(result: Mapping) -> dict:
