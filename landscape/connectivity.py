@@ -32,6 +32,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,60 @@ DESCRIPTION = (
 
 
 def run(argv: Sequence[str] | None = None) -> Path:
-    started = time.perf_counter()
     config = run_config.from_argv(argv, PROG, DESCRIPTION)
+    if config.launcher is not None:  # the work as submitit jobs: submit, or gather and resubmit (landscape.launch)
+        from landscape import launch
+
+        return launch.drive(config, list(sys.argv[1:] if argv is None else argv), JOBS)
+    return run_with(config, argv)
+
+
+@dataclass
+class Prepared:
+    """What the grid needs: the run loaded, its solutions trained or reused, the plane and its grid store."""
+
+    loaded: Loaded
+    solutions: dict
+    chart: object
+    xs: np.ndarray
+    ys: np.ndarray
+    evaluator: object
+    grid_store: GridStore
+    inputs: dict
+    precision: dict
+
+
+def prepare(config, device, rank: int, stages, log, previous: dict, train: bool = True) -> Prepared:
+    """Load the run, train (or reuse) its solutions, build the plane and its grid store (keyed by the solutions).
+    ``train=False`` (a launcher's grid shard): the solutions must be trained already; extra seeds are skipped."""
+    with stages("load"):
+        loaded = load(config)
+        center = build.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
+        grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
+    precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
+    solutions = train_solutions(loaded, device, stages, train=train)
+    if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
+        from adapters.solution import base_solution
+
+        solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
+    if center is not None:
+        solutions[directions.CENTER_VERTEX] = center
+    if train:
+        note_training(loaded, solutions, device, stages, log, previous)
+        seeds.train_extra(loaded, device, stages, log, previous)  # --seeds N: the other seeds' solutions
+    with stages("plane"):
+        chart, xs, ys, evaluator = build.plane(loaded, solutions, device)
+        deltas = solution_fingerprints(solutions)
+        inputs = stage_log.run_inputs(loaded, deltas, evaluator, device, precision["dtype"])
+        # the examples' digest too: data edited in place, or another tokenizer, must not meet old grid points
+        grid_store.set_solutions({"deltas": deltas, "x": xs, "y": ys, "eval": inputs["eval"]})
+    return Prepared(loaded, solutions, chart, xs, ys, evaluator, grid_store, inputs, precision)
+
+
+def run_with(config, argv: Sequence[str] | None, launched: dict | None = None) -> Path:
+    """The run of ``config`` in this process (under torchrun: in each). ``launched``: a launcher's final job
+    (``{"name": ..., "shards": N}``, recorded in landscape.json), whose training and grid are on disk."""
+    started = time.perf_counter()
     threads.configure(config.threads)
     device = resolve_device(config.device)  # under torchrun: GPU LOCAL_RANK
     rank, world = distributed.init(device.type)
@@ -76,27 +129,10 @@ def run(argv: Sequence[str] | None = None) -> Path:
         raise UserError(f"--batch-size {config.batch_size} is not divisible by the {world} torchrun processes")
     stages, out, log = Stages(quiet=rank != 0), config.out_dir, stage_log.StageLog(config.out_dir, write=rank == 0)
     previous = {"wall_time_s": log.seconds()}  # reused stages keep the times of the run that computed them
-
-    with stages("load"):
-        loaded = load(config)
-        center = build.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
-        grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
-    precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
-    solutions = train_solutions(loaded, device, stages)
-    if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
-        from adapters.solution import base_solution
-
-        solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
-    if center is not None:
-        solutions[directions.CENTER_VERTEX] = center
-    note_training(loaded, solutions, device, stages, log, previous)
-    seeds.train_extra(loaded, device, stages, log, previous)  # --seeds N: the other seeds' solutions
-    with stages("plane"):
-        chart, xs, ys, evaluator = build.plane(loaded, solutions, device)
-        deltas = solution_fingerprints(solutions)
-        inputs = stage_log.run_inputs(loaded, deltas, evaluator, device, precision["dtype"])
-        # the examples' digest too: data edited in place, or another tokenizer, must not meet old grid points
-        grid_store.set_solutions({"deltas": deltas, "x": xs, "y": ys, "eval": inputs["eval"]})
+    prep = prepare(config, device, rank, stages, log, previous)
+    loaded, solutions, chart, xs, ys, evaluator = (prep.loaded, prep.solutions, prep.chart, prep.xs, prep.ys,
+                                                   prep.evaluator)  # fmt: skip
+    grid_store, inputs, precision = prep.grid_store, prep.inputs, prep.precision
     with stages("grid"):
         result = evaluate_grid(evaluator, xs, ys, grid_store, config)
         if config.chart in RANDOM_CHARTS:  # the other draws of the directions (landscape.draws)
@@ -139,6 +175,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         meta["curvature"] = curvature_summary
     if orderings is not None:
         meta["seed_orderings"] = orderings
+    if launched is not None:
+        meta["launcher"] = launched
     meta.update(wall_time_s=stages.seconds, reused_stages=sorted(stages.reused), stage_keys=keys, precision=precision,
                 wall_time_total_s=round(time.perf_counter() - started, 1),
                 command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
@@ -345,6 +383,41 @@ def evaluate_grid(evaluator, xs, ys, grid_store: GridStore, config) -> dict:
         return run_grid(evaluator, xs, ys, store=grid_store, progress=config.progress)
     except StaleGrid as e:
         raise stale(config, e) from None
+
+
+# ------------------------------------------------------------------ the launcher's jobs (landscape.launch)
+
+
+def _job_device(config):
+    threads.configure(config.threads)
+    return resolve_device(config.device)
+
+
+def train_job(config, method: str, seed: int) -> None:
+    """A launcher's training job: the solution of ``method`` with training seed ``seed`` (reused when trained,
+    resumed from its checkpoint when a previous attempt died)."""
+    device = _job_device(config)
+    train_solutions(load(config), device, Stages(), seed, methods=(method,))
+
+
+def grid_job(config, points: list[tuple[int, int]], shard: int) -> None:
+    """A launcher's grid shard: the grid ``points`` (i, j) not yet on disk, checkpointed one by one in
+    ``.grid/rank<shard>.npz`` (:class:`GridStore`): the model loads once for the whole chunk."""
+    device = _job_device(config)
+    prep = prepare(config, device, shard, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    try:
+        run_grid(prep.evaluator, prep.xs, prep.ys, store=prep.grid_store, progress=False, points=points)
+    except StaleGrid as e:
+        raise stale(config, e) from None
+
+
+def finish_job(config, argv: list[str], launched: dict) -> None:
+    """A launcher's last job: the run in one process, with every solution and grid point reused from disk (the
+    paths, spectra, curvature and figures computed here), landscape.json recording ``launched``."""
+    run_with(config, argv, launched)
+
+
+JOBS = {"train": train_job, "grid": grid_job, "finish": finish_job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,135 @@
+"""What a launcher run submits, and what it remembers: the phases and their tasks, and ``.launch/`` in the run folder.
+
+Nothing here imports submitit: the plan is the same for the local and the Slurm executors, and tests read it.
+
+``.launch/state.json`` holds the digest of the run's settings (:func:`settings_digest`) and, per task, the id of
+the job last submitted for it and the number of attempts. ``.launch/done/<task>.json`` is written by a job as it
+finishes and ``.launch/failed/<task>.json`` when it stopped on a bad input (a :class:`UserError`, which a
+resubmission would not fix); both carry the digest, so the markers of other settings are ignored.
+``.launch/logs/`` holds submitit's pickles and each job's stdout and stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from adapters.io import key_digest, write_json
+from landscape.config import RunConfig
+from landscape.config_checks import LAUNCH_OPTIONS
+from landscape.run import trained_methods, training_seeds
+
+FOLDER = ".launch"
+POINTS_PER_SHARD = 64  # --shards' default: the model loads once per 64 grid points (or fewer shards)
+# how the run runs, not what it computes: another value keeps the finished jobs
+NOT_KEYED = (*LAUNCH_OPTIONS, "restart", "progress", "threads")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One job: its name (unique in the run), its kind (train, grid, finish) and its arguments after the config."""
+
+    name: str
+    kind: str
+    args: tuple = ()
+
+
+def grid_shape(config: RunConfig) -> tuple[int, int]:
+    """(rows, columns) of the run's grid: a random line has the one row y = 0."""
+    return (1 if config.chart == "random-line" else config.grid), config.grid
+
+
+def grid_shards(config: RunConfig) -> int:
+    """The number of grid shards (array tasks): ``--shards``, else one per :data:`POINTS_PER_SHARD` points; at
+    most one per point."""
+    rows, cols = grid_shape(config)
+    points = rows * cols
+    return max(1, min(points, config.shards or math.ceil(points / POINTS_PER_SHARD)))
+
+
+def shard_points(config: RunConfig, shard: int, shards: int) -> list[tuple[int, int]]:
+    """The grid points (i, j) of ``shard`` of ``shards``: a contiguous chunk of the points in row-major order."""
+    rows, cols = grid_shape(config)
+    chunk = np.array_split(np.arange(rows * cols), shards)[shard]
+    return [(int(k) // cols, int(k) % cols) for k in chunk]
+
+
+def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]]]:
+    """The run's phases in order, each with its tasks: every (method, seed) trained, the grid's shards, the
+    finishing run (paths, spectra, curvature, figures and landscape.json, in one process)."""
+    train = [Task(f"train-{m}-seed{seed}", "train", (m, seed)) for seed in training_seeds(config)
+             for m in trained_methods(config, seed)]  # fmt: skip
+    shards = grid_shards(config)
+    grid = [Task(f"grid-{k}-of-{shards}", "grid", (shard_points(config, k, shards), k)) for k in range(shards)]
+    launched = {"name": config.launcher, "shards": shards}
+    finish = [Task("finish", "finish", (list(argv), launched))]
+    return [(name, tasks) for name, tasks in (("train", train), ("grid", grid), ("finish", finish)) if tasks]
+
+
+def settings_digest(config: RunConfig) -> str:
+    """The digest of what the run computes (its settings less :data:`NOT_KEYED`): the markers of finished jobs
+    count only under the same digest."""
+    settings = config.to_dict()
+    return key_digest({k: v for k, v in settings.items() if k not in NOT_KEYED})
+
+
+@dataclass
+class State:
+    """``.launch/state.json``: the settings' digest and the jobs submitted per task (id, attempts)."""
+
+    folder: Path
+    digest: str
+    jobs: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, out: Path, digest: str) -> State:
+        """The state of ``out``'s launcher run; a fresh one when none, unreadable, or of other settings."""
+        folder = Path(out) / FOLDER
+        try:
+            data = json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            data = {}
+        jobs = data.get("jobs") if isinstance(data, dict) and data.get("digest") == digest else None
+        return cls(folder, digest, jobs if isinstance(jobs, dict) else {})
+
+    def save(self) -> None:
+        write_json(self.folder / "state.json", {"digest": self.digest, "jobs": self.jobs})
+
+    def marker(self, kind: str, name: str) -> Path:
+        return self.folder / kind / f"{name}.json"
+
+    def finished(self, name: str) -> bool:
+        return _read(self.marker("done", name)).get("digest") == self.digest
+
+    def failure(self, name: str) -> str | None:
+        """The one-line error a job stopped on (a bad input), None when it did not."""
+        record = _read(self.marker("failed", name))
+        return record.get("error") if record.get("digest") == self.digest else None
+
+    def forget(self) -> None:
+        """Drop every job and marker (``--restart``)."""
+        self.jobs = {}
+        for kind in ("done", "failed"):
+            for path in (self.folder / kind).glob("*.json"):
+                path.unlink()
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_marker(folder: Path, kind: str, name: str, digest: str, **extra) -> None:
+    """A job's marker: ``done`` as it finishes, ``failed`` (with the error) when it stopped on a bad input."""
+    write_json(Path(folder) / kind / f"{name}.json", {"digest": digest, **extra})
+
+
+__all__ = ["FOLDER", "State", "Task", "grid_shape", "grid_shards", "phases", "settings_digest", "shard_points"]
