@@ -400,13 +400,18 @@ def train_job(config, method: str, seed: int) -> None:
     train_solutions(load(config), device, Stages(), seed, methods=(method,))
 
 
-def grid_job(config, points: list[tuple[int, int]], shard: int) -> None:
+def grid_job(config, points: list[tuple[int, int]], shard: int, draw: int = 0) -> None:
     """A launcher's grid shard: the grid ``points`` (i, j) not yet on disk, checkpointed one by one in
-    ``.grid/rank<shard>.npz`` (:class:`GridStore`): the model loads once for the whole chunk."""
+    ``.grid/rank<shard>.npz`` (:class:`GridStore`): the model loads once for the whole chunk. ``draw`` k > 0: the
+    points of a random chart's draw k (its directions, its store ``.grid/draw-k``), as :func:`build.random_draws`."""
     device = _job_device(config)
     prep = prepare(config, device, shard, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    grid_store = prep.grid_store
+    if draw:
+        directions.redraw(prep.evaluator.chart, directions.draw_seed(build.direction_seed(config), draw))
+        grid_store = build.draw_store(config, grid_store, draw)
     try:
-        run_grid(prep.evaluator, prep.xs, prep.ys, store=prep.grid_store, progress=False, points=points)
+        run_grid(prep.evaluator, prep.xs, prep.ys, store=grid_store, progress=False, points=points)
     except StaleGrid as e:
         raise stale(config, e) from None
 

@@ -193,3 +193,25 @@ def test_bad_cluster_table_is_one_line(tmp_path, table, message, capsys):
     assert connectivity.main(["--config", str(toml), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_random_chart_draws_run_as_array_tasks_and_equal_one_process(tmp_path, wordnet_root):
+    """A random line's other draws are grid tasks of the array too (.grid/draw-k, the draw's own directions):
+    with --wait the command runs every phase, and the draws' losses equal a one-process run's."""
+    line = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "0",
+            "--train-per-class", "12", "--test-per-class", "4", "--no-progress", "--threads", "1", "--chart",
+            "random-line", "--center", "lora", "--draws", "2", "--methods", "lora"]  # fmt: skip
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    base = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *line]
+    with nodraw.figures_not_drawn():
+        assert connectivity.main([*base, "--out", str(single)]) == 0
+    assert connectivity.main([*base, "--out", str(launched), "--launcher", "local", "--shards", "1", "--wait"]) == 0
+    assert sorted(_state(launched)) == ["draw1-grid-0-of-1", "finish", "grid-0-of-1", "train-head_only-seed0",
+                                        "train-lora-seed0"]  # fmt: skip
+    assert (launched / ".grid" / "draw-1" / "rank0.npz").exists()  # draw 1 was evaluated by its array task
+    meta = json.loads((launched / "landscape.json").read_text())
+    assert meta["chart_geometry"]["draws"]["points_computed_this_run"] == 0  # the finish job found every point
+    with np.load(single / "landscape.npz") as a, np.load(launched / "landscape.npz") as b:
+        for key in ("loss", "draw_loss", "draw_accuracy", "draw_loss_se", "x"):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+        assert np.array_equal(a["draw_seeds"], b["draw_seeds"])

@@ -21,7 +21,7 @@ import numpy as np
 
 from adapters.io import key_digest, write_json
 from landscape.config import RunConfig
-from landscape.config_checks import LAUNCH_OPTIONS
+from landscape.config_checks import LAUNCH_OPTIONS, RANDOM_CHARTS
 from landscape.run import trained_methods, training_seeds
 
 FOLDER = ".launch"
@@ -65,7 +65,9 @@ def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]
     train = [Task(f"train-{m}-seed{seed}", "train", (m, seed)) for seed in training_seeds(config)
              for m in trained_methods(config, seed)]  # fmt: skip
     shards = grid_shards(config)
-    grid = [Task(f"grid-{k}-of-{shards}", "grid", (shard_points(config, k, shards), k)) for k in range(shards)]
+    draws = config.draws if config.chart in RANDOM_CHARTS else 1  # a random chart's other draws: grids alike
+    grid = [Task(f"{f'draw{d}-' if d else ''}grid-{k}-of-{shards}", "grid", (shard_points(config, k, shards), k, d))
+            for d in range(draws) for k in range(shards)]  # fmt: skip
     launched = {"name": config.launcher, "shards": shards}
     finish = [Task("finish", "finish", (list(argv), launched))]
     return [(name, tasks) for name, tasks in (("train", train), ("grid", grid), ("finish", finish)) if tasks]
