@@ -215,3 +215,29 @@ def test_random_chart_draws_run_as_array_tasks_and_equal_one_process(tmp_path, w
         for key in ("loss", "draw_loss", "draw_accuracy", "draw_loss_se", "x"):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
         assert np.array_equal(a["draw_seeds"], b["draw_seeds"])
+
+
+def bad_input_job(config, *args) -> None:
+    """A job body that meets a bad input (as a data folder missing on the compute nodes would be)."""
+    from adapters.errors import UserError
+
+    raise UserError(f"the data folder {config.out_dir / 'nowhere'} does not exist: pass --data-root")
+
+
+def test_a_job_stopped_by_a_bad_input_is_its_one_line_error_then_forgotten(tmp_path, wordnet_root):
+    """A job's UserError comes back from the driver as that one line (not resubmitted: a second attempt would meet
+    it again); the task's record goes with it, so the command rerun after the fix submits it again."""
+    from adapters.errors import UserError
+    from landscape import config as run_config
+    from landscape import launch
+
+    out = tmp_path / "run"
+    config = run_config.from_argv([*_argv(wordnet_root, out), "--launcher", "local", "--wait"])
+    jobs = {kind: bad_input_job for kind in ("train", "grid", "finish")}
+    with pytest.raises(UserError, match=r"train-\S+-seed0 job stopped: the data folder .*nowhere does not exist"):
+        launch.drive(config, [], jobs, poll_s=0.5)
+    state = _state(out)
+    stopped = [name for name in ("train-head_only-seed0", "train-lora-seed0", "train-randlora-seed0")
+               if name not in state]  # fmt: skip
+    assert len(stopped) == 1 and not (out / plan.FOLDER / "failed" / f"{stopped[0]}.json").exists()
+    assert not (out / "landscape.json").exists()

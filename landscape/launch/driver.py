@@ -55,8 +55,9 @@ def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], 
             GridStore(folder, {}).clear()
     # the jobs: the run in one process (their restart was done here, once)
     job_config = dataclasses.replace(config, restart=False, wait=False)
+    said = [""]  # --wait: a phase's progress is printed when it changes
     while True:
-        if _step(config, job_config, argv, jobs, state):
+        if _step(config, job_config, argv, jobs, state, said):
             print(f"launcher {config.launcher}: finished; the run's files are in {out}", flush=True)
             return out
         if not config.wait:
@@ -66,7 +67,7 @@ def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], 
         time.sleep(poll_s)
 
 
-def _step(config: RunConfig, job_config: RunConfig, argv, jobs, state: plan.State) -> bool:
+def _step(config: RunConfig, job_config: RunConfig, argv, jobs, state: plan.State, said: list[str]) -> bool:
     """One look at the jobs: True when the finish job is done; else the first unfinished phase's missing tasks
     are submitted (printed with their job ids)."""
     from landscape.launch import submit
@@ -80,6 +81,7 @@ def _step(config: RunConfig, job_config: RunConfig, argv, jobs, state: plan.Stat
         for task in open_tasks:
             error = state.failure(task.name)
             if error is not None:
+                state.give_up(task.name)  # reported once: the rerun after the fix submits it again
                 raise UserError(f"{task.name} job stopped: {error}")
             record = state.jobs.get(task.name)
             if record and submit.alive(config.launcher, logs, record["job_id"]):
@@ -87,15 +89,18 @@ def _step(config: RunConfig, job_config: RunConfig, argv, jobs, state: plan.Stat
                 continue
             if record and record["attempts"] >= MAX_ATTEMPTS:
                 log = submit.job_log(logs, record["job_id"])
+                state.give_up(task.name)
                 raise UserError(f"{task.name} failed {record['attempts']} times: read {log}, fix the cause and "
-                                "rerun with the same command")  # fmt: skip
+                                "rerun the same command")  # fmt: skip
             missing.append(task)
         if missing:
             _submit(job_config, jobs, state, phase, missing, logs)
         done = len(tasks) - len(open_tasks)
         ids = ", ".join(f"{t.name} {state.jobs[t.name]['job_id']}" for t in running)
-        print(f"[{phase}] {done}/{len(tasks)} done" + (f"; running: {ids}" if ids else ""), file=sys.stderr,
-              flush=True)  # fmt: skip
+        line = f"[{phase}] {done}/{len(tasks)} done" + (f"; running: {ids}" if ids else "")
+        if line != said[0]:
+            print(line, file=sys.stderr, flush=True)
+            said[0] = line
         return False
     return True
 

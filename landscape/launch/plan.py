@@ -113,6 +113,12 @@ class State:
         record = _read(self.marker("failed", name))
         return record.get("error") if record.get("digest") == self.digest else None
 
+    def give_up(self, name: str) -> None:
+        """A task reported as failed: its record and ``failed`` marker go, so the next call submits it again."""
+        self.jobs.pop(name, None)
+        self.marker("failed", name).unlink(missing_ok=True)
+        self.save()
+
     def forget(self) -> None:
         """Drop every job and marker (``--restart``)."""
         self.jobs = {}
