@@ -143,8 +143,7 @@ def run_with(config, argv: Sequence[str] | None, launched: dict | None = None) -
     arrays = landscape_arrays(chart, xs, ys, result)
     written = [out / "landscape.npz"]
     store.write_npz(written[0], **arrays)
-    keys = {s: stage_log.stage_digest(s, config, inputs) for s in stage_log.STAGE_READS}
-    seeds.stage_keys(loaded, device, inputs, keys)  # --seeds N: the seeds' key, and the paths' extended by it
+    keys = stage_keys(loaded, device, inputs)
     log.record("grid", keys["grid"], written, stages.seconds.get("grid"))
     extra = seeds.seeds_stage(loaded, solutions, evaluator, device, stages, log, keys, written)
     path_summary = paths_stage(loaded, solutions, evaluator, device, stages, log, keys, written, extra)
@@ -212,6 +211,33 @@ def landscape_arrays(chart, xs, ys, result) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
+def stage_keys(loaded: Loaded, device, inputs: dict) -> dict[str, str]:
+    """Every stage's key (:mod:`landscape.stages`); with ``--seeds N`` the seeds' key, and the paths' extended by it."""
+    keys = {s: stage_log.stage_digest(s, loaded.config, inputs) for s in stage_log.STAGE_READS}
+    seeds.stage_keys(loaded, device, inputs, keys)
+    return keys
+
+
+def path_store(config, key: str, rank: int = 0) -> store.SampleStore | None:
+    """A launcher run's path points (``.paths/rank<K>.npz``, keyed by the paths' stage key); None without one."""
+    if config.launcher is None:
+        return None
+    points = store.SampleStore(config.out_dir / ".paths", {"paths": key}, {}, rank=rank)
+    points.drop_stale()
+    return points
+
+
+def path_args(loaded: Loaded, evaluator, device) -> dict:
+    """:func:`paths.compute_paths`' settings in a run: the plane's evaluation set, precision and storage."""
+    config = loaded.config
+    factored_chart = isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in RANDOM_CHARTS
+    return {"eval_set": evaluator.eval_set, "device": device, "points": config.path_points,
+            "extend": config.path_extend, "progress": config.progress, "objective": loaded.task.objective,
+            "points_per_forward": evaluator.points_per_forward, "dtype": config.landscape_dtype(device.type),
+            "storage": evaluator.chart.info.get("storage", "dense"),
+            "chart": evaluator.chart if factored_chart else None}  # fmt: skip
+
+
 def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys, written, extra=None) -> dict | None:
     """The 1-D paths between the solutions, on the plane's evaluation set and precision (reused when unchanged:
     ``log``'s record of the same key). ``extra``: the other training seeds' readings (:mod:`landscape.seeds`),
@@ -224,14 +250,11 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys,
         stages.reuse("paths", {"wall_time_s": log.seconds()})
         return record["summary"]
     log.forget("paths")
-    dtype = config.landscape_dtype(device.type)
+    args = path_args(loaded, evaluator, device)
+    dtype = args["dtype"]
     with stages("paths"):
         result = paths.compute_paths(
-            loaded.task.base, solutions, evaluator.eval_set, device, config.path_points, config.path_extend,
-            progress=config.progress, points_per_forward=evaluator.points_per_forward, dtype=dtype,
-            objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
-            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in
-            RANDOM_CHARTS else None,
+            loaded.task.base, solutions, **args, store=path_store(config, keys["paths"]),  # a launcher's path tasks
             known=report.vertex_results(evaluator.chart, evaluator),  # the vertices: evaluated once, shared
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
@@ -416,13 +439,24 @@ def grid_job(config, points: list[tuple[int, int]], shard: int, draw: int = 0) -
         raise stale(config, e) from None
 
 
+def path_job(config, points: list[tuple[int, int]], shard: int) -> None:
+    """A launcher's path task: the path points (pair k, index of t j) not yet on disk, with their per-sample
+    losses, into ``.paths/rank<shard>.npz`` (:class:`store.SampleStore`); the finish job reads them back."""
+    device = _job_device(config)
+    prep = prepare(config, device, 0, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    keys = stage_keys(prep.loaded, device, prep.inputs)
+    args = {**path_args(prep.loaded, prep.evaluator, device), "progress": False}
+    paths.compute_paths(prep.loaded.task.base, prep.solutions, **args, store=path_store(config, keys["paths"], shard),
+                        only=set(map(tuple, points)))  # fmt: skip
+
+
 def finish_job(config, argv: list[str], launched: dict) -> None:
     """A launcher's last job: the run in one process, with every solution and grid point reused from disk (the
     paths, spectra, curvature and figures computed here), landscape.json recording ``launched``."""
     run_with(config, argv, launched)
 
 
-JOBS = {"train": train_job, "grid": grid_job, "finish": finish_job}
+JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "finish": finish_job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,9 +87,15 @@ def test_killed_shard_is_resubmitted_and_the_gathered_run_equals_one_process(tmp
     with np.load(single / "landscape.npz") as a, np.load(launched / "landscape.npz") as b:
         for key in ("x", "y", "loss", "accuracy", "loss_se", "points"):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+    assert (launched / ".paths" / "rank0.npz").exists()  # the paths' inner points: the array's path task
     with np.load(single / "paths.npz") as a, np.load(launched / "paths.npz") as b:
-        for key in ("loss", "accuracy"):
+        for key in ("t", "loss", "accuracy", "loss_se"):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+    pairs_a = json.loads((single / "paths.json").read_text())["pairs"]
+    pairs_b = json.loads((launched / "paths.json").read_text())["pairs"]
+    for pair, info in pairs_a.items():  # the paired errors need the per-sample losses the path task stored
+        for key in ("barrier", "barrier_se", "peak_above_endpoint_mean_se"):
+            assert pairs_b[pair][key] == pytest.approx(info[key], abs=1e-6), (pair, key)
     meta_a = json.loads((single / "landscape.json").read_text())
     meta_b = json.loads((launched / "landscape.json").read_text())
     assert meta_b["launcher"] == {"name": "local", "shards": SHARDS} and "launcher" not in meta_a

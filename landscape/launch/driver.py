@@ -51,7 +51,7 @@ def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], 
         from landscape.engine.store import GridStore
 
         state.forget()
-        for folder in (out / ".grid", *(out / ".grid").glob("draw-*")):
+        for folder in (out / ".grid", *(out / ".grid").glob("draw-*"), out / ".paths"):
             GridStore(folder, {}).clear()
     # the jobs: the run in one process (their restart was done here, once)
     job_config = dataclasses.replace(config, restart=False, wait=False)

@@ -59,15 +59,30 @@ def shard_points(config: RunConfig, shard: int, shards: int) -> list[tuple[int, 
     return [(int(k) // cols, int(k) % cols) for k in chunk]
 
 
+def path_tasks(config: RunConfig) -> list[Task]:
+    """The paths' points (pair k, index of t j) as array tasks of :data:`POINTS_PER_SHARD` points or fewer: every
+    point but the ends t = 0 and t = 1, which are the plane's vertices (evaluated once, by the finish job)."""
+    if not config.path_points:
+        return []
+    from landscape.paths import PAIRS, path_axis
+
+    t = path_axis(config.path_points, config.path_extend)
+    points = [(k, j) for k in range(len(PAIRS)) for j in range(len(t)) if t[j] not in (0.0, 1.0)]
+    count = max(1, math.ceil(len(points) / POINTS_PER_SHARD))
+    chunks = [c for c in np.array_split(np.arange(len(points)), count) if len(c)]
+    return [Task(f"path-{k}-of-{len(chunks)}", "path", ([points[i] for i in c], k)) for k, c in enumerate(chunks)]
+
+
 def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]]]:
-    """The run's phases in order, each with its tasks: every (method, seed) trained, the grid's shards, the
-    finishing run (paths, spectra, curvature, figures and landscape.json, in one process)."""
+    """The run's phases in order, each with its tasks: every (method, seed) trained; the grid's shards (and a random
+    chart's other draws) with the paths' points; the finishing run (the rest, and landscape.json, in one process)."""
     train = [Task(f"train-{m}-seed{seed}", "train", (m, seed)) for seed in training_seeds(config)
              for m in trained_methods(config, seed)]  # fmt: skip
     shards = grid_shards(config)
     draws = config.draws if config.chart in RANDOM_CHARTS else 1  # a random chart's other draws: grids alike
     grid = [Task(f"{f'draw{d}-' if d else ''}grid-{k}-of-{shards}", "grid", (shard_points(config, k, shards), k, d))
             for d in range(draws) for k in range(shards)]  # fmt: skip
+    grid += path_tasks(config)
     launched = {"name": config.launcher, "shards": shards}
     finish = [Task("finish", "finish", (list(argv), launched))]
     return [(name, tasks) for name, tasks in (("train", train), ("grid", grid), ("finish", finish)) if tasks]
