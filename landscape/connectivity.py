@@ -452,8 +452,11 @@ def path_job(config, points: list[tuple[int, int]], shard: int) -> None:
 
 def finish_job(config, argv: list[str], launched: dict) -> None:
     """A launcher's last job: the run in one process, with every solution and grid point reused from disk (the
-    paths, spectra, curvature and figures computed here), landscape.json recording ``launched``."""
-    run_with(config, argv, launched)
+    paths, spectra, curvature and figures computed here), landscape.json recording ``launched`` and the wall time
+    of each job before it."""
+    from landscape.launch import plan
+
+    run_with(config, argv, {**launched, "job_seconds": plan.job_seconds(config)})
 
 
 JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "finish": finish_job}

@@ -98,7 +98,9 @@ def test_killed_shard_is_resubmitted_and_the_gathered_run_equals_one_process(tmp
             assert pairs_b[pair][key] == pytest.approx(info[key], abs=1e-6), (pair, key)
     meta_a = json.loads((single / "landscape.json").read_text())
     meta_b = json.loads((launched / "landscape.json").read_text())
-    assert meta_b["launcher"] == {"name": "local", "shards": SHARDS} and "launcher" not in meta_a
+    launcher = meta_b["launcher"]
+    assert (launcher["name"], launcher["shards"]) == ("local", SHARDS) and "launcher" not in meta_a
+    assert sorted(launcher["job_seconds"]) == sorted(set(jobs) - {"finish"})  # every job before the finish
     for name, s in meta_a["solutions"].items():
         for key in ("vertex_loss", "test_accuracy"):
             assert meta_b["solutions"][name][key] == pytest.approx(s[key], abs=1e-6), (name, key)

@@ -142,6 +142,16 @@ class State:
                 path.unlink()
 
 
+def job_seconds(config: RunConfig) -> dict[str, float]:
+    """Wall time of each finished job of the run (their ``done`` markers), for landscape.json's ``launcher``."""
+    digest, found = settings_digest(config), {}
+    for path in sorted((Path(config.out_dir) / FOLDER / "done").glob("*.json")):
+        record = _read(path)
+        if record.get("digest") == digest and isinstance(record.get("seconds"), int | float):
+            found[path.stem] = record["seconds"]
+    return found
+
+
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -155,4 +165,15 @@ def write_marker(folder: Path, kind: str, name: str, digest: str, **extra) -> No
     write_json(Path(folder) / kind / f"{name}.json", {"digest": digest, **extra})
 
 
-__all__ = ["FOLDER", "State", "Task", "grid_shape", "grid_shards", "phases", "settings_digest", "shard_points"]
+__all__ = [
+    "FOLDER",
+    "State",
+    "Task",
+    "grid_shape",
+    "grid_shards",
+    "job_seconds",
+    "path_tasks",
+    "phases",
+    "settings_digest",
+    "shard_points",
+]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,13 +36,15 @@ class Job(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         os.chdir(self.cwd)
+        start = time.perf_counter()
         try:
             self.fn(self.config, *self.args)
         except UserError as e:
             write_marker(self.folder, "failed", self.name, self.digest, error=str(e))
             raise
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        write_marker(self.folder, "done", self.name, self.digest, finished=stamp)
+        seconds = round(time.perf_counter() - start, 1)
+        write_marker(self.folder, "done", self.name, self.digest, finished=stamp, seconds=seconds)
         return self.name
 
 
