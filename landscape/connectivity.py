@@ -279,11 +279,34 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
     chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}
     info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
             "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
+    if config.launcher is not None:  # the entries its array tasks computed: reused by key below
+        gather_curvature(out)
     with stages("curvature"):
         result = curvature.curvature_stage(loaded, chosen, evaluator.eval_set, out, settings, device,
                                            progress=config.progress, info=info)  # fmt: skip
     written += [out / f"curvature.{ext}" for ext in ("json", "png", "pdf")]
     return curvature.summary(result)
+
+
+def gather_curvature(out: Path) -> None:
+    """A launcher run: the entries of its curvature tasks (``.curvature/SOLUTION-COORDINATES/curvature.json``) join
+    curvature.json's, where :func:`curvature.curvature_stage` reuses each whose key is the run's."""
+    import json
+
+    def read(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) and isinstance(data.get("solutions"), dict) else {}
+
+    current = read(out / "curvature.json") or {"solutions": {}}
+    for path in sorted((out / ".curvature").glob("*/curvature.json")):
+        for name, per in read(path).get("solutions", {}).items():
+            for coordinates, entry in per.items() if isinstance(per, dict) else ():
+                if isinstance(entry, dict) and "key" in entry:
+                    current["solutions"].setdefault(name, {})[coordinates] = entry
+    store.write_json(out / "curvature.json", current)
 
 
 def merges_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[Path]:
@@ -450,6 +473,18 @@ def path_job(config, points: list[tuple[int, int]], shard: int) -> None:
                         only=set(map(tuple, points)))  # fmt: skip
 
 
+def curvature_job(config, name: str, coordinates: str) -> None:
+    """A launcher's curvature task: the entry of solution ``name`` in ``coordinates`` (``--curvature``'s settings
+    and seed), into ``.curvature/NAME-COORDINATES/curvature.json``; the finish job gathers it."""
+    device = _job_device(config)
+    prep = prepare(config, device, 0, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    chosen = {s: prep.solutions[s] for s in SOLUTIONS if s in prep.solutions}
+    settings = curvature.CurvatureSettings(seed=config.seed, coordinates=(coordinates,))
+    folder = config.out_dir / ".curvature" / f"{name}-{coordinates}"
+    curvature.curvature_stage(prep.loaded, {name: chosen[name]}, prep.evaluator.eval_set, folder, settings, device,
+                              progress=False, plane_solutions=chosen)  # fmt: skip
+
+
 def finish_job(config, argv: list[str], launched: dict) -> None:
     """A launcher's last job: the run in one process, with every solution and grid point reused from disk (the
     paths, spectra, curvature and figures computed here), landscape.json recording ``launched`` and the wall time
@@ -459,7 +494,7 @@ def finish_job(config, argv: list[str], launched: dict) -> None:
     run_with(config, argv, {**launched, "job_seconds": plan.job_seconds(config)})
 
 
-JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "finish": finish_job}
+JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "curvature": curvature_job, "finish": finish_job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -203,18 +203,20 @@ def test_bad_cluster_table_is_one_line(tmp_path, table, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_random_chart_draws_run_as_array_tasks_and_equal_one_process(tmp_path, wordnet_root):
-    """A random line's other draws are grid tasks of the array too (.grid/draw-k, the draw's own directions):
-    with --wait the command runs every phase, and the draws' losses equal a one-process run's."""
+def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, wordnet_root):
+    """A random line's other draws are grid tasks of the array too (.grid/draw-k, the draw's own directions), and
+    --curvature's (solution, coordinates) entries are tasks whose entries the finish job reuses by key: with --wait
+    the command runs every phase, and the draws' losses and curvature.json equal a one-process run's."""
     line = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "0",
             "--train-per-class", "12", "--test-per-class", "4", "--no-progress", "--threads", "1", "--chart",
-            "random-line", "--center", "lora", "--draws", "2", "--methods", "lora"]  # fmt: skip
+            "random-line", "--center", "lora", "--draws", "2", "--methods", "lora", "--curvature"]  # fmt: skip
     single, launched = tmp_path / "single", tmp_path / "launched"
     base = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *line]
     with nodraw.figures_not_drawn():
         assert connectivity.main([*base, "--out", str(single)]) == 0
     assert connectivity.main([*base, "--out", str(launched), "--launcher", "local", "--shards", "1", "--wait"]) == 0
-    assert sorted(_state(launched)) == ["draw1-grid-0-of-1", "finish", "grid-0-of-1", "train-head_only-seed0",
+    assert sorted(_state(launched)) == ["curvature-lora-adapter", "curvature-lora-weights", "draw1-grid-0-of-1",
+                                        "finish", "grid-0-of-1", "train-head_only-seed0",
                                         "train-lora-seed0"]  # fmt: skip
     assert (launched / ".grid" / "draw-1" / "rank0.npz").exists()  # draw 1 was evaluated by its array task
     meta = json.loads((launched / "landscape.json").read_text())
@@ -223,6 +225,15 @@ def test_random_chart_draws_run_as_array_tasks_and_equal_one_process(tmp_path, w
         for key in ("loss", "draw_loss", "draw_accuracy", "draw_loss_se", "x"):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
         assert np.array_equal(a["draw_seeds"], b["draw_seeds"])
+    a = json.loads((single / "curvature.json").read_text())["solutions"]["lora"]
+    b = json.loads((launched / "curvature.json").read_text())["solutions"]["lora"]
+    assert sorted(a) == sorted(b) == ["adapter", "weights"]
+    for coordinates, entry in a.items():
+        got = b[coordinates]
+        assert got.get("reused") is True and got["key"] == entry["key"], coordinates  # computed by its task
+        for key in ("eigenvalues", "trace", "trace_se"):
+            np.testing.assert_allclose(got[key], entry[key], rtol=1e-9, atol=1e-6, err_msg=f"{coordinates} {key}")
+        np.testing.assert_allclose(got["density"]["values"], entry["density"]["values"], rtol=1e-9, atol=1e-6)
 
 
 def bad_input_job(config, *args) -> None:

@@ -5,6 +5,8 @@ The run is cut into phases, each a set of jobs that only needs the phases before
 1. ``train``: one job per (method, training seed) (the baseline with the run's seed; ``--seeds N``'s extra seeds);
 2. ``grid``: a job array, one task per contiguous chunk of the grid's points (``--shards``), each loading the
    model once and checkpointing every point in its own file of the run's grid store (``.grid/rank<K>.npz``);
+   in the same array a random chart's other draws (``.grid/draw-k``), the paths' inner points with their
+   per-sample losses (``.paths``) and ``--curvature``'s (solution, coordinates) entries (``.curvature``);
 3. ``finish``: one job that runs the command in one process, every solution and grid point reused from disk: it
    computes the rest (paths, spectra, curvature, figures) and writes the run's files, landscape.json recording the
    launcher and the shard count.

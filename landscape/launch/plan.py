@@ -73,6 +73,23 @@ def path_tasks(config: RunConfig) -> list[Task]:
     return [Task(f"path-{k}-of-{len(chunks)}", "path", ([points[i] for i in c], k)) for k, c in enumerate(chunks)]
 
 
+def curvature_tasks(config: RunConfig) -> list[Task]:
+    """``--curvature``: one task per (solution, coordinates) entry (not FT's adapter, which it has not; not the
+    weights of a 4-bit base, which are packed)."""
+    if not config.curvature:
+        return []
+    from landscape.curvature import CurvatureSettings
+    from landscape.curvature.settings import ADAPTER_METHODS
+
+    entries = [
+        (s, c)
+        for s in config.method_set()
+        for c in CurvatureSettings().coordinates
+        if not (c == "adapter" and s not in ADAPTER_METHODS) and not (c == "weights" and config.load_4bit)
+    ]
+    return [Task(f"curvature-{s}-{c}", "curvature", (s, c)) for s, c in entries]  # fmt: skip
+
+
 def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]]]:
     """The run's phases in order, each with its tasks: every (method, seed) trained; the grid's shards (and a random
     chart's other draws) with the paths' points; the finishing run (the rest, and landscape.json, in one process)."""
@@ -82,7 +99,7 @@ def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]
     draws = config.draws if config.chart in RANDOM_CHARTS else 1  # a random chart's other draws: grids alike
     grid = [Task(f"{f'draw{d}-' if d else ''}grid-{k}-of-{shards}", "grid", (shard_points(config, k, shards), k, d))
             for d in range(draws) for k in range(shards)]  # fmt: skip
-    grid += path_tasks(config)
+    grid += path_tasks(config) + curvature_tasks(config)
     launched = {"name": config.launcher, "shards": shards}
     finish = [Task("finish", "finish", (list(argv), launched))]
     return [(name, tasks) for name, tasks in (("train", train), ("grid", grid), ("finish", finish)) if tasks]
