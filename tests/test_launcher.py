@@ -25,7 +25,7 @@ pytest.importorskip("submitit")
 RUN = ["--model", "tiny-bert", "--methods", "lora", "randlora", "--train-steps", "3", "--train-per-class", "12",
        "--test-per-class", "4", "--grid", "4", "--eval-samples", "16", "--path-points", "3", "--no-progress",
        "--threads", "1"]  # fmt: skip
-SHARDS = 3
+SHARDS = 2
 
 
 def _argv(wordnet_root: Path, out: Path) -> list[str]:
@@ -68,11 +68,11 @@ def test_killed_shard_is_resubmitted_and_the_gathered_run_equals_one_process(tmp
     deadline = time.monotonic() + 300
     while not any(name.startswith("grid-") for name in _state(launched)):  # rerun until the grid is submitted
         assert time.monotonic() < deadline, "the training jobs did not finish"
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert connectivity.main(argv) == 0
     grid = {k: v for k, v in _state(launched).items() if k.startswith("grid-")}
     assert len(grid) == SHARDS
-    victim = sorted(grid)[1]
+    victim = sorted(grid)[-1]
     for pid in _tree(int(grid[victim]["job_id"])):  # the shard's shell, submitit's controller and the task
         try:
             os.kill(pid, signal.SIGKILL)

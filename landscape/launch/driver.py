@@ -21,7 +21,7 @@ from landscape.config import RunConfig
 from landscape.launch import plan
 
 MAX_ATTEMPTS = 3
-POLL_S = 2.0  # --wait: seconds between looks at the jobs
+POLL_S = {"local": 0.5, "slurm": 10.0}  # --wait: seconds between looks at the jobs (Slurm's: sacct queries)
 
 
 def require_submitit(launcher: str) -> None:
@@ -40,7 +40,7 @@ def require_submitit(launcher: str) -> None:
                         "the Slurm cluster (a login node), or use --launcher local on this machine")  # fmt: skip
 
 
-def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], poll_s: float = POLL_S) -> Path:
+def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], poll_s: float | None = None) -> Path:
     """Advance the launcher run of ``config`` (the command's ``argv``): submit what is missing, report what
     runs; with ``config.wait``, until the finish job is done. ``jobs``: the body of each task kind
     ({train, grid, finish} -> function(config, *args))."""
@@ -64,7 +64,7 @@ def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], 
             print(f"rerun the same command to gather and resubmit (or add --wait); logs in {state.folder / 'logs'}",
                   flush=True)  # fmt: skip
             return out
-        time.sleep(poll_s)
+        time.sleep(POLL_S[config.launcher] if poll_s is None else poll_s)
 
 
 def _step(config: RunConfig, job_config: RunConfig, argv, jobs, state: plan.State, said: list[str]) -> bool:

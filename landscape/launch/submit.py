@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,7 +59,7 @@ def project_root() -> Path:
 def executor(config: RunConfig, logs: Path, kind: str):
     """The submitit executor of ``config.launcher`` for jobs of ``kind`` (train, grid, finish): Slurm with the
     config's partition, GPUs per task, time limit, array parallelism and passthrough; or local processes."""
-    setup = [f"export PYTHONPATH={project_root()}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    setup = [f"export PYTHONPATH={shlex.quote(str(project_root()))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if config.launcher == "local":
         import torch
 
