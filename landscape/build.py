@@ -188,9 +188,7 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
     def store(k: int) -> GridStore | None:
         if grid_store is None:
             return None
-        extra = {"draw": k, "draw_seed": directions.draw_seed(seed, k)}
-        s = GridStore(grid_store.folder / f"draw-{k}", {**grid_store.config, **extra}, grid_store.solutions,
-                      rank=grid_store.rank)  # fmt: skip
+        s = draw_store(config, grid_store, k)
         if config.restart:  # as the run's own grid store: rank 0 clears, every rank waits for it
             if s.rank == 0:
                 s.clear()
@@ -208,6 +206,13 @@ def random_draws(config: RunConfig, evaluator: PlaneEvaluator, xs: np.ndarray, y
         print(draws.line(info), flush=True)
     return {**{k: arrays[k] for k in ("draw_loss", "draw_accuracy", "draw_loss_se", "draw_seeds")},
             **draws.spread_arrays(arrays, info["collapse_level"])}  # fmt: skip
+
+
+def draw_store(config: RunConfig, grid_store: GridStore, k: int) -> GridStore:
+    """The grid store of draw ``k`` of a random chart: ``.grid/draw-k`` beside the run's, keyed by the draw's seed."""
+    extra = {"draw": k, "draw_seed": directions.draw_seed(direction_seed(config), k)}
+    return GridStore(grid_store.folder / f"draw-{k}", {**grid_store.config, **extra}, grid_store.solutions,
+                     rank=grid_store.rank)  # fmt: skip
 
 
 def load_center(config: RunConfig, base: nn.Module, model_name: str) -> Solution | None:

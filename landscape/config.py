@@ -22,7 +22,7 @@ from typing import Any
 
 from adapters.compat import tomllib
 from adapters.errors import UserError
-from landscape.config_checks import RANDOM_CHARTS, SOLUTION_NAMES, ConfigChecks
+from landscape.config_checks import LAUNCH_OPTIONS, RANDOM_CHARTS, SOLUTION_NAMES, ConfigChecks
 
 PAPER_DATASETS = ("cifar100", "food101", "ucf101", "commonsense")
 PAPER_BY_DEFAULT = ("cifar100", "food101", "ucf101")  # paper-sized by default; commonsense: --preset paper
@@ -270,6 +270,27 @@ class RunConfig(ConfigChecks):
         "vertex losses, accuracies, orderings and path barriers get a 95-percent t-interval over them; the plane is "
         "--seed's. Each extra seed trains every method again and evaluates its paths", toml="train.seeds",
     )  # fmt: skip
+    # --- the cluster (landscape.launch): the run's work as submitit jobs (docs/how-to/cluster.md)
+    launcher: str | None = option(
+        None, "submit the run's work as submitit jobs: slurm (sbatch), or local (the same jobs as processes of "
+        "this machine); the command submits and returns; rerun it (or pass --wait) to gather and resubmit "
+        "(default: none, everything in this process)", toml="cluster.launcher", choices=("local", "slurm"),
+    )  # fmt: skip
+    wait: bool = option(False, "with --launcher: wait for the jobs and gather, resubmitting failed ones",
+                        action="store_true")  # fmt: skip
+    shards: int | None = option(
+        None, "with --launcher: array tasks the grid is split into, each a contiguous chunk of points that loads "
+        "the model once (default: one per 64 points)", toml="cluster.shards",
+    )  # fmt: skip
+    partition: str | None = option(None, "Slurm partition", toml="cluster.partition")
+    gpus_per_task: int = option(1, "Slurm: GPUs per task (0: CPU jobs)", toml="cluster.gpus_per_task")
+    time_limit: int = option(240, "with --launcher: time limit per job in minutes (a job timed out is "
+                             "requeued by submitit and resumes)", toml="cluster.time_limit")  # fmt: skip
+    array_parallelism: int = option(64, "Slurm: array tasks running at once", toml="cluster.array_parallelism")
+    slurm: dict = option(
+        {}, "Slurm: other sbatch options, passed through as submitit's slurm_additional_parameters (e.g. account, "
+        "qos, mem)", flag=None, toml="cluster.slurm",
+    )  # fmt: skip
     device: str = option("auto", "device", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, "CPU threads (default: the CPUs available to this process)")
     out: str | None = option(None, "output folder (default: runs/<dataset>)", metavar="DIR")
@@ -327,6 +348,9 @@ class RunConfig(ConfigChecks):
         d["solutions"] = {k: str(v) for k, v in self.solutions.items()}
         if self.chart not in RANDOM_CHARTS:  # --draws applies to the random charts only: the others' record unchanged
             d.pop("draws")
+        if self.launcher is None:  # a run in this process: landscape.json stays as it was before --launcher
+            for name in LAUNCH_OPTIONS:
+                d.pop(name)
         return d
 
 

@@ -20,7 +20,22 @@ SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
 RANDOM_CHARTS = ("random", "random-line")  # landscape.engine.plane.RANDOM_CHARTS (tested equal)
 RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates", "draws")
-HESSIAN_OPTIONS = ("center", "coordinates")  # --chart hessian (landscape.engine.hessian_chart): a centre, coordinates
+HESSIAN_OPTIONS = ("center", "coordinates")
+# --launcher's settings (landscape.launch); "launcher" first
+LAUNCH_OPTIONS = (
+    "launcher",
+    "wait",
+    "shards",
+    "partition",
+    "gpus_per_task",
+    "time_limit",
+    "array_parallelism",
+    "slurm",
+)  # --chart hessian (landscape.engine.hessian_chart): a centre, coordinates
+
+# sbatch options with a setting of their own: not through the passthrough ([cluster] slurm)
+SLURM_OWN = {"partition": "partition", "time": "time_limit", "gpus_per_task": "gpus_per_task",
+             "array": "array_parallelism", "gres": "gpus_per_task"}  # fmt: skip
 
 _Config = TypeVar("_Config", bound="ConfigChecks")  # validate() returns the RunConfig it checked
 
@@ -48,7 +63,7 @@ class ConfigChecks:
             raise UserError(f"unknown dataset '{self.dataset}': choose one of {', '.join(dataset_names())}")
         for f in fields(self):
             choices = f.metadata.get("cli", {}).get("choices") if f.metadata else None
-            if choices and f.name != "preset" and getattr(self, f.name) not in choices:
+            if choices and f.name != "preset" and getattr(self, f.name) not in (*choices, None):
                 self._fail(f.name, "not a valid choice", f"use one of {', '.join(choices)}")
         at_least = {
             "batch_size": 1, "grad_accum": 1, "grid": 2, "eval_batch": 1, "eval_samples": 0, "seed": 0,
@@ -94,7 +109,29 @@ class ConfigChecks:
         self._validate_random_chart()
         self._validate_out()
         self._validate_plane_vertices()
+        self._validate_launcher()
         return self
+
+    def _validate_launcher(self) -> None:
+        """--launcher's settings: ranges, the sbatch passthrough's types, given only with a launcher, not under
+        torchrun (the jobs are the processes)."""
+        for name, low in (("shards", 1), ("gpus_per_task", 0), ("time_limit", 1), ("array_parallelism", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                self._fail(name, f"must be an integer >= {low}", f"pass a value >= {low}")
+        for key, value in self.slurm.items():
+            if key in SLURM_OWN or not isinstance(value, str | int | float | bool):
+                fix = f"set {SLURM_OWN[key]} instead" if key in SLURM_OWN else "give a string or a number"
+                self._fail("slurm", f"'{key}' cannot be passed through", fix)
+        if self.launcher is None:
+            given = [self._shown(k) for k in LAUNCH_OPTIONS[1:] if self.where(k) != "default"]
+            if given:
+                raise UserError(f"{', '.join(given)}: cluster settings apply with --launcher local or slurm only: "
+                                "drop them or pass --launcher")  # fmt: skip
+            return
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self._fail("launcher", "submits jobs, and this is one process of a torchrun",
+                       "run the command in one process (the jobs are the parallel work)")  # fmt: skip
 
     def _validate_plane_vertices(self) -> None:
         """A plane through the solutions (paper, orthonormal) needs LoRA and RandLoRA; without FT the base model is

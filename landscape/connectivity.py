@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +70,60 @@ DESCRIPTION = (
 
 
 def run(argv: Sequence[str] | None = None) -> Path:
-    started = time.perf_counter()
     config = run_config.from_argv(argv, PROG, DESCRIPTION)
+    if config.launcher is not None:  # the work as submitit jobs: submit, or gather and resubmit (landscape.launch)
+        from landscape import launch
+
+        return launch.drive(config, list(sys.argv[1:] if argv is None else argv), JOBS)
+    return run_with(config, argv)
+
+
+@dataclass
+class Prepared:
+    """What the grid needs: the run loaded, its solutions trained or reused, the plane and its grid store."""
+
+    loaded: Loaded
+    solutions: dict
+    chart: object
+    xs: np.ndarray
+    ys: np.ndarray
+    evaluator: object
+    grid_store: GridStore
+    inputs: dict
+    precision: dict
+
+
+def prepare(config, device, rank: int, stages, log, previous: dict, train: bool = True) -> Prepared:
+    """Load the run, train (or reuse) its solutions, build the plane and its grid store (keyed by the solutions).
+    ``train=False`` (a launcher's grid shard): the solutions must be trained already; extra seeds are skipped."""
+    with stages("load"):
+        loaded = load(config)
+        center = build.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
+        grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
+    precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
+    solutions = train_solutions(loaded, device, stages, train=train)
+    if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
+        from adapters.solution import base_solution
+
+        solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
+    if center is not None:
+        solutions[directions.CENTER_VERTEX] = center
+    if train:
+        note_training(loaded, solutions, device, stages, log, previous)
+        seeds.train_extra(loaded, device, stages, log, previous)  # --seeds N: the other seeds' solutions
+    with stages("plane"):
+        chart, xs, ys, evaluator = build.plane(loaded, solutions, device)
+        deltas = solution_fingerprints(solutions)
+        inputs = stage_log.run_inputs(loaded, deltas, evaluator, device, precision["dtype"])
+        # the examples' digest too: data edited in place, or another tokenizer, must not meet old grid points
+        grid_store.set_solutions({"deltas": deltas, "x": xs, "y": ys, "eval": inputs["eval"]})
+    return Prepared(loaded, solutions, chart, xs, ys, evaluator, grid_store, inputs, precision)
+
+
+def run_with(config, argv: Sequence[str] | None, launched: dict | None = None) -> Path:
+    """The run of ``config`` in this process (under torchrun: in each). ``launched``: a launcher's final job
+    (``{"name": ..., "shards": N}``, recorded in landscape.json), whose training and grid are on disk."""
+    started = time.perf_counter()
     threads.configure(config.threads)
     device = resolve_device(config.device)  # under torchrun: GPU LOCAL_RANK
     rank, world = distributed.init(device.type)
@@ -78,27 +131,10 @@ def run(argv: Sequence[str] | None = None) -> Path:
         raise UserError(f"--batch-size {config.batch_size} is not divisible by the {world} torchrun processes")
     stages, out, log = Stages(quiet=rank != 0), config.out_dir, stage_log.StageLog(config.out_dir, write=rank == 0)
     previous = {"wall_time_s": log.seconds()}  # reused stages keep the times of the run that computed them
-
-    with stages("load"):
-        loaded = load(config)
-        center = build.load_center(config, loaded.task.base, loaded.model_name)  # --center PATH, else None
-        grid_store = check_grid_store(loaded, device, rank)  # before any training: a stale grid fails now
-    precision = announce_precision(loaded, device, rank)  # inputs checked; the long work starts here
-    solutions = train_solutions(loaded, device, stages)
-    if "ft" not in solutions:  # the base model is the third vertex (of the plane, and of the paths)
-        from adapters.solution import base_solution
-
-        solutions["base"] = base_solution(loaded.task.base, loaded.model_name)
-    if center is not None:
-        solutions[directions.CENTER_VERTEX] = center
-    note_training(loaded, solutions, device, stages, log, previous)
-    seeds.train_extra(loaded, device, stages, log, previous)  # --seeds N: the other seeds' solutions
-    with stages("plane"):
-        chart, xs, ys, evaluator = build.plane(loaded, solutions, device)
-        deltas = solution_fingerprints(solutions)
-        inputs = stage_log.run_inputs(loaded, deltas, evaluator, device, precision["dtype"])
-        # the examples' digest too: data edited in place, or another tokenizer, must not meet old grid points
-        grid_store.set_solutions({"deltas": deltas, "x": xs, "y": ys, "eval": inputs["eval"]})
+    prep = prepare(config, device, rank, stages, log, previous)
+    loaded, solutions, chart, xs, ys, evaluator = (prep.loaded, prep.solutions, prep.chart, prep.xs, prep.ys,
+                                                   prep.evaluator)  # fmt: skip
+    grid_store, inputs, precision = prep.grid_store, prep.inputs, prep.precision
     with stages("grid"):
         result = evaluate_grid(evaluator, xs, ys, grid_store, config)
         if config.chart in RANDOM_CHARTS:  # the other draws of the directions (landscape.draws)
@@ -110,8 +146,7 @@ def run(argv: Sequence[str] | None = None) -> Path:
     arrays = landscape_arrays(chart, xs, ys, result)
     written = [out / "landscape.npz"]
     store.write_npz(written[0], **arrays)
-    keys = {s: stage_log.stage_digest(s, config, inputs) for s in stage_log.STAGE_READS}
-    seeds.stage_keys(loaded, device, inputs, keys)  # --seeds N: the seeds' key, and the paths' extended by it
+    keys = stage_keys(loaded, device, inputs)
     log.record("grid", keys["grid"], written, stages.seconds.get("grid"))
     extra = seeds.seeds_stage(loaded, solutions, evaluator, device, stages, log, keys, written)
     path_summary = paths_stage(loaded, solutions, evaluator, device, stages, log, keys, written, extra)
@@ -143,6 +178,8 @@ def run(argv: Sequence[str] | None = None) -> Path:
         meta["curvature"] = curvature_summary
     if orderings is not None:
         meta["seed_orderings"] = orderings
+    if launched is not None:
+        meta["launcher"] = launched
     meta.update(wall_time_s=stages.seconds, reused_stages=sorted(stages.reused), stage_keys=keys, precision=precision,
                 wall_time_total_s=round(time.perf_counter() - started, 1),
                 command=" ".join([PROG, *(argv if argv is not None else sys.argv[1:])]))  # fmt: skip
@@ -178,6 +215,33 @@ def landscape_arrays(chart, xs, ys, result) -> dict[str, np.ndarray]:
     }  # fmt: skip
 
 
+def stage_keys(loaded: Loaded, device, inputs: dict) -> dict[str, str]:
+    """Every stage's key (:mod:`landscape.stages`); with ``--seeds N`` the seeds' key, and the paths' extended by it."""
+    keys = {s: stage_log.stage_digest(s, loaded.config, inputs) for s in stage_log.STAGE_READS}
+    seeds.stage_keys(loaded, device, inputs, keys)
+    return keys
+
+
+def path_store(config, key: str, rank: int = 0) -> store.SampleStore | None:
+    """A launcher run's path points (``.paths/rank<K>.npz``, keyed by the paths' stage key); None without one."""
+    if config.launcher is None:
+        return None
+    points = store.SampleStore(config.out_dir / ".paths", {"paths": key}, {}, rank=rank)
+    points.drop_stale()
+    return points
+
+
+def path_args(loaded: Loaded, evaluator, device) -> dict:
+    """:func:`paths.compute_paths`' settings in a run: the plane's evaluation set, precision and storage."""
+    config = loaded.config
+    factored_chart = isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in RANDOM_CHARTS
+    return {"eval_set": evaluator.eval_set, "device": device, "points": config.path_points,
+            "extend": config.path_extend, "progress": config.progress, "objective": loaded.task.objective,
+            "points_per_forward": evaluator.points_per_forward, "dtype": config.landscape_dtype(device.type),
+            "storage": evaluator.chart.info.get("storage", "dense"),
+            "chart": evaluator.chart if factored_chart else None}  # fmt: skip
+
+
 def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys, written, extra=None) -> dict | None:
     """The 1-D paths between the solutions, on the plane's evaluation set and precision (reused when unchanged:
     ``log``'s record of the same key). ``extra``: the other training seeds' readings (:mod:`landscape.seeds`),
@@ -190,14 +254,11 @@ def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys,
         stages.reuse("paths", {"wall_time_s": log.seconds()})
         return record["summary"]
     log.forget("paths")
-    dtype = config.landscape_dtype(device.type)
+    args = path_args(loaded, evaluator, device)
+    dtype = args["dtype"]
     with stages("paths"):
         result = paths.compute_paths(
-            loaded.task.base, solutions, evaluator.eval_set, device, config.path_points, config.path_extend,
-            progress=config.progress, points_per_forward=evaluator.points_per_forward, dtype=dtype,
-            objective=loaded.task.objective, storage=evaluator.chart.info.get("storage", "dense"),
-            chart=evaluator.chart if isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in
-            RANDOM_CHARTS else None,
+            loaded.task.base, solutions, **args, store=path_store(config, keys["paths"]),  # a launcher's path tasks
             known=report.vertex_results(evaluator.chart, evaluator),  # the vertices: evaluated once, shared
         )  # fmt: skip
         info = {"dataset": config.dataset, "model": loaded.model_name, "seed": config.seed,
@@ -223,11 +284,34 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
     chosen = {s: solutions[s] for s in SOLUTIONS if s in solutions}
     info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
             "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
+    if config.launcher is not None:  # the entries its array tasks computed: reused by key below
+        gather_curvature(out)
     with stages("curvature"):
         result = curvature.curvature_stage(loaded, chosen, evaluator.eval_set, out, settings, device,
                                            progress=config.progress, info=info, distributed=True)  # fmt: skip
     written += [out / f"curvature.{ext}" for ext in ("json", "png", "pdf")]
     return curvature.summary(result)
+
+
+def gather_curvature(out: Path) -> None:
+    """A launcher run: the entries of its curvature tasks (``.curvature/SOLUTION-COORDINATES/curvature.json``) join
+    curvature.json's, where :func:`curvature.curvature_stage` reuses each whose key is the run's."""
+    import json
+
+    def read(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) and isinstance(data.get("solutions"), dict) else {}
+
+    current = read(out / "curvature.json") or {"solutions": {}}
+    for path in sorted((out / ".curvature").glob("*/curvature.json")):
+        for name, per in read(path).get("solutions", {}).items():
+            for coordinates, entry in per.items() if isinstance(per, dict) else ():
+                if isinstance(entry, dict) and "key" in entry:
+                    current["solutions"].setdefault(name, {})[coordinates] = entry
+    store.write_json(out / "curvature.json", current)
 
 
 def merges_stage(loaded: Loaded, solutions, evaluator, device, stages) -> list[Path]:
@@ -369,6 +453,72 @@ def evaluate_grid(evaluator, xs, ys, grid_store: GridStore, config) -> dict:
         return run_grid(evaluator, xs, ys, store=grid_store, progress=config.progress)
     except StaleGrid as e:
         raise stale(config, e) from None
+
+
+# ------------------------------------------------------------------ the launcher's jobs (landscape.launch)
+
+
+def _job_device(config):
+    threads.configure(config.threads)
+    return resolve_device(config.device)
+
+
+def train_job(config, method: str, seed: int) -> None:
+    """A launcher's training job: the solution of ``method`` with training seed ``seed`` (reused when trained,
+    resumed from its checkpoint when a previous attempt died)."""
+    device = _job_device(config)
+    train_solutions(load(config), device, Stages(), seed, methods=(method,))
+
+
+def grid_job(config, points: list[tuple[int, int]], shard: int, draw: int = 0) -> None:
+    """A launcher's grid shard: the grid ``points`` (i, j) not yet on disk, checkpointed one by one in
+    ``.grid/rank<shard>.npz`` (:class:`GridStore`): the model loads once for the whole chunk. ``draw`` k > 0: the
+    points of a random chart's draw k (its directions, its store ``.grid/draw-k``), as :func:`build.random_draws`."""
+    device = _job_device(config)
+    prep = prepare(config, device, shard, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    grid_store = prep.grid_store
+    if draw:
+        directions.redraw(prep.evaluator.chart, directions.draw_seed(build.direction_seed(config), draw))
+        grid_store = build.draw_store(config, grid_store, draw)
+    try:
+        run_grid(prep.evaluator, prep.xs, prep.ys, store=grid_store, progress=False, points=points)
+    except StaleGrid as e:
+        raise stale(config, e) from None
+
+
+def path_job(config, points: list[tuple[int, int]], shard: int) -> None:
+    """A launcher's path task: the path points (pair k, index of t j) not yet on disk, with their per-sample
+    losses, into ``.paths/rank<shard>.npz`` (:class:`store.SampleStore`); the finish job reads them back."""
+    device = _job_device(config)
+    prep = prepare(config, device, 0, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    keys = stage_keys(prep.loaded, device, prep.inputs)
+    args = {**path_args(prep.loaded, prep.evaluator, device), "progress": False}
+    paths.compute_paths(prep.loaded.task.base, prep.solutions, **args, store=path_store(config, keys["paths"], shard),
+                        only=set(map(tuple, points)))  # fmt: skip
+
+
+def curvature_job(config, name: str, coordinates: str) -> None:
+    """A launcher's curvature task: the entry of solution ``name`` in ``coordinates`` (``--curvature``'s settings
+    and seed), into ``.curvature/NAME-COORDINATES/curvature.json``; the finish job gathers it."""
+    device = _job_device(config)
+    prep = prepare(config, device, 0, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
+    chosen = {s: prep.solutions[s] for s in SOLUTIONS if s in prep.solutions}
+    settings = curvature.CurvatureSettings(seed=config.seed, coordinates=(coordinates,))
+    folder = config.out_dir / ".curvature" / f"{name}-{coordinates}"
+    curvature.curvature_stage(prep.loaded, {name: chosen[name]}, prep.evaluator.eval_set, folder, settings, device,
+                              progress=False, plane_solutions=chosen)  # fmt: skip
+
+
+def finish_job(config, argv: list[str], launched: dict) -> None:
+    """A launcher's last job: the run in one process, with every solution and grid point reused from disk (the
+    paths, spectra, curvature and figures computed here), landscape.json recording ``launched`` and the wall time
+    of each job before it."""
+    from landscape.launch import plan
+
+    run_with(config, argv, {**launched, "job_seconds": plan.job_seconds(config)})
+
+
+JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "curvature": curvature_job, "finish": finish_job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

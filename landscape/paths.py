@@ -41,7 +41,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +209,33 @@ def _share_ends(known: dict, t: np.ndarray, a: str, b: str, results: Mapping[int
     known.update({s: results[int(np.flatnonzero(t == e)[0])] for s, e in ((a, 0.0), (b, 1.0)) if s not in known})
 
 
+def _line_maker(base_model, solutions, third, eval_set, device, dtype, points_per_forward, objective, storage, chart):
+    """``make(a, b, name)``: the evaluator of the line from ``a`` to ``b`` in ``storage`` (factored or dense)."""
+    if storage == "factored":
+        return factored.line_evaluators(base_model, solutions, eval_set, device, dtype, objective, chart)
+    return _dense_line_evaluators(base_model, solutions, third, eval_set, device, dtype, points_per_forward,
+                                  objective)  # fmt: skip
+
+
+def _evaluate_line(evaluator, t: np.ndarray, todo: list[int], results: dict, k: int, store, bar, pair: str) -> None:
+    """The points ``todo`` (indices of ``t``) of line ``k`` into ``results`` (and ``store``, with their samples)."""
+    line = evaluator.evaluate_iter(((float(t[j]), 0.0) for j in todo), keep_samples=True)
+    for j, r in zip(todo, line, strict=True):
+        results[j] = r
+        if store is not None:
+            store.add(k, j, (r.loss, r.accuracy, r.loss_se, r.samples.detach().cpu().numpy()))
+        bar.update(1)
+        bar.set_postfix(pair=pair, loss=f"{r.loss:.3f}")
+    bar.update(len(t) - len(todo))
+
+
+def _stored(stored: Mapping[tuple[int, int], tuple], k: int) -> dict[int, PointResult]:
+    """The points of line ``k`` read back from a :class:`landscape.engine.store.SampleStore` (their per-sample
+    losses as the forward returned them: fp64)."""
+    return {j: PointResult(lo, acc, se, torch.from_numpy(np.asarray(sam)))
+            for (i, j), (lo, acc, se, sam) in stored.items() if i == k}  # fmt: skip
+
+
 def compute_paths(
     base_model: nn.Module,
     solutions: Mapping[str, Solution],
@@ -224,7 +251,9 @@ def compute_paths(
     chart: factored.FactoredChart | None = None,
     known: Mapping[str, PointResult] | None = None,
     share_ends: bool = False,
-) -> dict:
+    store: store.SampleStore | None = None,
+    only: Collection[tuple[int, int]] | None = None,
+) -> dict | None:
     """Loss, accuracy and its standard error along the three pairwise lines; barriers per pair.
 
     ``points_per_forward``: values of t per vmapped forward (see :mod:`landscape.engine.grid`); ``dtype``: the
@@ -236,6 +265,8 @@ def compute_paths(
     plane's vertices, :func:`landscape.report.vertex_results`): the endpoints t = 0 and t = 1 of a line take
     these instead of being evaluated again (the same weights to fp32 rounding, built through the plane's chart).
     ``share_ends``: a solution evaluated at one line's end is not evaluated again at the next's (:func:`_share_ends`).
+    ``store``: points (pair k, t's index j) with their per-sample losses, read back and added to (a launcher
+    run's :class:`landscape.engine.store.SampleStore`); ``only``: these (k, j) alone, into ``store`` (returns None).
     Returns ``{"t": (n,), "pairs": [..3], "loss"/"accuracy"/"loss_se": (3, n), "barriers": {pair: {...}},
     "points", "extend", "eval_samples", "seconds", "storage"}``. ``base_model``'s weights are not modified.
     """
@@ -243,29 +274,27 @@ def compute_paths(
     # without an FT solution the base model (ΔW = 0) is the third vertex, as on the plane
     third = chart.third if chart is not None else ("ft" if "ft" in solutions else "base")
     storage = "factored" if chart is not None else factored.choose_storage(storage, base_model, device)
-    if storage == "factored":
-        make = factored.line_evaluators(base_model, solutions, eval_set, device, dtype, objective, chart)
-    else:
-        make = _dense_line_evaluators(base_model, solutions, third, eval_set, device, dtype, points_per_forward,
-                                      objective)  # fmt: skip
+    make = _line_maker(base_model, solutions, third, eval_set, device, dtype, points_per_forward, objective, storage,
+                       chart)  # fmt: skip
     lines = [(third if a == "ft" else a, b) for a, b in PAIRS]
     pairs = [pair_name(a, b) for a, b in lines]
     out = {k: np.full((len(lines), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
     barriers, known = {}, dict(known or {})
     start = time.perf_counter()
     bar = progress_bar(total=len(lines) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
+    stored = store.load() if store is not None else {}
     for k, (a, b) in enumerate(lines):
+        results = {**_stored(stored, k), **_known_ends(t, a, b, known)}
+        todo = [j for j in range(len(t)) if j not in results and (only is None or (k, j) in only)]
+        if only is not None and not todo:
+            continue
         evaluator = make(a, b, pairs[k])
-        ends = _known_ends(t, a, b, known)
-        todo = [j for j in range(len(t)) if j not in ends]
-        results = dict(ends)
         samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward
-        line = evaluator.evaluate_iter(((float(t[j]), 0.0) for j in todo), keep_samples=True)
-        for j, r in zip(todo, line, strict=True):
-            results[j] = r
-            bar.update(1)
-            bar.set_postfix(pair=pairs[k], loss=f"{r.loss:.3f}")
-        bar.update(len(ends))
+        _evaluate_line(evaluator, t, todo, results, k, store, bar, pairs[k])
+        if only is not None:  # a path task: its points are in the store
+            if storage == "factored":
+                evaluator.close(restore_device=True)
+            continue
         for j in range(len(t)):
             r = results[j]
             out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
@@ -277,17 +306,11 @@ def compute_paths(
             evaluator.close(restore_device=k == len(lines) - 1)
         del evaluator
     bar.close()
-    return {
-        "t": t,
-        "pairs": pairs,
-        **out,
-        "barriers": barriers,
-        "points": len(t),
-        "extend": float(extend),
-        "eval_samples": eval_set.n,
-        "seconds": round(time.perf_counter() - start, 3),
-        "storage": storage,
-    }
+    if only is not None:
+        return None
+    seconds = round(time.perf_counter() - start, 3)
+    return {"t": t, "pairs": pairs, **out, "barriers": barriers, "points": len(t), "extend": float(extend),
+            "eval_samples": eval_set.n, "seconds": seconds, "storage": storage}  # fmt: skip
 
 
 def write_paths(

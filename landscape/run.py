@@ -296,23 +296,33 @@ def train_stage_name(method: str, seed: int, run_seed: int) -> str:
     return f"train_{method}" if seed == run_seed else f"train_{method}_seed{seed}"
 
 
-def train_solutions(loaded: Loaded, device: torch.device, stages, seed: int | None = None) -> dict[str, Solution]:
+def trained_methods(config: RunConfig, seed: int) -> list[str]:
+    """The methods the run trains with ``seed``: the baseline (the run's own seed only) and ``method_set()``,
+    less the solutions given with ``--solutions``."""
+    chosen = [m for m in METHOD_ORDER if m in config.method_set() or (m == "head_only" and seed == config.seed)]
+    return [m for m in chosen if not (seed == config.seed and m in config.solutions)]
+
+
+def train_solutions(loaded: Loaded, device: torch.device, stages, seed: int | None = None,
+                    methods: tuple[str, ...] | None = None, train: bool = True) -> dict[str, Solution]:  # fmt: skip
     """Every solution of the run (the baseline and ``config.method_set()``): given, reused from the output folder
     (same training key), or trained. ``seed``: an extra training seed of ``--seeds`` (its methods only, no
-    baseline, in :func:`seed_folder`); default the run's own."""
+    baseline, in :func:`seed_folder`); default the run's own. ``methods``: only these (a launcher's training
+    job); ``train=False``: a solution not trained yet is an error (a launcher's grid shard, landscape.launch)."""
     run_seed = loaded.config.seed
     seed = run_seed if seed is None else seed
     solutions = dict(loaded.solutions) if seed == run_seed else {}
-    for method in METHOD_ORDER:
-        if method in solutions or (method != "head_only" and method not in loaded.config.method_set()):
-            continue
-        if method == "head_only" and seed != run_seed:
+    for method in trained_methods(loaded.config, seed):
+        if methods is not None and method not in methods:
             continue
         folder = seed_folder(loaded.config.out_dir, method, seed, run_seed)
         key = train_key(loaded, method, device, seed)
         if _reusable(folder, key):
             if distributed.is_lead():
                 print(f"[train {method}] reusing {folder}", file=sys.stderr)
+        elif not train:
+            raise UserError(f"{folder} is not trained with this run's settings yet: rerun the launcher's command, "
+                            "which trains it first")  # fmt: skip
         else:
             with stages(train_stage_name(method, seed, run_seed)):
                 spec = method_spec(loaded, method, seed)

@@ -119,6 +119,15 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "fsdp",
         # the extra seeds' solutions and readings are keyed apart (landscape.seeds): the plane is --seed's
         "seeds",
+        # the launcher (landscape.launch): the jobs compute what one process computes (tests/test_launcher.py)
+        "launcher",
+        "wait",
+        "shards",
+        "partition",
+        "gpus_per_task",
+        "time_limit",
+        "array_parallelism",
+        "slurm",
     ),
 }
 

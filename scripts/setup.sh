@@ -2,7 +2,7 @@
 # Install the toolkit and its offline data on a Debian/Ubuntu machine, into the project's
 # virtual environment .venv/ (created on first run, reused after; `rm -rf .venv` to rebuild).
 #   bash scripts/setup.sh          # package + models + data
-#   bash scripts/setup.sh --test   # the same, plus the test tools (pytest, ruff), bitsandbytes (--load-4bit), mkdocs (the docs site)
+#   bash scripts/setup.sh --test   # the same, plus the test tools (pytest, ruff), bitsandbytes (--load-4bit), mkdocs (the docs site) and submitit (--launcher)
 # Then run everything through .venv/bin/python (or `source .venv/bin/activate` first).
 # The venv is made from python3 on PATH, or from PYTHON=/path/to/python3.X when set; it is
 # always .venv/ (an already-active virtualenv is not installed into; its python only seeds
@@ -19,7 +19,7 @@ VENV=.venv
 extras="bench"
 case "${1:-}" in
   "") ;;
-  --test) extras="test,bench,quant,docs" ;;
+  --test) extras="test,bench,quant,docs,cluster" ;;
   *) echo "usage: bash scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac
 
@@ -61,7 +61,7 @@ fi
 stamp="$VENV/.setup-stamp"
 key=$(sha256sum pyproject.toml | cut -d' ' -f1)
 versions='import sys; from importlib.metadata import version as v; v("randlora-landscape"); print("python", sys.version.split()[0], "torch", v("torch"), "peft", v("peft"))'
-if grep -qxF -e "$extras $key" -e "test,bench,quant,docs $key" "$stamp" 2>/dev/null && info=$("$VENV/bin/python" -c "$versions" 2>/dev/null); then
+if grep -qxF -e "$extras $key" -e "test,bench,quant,docs,cluster $key" "$stamp" 2>/dev/null && info=$("$VENV/bin/python" -c "$versions" 2>/dev/null); then
   echo "setup: $VENV is up to date"
 else
   echo "setup: installing the project into $VENV (the first time takes a few minutes)" >&2
@@ -71,7 +71,7 @@ else
 fi
 echo "setup: done in $VENV ($info)"
 echo "setup: next, from $(pwd):"
-if [ "$extras" = "test,bench,quant,docs" ]; then
+if [ "$extras" = "test,bench,quant,docs,cluster" ]; then
   echo "  $VENV/bin/python -m pytest                       # tests"
 fi
 echo "  $VENV/bin/python -m landscape.connectivity       # main job: wordnet + MiniLM -> runs/wordnet/"

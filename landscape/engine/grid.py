@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -231,7 +231,12 @@ def _dist():
 
 
 def run_grid(
-    evaluator: PlaneEvaluator, xs: np.ndarray, ys: np.ndarray, store=None, progress: bool = True
+    evaluator: PlaneEvaluator,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    store=None,
+    progress: bool = True,
+    points: Sequence[tuple[int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """Evaluate a grid, resuming from ``store`` and spreading points over torch.distributed ranks.
 
@@ -239,6 +244,8 @@ def run_grid(
     when it rewrites it) and the ranks check they agree on what is left; rank r evaluates points
     r, r + K, r + 2K, … of the remaining ones (any K, also more ranks than points), checkpointing
     each into its own file; the results are gathered to every rank.
+    ``points``: only these (i, j) are evaluated (a launcher's shard of the grid, ``store`` its own file);
+    the result still holds every finished point.
     Each point is computed exactly as in a single process, so the grid is the same. With
     ``evaluator.points_per_forward`` = P > 1 each rank evaluates its points P at a time and
     checkpoints a group's points as the group completes.
@@ -252,7 +259,8 @@ def run_grid(
         if any(c != counts[0] for c in counts):
             raise RuntimeError("grid ranks read different finished points: is another run writing to the folder?")
     shape = (len(ys), len(xs))
-    todo = [(i, j) for i in range(shape[0]) for j in range(shape[1]) if (i, j) not in done]
+    chosen = [(i, j) for i in range(shape[0]) for j in range(shape[1])] if points is None else points
+    todo = [(int(i), int(j)) for i, j in chosen if (i, j) not in done]
     mine = todo[rank::world]
     computed: dict[tuple[int, int], tuple[float, float, float]] = {}
     start = time.perf_counter()

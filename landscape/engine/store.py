@@ -101,6 +101,40 @@ class GridStore:
             path.unlink()
 
 
+class SampleStore(GridStore):
+    """A :class:`GridStore` whose points also keep their per-sample losses: the points of the paths between the
+    solutions (i = the pair, j = the index of t), whose barriers' paired errors need them. A launcher's path task
+    writes them (:mod:`landscape.launch`); the run that gathers reads them back bit for bit."""
+
+    def _read(self, path: Path) -> tuple[dict, dict]:
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                key = json.loads(str(f["key"]))
+                rows = zip(f["i"].tolist(), f["j"].tolist(), *(f[k].tolist() for k in self.FIELDS), f["samples"],
+                           strict=True)  # fmt: skip
+                return key, {(i, j): (lo, acc, se, sam.copy()) for i, j, lo, acc, se, sam in rows}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise StaleGrid(f"{path.name} is unreadable ({type(e).__name__})") from e
+
+    def drop_stale(self) -> None:
+        """Remove the files of other keys (or unreadable): a stage's points are redone when its inputs change."""
+        for path in self.files():
+            try:
+                stale = self._read(path)[0] != {"config": self.config, "solutions": self.solutions}
+            except StaleGrid:
+                stale = True
+            if stale:
+                path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        points = sorted(self.mine)
+        arrays = {k: np.array([self.mine[p][n] for p in points], dtype=np.float64) for n, k in enumerate(self.FIELDS)}
+        samples = np.stack([np.asarray(self.mine[p][3]) for p in points]) if points else np.zeros((0, 0))
+        write_npz(self.folder / f"rank{self.rank}.npz", key=np.array(self.key), samples=samples,
+                  i=np.array([p[0] for p in points], dtype=np.int64), j=np.array([p[1] for p in points],
+                  dtype=np.int64), **arrays)  # fmt: skip
+
+
 class StaleGrid(ValueError):
     """The grid folder holds points of another configuration (or an unreadable file)."""
 
@@ -112,6 +146,7 @@ def _canonical(obj) -> object:
 
 __all__ = [
     "GridStore",
+    "SampleStore",
     "StaleGrid",
     "atomic_path",
     "write_bytes",

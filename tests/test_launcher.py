@@ -1,0 +1,262 @@
+"""``--launcher local``: the run's work as submitit jobs (landscape.launch), one grid shard killed, the command rerun.
+
+The jobs are real processes started by submitit's LocalExecutor, through the code path Slurm jobs take
+(pickled Checkpointable calls run by ``submitit.core._submit``). The reference is the same command run in one
+process; the gathered run must write the same numbers (atol 1e-6) and record the launcher and its shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from landscape import connectivity
+from landscape.launch import plan
+from tests import nodraw
+
+pytest.importorskip("submitit")
+
+RUN = ["--model", "tiny-bert", "--methods", "lora", "randlora", "--train-steps", "3", "--train-per-class", "12",
+       "--test-per-class", "4", "--grid", "4", "--eval-samples", "16", "--path-points", "3", "--no-progress",
+       "--threads", "1"]  # fmt: skip
+SHARDS = 2
+
+
+def _argv(wordnet_root: Path, out: Path) -> list[str]:
+    return ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *RUN]
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found
+
+
+def _state(out: Path) -> dict:
+    try:
+        return json.loads((out / plan.FOLDER / "state.json").read_text())["jobs"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def test_killed_shard_is_resubmitted_and_the_gathered_run_equals_one_process(tmp_path, wordnet_root):
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    with nodraw.figures_not_drawn():
+        assert connectivity.main(_argv(wordnet_root, single)) == 0
+    argv = [*_argv(wordnet_root, launched), "--launcher", "local", "--shards", str(SHARDS)]
+
+    assert connectivity.main(argv) == 0  # submits the training jobs and returns
+    jobs = _state(launched)
+    assert sorted(jobs) == ["train-head_only-seed0", "train-lora-seed0", "train-randlora-seed0"]
+    deadline = time.monotonic() + 300
+    while not any(name.startswith("grid-") for name in _state(launched)):  # rerun until the grid is submitted
+        assert time.monotonic() < deadline, "the training jobs did not finish"
+        time.sleep(0.5)
+        assert connectivity.main(argv) == 0
+    grid = {k: v for k, v in _state(launched).items() if k.startswith("grid-")}
+    assert len(grid) == SHARDS
+    victim = sorted(grid)[-1]
+    for pid in _tree(int(grid[victim]["job_id"])):  # the shard's shell, submitit's controller and the task
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    assert connectivity.main([*argv, "--wait"]) == 0  # gathers, resubmits the killed shard, finishes
+    jobs = _state(launched)
+    assert jobs[victim]["attempts"] == 2 and jobs["finish"]["attempts"] == 1
+    assert all(v["attempts"] == 1 for k, v in jobs.items() if k != victim)
+
+    with np.load(single / "landscape.npz") as a, np.load(launched / "landscape.npz") as b:
+        for key in ("x", "y", "loss", "accuracy", "loss_se", "points"):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+    assert (launched / ".paths" / "rank0.npz").exists()  # the paths' inner points: the array's path task
+    with np.load(single / "paths.npz") as a, np.load(launched / "paths.npz") as b:
+        for key in ("t", "loss", "accuracy", "loss_se"):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+    pairs_a = json.loads((single / "paths.json").read_text())["pairs"]
+    pairs_b = json.loads((launched / "paths.json").read_text())["pairs"]
+    for pair, info in pairs_a.items():  # the paired errors need the per-sample losses the path task stored
+        for key in ("barrier", "barrier_se", "peak_above_endpoint_mean_se"):
+            assert pairs_b[pair][key] == pytest.approx(info[key], abs=1e-6), (pair, key)
+    meta_a = json.loads((single / "landscape.json").read_text())
+    meta_b = json.loads((launched / "landscape.json").read_text())
+    launcher = meta_b["launcher"]
+    assert (launcher["name"], launcher["shards"]) == ("local", SHARDS) and "launcher" not in meta_a
+    assert sorted(launcher["job_seconds"]) == sorted(set(jobs) - {"finish"})  # every job before the finish
+    for name, s in meta_a["solutions"].items():
+        for key in ("vertex_loss", "test_accuracy"):
+            assert meta_b["solutions"][name][key] == pytest.approx(s[key], abs=1e-6), (name, key)
+
+
+CLUSTER_TOML = """
+[cluster]
+launcher = "slurm"
+partition = "gpu"
+gpus_per_task = 2
+time_limit = 90
+array_parallelism = 8
+slurm = { account = "proj", qos = "high", mem = "64G" }
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """Stand-ins for Slurm's sbatch (it keeps the script it is given and answers job 4242) and srun (which
+    submitit looks for), first on PATH; returns the folder the scripts are kept in."""
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "scripts"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {scripts}/job.sh\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return scripts
+
+
+def test_cluster_settings_reach_the_sbatch_script(tmp_path, fake_slurm):
+    """The [cluster] table of a run's TOML becomes the #SBATCH lines submitit writes (partition, GPUs per task,
+    time, array parallelism, the passthrough), read from submitit's own script builder."""
+    from landscape import config as run_config
+    from landscape.launch import submit
+
+    toml = tmp_path / "run.toml"
+    toml.write_text(CLUSTER_TOML)
+    config = run_config.from_argv(["--config", str(toml), "--out", str(tmp_path / "out")])
+    assert (config.launcher, config.partition, config.gpus_per_task, config.time_limit) == ("slurm", "gpu", 2, 90)
+    text = submit.sbatch_text(config, tmp_path / "logs", "grid", tasks=12)
+    lines = {line for line in text.splitlines() if line.startswith("#SBATCH")}
+    for expected in ("--partition=gpu", "--gpus-per-task=2", "--time=90", "--account=proj", "--qos=high",
+                     "--mem=64G", "--array=0-11%8", "--job-name=landscape-grid", "--ntasks-per-node=1"):  # fmt: skip
+        assert f"#SBATCH {expected}" in lines, (expected, sorted(lines))
+    assert f"export PYTHONPATH={submit.project_root()}" in text  # the jobs import this checkout
+    assert config.to_dict()["launcher"] == "slurm"
+
+
+def test_slurm_driver_submits_the_training_as_one_array_and_returns(tmp_path, wordnet_root, fake_slurm, capsys):
+    """--launcher slurm with a stand-in sbatch: the driver submits one job per (method, seed) as one array, prints
+    the ids, records them, and returns without waiting."""
+    out = tmp_path / "run"
+    argv = [*_argv(wordnet_root, out), "--launcher", "slurm", "--partition", "gpu", "--time-limit", "30"]
+    assert connectivity.main(argv) == 0
+    jobs = _state(out)
+    assert {k: v["job_id"] for k, v in jobs.items()} == {
+        "train-head_only-seed0": "4242_0", "train-lora-seed0": "4242_1", "train-randlora-seed0": "4242_2"}  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "submitted train-lora-seed0: job 4242_1" in printed
+    script = (fake_slurm / "job.sh").read_text()
+    assert "#SBATCH --array=0-2%3" in script and "#SBATCH --partition=gpu" in script and "#SBATCH --time=30" in script
+    assert not (out / "landscape.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--launcher", "local", "--shards", "0"], "--shards 0: must be an integer >= 1"),
+        (["--partition", "gpu"], "--partition gpu: cluster settings apply with --launcher local or slurm only"),
+    ],
+)
+def test_bad_cluster_settings_are_one_line_before_any_work(tmp_path, argv, message, capsys):
+    assert connectivity.main(["--out", str(tmp_path / "run"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_slurm_without_slurm_is_one_line(tmp_path, wordnet_root, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, no srun
+    assert connectivity.main([*_argv(wordnet_root, tmp_path / "run"), "--launcher", "slurm"]) == 2
+    assert "sbatch and srun not found on PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('launcher = "slurm"\nslurm = { time = "1:00:00" }', "'time' cannot be passed through: set time_limit instead"),
+        ('launcher = "pbs"', "run.toml [cluster] launcher = 'pbs': not a valid choice: use one of local, slurm"),
+        ('launcher = "local"\ntime_limit = 0', "time_limit = 0: must be an integer >= 1"),
+    ],
+)
+def test_bad_cluster_table_is_one_line(tmp_path, table, message, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"[cluster]\n{table}\n")
+    assert connectivity.main(["--config", str(toml), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, wordnet_root):
+    """A random line's other draws are grid tasks of the array too (.grid/draw-k, the draw's own directions), and
+    --curvature's (solution, coordinates) entries are tasks whose entries the finish job reuses by key: with --wait
+    the command runs every phase, and the draws' losses and curvature.json equal a one-process run's."""
+    line = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "0",
+            "--train-per-class", "12", "--test-per-class", "4", "--no-progress", "--threads", "1", "--chart",
+            "random-line", "--center", "lora", "--draws", "2", "--methods", "lora", "--curvature"]  # fmt: skip
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    base = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *line]
+    with nodraw.figures_not_drawn():
+        assert connectivity.main([*base, "--out", str(single)]) == 0
+    assert connectivity.main([*base, "--out", str(launched), "--launcher", "local", "--shards", "1", "--wait"]) == 0
+    assert sorted(_state(launched)) == ["curvature-lora-adapter", "curvature-lora-weights", "draw1-grid-0-of-1",
+                                        "finish", "grid-0-of-1", "train-head_only-seed0",
+                                        "train-lora-seed0"]  # fmt: skip
+    assert (launched / ".grid" / "draw-1" / "rank0.npz").exists()  # draw 1 was evaluated by its array task
+    meta = json.loads((launched / "landscape.json").read_text())
+    assert meta["chart_geometry"]["draws"]["points_computed_this_run"] == 0  # the finish job found every point
+    with np.load(single / "landscape.npz") as a, np.load(launched / "landscape.npz") as b:
+        for key in ("loss", "draw_loss", "draw_accuracy", "draw_loss_se", "x"):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+        assert np.array_equal(a["draw_seeds"], b["draw_seeds"])
+    a = json.loads((single / "curvature.json").read_text())["solutions"]["lora"]
+    b = json.loads((launched / "curvature.json").read_text())["solutions"]["lora"]
+    assert sorted(a) == sorted(b) == ["adapter", "weights"]
+    for coordinates, entry in a.items():
+        got = b[coordinates]
+        assert got.get("reused") is True and got["key"] == entry["key"], coordinates  # computed by its task
+        for key in ("eigenvalues", "trace", "trace_se"):
+            np.testing.assert_allclose(got[key], entry[key], rtol=1e-9, atol=1e-6, err_msg=f"{coordinates} {key}")
+        np.testing.assert_allclose(got["density"]["values"], entry["density"]["values"], rtol=1e-9, atol=1e-6)
+
+
+def bad_input_job(config, *args) -> None:
+    """A job body that meets a bad input (as a data folder missing on the compute nodes would be)."""
+    from adapters.errors import UserError
+
+    raise UserError(f"the data folder {config.out_dir / 'nowhere'} does not exist: pass --data-root")
+
+
+def test_a_job_stopped_by_a_bad_input_is_its_one_line_error_then_forgotten(tmp_path, wordnet_root):
+    """A job's UserError comes back from the driver as that one line (not resubmitted: a second attempt would meet
+    it again); the task's record goes with it, so the command rerun after the fix submits it again."""
+    from adapters.errors import UserError
+    from landscape import config as run_config
+    from landscape import launch
+
+    out = tmp_path / "run"
+    config = run_config.from_argv([*_argv(wordnet_root, out), "--launcher", "local", "--wait"])
+    jobs = {kind: bad_input_job for kind in ("train", "grid", "finish")}
+    with pytest.raises(UserError, match=r"train-\S+-seed0 job stopped: the data folder .*nowhere does not exist"):
+        launch.drive(config, [], jobs, poll_s=0.5)
+    state = _state(out)
+    stopped = [name for name in ("train-head_only-seed0", "train-lora-seed0", "train-randlora-seed0")
+               if name not in state]  # fmt: skip
+    assert len(stopped) == 1 and not (out / plan.FOLDER / "failed" / f"{stopped[0]}.json").exists()
+    assert not (out / "landscape.json").exists()
