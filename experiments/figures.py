@@ -317,7 +317,7 @@ def _check(code: int, what: str) -> None:
         raise UserError(f"{what} failed (exit {code}): see the message above, fix it and rerun experiments.figures")
 
 
-def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
+def ensure_beyond(name: str, run: Path, runs: Path, force: bool, with_instruments: bool = True) -> None:
     """Run the analyses beyond the plane whose outputs are missing (all of them with ``force``): the random
     plane and lines (landscape.connectivity), the curvature (landscape.curvature: its entries are reused by key
     even then) and the ft-lora curve (landscape.curves)."""
@@ -335,8 +335,9 @@ def ensure_beyond(name: str, run: Path, runs: Path, force: bool) -> None:
     if force or not curve_json.exists() or _old_barriers(curve_json):
         print(f"[figures] {_shown('landscape.curves', curve_argv(run))}", file=sys.stderr)
         _check(curves.main(curve_argv(run)), f"the {'-'.join(CURVE_PAIR)} curve of '{name}'")
-    instruments.ensure(name, run, force, ROOT)  # merges, layer-wise barriers, basins, curvature per block
-    ensure_hessian(name, run, runs, force)
+    if with_instruments:
+        instruments.ensure(name, run, force, ROOT)  # merges, layer-wise barriers, basins, curvature per block
+        ensure_hessian(name, run, runs, force)
 
 
 def ensure_hessian(name: str, run: Path, runs: Path, force: bool) -> None:
@@ -536,6 +537,9 @@ def _run(argv: Sequence[str] | None) -> None:
     p.add_argument("--claims-page", default=str(ROOT / "docs" / "claims.md"), help="docs page of the claims table")
     p.add_argument("--seeds", type=int, default=3, help="training seeds of the full sections' runs (default 3)")
     p.add_argument("--budget-minutes", type=float, default=360.0, help="wall-time budget stated with the claims")
+    p.add_argument("--skip-instruments", action="store_true",
+                   help="do not run the Instruments part's recipes (merges, layer-wise, basins, blocks, Hessian chart; "
+                   "hours on the CPU): their sections show the outputs that exist")  # fmt: skip
     args = p.parse_args(argv)
     started = time.perf_counter()
     if args.seeds < 1 or args.budget_minutes <= 0:
@@ -558,7 +562,7 @@ def _run(argv: Sequence[str] | None) -> None:
         if name in todo:
             out = ensure_run(name, run_argv, Path(args.runs), args.force)
             if name in BEYOND and made_by_set(out, run_argv):  # a run of other settings gets no such part
-                ensure_beyond(name, out, Path(args.runs), args.force)
+                ensure_beyond(name, out, Path(args.runs), args.force, with_instruments=not args.skip_instruments)
         elif not (out / "landscape.json").exists():
             continue  # --only left out a run that does not exist: no section for it
         if name in COMPARED:
