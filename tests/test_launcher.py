@@ -205,8 +205,11 @@ def test_bad_cluster_table_is_one_line(tmp_path, table, message, capsys):
 
 def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, wordnet_root):
     """A random line's other draws are grid tasks of the array too (.grid/draw-k, the draw's own directions), and
-    --curvature's (solution, coordinates) entries are tasks whose entries the finish job reuses by key: with --wait
-    the command runs every phase, and the draws' losses and curvature.json equal a one-process run's."""
+    --curvature's (solution, coordinates) entries are tasks: one for the top eigenvalues, and the trace and density
+    probes in ranges, several tasks per entry, which the finish job joins into the entry and reuses by key: with
+    --wait the command runs every phase, and the draws' losses and curvature.json equal a one-process run's."""
+    from landscape.curvature import CurvatureSettings
+
     line = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "0",
             "--train-per-class", "12", "--test-per-class", "4", "--no-progress", "--threads", "1", "--chart",
             "random-line", "--center", "lora", "--draws", "2", "--methods", "lora", "--curvature"]  # fmt: skip
@@ -215,9 +218,16 @@ def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, 
     with nodraw.figures_not_drawn():
         assert connectivity.main([*base, "--out", str(single)]) == 0
     assert connectivity.main([*base, "--out", str(launched), "--launcher", "local", "--shards", "1", "--wait"]) == 0
-    assert sorted(_state(launched)) == ["curvature-lora-adapter", "curvature-lora-weights", "draw1-grid-0-of-1",
-                                        "finish", "grid-0-of-1", "train-head_only-seed0",
-                                        "train-lora-seed0"]  # fmt: skip
+    settings = CurvatureSettings()
+    ranges = {kind: plan.probe_ranges(total, per) for kind, total, per in (
+        ("trace", settings.trace_probes, plan.TRACE_PROBES_PER_TASK),
+        ("density", settings.slq_probes, plan.DENSITY_PROBES_PER_TASK))}  # fmt: skip
+    assert all(len(r) >= 2 for r in ranges.values()), ranges  # each kind's probes over two tasks or more
+    probe_tasks = [f"curvature-lora-{c}-{kind}-{a}-{b}" for c in ("adapter", "weights")
+                   for kind, r in ranges.items() for a, b in r]  # fmt: skip
+    assert sorted(_state(launched)) == sorted(["curvature-lora-adapter-eigen", "curvature-lora-weights-eigen",
+                                               *probe_tasks, "draw1-grid-0-of-1", "finish", "grid-0-of-1",
+                                               "train-head_only-seed0", "train-lora-seed0"])  # fmt: skip
     assert (launched / ".grid" / "draw-1" / "rank0.npz").exists()  # draw 1 was evaluated by its array task
     meta = json.loads((launched / "landscape.json").read_text())
     assert meta["chart_geometry"]["draws"]["points_computed_this_run"] == 0  # the finish job found every point
@@ -230,10 +240,18 @@ def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, 
     assert sorted(a) == sorted(b) == ["adapter", "weights"]
     for coordinates, entry in a.items():
         got = b[coordinates]
-        assert got.get("reused") is True and got["key"] == entry["key"], coordinates  # computed by its task
+        assert got.get("reused") is True and got["key"] == entry["key"], coordinates  # computed by its tasks
+        # the trace and density were joined from the probe tasks' parts, one file per range under the entry's key
+        assert got["probe_tasks"] == {kind: [list(x) for x in r] for kind, r in ranges.items()}, coordinates
+        folder = launched / ".curvature" / f"lora-{coordinates}"
+        assert sorted(p.name for p in folder.glob("*-*-*.json")) == sorted(
+            f"{kind}-{a}-{b}.json" for kind, r in ranges.items() for a, b in r)  # fmt: skip
+        assert "probes_apart" not in got and got["hvps"] == entry["hvps"], coordinates
         for key in ("eigenvalues", "trace", "trace_se"):
             np.testing.assert_allclose(got[key], entry[key], rtol=1e-9, atol=1e-6, err_msg=f"{coordinates} {key}")
-        np.testing.assert_allclose(got["density"]["values"], entry["density"]["values"], rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(got["hutchinson"]["samples"], entry["hutchinson"]["samples"], rtol=0, atol=1e-6)
+        for key in ("values", "grid", "nodes", "weights"):
+            np.testing.assert_allclose(got["density"][key], entry["density"][key], rtol=1e-9, atol=1e-6, err_msg=key)
 
 
 def bad_input_job(config, *args) -> None:

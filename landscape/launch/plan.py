@@ -26,6 +26,10 @@ from landscape.run import trained_methods, training_seeds
 
 FOLDER = ".launch"
 POINTS_PER_SHARD = 64  # --shards' default: the model loads once per 64 grid points (or fewer shards)
+# --curvature's probes per array task: each task builds the entry's operator (the model loaded, the loss and
+# gradient at the solution) once for its probes; a trace probe is one HVP, an SLQ probe slq_steps (40) HVPs
+TRACE_PROBES_PER_TASK = 15
+DENSITY_PROBES_PER_TASK = 1
 # how the run runs, not what it computes: another value keeps the finished jobs
 NOT_KEYED = (*LAUNCH_OPTIONS, "restart", "progress", "threads")
 
@@ -73,21 +77,40 @@ def path_tasks(config: RunConfig) -> list[Task]:
     return [Task(f"path-{k}-of-{len(chunks)}", "path", ([points[i] for i in c], k)) for k, c in enumerate(chunks)]
 
 
+def probe_ranges(probes: int, per_task: int) -> list[tuple[int, int]]:
+    """The probe index ranges [start, stop) of ``probes`` probes, ``per_task`` to a task (the last may hold fewer)."""
+    return [(start, min(start + per_task, probes)) for start in range(0, probes, per_task)]
+
+
+def probe_kinds(settings) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(kind, its ranges) of an entry's probe tasks under the curvature ``settings``: Hutchinson's ``trace`` probes,
+    :data:`TRACE_PROBES_PER_TASK` to a task, SLQ's ``density`` probes, :data:`DENSITY_PROBES_PER_TASK`."""
+    return [("trace", probe_ranges(settings.trace_probes, TRACE_PROBES_PER_TASK)),
+            ("density", probe_ranges(settings.slq_probes, DENSITY_PROBES_PER_TASK))]  # fmt: skip
+
+
 def curvature_tasks(config: RunConfig) -> list[Task]:
-    """``--curvature``: one task per (solution, coordinates) entry (not FT's adapter, which it has not; not the
-    weights of a 4-bit base, which are packed)."""
+    """``--curvature``: per (solution, coordinates) entry (not FT's adapter, which it has not; not the weights of
+    a 4-bit base, which are packed) one task for its top eigenvalues (Lanczos, sequential) and one per range of
+    its trace and density probes (:func:`probe_kinds`); the finish job joins them into the entry."""
     if not config.curvature:
         return []
     from landscape.curvature import CurvatureSettings
     from landscape.curvature.settings import ADAPTER_METHODS
 
+    settings = CurvatureSettings()  # --curvature's (its seed changes no count)
     entries = [
         (s, c)
         for s in config.method_set()
-        for c in CurvatureSettings().coordinates
+        for c in settings.coordinates
         if not (c == "adapter" and s not in ADAPTER_METHODS) and not (c == "weights" and config.load_4bit)
     ]
-    return [Task(f"curvature-{s}-{c}", "curvature", (s, c)) for s, c in entries]  # fmt: skip
+    tasks = []
+    for s, c in entries:
+        tasks.append(Task(f"curvature-{s}-{c}-eigen", "curvature", (s, c)))
+        tasks += [Task(f"curvature-{s}-{c}-{kind}-{a}-{b}", "probes", (s, c, kind, a, b))
+                  for kind, ranges in probe_kinds(settings) for a, b in ranges]  # fmt: skip
+    return tasks
 
 
 def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]]]:
@@ -183,14 +206,18 @@ def write_marker(folder: Path, kind: str, name: str, digest: str, **extra) -> No
 
 
 __all__ = [
+    "DENSITY_PROBES_PER_TASK",
     "FOLDER",
     "State",
+    "TRACE_PROBES_PER_TASK",
     "Task",
     "grid_shape",
     "grid_shards",
     "job_seconds",
     "path_tasks",
     "phases",
+    "probe_kinds",
+    "probe_ranges",
     "settings_digest",
     "shard_points",
 ]
