@@ -521,10 +521,11 @@ def curvature_job(config, name: str, coordinates: str) -> None:
                               plane_solutions=chosen, probes=False)  # fmt: skip
 
 
-def probes_job(config, name: str, coordinates: str, kind: str, start: int, stop: int) -> None:
-    """A launcher's probe task: the ``kind`` (trace or density) probes ``start`` .. ``stop - 1`` of the entry of
-    solution ``name`` in ``coordinates``, into ``.curvature/NAME-COORDINATES/KIND-START-STOP.json`` under the
-    entry's key (kept when already there); the operator is built once for the range."""
+def probes_job(config, name: str, coordinates: str, parts: list[tuple[str, int, int]]) -> None:
+    """A launcher's probe task: the ``parts`` (kind, start, stop) of the entry of solution ``name`` in
+    ``coordinates``, the trace or density probes start .. stop - 1 each, into
+    ``.curvature/NAME-COORDINATES/KIND-START-STOP.json`` under the entry's key (a part already there is kept);
+    the operator is built once for them all."""
     import time
 
     from landscape.launch import probes
@@ -532,16 +533,18 @@ def probes_job(config, name: str, coordinates: str, kind: str, start: int, stop:
     device, prep, chosen, settings, folder = _curvature_prep(config, coordinates)
     eval_set = prep.evaluator.eval_set
     key = curvature.entry_key(prep.loaded, chosen[name], coordinates, eval_set, settings, chosen)
-    path = probes.part_path(folder / f"{name}-{coordinates}", kind, start, stop)
-    if probes.read_part(path, key) is not None:
+    paths = {part: probes.part_path(folder / f"{name}-{coordinates}", *part) for part in map(tuple, parts)}
+    todo = [part for part, path in paths.items() if probes.read_part(path, key) is None]
+    if not todo:
         return
     op = curvature.entry_operator(prep.loaded, chosen[name], coordinates, eval_set, settings, device, chosen)
-    cpu = time.process_time()  # as an entry's cpu_seconds: the solver's, not the operator's building
-    if kind == "trace":
-        part = curvature.trace_probes(op, settings.seed, start, stop)
-    else:
-        part = curvature.density_probes(op, settings.slq_steps, settings.seed, start, stop)
-    probes.write_part(path, key, {**part, "cpu_seconds": round(time.process_time() - cpu, 3)})
+    for kind, start, stop in todo:
+        cpu = time.process_time()  # as an entry's cpu_seconds: the solver's, not the operator's building
+        if kind == "trace":
+            part = curvature.trace_probes(op, settings.seed, start, stop)
+        else:
+            part = curvature.density_probes(op, settings.slq_steps, settings.seed, start, stop)
+        probes.write_part(paths[kind, start, stop], key, {**part, "cpu_seconds": round(time.process_time() - cpu, 3)})
 
 
 def finish_job(config, argv: list[str], launched: dict) -> None:

@@ -218,13 +218,11 @@ def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, 
     with nodraw.figures_not_drawn():
         assert connectivity.main([*base, "--out", str(single)]) == 0
     assert connectivity.main([*base, "--out", str(launched), "--launcher", "local", "--shards", "1", "--wait"]) == 0
-    settings = CurvatureSettings()
-    ranges = {kind: plan.probe_ranges(total, per) for kind, total, per in (
-        ("trace", settings.trace_probes, plan.TRACE_PROBES_PER_TASK),
-        ("density", settings.slq_probes, plan.DENSITY_PROBES_PER_TASK))}  # fmt: skip
-    assert all(len(r) >= 2 for r in ranges.values()), ranges  # each kind's probes over two tasks or more
-    probe_tasks = [f"curvature-lora-{c}-{kind}-{a}-{b}" for c in ("adapter", "weights")
-                   for kind, r in ranges.items() for a, b in r]  # fmt: skip
+    parts = plan.probe_parts(CurvatureSettings())  # per probe task of an entry: its (kind, start, stop)
+    ranges = {kind: r for kind, r in plan.probe_kinds(CurvatureSettings())}
+    assert len(parts) >= 2 and all(len(r) >= 2 for r in ranges.values()), parts  # each kind over two tasks or more
+    probe_tasks = [f"curvature-lora-{c}-probes-{k}-of-{len(parts)}" for c in ("adapter", "weights")
+                   for k in range(len(parts))]  # fmt: skip
     assert sorted(_state(launched)) == sorted(["curvature-lora-adapter-eigen", "curvature-lora-weights-eigen",
                                                *probe_tasks, "draw1-grid-0-of-1", "finish", "grid-0-of-1",
                                                "train-head_only-seed0", "train-lora-seed0"])  # fmt: skip

@@ -26,10 +26,9 @@ from landscape.run import trained_methods, training_seeds
 
 FOLDER = ".launch"
 POINTS_PER_SHARD = 64  # --shards' default: the model loads once per 64 grid points (or fewer shards)
-# --curvature's probes per array task: each task builds the entry's operator (the model loaded, the loss and
-# gradient at the solution) once for its probes; a trace probe is one HVP, an SLQ probe slq_steps (40) HVPs
-TRACE_PROBES_PER_TASK = 15
-DENSITY_PROBES_PER_TASK = 1
+# --curvature's probe tasks: each builds the entry's operator (the model loaded, the loss and gradient at the
+# solution) once for about this many HVPs of trace and SLQ probes (the defaults' 30 + 2 x 40: two tasks)
+HVPS_PER_PROBE_TASK = 60
 # how the run runs, not what it computes: another value keeps the finished jobs
 NOT_KEYED = (*LAUNCH_OPTIONS, "restart", "progress", "threads")
 
@@ -77,22 +76,44 @@ def path_tasks(config: RunConfig) -> list[Task]:
     return [Task(f"path-{k}-of-{len(chunks)}", "path", ([points[i] for i in c], k)) for k, c in enumerate(chunks)]
 
 
-def probe_ranges(probes: int, per_task: int) -> list[tuple[int, int]]:
-    """The probe index ranges [start, stop) of ``probes`` probes, ``per_task`` to a task (the last may hold fewer)."""
-    return [(start, min(start + per_task, probes)) for start in range(0, probes, per_task)]
+def probe_tasks_per_entry(settings) -> int:
+    """How many probe tasks an entry's trace and density probes make under the curvature ``settings``: about
+    :data:`HVPS_PER_PROBE_TASK` products each (a trace probe is one, an SLQ probe ``slq_steps``), never more
+    tasks than the larger of the two probe counts (so none is empty)."""
+    hvps = settings.trace_probes + settings.slq_probes * settings.slq_steps
+    return min(max(settings.trace_probes, settings.slq_probes), math.ceil(hvps / HVPS_PER_PROBE_TASK))
+
+
+def probe_ranges(probes: int, tasks: int) -> list[tuple[int, int]]:
+    """``probes`` probes as ``tasks`` contiguous ranges [start, stop), their sizes within one of each other (a
+    range is empty when there are fewer probes than tasks)."""
+    edges = [probes * k // tasks for k in range(tasks + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def probe_parts(settings) -> list[list[tuple[str, int, int]]]:
+    """Per probe task of an entry, its parts (kind, start, stop): range k of the ``trace`` probes and range k of
+    the ``density`` probes (:func:`probe_ranges`, the empty ones left out)."""
+    tasks = probe_tasks_per_entry(settings)
+    if not tasks:
+        return []
+    kinds = {"trace": probe_ranges(settings.trace_probes, tasks),
+             "density": probe_ranges(settings.slq_probes, tasks)}  # fmt: skip
+    return [[(kind, *ranges[k]) for kind, ranges in kinds.items() if ranges[k][1] > ranges[k][0]]
+            for k in range(tasks)]  # fmt: skip
 
 
 def probe_kinds(settings) -> list[tuple[str, list[tuple[int, int]]]]:
-    """(kind, its ranges) of an entry's probe tasks under the curvature ``settings``: Hutchinson's ``trace`` probes,
-    :data:`TRACE_PROBES_PER_TASK` to a task, SLQ's ``density`` probes, :data:`DENSITY_PROBES_PER_TASK`."""
-    return [("trace", probe_ranges(settings.trace_probes, TRACE_PROBES_PER_TASK)),
-            ("density", probe_ranges(settings.slq_probes, DENSITY_PROBES_PER_TASK))]  # fmt: skip
+    """(kind, its ranges in order) of an entry's probe parts under the curvature ``settings``: what the finish job
+    joins (:func:`landscape.launch.probes.join`)."""
+    parts = [part for task in probe_parts(settings) for part in task]
+    return [(kind, [(a, b) for k, a, b in parts if k == kind]) for kind in ("trace", "density")]
 
 
 def curvature_tasks(config: RunConfig) -> list[Task]:
     """``--curvature``: per (solution, coordinates) entry (not FT's adapter, which it has not; not the weights of
-    a 4-bit base, which are packed) one task for its top eigenvalues (Lanczos, sequential) and one per range of
-    its trace and density probes (:func:`probe_kinds`); the finish job joins them into the entry."""
+    a 4-bit base, which are packed) one task for its top eigenvalues (Lanczos, sequential) and the probe tasks of
+    :func:`probe_parts` (ranges of its trace and density probes); the finish job joins them into the entry."""
     if not config.curvature:
         return []
     from landscape.curvature import CurvatureSettings
@@ -108,8 +129,9 @@ def curvature_tasks(config: RunConfig) -> list[Task]:
     tasks = []
     for s, c in entries:
         tasks.append(Task(f"curvature-{s}-{c}-eigen", "curvature", (s, c)))
-        tasks += [Task(f"curvature-{s}-{c}-{kind}-{a}-{b}", "probes", (s, c, kind, a, b))
-                  for kind, ranges in probe_kinds(settings) for a, b in ranges]  # fmt: skip
+        parts = probe_parts(settings)
+        tasks += [Task(f"curvature-{s}-{c}-probes-{k}-of-{len(parts)}", "probes", (s, c, task))
+                  for k, task in enumerate(parts)]  # fmt: skip
     return tasks
 
 
@@ -206,10 +228,9 @@ def write_marker(folder: Path, kind: str, name: str, digest: str, **extra) -> No
 
 
 __all__ = [
-    "DENSITY_PROBES_PER_TASK",
     "FOLDER",
+    "HVPS_PER_PROBE_TASK",
     "State",
-    "TRACE_PROBES_PER_TASK",
     "Task",
     "grid_shape",
     "grid_shards",
@@ -217,7 +238,9 @@ __all__ = [
     "path_tasks",
     "phases",
     "probe_kinds",
+    "probe_parts",
     "probe_ranges",
+    "probe_tasks_per_entry",
     "settings_digest",
     "shard_points",
 ]

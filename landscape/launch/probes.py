@@ -2,13 +2,14 @@
 
 An entry of curvature.json (a solution in some coordinates) is cut into array tasks (:func:`plan.curvature_tasks`):
 one computes its top eigenvalues (Lanczos is sequential: one task), writing the entry without its probes
-(``.curvature/S-C/curvature.json``, ``"probes_apart": true``); each of the others computes one range of its
-Hutchinson trace or SLQ density probes (:func:`landscape.curvature.trace_probes` /
-:func:`~landscape.curvature.density_probes`) into ``.curvature/S-C/<kind>-<start>-<stop>.json``, under the entry's
-key (:func:`landscape.curvature.entry_key`). A part already there under the same key is kept (the task is
-idempotent; a task killed before writing computes its range again). :func:`join` combines the parts, probe for
-probe, into the entry a one-process run computes (:func:`~landscape.curvature.combine_trace`,
-:func:`~landscape.curvature.combine_density`): the same samples, nodes and weights, so the same numbers.
+(``.curvature/S-C/curvature.json``, ``"probes_apart": true``); each of the others builds the entry's operator once
+and computes its parts (:func:`plan.probe_parts`), each a range of the Hutchinson trace or SLQ density probes
+(:func:`landscape.curvature.trace_probes` / :func:`~landscape.curvature.density_probes`), into
+``.curvature/S-C/<kind>-<start>-<stop>.json`` under the entry's key (:func:`landscape.curvature.entry_key`). A part
+already there under the same key is kept (the task is idempotent, and resumes after its last written part).
+:func:`join` combines the parts, probe for probe, into the entry a one-process run computes
+(:func:`~landscape.curvature.combine_trace`, :func:`~landscape.curvature.combine_density`): the same samples,
+nodes and weights, so the same numbers.
 """
 
 from __future__ import annotations
