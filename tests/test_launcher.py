@@ -276,3 +276,39 @@ def test_a_job_stopped_by_a_bad_input_is_its_one_line_error_then_forgotten(tmp_p
                if name not in state]  # fmt: skip
     assert len(stopped) == 1 and not (out / plan.FOLDER / "failed" / f"{stopped[0]}.json").exists()
     assert not (out / "landscape.json").exists()
+
+
+def test_probe_parts_join_into_the_entry_or_leave_it_to_the_finish_job(tmp_path):
+    """The join of an eigenvalue task's entry with its probe parts: the trace is the mean of every range's samples
+    (numpy on the samples, in probe order) with their standard error, the HVPs summed; a part missing, or stored
+    under another entry's key (other settings), leaves the entry to the finish job (None)."""
+    from landscape.curvature import CurvatureSettings
+    from landscape.launch import probes
+
+    settings = CurvatureSettings(trace_probes=7, slq_probes=3, slq_steps=4)
+    rng = np.random.default_rng(0)
+    entry = {"key": "k1", "eigenvalues": [3.0], "trace": None, "trace_se": None, "hvps": 11, "seconds": 1.0,
+             "cpu_seconds": 2.0, "probes_apart": True}  # fmt: skip
+    samples = []
+    for kind, ranges in plan.probe_kinds(settings):
+        for a, b in ranges:
+            if kind == "trace":
+                part = {"samples": rng.normal(size=b - a).tolist()}
+                samples += part["samples"]
+            else:
+                nodes = rng.normal(size=(b - a, 4))
+                part = {"steps": 4, "dim": 50, "nodes": nodes.tolist(), "weights": np.full((b - a, 4), 0.25).tolist()}
+            part |= {"kind": kind, "seed": 0, "start": a, "stop": b, "hvps": b - a, "seconds": 0.5, "cpu_seconds": 1}
+            probes.write_part(probes.part_path(tmp_path, kind, a, b), "k1", part)
+    joined = probes.join(entry, tmp_path, settings)
+    x = np.asarray(samples)
+    assert joined["trace"] == pytest.approx(x.mean(), abs=1e-12)
+    assert joined["trace_se"] == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)), abs=1e-12)
+    assert joined["hvps"] == 11 + 7 + 3 and joined["density"]["probes"] == 3 and "probes_apart" not in joined
+    assert joined["probe_tasks"] == {k: [list(r) for r in ranges] for k, ranges in plan.probe_kinds(settings)}
+    last = plan.probe_kinds(settings)[1][1][-1]
+    path = probes.part_path(tmp_path, "density", *last)
+    path.write_text(path.read_text().replace('"k1"', '"k2"'))  # a part of other settings
+    assert probes.join(entry, tmp_path, settings) is None
+    path.unlink()
+    assert probes.join(entry, tmp_path, settings) is None
