@@ -285,7 +285,7 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
     info = {"dataset": config.dataset, "model": loaded.model_name, "eval_split": config.eval_split,
             "title": f"{loaded.model_name} on {config.dataset}: curvature at the solutions"}  # fmt: skip
     if config.launcher is not None:  # the entries its array tasks computed: reused by key below
-        gather_curvature(out)
+        gather_curvature(out, settings)
     with stages("curvature"):
         result = curvature.curvature_stage(loaded, chosen, evaluator.eval_set, out, settings, device,
                                            progress=config.progress, info=info, distributed=True)  # fmt: skip
@@ -293,10 +293,13 @@ def curvature_stage(loaded: Loaded, solutions, evaluator, device, stages, writte
     return curvature.summary(result)
 
 
-def gather_curvature(out: Path) -> None:
-    """A launcher run: the entries of its curvature tasks (``.curvature/SOLUTION-COORDINATES/curvature.json``) join
-    curvature.json's, where :func:`curvature.curvature_stage` reuses each whose key is the run's."""
+def gather_curvature(out: Path, settings) -> None:
+    """A launcher run: the entries of its curvature tasks (``.curvature/SOLUTION-COORDINATES/curvature.json``, the
+    eigenvalues, with the parts of the probe tasks beside it joined in) join curvature.json's, where
+    :func:`curvature.curvature_stage` reuses each whose key is the run's."""
     import json
+
+    from landscape.launch.probes import join
 
     def read(path: Path) -> dict:
         try:
@@ -309,6 +312,8 @@ def gather_curvature(out: Path) -> None:
     for path in sorted((out / ".curvature").glob("*/curvature.json")):
         for name, per in read(path).get("solutions", {}).items():
             for coordinates, entry in per.items() if isinstance(per, dict) else ():
+                if isinstance(entry, dict) and "key" in entry and entry.get("probes_apart"):
+                    entry = join(entry, path.parent, settings)  # None: a part is missing, computed here
                 if isinstance(entry, dict) and "key" in entry:
                     current["solutions"].setdefault(name, {})[coordinates] = entry
     store.write_json(out / "curvature.json", current)
@@ -497,16 +502,49 @@ def path_job(config, points: list[tuple[int, int]], shard: int) -> None:
                         only=set(map(tuple, points)))  # fmt: skip
 
 
-def curvature_job(config, name: str, coordinates: str) -> None:
-    """A launcher's curvature task: the entry of solution ``name`` in ``coordinates`` (``--curvature``'s settings
-    and seed), into ``.curvature/NAME-COORDINATES/curvature.json``; the finish job gathers it."""
+def _curvature_prep(config, coordinates: str):
+    """A curvature task's device, prepared run, solutions measured, settings and entry folder."""
     device = _job_device(config)
     prep = prepare(config, device, 0, Stages(), stage_log.StageLog(config.out_dir, write=False), {}, train=False)
     chosen = {s: prep.solutions[s] for s in SOLUTIONS if s in prep.solutions}
     settings = curvature.CurvatureSettings(seed=config.seed, coordinates=(coordinates,))
-    folder = config.out_dir / ".curvature" / f"{name}-{coordinates}"
-    curvature.curvature_stage(prep.loaded, {name: chosen[name]}, prep.evaluator.eval_set, folder, settings, device,
-                              progress=False, plane_solutions=chosen)  # fmt: skip
+    return device, prep, chosen, settings, config.out_dir / ".curvature"
+
+
+def curvature_job(config, name: str, coordinates: str) -> None:
+    """A launcher's curvature task: the top eigenvalues of the entry of solution ``name`` in ``coordinates``
+    (``--curvature``'s settings and seed), into ``.curvature/NAME-COORDINATES/curvature.json``; its trace and
+    density probes are :func:`probes_job`'s; the finish job joins them (:func:`gather_curvature`)."""
+    device, prep, chosen, settings, folder = _curvature_prep(config, coordinates)
+    curvature.curvature_stage(prep.loaded, {name: chosen[name]}, prep.evaluator.eval_set,
+                              folder / f"{name}-{coordinates}", settings, device, progress=False,
+                              plane_solutions=chosen, probes=False)  # fmt: skip
+
+
+def probes_job(config, name: str, coordinates: str, parts: list[tuple[str, int, int]]) -> None:
+    """A launcher's probe task: the ``parts`` (kind, start, stop) of the entry of solution ``name`` in
+    ``coordinates``, the trace or density probes start .. stop - 1 each, into
+    ``.curvature/NAME-COORDINATES/KIND-START-STOP.json`` under the entry's key (a part already there is kept);
+    the operator is built once for them all."""
+    import time
+
+    from landscape.launch import probes
+
+    device, prep, chosen, settings, folder = _curvature_prep(config, coordinates)
+    eval_set = prep.evaluator.eval_set
+    key = curvature.entry_key(prep.loaded, chosen[name], coordinates, eval_set, settings, chosen)
+    paths = {part: probes.part_path(folder / f"{name}-{coordinates}", *part) for part in map(tuple, parts)}
+    todo = [part for part, path in paths.items() if probes.read_part(path, key) is None]
+    if not todo:
+        return
+    op = curvature.entry_operator(prep.loaded, chosen[name], coordinates, eval_set, settings, device, chosen)
+    for kind, start, stop in todo:
+        cpu = time.process_time()  # as an entry's cpu_seconds: the solver's, not the operator's building
+        if kind == "trace":
+            part = curvature.trace_probes(op, settings.seed, start, stop)
+        else:
+            part = curvature.density_probes(op, settings.slq_steps, settings.seed, start, stop)
+        probes.write_part(paths[kind, start, stop], key, {**part, "cpu_seconds": round(time.process_time() - cpu, 3)})
 
 
 def finish_job(config, argv: list[str], launched: dict) -> None:
@@ -518,7 +556,8 @@ def finish_job(config, argv: list[str], launched: dict) -> None:
     run_with(config, argv, {**launched, "job_seconds": plan.job_seconds(config)})
 
 
-JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "curvature": curvature_job, "finish": finish_job}
+JOBS = {"train": train_job, "grid": grid_job, "path": path_job, "curvature": curvature_job, "probes": probes_job,
+        "finish": finish_job}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,8 +205,11 @@ def test_bad_cluster_table_is_one_line(tmp_path, table, message, capsys):
 
 def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, wordnet_root):
     """A random line's other draws are grid tasks of the array too (.grid/draw-k, the draw's own directions), and
-    --curvature's (solution, coordinates) entries are tasks whose entries the finish job reuses by key: with --wait
-    the command runs every phase, and the draws' losses and curvature.json equal a one-process run's."""
+    --curvature's (solution, coordinates) entries are tasks: one for the top eigenvalues, and the trace and density
+    probes in ranges, several tasks per entry, which the finish job joins into the entry and reuses by key: with
+    --wait the command runs every phase, and the draws' losses and curvature.json equal a one-process run's."""
+    from landscape.curvature import CurvatureSettings
+
     line = ["--model", "tiny-bert", "--train-steps", "2", "--grid", "3", "--eval-samples", "16", "--path-points", "0",
             "--train-per-class", "12", "--test-per-class", "4", "--no-progress", "--threads", "1", "--chart",
             "random-line", "--center", "lora", "--draws", "2", "--methods", "lora", "--curvature"]  # fmt: skip
@@ -215,9 +218,14 @@ def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, 
     with nodraw.figures_not_drawn():
         assert connectivity.main([*base, "--out", str(single)]) == 0
     assert connectivity.main([*base, "--out", str(launched), "--launcher", "local", "--shards", "1", "--wait"]) == 0
-    assert sorted(_state(launched)) == ["curvature-lora-adapter", "curvature-lora-weights", "draw1-grid-0-of-1",
-                                        "finish", "grid-0-of-1", "train-head_only-seed0",
-                                        "train-lora-seed0"]  # fmt: skip
+    parts = plan.probe_parts(CurvatureSettings())  # per probe task of an entry: its (kind, start, stop)
+    ranges = {kind: r for kind, r in plan.probe_kinds(CurvatureSettings())}
+    assert len(parts) >= 2 and all(len(r) >= 2 for r in ranges.values()), parts  # each kind over two tasks or more
+    probe_tasks = [f"curvature-lora-{c}-probes-{k}-of-{len(parts)}" for c in ("adapter", "weights")
+                   for k in range(len(parts))]  # fmt: skip
+    assert sorted(_state(launched)) == sorted(["curvature-lora-adapter-eigen", "curvature-lora-weights-eigen",
+                                               *probe_tasks, "draw1-grid-0-of-1", "finish", "grid-0-of-1",
+                                               "train-head_only-seed0", "train-lora-seed0"])  # fmt: skip
     assert (launched / ".grid" / "draw-1" / "rank0.npz").exists()  # draw 1 was evaluated by its array task
     meta = json.loads((launched / "landscape.json").read_text())
     assert meta["chart_geometry"]["draws"]["points_computed_this_run"] == 0  # the finish job found every point
@@ -230,10 +238,18 @@ def test_draws_and_curvature_run_as_array_tasks_and_equal_one_process(tmp_path, 
     assert sorted(a) == sorted(b) == ["adapter", "weights"]
     for coordinates, entry in a.items():
         got = b[coordinates]
-        assert got.get("reused") is True and got["key"] == entry["key"], coordinates  # computed by its task
+        assert got.get("reused") is True and got["key"] == entry["key"], coordinates  # computed by its tasks
+        # the trace and density were joined from the probe tasks' parts, one file per range under the entry's key
+        assert got["probe_tasks"] == {kind: [list(x) for x in r] for kind, r in ranges.items()}, coordinates
+        folder = launched / ".curvature" / f"lora-{coordinates}"
+        assert sorted(p.name for p in folder.glob("*-*-*.json")) == sorted(
+            f"{kind}-{a}-{b}.json" for kind, r in ranges.items() for a, b in r)  # fmt: skip
+        assert "probes_apart" not in got and got["hvps"] == entry["hvps"], coordinates
         for key in ("eigenvalues", "trace", "trace_se"):
             np.testing.assert_allclose(got[key], entry[key], rtol=1e-9, atol=1e-6, err_msg=f"{coordinates} {key}")
-        np.testing.assert_allclose(got["density"]["values"], entry["density"]["values"], rtol=1e-9, atol=1e-6)
+        np.testing.assert_allclose(got["hutchinson"]["samples"], entry["hutchinson"]["samples"], rtol=0, atol=1e-6)
+        for key in ("values", "grid", "nodes", "weights"):
+            np.testing.assert_allclose(got["density"][key], entry["density"][key], rtol=1e-9, atol=1e-6, err_msg=key)
 
 
 def bad_input_job(config, *args) -> None:
@@ -260,3 +276,39 @@ def test_a_job_stopped_by_a_bad_input_is_its_one_line_error_then_forgotten(tmp_p
                if name not in state]  # fmt: skip
     assert len(stopped) == 1 and not (out / plan.FOLDER / "failed" / f"{stopped[0]}.json").exists()
     assert not (out / "landscape.json").exists()
+
+
+def test_probe_parts_join_into_the_entry_or_leave_it_to_the_finish_job(tmp_path):
+    """The join of an eigenvalue task's entry with its probe parts: the trace is the mean of every range's samples
+    (numpy on the samples, in probe order) with their standard error, the HVPs summed; a part missing, or stored
+    under another entry's key (other settings), leaves the entry to the finish job (None)."""
+    from landscape.curvature import CurvatureSettings
+    from landscape.launch import probes
+
+    settings = CurvatureSettings(trace_probes=7, slq_probes=3, slq_steps=4)
+    rng = np.random.default_rng(0)
+    entry = {"key": "k1", "eigenvalues": [3.0], "trace": None, "trace_se": None, "hvps": 11, "seconds": 1.0,
+             "cpu_seconds": 2.0, "probes_apart": True}  # fmt: skip
+    samples = []
+    for kind, ranges in plan.probe_kinds(settings):
+        for a, b in ranges:
+            if kind == "trace":
+                part = {"samples": rng.normal(size=b - a).tolist()}
+                samples += part["samples"]
+            else:
+                nodes = rng.normal(size=(b - a, 4))
+                part = {"steps": 4, "dim": 50, "nodes": nodes.tolist(), "weights": np.full((b - a, 4), 0.25).tolist()}
+            part |= {"kind": kind, "seed": 0, "start": a, "stop": b, "hvps": b - a, "seconds": 0.5, "cpu_seconds": 1}
+            probes.write_part(probes.part_path(tmp_path, kind, a, b), "k1", part)
+    joined = probes.join(entry, tmp_path, settings)
+    x = np.asarray(samples)
+    assert joined["trace"] == pytest.approx(x.mean(), abs=1e-12)
+    assert joined["trace_se"] == pytest.approx(x.std(ddof=1) / np.sqrt(len(x)), abs=1e-12)
+    assert joined["hvps"] == 11 + 7 + 3 and joined["density"]["probes"] == 3 and "probes_apart" not in joined
+    assert joined["probe_tasks"] == {k: [list(r) for r in ranges] for k, ranges in plan.probe_kinds(settings)}
+    last = plan.probe_kinds(settings)[1][1][-1]
+    path = probes.part_path(tmp_path, "density", *last)
+    path.write_text(path.read_text().replace('"k1"', '"k2"'))  # a part of other settings
+    assert probes.join(entry, tmp_path, settings) is None
+    path.unlink()
+    assert probes.join(entry, tmp_path, settings) is None

@@ -68,6 +68,7 @@ from landscape.curvature.solvers import (
 from landscape.curvature.stage import (
     adapter_coordinates,
     curvature_stage,
+    entry_key,
     entry_operator,
     summary,
     weight_coordinates,
@@ -101,6 +102,7 @@ __all__ = [
     "curvature_figure",
     "curvature_stage",
     "density_probes",
+    "entry_key",
     "entry_operator",
     "eval_fingerprint",
     "hutchinson_trace",

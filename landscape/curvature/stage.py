@@ -27,6 +27,7 @@ whose key matches and computes the rest.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 from collections.abc import Mapping, Sequence
@@ -153,19 +154,41 @@ def entry_operator(
     return _operator(solution, coordinates, names, task, eval_set, settings, device)
 
 
+def _common(task, eval_set: EvalSet, settings: CurvatureSettings, names: Sequence[str]) -> dict:
+    """What every entry's key holds besides its coordinates and solution."""
+    from adapters.solution import fingerprint
+
+    return {"settings": settings.key(), "base": fingerprint(task.base), "eval": eval_fingerprint(eval_set),
+            "objective": task.objective.name, "weights": list(names)}  # fmt: skip
+
+
+def entry_key(
+    source, solution: Solution, coordinates: str, eval_set: EvalSet, settings: CurvatureSettings,
+    plane_solutions: Mapping[str, Solution],
+) -> str:  # fmt: skip
+    """The key :func:`curvature_stage` gives the entry of ``solution`` in ``coordinates`` when it measures
+    ``plane_solutions`` (its ``solutions``): a job array's probe parts are stored under it, so only parts of the
+    same entry (settings, solution, samples, objective) are combined."""
+    task = getattr(source, "loaded", source).task
+    names = weight_names(task.base, task.entry.targets, settings.weight_set, plane_solutions, settings.include_head)
+    common = _common(task, eval_set, settings, names)
+    return key_digest({**common, "coordinates": coordinates, "solution": delta_fingerprint(solution)})
+
+
 def _compute_entry(
     name: str, solution: Solution, coordinates: str, names: Sequence[str], task, eval_set: EvalSet,
     settings: CurvatureSettings, device: torch.device | str, progress: bool, scratch: Path | None = None,
-    distributed: bool = False,
+    distributed: bool = False, probes: bool = True,
 ) -> dict:  # fmt: skip
-    """One (solution, coordinates) entry, computed."""
+    """One (solution, coordinates) entry, computed (``probes=False``: its eigenvalues only, ``probes_apart``)."""
     op = _operator(solution, coordinates, names, task, eval_set, settings, device, distributed)
     op.scratch = scratch
     # one tick per HVP: each Lanczos iteration, trace probe and SLQ step (whole lines in a log)
     bar = progress_bar(desc=f"curvature {name}/{coordinates}", unit="hvp", disable=not progress, dynamic_ncols=True)
     op.on_hvp = lambda: bar.update(1)
+    measured = settings if probes else dataclasses.replace(settings, trace_probes=0, slq_probes=0)
     try:
-        return {**curvature_at(op, settings, bar), "device": str(device)}
+        return {**curvature_at(op, measured, bar), "device": str(device), **({} if probes else {"probes_apart": True})}
     finally:
         bar.close()
 
@@ -181,6 +204,7 @@ def curvature_stage(
     plane_solutions: Mapping[str, Solution] | None = None,
     info: Mapping | None = None,
     distributed: bool = False,
+    probes: bool = True,
 ) -> dict:
     """Curvature of every solution in every coordinates of ``settings``; writes curvature.json after each
     entry and curvature.png/.pdf at the end, under ``out``; returns what curvature.json holds.
@@ -194,16 +218,18 @@ def curvature_stage(
     the evaluation samples (:class:`HessianOperator`), the solvers run identically on every rank, rank 0's reading
     of curvature.json decides what is reused, and only rank 0 writes (every rank returns the result). Without
     it, the call uses no collective: it computes on its own process's samples, all of them, and writes.
-    """
-    from adapters.solution import fingerprint
 
+    ``probes=False`` (a launcher's eigenvalue task): each entry gets its eigenvalues only and is marked
+    ``"probes_apart": true``, its key still the full settings'; the trace and density probes are other tasks'
+    (:func:`~landscape.curvature.solvers.trace_probes`, :func:`~landscape.curvature.solvers.density_probes`,
+    under :func:`entry_key`), joined to it by the launcher. Such an entry is never reused as a whole one.
+    """
     settings.check()
     task = getattr(source, "loaded", source).task
     out = Path(out)
     names = weight_names(task.base, task.entry.targets, settings.weight_set, plane_solutions or solutions,
                          settings.include_head)  # fmt: skip
-    common = {"settings": settings.key(), "base": fingerprint(task.base), "eval": eval_fingerprint(eval_set),
-              "objective": task.objective.name, "weights": names}  # fmt: skip
+    common = _common(task, eval_set, settings, names)
     rank, world = distributed_ranks() if distributed else (0, 1)
     previous = _agreed(_previous(out / "curvature.json"), world)
     # world_size: how many processes shared the products (not in the entries' key: the same sums, to rounding)
@@ -223,11 +249,11 @@ def curvature_stage(
                 continue
             key = key_digest({**common, "coordinates": coordinates, "solution": delta})
             old = previous.get(name, {}).get(coordinates, {})
-            if old.get("key") == key:
+            if old.get("key") == key and (not probes or not old.get("probes_apart")):
                 per[coordinates] = {**old, "reused": True}
             else:
                 entry = _compute_entry(name, solution, coordinates, names, task, eval_set, settings, device,
-                                       progress and rank == 0, out, distributed)  # fmt: skip
+                                       progress and rank == 0, out, distributed, probes)  # fmt: skip
                 per[coordinates] = {"key": key, **entry}
             write()  # saved as it completes: a rerun resumes here
     result["complete"] = True

@@ -6,10 +6,12 @@ The run is cut into phases, each a set of jobs that only needs the phases before
 2. ``grid``: a job array, one task per contiguous chunk of the grid's points (``--shards``), each loading the
    model once and checkpointing every point in its own file of the run's grid store (``.grid/rank<K>.npz``);
    in the same array a random chart's other draws (``.grid/draw-k``), the paths' inner points with their
-   per-sample losses (``.paths``) and ``--curvature``'s (solution, coordinates) entries (``.curvature``);
-3. ``finish``: one job that runs the command in one process, every solution and grid point reused from disk: it
-   computes the rest (paths, spectra, curvature, figures) and writes the run's files, landscape.json recording the
-   launcher and the shard count.
+   per-sample losses (``.paths``) and ``--curvature``'s (solution, coordinates) entries (``.curvature``): per
+   entry one task for its top eigenvalues and a few for ranges of its trace and density probes
+   (:mod:`landscape.launch.probes`);
+3. ``finish``: one job that runs the command in one process, every solution and grid point reused from disk (and
+   each curvature entry joined from its tasks' parts): it computes the rest (paths, spectra, curvature, figures)
+   and writes the run's files, landscape.json recording the launcher and the shard count.
 
 :func:`drive` is the command's body under ``--launcher``: it reads ``.launch/state.json`` in the run folder,
 submits the jobs of the first unfinished phase that are neither finished nor running (a job that died, was

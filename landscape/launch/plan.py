@@ -26,6 +26,9 @@ from landscape.run import trained_methods, training_seeds
 
 FOLDER = ".launch"
 POINTS_PER_SHARD = 64  # --shards' default: the model loads once per 64 grid points (or fewer shards)
+# --curvature's probe tasks: each builds the entry's operator (the model loaded, the loss and gradient at the
+# solution) once for about this many HVPs of trace and SLQ probes (the defaults' 30 + 2 x 40: two tasks)
+HVPS_PER_PROBE_TASK = 60
 # how the run runs, not what it computes: another value keeps the finished jobs
 NOT_KEYED = (*LAUNCH_OPTIONS, "restart", "progress", "threads")
 
@@ -73,21 +76,63 @@ def path_tasks(config: RunConfig) -> list[Task]:
     return [Task(f"path-{k}-of-{len(chunks)}", "path", ([points[i] for i in c], k)) for k, c in enumerate(chunks)]
 
 
+def probe_tasks_per_entry(settings) -> int:
+    """How many probe tasks an entry's trace and density probes make under the curvature ``settings``: about
+    :data:`HVPS_PER_PROBE_TASK` products each (a trace probe is one, an SLQ probe ``slq_steps``), never more
+    tasks than the larger of the two probe counts (so none is empty)."""
+    hvps = settings.trace_probes + settings.slq_probes * settings.slq_steps
+    return min(max(settings.trace_probes, settings.slq_probes), math.ceil(hvps / HVPS_PER_PROBE_TASK))
+
+
+def probe_ranges(probes: int, tasks: int) -> list[tuple[int, int]]:
+    """``probes`` probes as ``tasks`` contiguous ranges [start, stop), their sizes within one of each other (a
+    range is empty when there are fewer probes than tasks)."""
+    edges = [probes * k // tasks for k in range(tasks + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def probe_parts(settings) -> list[list[tuple[str, int, int]]]:
+    """Per probe task of an entry, its parts (kind, start, stop): range k of the ``trace`` probes and range k of
+    the ``density`` probes (:func:`probe_ranges`, the empty ones left out)."""
+    tasks = probe_tasks_per_entry(settings)
+    if not tasks:
+        return []
+    kinds = {"trace": probe_ranges(settings.trace_probes, tasks),
+             "density": probe_ranges(settings.slq_probes, tasks)}  # fmt: skip
+    return [[(kind, *ranges[k]) for kind, ranges in kinds.items() if ranges[k][1] > ranges[k][0]]
+            for k in range(tasks)]  # fmt: skip
+
+
+def probe_kinds(settings) -> list[tuple[str, list[tuple[int, int]]]]:
+    """(kind, its ranges in order) of an entry's probe parts under the curvature ``settings``: what the finish job
+    joins (:func:`landscape.launch.probes.join`)."""
+    parts = [part for task in probe_parts(settings) for part in task]
+    return [(kind, [(a, b) for k, a, b in parts if k == kind]) for kind in ("trace", "density")]
+
+
 def curvature_tasks(config: RunConfig) -> list[Task]:
-    """``--curvature``: one task per (solution, coordinates) entry (not FT's adapter, which it has not; not the
-    weights of a 4-bit base, which are packed)."""
+    """``--curvature``: per (solution, coordinates) entry (not FT's adapter, which it has not; not the weights of
+    a 4-bit base, which are packed) one task for its top eigenvalues (Lanczos, sequential) and the probe tasks of
+    :func:`probe_parts` (ranges of its trace and density probes); the finish job joins them into the entry."""
     if not config.curvature:
         return []
     from landscape.curvature import CurvatureSettings
     from landscape.curvature.settings import ADAPTER_METHODS
 
+    settings = CurvatureSettings()  # --curvature's (its seed changes no count)
     entries = [
         (s, c)
         for s in config.method_set()
-        for c in CurvatureSettings().coordinates
+        for c in settings.coordinates
         if not (c == "adapter" and s not in ADAPTER_METHODS) and not (c == "weights" and config.load_4bit)
     ]
-    return [Task(f"curvature-{s}-{c}", "curvature", (s, c)) for s, c in entries]  # fmt: skip
+    tasks = []
+    for s, c in entries:
+        tasks.append(Task(f"curvature-{s}-{c}-eigen", "curvature", (s, c)))
+        parts = probe_parts(settings)
+        tasks += [Task(f"curvature-{s}-{c}-probes-{k}-of-{len(parts)}", "probes", (s, c, task))
+                  for k, task in enumerate(parts)]  # fmt: skip
+    return tasks
 
 
 def phases(config: RunConfig, argv: Sequence[str]) -> list[tuple[str, list[Task]]]:
@@ -184,6 +229,7 @@ def write_marker(folder: Path, kind: str, name: str, digest: str, **extra) -> No
 
 __all__ = [
     "FOLDER",
+    "HVPS_PER_PROBE_TASK",
     "State",
     "Task",
     "grid_shape",
@@ -191,6 +237,10 @@ __all__ = [
     "job_seconds",
     "path_tasks",
     "phases",
+    "probe_kinds",
+    "probe_parts",
+    "probe_ranges",
+    "probe_tasks_per_entry",
     "settings_digest",
     "shard_points",
 ]
