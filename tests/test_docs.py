@@ -8,11 +8,12 @@ blank lines) by one HTML comment that says how its test runs it:
   runs, with ARGS appended (the small overrides that make it fast: argparse lets a later flag win), in a scratch
   folder whose ``runs/wordnet`` is a copy of the shared tiny run (``conftest.tiny_wordnet_run``: tiny-bert on the
   tiny WordNet); it must exit 0. A main job on WordNet also gets ``--data-root`` of the tiny WordNet, as the shared
-  run was made, so with that run's settings it reuses the run's stages. A command without shell syntax runs in this
-  process (its module's ``main``; a ``$(python -c "...")`` in it is evaluated here first), one with other shell
-  syntax or ``torchrun`` under bash with the venv's python first on PATH. ``bash scripts/setup.sh`` made the
-  environment this runs in, and ``python -m pytest`` is this suite: neither is rerun; the README's test command must
-  be the one ``.ci/run`` runs.
+  run was made, so with that run's settings it reuses the run's stages; a CIFAR-100 run's ``--data-root`` gets a
+  small fake CIFAR-100 in the real format (its ARGS then pick a tiny model with no download). A command without
+  shell syntax runs in this process (its module's ``main``; a ``$(python -c "...")`` in it is evaluated here first),
+  one with other shell syntax or ``torchrun`` under bash with the venv's python first on PATH. ``bash
+  scripts/setup.sh`` made the environment this runs in, and ``python -m pytest`` is this suite: neither is rerun; the
+  README's test command must be the one ``.ci/run`` runs.
 - ``<!-- needs: WHAT -->`` (``gpu``, ``slurm``, ``data``: data or weights that are not offline): not run here.
 """
 
@@ -147,6 +148,14 @@ def _wordnet(part: str, root: Path) -> list[str]:
 SUBSTITUTION = re.compile(r'\$\(python3? -c "([^"$`]*)"\)')
 
 
+def _fake_cifar100(part: str, scratch: Path) -> None:
+    """A CIFAR-100 run's ``--data-root`` holds a small fake in the real format (the real set is not offline)."""
+    from tests.fakes import write_cifar100
+
+    if re.search(r"--dataset[ =]cifar100\b", part) and (root := re.search(r"--data-root[ =](\S+)", part)):
+        write_cifar100(scratch / root.group(1), n_train=200, n_test=50)
+
+
 def _substitute(part: str) -> str:
     """``$(python -c "CODE")`` replaced by what CODE prints, run here (a second interpreter costs seconds)."""
 
@@ -179,6 +188,7 @@ def test_each_documented_command_runs(block, tiny_wordnet_run, wordnet_root, tmp
     monkeypatch.chdir(scratch)
     for command in block.commands:
         for part in _segments(command):
+            _fake_cifar100(part, scratch)
             part, extra = _substitute(part), [*_wordnet(part, wordnet_root), *shlex.split(block.arg)]
             if SHELL & set(part) or part.startswith("torchrun"):
                 part = re.sub(r"^\S*/python3?\b", "python", part)  # the venv's python, first on PATH
