@@ -505,10 +505,12 @@ def _runs_minutes(run: Path, runs: Path) -> float:
 
 def claims_text(runs: Path, seconds: float, budget: float) -> str:
     """The claims table over the full sections' runs that exist, its caption stating the wall times."""
-    tasks, commands, minutes = {}, [], 0.0
+    tasks, commands, minutes, missing = {}, [], 0.0, []
     for name in BEYOND:
         out = runs / name
-        if (out / "landscape.json").exists() and (out / "spectrum.json").exists():
+        if not ((out / "landscape.json").exists() and (out / "spectrum.json").exists()):
+            missing.append(name)
+        else:
             meta = json.loads((out / "landscape.json").read_text())
             tasks[f"{meta['model']} on {meta['dataset']}"] = (meta, json.loads((out / "spectrum.json").read_text()))
             commands.append(f"`{meta['command'].replace(str(ROOT) + '/', '')}` ({meta['device']}, "
@@ -521,6 +523,7 @@ def claims_text(runs: Path, seconds: float, budget: float) -> str:
         f"Measured on {'; '.join(commands)}. The last `python -m experiments.figures` took "
         f"{seconds / 60:.1f} min ({within} its budget of {budget:g} min, `--budget-minutes`); the stages of "
         f"these runs and their random charts took {minutes:.1f} min in all when they were computed."
+        + (f" Not measured yet: {', '.join(missing)} (its run is not finished; rerun the command)." if missing else "")
     )
     return claims.table(tasks, caption)
 
