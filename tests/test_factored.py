@@ -462,6 +462,8 @@ def test_factored_evaluator_holds_no_model_sized_copy():
     less than the model (nothing dense is cached; one parameter's temporaries at a time), while the dense
     plane's grows by several model sizes (so the measurement does see copies; a smaller model there)."""
     grow = _growth("factored", 48)
-    assert math.isfinite(grow) and grow < 0.5, grow  # measured 0.28: one parameter's temporaries + the heap
+    # measured 0.27-0.32 alone and 0.51 once inside the loaded full suite (one parameter's temporaries + the heap);
+    # a model-sized copy would be >= 1, so 0.75 still tells the two apart with room for the allocator's noise
+    assert math.isfinite(grow) and grow < 0.75, grow
     dense = _growth("dense", 8)
     assert dense > 2.0, dense
