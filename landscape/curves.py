@@ -49,7 +49,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +58,9 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.models.base import Encoded
-from adapters.objectives import OBJECTIVES, Classification
+from adapters.objectives import OBJECTIVES, Classification, PointResult
 from adapters.progress import progress_bar
 from adapters.quant import is_packed, logical_shape, packed_names
-from adapters.solution import base_solution
 from adapters.train import TrainConfig, train
 from landscape import paths, render
 from landscape.engine import factored, store
@@ -303,11 +302,15 @@ def evaluate_curve(
     dtype: str = "float32",
     objective: Classification = OBJECTIVES["classification"],
     progress: bool = True,
-) -> dict:
+    store: store.SampleStore | None = None,
+    only: Collection[tuple[int, int]] | None = None,
+) -> dict | None:
     """Loss, accuracy and loss_se of the curve and of the straight line at ``points`` values of t in [0, 1],
     each path's barrier and peak above the endpoint mean (:func:`landscape.paths.barriers_with_se`) and mean
     loss over t. ``model``'s parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve",
-    "line"), "loss"/"accuracy"/"loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
+    "line"), "loss"/"accuracy"/"loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``.
+    ``store``: points (row k, t's index j) with their per-sample losses, read back and added to (a launcher's,
+    :mod:`landscape.curves_launch`); ``only``: these (k, j) alone, into ``store`` (returns None)."""
     t = paths.path_axis(points, 0.0)
     if curve.offset:  # W0 + offset(t), built per module beside the packed layers (landscape.engine.factored)
         evaluator = factored.FactoredEvaluator(model, offset_chart(curve, model), eval_set, device, dtype, 1,
@@ -315,19 +318,31 @@ def evaluate_curve(
     else:
         evaluator = CurveEvaluator(model, curve, eval_set, device, dtype, objective)
     out = {k: np.full((len(ROWS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
-    barriers, start = {}, time.perf_counter()
+    barriers, start, stored = {}, time.perf_counter(), store.load() if store is not None else {}
     bar = progress_bar(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
     for k, row in enumerate(ROWS):
-        y, samples = (1.0 if row == "curve" else 0.0), []
-        for j, r in enumerate(evaluator.evaluate_iter(((float(tj), y) for tj in t), keep_samples=True)):
-            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
-            samples.append(r.samples)
+        y = 1.0 if row == "curve" else 0.0
+        results = {j: PointResult(lo, acc, se, torch.from_numpy(np.asarray(sam)))
+                   for (i, j), (lo, acc, se, sam) in stored.items() if i == k}  # fmt: skip
+        todo = [j for j in range(len(t)) if j not in results and (only is None or (k, j) in only)]
+        points_iter = evaluator.evaluate_iter(((float(t[j]), y) for j in todo), keep_samples=True)
+        for j, r in zip(todo, points_iter, strict=True):
+            results[j] = r
+            if store is not None:
+                store.add(k, j, (r.loss, r.accuracy, r.loss_se, r.samples.detach().cpu().numpy()))
             bar.update(1)
             bar.set_postfix(path=row, loss=f"{r.loss:.3f}")
-        barriers[row] = paths.barriers_with_se(t, out["loss"][k], samples)
+        if only is not None:  # a launcher's points task: its points are in the store
+            continue
+        for j in range(len(t)):
+            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = (results[j].loss, results[j].accuracy,
+                                                                              results[j].loss_se)  # fmt: skip
+        barriers[row] = paths.barriers_with_se(t, out["loss"][k], [results[j].samples for j in range(len(t))])
     bar.close()
     if curve.offset:
         evaluator.close()
+    if only is not None:
+        return None
     mean = {row: float(np.mean(out["loss"][k])) for k, row in enumerate(ROWS)}
     seconds = round(time.perf_counter() - start, 3)
     return {"t": t, "paths": list(ROWS), **out, "barriers": barriers, "mean_loss": mean, "seconds": seconds}
@@ -419,51 +434,6 @@ def parse_pair(text: str) -> tuple[str, str]:
     return names[0], names[1]
 
 
-def build_parser():
-    from landscape.cli import Parser, positive_int
-
-    p = Parser(
-        prog=PROG,
-        description="Train a curve of low loss between two solutions of a run (written by landscape.connectivity): "
-        "fixed endpoints, trainable bends (Garipov et al. 2018), then the loss along it and along the straight "
-        "line, with the barrier of each (its height above the chord between the endpoint losses). Memory: the "
-        "bends are dense fp32 copies of the plane's parameters (bends × model), and training holds their "
-        "gradients and AdamW's two moments too (4 × bends × model).",
-        epilog="Example: python -m landscape.curves --run runs/wordnet --pair ft,lora --bends 1 --steps 300",
-    )
-    p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
-    p.add_argument("--pair", required=True, help="the two solutions to connect, A,B: two of ft, lora, randlora")
-    p.add_argument("--bends", type=int, default=3, help="trainable control points (each one dense copy of the "
-                   "plane's parameters); 1 with bezier is the quadratic Bézier (default: 3)")  # fmt: skip
-    p.add_argument("--kind", default="bezier", choices=KINDS, help="Bézier curve or polygonal chain (default: bezier)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps, one t per step (default: the run's "
-                   "training steps)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the bends (default: the run's full "
-                   "fine-tuning rate: the bends are full weights)")  # fmt: skip
-    p.add_argument("--points", type=int, default=21, help="values of t in [0, 1] evaluated, 0 and 1 included "
-                   "(default: 21)")  # fmt: skip
-    p.add_argument("--out", default=None, help="where curves/ goes (default: the run folder)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--one-seed", action="store_true",
-                   help="on a run of --seeds N: only the run's own seed's curve (default: one curve per seed, N times "
-                   "the cost, for the barrier's interval over seeds)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def check_args(args) -> tuple[str, str]:
-    """Every option checked before anything is loaded; returns the pair."""
-    pair = parse_pair(args.pair)
-    check_options(args.bends, args.kind)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}: try --steps 300")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr must be a finite number > 0, got {args.lr}: try --lr 1e-4")
-    paths.check_options(args.points, 0.0)
-    return pair
-
-
 def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=None, seed=None) -> dict:
     """Everything that changes a trained curve: its checkpoint is resumed only under the same key. ``solutions``
     and ``seed``: an extra training seed's (``--seeds N``), default the run's own."""
@@ -481,47 +451,13 @@ def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=
     }
 
 
-def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
-    from adapters.solution import load_solution
-    from landscape.cli import resolve_device
-    from landscape.run import open_run, seed_solution_folders
-
-    args = build_parser().parse_args(argv)
-    pair = check_args(args)
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = open_run(args.run, device)
-    if "base" in pair:
-        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
-    missing = [s for s in pair if s not in ctx.solutions]
-    if missing:
-        raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
-    out = Path(args.out) if args.out else ctx.run_dir
-    extra = {} if args.one_seed else seed_solution_folders(ctx.run_dir, ctx.meta)
-    others = []  # --seeds N: each extra seed's curve, between its own solutions, trained on its seed's batches
-    for seed, folders in extra.items():
-        chosen = {s: load_solution(f, base=ctx.base, expect_method=s) for s, f in folders.items()}
-        others.append(one_curve(ctx, {**ctx.solutions, **chosen}, pair, args, device, out, seed, []))
-    result = one_curve(ctx, ctx.solutions, pair, args, device, out, None, others)
-    for row in ROWS:
-        b = result["barriers"][row]
-        spread = (f"; over {len(b['barrier_per_seed'])} seeds {b['barrier_mean']:.4f} [{b['barrier_ci95'][0]:.4f}, "
-                  f"{b['barrier_ci95'][1]:.4f}]" if b.get("barrier_ci95") else "")  # fmt: skip
-        peak = f"{b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}"
-        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}{spread}; peak above the "
-              f"endpoint mean {peak}")  # fmt: skip
-
-
-def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, others: list) -> dict:
-    """Train (or resume) and evaluate the curve between ``pair`` of ``solutions`` (``seed``: an extra training
-    seed's, written under ``curves/seed-K/``; None: the run's own), write its files; returns its result. With
-    ``others`` (the extra seeds' results) each row's barrier gets its value per seed, mean and t-interval."""
+def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None) -> tuple:
+    """The curve between ``pair`` of ``solutions`` trained (or resumed from its checkpoint, which is kept):
+    (curve, training config, key, checkpoint, training history)."""
     from adapters.io import key_digest
     from adapters.train import checkpoint_path
     from landscape.engine.plane import solution_weights
     from landscape.run import train_config
-    from landscape.seeds import over_seeds
 
     base = dict(ctx.base.named_parameters())
     if packed_names(ctx.base) or "base" in pair:  # offsets from W0: beside a packed base, never written into it
@@ -538,18 +474,38 @@ def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, o
     lr = args.lr if args.lr is not None else ft.lr
     config = dataclasses.replace(ft, steps=args.steps or ft.steps, lr=lr, head_lr=lr, weight_decay=0.0,
                                  generate_eval=False)  # fmt: skip
-    folder = "curves" if seed is None else f"curves/seed-{seed}"
     key = curve_key(ctx, pair, args, device, solutions, seed)
-    ckpt = checkpoint_path(out / folder / paths.pair_name(*pair), key)
+    ckpt = checkpoint_path(out / curve_folder(seed) / paths.pair_name(*pair), key)
     task = ctx.loaded.task
     history = train_curve(
         curve, copy.deepcopy(ctx.base), task.train, task.dataset.train.labels, config, device, task.objective,
         checkpoint=ckpt, checkpoint_key=key_digest(key), augment=task.entry.augment, progress=not args.no_progress,
     )  # fmt: skip
+    return curve, config, key, ckpt, history
+
+
+def curve_folder(seed: int | None) -> str:
+    """Where a curve's files go under the output folder: ``curves``, an extra training seed's ``curves/seed-K``."""
+    return "curves" if seed is None else f"curves/seed-{seed}"
+
+
+def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, others: list) -> dict:
+    """Train (or resume) and evaluate the curve between ``pair`` of ``solutions`` (``seed``: an extra training
+    seed's, written under ``curves/seed-K/``; None: the run's own), write its files; returns its result. With
+    ``others`` (the extra seeds' results) each row's barrier gets its value per seed, mean and t-interval.
+    Under ``--launcher`` (the finish job) the points its array tasks computed are read back."""
+    from landscape.seeds import over_seeds
+
+    curve, config, key, ckpt, history = trained_curve(ctx, solutions, pair, args, device, out, seed)
     dtype = ctx.loaded.config.landscape_dtype(device.type)
+    points = None
+    if args.launcher is not None:
+        from landscape.curves_launch import point_store
+
+        points = point_store(out, seed, pair, key, args.points, dtype)
     # A fresh copy, as the paths': training in train mode may have moved buffers (batch-norm statistics).
     result = evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
-                            task.objective, progress=not args.no_progress)  # fmt: skip
+                            ctx.loaded.task.objective, progress=not args.no_progress, store=points)  # fmt: skip
     result["train_loss"] = history["train_loss"]
     for row in ROWS if others else ():
         values = [result["barriers"][row]["barrier"], *(o["barriers"][row]["barrier"] for o in others)]
@@ -558,7 +514,8 @@ def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, o
     meta = ctx.meta
     title = (f"{meta.get('model')} on {meta.get('dataset')}: trained {render.CURVE_KINDS[args.kind]} ({args.bends} "
              f"bend{'s' * (args.bends != 1)}) vs the straight line" + (f", seed {seed}" if seed else ""))  # fmt: skip
-    written = write_curve(result, curve, out, pair, _info(ctx, config, history, device, dtype), title, folder)
+    info = _info(ctx, config, history, device, dtype)
+    written = write_curve(result, curve, out, pair, info, title, curve_folder(seed))
     ckpt.unlink(missing_ok=True)  # only now: a kill before the files are written resumes from the checkpoint
     print("wrote " + ", ".join(str(p) for p in written))
     return {**result, "seed": seed}
@@ -591,8 +548,9 @@ def _info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from landscape.cli import run_main
+    from landscape.curves_cli import run
 
-    return run_main(_run, argv, PROG)
+    return run_main(run, argv, PROG)
 
 
 if __name__ == "__main__":

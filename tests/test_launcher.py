@@ -312,3 +312,36 @@ def test_probe_parts_join_into_the_entry_or_leave_it_to_the_finish_job(tmp_path)
     assert probes.join(entry, tmp_path, settings) is None
     path.unlink()
     assert probes.join(entry, tmp_path, settings) is None
+
+
+def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tmp_path, tiny_wordnet_run):
+    """``landscape.curves --launcher local``: the curve's training is one job, its (row, t) points two array tasks
+    whose per-sample losses are stored (``curves/.A-B-points``), and the finish job writes the files: equal to
+    a run of the command in one process (atol 1e-6), the paired errors of the barriers included."""
+    from landscape import curves
+
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    argv = ["--run", str(tiny_wordnet_run), "--pair", "ft,lora", "--bends", "1", "--steps", "4", "--points", "3",
+            "--no-progress", "--threads", "1", "--one-seed"]  # fmt: skip
+    with nodraw.figures_not_drawn():
+        assert curves.main([*argv, "--out", str(single)]) == 0
+    cluster = ["--launcher", "local", "--shards", "2", "--gpus-per-task", "0"]
+    assert curves.main([*argv, "--out", str(launched), *cluster]) == 0  # submits the training job and returns
+    state = launched / "curves" / ".ft-lora-launch"
+    assert sorted(_state(state)) == ["curve-train-run-seed"]
+    assert curves.main([*argv, "--out", str(launched), *cluster, "--wait"]) == 0
+    jobs = _state(state)
+    assert sorted(jobs) == ["curve-points-run-seed-0-of-2", "curve-points-run-seed-1-of-2", "curve-train-run-seed",
+                            "finish"]  # fmt: skip
+    assert all(v["attempts"] == 1 for v in jobs.values())
+    stored = sorted(p.name for p in (launched / "curves" / ".ft-lora-points").glob("rank*.npz"))
+    assert stored == ["rank0.npz", "rank1.npz"]  # each task's points, with their per-sample losses
+    with np.load(single / "curves" / "ft-lora.npz") as a, np.load(launched / "curves" / "ft-lora.npz") as b:
+        for key in ("t", "loss", "accuracy", "loss_se", "train_loss"):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+    meta_a = json.loads((single / "curves" / "ft-lora.json").read_text())
+    meta_b = json.loads((launched / "curves" / "ft-lora.json").read_text())
+    for row in curves.ROWS:
+        for key in ("barrier", "barrier_se", "peak_above_endpoint_mean", "peak_above_endpoint_mean_se"):
+            assert meta_b[row][key] == pytest.approx(meta_a[row][key], abs=1e-6), (row, key)
+    assert not list((launched / "curves").glob(".ft-lora-*.ckpt")), "the checkpoint goes once the curve is written"
