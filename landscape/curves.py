@@ -61,15 +61,13 @@ from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification, PointResult
 from adapters.progress import progress_bar
 from adapters.quant import is_packed, logical_shape, packed_names
+from adapters.solution import base_solution
 from adapters.train import TrainConfig, train
 from landscape import paths, render
+from landscape.curves_cli import KINDS, PROG, ROWS, check_options, curve_folder, curve_info, curve_key, parse_pair
 from landscape.engine import factored, store
 from landscape.engine.grid import EvalSet, PlaneEvaluator
 from landscape.engine.plane import SOLUTIONS, Chart
-
-PROG = "python -m landscape.curves"
-KINDS = ("bezier", "polychain")
-ROWS = ("curve", "line")  # the rows of the results: the trained curve, the straight line
 
 __all__ = [
     "KINDS",
@@ -84,6 +82,7 @@ __all__ = [
     "parse_pair",
     "polychain_weights",
     "train_curve",
+    "trained_curve",
     "write_curve",
 ]
 
@@ -109,14 +108,6 @@ def curve_weights(kind: str, t: float, bends: int) -> list[float]:
     if kind == "polychain":
         return polychain_weights(float(t), bends)
     raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
-
-
-def check_options(bends: int, kind: str) -> None:
-    """UserError unless ``kind`` is a curve kind and ``bends`` >= 1."""
-    if kind not in KINDS:
-        raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
-    if bends < 1:
-        raise UserError(f"a trained curve needs at least 1 bend, got {bends}: try --bends 1 (a quadratic Bézier)")
 
 
 class Curve(nn.Module):
@@ -420,37 +411,6 @@ def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: M
     return curve
 
 
-# ----------------------------------------------------------------------------- command line ----
-
-
-def parse_pair(text: str) -> tuple[str, str]:
-    """``"A,B"`` → (A, B), two different solutions of the plane; anything else is a UserError."""
-    names = [s.strip() for s in str(text).split(",")]
-    if len(names) != 2 or any(n not in (*SOLUTIONS, "base") for n in names) or names[0] == names[1]:
-        raise UserError(
-            f"--pair {text!r} is not two different solutions of {', '.join(SOLUTIONS)} (or base, the base model): "
-            "pass e.g. --pair ft,lora"
-        )
-    return names[0], names[1]
-
-
-def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=None, seed=None) -> dict:
-    """Everything that changes a trained curve: its checkpoint is resumed only under the same key. ``solutions``
-    and ``seed``: an extra training seed's (``--seeds N``), default the run's own."""
-    from adapters.solution import delta_fingerprint
-    from landscape.run import train_key
-
-    solutions = ctx.solutions if solutions is None else solutions
-    return {
-        "curve": 1,
-        "pair": list(pair),
-        "kind": args.kind,
-        "bends": args.bends,
-        "solutions": {s: delta_fingerprint(solutions[s]) for s in pair},
-        "data": train_key(ctx.loaded, "ft", device, seed),  # the run's data, model, base weights and batches
-    }
-
-
 def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None) -> tuple:
     """The curve between ``pair`` of ``solutions`` trained (or resumed from its checkpoint, which is kept):
     (curve, training config, key, checkpoint, training history)."""
@@ -484,11 +444,6 @@ def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | Non
     return curve, config, key, ckpt, history
 
 
-def curve_folder(seed: int | None) -> str:
-    """Where a curve's files go under the output folder: ``curves``, an extra training seed's ``curves/seed-K``."""
-    return "curves" if seed is None else f"curves/seed-{seed}"
-
-
 def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, others: list) -> dict:
     """Train (or resume) and evaluate the curve between ``pair`` of ``solutions`` (``seed``: an extra training
     seed's, written under ``curves/seed-K/``; None: the run's own), write its files; returns its result. With
@@ -514,44 +469,119 @@ def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, o
     meta = ctx.meta
     title = (f"{meta.get('model')} on {meta.get('dataset')}: trained {render.CURVE_KINDS[args.kind]} ({args.bends} "
              f"bend{'s' * (args.bends != 1)}) vs the straight line" + (f", seed {seed}" if seed else ""))  # fmt: skip
-    info = _info(ctx, config, history, device, dtype)
+    info = curve_info(ctx, config, history, device, dtype)
     written = write_curve(result, curve, out, pair, info, title, curve_folder(seed))
     ckpt.unlink(missing_ok=True)  # only now: a kill before the files are written resumes from the checkpoint
     print("wrote " + ", ".join(str(p) for p in written))
     return {**result, "seed": seed}
 
 
-def _info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:
-    """What the JSON records besides the results: the run, the training settings and how it went."""
-    meta = ctx.meta
-    losses = history["train_loss"]
-    return {
-        **{k: meta.get(k) for k in ("dataset", "model", "seed", "eval_split", "eval_samples")},
-        "run": str(ctx.run_dir),
-        "device": str(device),
-        "dtype": dtype,
-        "train": {
-            "steps": config.steps,
-            "lr": config.lr,
-            "batch_size": config.batch_size,
-            "seed": config.seed,
-            "grad_clip": config.grad_clip,
-            "weight_decay": config.weight_decay,
-            "optimizer": "AdamW, cosine schedule",
-            "t_per_step": 1,
-            "resumed_at_step": history.get("resumed_at_step", 0),
-            "train_seconds": round(history.get("train_seconds", 0.0), 3),
-            "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
-        },
-    }
+# ----------------------------------------------------------------------------- command line ----
+
+
+def _run(argv: Sequence[str] | None = None) -> None:
+    from landscape.curves_cli import build_parser, check_args, cluster_config
+
+    args = build_parser().parse_args(argv)
+    pair = check_args(args)
+    if args.launcher is not None:  # the curve as submitit jobs: submit, or gather and resubmit (landscape.launch)
+        from landscape import curves_launch
+
+        curves_launch.drive(args, pair, list(sys.argv[1:] if argv is None else argv), JOBS)
+        return
+    cluster_config(args, Path(args.run))  # cluster settings without --launcher: the run's one-line error
+    run_curves(args, pair)
+
+
+def open_curves(args, pair: tuple[str, str]):
+    """The run reopened for the curves of ``pair``: (its context, the device, the output folder, {extra training
+    seed: its solutions} of ``--seeds N``, empty with ``--one-seed``)."""
+    from adapters import threads
+    from adapters.solution import load_solution
+    from landscape.cli import resolve_device
+    from landscape.run import open_run, seed_solution_folders
+
+    threads.configure(args.threads)
+    device = resolve_device(args.device)
+    ctx = open_run(args.run, device)
+    if "base" in pair:
+        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
+    missing = [s for s in pair if s not in ctx.solutions]
+    if missing:
+        raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
+    out = Path(args.out) if args.out else ctx.run_dir
+    extra = {} if args.one_seed else seed_solution_folders(ctx.run_dir, ctx.meta)
+    seeds = {seed: {**ctx.solutions, **{s: load_solution(f, base=ctx.base, expect_method=s)
+                                        for s, f in folders.items()}}
+             for seed, folders in extra.items()}  # fmt: skip
+    return ctx, device, out, seeds
+
+
+def run_curves(args, pair: tuple[str, str]) -> None:
+    """The curves of ``pair`` in this process (a launcher's finish job: their training and points on disk)."""
+    ctx, device, out, extra = open_curves(args, pair)
+    # --seeds N: each extra seed's curve, between its own solutions, trained on its seed's batches
+    others = [one_curve(ctx, solutions, pair, args, device, out, seed, []) for seed, solutions in extra.items()]
+    result = one_curve(ctx, ctx.solutions, pair, args, device, out, None, others)
+    for row in ROWS:
+        b = result["barriers"][row]
+        spread = (f"; over {len(b['barrier_per_seed'])} seeds {b['barrier_mean']:.4f} [{b['barrier_ci95'][0]:.4f}, "
+                  f"{b['barrier_ci95'][1]:.4f}]" if b.get("barrier_ci95") else "")  # fmt: skip
+        peak = f"{b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}"
+        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}{spread}; peak above the "
+              f"endpoint mean {peak}")  # fmt: skip
+
+
+# ------------------------------------------------- the launcher's jobs (landscape.curves_launch) ----
+
+
+def _open(argv: Sequence[str], seed: int | None):
+    from landscape.curves_cli import build_parser, check_args
+
+    args = build_parser().parse_args(argv)
+    pair = check_args(args)
+    ctx, device, out, extra = open_curves(args, pair)
+    return args, pair, ctx, device, out, (ctx.solutions if seed is None else extra[seed])
+
+
+def train_job(config, argv: list[str], seed: int | None) -> None:
+    """A launcher's curve training: the bends trained (or resumed), the checkpoint kept for the points' tasks."""
+    args, pair, ctx, device, out, solutions = _open(argv, seed)
+    trained_curve(ctx, solutions, pair, args, device, out, seed)
+
+
+def points_job(config, argv: list[str], seed: int | None, points: list[tuple[int, int]], shard: int) -> None:
+    """A launcher's points task: the curve's ``points`` (row k, index of t j) not yet stored, with their per-sample
+    losses, into ``.<A>-<B>-points/rank<shard>.npz``; the bends come from the training's checkpoint."""
+    from landscape import curves_launch
+
+    args, pair, ctx, device, out, solutions = _open(argv, seed)
+    curve, _, key, _, _ = trained_curve(ctx, solutions, pair, args, device, out, seed)
+    dtype = ctx.loaded.config.landscape_dtype(device.type)
+    found = curves_launch.point_store(out, seed, pair, key, args.points, dtype, rank=shard)
+    evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
+                          ctx.loaded.task.objective, progress=False, store=found,
+                          only=set(map(tuple, points)))  # fmt: skip
+
+
+def finish_job(config, argv: list[str]) -> None:
+    """A launcher's last job: the command in one process, every curve resumed and every point read back."""
+    from landscape.curves_cli import build_parser, check_args
+
+    args = build_parser().parse_args(argv)
+    run_curves(args, check_args(args))
+
+
+JOBS = {"train": train_job, "points": points_job, "finish": finish_job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from landscape.cli import run_main
-    from landscape.curves_cli import run
 
-    return run_main(run, argv, PROG)
+    return run_main(_run, argv, PROG)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the package's module: the launcher's jobs pickle as landscape.curves.*
+    from landscape import curves
+
+    sys.exit(curves.main())

@@ -1,4 +1,5 @@
-"""``python -m landscape.curves``' command line: its options (those of ``--launcher`` among them) and their checks.
+"""``python -m landscape.curves``' command line: its options (those of ``--launcher`` among them), their checks,
+and what the curve's key and files record besides the results.
 
 The cluster options are the run's own (:mod:`landscape.config`, docs/how-to/cluster.md), checked by the run's
 validation: :func:`cluster_config` turns those given into a :class:`landscape.config.RunConfig` that holds
@@ -8,13 +9,19 @@ only them, which is what :func:`landscape.launch.drive` and its executors read.
 from __future__ import annotations
 
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from adapters.errors import UserError
-from landscape import curves, paths
-from landscape.curves import KINDS, PROG, check_options, parse_pair
+from adapters.train import TrainConfig
+from landscape import paths
+from landscape.engine.plane import SOLUTIONS
+
+PROG = "python -m landscape.curves"
+KINDS = ("bezier", "polychain")
+ROWS = ("curve", "line")  # the rows of the results: the trained curve, the straight line
 
 # (flag, argparse settings): the run's cluster options, under the same names (landscape.config)
 LAUNCH_FLAGS = {
@@ -31,6 +38,25 @@ LAUNCH_FLAGS = {
     "--array-parallelism": {"help": "Slurm: array tasks running at once (default 64)"},
     "--cluster-config": {"help": "a run TOML whose [cluster] table gives the cluster settings (account, qos, ...)"},
 }
+
+
+def check_options(bends: int, kind: str) -> None:
+    """UserError unless ``kind`` is a curve kind and ``bends`` >= 1."""
+    if kind not in KINDS:
+        raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
+    if bends < 1:
+        raise UserError(f"a trained curve needs at least 1 bend, got {bends}: try --bends 1 (a quadratic Bézier)")
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """``"A,B"`` → (A, B), two different solutions of the plane; anything else is a UserError."""
+    names = [s.strip() for s in str(text).split(",")]
+    if len(names) != 2 or any(n not in (*SOLUTIONS, "base") for n in names) or names[0] == names[1]:
+        raise UserError(
+            f"--pair {text!r} is not two different solutions of {', '.join(SOLUTIONS)} (or base, the base model): "
+            "pass e.g. --pair ft,lora"
+        )
+    return names[0], names[1]
 
 
 def add_launcher_options(p) -> None:
@@ -102,65 +128,65 @@ def check_args(args) -> tuple[str, str]:
     return pair
 
 
-def run(argv: Sequence[str] | None = None) -> None:
-    """The command: its options checked, then the curves run here, or submitted under ``--launcher``."""
-    args = build_parser().parse_args(argv)
-    pair = check_args(args)
-    if args.launcher is not None:  # the curve as submitit jobs: submit, or gather and resubmit (landscape.launch)
-        from landscape import curves_launch
+def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=None, seed=None) -> dict:
+    """Everything that changes a trained curve: its checkpoint is resumed only under the same key. ``solutions``
+    and ``seed``: an extra training seed's (``--seeds N``), default the run's own."""
+    from adapters.solution import delta_fingerprint
+    from landscape.run import train_key
 
-        curves_launch.drive(args, pair, list(sys.argv[1:] if argv is None else argv))
-        return
-    cluster_config(args, Path(args.run))  # cluster settings without --launcher: the run's one-line error
-    run_curves(args, pair)
-
-
-def open_curves(args, pair: tuple[str, str]):
-    """The run reopened for the curves of ``pair``: (its context, the device, the output folder, {extra training
-    seed: its solutions} of ``--seeds N``, empty with ``--one-seed``)."""
-    from adapters import threads
-    from adapters.solution import base_solution, load_solution
-    from landscape.cli import resolve_device
-    from landscape.run import open_run, seed_solution_folders
-
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = open_run(args.run, device)
-    if "base" in pair:
-        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
-    missing = [s for s in pair if s not in ctx.solutions]
-    if missing:
-        raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
-    out = Path(args.out) if args.out else ctx.run_dir
-    extra = {} if args.one_seed else seed_solution_folders(ctx.run_dir, ctx.meta)
-    seeds = {seed: {**ctx.solutions, **{s: load_solution(f, base=ctx.base, expect_method=s)
-                                        for s, f in folders.items()}}
-             for seed, folders in extra.items()}  # fmt: skip
-    return ctx, device, out, seeds
+    solutions = ctx.solutions if solutions is None else solutions
+    return {
+        "curve": 1,
+        "pair": list(pair),
+        "kind": args.kind,
+        "bends": args.bends,
+        "solutions": {s: delta_fingerprint(solutions[s]) for s in pair},
+        "data": train_key(ctx.loaded, "ft", device, seed),  # the run's data, model, base weights and batches
+    }
 
 
-def run_curves(args, pair: tuple[str, str]) -> None:
-    """The curves of ``pair`` in this process (a launcher's finish job: their training and points on disk)."""
-    ctx, device, out, extra = open_curves(args, pair)
-    # --seeds N: each extra seed's curve, between its own solutions, trained on its seed's batches
-    others = [curves.one_curve(ctx, solutions, pair, args, device, out, seed, []) for seed, solutions in extra.items()]
-    result = curves.one_curve(ctx, ctx.solutions, pair, args, device, out, None, others)
-    for row in curves.ROWS:
-        b = result["barriers"][row]
-        spread = (f"; over {len(b['barrier_per_seed'])} seeds {b['barrier_mean']:.4f} [{b['barrier_ci95'][0]:.4f}, "
-                  f"{b['barrier_ci95'][1]:.4f}]" if b.get("barrier_ci95") else "")  # fmt: skip
-        peak = f"{b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}"
-        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}{spread}; peak above the "
-              f"endpoint mean {peak}")  # fmt: skip
+def curve_folder(seed: int | None) -> str:
+    """Where a curve's files go under the output folder: ``curves``, an extra training seed's ``curves/seed-K``."""
+    return "curves" if seed is None else f"curves/seed-{seed}"
+
+
+def curve_info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:
+    """What the JSON records besides the results: the run, the training settings and how it went."""
+    meta = ctx.meta
+    losses = history["train_loss"]
+    return {
+        **{k: meta.get(k) for k in ("dataset", "model", "seed", "eval_split", "eval_samples")},
+        "run": str(ctx.run_dir),
+        "device": str(device),
+        "dtype": dtype,
+        "train": {
+            "steps": config.steps,
+            "lr": config.lr,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+            "grad_clip": config.grad_clip,
+            "weight_decay": config.weight_decay,
+            "optimizer": "AdamW, cosine schedule",
+            "t_per_step": 1,
+            "resumed_at_step": history.get("resumed_at_step", 0),
+            "train_seconds": round(history.get("train_seconds", 0.0), 3),
+            "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
+        },
+    }
 
 
 __all__ = [
+    "KINDS",
     "LAUNCH_FLAGS",
+    "PROG",
+    "ROWS",
     "add_launcher_options",
     "build_parser",
     "check_args",
+    "check_options",
     "cluster_config",
-    "open_curves",
-    "run",
-    "run_curves",
+    "curve_folder",
+    "curve_info",
+    "curve_key",
+    "parse_pair",
 ]

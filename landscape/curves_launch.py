@@ -19,7 +19,6 @@ launcher state is left alone), keyed by the curve's options less the cluster one
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from adapters.io import key_digest
-from landscape import curves, paths
-from landscape.curves_cli import LAUNCH_FLAGS, build_parser, check_args, cluster_config, open_curves, run_curves
+from landscape import paths
+from landscape.curves_cli import LAUNCH_FLAGS, ROWS, build_parser, check_args, cluster_config, curve_folder
 from landscape.engine import store
 from landscape.launch.plan import POINTS_PER_SHARD, Task
 
@@ -45,7 +44,7 @@ def launch_dir(args, pair: tuple[str, str]) -> Path:
 def point_store(out: Path, seed: int | None, pair, key: dict, points: int, dtype: str, rank: int = 0):
     """The points of a curve computed by the array's tasks (their per-sample losses kept), keyed by the curve's
     training key, its number of points and precision; files of other keys are removed."""
-    folder = Path(out) / curves.curve_folder(seed) / f".{paths.pair_name(*pair)}-points"
+    folder = Path(out) / curve_folder(seed) / f".{paths.pair_name(*pair)}-points"
     found = store.SampleStore(folder, {"curve": key_digest(key), "points": points, "dtype": dtype}, {}, rank=rank)
     found.drop_stale()
     return found
@@ -64,7 +63,7 @@ def phases(config, argv: Sequence[str]) -> list[tuple[str, list[Task]]]:
     args = build_parser().parse_args(argv)
     check_args(args)
     argv = list(argv)
-    points = [(k, j) for k in range(len(curves.ROWS)) for j in range(args.points)]
+    points = [(k, j) for k in range(len(ROWS)) for j in range(args.points)]
     shards = max(1, min(len(points), config.shards or math.ceil(len(points) / POINTS_PER_SHARD)))
     chunks = np.array_split(np.arange(len(points)), shards)
     train, tasks = [], []
@@ -81,48 +80,15 @@ def settings_digest(args) -> str:
     return key_digest({k: v for k, v in sorted(vars(args).items()) if k not in NOT_KEYED})
 
 
-def _open(argv: Sequence[str], seed: int | None):
-    args = build_parser().parse_args(argv)
-    pair = check_args(args)
-    ctx, device, out, extra = open_curves(args, pair)
-    return args, pair, ctx, device, out, (ctx.solutions if seed is None else extra[seed])
-
-
-def train_job(config, argv: list[str], seed: int | None) -> None:
-    """A launcher's curve training: the bends trained (or resumed), the checkpoint kept for the points' tasks."""
-    args, pair, ctx, device, out, solutions = _open(argv, seed)
-    curves.trained_curve(ctx, solutions, pair, args, device, out, seed)
-
-
-def points_job(config, argv: list[str], seed: int | None, points: list[tuple[int, int]], shard: int) -> None:
-    """A launcher's points task: the curve's ``points`` (row k, index of t j) not yet stored, with their per-sample
-    losses, into ``.<A>-<B>-points/rank<shard>.npz``; the bends come from the training's checkpoint."""
-    args, pair, ctx, device, out, solutions = _open(argv, seed)
-    curve, _, key, _, _ = curves.trained_curve(ctx, solutions, pair, args, device, out, seed)
-    dtype = ctx.loaded.config.landscape_dtype(device.type)
-    found = point_store(out, seed, pair, key, args.points, dtype, rank=shard)
-    curves.evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
-                          ctx.loaded.task.objective, progress=False, store=found,
-                          only=set(map(tuple, points)))  # fmt: skip
-
-
-def finish_job(config, argv: list[str]) -> None:
-    """A launcher's last job: the command in one process, every curve resumed and every point read back."""
-    args = build_parser().parse_args(argv)
-    run_curves(args, check_args(args))
-
-
-JOBS = {"train": train_job, "points": points_job, "finish": finish_job}
-
-
-def drive(args, pair: tuple[str, str], argv: Sequence[str]) -> Path:
+def drive(args, pair: tuple[str, str], argv: Sequence[str], jobs: dict) -> Path:
     """The command under ``--launcher``: submit the first unfinished phase's jobs, or gather and resubmit
-    (:func:`landscape.launch.drive`); with ``--wait`` until the curve's files are written."""
+    (:func:`landscape.launch.drive`) with the curve's ``jobs`` (:data:`landscape.curves.JOBS`); with ``--wait``
+    until the curve's files are written."""
     from landscape import launch
 
     config = cluster_config(args, launch_dir(args, pair))
     curve_seeds(args)  # a missing run folder is one line now, not in a job
-    return launch.drive(config, list(argv), JOBS, phases=phases, digest=settings_digest(args))
+    return launch.drive(config, list(argv), jobs, phases=phases, digest=settings_digest(args))
 
 
-__all__ = ["JOBS", "NOT_KEYED", "curve_seeds", "drive", "launch_dir", "phases", "point_store", "settings_digest"]
+__all__ = ["NOT_KEYED", "curve_seeds", "drive", "launch_dir", "phases", "point_store", "settings_digest"]

@@ -336,9 +336,17 @@ def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tm
     assert all(v["attempts"] == 1 for v in jobs.values())
     stored = sorted(p.name for p in (launched / "curves" / ".ft-lora-points").glob("rank*.npz"))
     assert stored == ["rank0.npz", "rank1.npz"]  # each task's points, with their per-sample losses
+    points = {}
+    for name in stored:
+        with np.load(launched / "curves" / ".ft-lora-points" / name) as f:
+            rows = zip(f["i"], f["j"], f["loss"], f["samples"], strict=True)
+            points |= {(int(i), int(j)): (loss, len(s)) for i, j, loss, s in rows}
+    assert sorted(points) == [(k, j) for k in range(2) for j in range(3)]  # every point was a task's
     with np.load(single / "curves" / "ft-lora.npz") as a, np.load(launched / "curves" / "ft-lora.npz") as b:
         for key in ("t", "loss", "accuracy", "loss_se", "train_loss"):
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+        for (k, j), (loss, samples) in points.items():
+            assert loss == b["loss"][k, j] and samples == 16, (k, j)  # the finish job read them back
     meta_a = json.loads((single / "curves" / "ft-lora.json").read_text())
     meta_b = json.loads((launched / "curves" / "ft-lora.json").read_text())
     for row in curves.ROWS:
