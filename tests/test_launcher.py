@@ -316,8 +316,9 @@ def test_probe_parts_join_into_the_entry_or_leave_it_to_the_finish_job(tmp_path)
 
 def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tmp_path, tiny_wordnet_run):
     """``landscape.curves --launcher local``: the curve's training is one job, its (row, t) points two array tasks
-    whose per-sample losses are stored (``curves/.A-B-points``), and the finish job writes the files: equal to
-    a run of the command in one process (atol 1e-6), the paired errors of the barriers included."""
+    whose per-sample losses are stored (``curves/.A-B-points``), one of them killed and resubmitted, and the finish
+    job writes the files: equal to a run of the command in one process (atol 1e-6), the paired errors of the
+    barriers included."""
     from landscape import curves
 
     single, launched = tmp_path / "single", tmp_path / "launched"
@@ -329,11 +330,21 @@ def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tm
     assert curves.main([*argv, "--out", str(launched), *cluster]) == 0  # submits the training job and returns
     state = launched / "curves" / ".ft-lora-launch"
     assert sorted(_state(state)) == ["curve-train-run-seed"]
+    deadline = time.monotonic() + 300
+    while not any(name.startswith("curve-points-") for name in _state(state)):  # rerun until the points are
+        assert time.monotonic() < deadline, "the training job did not finish"
+        time.sleep(0.5)
+        assert curves.main([*argv, "--out", str(launched), *cluster]) == 0
+    victim = "curve-points-run-seed-1-of-2"
+    for pid in _tree(int(_state(state)[victim]["job_id"])):  # killed: the driver's to resubmit
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     assert curves.main([*argv, "--out", str(launched), *cluster, "--wait"]) == 0
     jobs = _state(state)
-    assert sorted(jobs) == ["curve-points-run-seed-0-of-2", "curve-points-run-seed-1-of-2", "curve-train-run-seed",
-                            "finish"]  # fmt: skip
-    assert all(v["attempts"] == 1 for v in jobs.values())
+    assert sorted(jobs) == ["curve-points-run-seed-0-of-2", victim, "curve-train-run-seed", "finish"]
+    assert jobs[victim]["attempts"] == 2 and all(v["attempts"] == 1 for k, v in jobs.items() if k != victim)
     stored = sorted(p.name for p in (launched / "curves" / ".ft-lora-points").glob("rank*.npz"))
     assert stored == ["rank0.npz", "rank1.npz"]  # each task's points, with their per-sample losses
     points = {}
@@ -353,3 +364,21 @@ def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tm
         for key in ("barrier", "barrier_se", "peak_above_endpoint_mean", "peak_above_endpoint_mean_se"):
             assert meta_b[row][key] == pytest.approx(meta_a[row][key], abs=1e-6), (row, key)
     assert not list((launched / "curves").glob(".ft-lora-*.ckpt")), "the checkpoint goes once the curve is written"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--launcher", "local", "--shards", "0"], "--shards 0: must be an integer >= 1"),
+        (["--partition", "gpu"], "--partition gpu: cluster settings apply with --launcher local or slurm only"),
+    ],
+)
+def test_bad_curve_cluster_settings_are_one_line_before_any_work(tmp_path, tiny_wordnet_run, argv, message, capsys):
+    """The curve command's cluster options are checked by the run's own validation, before the run is opened."""
+    from landscape import curves
+
+    out = tmp_path / "out"
+    assert curves.main(["--run", str(tiny_wordnet_run), "--pair", "ft,lora", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
