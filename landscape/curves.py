@@ -39,6 +39,8 @@ Writes under ``--out`` (default: the run folder), ``curves/``:
                        trained on seed K's batches; then each row of <A>-<B>.json also holds ``barrier_per_seed``
                        (the run's seed first), ``barrier_mean`` and ``barrier_ci95``. It costs N curves
                        (``--one-seed``: the run's seed only).
+
+``--launcher local|slurm``: the training, the points and the files as submitit jobs (:mod:`landscape.curves_launch`).
 """
 
 from __future__ import annotations
