@@ -39,6 +39,8 @@ Writes under ``--out`` (default: the run folder), ``curves/``:
                        trained on seed K's batches; then each row of <A>-<B>.json also holds ``barrier_per_seed``
                        (the run's seed first), ``barrier_mean`` and ``barrier_ci95``. It costs N curves
                        (``--one-seed``: the run's seed only).
+
+``--launcher local|slurm``: the training, the points and the files as submitit jobs (:mod:`landscape.curves_launch`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import functools
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,19 +60,16 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.models.base import Encoded
-from adapters.objectives import OBJECTIVES, Classification
+from adapters.objectives import OBJECTIVES, Classification, PointResult
 from adapters.progress import progress_bar
 from adapters.quant import is_packed, logical_shape, packed_names
 from adapters.solution import base_solution
 from adapters.train import TrainConfig, train
 from landscape import paths, render
+from landscape.curves_cli import KINDS, PROG, ROWS, check_options, curve_folder, curve_info, curve_key, parse_pair
 from landscape.engine import factored, store
 from landscape.engine.grid import EvalSet, PlaneEvaluator
 from landscape.engine.plane import SOLUTIONS, Chart
-
-PROG = "python -m landscape.curves"
-KINDS = ("bezier", "polychain")
-ROWS = ("curve", "line")  # the rows of the results: the trained curve, the straight line
 
 __all__ = [
     "KINDS",
@@ -85,6 +84,7 @@ __all__ = [
     "parse_pair",
     "polychain_weights",
     "train_curve",
+    "trained_curve",
     "write_curve",
 ]
 
@@ -110,14 +110,6 @@ def curve_weights(kind: str, t: float, bends: int) -> list[float]:
     if kind == "polychain":
         return polychain_weights(float(t), bends)
     raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
-
-
-def check_options(bends: int, kind: str) -> None:
-    """UserError unless ``kind`` is a curve kind and ``bends`` >= 1."""
-    if kind not in KINDS:
-        raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
-    if bends < 1:
-        raise UserError(f"a trained curve needs at least 1 bend, got {bends}: try --bends 1 (a quadratic Bézier)")
 
 
 class Curve(nn.Module):
@@ -303,11 +295,15 @@ def evaluate_curve(
     dtype: str = "float32",
     objective: Classification = OBJECTIVES["classification"],
     progress: bool = True,
-) -> dict:
+    store: store.SampleStore | None = None,
+    only: Collection[tuple[int, int]] | None = None,
+) -> dict | None:
     """Loss, accuracy and loss_se of the curve and of the straight line at ``points`` values of t in [0, 1],
     each path's barrier and peak above the endpoint mean (:func:`landscape.paths.barriers_with_se`) and mean
     loss over t. ``model``'s parameters on the curve are overwritten. Returns ``{"t", "paths": ("curve",
-    "line"), "loss"/"accuracy"/"loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``."""
+    "line"), "loss"/"accuracy"/"loss_se": (2, n), "barriers": {row: {...}}, "mean_loss": {row: float}, "seconds"}``.
+    ``store``: points (row k, t's index j) with their per-sample losses, read back and added to (a launcher's,
+    :mod:`landscape.curves_launch`); ``only``: these (k, j) alone, into ``store`` (returns None)."""
     t = paths.path_axis(points, 0.0)
     if curve.offset:  # W0 + offset(t), built per module beside the packed layers (landscape.engine.factored)
         evaluator = factored.FactoredEvaluator(model, offset_chart(curve, model), eval_set, device, dtype, 1,
@@ -315,19 +311,31 @@ def evaluate_curve(
     else:
         evaluator = CurveEvaluator(model, curve, eval_set, device, dtype, objective)
     out = {k: np.full((len(ROWS), len(t)), np.nan) for k in ("loss", "accuracy", "loss_se")}
-    barriers, start = {}, time.perf_counter()
+    barriers, start, stored = {}, time.perf_counter(), store.load() if store is not None else {}
     bar = progress_bar(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
     for k, row in enumerate(ROWS):
-        y, samples = (1.0 if row == "curve" else 0.0), []
-        for j, r in enumerate(evaluator.evaluate_iter(((float(tj), y) for tj in t), keep_samples=True)):
-            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = r.loss, r.accuracy, r.loss_se
-            samples.append(r.samples)
+        y = 1.0 if row == "curve" else 0.0
+        results = {j: PointResult(lo, acc, se, torch.from_numpy(np.asarray(sam)))
+                   for (i, j), (lo, acc, se, sam) in stored.items() if i == k}  # fmt: skip
+        todo = [j for j in range(len(t)) if j not in results and (only is None or (k, j) in only)]
+        points_iter = evaluator.evaluate_iter(((float(t[j]), y) for j in todo), keep_samples=True)
+        for j, r in zip(todo, points_iter, strict=True):
+            results[j] = r
+            if store is not None:
+                store.add(k, j, (r.loss, r.accuracy, r.loss_se, r.samples.detach().cpu().numpy()))
             bar.update(1)
             bar.set_postfix(path=row, loss=f"{r.loss:.3f}")
-        barriers[row] = paths.barriers_with_se(t, out["loss"][k], samples)
+        if only is not None:  # a launcher's points task: its points are in the store
+            continue
+        for j in range(len(t)):
+            out["loss"][k, j], out["accuracy"][k, j], out["loss_se"][k, j] = (results[j].loss, results[j].accuracy,
+                                                                              results[j].loss_se)  # fmt: skip
+        barriers[row] = paths.barriers_with_se(t, out["loss"][k], [results[j].samples for j in range(len(t))])
     bar.close()
     if curve.offset:
         evaluator.close()
+    if only is not None:
+        return None
     mean = {row: float(np.mean(out["loss"][k])) for k, row in enumerate(ROWS)}
     seconds = round(time.perf_counter() - start, 3)
     return {"t": t, "paths": list(ROWS), **out, "barriers": barriers, "mean_loss": mean, "seconds": seconds}
@@ -405,123 +413,13 @@ def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: M
     return curve
 
 
-# ----------------------------------------------------------------------------- command line ----
-
-
-def parse_pair(text: str) -> tuple[str, str]:
-    """``"A,B"`` → (A, B), two different solutions of the plane; anything else is a UserError."""
-    names = [s.strip() for s in str(text).split(",")]
-    if len(names) != 2 or any(n not in (*SOLUTIONS, "base") for n in names) or names[0] == names[1]:
-        raise UserError(
-            f"--pair {text!r} is not two different solutions of {', '.join(SOLUTIONS)} (or base, the base model): "
-            "pass e.g. --pair ft,lora"
-        )
-    return names[0], names[1]
-
-
-def build_parser():
-    from landscape.cli import Parser, positive_int
-
-    p = Parser(
-        prog=PROG,
-        description="Train a curve of low loss between two solutions of a run (written by landscape.connectivity): "
-        "fixed endpoints, trainable bends (Garipov et al. 2018), then the loss along it and along the straight "
-        "line, with the barrier of each (its height above the chord between the endpoint losses). Memory: the "
-        "bends are dense fp32 copies of the plane's parameters (bends × model), and training holds their "
-        "gradients and AdamW's two moments too (4 × bends × model).",
-        epilog="Example: python -m landscape.curves --run runs/wordnet --pair ft,lora --bends 1 --steps 300",
-    )
-    p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
-    p.add_argument("--pair", required=True, help="the two solutions to connect, A,B: two of ft, lora, randlora")
-    p.add_argument("--bends", type=int, default=3, help="trainable control points (each one dense copy of the "
-                   "plane's parameters); 1 with bezier is the quadratic Bézier (default: 3)")  # fmt: skip
-    p.add_argument("--kind", default="bezier", choices=KINDS, help="Bézier curve or polygonal chain (default: bezier)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps, one t per step (default: the run's "
-                   "training steps)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate of the bends (default: the run's full "
-                   "fine-tuning rate: the bends are full weights)")  # fmt: skip
-    p.add_argument("--points", type=int, default=21, help="values of t in [0, 1] evaluated, 0 and 1 included "
-                   "(default: 21)")  # fmt: skip
-    p.add_argument("--out", default=None, help="where curves/ goes (default: the run folder)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
-    p.add_argument("--one-seed", action="store_true",
-                   help="on a run of --seeds N: only the run's own seed's curve (default: one curve per seed, N times "
-                   "the cost, for the barrier's interval over seeds)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def check_args(args) -> tuple[str, str]:
-    """Every option checked before anything is loaded; returns the pair."""
-    pair = parse_pair(args.pair)
-    check_options(args.bends, args.kind)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}: try --steps 300")
-    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr must be a finite number > 0, got {args.lr}: try --lr 1e-4")
-    paths.check_options(args.points, 0.0)
-    return pair
-
-
-def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=None, seed=None) -> dict:
-    """Everything that changes a trained curve: its checkpoint is resumed only under the same key. ``solutions``
-    and ``seed``: an extra training seed's (``--seeds N``), default the run's own."""
-    from adapters.solution import delta_fingerprint
-    from landscape.run import train_key
-
-    solutions = ctx.solutions if solutions is None else solutions
-    return {
-        "curve": 1,
-        "pair": list(pair),
-        "kind": args.kind,
-        "bends": args.bends,
-        "solutions": {s: delta_fingerprint(solutions[s]) for s in pair},
-        "data": train_key(ctx.loaded, "ft", device, seed),  # the run's data, model, base weights and batches
-    }
-
-
-def _run(argv: Sequence[str] | None = None) -> None:
-    from adapters import threads
-    from adapters.solution import load_solution
-    from landscape.cli import resolve_device
-    from landscape.run import open_run, seed_solution_folders
-
-    args = build_parser().parse_args(argv)
-    pair = check_args(args)
-    threads.configure(args.threads)
-    device = resolve_device(args.device)
-    ctx = open_run(args.run, device)
-    if "base" in pair:
-        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
-    missing = [s for s in pair if s not in ctx.solutions]
-    if missing:
-        raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
-    out = Path(args.out) if args.out else ctx.run_dir
-    extra = {} if args.one_seed else seed_solution_folders(ctx.run_dir, ctx.meta)
-    others = []  # --seeds N: each extra seed's curve, between its own solutions, trained on its seed's batches
-    for seed, folders in extra.items():
-        chosen = {s: load_solution(f, base=ctx.base, expect_method=s) for s, f in folders.items()}
-        others.append(one_curve(ctx, {**ctx.solutions, **chosen}, pair, args, device, out, seed, []))
-    result = one_curve(ctx, ctx.solutions, pair, args, device, out, None, others)
-    for row in ROWS:
-        b = result["barriers"][row]
-        spread = (f"; over {len(b['barrier_per_seed'])} seeds {b['barrier_mean']:.4f} [{b['barrier_ci95'][0]:.4f}, "
-                  f"{b['barrier_ci95'][1]:.4f}]" if b.get("barrier_ci95") else "")  # fmt: skip
-        peak = f"{b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}"
-        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}{spread}; peak above the "
-              f"endpoint mean {peak}")  # fmt: skip
-
-
-def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, others: list) -> dict:
-    """Train (or resume) and evaluate the curve between ``pair`` of ``solutions`` (``seed``: an extra training
-    seed's, written under ``curves/seed-K/``; None: the run's own), write its files; returns its result. With
-    ``others`` (the extra seeds' results) each row's barrier gets its value per seed, mean and t-interval."""
+def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None) -> tuple:
+    """The curve between ``pair`` of ``solutions`` trained (or resumed from its checkpoint, which is kept):
+    (curve, training config, key, checkpoint, training history)."""
     from adapters.io import key_digest
     from adapters.train import checkpoint_path
     from landscape.engine.plane import solution_weights
     from landscape.run import train_config
-    from landscape.seeds import over_seeds
 
     base = dict(ctx.base.named_parameters())
     if packed_names(ctx.base) or "base" in pair:  # offsets from W0: beside a packed base, never written into it
@@ -538,18 +436,33 @@ def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, o
     lr = args.lr if args.lr is not None else ft.lr
     config = dataclasses.replace(ft, steps=args.steps or ft.steps, lr=lr, head_lr=lr, weight_decay=0.0,
                                  generate_eval=False)  # fmt: skip
-    folder = "curves" if seed is None else f"curves/seed-{seed}"
     key = curve_key(ctx, pair, args, device, solutions, seed)
-    ckpt = checkpoint_path(out / folder / paths.pair_name(*pair), key)
+    ckpt = checkpoint_path(out / curve_folder(seed) / paths.pair_name(*pair), key)
     task = ctx.loaded.task
     history = train_curve(
         curve, copy.deepcopy(ctx.base), task.train, task.dataset.train.labels, config, device, task.objective,
         checkpoint=ckpt, checkpoint_key=key_digest(key), augment=task.entry.augment, progress=not args.no_progress,
     )  # fmt: skip
+    return curve, config, key, ckpt, history
+
+
+def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, others: list) -> dict:
+    """Train (or resume) and evaluate the curve between ``pair`` of ``solutions`` (``seed``: an extra training
+    seed's, written under ``curves/seed-K/``; None: the run's own), write its files; returns its result. With
+    ``others`` (the extra seeds' results) each row's barrier gets its value per seed, mean and t-interval.
+    Under ``--launcher`` (the finish job) the points its array tasks computed are read back."""
+    from landscape.seeds import over_seeds
+
+    curve, config, key, ckpt, history = trained_curve(ctx, solutions, pair, args, device, out, seed)
     dtype = ctx.loaded.config.landscape_dtype(device.type)
+    points = None
+    if args.launcher is not None:
+        from landscape.curves_launch import point_store
+
+        points = point_store(out, seed, pair, key, args.points, dtype)
     # A fresh copy, as the paths': training in train mode may have moved buffers (batch-norm statistics).
     result = evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
-                            task.objective, progress=not args.no_progress)  # fmt: skip
+                            ctx.loaded.task.objective, progress=not args.no_progress, store=points)  # fmt: skip
     result["train_loss"] = history["train_loss"]
     for row in ROWS if others else ():
         values = [result["barriers"][row]["barrier"], *(o["barriers"][row]["barrier"] for o in others)]
@@ -558,35 +471,110 @@ def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, o
     meta = ctx.meta
     title = (f"{meta.get('model')} on {meta.get('dataset')}: trained {render.CURVE_KINDS[args.kind]} ({args.bends} "
              f"bend{'s' * (args.bends != 1)}) vs the straight line" + (f", seed {seed}" if seed else ""))  # fmt: skip
-    written = write_curve(result, curve, out, pair, _info(ctx, config, history, device, dtype), title, folder)
+    info = curve_info(ctx, config, history, device, dtype)
+    written = write_curve(result, curve, out, pair, info, title, curve_folder(seed))
     ckpt.unlink(missing_ok=True)  # only now: a kill before the files are written resumes from the checkpoint
     print("wrote " + ", ".join(str(p) for p in written))
     return {**result, "seed": seed}
 
 
-def _info(ctx, config: TrainConfig, history: dict, device, dtype: str) -> dict:
-    """What the JSON records besides the results: the run, the training settings and how it went."""
-    meta = ctx.meta
-    losses = history["train_loss"]
-    return {
-        **{k: meta.get(k) for k in ("dataset", "model", "seed", "eval_split", "eval_samples")},
-        "run": str(ctx.run_dir),
-        "device": str(device),
-        "dtype": dtype,
-        "train": {
-            "steps": config.steps,
-            "lr": config.lr,
-            "batch_size": config.batch_size,
-            "seed": config.seed,
-            "grad_clip": config.grad_clip,
-            "weight_decay": config.weight_decay,
-            "optimizer": "AdamW, cosine schedule",
-            "t_per_step": 1,
-            "resumed_at_step": history.get("resumed_at_step", 0),
-            "train_seconds": round(history.get("train_seconds", 0.0), 3),
-            "final_train_loss": float(np.mean(losses[-20:])) if losses else None,
-        },
-    }
+# ----------------------------------------------------------------------------- command line ----
+
+
+def _run(argv: Sequence[str] | None = None) -> None:
+    from landscape.curves_cli import build_parser, check_args, cluster_config
+
+    args = build_parser().parse_args(argv)
+    pair = check_args(args)
+    if args.launcher is not None:  # the curve as submitit jobs: submit, or gather and resubmit (landscape.launch)
+        from landscape import curves_launch
+
+        curves_launch.drive(args, pair, list(sys.argv[1:] if argv is None else argv), JOBS)
+        return
+    cluster_config(args, Path(args.run))  # cluster settings without --launcher: the run's one-line error
+    run_curves(args, pair)
+
+
+def open_curves(args, pair: tuple[str, str]):
+    """The run reopened for the curves of ``pair``: (its context, the device, the output folder, {extra training
+    seed: its solutions} of ``--seeds N``, empty with ``--one-seed``)."""
+    from adapters import threads
+    from adapters.solution import load_solution
+    from landscape.cli import resolve_device
+    from landscape.run import open_run, seed_solution_folders
+
+    threads.configure(args.threads)
+    device = resolve_device(args.device)
+    ctx = open_run(args.run, device)
+    if "base" in pair:
+        ctx.solutions["base"] = base_solution(ctx.base, ctx.loaded.model_name)
+    missing = [s for s in pair if s not in ctx.solutions]
+    if missing:
+        raise UserError(f"--pair {args.pair}: the run {args.run} has no {missing[0]} solution: pick two it has")
+    out = Path(args.out) if args.out else ctx.run_dir
+    extra = {} if args.one_seed else seed_solution_folders(ctx.run_dir, ctx.meta)
+    seeds = {seed: {**ctx.solutions, **{s: load_solution(f, base=ctx.base, expect_method=s)
+                                        for s, f in folders.items()}}
+             for seed, folders in extra.items()}  # fmt: skip
+    return ctx, device, out, seeds
+
+
+def run_curves(args, pair: tuple[str, str]) -> None:
+    """The curves of ``pair`` in this process (a launcher's finish job: their training and points on disk)."""
+    ctx, device, out, extra = open_curves(args, pair)
+    # --seeds N: each extra seed's curve, between its own solutions, trained on its seed's batches
+    others = [one_curve(ctx, solutions, pair, args, device, out, seed, []) for seed, solutions in extra.items()]
+    result = one_curve(ctx, ctx.solutions, pair, args, device, out, None, others)
+    for row in ROWS:
+        b = result["barriers"][row]
+        spread = (f"; over {len(b['barrier_per_seed'])} seeds {b['barrier_mean']:.4f} [{b['barrier_ci95'][0]:.4f}, "
+                  f"{b['barrier_ci95'][1]:.4f}]" if b.get("barrier_ci95") else "")  # fmt: skip
+        peak = f"{b['peak_above_endpoint_mean']:.4f} ± {b['peak_above_endpoint_mean_se']:.4f}"
+        print(f"{row:<6} mean loss {result['mean_loss'][row]:.4f}, {paths.barrier_text(b)}{spread}; peak above the "
+              f"endpoint mean {peak}")  # fmt: skip
+
+
+# ------------------------------------------------- the launcher's jobs (landscape.curves_launch) ----
+
+
+def _open(argv: Sequence[str], seed: int | None):
+    from landscape.curves_cli import build_parser, check_args
+
+    args = build_parser().parse_args(argv)
+    pair = check_args(args)
+    ctx, device, out, extra = open_curves(args, pair)
+    return args, pair, ctx, device, out, (ctx.solutions if seed is None else extra[seed])
+
+
+def train_job(config, argv: list[str], seed: int | None) -> None:
+    """A launcher's curve training: the bends trained (or resumed), the checkpoint kept for the points' tasks."""
+    args, pair, ctx, device, out, solutions = _open(argv, seed)
+    trained_curve(ctx, solutions, pair, args, device, out, seed)
+
+
+def points_job(config, argv: list[str], seed: int | None, points: list[tuple[int, int]], shard: int) -> None:
+    """A launcher's points task: the curve's ``points`` (row k, index of t j) not yet stored, with their per-sample
+    losses, into ``.<A>-<B>-points/rank<shard>.npz``; the bends come from the training's checkpoint."""
+    from landscape import curves_launch
+
+    args, pair, ctx, device, out, solutions = _open(argv, seed)
+    curve, _, key, _, _ = trained_curve(ctx, solutions, pair, args, device, out, seed)
+    dtype = ctx.loaded.config.landscape_dtype(device.type)
+    found = curves_launch.point_store(out, seed, pair, key, args.points, dtype, rank=shard)
+    evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
+                          ctx.loaded.task.objective, progress=False, store=found,
+                          only=set(map(tuple, points)))  # fmt: skip
+
+
+def finish_job(config, argv: list[str]) -> None:
+    """A launcher's last job: the command in one process, every curve resumed and every point read back."""
+    from landscape.curves_cli import build_parser, check_args
+
+    args = build_parser().parse_args(argv)
+    run_curves(args, check_args(args))
+
+
+JOBS = {"train": train_job, "points": points_job, "finish": finish_job}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -595,5 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_main(_run, argv, PROG)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the package's module: the launcher's jobs pickle as landscape.curves.*
+    from landscape import curves
+
+    sys.exit(curves.main())

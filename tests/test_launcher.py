@@ -312,3 +312,73 @@ def test_probe_parts_join_into_the_entry_or_leave_it_to_the_finish_job(tmp_path)
     assert probes.join(entry, tmp_path, settings) is None
     path.unlink()
     assert probes.join(entry, tmp_path, settings) is None
+
+
+def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tmp_path, tiny_wordnet_run):
+    """``landscape.curves --launcher local``: the curve's training is one job, its (row, t) points two array tasks
+    whose per-sample losses are stored (``curves/.A-B-points``), one of them killed and resubmitted, and the finish
+    job writes the files: equal to a run of the command in one process (atol 1e-6), the paired errors of the
+    barriers included."""
+    from landscape import curves
+
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    argv = ["--run", str(tiny_wordnet_run), "--pair", "ft,lora", "--bends", "1", "--steps", "4", "--points", "3",
+            "--no-progress", "--threads", "1", "--one-seed"]  # fmt: skip
+    with nodraw.figures_not_drawn():
+        assert curves.main([*argv, "--out", str(single)]) == 0
+    cluster = ["--launcher", "local", "--shards", "2", "--gpus-per-task", "0"]
+    assert curves.main([*argv, "--out", str(launched), *cluster]) == 0  # submits the training job and returns
+    state = launched / "curves" / ".ft-lora-launch"
+    assert sorted(_state(state)) == ["curve-train-run-seed"]
+    deadline = time.monotonic() + 300
+    while not any(name.startswith("curve-points-") for name in _state(state)):  # rerun until the points are
+        assert time.monotonic() < deadline, "the training job did not finish"
+        time.sleep(0.5)
+        assert curves.main([*argv, "--out", str(launched), *cluster]) == 0
+    victim = "curve-points-run-seed-1-of-2"
+    for pid in _tree(int(_state(state)[victim]["job_id"])):  # killed: the driver's to resubmit
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert curves.main([*argv, "--out", str(launched), *cluster, "--wait"]) == 0
+    jobs = _state(state)
+    assert sorted(jobs) == ["curve-points-run-seed-0-of-2", victim, "curve-train-run-seed", "finish"]
+    assert jobs[victim]["attempts"] == 2 and all(v["attempts"] == 1 for k, v in jobs.items() if k != victim)
+    stored = sorted(p.name for p in (launched / "curves" / ".ft-lora-points").glob("rank*.npz"))
+    assert stored == ["rank0.npz", "rank1.npz"]  # each task's points, with their per-sample losses
+    points = {}
+    for name in stored:
+        with np.load(launched / "curves" / ".ft-lora-points" / name) as f:
+            rows = zip(f["i"], f["j"], f["loss"], f["samples"], strict=True)
+            points |= {(int(i), int(j)): (loss, len(s)) for i, j, loss, s in rows}
+    assert sorted(points) == [(k, j) for k in range(2) for j in range(3)]  # every point was a task's
+    with np.load(single / "curves" / "ft-lora.npz") as a, np.load(launched / "curves" / "ft-lora.npz") as b:
+        for key in ("t", "loss", "accuracy", "loss_se", "train_loss"):
+            np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6, err_msg=key)
+        for (k, j), (loss, samples) in points.items():
+            assert loss == b["loss"][k, j] and samples == 16, (k, j)  # the finish job read them back
+    meta_a = json.loads((single / "curves" / "ft-lora.json").read_text())
+    meta_b = json.loads((launched / "curves" / "ft-lora.json").read_text())
+    for row in curves.ROWS:
+        for key in ("barrier", "barrier_se", "peak_above_endpoint_mean", "peak_above_endpoint_mean_se"):
+            assert meta_b[row][key] == pytest.approx(meta_a[row][key], abs=1e-6), (row, key)
+    assert not list((launched / "curves").glob(".ft-lora-*.ckpt")), "the checkpoint goes once the curve is written"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--launcher", "local", "--shards", "0"], "--shards 0: must be an integer >= 1"),
+        (["--partition", "gpu"], "--partition gpu: cluster settings apply with --launcher local or slurm only"),
+    ],
+)
+def test_bad_curve_cluster_settings_are_one_line_before_any_work(tmp_path, tiny_wordnet_run, argv, message, capsys):
+    """The curve command's cluster options are checked by the run's own validation, before the run is opened."""
+    from landscape import curves
+
+    out = tmp_path / "out"
+    assert curves.main(["--run", str(tiny_wordnet_run), "--pair", "ft,lora", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()

@@ -40,13 +40,23 @@ def require_submitit(launcher: str) -> None:
                         "the Slurm cluster (a login node), or use --launcher local on this machine")  # fmt: skip
 
 
-def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], poll_s: float | None = None) -> Path:
+def drive(
+    config: RunConfig,
+    argv: Sequence[str],
+    jobs: Mapping[str, Callable],
+    poll_s: float | None = None,
+    phases: Callable | None = None,
+    digest: str | None = None,
+) -> Path:
     """Advance the launcher run of ``config`` (the command's ``argv``): submit what is missing, report what
     runs; with ``config.wait``, until the finish job is done. ``jobs``: the body of each task kind
-    ({train, grid, finish} -> function(config, *args))."""
+    ({train, grid, finish} -> function(config, *args)). ``phases`` (config, argv) -> [(phase, tasks)] and
+    ``digest``: another command's plan and settings (``landscape.curves``), default the run's
+    (:func:`plan.phases`, :func:`plan.settings_digest`); its state lives in ``config.out_dir / .launch``."""
     require_submitit(config.launcher)
     out = config.out_dir
-    state = plan.State.open(out, plan.settings_digest(config))
+    phases = phases or plan.phases
+    state = plan.State.open(out, digest or plan.settings_digest(config))
     if config.restart:  # every job again, every grid point again (the grid store of other settings is cleared)
         from landscape.engine.store import GridStore
 
@@ -57,7 +67,7 @@ def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], 
     job_config = dataclasses.replace(config, restart=False, wait=False)
     said = [""]  # --wait: a phase's progress is printed when it changes
     while True:
-        if _step(config, job_config, argv, jobs, state, said):
+        if _step(config, job_config, phases(config, argv), jobs, state, said):
             print(f"launcher {config.launcher}: finished; the run's files are in {out}", flush=True)
             return out
         if not config.wait:
@@ -67,13 +77,13 @@ def drive(config: RunConfig, argv: Sequence[str], jobs: Mapping[str, Callable], 
         time.sleep(POLL_S[config.launcher] if poll_s is None else poll_s)
 
 
-def _step(config: RunConfig, job_config: RunConfig, argv, jobs, state: plan.State, said: list[str]) -> bool:
+def _step(config: RunConfig, job_config: RunConfig, planned, jobs, state: plan.State, said: list[str]) -> bool:
     """One look at the jobs: True when the finish job is done; else the first unfinished phase's missing tasks
     are submitted (printed with their job ids)."""
     from landscape.launch import submit
 
     logs = state.folder / "logs"
-    for phase, tasks in plan.phases(config, argv):
+    for phase, tasks in planned:
         open_tasks = [t for t in tasks if not state.finished(t.name)]
         if not open_tasks:
             continue
