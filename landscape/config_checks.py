@@ -20,18 +20,10 @@ SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
 RANDOM_CHARTS = ("random", "random-line")  # landscape.engine.plane.RANDOM_CHARTS (tested equal)
 RANDOM_OPTIONS = ("center", "direction_seed", "direction_norm", "ignore", "coordinates", "draws")
-HESSIAN_OPTIONS = ("center", "coordinates")
-# --launcher's settings (landscape.launch); "launcher" first
-LAUNCH_OPTIONS = (
-    "launcher",
-    "wait",
-    "shards",
-    "partition",
-    "gpus_per_task",
-    "time_limit",
-    "array_parallelism",
-    "slurm",
-)  # --chart hessian (landscape.engine.hessian_chart): a centre, coordinates
+HESSIAN_OPTIONS = ("center", "coordinates")  # --chart hessian (landscape.engine.hessian_chart): a centre, coordinates
+# --launcher's settings (landscape.launch); "launcher" first. Also the stage keys' "run" group (landscape.stages)
+LAUNCH_OPTIONS = ("launcher", "wait", "shards", "partition", "gpus_per_task", "time_limit", "array_parallelism",
+                  "slurm")  # fmt: skip
 
 # sbatch options with a setting of their own: not through the passthrough ([cluster] slurm)
 SLURM_OWN = {"partition": "partition", "time": "time_limit", "gpus_per_task": "gpus_per_task",

@@ -60,7 +60,7 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.models.base import Encoded
-from adapters.objectives import OBJECTIVES, Classification, PointResult
+from adapters.objectives import OBJECTIVES, Classification
 from adapters.progress import progress_bar
 from adapters.quant import is_packed, logical_shape, packed_names
 from adapters.solution import base_solution
@@ -314,17 +314,9 @@ def evaluate_curve(
     barriers, start, stored = {}, time.perf_counter(), store.load() if store is not None else {}
     bar = progress_bar(total=len(ROWS) * len(t), desc="curve", disable=not progress, dynamic_ncols=True)
     for k, row in enumerate(ROWS):
-        y = 1.0 if row == "curve" else 0.0
-        results = {j: PointResult(lo, acc, se, torch.from_numpy(np.asarray(sam)))
-                   for (i, j), (lo, acc, se, sam) in stored.items() if i == k}  # fmt: skip
+        results = paths.stored_points(stored, k)
         todo = [j for j in range(len(t)) if j not in results and (only is None or (k, j) in only)]
-        points_iter = evaluator.evaluate_iter(((float(t[j]), y) for j in todo), keep_samples=True)
-        for j, r in zip(todo, points_iter, strict=True):
-            results[j] = r
-            if store is not None:
-                store.add(k, j, (r.loss, r.accuracy, r.loss_se, r.samples.detach().cpu().numpy()))
-            bar.update(1)
-            bar.set_postfix(path=row, loss=f"{r.loss:.3f}")
+        paths.evaluate_line(evaluator, t, todo, results, k, store, bar, row, y=1.0 if row == "curve" else 0.0)
         if only is not None:  # a launcher's points task: its points are in the store
             continue
         for j in range(len(t)):

@@ -217,19 +217,21 @@ def _line_maker(base_model, solutions, third, eval_set, device, dtype, points_pe
                                   objective)  # fmt: skip
 
 
-def _evaluate_line(evaluator, t: np.ndarray, todo: list[int], results: dict, k: int, store, bar, pair: str) -> None:
-    """The points ``todo`` (indices of ``t``) of line ``k`` into ``results`` (and ``store``, with their samples)."""
-    line = evaluator.evaluate_iter(((float(t[j]), 0.0) for j in todo), keep_samples=True)
+def evaluate_line(evaluator, t: np.ndarray, todo: list[int], results: dict, k: int, store, bar, label: str,
+                  y: float = 0.0) -> None:  # fmt: skip
+    """The points ``todo`` (indices of ``t``, at (t, ``y``) in the evaluator's chart) of line ``k`` into ``results``
+    (and ``store``, with their samples); also used by :mod:`landscape.curves` (its curve row at y = 1)."""
+    line = evaluator.evaluate_iter(((float(t[j]), y) for j in todo), keep_samples=True)
     for j, r in zip(todo, line, strict=True):
         results[j] = r
         if store is not None:
             store.add(k, j, (r.loss, r.accuracy, r.loss_se, r.samples.detach().cpu().numpy()))
         bar.update(1)
-        bar.set_postfix(pair=pair, loss=f"{r.loss:.3f}")
+        bar.set_postfix(path=label, loss=f"{r.loss:.3f}")
     bar.update(len(t) - len(todo))
 
 
-def _stored(stored: Mapping[tuple[int, int], tuple], k: int) -> dict[int, PointResult]:
+def stored_points(stored: Mapping[tuple[int, int], tuple], k: int) -> dict[int, PointResult]:
     """The points of line ``k`` read back from a :class:`landscape.engine.store.SampleStore` (their per-sample
     losses as the forward returned them: fp64)."""
     return {j: PointResult(lo, acc, se, torch.from_numpy(np.asarray(sam)))
@@ -284,13 +286,13 @@ def compute_paths(
     bar = progress_bar(total=len(lines) * len(t), desc="paths", disable=not progress, dynamic_ncols=True)
     stored = store.load() if store is not None else {}
     for k, (a, b) in enumerate(lines):
-        results = {**_stored(stored, k), **_known_ends(t, a, b, known)}
+        results = {**stored_points(stored, k), **_known_ends(t, a, b, known)}
         todo = [j for j in range(len(t)) if j not in results and (only is None or (k, j) in only)]
         if only is not None and not todo:
             continue
         evaluator = make(a, b, pairs[k])
         samples = []  # per-sample losses along the line: the barrier's paired error needs no extra forward
-        _evaluate_line(evaluator, t, todo, results, k, store, bar, pairs[k])
+        evaluate_line(evaluator, t, todo, results, k, store, bar, pairs[k])
         if only is not None:  # a path task: its points are in the store
             if storage == "factored":
                 evaluator.close(restore_device=True)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from adapters.io import key_digest, write_json
+from landscape.config_checks import LAUNCH_OPTIONS
 
 FILE = "stages.json"
 VERSION = 1
@@ -120,14 +121,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         # the extra seeds' solutions and readings are keyed apart (landscape.seeds): the plane is --seed's
         "seeds",
         # the launcher (landscape.launch): the jobs compute what one process computes (tests/test_launcher.py)
-        "launcher",
-        "wait",
-        "shards",
-        "partition",
-        "gpus_per_task",
-        "time_limit",
-        "array_parallelism",
-        "slurm",
+        *LAUNCH_OPTIONS,
     ),
 }
 

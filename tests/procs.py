@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # imported by the server before it forks any run: everything a tiny-bert run imports
 PRELOAD = ["adapters", "landscape.connectivity", "transformers.models.bert.modeling_bert", "matplotlib.figure",
@@ -118,3 +119,20 @@ def run(argv: Sequence[str], log: str | os.PathLike, timeout: float = 900, **kwa
         proc.kill()
         proc.wait()
     return code
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found

@@ -19,6 +19,7 @@ import pytest
 from landscape import connectivity
 from landscape.launch import plan
 from tests import nodraw
+from tests.procs import process_tree
 
 pytest.importorskip("submitit")
 
@@ -30,23 +31,6 @@ SHARDS = 2
 
 def _argv(wordnet_root: Path, out: Path) -> list[str]:
     return ["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(out), *RUN]
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process below it (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += children.get(p, [])
-    return found
 
 
 def _state(out: Path) -> dict:
@@ -73,7 +57,7 @@ def test_killed_shard_is_resubmitted_and_the_gathered_run_equals_one_process(tmp
     grid = {k: v for k, v in _state(launched).items() if k.startswith("grid-")}
     assert len(grid) == SHARDS
     victim = sorted(grid)[-1]
-    for pid in _tree(int(grid[victim]["job_id"])):  # the shard's shell, submitit's controller and the task
+    for pid in process_tree(int(grid[victim]["job_id"])):  # the shard's shell, submitit's controller and the task
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -336,7 +320,7 @@ def test_curve_runs_as_a_training_job_then_point_tasks_and_equals_one_process(tm
         time.sleep(0.5)
         assert curves.main([*argv, "--out", str(launched), *cluster]) == 0
     victim = "curve-points-run-seed-1-of-2"
-    for pid in _tree(int(_state(state)[victim]["job_id"])):  # killed: the driver's to resubmit
+    for pid in process_tree(int(_state(state)[victim]["job_id"])):  # killed: the driver's to resubmit
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -24,6 +24,7 @@ import pytest
 from landscape import connectivity
 from tests import nodraw
 from tests.conftest import free_port
+from tests.procs import process_tree
 
 GRID = 7  # 49 points, 96 evaluation samples each: long enough to kill the grid mid-way
 RUN = ["--model", "tiny-bert", "--train-steps", "3", "--train-per-class", "12", "--test-per-class", "4",
@@ -61,27 +62,10 @@ def _torchrun(argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process below it (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += children.get(p, [])
-    return found
-
-
 def _kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and its workers. torchrun starts each worker in a session of its own, so killing
     torchrun's process group alone would leave the workers computing (and writing) on."""
-    for pid in _tree(proc.pid):
+    for pid in process_tree(proc.pid):
         try:
             if os.getpgid(pid) == pid:  # a group leader (torchrun, each worker): its whole group
                 os.killpg(pid, signal.SIGKILL)
@@ -134,7 +118,7 @@ def _interrupt(argv, out: Path, log: Path, new_points: int) -> set:
             if len(fresh) == 2 and all(fresh.values()) and len(_union(fresh)) >= new_points:
                 break
             time.sleep(0.01)
-        pids = _tree(proc.pid)
+        pids = process_tree(proc.pid)
     finally:
         _kill_all(proc)
     for _ in range(500):  # the workers are not our children: wait until they are really gone
