@@ -4,7 +4,8 @@ runs made by the set's own command, like "Beyond the plane":
 
 - merges of the solutions' updates (``python -m landscape.merges --run DIR``: merges.json / .png in the run);
 - layer-wise barriers (``python -m landscape.layerwise --run DIR``: every pair, layerwise.json / .png);
-- task-metric basins (``python -m landscape.basins --run DIR``: 5 random and the top-2 eigen-directions);
+- task-metric basins (``python -m landscape.basins --run DIR --eigen-tol 1e-3``: 5 random and the top-2
+  eigen-directions, their Lanczos at a looser Ritz tolerance than the Hessian chart's, to fit the budget);
 - curvature per block (``python -m landscape.curvature --run DIR --blocks`` with :data:`BLOCKS_ARGV`, fewer probes
   than its defaults and weight coordinates only: blocks.json / .png);
 - the Hessian eigen-direction chart around RandLoRA (``--chart hessian --center randlora`` on the run's trained
@@ -38,7 +39,7 @@ BLOCKS_ARGV = ["--samples", "32", "--trace-probes", "8", "--slq-probes", "1", "-
 RECIPES = {  # kind: (module, arguments after --run DIR, output stem, heading)
     "merges": ("landscape.merges", [], "merges", "Merges of the solutions' updates"),
     "layerwise": ("landscape.layerwise", [], "layerwise", "Layer-wise barriers"),
-    "basins": ("landscape.basins", [], "basins", "Task-metric basins"),
+    "basins": ("landscape.basins", ["--eigen-tol", "1e-3"], "basins", "Task-metric basins"),
     "blocks": ("landscape.curvature", ["--blocks", *BLOCKS_ARGV], "blocks", "Curvature per block"),
 }
 SOLUTIONS = ("ft", "lora", "randlora")

@@ -276,12 +276,13 @@ def attach_sharpness(result: dict, folder: Path) -> None:
             entry["loss_sharpness"] = {c: {k: v[k] for k in SHARPNESS_KEYS if k in v} for c, v in read.items()}
 
 
-def _eigen_for(loaded, evals: EvalSet, device, dtype: str) -> Callable:
-    """eigen(name, solution) for compute_basins: the ``--chart hessian`` construction around the solution."""
+def _eigen_for(loaded, evals: EvalSet, device, dtype: str, tol: float | None = None) -> Callable:
+    """eigen(name, solution) for compute_basins: the ``--chart hessian`` construction around the solution, its
+    Lanczos at Ritz residual ``tol`` (default the chart's)."""
     from landscape.build import hessian_evaluator
 
     def eigen(name, solution):
-        chart, ev = hessian_evaluator(loaded, solution, name, evals, torch.device(device), dtype)
+        chart, ev = hessian_evaluator(loaded, solution, name, evals, torch.device(device), dtype, tol)
         return ev.model, chart, chart.info["hessian"]["eigenvalues"]
 
     return eigen
@@ -319,6 +320,10 @@ def build_parser():
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="random directions per solution (default: 5)")
     p.add_argument("--eigen", action=__import__("argparse").BooleanOptionalAction, default=True,
                    help="also the top-2 Hessian eigen-directions (default: on)")  # fmt: skip
+    p.add_argument("--eigen-tol", type=float, default=None,
+                   help="Lanczos' Ritz residual test for the eigen-directions, ‖Hq − θq‖ ≤ tol·|θ| (default: the "
+                   "Hessian chart's 1e-6; a looser one takes fewer Hessian-vector products: a direction's angle to the "
+                   "true eigenvector is at most about tol·|θ| / the eigengap, Davis–Kahan)")  # fmt: skip
     p.add_argument("--epsilon", type=float, default=None,
                    help="fail when accuracy drops by more than this (default: by more than 2 paired SEs)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="seed of the random directions (default: the run's)")
@@ -335,6 +340,8 @@ def _run(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.draws < 0 or (args.epsilon is not None and not args.epsilon >= 0):
         raise UserError(f"--draws {args.draws} --epsilon {args.epsilon}: need draws ≥ 0 and epsilon ≥ 0: try 5")
+    if args.eigen_tol is not None and not 0 < args.eigen_tol < 1:
+        raise UserError(f"--eigen-tol {args.eigen_tol}: give a tolerance in (0, 1), for example 1e-3")
     if args.draws == 0 and not args.eigen:
         raise UserError("--draws 0 --no-eigen: no direction to walk: give --draws K or --eigen")
     find_radius(lambda r: True, args.start, args.steps, args.bisections)
@@ -345,7 +352,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     config = ctx.loaded.config
     dtype = config.landscape_dtype(device.type)
     seed = config.seed if args.seed is None else args.seed
-    eigen = _eigen_for(ctx.loaded, ctx.eval_set, device, dtype) if args.eigen else None
+    eigen = _eigen_for(ctx.loaded, ctx.eval_set, device, dtype, args.eigen_tol) if args.eigen else None
     result = compute_basins(ctx.base, chosen, ctx.eval_set, device, args.draws, seed, eigen, args.epsilon,
                             args.start, args.steps, args.bisections, dtype, ctx.loaded.task.objective,
                             not args.no_progress)  # fmt: skip

@@ -98,12 +98,13 @@ def plane(
 
 
 def hessian_evaluator(loaded: Loaded, solution: Solution, vertex: str, evals: EvalSet, device: torch.device,
-                      dtype: str) -> tuple[Chart, PlaneEvaluator]:  # fmt: skip
+                      dtype: str, tol: float | None = None) -> tuple[Chart, PlaneEvaluator]:  # fmt: skip
     """The Hessian chart around ``solution`` (:mod:`landscape.engine.hessian_chart`) and its dense evaluator.
 
     Coordinates as :mod:`landscape.curvature`'s (the same Hessian as curvature.json's): ``weights`` = the adapted
     weights and the head at θ* = W0 + ΔW; ``adapter`` = the centre's peft parameters. One HessianOperator (fp32)
-    gives the products for Lanczos; its model, at the centre, then carries the plane's points."""
+    gives the products for Lanczos; its model, at the centre, then carries the plane's points. ``tol``: Lanczos'
+    Ritz residual test (default :data:`landscape.engine.hessian_chart.TOL`, tight enough for the chart's check)."""
     from landscape import curvature
     from landscape.engine import hessian_chart
 
@@ -121,9 +122,11 @@ def hessian_evaluator(loaded: Loaded, solution: Solution, vertex: str, evals: Ev
         for p, flag in flags:
             p.requires_grad_(flag)
     start = time.perf_counter()
-    values, vectors, info = hessian_chart.top_eigenpairs(op.flat_hvp, op.dim, op.device, op.dtype, seed=config.seed)
+    tol = hessian_chart.TOL if tol is None else tol
+    values, vectors, info = hessian_chart.top_eigenpairs(op.flat_hvp, op.dim, op.device, op.dtype, tol=tol,
+                                                         seed=config.seed)  # fmt: skip
     info = {**info, "coordinates": config.coordinates, "center": vertex, "parameters": len(names), "dim": op.dim,
-            "hvps": op.hvps, "rise": hessian_chart.DEFAULT_RISE, "hvp_mode": op.mode,
+            "hvps": op.hvps, "rise": hessian_chart.DEFAULT_RISE, "hvp_mode": op.mode, "tol": tol,
             "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     chart = hessian_chart.hessian_chart(dict(op.params), values, vectors, vertex, info)
     del op, vectors

@@ -187,11 +187,14 @@ def test_instruments_run_when_missing_and_their_sentences_hold_the_measured_numb
 
 
 def test_blocks_made_with_other_settings_are_redone(tmp_path):
-    settings = {"trace_probes": 10, "slq_probes": 1, "slq_steps": 20, "tol": 1e-2, "coordinates": ["weights"]}
-    result = {"complete": True, "eval_samples": 64, "settings": settings}
+    argv = dict(zip(instruments.BLOCKS_ARGV[0::2], instruments.BLOCKS_ARGV[1::2], strict=True))
+    settings = {k[2:].replace("-", "_"): float(v) for k, v in argv.items() if k not in ("--samples", "--coordinates")}
+    settings["coordinates"] = [argv["--coordinates"]]
+    result = {"complete": True, "eval_samples": int(argv["--samples"]), "settings": settings}
     (tmp_path / "blocks.json").write_text(json.dumps(result))
     assert instruments.done("blocks", tmp_path)
-    changes = [{"eval_samples": 32}, {"complete": False}, {"settings": {**settings, "slq_steps": 40}},
+    changes = [{"eval_samples": int(argv["--samples"]) + 1}, {"complete": False},
+               {"settings": {**settings, "slq_steps": settings["slq_steps"] + 1}},
                {"settings": {**settings, "coordinates": ["weights", "adapter"]}}]  # fmt: skip
     for change in changes:
         (tmp_path / "blocks.json").write_text(json.dumps({**result, **change}))
