@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from experiments.benchmarks import llm_scale
 
 CASE_KEYS = ("params", "model_bytes", "peak_rss_above_base_bytes", "ratio", "activation_bytes", "seconds")
@@ -59,6 +61,36 @@ def test_the_load_projection_holds_at_least_the_model():
     # an fp32 load maps the file: its measured peak is below the model's bytes, the projection is not
     (p,) = [p for p in llm_scale.project([_case(64, "load", 0.05)]) if p["stage"] == "load"]
     assert p["projected_peak_bytes"] >= p["base_bytes_8b"] and p["label"] == "projection"
+
+
+@pytest.mark.parametrize("model", ["qwen2-0.5b", "llama3-8b"])
+def test_randlora_bases_bytes_are_the_buffers_peft_makes(model):
+    # the independent reference: the random bases peft's own RandLoRA allocates on a model of that shape
+    from peft import RandLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from experiments.benchmarks.llm_scale_cases import RANKS, TARGETS, scaled_config
+
+    config = scaled_config(model, 128, layers=1, vocab=64)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                                RandLoraConfig(r=RANKS["randlora"], target_modules=list(TARGETS)))  # fmt: skip
+    storages = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes()
+                for n, b in peft_model.named_buffers() if "randlora_A" in n or "randlora_B" in n}  # fmt: skip
+    assert llm_scale.randlora_bases_bytes(config) == sum(storages.values())
+
+
+def test_flatness_reads_the_ratio_without_activations_and_counts_the_bases():
+    # two sizes whose memory beyond one batch's activations is the same multiple of held + bases: flat, although
+    # their raw ratios differ (activations grow with hidden x layers, the held weights with hidden squared)
+    cases = [_case(64, "plane", 0.0, shared_bases_bytes=64_000), _case(128, "plane", 0.0, shared_bases_bytes=256_000)]
+    for c, act in zip(cases, (50_000, 400_000), strict=True):
+        c["activation_bytes"] = act
+        c["peak_rss_above_base_bytes"] = int(1.3 * (c["held_bytes"] + c["shared_bases_bytes"])) + act
+        c["ratio"] = c["peak_rss_above_base_bytes"] / c["held_bytes"]
+    result = llm_scale.summarise({"cases": cases})
+    assert cases[0]["ratio"] != pytest.approx(cases[1]["ratio"], rel=0.05)
+    assert [c["ratio_without_activations"] for c in result["cases"]] == pytest.approx([1.3, 1.3], rel=1e-5)
+    assert result["flatness"]["qwen2-0.5b/bfloat16/own/plane"] == pytest.approx(1.0, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- the scaling projection (llm_scale_plan)

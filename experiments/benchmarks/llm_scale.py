@@ -43,17 +43,21 @@ the RSS (the loaded base), restarts the peak counter (``/proc/self/clear_refs``)
 - ``spectrum``: :func:`landscape.spectrum.analyse_solutions` (every metric, layer by layer);
 - ``checkpoint``: :func:`adapters.io.write_torch` of the base's state dict (a training checkpoint's size).
 
-**Ratio.** ``peak_rss_above_base_bytes`` / ``held_bytes``: the bytes of the weights the stage holds besides
-the base — a full-size update once in the model's dtype (train_ft: its copy; plane and paths: FT's ΔW,
+**Ratio.** ``ratio`` = ``peak_rss_above_base_bytes`` / ``held_bytes``: the bytes of the weights the stage holds
+besides the base — a full-size update once in the model's dtype (train_ft: its copy; plane and paths: FT's ΔW,
 plus the adapters' factors), adapters by their factors (fp32), the spectrum one layer's ΔW (fp32, its
 largest), the checkpoint and head_only the model's bytes (nothing else held: their ratio should be near
 0). ``load``: the peak above the runtime over the model's bytes (target ≤ 1.1). Reported beside it:
 ``activation_bytes`` (one batch's forward) and ``layer_scratch_bytes`` (one layer's fp32 ΔW, the scratch of
 a streamed stage). Stages that read the solutions also report ``shared_bases_bytes``: RandLoRA's random bases
-as peft holds them (one copy, about max(out)² × 4 B, regenerated from the PRNG key: no trained parameters, so
-not in ``held_bytes``, but a floor of every such stage, large next to a 4-layer model and small next to a
-32-layer one); ``ratio_without_activations_and_bases`` subtracts them too. ``--merge`` lets a later run's case
-replace the same (model, size, dtype, source, stage) of an earlier one (marked ``rerun``).
+as peft holds them (one copy shared by every adapted layer, :func:`randlora_bases_bytes`). They are factors of
+RandLoRA's update (ΔW = Σ_i B_i Λ_i A_i Γ_i: the frozen B_i, A_i beside the trained Λ_i, Γ_i), so the ratio the
+targets and the flatness read, ``ratio_without_activations``, counts them once among the held weights: (peak −
+one batch's activations) / (``held_bytes`` + ``shared_bases_bytes``) = / ``held_with_bases_bytes``;
+``ratio_without_activations_and_bases`` instead subtracts them from the peak, over ``held_bytes`` alone. They
+are large next to a 4-layer model (about max(out)² × 4 B) and small next to a 32-layer one (0.8 GB at
+Llama-3-8B). ``--merge`` lets a later run's case replace the same (model, size, dtype, source, stage) of an
+earlier one (marked ``rerun``).
 
 **Throughput.** For evaluation stages (head_only, plane) ``tokens_per_s``: the examples' tokens (prompt +
 candidate, each candidate counted as its own sequence, no padding) per second of the toolkit's own
@@ -65,8 +69,10 @@ so another job on a shared machine slows a ratio less.
 
 **Projection** (labelled so: nothing at 8B is measured). For each stage and dtype, from the ratio measured
 at the largest size: ``projected_peak_bytes`` = the 8B base's bytes (fp32 4 B, bf16 2 B, 4-bit 0.5 B per
-weight of the linear layers + 2 B for the rest) + (peak above base − activations) / held × the stage's held
-bytes at 8B + the activations scaled by hidden × layers; ``fits``: ≤ 141 GB. Curvature in weight
+weight of the linear layers + 2 B for the rest) + (peak above base − activations) / held (bases included) ×
+the stage's held bytes at 8B (RandLoRA's bases at 8B included) + the activations scaled by hidden × layers;
+curvature in adapter coordinates: the base + its vectors and the bases at 8B + its graph (the peak beyond them)
+scaled as one batch's activations; ``fits``: ≤ 141 GB. Curvature in weight
 coordinates (not run here) is projected from its design: a dense copy of the model at the solution in
 fp32, k + 4 fp32 vectors of the target weights on the device (the basis on the host). ``scaling``: per-GPU memory
 and wall time of Llama-3-8B FT under ``--fsdp`` and of the commonsense grid on 1, 2, 4 and 8 H200s, also a
@@ -168,6 +174,29 @@ def _adapter_params_8b(model: str, method: str) -> int:
     return total * c.num_hidden_layers
 
 
+def randlora_bases_bytes(config, targets: tuple[str, ...] = TARGETS, r: int = RANKS["randlora"]) -> int:
+    """fp32 bytes of the random bases peft's RandLoRA shares across the ``targets`` of a Llama/Qwen2 ``config``
+    (peft's ``_find_dim`` and ``_init_randlora_A_randlora_B``): A (r, 1, d) and B (D, ⌈d / r⌉, r), where (D, d) are
+    the max and min of the largest output and the largest input size over the targets."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
+              "up_proj": (i, h), "down_proj": (h, i)}  # (out, in)  # fmt: skip
+    out, inp = (max(shapes[t][k] for t in targets) for k in (0, 1))
+    big, small = max(out, inp), min(out, inp)
+    return 4 * (r * small + big * math.ceil(small / r) * r)
+
+
+def _curvature_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, act_8b: float) -> float:
+    """Curvature in adapter coordinates at 8B: its coordinate vectors and RandLoRA's bases are held, and what
+    grows beyond them is the product's graph (the forward's activations and their tangents; module docstring of
+    :mod:`landscape.curvature.hessian`), so that part is scaled as one batch's activations are."""
+    bases = x.get("shared_bases_bytes") or 0
+    graph = max(x["peak_rss_above_base_bytes"] - bases - x["held_bytes"], 0)
+    per_activation = graph / x["activation_bytes"] if x.get("activation_bytes") else 0.0
+    return base_bytes + held_8b + bases_8b + per_activation * act_8b
+
+
 def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
     """Per (stage, dtype): the projected peak at 8B from the largest measured size (module docstring)."""
     c = full_config(model)
@@ -186,17 +215,22 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             held = max(c.intermediate_size * c.hidden_size, c.hidden_size**2) * 4
         else:
             held = x["held_bytes"] * scale
+        bases_8b = randlora_bases_bytes(c) if x.get("shared_bases_bytes") is not None else 0
         above = x["peak_rss_above_base_bytes"]
+        activation = x.get("activation_bytes") or 0
+        act_8b = activation * (c.hidden_size * c.num_hidden_layers) / (x["hidden"] * x["layers"])
         if stage == "load":  # the loading's peak scales with the model's bytes; at least the model (an fp32 load
             # maps the file, and its pages count only once a forward touches them)
             peak = max(above / x["model_bytes"], 1.0) * base_bytes
-        else:  # the base + the stage's own memory per held byte × held at 8B + activations scaled
-            activation = x.get("activation_bytes") or 0
-            act_8b = activation * (c.hidden_size * c.num_hidden_layers) / (x["hidden"] * x["layers"])
-            peak = base_bytes + max(above - activation, 0) / x["held_bytes"] * held + act_8b
+        elif stage == "curvature":
+            peak = _curvature_peak_8b(x, base_bytes, held, bases_8b, act_8b)
+        else:  # the base + the stage's own memory per held byte (bases included) × held at 8B + activations scaled
+            per_held = max(above - activation, 0) / (x["held_bytes"] + (x.get("shared_bases_bytes") or 0))
+            peak = base_bytes + per_held * (held + bases_8b) + act_8b
         out.append({"stage": stage, "dtype": dtype, "model": model, "from_params": x["params"],
                     "from_source": x.get("source"),
-                    "from_ratio": x["ratio"], "held_bytes_8b": held, "base_bytes_8b": base_bytes,
+                    "from_ratio": x["ratio"], "held_bytes_8b": held, "bases_bytes_8b": bases_8b,
+                    "base_bytes_8b": base_bytes,
                     "projected_peak_bytes": int(peak), "fits": bool(peak <= GPU_BYTES),
                     "label": "projection"})  # fmt: skip
     for dtype in sorted({x["dtype"] for x in cases}):  # curvature in weight coordinates: from its design
@@ -236,8 +270,9 @@ def table(result: dict) -> str:
                      f"{tps(c.get('tokens_per_s')):>8} {tps(c.get('plain_tokens_per_s')):>8}")  # fmt: skip
     lines.append("")
     lines.append(
-        "flatness (max/min ratio over sizes, per model, dtype, source, stage; target <= 1.15; stages whose "
-        "ratio is below 0.1 left out):"
+        "-act = (peak - one batch's activations) / (held + RandLoRA's shared bases, counted as its factors); "
+        "-bases = (peak - act - bases) / held.\nflatness (max/min over sizes of -act, of ratio for load; per "
+        "model, dtype, source, stage; target <= 1.15; stages whose ratio is below 0.1 left out):"
     )
     for key, spread in result["flatness"].items():
         lines.append(f"  {key}: {spread:.2f}")
@@ -256,8 +291,9 @@ def table(result: dict) -> str:
 def flatness(cases: list[dict]) -> dict[str, float]:
     groups: dict[str, list[float]] = {}
     for c in cases:
-        if c.get("ratio") and "skipped" not in c:
-            groups.setdefault(f"{c['model']}/{c['dtype']}/{c['source']}/{c['stage']}", []).append(c["ratio"])
+        value = c.get("ratio") if c.get("stage") == "load" else c.get("ratio_without_activations")
+        if value and "skipped" not in c:
+            groups.setdefault(f"{c['model']}/{c['dtype']}/{c['source']}/{c['stage']}", []).append(value)
     # a stage that holds nothing besides the base (head_only, checkpoint: ratio near 0) has no flatness to test
     return {k: max(v) / min(v) for k, v in groups.items() if len(v) > 1 and min(v) >= 0.1}
 
@@ -268,9 +304,11 @@ def summarise(result: dict) -> dict:
     for c in result["cases"]:
         if c.get("held_bytes") and c.get("peak_rss_above_base_bytes") is not None and c["stage"] != "load":
             above = c["peak_rss_above_base_bytes"] - (c.get("activation_bytes") or 0)
-            c["ratio_without_activations"] = max(above, 0) / c["held_bytes"]
+            bases = c.get("shared_bases_bytes") or 0
+            c["held_with_bases_bytes"] = c["held_bytes"] + bases
+            c["ratio_without_activations"] = max(above, 0) / c["held_with_bases_bytes"]
             if c.get("shared_bases_bytes") is not None:
-                c["ratio_without_activations_and_bases"] = max(above - c["shared_bases_bytes"], 0) / c["held_bytes"]
+                c["ratio_without_activations_and_bases"] = max(above - bases, 0) / c["held_bytes"]
     from experiments.benchmarks import llm_scale_plan  # FT under --fsdp and the grid on 1-8 GPUs
 
     scaling = llm_scale_plan.plan(calibration=llm_scale_plan.load_calibration(llm_scale_plan.CALIBRATION))
