@@ -154,7 +154,7 @@ def test_instruments_run_when_missing_and_their_sentences_hold_the_measured_numb
         assert instruments.done(stem, run) and (run / f"{stem}.png").is_file()
     hessian = runs / "wordnet-hessian"
     meta = json.loads((hessian / "landscape.json").read_text())
-    assert meta["chart"] == "hessian" and meta["config"]["center"] == "randlora"
+    assert meta["chart"] == "hessian" and meta["config"]["center"] == "randlora" and meta["dtype"] == "float32"
     stamps = {p: p.stat().st_mtime_ns for p in [*run.glob("*.json"), hessian / "landscape.json"]}
     instruments.ensure("wordnet", run, False, tmp_path)  # every output present: nothing runs again
     figures.ensure_hessian("wordnet", run, runs, False)
