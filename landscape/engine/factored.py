@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
+from adapters.precision import native_bf16
 from adapters.quant import is_packed, logical_shape
 from landscape.engine.factored_chart import (
     DENSE_COPIES,
@@ -137,8 +138,9 @@ class _Swapper:
     stored terms are not kept: rebuilding them is one add, cheaper than holding a copy.
     """
 
-    def __init__(self, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, cache_bytes: int = CACHE_BYTES, bf16: bool = False):
         self.coef: dict[str, float] = {}
+        self.bf16 = bf16  # bf16 weights are built by bf16 arithmetic (combine's ``bf16``)
         self.active = False  # hooks act only inside the evaluator's own evaluate()
         self.pool = _Pool()
         self.live: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] = []  # swapped, innermost last
@@ -173,11 +175,14 @@ class _Swapper:
         buf = None if keep else self.pool.take(numel, dtype, w0.device)
         out = torch.empty(shape, dtype=dtype, device=w0.device) if keep else buf[:numel].view(shape)
         base = torch.zeros((), dtype=dtype, device=w0.device).expand(shape) if packed else w0
-        acc = self.pool.take(min(numel, HALF_CHUNK), torch.float32, w0.device) if dtype in HALF else None
+        # bf16 weights on a device that multiplies bf16 natively: summed in bf16 (combine's ``bf16``, its error
+        # bound), as fast as the forward's own matmuls; other half weights through an fp32 accumulator
+        bf16 = self.bf16 and dtype == torch.bfloat16
+        acc = self.pool.take(min(numel, HALF_CHUNK), torch.float32, w0.device) if dtype in HALF and not bf16 else None
         # the forward may run under bf16 autocast; the weights (and the adapters' ΔW) are built as the dense
         # plane builds them, outside it
         with torch.autocast(w0.device.type, enabled=False):
-            combine(base, terms, self.coef, out, acc)
+            combine(base, terms, self.coef, out, acc, bf16)
         if acc is not None:
             self.pool.give(acc)
         self.stats["builds"] += 1
@@ -187,14 +192,19 @@ class _Swapper:
             self.stats["peak_bytes"] = max(self.stats["peak_bytes"], self.stats["bytes"])
         return out, buf
 
+    def _moves(self, terms) -> bool:
+        """Whether the point moves this parameter away from W0 (a term with a non-zero coefficient)."""
+        return any(self.coef.get(s, 0.0) != 0.0 for s, _ in terms)
+
     @torch.no_grad()
     def pre(self, entries: list[_Entry]) -> None:
         if not self.active:
             return
         for owner, attr, w0, terms in entries:
+            if not self._moves(terms):
+                continue  # every coefficient 0: the point's weight is W0 itself, which the module holds
             if is_packed(w0):
-                if any(self.coef.get(s, 0.0) != 0.0 for s, _ in terms):
-                    self.beside.setdefault(id(owner), []).append(self._built(owner, attr, w0, terms, True))
+                self.beside.setdefault(id(owner), []).append(self._built(owner, attr, w0, terms, True))
                 continue
             weight, buf = self._built(owner, attr, w0, terms, False)
             owner._parameters[attr] = weight
@@ -203,7 +213,7 @@ class _Swapper:
     def post(self, module: nn.Module, entries: list[_Entry], args: tuple, output):
         if not self.active:
             return None
-        self.restore(sum(1 for e in entries if not is_packed(e[2])))
+        self.restore(sum(1 for e in entries if not is_packed(e[2]) and self._moves(e[3])))  # those pre() swapped
         side = self.beside.pop(id(module), None)
         if not side:
             return None
@@ -327,7 +337,7 @@ class FactoredEvaluator:
         if cache_bytes is None:
             stored = sum(p.numel() * p.element_size() for p in model.parameters())
             cache_bytes = min(CACHE_BYTES, int(CACHE_SHARE * stored))
-        self._swapper = swapper = _Swapper(cache_bytes)
+        self._swapper = swapper = _Swapper(cache_bytes, native_bf16(self.device))
         handles = []
         # The hooks hold the swapper, never the evaluator: the evaluator can then be garbage collected.
         for holder, entries in holders.items():
