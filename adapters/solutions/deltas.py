@@ -510,14 +510,16 @@ def _peft_accumulator(module: nn.Module, shape: torch.Size) -> Callable[[torch.T
 
     if getattr(module, "fan_in_fan_out", False) or len(shape) != 2:
         return None
-    if type(module) is LoraLinear:
+    # peft's 4-bit layers (bitsandbytes imported only for them)
+    lora, randlora = _bnb_linear4bit() if type(module).__module__.endswith(".bnb") else (None, None)
+    if type(module) is LoraLinear or type(module) is lora:  # peft's 4-bit layers: the same factors, the same ΔW
 
         def add_lora(out: torch.Tensor, alpha: float) -> None:
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
             out.addmm_(b.to(out), a.to(out), alpha=alpha * module.scaling["default"])
 
         return add_lora
-    if type(module) is RandLoraLinear:
+    if type(module) is RandLoraLinear or type(module) is randlora:
 
         def add_randlora(out: torch.Tensor, alpha: float) -> None:
             if out.dtype == torch.bfloat16:  # Delta.add_to(bf16=True): bf16 factors laid out for one fast addmm
@@ -528,6 +530,16 @@ def _peft_accumulator(module: nn.Module, shape: torch.Size) -> Callable[[torch.T
 
         return add_randlora
     return None
+
+
+def _bnb_linear4bit() -> tuple[type | None, type | None]:
+    """peft's LoRA and RandLoRA layers around a bitsandbytes ``Linear4bit`` (None without bitsandbytes)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+        from peft.tuners.randlora.bnb import Linear4bit as RandLoraLinear4bit
+    except ImportError:
+        return None, None
+    return LoraLinear4bit, RandLoraLinear4bit
 
 
 def _adapter_mover(peft_model: nn.Module, shared: set[int]) -> Callable[[torch.device], None]:
