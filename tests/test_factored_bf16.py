@@ -175,3 +175,37 @@ def test_fp32_weights_ignore_the_bf16_flag(case, monkeypatch):
         ) as ev:
             losses[flag] = [ev.evaluate(*p).loss for p in POINTS]
     assert losses["1"] == losses["0"]
+
+
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_packed_linears_run_one_dense_matmul_equal_to_adding_the_update_beside(case, compute, monkeypatch):
+    """On a 4-bit base each packed Linear runs x·(dequantised W0 + Σ c·ΔW)ᵀ at a point: the same losses as the packed
+    kernel's output plus x·ΔWᵀ beside it (fp32 compute: the same sums in another order, 1e-5; bf16 compute with
+    bf16-built weights: U·|loss|), the codes byte-identical and the layers' own forward back after close."""
+    pytest.importorskip("bitsandbytes")
+    from adapters.models import hf
+    from adapters.quant import is_packed
+    from experiments.benchmarks.llm_scale_worker import _solutions
+    from landscape.engine import factored
+
+    folder, _, _, eval_set = case
+    monkeypatch.setenv("ADAPTERS_NATIVE_BF16", "1")
+    model = hf.entry(str(folder / "base"), "lm", {"load_4bit": True, "torch_dtype": compute}).build(0).eval()
+    packed = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and is_packed(m.weight)]
+    codes = [m.weight.data.clone() for m in packed]
+    chart = _chart(model, _solutions(folder, "own", model))
+    losses = {}
+    for mode in ("beside", "dense"):
+        if mode == "beside":  # a forward set on the instance already: the evaluator leaves it and adds beside
+            for m in packed:
+                m.forward = m.forward
+        with factored.FactoredEvaluator(model, chart, eval_set, "cpu", objective=ANSWER) as evaluator:
+            assert len(evaluator._swapper.dense_layers) == (len(packed) if mode == "dense" else 0)
+            losses[mode] = [evaluator.evaluate(*p).loss for p in POINTS]
+        assert all(("forward" in m.__dict__) == (mode == "beside") for m in packed)
+        for m in packed:
+            m.__dict__.pop("forward", None)
+    assert all(torch.equal(m.weight.data, c) for m, c in zip(packed, codes, strict=True))
+    tol = 1e-5 if compute == "float32" else U
+    for dense, beside in zip(losses["dense"], losses["beside"], strict=True):
+        assert abs(dense - beside) <= tol * abs(beside)
