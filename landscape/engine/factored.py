@@ -264,7 +264,7 @@ class _Swapper:
         if not self.active:
             return None
         self.restore(sum(1 for e in entries if not is_packed(e[2]) and self._moves(e[3])))  # those pre() swapped
-        weight, buf = self.dense.pop(id(module), (None, None))
+        _, buf = self.dense.pop(id(module), (None, None))
         if buf is not None:
             self.pool.give(buf)
         side = self.beside.pop(id(module), None)
