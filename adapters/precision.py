@@ -112,9 +112,15 @@ def choose(name: str, device: torch.device | str, cpuinfo: str | None = None,
     return Precision("float32", f"auto: no bf16 detection for {kind}")
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 natively (what ``auto`` picks bf16 for, ``ADAPTERS_NATIVE_BF16`` included):
+    where a bf16 matmul is faster than an fp32 one rather than emulated through fp32."""
+    return choose("auto", device).dtype == "bfloat16"
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> str:
     """The forward dtype ``name`` means on ``device``: ``auto`` follows the hardware (module docstring)."""
     return choose(name, device).dtype
 
 
-__all__ = ["ENV", "Precision", "choose", "cpu_bf16", "cpu_flags", "resolve_dtype"]
+__all__ = ["ENV", "Precision", "choose", "cpu_bf16", "cpu_flags", "native_bf16", "resolve_dtype"]

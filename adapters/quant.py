@@ -64,6 +64,24 @@ def dequantized_weight(param_or_module) -> torch.Tensor:
     return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
+def dequantize_into(param_or_module, out: torch.Tensor) -> torch.Tensor:
+    """:func:`dequantized_weight` of a packed weight written into ``out`` (its logical shape, contiguous) when
+    ``out`` has the dtype bitsandbytes dequantises to and its backend writes into a given tensor (CUDA; not its CPU
+    backend, 0.50): no temporary of the weight's size. Otherwise the fp32 weight, a new tensor (one layer's scratch;
+    the caller rounds it into ``out``)."""
+    weight = _weight_of(param_or_module)
+    state = weight.quant_state
+    if out.dtype != state.dtype or not out.is_contiguous() or out.device.type == "cpu":
+        return dequantized_weight(weight)
+    import bitsandbytes.functional as bnb_functional
+
+    try:
+        bnb_functional.dequantize_4bit(weight.data, state, out=out)
+    except NotImplementedError:
+        return dequantized_weight(weight)
+    return out
+
+
 def disable_cpu_repacking(model: nn.Module) -> int:
     """Keep every ``Linear4bit`` of ``model`` on bitsandbytes' one exact path; returns how many layers it set.
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from adapters.errors import UserError, first_line
 from adapters.quant import dequantized_weight, is_packed, logical_shape
+from adapters.solutions.bf16_products import randlora_factors
 from adapters.solutions.peft_config import PEFT_PREFIX, peft_config_of
 
 KINDS = ("stored", "factored")
@@ -88,11 +89,18 @@ class Delta:
         return self._compute()
 
     @torch.no_grad()
-    def add_to(self, out: torch.Tensor, alpha: float) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, alpha: float, bf16: bool = False) -> torch.Tensor:
         """``out += alpha·ΔW`` (``out`` shaped like the parameter). For peft's LoRA and RandLoRA Linear layers
         one ``addmm`` from the factors, with no ΔW-sized temporary (equal to adding ``self()`` to fp32
-        rounding); otherwise ``self()`` is added."""
-        if self._accumulate is not None and out.dtype in (torch.float32, torch.float64):
+        rounding); otherwise ``self()`` is added.
+
+        ``bf16``: ``out`` is bf16 and the caller accepts a bf16 product (a device that multiplies bf16 natively):
+        the factors are rounded to bf16 and multiplied into ``out`` by one bf16 ``addmm`` (fp32 accumulation, one
+        rounding of the sum). Its error against ``out + alpha·self()`` is at most 2U·Σ_k |alpha·F_ik·S_kj| (U = 2⁻⁸;
+        about 2U·|alpha·ΔW|) from the factors' rounding, plus the one rounding of ``out`` (U of its magnitude) that
+        the fp32 product rounded into bf16 has too (:mod:`adapters.solutions.bf16_products`)."""
+        if self._accumulate is not None and (out.dtype in (torch.float32, torch.float64)
+                                             or (bf16 and out.dtype == torch.bfloat16)):  # fmt: skip
             self._accumulate(out, alpha)
         else:
             out.add_(self().to(out.device), alpha=alpha)
@@ -502,21 +510,36 @@ def _peft_accumulator(module: nn.Module, shape: torch.Size) -> Callable[[torch.T
 
     if getattr(module, "fan_in_fan_out", False) or len(shape) != 2:
         return None
-    if type(module) is LoraLinear:
+    # peft's 4-bit layers (bitsandbytes imported only for them)
+    lora, randlora = _bnb_linear4bit() if type(module).__module__.endswith(".bnb") else (None, None)
+    if type(module) is LoraLinear or type(module) is lora:  # peft's 4-bit layers: the same factors, the same ΔW
 
         def add_lora(out: torch.Tensor, alpha: float) -> None:
             a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
             out.addmm_(b.to(out), a.to(out), alpha=alpha * module.scaling["default"])
 
         return add_lora
-    if type(module) is RandLoraLinear:
+    if type(module) is RandLoraLinear or type(module) is randlora:
 
         def add_randlora(out: torch.Tensor, alpha: float) -> None:
-            second, first = module.get_scaled_bases("default")
+            if out.dtype == torch.bfloat16:  # Delta.add_to(bf16=True): bf16 factors laid out for one fast addmm
+                first, second = randlora_factors(module)
+            else:
+                second, first = module.get_scaled_bases("default")
             out.addmm_(first.to(out), second.to(out), alpha=alpha * module.scaling["default"])
 
         return add_randlora
     return None
+
+
+def _bnb_linear4bit() -> tuple[type | None, type | None]:
+    """peft's LoRA and RandLoRA layers around a bitsandbytes ``Linear4bit`` (None without bitsandbytes)."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+        from peft.tuners.randlora.bnb import Linear4bit as RandLoraLinear4bit
+    except ImportError:
+        return None, None
+    return LoraLinear4bit, RandLoraLinear4bit
 
 
 def _adapter_mover(peft_model: nn.Module, shared: set[int]) -> Callable[[torch.device], None]:

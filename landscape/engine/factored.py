@@ -8,17 +8,24 @@ paths and the report use it unchanged) but evaluates ON THE BASE MODEL ITSELF: W
 parameters; a forward pre-hook on each module that uses a plane parameter builds W0 + Σ c_s·ΔW_s into a
 scratch tensor (a view of a flat buffer from a pool shared by all modules, so a few buffers of the
 largest parameter's size serve the whole model; half-precision weights are summed in fp32 in chunks
-and rounded once) and swaps it in (``module._parameters[name]``); a forward hook swaps W0 back. The
+and rounded once, except bf16 weights on a device that multiplies bf16 natively
+(:func:`adapters.precision.native_bf16`), built by bf16 operations with fp32 accumulation within the bound
+:func:`landscape.engine.factored_chart.combine` states, as fast as the forward's own matmuls) and swaps it in
+(``module._parameters[name]``); a forward hook swaps W0 back. The
 adapters' ΔW are built from their factors, for peft's Linear layers by one ``addmm`` into the scratch
 (:meth:`adapters.deltas.Delta.add_to`, no ΔW-sized temporary), once per point: a module's combined
 weight is kept for the point's later batches while the kept total stays under :data:`CACHE_BYTES` and
 :data:`CACHE_SHARE` of the model's bytes (beyond it, or with ``cache_bytes=0``, it is rebuilt per
 batch, holding nothing dense for it).
 
-On a 4-bit base (``--load-4bit``, :mod:`adapters.quant`) a packed weight cannot take W0 + ΔW: its
-module's forward hook adds ``x·(Σ c_s·ΔW_s)ᵀ`` (fp32, the weight's logical shape; the same cache) to the
-packed layer's own output, beside it, for the adapters' updates and a dense one (an FT checkpoint's
-θ_FT − dequantised W0) alike. The packed codes are never written; ``--plane-storage dense`` is refused.
+On a 4-bit base (``--load-4bit``, :mod:`adapters.quant`) a packed weight cannot take W0 + ΔW. A packed ``Linear``
+(bitsandbytes' ``Linear4bit``) that uses its own weight gets an instance ``forward`` for the evaluator's life
+(:func:`_dense_forward`; a pre-hook cannot change the forward that runs): at a point that moves it, the pre-hook
+builds its dequantised W0 + Σ c_s·ΔW_s in the layer's compute dtype (the same pool and cache) and the forward is
+one matmul with it, where adding ``x·ΔWᵀ`` beside the packed kernel's output cost a second matmul of the layer's
+size (in fp32) per batch. Any other packed weight's module gets ``x·(Σ c_s·ΔW_s)ᵀ`` (fp32, the weight's logical
+shape) added to its output by the forward hook, beside it. Either way the adapters' updates and a dense one (an FT
+checkpoint's θ_FT − dequantised W0) alike; the packed codes are never written; ``--plane-storage dense`` is refused.
 
 The weights are built outside the forward's bf16 autocast, in the weights' own precision, as the dense
 plane builds them. Exact zero coefficients are skipped (adding 0·ΔW changes
@@ -46,7 +53,8 @@ import torch
 from torch import nn
 
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
-from adapters.quant import is_packed, logical_shape
+from adapters.precision import native_bf16
+from adapters.quant import dequantize_into, is_packed, logical_shape
 from landscape.engine.factored_chart import (
     DENSE_COPIES,
     HALF,
@@ -115,6 +123,39 @@ class _Pool:
         self.free.setdefault((buf.dtype, buf.device), []).append(buf)
 
 
+def _compute_dtype(layer: nn.Module, w0: torch.Tensor) -> torch.dtype:
+    """The dtype a packed layer multiplies in: bitsandbytes' ``compute_dtype``, else what it dequantises to."""
+    return getattr(layer, "compute_dtype", None) or w0.quant_state.dtype
+
+
+def _dense_forward(layer: nn.Module, swapper: _Swapper) -> Callable:
+    """A packed Linear's forward (set as its instance attribute while the evaluator lives: a pre-hook cannot change
+    the forward that runs): at a point that moves it, x·Wᵀ + b with W the point's logical weight that the pre-hook
+    built, the input and bias cast to the compute dtype and the output back as bitsandbytes' own forward does;
+    otherwise the layer's own forward."""
+    own = type(layer).forward.__get__(layer)
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        built = swapper.dense.get(id(layer))
+        if built is None:
+            return own(x, *args, **kwargs)
+        weight = built[0]
+        bias = layer.bias.to(weight.dtype) if layer.bias is not None else None
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    return forward
+
+
+class _Unset:
+    """A handle (``remove()``) that deletes a module's instance ``forward``, as the hooks' handles remove them."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def remove(self) -> None:
+        self.module.__dict__.pop("forward", None)
+
+
 # (module owning the parameter, attribute, W0, its terms)
 _Entry = tuple[nn.Module, str, torch.Tensor, list[tuple[str, DeltaLike]]]
 
@@ -137,12 +178,15 @@ class _Swapper:
     stored terms are not kept: rebuilding them is one add, cheaper than holding a copy.
     """
 
-    def __init__(self, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, cache_bytes: int = CACHE_BYTES, bf16: bool = False):
         self.coef: dict[str, float] = {}
+        self.bf16 = bf16  # bf16 weights are built by bf16 arithmetic (combine's ``bf16``)
         self.active = False  # hooks act only inside the evaluator's own evaluate()
         self.pool = _Pool()
         self.live: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] = []  # swapped, innermost last
         self.beside: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}  # id(module) -> [(ΔW, buf)]
+        self.dense: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # id(packed Linear) -> (weight, buf)
+        self.dense_layers: set[int] = set()  # the packed Linears whose forward is _dense_forward
         self.cache_bytes = cache_bytes
         self.cache: dict[tuple[int, str], torch.Tensor] = {}
         self.stats = {"builds": 0, "hits": 0, "bytes": 0, "peak_bytes": 0}
@@ -157,27 +201,33 @@ class _Swapper:
         self.cache.clear()
         self.stats["bytes"] = 0
 
-    def _built(self, owner: nn.Module, attr: str, w0: torch.Tensor, terms, packed: bool):
+    def _built(self, owner: nn.Module, attr: str, w0: torch.Tensor, terms, packed: bool, dense: bool = False):
         """(tensor, pool buffer to give back or None): the module's combined weight, or for a packed weight its
-        combined ΔW (fp32, logical shape), from the cache or built now."""
+        combined ΔW (fp32, logical shape) or with ``dense`` its dequantised W0 + Σ c·ΔW (the layer's compute dtype),
+        from the cache or built now."""
         key = (id(owner), attr)
         hit = self.cache.get(key)
         if hit is not None:
             self.stats["hits"] += 1
             return hit, None
         shape = logical_shape(w0) if packed else w0.shape
-        dtype = torch.float32 if packed else w0.dtype
+        dtype = (_compute_dtype(owner, w0) if dense else torch.float32) if packed else w0.dtype
         numel = math.prod(shape)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         keep = _lazy(terms, self.coef) and self.stats["bytes"] + nbytes <= self.cache_bytes
         buf = None if keep else self.pool.take(numel, dtype, w0.device)
         out = torch.empty(shape, dtype=dtype, device=w0.device) if keep else buf[:numel].view(shape)
         base = torch.zeros((), dtype=dtype, device=w0.device).expand(shape) if packed else w0
-        acc = self.pool.take(min(numel, HALF_CHUNK), torch.float32, w0.device) if dtype in HALF else None
+        if dense:  # dequantised straight into ``out`` where the dtypes allow (combine then adds in place)
+            base = dequantize_into(w0, out)
+        # bf16 weights on a device that multiplies bf16 natively: summed in bf16 (combine's ``bf16``, its error
+        # bound), as fast as the forward's own matmuls; other half weights through an fp32 accumulator
+        bf16 = self.bf16 and dtype == torch.bfloat16
+        acc = self.pool.take(min(numel, HALF_CHUNK), torch.float32, w0.device) if dtype in HALF and not bf16 else None
         # the forward may run under bf16 autocast; the weights (and the adapters' ΔW) are built as the dense
         # plane builds them, outside it
         with torch.autocast(w0.device.type, enabled=False):
-            combine(base, terms, self.coef, out, acc)
+            combine(base, terms, self.coef, out, acc, bf16)
         if acc is not None:
             self.pool.give(acc)
         self.stats["builds"] += 1
@@ -187,14 +237,24 @@ class _Swapper:
             self.stats["peak_bytes"] = max(self.stats["peak_bytes"], self.stats["bytes"])
         return out, buf
 
+    def _moves(self, terms) -> bool:
+        """Whether the point moves this parameter away from W0 (a term with a non-zero coefficient)."""
+        return any(self.coef.get(s, 0.0) != 0.0 for s, _ in terms)
+
     @torch.no_grad()
-    def pre(self, entries: list[_Entry]) -> None:
+    def pre(self, entries: list[_Entry], module: nn.Module | None = None) -> None:
         if not self.active:
             return
         for owner, attr, w0, terms in entries:
+            if not self._moves(terms):
+                continue  # every coefficient 0: the point's weight is W0 itself, which the module holds
+            if is_packed(w0) and id(owner) in self.dense_layers and owner is module:
+                # a packed Linear runs, for this point, x·(dequantised W0 + Σ c·ΔW)ᵀ: one matmul, not the packed
+                # kernel's plus one beside it (module docstring; its forward is _dense_forward); codes never written
+                self.dense[id(owner)] = self._built(owner, attr, w0, terms, True, dense=True)
+                continue
             if is_packed(w0):
-                if any(self.coef.get(s, 0.0) != 0.0 for s, _ in terms):
-                    self.beside.setdefault(id(owner), []).append(self._built(owner, attr, w0, terms, True))
+                self.beside.setdefault(id(owner), []).append(self._built(owner, attr, w0, terms, True))
                 continue
             weight, buf = self._built(owner, attr, w0, terms, False)
             owner._parameters[attr] = weight
@@ -203,7 +263,10 @@ class _Swapper:
     def post(self, module: nn.Module, entries: list[_Entry], args: tuple, output):
         if not self.active:
             return None
-        self.restore(sum(1 for e in entries if not is_packed(e[2])))
+        self.restore(sum(1 for e in entries if not is_packed(e[2]) and self._moves(e[3])))  # those pre() swapped
+        _, buf = self.dense.pop(id(module), (None, None))
+        if buf is not None:
+            self.pool.give(buf)
         side = self.beside.pop(id(module), None)
         if not side:
             return None
@@ -229,6 +292,10 @@ class _Swapper:
             if buf is not None:
                 self.pool.give(buf)
         if count is None:
+            for _, buf in self.dense.values():
+                if buf is not None:
+                    self.pool.give(buf)
+            self.dense.clear()
             for side in self.beside.values():
                 for _, buf in side:
                     if buf is not None:
@@ -327,11 +394,20 @@ class FactoredEvaluator:
         if cache_bytes is None:
             stored = sum(p.numel() * p.element_size() for p in model.parameters())
             cache_bytes = min(CACHE_BYTES, int(CACHE_SHARE * stored))
-        self._swapper = swapper = _Swapper(cache_bytes)
+        self._swapper = swapper = _Swapper(cache_bytes, native_bf16(self.device))
         handles = []
+        for holder, entries in holders.items():  # packed Linears that use their own weight: a dense forward
+            if (
+                "forward" not in holder.__dict__
+                and any(o is holder and a == "weight" and is_packed(w) for o, a, w, _ in entries)
+                and isinstance(holder, nn.Linear)
+            ):
+                swapper.dense_layers.add(id(holder))
+                holder.forward = _dense_forward(holder, swapper)
+                handles.append(_Unset(holder))
         # The hooks hold the swapper, never the evaluator: the evaluator can then be garbage collected.
         for holder, entries in holders.items():
-            handles.append(holder.register_forward_pre_hook(lambda m, a, e=entries, s=swapper: s.pre(e)))
+            handles.append(holder.register_forward_pre_hook(lambda m, a, e=entries, s=swapper: s.pre(e, m)))
             handles.append(holder.register_forward_hook(lambda m, a, o, e=entries, s=swapper: s.post(m, e, a, o),
                                                         always_call=True))  # fmt: skip
         self._handles = handles
