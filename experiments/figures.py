@@ -125,6 +125,8 @@ def ensure_run(name: str, argv: list[str], runs: Path, force: bool) -> Path:
     if (force or not (out / "landscape.json").exists() or _old_barriers(out / "landscape.json", "paths")
             or _other_seeds(out, argv)):  # fmt: skip
         print(f"[figures] running {' '.join(argv)} --out {out}", file=sys.stderr)
+        if force and (out / ".grid").is_dir():  # a redone run's checkpointed points are of its old settings
+            shutil.rmtree(out / ".grid")
         code = connectivity.main([*argv, "--out", str(out), "--no-progress"])
         if code != 0:
             raise UserError(f"the run '{name}' failed (exit {code}): see the message above")

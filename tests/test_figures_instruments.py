@@ -159,6 +159,10 @@ def test_instruments_run_when_missing_and_their_sentences_hold_the_measured_numb
     instruments.ensure("wordnet", run, False, tmp_path)  # every output present: nothing runs again
     figures.ensure_hessian("wordnet", run, runs, False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    (hessian / "landscape.json").write_text(json.dumps({**meta, "dtype": "bfloat16"}))  # a chart made in bf16
+    figures.ensure_hessian("wordnet", run, runs, False)  # is redone in fp32
+    meta = json.loads((hessian / "landscape.json").read_text())
+    assert meta["dtype"] == "float32"
 
     text = instruments.section("wordnet", run, runs, fig, tmp_path)
     assert text.startswith("#### Instruments")
