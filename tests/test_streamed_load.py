@@ -60,21 +60,6 @@ def test_bf16_load_is_streamed_and_equals_the_mapped_load(llama, monkeypatch, ch
     assert model.backbone.generation_config.eos_token_id == reference.generation_config.eos_token_id
 
 
-def test_a_cast_read_in_row_chunks_that_do_not_divide_the_rows(tmp_path, monkeypatch):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from adapters.models import hf_stream
-
-    source = torch.randn(10, 7)
-    save_file({"w": source}, str(tmp_path / "w.safetensors"))
-    monkeypatch.setattr(hf_stream, "CAST_CHUNK", 21)  # 3 rows at a time: 3, 3, 3 and a last row of 1
-    handle = safe_open(str(tmp_path / "w.safetensors"), framework="pt", backend="pread")
-    read = hf_stream._WholeRead(handle, "w", handle.get_slice("w"))
-    read.cast = torch.bfloat16
-    assert torch.equal(read[...], source.to(torch.bfloat16))
-
-
 def test_fp32_load_stays_mapped(llama):
     assert hf.streamed_state(str(llama), torch.float32, quantised=False) is None
     assert hf.streamed_state(str(llama), torch.bfloat16, quantised=False) is not None

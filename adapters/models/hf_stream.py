@@ -148,8 +148,7 @@ class _WholeRead:
         out = torch.empty(shape, dtype=self.cast)
         rows = max(1, CAST_CHUNK // math.prod(shape[1:]))
         for lo in range(0, shape[0], rows):
-            hi = min(lo + rows, shape[0])  # a safetensors slice does not clamp its end
-            out[lo:hi].copy_(self._piece[lo:hi])
+            out[lo : lo + rows].copy_(self._piece[lo : lo + rows])
         return out
 
     def __getattr__(self, name: str):
