@@ -37,8 +37,6 @@ class _LazyState(dict):
 # Elements of a source tensor quantised at a time by a 4-bit load on the CPU (1 MB in fp32; a multiple of every
 # bitsandbytes block size, and even, so the chunks' codes and block maxima concatenate into the whole tensor's).
 QUANT_CHUNK = 1 << 18
-# Source elements read at a time by a casting load (bf16 / fp16 from fp32 files): 1 MB of fp32.
-CAST_CHUNK = 1 << 18
 
 
 class _Mapped:
@@ -128,28 +126,12 @@ class _WholeRead:
 
     def __init__(self, handle, key: str, piece, mapped: _Mapped | None = None):
         self._handle, self._key, self._piece, self._mapped = handle, key, piece, mapped
-        self.cast: torch.dtype | None = None  # set by load_pretrained: read in row chunks, each cast on arrival
 
     def __getitem__(self, index):
         if index is Ellipsis:
-            if self.cast is not None:
-                return self._read_cast()
             mapped = self._mapped.tensor(self._key) if self._mapped is not None else None
             return mapped if mapped is not None else self._handle.get_tensor(self._key)
         return self._piece[index]
-
-    def _read_cast(self) -> torch.Tensor:
-        """The tensor in ``cast``, read :data:`CAST_CHUNK` source elements (whole rows) at a time into the cast
-        tensor: the peak is the cast model + one chunk, not + one whole source tensor (an fp32 embedding is 10 %
-        of a bf16 4-layer model; the same elementwise cast, so the same values bit for bit)."""
-        shape = self._piece.get_shape()
-        if len(shape) < 2 or math.prod(shape) <= CAST_CHUNK:
-            return self._handle.get_tensor(self._key).to(self.cast)
-        out = torch.empty(shape, dtype=self.cast)
-        rows = max(1, CAST_CHUNK // math.prod(shape[1:]))
-        for lo in range(0, shape[0], rows):
-            out[lo : lo + rows].copy_(self._piece[lo : lo + rows])
-        return out
 
     def __getattr__(self, name: str):
         return getattr(self._piece, name)
@@ -290,12 +272,6 @@ def load_pretrained(auto, where: str, **kwargs) -> nn.Module:
         cls = None
     if cls is None:
         return auto.from_pretrained(where, **kwargs)
-    if "quantization_config" not in kwargs and not (getattr(cls, "_keep_in_fp32_modules", None)
-                                                    or getattr(cls, "_keep_in_fp32_modules_strict", None)):  # fmt: skip
-        # cast as it is read (a class that keeps some modules in fp32 gets them from the fp32 source instead)
-        for read in state.values():
-            if isinstance(read, _WholeRead) and _SAFETENSORS_FLOATS.get(read.get_dtype()) not in (None, dtype):
-                read.cast = dtype
     quantised = _chunked_4bit(state.mapped) if "quantization_config" in kwargs else contextlib.nullcontext()
     with _sequential_loading(), quantised:
         # the model class itself: the Auto classes refuse a state dict beside a folder
