@@ -348,17 +348,7 @@ def ensure_hessian(name: str, run: Path, runs: Path, force: bool) -> None:
     out = instruments.hessian_output(name, runs)
     _seed_head_only(run, out)
     chart = random_argv(resolve_argv(OFFLINE[name]), run, "hessian", instruments.HESSIAN_CENTER)
-    # fp32 evaluation: the chart's check compares the loss's second difference with the eigenvalue, a change of
-    # ½λh² ≈ 1 % of the loss that bf16 rounding blurs (measured on Fashion-MNIST: y axis 22 % off in bf16, 12 % in fp32)
-    chart += ["--dtype", "float32"]
-    redo = instruments.stale(out, run) or _dtype_of(out) not in (None, "float32")
-    ensure_run(out.name, chart, runs, force or redo)
-
-
-def _dtype_of(out: Path) -> str | None:
-    """The landscape dtype of the run in ``out`` (None when there is none)."""
-    path = out / "landscape.json"
-    return json.loads(path.read_text()).get("dtype") if path.exists() else None
+    ensure_run(out.name, [*chart, "--dtype", instruments.HESSIAN_DTYPE], runs, force or instruments.stale(out, run))
 
 
 def random_lines_figure(lines: dict[str, dict], directions: dict, title: str, png: Path) -> None:

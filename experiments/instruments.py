@@ -31,6 +31,9 @@ from adapters.io import write_with
 from experiments import readings_instruments as ri
 
 HESSIAN_CENTER = "randlora"
+# fp32 evaluation: the chart's check compares the loss's second difference with the eigenvalue, a change of ½λh² ≈ 1 %
+# of the loss that bf16 rounding blurs (measured on Fashion-MNIST: the y axis 22 % off in bf16, 12 % in fp32)
+HESSIAN_DTYPE = "float32"
 # the recipes' own defaults, but for block curvature: 32 samples, 8 trace probes, one 12-step SLQ probe per block,
 # a looser Lanczos tolerance and the weights only (comparable across FT, LoRA and RandLoRA), to fit the figures
 # run's budget on 2 CPU cores (about 500 Hessian-vector products per task)
@@ -82,9 +85,12 @@ def done(kind: str, run: Path) -> bool:
 
 
 def stale(out: Path, run: Path) -> bool:
-    """Whether the chart run in ``out`` is older than the run's solutions (it is redone)."""
+    """Whether the chart run in ``out`` is older than the run's solutions or evaluated in another precision than
+    :data:`HESSIAN_DTYPE` (it is redone)."""
     path = out / "landscape.json"
-    return path.exists() and path.stat().st_mtime < _solutions_time(run)
+    if not path.exists():
+        return False
+    return path.stat().st_mtime < _solutions_time(run) or json.loads(path.read_text()).get("dtype") != HESSIAN_DTYPE
 
 
 def _shown(root: Path, prog: str, argv: list[str]) -> str:
