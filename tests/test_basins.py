@@ -97,7 +97,7 @@ def test_radius_equals_a_dense_scan(tiny_entry, one_torch_thread):
 def test_command_on_a_run(tiny_wordnet_run, tmp_path):
     run_dir, out = tiny_wordnet_run, tmp_path / "b"
     assert basins.main(["--run", str(run_dir), "--out", str(out), "--draws", "2", "--steps", "8",
-                        "--bisections", "2", "--no-progress"]) == 0  # fmt: skip
+                        "--bisections", "2", "--eigen-tol", "1e-3", "--no-progress"]) == 0  # fmt: skip
     result = json.loads((out / "basins.json").read_text())
     run = json.loads((run_dir / "landscape.json").read_text())
     assert result["training_seed"] == run["config"]["seed"] and result["eval_samples"] == run["eval_samples"]
@@ -107,6 +107,7 @@ def test_command_on_a_run(tiny_wordnet_run, tmp_path):
         assert len(entry["random"]) == 2 and len(entry["eigen"]) == 2
         lam = [e["eigenvalue"] for e in entry["eigen"]]
         assert lam[0] >= lam[1] and entry["eigen_accuracy"] == pytest.approx(entry["accuracy"])
+        assert entry["eigen_info"]["tol"] == 1e-3  # the Lanczos ran at the tolerance asked for
         for e in entry["random"] + entry["eigen"]:  # the bracket's ends were evaluated: failing, and safe (or 0)
             seen = {r: f for r, f in e["trace"]}
             if e["radius"] is None:
@@ -142,6 +143,7 @@ def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, cap
         (["--run", run_dir, "--draws", "0", "--no-eigen"], "--draws 0"),
         (["--run", run_dir, "--start", "0"], "--start"),
         (["--run", run_dir, "--steps", "0"], "--steps"),
+        (["--run", run_dir, "--eigen-tol", "0"], "--eigen-tol"),
     ]
     for argv, needle in cases:
         capsys.readouterr()

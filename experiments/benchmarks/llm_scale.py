@@ -139,13 +139,19 @@ def run_case(case: Path, dtype: str, source: str, stage: str, samples: int, prom
 # --------------------------------------------------------------------------- projection
 
 
+def _linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear layer of one Llama/Qwen2 decoder layer of ``config``."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
+            "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+
+
 def _bytes_8b(model: str, dtype: str) -> tuple[int, int, int]:
     """(params, bytes as stored, target-weight params) of the real ``model`` (shapes from its config)."""
     c = full_config(model)
-    h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    kv = h // c.num_attention_heads * c.num_key_value_heads
-    per_layer = {"q_proj": h * h, "k_proj": h * kv, "v_proj": h * kv, "o_proj": h * h, "gate_proj": h * i,
-                 "up_proj": h * i, "down_proj": i * h}  # fmt: skip
+    h, n = c.hidden_size, c.num_hidden_layers
+    per_layer = {name: out * inp for name, (out, inp) in _linear_shapes(c).items()}
     linear = n * sum(per_layer.values())
     embed = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
     other = n * 2 * h + h
@@ -160,12 +166,10 @@ def _bytes_8b(model: str, dtype: str) -> tuple[int, int, int]:
 def _adapter_params_8b(model: str, method: str) -> int:
     """LoRA r·(in + out) per target; RandLoRA λ (r × n) and γ (n × min(in, out)), n = ⌈min(in, out) / r⌉."""
     c = full_config(model)
-    h, i = c.hidden_size, c.intermediate_size
-    kv = h // c.num_attention_heads * c.num_key_value_heads
-    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "up_proj": (i, h), "down_proj": (h, i)}
+    shapes = _linear_shapes(c)
     r = RANKS[method]
     total = 0
-    for out, inp in shapes.values():
+    for out, inp in (shapes[t] for t in TARGETS):
         if method == "lora":
             total += r * (out + inp)
         else:
@@ -178,10 +182,7 @@ def randlora_bases_bytes(config, targets: tuple[str, ...] = TARGETS, r: int = RA
     """fp32 bytes of the random bases peft's RandLoRA shares across the ``targets`` of a Llama/Qwen2 ``config``
     (peft's ``_find_dim`` and ``_init_randlora_A_randlora_B``): A (r, 1, d) and B (D, ⌈d / r⌉, r), where (D, d) are
     the max and min of the largest output and the largest input size over the targets."""
-    h, i = config.hidden_size, config.intermediate_size
-    kv = h // config.num_attention_heads * config.num_key_value_heads
-    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
-              "up_proj": (i, h), "down_proj": (h, i)}  # (out, in)  # fmt: skip
+    shapes = _linear_shapes(config)
     out, inp = (max(shapes[t][k] for t in targets) for k in (0, 1))
     big, small = max(out, inp), min(out, inp)
     return 4 * (r * small + big * math.ceil(small / r) * r)

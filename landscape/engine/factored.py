@@ -217,9 +217,10 @@ class _Swapper:
         keep = _lazy(terms, self.coef) and self.stats["bytes"] + nbytes <= self.cache_bytes
         buf = None if keep else self.pool.take(numel, dtype, w0.device)
         out = torch.empty(shape, dtype=dtype, device=w0.device) if keep else buf[:numel].view(shape)
-        base = torch.zeros((), dtype=dtype, device=w0.device).expand(shape) if packed else w0
         if dense:  # dequantised straight into ``out`` where the dtypes allow (combine then adds in place)
             base = dequantize_into(w0, out)
+        else:
+            base = torch.zeros((), dtype=dtype, device=w0.device).expand(shape) if packed else w0
         # bf16 weights on a device that multiplies bf16 natively: summed in bf16 (combine's ``bf16``, its error
         # bound), as fast as the forward's own matmuls; other half weights through an fp32 accumulator
         bf16 = self.bf16 and dtype == torch.bfloat16
