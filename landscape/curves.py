@@ -24,8 +24,12 @@ paths' dense evaluation), each with its barrier (the height above the chord betw
 "no barrier" at or below it) and its peak above the endpoint mean, never called a barrier, both with their
 paired standard errors (:func:`landscape.paths.barriers_with_se`).
 
-Memory: the bends are dense fp32 copies of the plane parameters (bends × model), and training adds their
-gradients and AdamW's two moments (4 × bends × model in all), plus θ_A, θ_B and θ(t).
+Memory (U = one fp32 copy of the parameters the pair changes): the curve is held as offsets from W0; an
+adapter's endpoint stays factored (its ΔW rebuilt per layer when used), another is one flat fp32 vector (FT's
+ΔW: the solution's update, held once); the bends are U each, and training adds their gradients (one per
+parameter, never concatenated) and AdamW's two moments: 4 × bends × U. θ(t) is built per module in a pre-hook
+and swapped back after its forward; the base model is trained and evaluated in place, never copied.
+``python -m experiments.benchmarks.llm_scale --stages curves curves_checkpointed`` measures it.
 
 Writes under ``--out`` (default: the run folder), ``curves/``:
 
@@ -45,10 +49,8 @@ Writes under ``--out`` (default: the run folder), ``curves/``:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
-import math
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -59,17 +61,15 @@ import torch
 from torch import nn
 
 from adapters.errors import UserError
-from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification
 from adapters.progress import progress_bar
-from adapters.quant import is_packed, logical_shape, packed_names
 from adapters.solution import base_solution
-from adapters.train import TrainConfig, train
 from landscape import paths, render
-from landscape.curves_cli import KINDS, PROG, ROWS, check_options, curve_folder, curve_info, curve_key, parse_pair
+from landscape.curve_model import Curve, CurveModel, bezier_weights, curve_weights, polychain_weights, train_curve
+from landscape.curves_cli import KINDS, PROG, ROWS, curve_folder, curve_info, curve_key, parse_pair
 from landscape.engine import factored, store
 from landscape.engine.grid import EvalSet, PlaneEvaluator
-from landscape.engine.plane import SOLUTIONS, Chart
+from landscape.engine.plane import Chart
 
 __all__ = [
     "KINDS",
@@ -80,6 +80,7 @@ __all__ = [
     "curve_weights",
     "evaluate_curve",
     "load_curve",
+    "pair_curve",
     "main",
     "parse_pair",
     "polychain_weights",
@@ -87,169 +88,6 @@ __all__ = [
     "trained_curve",
     "write_curve",
 ]
-
-
-def bezier_weights(t: float, bends: int) -> list[float]:
-    """Bernstein weights of the ``bends + 2`` control points at ``t``: ``C(n, k)·t^k·(1 − t)^(n − k)``,
-    n = bends + 1."""
-    n = bends + 1
-    return [math.comb(n, k) * t**k * (1.0 - t) ** (n - k) for k in range(n + 1)]
-
-
-def polychain_weights(t: float, bends: int) -> list[float]:
-    """Weights of the ``bends + 2`` control points of the polygonal chain at ``t``:
-    ``max(0, 1 − |(bends + 1)·t − k|)``."""
-    n = bends + 1
-    return [max(0.0, 1.0 - abs(t * n - k)) for k in range(n + 1)]
-
-
-def curve_weights(kind: str, t: float, bends: int) -> list[float]:
-    """The control points' weights of a curve of ``kind`` at ``t``."""
-    if kind == "bezier":
-        return bezier_weights(float(t), bends)
-    if kind == "polychain":
-        return polychain_weights(float(t), bends)
-    raise UserError(f"unknown curve kind '{kind}': choose one of {', '.join(KINDS)}")
-
-
-class Curve(nn.Module):
-    """θ(t) between fixed endpoints θ_A, θ_B through ``bends`` trainable control points (module docstring).
-
-    The control points are flat fp32 vectors over the parameters named in ``theta_a`` (in that order):
-    buffers ``theta_a`` / ``theta_b`` and the parameter ``bends`` of shape (bends, total size).
-    """
-
-    def __init__(
-        self,
-        theta_a: Mapping[str, torch.Tensor],
-        theta_b: Mapping[str, torch.Tensor],
-        bends: int = 3,
-        kind: str = "bezier",
-        offset: bool = False,
-    ):
-        super().__init__()
-        check_options(bends, kind)
-        if set(theta_a) != set(theta_b):
-            raise ValueError("the two endpoints must hold the same parameters")
-        # offset: the endpoints and bends are offsets from the base weights W0 (θ(t) = W0 + offset(t): the same
-        # curve, as the weights w_k(t) sum to 1), applied beside a packed 4-bit layer, never written into it
-        self.kind, self.num_bends, self.offset = kind, bends, offset
-        self.names = list(theta_a)
-        self.shapes = [tuple(theta_a[n].shape) for n in self.names]
-        self.sizes = [theta_a[n].numel() for n in self.names]
-        a = torch.cat([theta_a[n].detach().float().reshape(-1) for n in self.names])
-        b = torch.cat([theta_b[n].detach().float().reshape(-1) for n in self.names])
-        self.register_buffer("theta_a", a)
-        self.register_buffer("theta_b", b)
-        alpha = [k / (bends + 1) for k in range(1, bends + 1)]
-        self.bends = nn.Parameter(torch.stack([(1.0 - x) * a + x * b for x in alpha]))
-
-    def flat_at(self, t: float) -> torch.Tensor:
-        """θ(t) as one flat vector; control points of weight 0 are skipped, so θ(0) is θ_A and θ(1) is θ_B exactly."""
-        controls = [self.theta_a, *self.bends, self.theta_b]
-        out = None
-        for w, c in zip(curve_weights(self.kind, t, self.num_bends), controls, strict=True):
-            if w != 0.0:
-                out = c * w if out is None else torch.add(out, c, alpha=w)
-        return out
-
-    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A flat vector as {parameter name: view of its shape}."""
-        parts = flat.split(self.sizes)
-        return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
-
-    def weights_at(self, t: float) -> dict[str, torch.Tensor]:
-        """{parameter name: θ(t)}, differentiable in the bends."""
-        return self.split(self.flat_at(t))
-
-    def bend_weights(self) -> dict[str, torch.Tensor]:
-        """{``bend<k>.<name>``: the k-th bend's weights (k from 1)}, contiguous CPU copies, for saving."""
-        return {
-            f"bend{k + 1}.{n}": w.detach().cpu().contiguous().clone()
-            for k, bend in enumerate(self.bends)
-            for n, w in self.split(bend).items()
-        }
-
-
-class CurveModel(nn.Module):
-    """What :func:`adapters.train.train` trains: the model run with the curve's weights at a random t.
-
-    One t ~ U(0, 1) per optimizer step (drawn at the first of its ``grad_accum`` micro-batches from the
-    global generator, whose state training checkpoints and restores); the model's own parameters are frozen
-    and replaced on the curve's parameters by ``θ(t)`` (cast to their dtype) through ``functional_call``.
-    """
-
-    def __init__(self, curve: Curve, model: nn.Module, grad_accum: int = 1):
-        super().__init__()
-        self.curve, self.model, self.grad_accum = curve, model, grad_accum
-        self.model.requires_grad_(False)
-        params = dict(model.named_parameters())
-        missing = [n for n in curve.names if n not in params]
-        if missing:
-            raise ValueError(f"the model has no parameters {missing[:3]}")
-        self.dtypes = {n: params[n].dtype for n in curve.names}
-        self.calls, self.t = 0, 0.0
-        # offset curves: W0 of the ordinary parameters, and the modules owning packed ones (module docstring)
-        owners = {f"{m}.{a}" if m else a: mod for m, mod in model.named_modules() for a in mod._parameters}
-        self.packed = {n: owners[n] for n in curve.names if curve.offset and is_packed(params[n])}
-        self.w0 = {n: params[n].detach() for n in curve.names if curve.offset and n not in self.packed}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Training's ``grad_checkpointing``, passed on to the model when it supports it."""
-        if hasattr(self.model, "set_grad_checkpointing"):
-            self.model.set_grad_checkpointing(enable)
-
-    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
-        from torch.func import functional_call
-
-        if self.calls % self.grad_accum == 0:
-            self.t = float(torch.rand(()))
-        self.calls += 1
-        if not self.curve.offset:
-            weights = {n: w.to(self.dtypes[n]) for n, w in self.curve.weights_at(self.t).items()}
-            return functional_call(self.model, weights, args=(), kwargs=inputs)
-        offsets = self.curve.weights_at(self.t)
-        weights = {n: (w0 + offsets[n]).to(self.dtypes[n]) for n, w0 in self.w0.items()}
-        # a packed layer computes x·W0ᵀ itself; its offset's x·ΔWᵀ is added to its output, differentiably
-        beside = lambda m, args, out, d: out + torch.nn.functional.linear(args[0].to(d.dtype), d).to(out.dtype)  # noqa: E731
-        handles = [owner.register_forward_hook(lambda m, a, o, d=offsets[n]: beside(m, a, o, d))
-                   for n, owner in self.packed.items()]  # fmt: skip
-        try:
-            return functional_call(self.model, weights, args=(), kwargs=inputs)
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def train_curve(
-    curve: Curve,
-    model: nn.Module,
-    data: Encoded,
-    labels: torch.Tensor,
-    config: TrainConfig,
-    device: torch.device | str = "cpu",
-    objective: Classification = OBJECTIVES["classification"],
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 50,
-    checkpoint_key: str = "",
-    augment=None,
-    progress: bool = True,
-) -> dict:
-    """Train ``curve``'s bends in place to minimise E_t L(θ(t)) on (``data``, ``labels``): returns the history
-    of :func:`adapters.train.train` (``train_loss`` per step, ``resumed_at_step``).
-
-    ``model`` is the base model the curve's weights are put into; it is frozen, moved to ``device`` and left
-    in evaluation mode. ``checkpoint`` / ``checkpoint_key`` / ``checkpoint_every``: as training's, so a
-    killed curve training resumes there and ends with the same bends (bit-exact on CPU).
-    """
-    # train() cuts each step's batch into index.chunk(grad_accum): fewer pieces when the set is smaller than
-    # a batch. The wrapper draws one t per step, so it must know how many forwards a step makes.
-    forwards = len(torch.empty(min(config.batch_size, len(labels))).chunk(config.grad_accum))
-    wrapper = CurveModel(curve, model, forwards)
-    return train(
-        wrapper, data, labels, config, device, desc="train curve", progress=progress, checkpoint=checkpoint,
-        checkpoint_every=checkpoint_every, augment=augment, checkpoint_key=checkpoint_key, objective=objective,
-    )  # fmt: skip
 
 
 class CurveEvaluator(PlaneEvaluator):
@@ -335,10 +173,15 @@ def evaluate_curve(
 
 def offset_chart(curve: Curve, model: nn.Module) -> factored.FactoredChart:
     """An offset curve as a factored chart on ``model``: y = 0 the straight line W0 + (1 − x)·Δ_A + x·Δ_B (the
-    factored paths' arithmetic), y = 1 the curve W0 + Σ_k w_k(x)·offset_k; every term a stored fp32 tensor."""
+    factored paths' arithmetic), y = 1 the curve W0 + Σ_k w_k(x)·offset_k; every term a stored fp32 tensor or a lazy
+    endpoint's ΔW."""
     params = dict(model.named_parameters())
-    controls = {"a": curve.theta_a, **{f"bend{k + 1}": b for k, b in enumerate(curve.bends)}, "b": curve.theta_b}
-    deltas = {key: {n: t for n, t in curve.split(c.detach()).items() if t.any()} for key, c in controls.items()}
+    bends = {f"bend{k + 1}": list(curve.split(b).values()) for k, b in enumerate(curve.bends)}
+    controls = {"a": curve.end_parts("a"), **bends, "b": curve.end_parts("b")}
+    # a lazy endpoint's terms stay lazy (built from the adapter's factors per point); all-zero stored terms go
+    deltas = {key: {n: v for n, v in zip(curve.names, parts, strict=True)
+                    if v is not None and (not isinstance(v, torch.Tensor) or v.any())}
+              for key, parts in controls.items()}  # fmt: skip
     names = sorted(set().union(*(d.keys() for d in deltas.values())))
     weights = functools.partial(curve_weights, curve.kind, bends=curve.num_bends)
     return factored.FactoredChart("curve", {"a": (0.0, 0.0), "b": (1.0, 0.0)}, {}, {n: params[n] for n in names},
@@ -381,13 +224,20 @@ def write_curve(
     figure = {**result, "pair": name, "kind": curve.kind, "bends": curve.num_bends}
     fig = render.curve_figure(figure, title)
     store.write_with(files[2], lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-    header = {"kind": curve.kind, "bends": str(curve.num_bends), "pair": name, "format": "landscape.curves/1"}
+    header = {
+        "kind": curve.kind,
+        "bends": str(curve.num_bends),
+        "pair": name,
+        "format": "landscape.curves/1",
+        "offset": str(int(curve.offset)),
+    }  # offset: the bends are offsets from W0, not full weights
     store.write_with(files[3], lambda tmp: save_file(curve.bend_weights(), str(tmp), metadata=header))
     return files
 
 
 def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor]) -> Curve:
-    """The curve saved by :func:`write_curve` at ``path`` between the endpoints ``theta_a`` and ``theta_b``."""
+    """The curve saved by :func:`write_curve` at ``path`` between the endpoints ``theta_a`` and ``theta_b`` (full
+    weights, or offsets from W0 when the file says its bends are offsets: then ``theta_a``/``theta_b`` must be too)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -395,7 +245,7 @@ def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: M
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     if header.get("format") != "landscape.curves/1":
         raise UserError(f"{path} is not a curve written by {PROG}: pass a curves/<A>-<B>.safetensors file")
-    curve = Curve(theta_a, theta_b, int(header["bends"]), header["kind"])
+    curve = Curve(theta_a, theta_b, int(header["bends"]), header["kind"], offset=header.get("offset") == "1")
     expected = set(curve.bend_weights())
     if set(tensors) != expected:
         raise UserError(f"{path} holds other parameters than these endpoints: pass the endpoints it was trained on")
@@ -405,25 +255,26 @@ def load_curve(path: str | Path, theta_a: Mapping[str, torch.Tensor], theta_b: M
     return curve
 
 
+def pair_curve(base: nn.Module, solutions: Mapping, pair: tuple[str, str], bends: int, kind: str) -> Curve:
+    """The untrained curve between ``pair`` of ``solutions`` on ``base``, as offsets from W0 (θ(t) = W0 + offset(t))
+    over the parameters the pair changes. Its endpoints are filled from each solution's lazy ΔW one parameter at a
+    time (the curve's two flat endpoints, never a dict of every dense ΔW); it is evaluated factored on the base
+    itself (no copy of the model) and, on a packed base, beside the packed layers, never written into them."""
+    params = dict(base.named_parameters())
+    deltas = {s: solutions[s].module_deltas(check=False) for s in pair}
+    names = [n for n in params if any(n in d for d in deltas.values())]
+    ends = [{n: deltas[s].get(n) for n in names} for s in pair]  # None: a parameter that solution leaves as W0
+    return Curve(ends[0], ends[1], bends, kind, offset=True)
+
+
 def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None) -> tuple:
     """The curve between ``pair`` of ``solutions`` trained (or resumed from its checkpoint, which is kept):
     (curve, training config, key, checkpoint, training history)."""
     from adapters.io import key_digest
     from adapters.train import checkpoint_path
-    from landscape.engine.plane import solution_weights
     from landscape.run import train_config
 
-    base = dict(ctx.base.named_parameters())
-    if packed_names(ctx.base) or "base" in pair:  # offsets from W0: beside a packed base, never written into it
-        deltas = {s: solutions[s].delta() for s in pair}
-        names = [n for n in base if any(n in d for d in deltas.values())]
-        ends = [{n: deltas[s].get(n, torch.zeros(logical_shape(base[n]))) for n in names} for s in pair]
-        curve = Curve(ends[0], ends[1], args.bends, args.kind, offset=True)
-        del deltas, ends
-    else:
-        thetas = solution_weights(base, {s: solutions[s].delta() for s in SOLUTIONS})
-        curve = Curve(thetas[pair[0]], thetas[pair[1]], args.bends, args.kind)
-        del thetas
+    curve = pair_curve(ctx.base, solutions, pair, args.bends, args.kind)
     ft = train_config(ctx.loaded, "ft", device, seed)
     lr = args.lr if args.lr is not None else ft.lr
     config = dataclasses.replace(ft, steps=args.steps or ft.steps, lr=lr, head_lr=lr, weight_decay=0.0,
@@ -432,7 +283,7 @@ def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | Non
     ckpt = checkpoint_path(out / curve_folder(seed) / paths.pair_name(*pair), key)
     task = ctx.loaded.task
     history = train_curve(
-        curve, copy.deepcopy(ctx.base), task.train, task.dataset.train.labels, config, device, task.objective,
+        curve, ctx.base, task.train, task.dataset.train.labels, config, device, task.objective,
         checkpoint=ckpt, checkpoint_key=key_digest(key), augment=task.entry.augment, progress=not args.no_progress,
     )  # fmt: skip
     return curve, config, key, ckpt, history
@@ -452,8 +303,8 @@ def one_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None, o
         from landscape.curves_launch import point_store
 
         points = point_store(out, seed, pair, key, args.points, dtype)
-    # A fresh copy, as the paths': training in train mode may have moved buffers (batch-norm statistics).
-    result = evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
+    # an offset curve is evaluated on the base itself (factored: its weights never written)
+    result = evaluate_curve(curve, ctx.base, ctx.eval_set, device, args.points, dtype,
                             ctx.loaded.task.objective, progress=not args.no_progress, store=points)  # fmt: skip
     result["train_loss"] = history["train_loss"]
     for row in ROWS if others else ():
@@ -553,7 +404,7 @@ def points_job(config, argv: list[str], seed: int | None, points: list[tuple[int
     curve, _, key, _, _ = trained_curve(ctx, solutions, pair, args, device, out, seed)
     dtype = ctx.loaded.config.landscape_dtype(device.type)
     found = curves_launch.point_store(out, seed, pair, key, args.points, dtype, rank=shard)
-    evaluate_curve(curve, copy.deepcopy(ctx.base), ctx.eval_set, device, args.points, dtype,
+    evaluate_curve(curve, ctx.base, ctx.eval_set, device, args.points, dtype,
                           ctx.loaded.task.objective, progress=False, store=found,
                           only=set(map(tuple, points)))  # fmt: skip
 

@@ -89,9 +89,10 @@ def build_parser():
         prog=PROG,
         description="Train a curve of low loss between two solutions of a run (written by landscape.connectivity): "
         "fixed endpoints, trainable bends (Garipov et al. 2018), then the loss along it and along the straight "
-        "line, with the barrier of each (its height above the chord between the endpoint losses). Memory: the "
-        "bends are dense fp32 copies of the plane's parameters (bends × model), and training holds their "
-        "gradients and AdamW's two moments too (4 × bends × model).",
+        "line, with the barrier of each (its height above the chord between the endpoint losses). Memory: each "
+        "bend is a dense fp32 copy of the parameters the pair changes, and training holds its gradient and "
+        "AdamW's two moments too (4 × bends of them); an adapter's endpoint stays factored and the base is "
+        "never copied.",
         epilog="Example: python -m landscape.curves --run runs/wordnet --pair ft,lora --bends 1 --steps 300",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
@@ -136,7 +137,7 @@ def curve_key(ctx, pair: tuple[str, str], args, device: torch.device, solutions=
 
     solutions = ctx.solutions if solutions is None else solutions
     return {
-        "curve": 1,
+        "curve": 2,  # 2: offsets from W0 on every base (1: full weights unless the base was packed)
         "pair": list(pair),
         "kind": args.kind,
         "bends": args.bends,

@@ -178,6 +178,88 @@ def test_killed_curve_training_resumes_bit_exactly(setup, tmp_path):
     assert other["resumed_at_step"] == 0
 
 
+def test_curve_gradient_against_a_naive_forward_with_and_without_checkpointing(tmp_path):
+    """The bends' gradient through CurveModel's hooks (θ(t) built per module, a tied embedding in both of its
+    holders) equals autograd through a plain functional_call of the hand-computed weights; under gradient
+    checkpointing (each layer's θ(t) built again in its backward) it is the same gradient."""
+    from torch.func import functional_call
+    from transformers import AutoModelForCausalLM
+
+    from adapters.models.base import set_checkpointing
+    from tests.llm_models import save_tiny_causal_lm
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_causal_lm(tmp_path / "lm", "qwen2"))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    g = torch.Generator().manual_seed(0)
+    params = dict(model.named_parameters())
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight",
+             "model.layers.0.mlp.down_proj.weight",  # the last layer of a block: the recomputation ends in it
+             "model.norm.weight"]  # fmt: skip
+    ends = [{n: 0.05 * torch.randn(params[n].shape, generator=g) for n in names} for _ in range(2)]
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7), generator=g)}
+    t, w = 0.3, curves.bezier_weights(0.3, 1)
+
+    def loss(out):
+        return out.logits.float().logsumexp(-1).sum()
+
+    sizes = [params[n].numel() for n in names]
+    bend = torch.cat([0.5 * ends[0][n].reshape(-1) + 0.5 * ends[1][n].reshape(-1) for n in names]).view(1, -1)
+    bend.requires_grad_()
+    parts = bend.view(-1).split(sizes)  # the untrained bend: the midpoint, as Curve starts it
+    naive = {n: params[n].detach() + w[0] * ends[0][n] + w[1] * parts[i].view(params[n].shape) + w[2] * ends[1][n]
+             for i, n in enumerate(names)}  # fmt: skip
+    want_loss = loss(functional_call(model, naive, args=(), kwargs=inputs))
+    want_loss.backward()
+    got = {}
+    for checkpointing in (False, True):
+        curve = curves.Curve(ends[0], ends[1], bends=1, offset=True)
+        wrapper = curves.CurveModel(curve, model, grad_accum=1 << 30)
+        set_checkpointing(model, checkpointing)
+        model.train(checkpointing)  # transformers checkpoints only in train mode (the model has no dropout)
+        wrapper.calls, wrapper.t = 1, t
+        value = loss(wrapper(**inputs))
+        value.backward()
+        # every W0 swapped back, after the backward's recomputation too (no θ(t) left in a module)
+        assert all(p is params[n] for n, p in model.named_parameters()), checkpointing
+        wrapper.close()
+        got[checkpointing] = curve.bends_grad()
+        assert value.item() == pytest.approx(want_loss.item(), rel=1e-5)
+    torch.testing.assert_close(got[False], bend.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-7)
+
+
+class _Normed(torch.nn.Module):
+    """The tiny model with a batch norm on its logits: train mode moves its running statistics."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.norm = inner, torch.nn.BatchNorm1d(N_CLASSES)
+
+    def forward(self, **inputs):
+        return self.norm(self.inner(**inputs))
+
+
+def test_curve_training_leaves_the_base_as_it_was(setup):
+    """Training runs on the caller's model itself (no copy of its weights): its parameters, their flags, its
+    modules' modes and its buffers (batch-norm statistics, which train mode moves) are all as before."""
+    model, _, thetas, data, labels, _ = setup
+    base = _Normed(copy.deepcopy(model)).eval()
+    next(base.parameters()).requires_grad_(False)  # mixed flags, each to be restored as it was
+    flags = {n: p.requires_grad for n, p in base.named_parameters()}
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ends = [{f"inner.{n}": w for n, w in thetas[s].items()} for s in ("lora", "randlora")]
+    curve = curves.Curve(ends[0], ends[1], 1, "bezier")
+    start = curve.bends.detach().clone()
+    config = TrainConfig(steps=3, batch_size=8, lr=1e-3, head_lr=1e-3, weight_decay=0.0, seed=3)
+    curves.train_curve(curve, base, data, labels, config, progress=False)
+    assert not torch.equal(curve.bends, start)  # it trained, through the batch norm in train mode
+    after = base.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()), "the base's weights or statistics changed"
+    assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
+    assert not any(m.training for m in base.modules())
+
+
 # ---------------------------------------------------------------------------- tiny run + CLI ----
 
 

@@ -277,6 +277,12 @@ def table(result: dict) -> str:
     )
     for key, spread in result["flatness"].items():
         lines.append(f"  {key}: {spread:.2f}")
+    curves = [c for c in result["cases"] if c.get("curve_over_state") is not None]
+    if curves:
+        lines += ["", "curves: (peak - act - bases - the solutions) / (the bend, its gradient and AdamW's 2 moments, "
+                  "fp32; target <= 1):"]  # fmt: skip
+        lines += [f"  {c['model']}/{c['hidden']}/{c['dtype']}/{c['source']}: {c['curve_over_state']:.2f}"
+                  for c in curves]  # fmt: skip
     lines.append("")
     lines.append("projection for Llama-3-8B on one 141 GB GPU (a projection, not a measurement):")
     for p in result["projection"]:
@@ -310,6 +316,8 @@ def summarise(result: dict) -> dict:
             c["ratio_without_activations"] = max(above, 0) / c["held_with_bases_bytes"]
             if c.get("shared_bases_bytes") is not None:
                 c["ratio_without_activations_and_bases"] = max(above - bases, 0) / c["held_bytes"]
+            if c.get("curve_state_bytes"):  # curves: its own memory over the bend, its gradient and 2 moments
+                c["curve_over_state"] = max(above - bases - c["solutions_bytes"], 0) / c["curve_state_bytes"]
     from experiments.benchmarks import llm_scale_plan  # FT under --fsdp and the grid on 1-8 GPUs
 
     scaling = llm_scale_plan.plan(calibration=llm_scale_plan.load_calibration(llm_scale_plan.CALIBRATION))

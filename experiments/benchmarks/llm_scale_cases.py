@@ -23,11 +23,18 @@ SIZES = (512, 1024, 2048)  # the smallest with fixed overheads under 15 % of its
 QUICK_SIZES = (64, 96, 128)
 DTYPES = ("float32", "bfloat16", "4bit")
 SOURCES = ("own", "foreign")
-STAGES = ("load", "head_only", "train_ft", "train_lora", "train_randlora", "plane", "paths", "curvature",
-          "spectrum", "checkpoint")  # fmt: skip
+STAGES = ("load", "head_only", "train_ft", "train_lora", "train_randlora", "plane", "paths", "curves",
+          "curves_checkpointed", "curvature", "spectrum", "checkpoint")  # fmt: skip
 EVAL_STAGES = ("head_only", "plane")
 FACTOR = re.compile(r"(^|\.)(lora_A|lora_B|randlora_lambda|randlora_gamma)(\.|$)")
-SOURCE_STAGES = ("plane", "paths", "curvature", "spectrum")  # the stages that read solutions
+SOURCE_STAGES = (
+    "plane",
+    "paths",
+    "curves",
+    "curves_checkpointed",
+    "curvature",
+    "spectrum",
+)  # the stages that read solutions
 TARGET = {"load": 1.1, "plane": 1.5, "paths": 1.5}  # issue 20 point 3 (load: above the runtime)
 
 # The real configurations (config.json of the hub repositories), scaled by scaled_config().

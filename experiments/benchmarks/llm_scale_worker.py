@@ -235,6 +235,8 @@ def _run_stage(stage: str, model, case: Path, source: str, inputs: tuple, extra:
         return None
     if stage.startswith("train_"):
         return _train_stage(model, stage.removeprefix("train_"), data, labels, objective, extra)
+    if stage.startswith("curves"):
+        return _curves_stage(model, _solutions(case, source, model), inputs, extra, stage == "curves_checkpointed")
     if stage in ("plane", "paths", "curvature", "spectrum"):
         return _solution_stage(stage, model, _solutions(case, source, model), eval_set, objective, extra, np)
     if stage == "checkpoint":
@@ -270,16 +272,44 @@ def _train_stage(model, method: str, data, labels, objective, extra: dict) -> in
     return _model_bytes(model) if method == "ft" else sum(p.numel() * 4 for p in params)
 
 
+def _solutions_bytes(model, solutions: dict) -> int:
+    """What the analyses hold of the solutions: FT's ΔW once in the model's dtype (a 4-bit base: fp32 of its
+    logical shape) and the adapters' factors."""
+    ft_bytes = _model_bytes(model)
+    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
+        ft_bytes = sum(math.prod(p.quant_state.shape) * 4 if getattr(p, "quant_state", None) is not None
+                       else p.numel() * p.element_size() for p in model.parameters())  # fmt: skip
+    return ft_bytes + sum(_factor_bytes(solutions[s]) for s in ("lora", "randlora"))
+
+
+def _curves_stage(model, solutions: dict, inputs: tuple, extra: dict, checkpointing: bool) -> int:
+    """The curve between FT and RandLoRA (one bend, quadratic Bézier: :func:`landscape.curves.pair_curve`), 2 steps
+    of its training (:func:`landscape.curves.train_curve`, batch 4; ``checkpointing``: with gradient checkpointing,
+    the seed's recipe) and 3 points of its evaluation; held bytes: the solutions (as the paths') + the bend, its
+    gradient and AdamW's two moments (fp32), the issue's allowance."""
+    from adapters.train import TrainConfig
+    from landscape import curves
+
+    data, labels, eval_set, objective = inputs
+    curve = curves.pair_curve(model, solutions, ("ft", "randlora"), 1, "bezier")
+    storage = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    autocast = "bfloat16" if storage == torch.bfloat16 else "none"
+    config = TrainConfig(steps=2, batch_size=4, lr=1e-4, head_lr=1e-4, weight_decay=0.0, autocast=autocast,
+                         grad_checkpointing=checkpointing)  # fmt: skip
+    history = curves.train_curve(curve, model, data, labels, config, "cpu", objective, progress=False)
+    result = curves.evaluate_curve(curve, model, eval_set, "cpu", points=3, objective=objective, progress=False)
+    state = 4 * curve.bends.numel() * 4
+    extra.update(train_loss=history["train_loss"], curve_loss=result["loss"][0].tolist(), curve_state_bytes=state,
+                 solutions_bytes=_solutions_bytes(model, solutions))  # fmt: skip
+    return extra["solutions_bytes"] + state
+
+
 def _solution_stage(stage: str, model, solutions: dict, eval_set, objective, extra: dict, np) -> int:
     """plane (+ 2 × 2 grid), paths, curvature (RandLoRA, adapter coordinates) or spectrum; held bytes."""
     from landscape.engine import factored
     from landscape.engine.grid import run_grid
 
-    ft_bytes = _model_bytes(model)  # FT's ΔW, once in the model's dtype (a 4-bit base: fp32 of its logical shape)
-    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
-        ft_bytes = sum(math.prod(p.quant_state.shape) * 4 if getattr(p, "quant_state", None) is not None
-                       else p.numel() * p.element_size() for p in model.parameters())  # fmt: skip
-    factors = sum(_factor_bytes(solutions[s]) for s in ("lora", "randlora"))
+    held = _solutions_bytes(model, solutions)
     if stage == "plane":
         deltas = {s: sol.module_deltas(check=False) for s, sol in solutions.items()}
         chart = factored.build_chart("paper", model, deltas)
@@ -288,14 +318,14 @@ def _solution_stage(stage: str, model, solutions: dict, eval_set, objective, ext
         result = run_grid(evaluator, *axes, progress=False)
         extra.update(points=4, eval_seconds=float(result["seconds"]), loss=np.asarray(result["loss"]).tolist(),
                      again=lambda: float(run_grid(evaluator, *axes, progress=False)["seconds"]))  # fmt: skip
-        return ft_bytes + factors
+        return held
     if stage == "paths":
         from landscape.paths import compute_paths
 
         result = compute_paths(model, solutions, eval_set, "cpu", points=3, progress=False, objective=objective,
                                storage="factored")  # fmt: skip
         extra["barriers"] = {k: v.get("barrier") for k, v in result["barriers"].items()}
-        return ft_bytes + factors
+        return held
     if stage == "curvature":
         from landscape import curvature
 

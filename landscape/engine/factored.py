@@ -328,17 +328,20 @@ def _modules_that_run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> set[
     return ran
 
 
-def _holders(model: nn.Module, chart: FactoredChart, probe: dict[str, torch.Tensor] | None) -> dict:
-    """{module whose pre-hook swaps: [entries]}: each plane parameter in every module holding it (tied
-    weights), hoisted to the nearest ancestor that runs when its owner's forward never does."""
+def holders(model: nn.Module, names: Iterable[str], probe: dict[str, torch.Tensor] | None) -> dict:
+    """{module whose hooks swap: [(owner module, attribute, parameter, name)]}: each of the parameters ``names``
+    in every module holding it (tied weights), hoisted to the nearest ancestor that runs on ``probe`` (one
+    no-grad forward) when its owner's forward never does (None: no probe, every owner). Also used by the trained
+    curves (:mod:`landscape.curves`), whose hooks build θ(t) differentiably."""
     params = dict(model.named_parameters())
-    missing = [n for n in chart.names if n not in params]
+    names = list(names)
+    missing = [n for n in names if n not in params]
     if missing:
         raise ValueError(f"the chart's parameter {missing[0]!r} is not a parameter of the model")
-    wanted = {id(params[n]): n for n in chart.names}
+    wanted = {id(params[n]): n for n in names}
     ran = _modules_that_run(model, probe) if probe is not None else None
     parents = {id(c): m for m in model.modules() for c in m.children()}
-    holders: dict[nn.Module, list[_Entry]] = {}
+    found: dict[nn.Module, list[tuple[nn.Module, str, torch.Tensor, str]]] = {}
     for module in model.modules():
         for attr, p in module._parameters.items():
             if p is None or id(p) not in wanted:
@@ -348,8 +351,8 @@ def _holders(model: nn.Module, chart: FactoredChart, probe: dict[str, torch.Tens
                 holder = parents[id(holder)]
             if ran is not None and id(holder) not in ran:
                 continue  # the forward never uses it: nothing to swap
-            holders.setdefault(holder, []).append((module, attr, p, chart.terms(wanted[id(p)])))
-    return holders
+            found.setdefault(holder, []).append((module, attr, p, wanted[id(p)]))
+    return found
 
 
 class FactoredEvaluator:
@@ -388,7 +391,8 @@ class FactoredEvaluator:
         chart.to(self.device)
         probe = eval_set.batches[0][0] if eval_set.batches else None
         try:
-            holders = _holders(model, chart, probe)
+            swapped = {h: [(m, a, p, chart.terms(n)) for m, a, p, n in entries]
+                       for h, entries in holders(model, chart.names, probe).items()}  # fmt: skip
         except BaseException:
             model.train(training)
             raise
@@ -397,7 +401,7 @@ class FactoredEvaluator:
             cache_bytes = min(CACHE_BYTES, int(CACHE_SHARE * stored))
         self._swapper = swapper = _Swapper(cache_bytes, native_bf16(self.device))
         handles = []
-        for holder, entries in holders.items():  # packed Linears that use their own weight: a dense forward
+        for holder, entries in swapped.items():  # packed Linears that use their own weight: a dense forward
             if (
                 "forward" not in holder.__dict__
                 and any(o is holder and a == "weight" and is_packed(w) for o, a, w, _ in entries)
@@ -407,7 +411,7 @@ class FactoredEvaluator:
                 holder.forward = _dense_forward(holder, swapper)
                 handles.append(_Unset(holder))
         # The hooks hold the swapper, never the evaluator: the evaluator can then be garbage collected.
-        for holder, entries in holders.items():
+        for holder, entries in swapped.items():
             handles.append(holder.register_forward_pre_hook(lambda m, a, e=entries, s=swapper: s.pre(e, m)))
             handles.append(holder.register_forward_hook(lambda m, a, o, e=entries, s=swapper: s.post(m, e, a, o),
                                                         always_call=True))  # fmt: skip
