@@ -52,7 +52,6 @@ from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification, PointResult, paired_se
 from adapters.progress import progress_bar
 from adapters.solution import Solution
-from landscape import render
 from landscape.barriers import NO_BARRIER_ATOL, barrier_text, has_barrier
 from landscape.engine import factored, store
 from landscape.engine.grid import EvalSet, PlaneEvaluator
@@ -345,6 +344,10 @@ def write_paths(
         "seconds": result.get("seconds"),
     }
     store.write_json(out / "paths.json", meta)
+    # imported here, not at the top: plotting (matplotlib, about 31 MB resident) is for writing the figure, and
+    # compute_paths (a launcher's path task, the benchmarks) needs none of it
+    from landscape import render
+
     fig = render.paths_figure(result, title)
     store.write_with(out / "paths.png", lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     store.write_with(out / "paths.pdf", lambda tmp: fig.savefig(tmp, format="pdf"))

@@ -337,3 +337,17 @@ def test_endpoints_reuse_the_planes_vertices(setup):
         for k, v in b.items():
             if isinstance(v, float):
                 assert reused["barriers"][pair][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (pair, k)
+
+
+def test_computing_paths_imports_no_plotting():
+    """compute_paths needs no matplotlib (about 31 MB resident once imported, counted in the paths stage's memory
+    by experiments.benchmarks.llm_scale): only write_paths, which draws the figure, imports it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import landscape.paths; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'plotly')))")  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert done.stdout.strip() == "[]", done.stdout[:200]

@@ -7,7 +7,11 @@ full-size fp32 temporaries (|A|, the scaled copy, its clamp, the int32 codes: ab
 the load's scratch; and each large matrix it quantises is read from a copy-on-write mapping of the file
 (:class:`_Mapped`), a chunk's pages dropped as soon as the chunk is quantised, so no source tensor is resident
 whole: the peak is the packed model + one chunk and its scratch (measured on a 4-layer Qwen2-shaped model of
-57 MB packed: 1.15× the model above the runtime, was 2.6×). Re-exported by :mod:`adapters.models.hf`.
+57 MB packed: 1.15× the model above the runtime, was 2.6×). A casting load (bf16 / fp16 from fp32 files) copies
+each tensor from the same kind of mapping into its cast tensor :data:`CAST_CHUNK` elements at a time, each chunk's
+pages dropped once copied (:meth:`_WholeRead._read_cast`): the peak is the cast model + one chunk (measured at the
+Qwen2 shape, hidden 1024: 1.02× the bf16 model above the runtime, was 1.11×, one whole fp32 tensor beside its cast
+copy). Re-exported by :mod:`adapters.models.hf`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class _LazyState(dict):
 # Elements of a source tensor quantised at a time by a 4-bit load on the CPU (1 MB in fp32; a multiple of every
 # bitsandbytes block size, and even, so the chunks' codes and block maxima concatenate into the whole tensor's).
 QUANT_CHUNK = 1 << 18
+# Source elements read and cast at a time by a casting load (bf16 / fp16 from fp32 files): 1 MB of fp32.
+CAST_CHUNK = 1 << 18
 
 
 class _Mapped:
@@ -124,14 +130,40 @@ class _WholeRead:
     peak, where ``get_tensor`` reads into the tensor itself (measured: 46 vs 23 MB for a 23 MB fp32 weight).
     Anything else (a partial slice, the shape, the dtype) is the slice's."""
 
-    def __init__(self, handle, key: str, piece, mapped: _Mapped | None = None):
+    def __init__(self, handle, key: str, piece, mapped: _Mapped | None = None, source: _Mapped | None = None):
         self._handle, self._key, self._piece, self._mapped = handle, key, piece, mapped
+        self._source = source  # the file's mapping, for a cast read (:meth:`_read_cast`)
+        self.cast: torch.dtype | None = None  # set by load_pretrained: the dtype the tensor is read into
 
     def __getitem__(self, index):
         if index is Ellipsis:
+            if self.cast is not None:
+                return self._read_cast()
             mapped = self._mapped.tensor(self._key) if self._mapped is not None else None
             return mapped if mapped is not None else self._handle.get_tensor(self._key)
         return self._piece[index]
+
+    def _read_cast(self) -> torch.Tensor:
+        """The tensor in ``cast``, copied from the file's mapping :data:`CAST_CHUNK` elements at a time into the
+        cast tensor, each chunk's pages dropped once copied: the load's peak is then the cast model + one chunk,
+        not + one whole source tensor (a load hands each source tensor to transformers, which casts it whole: the
+        fp32 source and its bf16 copy side by side, 1.11x the bf16 model at the Qwen2 shape). A safetensors slice
+        cannot stand in for the mapping: with the ``pread`` backend, reading a few rows of a tensor reads all of
+        it (measured: a 22.8 MB fp32 matrix raised the peak by 23 MB, read in 1 MB row slices). The same
+        elementwise cast as ``Tensor.to``, so the same values bit for bit. Without a mapping (or at an offset
+        that does not suit the dtype): the whole tensor, cast."""
+        view = self._source.tensor(self._key) if self._source is not None else None
+        if view is None:
+            return self._handle.get_tensor(self._key).to(self.cast)
+        out = torch.empty(view.shape, dtype=self.cast)
+        source, target = view.reshape(-1), out.view(-1)
+        done = source.data_ptr()  # the pages before it are dropped
+        for a in range(0, source.numel(), CAST_CHUNK):
+            target[a : a + CAST_CHUNK] = source[a : a + CAST_CHUNK]
+            end = source[a : a + CAST_CHUNK].data_ptr() + min(CAST_CHUNK, source.numel() - a) * source.element_size()
+            self._source.drop(done, end)  # whole pages only: a page the chunk ends in goes with the next chunk
+            done = max(done, end // mmap.PAGESIZE * mmap.PAGESIZE)
+        return out
 
     def __getattr__(self, name: str):
         return getattr(self._piece, name)
@@ -170,16 +202,20 @@ def streamed_state(where: str, dtype: torch.dtype, quantised: bool) -> _LazyStat
     try:
         for file in files:
             handle = safe_open(str(file), framework="pt", backend="pread")
-            mapped = _mapping(file) if quantised else None
+            pieces = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 (no iterator)
+            stored = {key: _SAFETENSORS_FLOATS.get(piece.get_dtype()) for key, piece in pieces.items()}
+            casts = any(s is not None and s != dtype for s in stored.values())
+            converts = converts or casts
+            # 4-bit: the chunked quantiser reads from the mapping; a plain load casts from it (_read_cast)
+            mapped = _mapping(file) if quantised or casts else None
             if mapped is not None:
                 state.mapped.append(mapped)
-            for key in handle.keys():  # noqa: SIM118 (safe_open has no iterator)
-                piece = handle.get_slice(key)
-                stored = _SAFETENSORS_FLOATS.get(piece.get_dtype())
-                converts = converts or (stored is not None and stored != dtype)
+            for key, piece in pieces.items():
                 # a large matrix read without a cast: from the mapping, for the chunked quantiser
                 large = len(piece.get_shape()) == 2 and math.prod(piece.get_shape()) > QUANT_CHUNK
-                state[key] = _WholeRead(handle, key, piece, mapped if large and stored == dtype else None)
+                quantiser = mapped if quantised and large and stored[key] == dtype else None
+                source = mapped if not quantised and stored[key] not in (None, dtype) else None
+                state[key] = _WholeRead(handle, key, piece, quantiser, source)
     except TypeError:  # a safetensors without the pread backend (< 0.7): transformers' own mapped load
         return None
     return state if converts else None
@@ -272,6 +308,13 @@ def load_pretrained(auto, where: str, **kwargs) -> nn.Module:
         cls = None
     if cls is None:
         return auto.from_pretrained(where, **kwargs)
+    if "quantization_config" not in kwargs and not (getattr(cls, "_keep_in_fp32_modules", None)
+                                                    or getattr(cls, "_keep_in_fp32_modules_strict", None)):  # fmt: skip
+        # each tensor cast as it is read (_WholeRead._read_cast); a class that keeps some modules in fp32 reads
+        # the fp32 source whole instead, as transformers casts it
+        for read in state.values():
+            if isinstance(read, _WholeRead) and read._source is not None:
+                read.cast = dtype
     quantised = _chunked_4bit(state.mapped) if "quantization_config" in kwargs else contextlib.nullcontext()
     with _sequential_loading(), quantised:
         # the model class itself: the Auto classes refuse a state dict beside a folder
