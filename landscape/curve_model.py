@@ -139,21 +139,17 @@ class Curve(nn.Module):
 
     def bends_grad(self) -> torch.Tensor | None:
         """The bends' gradient in :attr:`bends`' layout (None before any backward)."""
-        grads = [p.grad for k in range(self.num_bends) for p in self.bend_pieces(k)]
-        if all(g is None for g in grads):
+        params = [p for k in range(self.num_bends) for p in self.bend_pieces(k)]
+        if all(p.grad is None for p in params):
             return None
-        flat = [
-            torch.zeros(p.numel(), device=self._bends.device) if g is None else g.reshape(-1)
-            for g, p in zip(grads, (p for k in range(self.num_bends) for p in self.bend_pieces(k)), strict=True)
-        ]
+        flat = [torch.zeros(p.numel(), device=p.device) if p.grad is None else p.grad.reshape(-1) for p in params]
         return torch.cat(flat).view_as(self._bends)
 
     def end_parts(self, key: str) -> list[torch.Tensor | Callable[[], torch.Tensor] | None]:
         """Endpoint ``key`` ("a" or "b") per parameter: a view of its flat buffer, a lazy ΔW, or None (zero)."""
         if key in self.lazy:
             return [self.lazy[key].get(n) for n in self.names]
-        flat = getattr(self, f"theta_{key}")
-        return [p.view(s) for p, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
+        return list(self.split(getattr(self, f"theta_{key}")).values())
 
     def controls(self) -> list[list]:
         """The control points per parameter: θ_A's parts, each bend's leaf parameters, θ_B's parts."""
@@ -165,17 +161,12 @@ class Curve(nn.Module):
         return _sum(terms, self.sizes[i], self._bends.device).view(self.shapes[i])
 
     def pieces(self, t: float) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, θ(t) of that parameter)``, differentiable in the bends, one parameter at a time: the caller
-        can turn each into the model's weight before the next is built, so θ(t) is never held twice (a flat θ(t)
-        and the weights made from it). Control points of weight 0 are skipped, so θ(0) is θ_A and θ(1) is θ_B
-        exactly; a lazy endpoint's ΔW is built for its term and dropped."""
+        """``(name, θ(t) of that parameter)``, differentiable in the bends, one parameter at a time. Control
+        points of weight 0 are skipped, so θ(0) is θ_A and θ(1) is θ_B exactly; a lazy endpoint's ΔW is built for
+        its term and dropped."""
         weights, controls = curve_weights(self.kind, t, self.num_bends), self.controls()
         for i, name in enumerate(self.names):
             yield name, self.term(controls, weights, i)
-
-    def flat_at(self, t: float) -> torch.Tensor:
-        """θ(t) as one flat vector (:meth:`pieces`, concatenated)."""
-        return torch.cat([p.reshape(-1) for _, p in self.pieces(t)])
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A flat vector as {parameter name: view of its shape}."""
