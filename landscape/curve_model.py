@@ -55,8 +55,10 @@ class Curve(nn.Module):
     The endpoints map each parameter name (in ``theta_a``'s order) to a tensor, to ``None`` (zero: an offset the
     solution does not change) or to a lazy ΔW (:class:`adapters.deltas.Delta`). An endpoint whose values are all
     factored ``Delta`` (an adapter's update) stays lazy: each parameter's dense ΔW is rebuilt from the factors when
-    a point uses it (as the factored plane does), never held. Any other endpoint is one flat fp32 buffer
-    (``theta_a`` / ``theta_b``), filled one parameter at a time.
+    a point uses it (as the factored plane does), never held. Any other endpoint is one flat buffer
+    (``theta_a`` / ``theta_b``) of dtype ``end_dtype``, filled one parameter at a time: fp32, or a half-precision
+    base's own dtype for an offset curve (:func:`landscape.curves.pair_curve`: the forward runs θ(t) rounded to
+    that dtype, and the factored plane stores a dense ΔW in it too); its terms are summed in fp32.
 
     The bends are one fp32 tensor of shape (bends, total size) (:attr:`bends`), trained through one leaf
     parameter per bend and parameter that is a view of it (``bend<k>_<i>``): each gets its own gradient, so
@@ -71,6 +73,7 @@ class Curve(nn.Module):
         bends: int = 3,
         kind: str = "bezier",
         offset: bool = False,
+        end_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         check_options(bends, kind)
@@ -78,7 +81,7 @@ class Curve(nn.Module):
             raise ValueError("the two endpoints must hold the same parameters")
         # offset: the endpoints and bends are offsets from the base weights W0 (θ(t) = W0 + offset(t): the same
         # curve, as the weights w_k(t) sum to 1), applied beside a packed 4-bit layer, never written into it
-        self.kind, self.num_bends, self.offset = kind, bends, offset
+        self.kind, self.num_bends, self.offset, self.end_dtype = kind, bends, offset, end_dtype
         self.names = list(theta_a)
         known = [next(v for v in (theta_a[n], theta_b[n]) if v is not None) for n in self.names]
         self.shapes = [tuple(v.shape) for v in known]  # a tensor's, or a lazy ΔW's (Delta.shape)
@@ -100,9 +103,9 @@ class Curve(nn.Module):
         self._view_bends()
 
     def _flat(self, values: Mapping[str, EndValue], device) -> torch.Tensor:
-        """One endpoint as a flat fp32 vector, filled one parameter at a time (a lazy value computed when reached
-        and dropped before the next): building it holds the vector and one parameter's ΔW."""
-        flat = torch.zeros(sum(self.sizes), device=device)
+        """One endpoint as a flat vector of :attr:`end_dtype`, filled one parameter at a time (a lazy value computed
+        when reached and dropped before the next): building it holds the vector and one parameter's ΔW."""
+        flat = torch.zeros(sum(self.sizes), dtype=self.end_dtype, device=device)
         for n, part in zip(self.names, flat.split(self.sizes), strict=True):
             value = values[n]
             if value is not None:
@@ -188,14 +191,14 @@ class Curve(nn.Module):
 
 def _sum(terms: list[tuple[float, torch.Tensor | Callable[[], torch.Tensor] | None]], size: int,
          device: torch.device) -> torch.Tensor:  # fmt: skip
-    """Σ w·c over the terms in order (None: zero; a callable: its value, computed now), fp32 zeros when every
-    term is zero. The first term is ``c·w`` and the rest ``torch.add(out, c, alpha=w)``: the same arithmetic, in
-    the same order, as a flat θ(t) sliced."""
+    """Σ w·c over the terms in order (None: zero; a callable: its value, computed now), in fp32 (a half-precision
+    endpoint is widened, exactly), fp32 zeros when every term is zero. The first term is ``c·w`` and the rest
+    ``torch.add(out, c, alpha=w)``: the same arithmetic, in the same order, as a flat θ(t) sliced."""
     out = None
     for w, c in terms:
         if c is None:
             continue
-        c = c if isinstance(c, torch.Tensor) else c()
+        c = (c if isinstance(c, torch.Tensor) else c()).float()  # the fp32 bends and ΔW: the same tensor
         out = c * w if out is None else torch.add(out, c.view_as(out), alpha=w)
     return torch.zeros(size, device=device) if out is None else out
 

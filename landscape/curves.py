@@ -25,10 +25,11 @@ paths' dense evaluation), each with its barrier (the height above the chord betw
 paired standard errors (:func:`landscape.paths.barriers_with_se`).
 
 Memory (U = one fp32 copy of the parameters the pair changes): the curve is held as offsets from W0; an
-adapter's endpoint stays factored (its ΔW rebuilt per layer when used), another is one flat fp32 vector (FT's
-ΔW: the solution's update, held once); the bends are U each, and training adds their gradients (one per
-parameter, never concatenated) and AdamW's two moments: 4 × bends × U. θ(t) is built per module in a pre-hook
-and swapped back after its forward; the base model is trained and evaluated in place, never copied.
+adapter's endpoint stays factored (its ΔW rebuilt per layer when used), another is one flat vector (FT's ΔW:
+the solution's update, held once in the model's dtype: fp32, or bf16/fp16 on a half-precision base); the bends
+are U each, and training adds their gradients (one per parameter, never concatenated) and AdamW's two moments:
+4 × bends × U. θ(t) is built per module in a pre-hook and swapped back after its forward; the base model is
+trained and evaluated in place, never copied.
 ``python -m experiments.benchmarks.llm_scale --stages curves curves_checkpointed`` measures it.
 
 Writes under ``--out`` (default: the run folder), ``curves/``:
@@ -63,6 +64,7 @@ from torch import nn
 from adapters.errors import UserError
 from adapters.objectives import OBJECTIVES, Classification
 from adapters.progress import progress_bar
+from adapters.quant import is_packed
 from adapters.solution import base_solution
 from landscape import paths, render
 from landscape.curve_model import Curve, CurveModel, bezier_weights, curve_weights, polychain_weights, train_curve
@@ -264,7 +266,12 @@ def pair_curve(base: nn.Module, solutions: Mapping, pair: tuple[str, str], bends
     deltas = {s: solutions[s].module_deltas(check=False) for s in pair}
     names = [n for n in params if any(n in d for d in deltas.values())]
     ends = [{n: deltas[s].get(n) for n in names} for s in pair]  # None: a parameter that solution leaves as W0
-    return Curve(ends[0], ends[1], bends, kind, offset=True)
+    # a dense endpoint (FT's ΔW) is held in a half-precision base's dtype, as the factored plane holds it: the
+    # forward runs θ(t) rounded to it, and the ΔW between two half weights is exact in it (Sterbenz) wherever
+    # the update is smaller than the weight
+    dtypes = {params[n].dtype for n in names if not is_packed(params[n])}
+    half = dtypes.pop() if len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float16} else None
+    return Curve(ends[0], ends[1], bends, kind, offset=True, end_dtype=half or torch.float32)
 
 
 def trained_curve(ctx, solutions, pair, args, device, out: Path, seed: int | None) -> tuple:

@@ -229,6 +229,40 @@ def test_curve_gradient_against_a_naive_forward_with_and_without_checkpointing(t
     torch.testing.assert_close(got[True], got[False], rtol=1e-5, atol=1e-7)
 
 
+def test_dense_endpoint_on_a_bf16_base_held_in_bf16_and_exact(setup):
+    """On a bf16 base a dense endpoint (FT's ΔW) is held in bf16, half the fp32 bytes (as the factored plane holds
+    it), and the curve's weights at that end are still the FT model's: equal wherever the update is smaller than
+    the weight (Sterbenz: the difference of two bf16 numbers within a factor 2 is a bf16 number), within one
+    bf16 spacing elsewhere; the curve's loss there is the naive loss of the FT weights."""
+    from adapters.solution import Solution
+
+    base, _, _, data, labels, eval_set = setup
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    theta = {"ft": {}, "lora": {}}
+    for n, w in params.items():  # FT moves every weight by about 1 % of its size, LoRA a few matrices by 10 %
+        theta["ft"][n] = (w.float() * (1 + 0.01 * torch.randn(w.shape, generator=g))).bfloat16()
+    for n in adapted_few(model):
+        theta["lora"][n] = (params[n].float() + 0.1 * params[n].float().std() * torch.randn(params[n].shape)).bfloat16()
+    sols = {s: Solution(path=None, info={"method": s}, metrics={}, base=model,
+                        _delta={n: w.float() - params[n].float() for n, w in t.items()})
+            for s, t in theta.items()}  # fmt: skip
+    curve = curves.pair_curve(model, sols, ("ft", "lora"), 1, "bezier")
+    assert curve.theta_a.dtype == torch.bfloat16 and curve.theta_a.element_size() == 2  # was fp32 (4 bytes)
+    controls, weights = curve.controls(), curves.curve_weights("bezier", 0.0, 1)
+    for i, n in enumerate(curve.names):  # the weights CurveModel swaps in at t = 0: W0 + offset, rounded once
+        got = (params[n] + curve.term(controls, weights, i)).to(torch.bfloat16)
+        want, w0 = theta["ft"][n].float(), params[n].float()
+        near = (want.abs() >= w0.abs() / 2) & (want.abs() <= 2 * w0.abs()) & (want * w0 > 0)
+        assert torch.equal(got.float()[near], want[near]), n
+        spacing = torch.finfo(torch.bfloat16).eps * want.abs().clamp_min(torch.finfo(torch.bfloat16).tiny)
+        assert ((got.float() - want).abs() <= spacing).all(), n
+    result = curves.evaluate_curve(curve, model, eval_set, "cpu", points=2, progress=False)
+    want = _naive_loss(model, theta["ft"], data, labels)
+    assert result["loss"][0, 0] == pytest.approx(want, rel=1e-2) and result["loss"][1, 0] == result["loss"][0, 0]
+
+
 class _Normed(torch.nn.Module):
     """The tiny model with a batch norm on its logits: train mode moves its running statistics."""
 
