@@ -93,6 +93,25 @@ def test_flatness_reads_the_ratio_without_activations_and_counts_the_bases():
     assert result["flatness"]["qwen2-0.5b/bfloat16/own/plane"] == pytest.approx(1.0, rel=1e-5)
 
 
+def test_curvature_flatness_reads_its_graph_over_the_activations_and_head_only_has_none():
+    # curvature holds a few kilobytes of scalings; its graph is 14 x one batch's activations at both sizes while
+    # the bases grow with hidden squared: flat in graph / activations, not in (peak - act) / (held + bases)
+    cases = []
+    for hidden, act, bases in ((64, 50_000, 64_000), (128, 100_000, 256_000)):
+        c = _case(hidden, "curvature", 0.0, shared_bases_bytes=bases, activation_bytes=act)
+        c["held_bytes"] = hidden * 10
+        c["peak_rss_above_base_bytes"] = 14 * act + bases + c["held_bytes"]
+        c["ratio"] = c["peak_rss_above_base_bytes"] / c["held_bytes"]
+        cases.append(c)
+    cases += [_case(64, "head_only", 0.3), _case(128, "head_only", 0.15)]  # nothing held: 0.3 vs 0.15 is no spread
+    result = llm_scale.summarise({"cases": cases})
+    assert [c["graph_over_activations"] for c in cases[:2]] == pytest.approx([14.0, 14.0])
+    naive = [(c["peak_rss_above_base_bytes"] - c["activation_bytes"]) / (c["held_bytes"] + c["shared_bases_bytes"])
+             for c in cases[:2]]  # fmt: skip
+    assert max(naive) / min(naive) > 1.5  # what the flatness read before
+    assert result["flatness"] == {"qwen2-0.5b/bfloat16/own/curvature": pytest.approx(1.0)}
+
+
 # --------------------------------------------------------------------------- the scaling projection (llm_scale_plan)
 
 
