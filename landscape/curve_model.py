@@ -191,15 +191,24 @@ class Curve(nn.Module):
 
 def _sum(terms: list[tuple[float, torch.Tensor | Callable[[], torch.Tensor] | None]], size: int,
          device: torch.device) -> torch.Tensor:  # fmt: skip
-    """Σ w·c over the terms in order (None: zero; a callable: its value, computed now), in fp32 (a half-precision
-    endpoint is widened, exactly), fp32 zeros when every term is zero. The first term is ``c·w`` and the rest
-    ``torch.add(out, c, alpha=w)``: the same arithmetic, in the same order, as a flat θ(t) sliced."""
-    out = None
+    """Σ w·c over the terms (None: zero), in fp32 (a half-precision endpoint is widened, exactly), fp32 zeros when
+    every term is zero. Tensors are summed in order, the first as ``c·w`` and the rest by ``torch.add(out, c,
+    alpha=w)``: the same arithmetic, in the same order, as a flat θ(t) sliced. A lazy ΔW that adds itself from
+    its factors (:meth:`adapters.solutions.deltas.Delta.add_to`: one ``addmm`` for peft's LoRA and RandLoRA, as
+    the factored plane builds it) goes into one constant buffer first, added last; any other callable is
+    computed now (a foreign adapter's ``Delta()`` merges its layer in fp64: several times the layer's bytes)."""
+    out, built = None, None
     for w, c in terms:
         if c is None:
             continue
+        if not isinstance(c, torch.Tensor) and hasattr(c, "add_to"):
+            built = torch.zeros(c.shape, device=device) if built is None else built
+            c.add_to(built, w)  # no graph: a constant of the bends
+            continue
         c = (c if isinstance(c, torch.Tensor) else c()).float()  # the fp32 bends and ΔW: the same tensor
         out = c * w if out is None else torch.add(out, c.view_as(out), alpha=w)
+    if built is not None:
+        out = built.view(-1) if out is None else out + built.view_as(out)
     return torch.zeros(size, device=device) if out is None else out
 
 

@@ -263,6 +263,45 @@ def test_dense_endpoint_on_a_bf16_base_held_in_bf16_and_exact(setup):
     assert result["loss"][0, 0] == pytest.approx(want, rel=1e-2) and result["loss"][1, 0] == result["loss"][0, 0]
 
 
+def test_foreign_adapter_endpoint_added_from_its_factors_never_merged(tmp_path):
+    """A peft adapter brought from elsewhere: its lazy ΔW (whose call merges the layer in fp64, several times the
+    layer's bytes) is added to θ(t) from its factors (one addmm) in training's forward: never called, and the
+    bends' gradient is the one through the dense, materialised endpoint."""
+    from peft import RandLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapters.solution import load_solution
+    from tests.llm_models import save_tiny_causal_lm
+
+    base = AutoModelForCausalLM.from_pretrained(save_tiny_causal_lm(tmp_path / "lm", "qwen2"))
+    peft_model = get_peft_model(copy.deepcopy(base), RandLoraConfig(r=4, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    peft_model.save_pretrained(tmp_path / "randlora")
+    foreign = load_solution(tmp_path / "randlora", base=base, expect_method="randlora", model="base")
+    deltas = foreign.module_deltas(check=False)
+    g = torch.Generator().manual_seed(1)
+    dense_a = {n: 0.02 * torch.randn(d.shape, generator=g) for n, d in deltas.items()}  # an FT-like endpoint
+    calls = []
+    for d in deltas.values():
+        d._compute = (lambda f: lambda: calls.append(1) or f())(d._compute)
+    inputs = {"input_ids": torch.randint(0, 50, (2, 7), generator=g)}
+    grads = []
+    for end_b in (deltas, {n: d() for n, d in deltas.items()}):  # lazy, then materialised (the reference)
+        calls.clear()
+        curve = curves.Curve(dense_a, end_b, bends=1, offset=True)
+        wrapper = curves.CurveModel(curve, base, grad_accum=1 << 30)
+        wrapper.calls, wrapper.t = 1, 0.4
+        wrapper(**inputs).logits.float().logsumexp(-1).sum().backward()
+        wrapper.close()
+        grads.append(curve.bends_grad())
+        if end_b is deltas:
+            assert curve.lazy and not calls, "the foreign adapter's ΔW was merged during training"
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
 class _Normed(torch.nn.Module):
     """The tiny model with a batch norm on its logits: train mode moves its running statistics."""
 
