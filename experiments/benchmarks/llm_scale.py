@@ -192,14 +192,32 @@ def randlora_bases_bytes(config, targets: tuple[str, ...] = TARGETS, r: int = RA
     return 4 * (r * small + big * math.ceil(small / r) * r)
 
 
-def _curvature_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, act_8b: float) -> float:
-    """Curvature in adapter coordinates at 8B: its coordinate vectors and RandLoRA's bases are held, and what
-    grows beyond them is the product's graph (the forward's activations and their tangents; module docstring of
-    :mod:`landscape.curvature.hessian`), so that part is scaled as one batch's activations are."""
+# hold a few MB of factors or scalings: their memory is a backward graph (an HVP's, a training step's), which
+# grows as one batch's activations (tokens × hidden × layers), not as what they hold
+GRAPH_STAGES = ("curvature", "train_lora", "train_randlora")
+
+
+def saved_bases_bytes(c, dtype: str) -> int:
+    """The scaled bases a RandLoRA training step on a Llama/Qwen2 config ``c`` saves for the backward
+    (``saved_bases_bytes``, :func:`experiments.benchmarks.llm_scale_worker._saved_scaled_bases_bytes`):
+    (r·n) × min(in, out) per adapted layer whose input requires grad — every one but the first block's q/k/v,
+    which read the frozen embeddings — in bf16 under bf16 autocast, fp32 otherwise."""
+    shapes = _linear_shapes(c)
+    r = RANKS["randlora"]
+    per = {t: r * math.ceil(min(shapes[t]) / r) * min(shapes[t]) for t in TARGETS}
+    first = sum(v for t, v in per.items() if t.endswith(("q_proj", "k_proj", "v_proj")))
+    return (sum(per.values()) * c.num_hidden_layers - first) * (2 if dtype == "bfloat16" else 4)
+
+
+def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, saved_8b: int, act_8b: float) -> float:
+    """A :data:`GRAPH_STAGES` stage at 8B (curvature in adapter coordinates, adapter training): what it holds —
+    its coordinate vectors or factors, RandLoRA's bases and the scaled bases a training step saves — at their 8B
+    size, and what grows beyond them, the backward's graph (the forward's activations and, for curvature, their
+    tangents; module docstring of :mod:`landscape.curvature.hessian`), scaled as one batch's activations are."""
     bases = x.get("shared_bases_bytes") or 0
-    graph = max(x["peak_rss_above_base_bytes"] - bases - x["held_bytes"], 0)
+    graph = max(x["peak_rss_above_base_bytes"] - bases - x["held_bytes"] - (x.get("saved_bases_bytes") or 0), 0)
     per_activation = graph / x["activation_bytes"] if x.get("activation_bytes") else 0.0
-    return base_bytes + held_8b + bases_8b + per_activation * act_8b
+    return base_bytes + held_8b + bases_8b + saved_8b + per_activation * act_8b
 
 
 def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
@@ -227,8 +245,9 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
         if stage == "load":  # the loading's peak scales with the model's bytes; at least the model (an fp32 load
             # maps the file, and its pages count only once a forward touches them)
             peak = max(above / x["model_bytes"], 1.0) * base_bytes
-        elif stage == "curvature":
-            peak = _curvature_peak_8b(x, base_bytes, held, bases_8b, act_8b)
+        elif stage in GRAPH_STAGES:
+            saved_8b = saved_bases_bytes(c, dtype) if stage == "train_randlora" else 0
+            peak = _graph_peak_8b(x, base_bytes, held, bases_8b, saved_8b, act_8b)
         else:  # the base + the stage's own memory per held byte (bases included) × held at 8B + activations scaled
             per_held = max(above - activation, 0) / (x["held_bytes"] + (x.get("shared_bases_bytes") or 0))
             peak = base_bytes + per_held * (held + bases_8b) + act_8b
@@ -304,15 +323,16 @@ NOTHING_HELD = ("head_only", "checkpoint")  # hold nothing besides the base: the
 
 
 def flatness_reading(c: dict) -> float | None:
-    """The reading whose spread over sizes is the flatness: the load's ratio; curvature's graph over one batch's
-    activations (``graph_over_activations``: in adapter coordinates it holds a few vectors of RandLoRA's
-    scalings, kilobytes, and what grows is the Hessian-vector product's graph, as the projection scales it); any
-    other stage's ``ratio_without_activations``; None for the stages that hold nothing (:data:`NOTHING_HELD`)."""
+    """The reading whose spread over sizes is the flatness: the load's ratio; for :data:`GRAPH_STAGES` the graph
+    over one batch's activations (``graph_over_activations``: the peak less what the stage holds — its factors,
+    RandLoRA's shared bases, and in training the scaled bases peft's layer saves for the backward,
+    ``saved_bases_bytes`` — over the activations); any other stage's ``ratio_without_activations``; None for the
+    stages that hold nothing (:data:`NOTHING_HELD`)."""
     if c.get("stage") in NOTHING_HELD or "skipped" in c:
         return None
     if c.get("stage") == "load":
         return c.get("ratio")
-    if c.get("stage") == "curvature":
+    if c.get("stage") in GRAPH_STAGES:
         return c.get("graph_over_activations")
     return c.get("ratio_without_activations")
 
@@ -339,9 +359,9 @@ def summarise(result: dict) -> dict:
             c["ratio_without_activations"] = max(above, 0) / c["held_with_bases_bytes"]
             if c.get("shared_bases_bytes") is not None:
                 c["ratio_without_activations_and_bases"] = max(above - bases, 0) / c["held_bytes"]
-            if c["stage"] == "curvature" and c.get("activation_bytes"):  # its graph: the peak beyond what it holds
-                c["graph_over_activations"] = max(c["peak_rss_above_base_bytes"] - bases - c["held_bytes"], 0) / c[
-                    "activation_bytes"]  # fmt: skip
+            if c["stage"] in GRAPH_STAGES and c.get("activation_bytes"):  # its graph: the peak beyond what it holds
+                held = bases + c["held_bytes"] + (c.get("saved_bases_bytes") or 0)
+                c["graph_over_activations"] = max(c["peak_rss_above_base_bytes"] - held, 0) / c["activation_bytes"]
             if c.get("curve_state_bytes"):  # curves: its own memory over the bend, its gradient and 2 moments
                 c["curve_over_state"] = max(above - bases - c["solutions_bytes"], 0) / c["curve_state_bytes"]
     from experiments.benchmarks import llm_scale_plan  # FT under --fsdp and the grid on 1-8 GPUs
