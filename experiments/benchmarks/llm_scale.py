@@ -214,10 +214,15 @@ def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, saved_
     its coordinate vectors or factors, RandLoRA's bases and the scaled bases a training step saves — at their 8B
     size, and what grows beyond them, the backward's graph (the forward's activations and, for curvature, their
     tangents; module docstring of :mod:`landscape.curvature.hessian`), scaled as one batch's activations are."""
-    bases = x.get("shared_bases_bytes") or 0
-    graph = max(x["peak_rss_above_base_bytes"] - bases - x["held_bytes"] - (x.get("saved_bases_bytes") or 0), 0)
-    per_activation = graph / x["activation_bytes"] if x.get("activation_bytes") else 0.0
+    per_activation = _graph_bytes(x) / x["activation_bytes"] if x.get("activation_bytes") else 0.0
     return base_bytes + held_8b + bases_8b + saved_8b + per_activation * act_8b
+
+
+def _graph_bytes(c: dict) -> int:
+    """A :data:`GRAPH_STAGES` case's graph: its peak beyond what it holds (factors, RandLoRA's bases, the scaled
+    bases a training step saves)."""
+    held = (c.get("shared_bases_bytes") or 0) + c["held_bytes"] + (c.get("saved_bases_bytes") or 0)
+    return max(c["peak_rss_above_base_bytes"] - held, 0)
 
 
 def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
@@ -359,9 +364,8 @@ def summarise(result: dict) -> dict:
             c["ratio_without_activations"] = max(above, 0) / c["held_with_bases_bytes"]
             if c.get("shared_bases_bytes") is not None:
                 c["ratio_without_activations_and_bases"] = max(above - bases, 0) / c["held_bytes"]
-            if c["stage"] in GRAPH_STAGES and c.get("activation_bytes"):  # its graph: the peak beyond what it holds
-                held = bases + c["held_bytes"] + (c.get("saved_bases_bytes") or 0)
-                c["graph_over_activations"] = max(c["peak_rss_above_base_bytes"] - held, 0) / c["activation_bytes"]
+            if c["stage"] in GRAPH_STAGES and c.get("activation_bytes"):
+                c["graph_over_activations"] = _graph_bytes(c) / c["activation_bytes"]
             if c.get("curve_state_bytes"):  # curves: its own memory over the bend, its gradient and 2 moments
                 c["curve_over_state"] = max(above - bases - c["solutions_bytes"], 0) / c["curve_state_bytes"]
     from experiments.benchmarks import llm_scale_plan  # FT under --fsdp and the grid on 1-8 GPUs
