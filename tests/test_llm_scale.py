@@ -79,56 +79,6 @@ def test_randlora_bases_bytes_are_the_buffers_peft_makes(model):
     assert llm_scale.randlora_bases_bytes(config) == sum(storages.values())
 
 
-def test_saved_scaled_bases_are_what_autograd_keeps_besides_activations():
-    # the independent reference: the storages autograd saves in a RandLoRA forward (saved_tensors_hooks) that are
-    # no parameter or buffer of the model and do not grow with the tokens (1 vs 5 tokens)
-    import torch
-    from peft import RandLoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from experiments.benchmarks.llm_scale_cases import RANKS, TARGETS, scaled_config
-    from experiments.benchmarks.llm_scale_worker import _saved_scaled_bases_bytes
-
-    torch.manual_seed(0)
-    config = scaled_config("qwen2-0.5b", 128, layers=2, vocab=64)
-    model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                           RandLoraConfig(r=RANKS["randlora"], target_modules=list(TARGETS)))  # fmt: skip
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-    def saved(tokens: int) -> dict[int, int]:
-        kept: dict[int, int] = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in owned:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=torch.zeros(1, tokens, dtype=torch.long)).logits.sum().backward()
-        return kept
-
-    one, five = saved(1), saved(5)
-    assert sum(one.values()) < sum(five.values())  # the activations do grow
-    token_free = sorted(set(one.values()) & set(five.values()))
-    kept = sum(b for b in one.values() if b in token_free and b > 64 * 4)  # not one token's vectors
-    assert _saved_scaled_bases_bytes(model) == kept > 0
-
-
-@pytest.mark.parametrize("model", ["qwen2-0.5b", "llama3-8b"])
-def test_projected_saved_bases_are_those_a_peft_forward_saves(model):
-    # the projection's closed form against the hook count on a real peft RandLoRA model of that shape
-    from peft import RandLoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from experiments.benchmarks.llm_scale_cases import RANKS, TARGETS, scaled_config
-    from experiments.benchmarks.llm_scale_worker import _saved_scaled_bases_bytes
-
-    config = scaled_config(model, 128, layers=3, vocab=64)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config),
-                                RandLoraConfig(r=RANKS["randlora"], target_modules=list(TARGETS)))  # fmt: skip
-    assert llm_scale.saved_bases_bytes(config, "float32") == _saved_scaled_bases_bytes(peft_model)
-
-
 def test_flatness_reads_the_ratio_without_activations_and_counts_the_bases():
     # two sizes whose memory beyond one batch's activations is the same multiple of held + bases: flat, although
     # their raw ratios differ (activations grow with hidden x layers, the held weights with hidden squared)
@@ -146,14 +96,13 @@ def test_flatness_reads_the_ratio_without_activations_and_counts_the_bases():
 @pytest.mark.parametrize("stage", ["curvature", "train_randlora"])
 def test_graph_stages_read_their_graph_over_the_activations_and_head_only_has_none(stage):
     # curvature and adapter training hold a few kilobytes of scalings; their graph is 14 x one batch's activations
-    # at both sizes while the bases (and the scaled bases a RandLoRA training step saves) grow with hidden squared:
-    # flat in graph / activations, not in (peak - act) / (held + bases)
+    # at both sizes while the bases grow with hidden squared: flat in graph / activations, not in
+    # (peak - act) / (held + bases)
     cases = []
     for hidden, act, bases in ((64, 50_000, 64_000), (128, 100_000, 256_000)):
-        saved = bases // 2 if stage == "train_randlora" else 0
-        c = _case(hidden, stage, 0.0, shared_bases_bytes=bases, activation_bytes=act, saved_bases_bytes=saved)
+        c = _case(hidden, stage, 0.0, shared_bases_bytes=bases, activation_bytes=act)
         c["held_bytes"] = hidden * 10
-        c["peak_rss_above_base_bytes"] = 14 * act + bases + saved + c["held_bytes"]
+        c["peak_rss_above_base_bytes"] = 14 * act + bases + c["held_bytes"]
         c["ratio"] = c["peak_rss_above_base_bytes"] / c["held_bytes"]
         cases.append(c)
     cases += [_case(64, "head_only", 0.3), _case(128, "head_only", 0.15)]  # nothing held: 0.3 vs 0.15 is no spread

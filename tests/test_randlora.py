@@ -200,3 +200,100 @@ def test_compact_save_regenerates_identical_bases(tmp_path):
     (tmp_path / "compact" / BASES_FILE).write_text((tmp_path / "compact" / BASES_FILE).read_text().replace("a", "b"))
     with pytest.raises(ValueError, match="differ"):
         verify_bases(loaded, tmp_path / "compact")
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
+def test_fast_training_step_saves_nothing_that_does_not_grow_with_the_tokens(storage):
+    # the toolkit's RandLoRA training (attach: the fast forward) on a Qwen2-shaped causal LM keeps for the backward
+    # only batch-sized tensors: no weight-sized scaled basis or low-precision basis copy per layer, as peft's own
+    # forward keeps (the reference, which must show them for this test to mean anything)
+    from transformers import AutoModelForCausalLM
+
+    from experiments.benchmarks.llm_scale_cases import RANKS, TARGETS, scaled_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(scaled_config("qwen2-0.5b", 128, layers=2, vocab=64)).to(storage)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=storage == torch.bfloat16)
+
+    def token_free_saved_bytes(fast: bool) -> int:
+        model = attach(copy.deepcopy(base), MethodSpec("randlora", rank=RANKS["randlora"]), TARGETS, fast_randlora=fast)
+        owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+        def saved(tokens: int) -> set[int]:
+            sizes: set[int] = set()
+
+            def pack(t):
+                if t.untyped_storage().data_ptr() not in owned:
+                    sizes.add(t.untyped_storage().nbytes())
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:  # held until the backward
+                loss = model(input_ids=torch.zeros(1, tokens, dtype=torch.long)).logits.float().sum()
+            loss.backward()
+            return sizes
+
+        return sum(b for b in saved(3) & saved(7) if b > 128 * 4)  # in both: sized by no token count (nor a vector)
+
+    assert token_free_saved_bytes(fast=False) > 128 * 128 * 2  # peft's forward: a scaled basis per layer at least
+    assert token_free_saved_bytes(fast=True) == 0
+
+
+def test_factored_path_under_bf16_autocast_matches_peft():
+    ref = _randlora()
+    fast = copy.deepcopy(ref)
+    enable_fast_randlora(fast, "factored")
+    x = torch.randn(4, 9, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, gx_ref, g_ref = _run(ref, x)
+        y, gx, g = _run(fast, x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    for a, b in [(y, y_ref), (gx, gx_ref), *((g[n], g_ref[n]) for n in g_ref)]:
+        # both round the same products to bf16 (8 bits of mantissa), in another order
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2 * float(b.abs().max()), rtol=0.0)
+
+
+def test_fast_forward_beside_a_4bit_base_matches_peft_bitsandbytes_layer():
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import RandLoraConfig, get_peft_model
+
+    from adapters.quant import disable_cpu_repacking
+
+    torch.manual_seed(0)
+    toy = Toy()
+    for name in TARGETS:
+        dense = getattr(toy, name)
+        packed = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                                   compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+        packed.load_state_dict(dense.state_dict())
+        setattr(toy, name, packed.to("cpu"))  # quantised here
+    disable_cpu_repacking(toy)
+    ref = get_peft_model(toy, RandLoraConfig(r=5, randlora_alpha=20.0, target_modules=list(TARGETS)))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "randlora_" in name:
+                p.normal_().div_(p.shape[-1] if "gamma" in name else 1.0)
+    fast = copy.deepcopy(ref)
+    plan = enable_fast_randlora(fast, "auto")
+    assert len(plan) == len(TARGETS)  # peft's bitsandbytes layers are found and given the fast forward
+    x = torch.randn(4, 100, 24)  # enough tokens that auto would materialize a dense layer
+    y_ref, gx_ref, g_ref = _run(ref, x)
+    y, gx, g = _run(fast, x)
+    assert set(last_choices(fast).values()) == {"factored"}  # beside the packed layer, never W + s·ΔW
+    _assert_close(y, y_ref)
+    _assert_close(gx, gx_ref)
+    for name in g_ref:
+        assert g_ref[name].abs().max() > 0, name
+        _assert_close(g[name], g_ref[name])
+
+
+@pytest.mark.parametrize("mode", ["factored", "materialized"])
+def test_a_double_backward_through_the_fast_forward_fails_loudly(mode):
+    # its backward is not differentiable in λ, γ: an HVP by double backward must not come back silently incomplete
+    model = _randlora()
+    enable_fast_randlora(model, mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(model(torch.randn(3, 24)).pow(2).sum(), params, create_graph=True)
+    disable_fast_randlora(model)  # peft's own forward: the double backward works
+    grads = torch.autograd.grad(model(torch.randn(3, 24)).pow(2).sum(), params, create_graph=True)
+    assert all(h is not None for h in torch.autograd.grad(sum(g.sum() for g in grads), params))

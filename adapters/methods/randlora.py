@@ -10,7 +10,9 @@ single ``F.linear(x, W + s·ΔW, bias)``.
 :func:`enable_fast_randlora` installs, on every ``peft.tuners.randlora.layer.Linear`` of a
 peft model, a forward that picks per call between
 
-- ``"factored"``: peft's own computation (identical expression), and
+- ``"factored"``: peft's own expression, in a custom autograd function that saves ``x``, λ, γ
+  (and the T×K intermediate when in > out) instead of peft's per-layer scaled factor and, under
+  autocast, low-precision copies of both factors (weight-sized, per layer, until the backward), and
 - ``"materialized"``: ``F.linear(x, W + s·ΔW, bias)`` in a custom autograd function that
   saves ``x``, λ, γ and W + s·ΔW (``keep_weight=True``, the default: one weight-sized tensor
   per materialized layer until the backward) or rebuilds W + s·ΔW in the backward
@@ -42,9 +44,9 @@ gradient from it (D·K·d), and with ``keep_weight=False`` a rebuild of ΔW in t
 layer with K = d that is T > d/2 in training (3d/4 with keep_weight=False) and in eval; for
 out = 4·in (K = d = in) T > 8d/7 (12d/7). The input is assumed to
 need a gradient. Dropout on the adapter input (``randlora_dropout > 0`` in training),
-several active adapters, merged or disabled adapters, extra forward arguments, Conv1D
-base layers and packed 4-bit base layers always take peft's original forward (peft wraps a
-``bnb.nn.Linear4bit`` in its own ``randlora.bnb.Linear4bit``, which this module leaves alone).
+several active adapters, merged or disabled adapters, extra forward arguments and Conv1D
+base layers always take peft's original forward. A packed 4-bit base (peft's ``randlora.bnb.Linear4bit``)
+always takes the factored path: the adapter runs beside the packed layer.
 
 Bases: peft stores the shared A and B once, in bf16 (fp16 without bf16), and on CPU every
 layer casts the whole shared B to fp32 on every call. Here one converted copy per
@@ -63,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.compat import autocast_enabled
 from adapters.quant import is_packed
 
 MODES = ("auto", "factored", "materialized")
@@ -72,6 +75,13 @@ def _peft_linear():
     from peft.tuners.randlora.layer import Linear
 
     return Linear
+
+
+def _peft_linear_4bit() -> tuple:
+    """peft's RandLoRA layer over a bitsandbytes ``Linear4bit`` (empty without bitsandbytes)."""
+    from peft.tuners.randlora import bnb
+
+    return (bnb.Linear4bit,) if hasattr(bnb, "Linear4bit") else ()
 
 
 # --------------------------------------------------------------------------- choice rule
@@ -240,6 +250,7 @@ class _MaterializedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        _first_derivative_only()
         x, weight, lam, gam, w = ctx.saved_tensors
         need_x, need_w, need_b, need_lam, need_gam = ctx.needs_input_grad[:5]
         grad_x = grad_w = grad_b = grad_lam = grad_gam = None
@@ -278,6 +289,66 @@ class _MaterializedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_lam, grad_gam, None, None, None
 
 
+# --------------------------------------------------------------------------- factored path
+
+
+def _first_derivative_only() -> None:
+    """Both paths' backwards rebuild the bases under a graph of their own, detached from λ and γ: a backward with
+    ``create_graph`` (an HVP by double backward) would silently miss their second-order terms, so it fails."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "the fast RandLoRA forward gives first derivatives only: call "
+            "adapters.methods.randlora.disable_fast_randlora(model) before a double backward"
+        )
+
+
+class _FactoredLinear(torch.autograd.Function):
+    """s·(x·firstᵀ)·secondᵀ with (first, second) = the scaled bases of (λ, γ), in ``compute`` dtype.
+
+    peft's expression leaves autograd holding, per adapted layer until the backward, the scaled factor
+    (K×d) and, under autocast, a low-precision copy of each factor (K×d and D×K): tensors that grow with
+    the layer, not with the batch, which made RandLoRA training's memory grow with model size. This
+    saves x, λ, γ and, when the scaled factor is ``second`` (in > out), h = x·firstᵀ (T×K, batch-sized),
+    and rebuilds the scaled bases in the backward (elementwise, K×d) from the cached bases. The
+    multiply-adds are peft's: two T×K products forward, three backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lam, gam, build, scaling, compute, scaled_first):
+        first, second = build(lam, gam)
+        with torch.autocast(x.device.type, enabled=False):  # ``compute`` already says what autocast would
+            h = F.linear(x.to(compute), first.to(compute))
+            y = F.linear(h, second.to(compute)) * scaling
+        ctx.build, ctx.scaling, ctx.compute, ctx.scaled_first = build, scaling, compute, scaled_first
+        ctx.save_for_backward(x, lam, gam, None if scaled_first else h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        _first_derivative_only()
+        x, lam, gam, h = ctx.saved_tensors
+        need_x, need_lam, need_gam = ctx.needs_input_grad[:3]
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.compute) * ctx.scaling
+        with torch.enable_grad():
+            lam_ = lam.detach().requires_grad_(need_lam)
+            gam_ = gam.detach().requires_grad_(need_gam)
+            first, second = ctx.build(lam_, gam_)
+        grad_h = gy @ second.detach().to(ctx.compute)  # T×K
+        grad_x = grad_lam = grad_gam = None
+        if need_lam or need_gam:
+            if ctx.scaled_first:  # first = scaled A (K×in), second = B (out×K)
+                scaled, grad_scaled = first, grad_h.t() @ x.reshape(-1, x.shape[-1]).to(ctx.compute)
+            else:  # first = Bᵀ (K×in), second = scaled Aᵀ (out×K)
+                scaled, grad_scaled = second, gy.t() @ h.reshape(-1, h.shape[-1])
+            inputs = [t for t, need in ((lam_, need_lam), (gam_, need_gam)) if need]
+            found = iter(torch.autograd.grad(scaled, inputs, grad_scaled.to(scaled.dtype)))
+            grad_lam = next(found) if need_lam else None
+            grad_gam = next(found) if need_gam else None
+        if need_x:
+            grad_x = (grad_h @ first.detach().to(ctx.compute)).reshape(x.shape).to(x.dtype)
+        return grad_x, grad_lam, grad_gam, None, None, None, None
+
+
 # --------------------------------------------------------------------------- the forward
 
 
@@ -286,8 +357,6 @@ def _single_adapter(layer, x, args, kwargs) -> str | None:
     if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     if not isinstance(layer.get_base_layer(), nn.Linear) or getattr(layer, "fan_in_fan_out", False):
-        return None
-    if is_packed(layer.get_base_layer()):  # a 4-bit base (bnb Linear4bit is an nn.Linear): W + s·ΔW cannot be built
         return None
     active = [a for a in layer.active_adapters if a in layer.randlora_lambda]
     if len(active) != 1:
@@ -303,7 +372,7 @@ def _single_adapter(layer, x, args, kwargs) -> str | None:
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter = _single_adapter(self, x, args, kwargs)
     if adapter is None:
-        return _peft_linear().forward(self, x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)
     state: _LayerState = self._fast_randlora
     base = self.get_base_layer()
     lam, gam = self.randlora_lambda[adapter], self.randlora_gamma[adapter]
@@ -311,7 +380,9 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dtype = _compute_dtype(self, base.weight)
     training = torch.is_grad_enabled() and (lam.requires_grad or gam.requires_grad)
     path = state.mode
-    if path == "auto":
+    if is_packed(base):  # a 4-bit base: W + s·ΔW cannot be built, the adapter runs beside the packed layer
+        path = "factored"
+    elif path == "auto":
         tokens = x.numel() // max(1, x.shape[-1])
         path = choose_path(
             self.in_features, self.out_features, self.r[adapter], self.num_bases, tokens, training, state.keep_weight
@@ -319,14 +390,16 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     state.last = path
     state.counts[path] += 1
     previous_dtype = x.dtype
-    if path == "factored":  # peft's expression, on the cached bases
-        result = self.base_layer(x)
-        first, second = scaled_bases(self, adapter, lam, gam, x.device, dtype)
-        result = result + F.linear(F.linear(x.to(first.dtype), first), second) * scaling
-        return result.to(previous_dtype)
 
     def build(lam_, gam_):
         return scaled_bases(self, adapter, lam_, gam_, x.device, dtype)
+
+    if path == "factored":  # peft's expression, on the cached bases, without its saved weight-sized copies
+        device = x.device.type
+        compute = torch.get_autocast_dtype(device) if autocast_enabled(device) else dtype
+        scaled_first = self.in_features <= self.out_features  # peft scales the factor on the smaller side
+        adapter_out = _FactoredLinear.apply(x, lam, gam, build, scaling, compute, scaled_first)
+        return (self.base_layer(x) + adapter_out).to(previous_dtype)
 
     result = _MaterializedLinear.apply(x.to(dtype), base.weight, base.bias, lam, gam, build, scaling, state.keep_weight)
     return result.to(previous_dtype)
@@ -336,9 +409,10 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def randlora_layers(model: nn.Module, linear_only: bool = True) -> dict[str, nn.Module]:
-    """{module name: peft RandLoRA Linear} of ``model`` (``linear_only=False``: every RandLoRA layer)."""
+    """{module name: peft RandLoRA Linear} of ``model``, its 4-bit Linear included (``linear_only=False``: every
+    RandLoRA layer)."""
     if linear_only:
-        kind = _peft_linear()
+        kind = (_peft_linear(), *_peft_linear_4bit())
     else:
         from peft.tuners.randlora.layer import RandLoraLayer as kind
     return {name: m for name, m in model.named_modules() if isinstance(m, kind)}

@@ -197,31 +197,18 @@ def randlora_bases_bytes(config, targets: tuple[str, ...] = TARGETS, r: int = RA
 GRAPH_STAGES = ("curvature", "train_lora", "train_randlora")
 
 
-def saved_bases_bytes(c, dtype: str) -> int:
-    """The scaled bases a RandLoRA training step on a Llama/Qwen2 config ``c`` saves for the backward
-    (``saved_bases_bytes``, :func:`experiments.benchmarks.llm_scale_worker._saved_scaled_bases_bytes`):
-    (r·n) × min(in, out) per adapted layer whose input requires grad — every one but the first block's q/k/v,
-    which read the frozen embeddings — in bf16 under bf16 autocast, fp32 otherwise."""
-    shapes = _linear_shapes(c)
-    r = RANKS["randlora"]
-    per = {t: r * math.ceil(min(shapes[t]) / r) * min(shapes[t]) for t in TARGETS}
-    first = sum(v for t, v in per.items() if t.endswith(("q_proj", "k_proj", "v_proj")))
-    return (sum(per.values()) * c.num_hidden_layers - first) * (2 if dtype == "bfloat16" else 4)
-
-
-def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, saved_8b: int, act_8b: float) -> float:
+def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, act_8b: float) -> float:
     """A :data:`GRAPH_STAGES` stage at 8B (curvature in adapter coordinates, adapter training): what it holds —
-    its coordinate vectors or factors, RandLoRA's bases and the scaled bases a training step saves — at their 8B
-    size, and what grows beyond them, the backward's graph (the forward's activations and, for curvature, their
-    tangents; module docstring of :mod:`landscape.curvature.hessian`), scaled as one batch's activations are."""
+    its coordinate vectors or factors and RandLoRA's bases — at their 8B size, and what grows beyond them, the
+    backward's graph (the forward's activations and, for curvature, their tangents; module docstring of
+    :mod:`landscape.curvature.hessian`), scaled as one batch's activations are."""
     per_activation = _graph_bytes(x) / x["activation_bytes"] if x.get("activation_bytes") else 0.0
-    return base_bytes + held_8b + bases_8b + saved_8b + per_activation * act_8b
+    return base_bytes + held_8b + bases_8b + per_activation * act_8b
 
 
 def _graph_bytes(c: dict) -> int:
-    """A :data:`GRAPH_STAGES` case's graph: its peak beyond what it holds (factors, RandLoRA's bases, the scaled
-    bases a training step saves)."""
-    held = (c.get("shared_bases_bytes") or 0) + c["held_bytes"] + (c.get("saved_bases_bytes") or 0)
+    """A :data:`GRAPH_STAGES` case's graph: its peak beyond what it holds (factors, RandLoRA's bases)."""
+    held = (c.get("shared_bases_bytes") or 0) + c["held_bytes"]
     return max(c["peak_rss_above_base_bytes"] - held, 0)
 
 
@@ -251,8 +238,7 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             # maps the file, and its pages count only once a forward touches them)
             peak = max(above / x["model_bytes"], 1.0) * base_bytes
         elif stage in GRAPH_STAGES:
-            saved_8b = saved_bases_bytes(c, dtype) if stage == "train_randlora" else 0
-            peak = _graph_peak_8b(x, base_bytes, held, bases_8b, saved_8b, act_8b)
+            peak = _graph_peak_8b(x, base_bytes, held, bases_8b, act_8b)
         else:  # the base + the stage's own memory per held byte (bases included) × held at 8B + activations scaled
             per_held = max(above - activation, 0) / (x["held_bytes"] + (x.get("shared_bases_bytes") or 0))
             peak = base_bytes + per_held * (held + bases_8b) + act_8b
@@ -329,9 +315,8 @@ NOTHING_HELD = ("head_only", "checkpoint")  # hold nothing besides the base: the
 
 def flatness_reading(c: dict) -> float | None:
     """The reading whose spread over sizes is the flatness: the load's ratio; for :data:`GRAPH_STAGES` the graph
-    over one batch's activations (``graph_over_activations``: the peak less what the stage holds — its factors,
-    RandLoRA's shared bases, and in training the scaled bases peft's layer saves for the backward,
-    ``saved_bases_bytes`` — over the activations); any other stage's ``ratio_without_activations``; None for the
+    over one batch's activations (``graph_over_activations``: the peak less what the stage holds — its factors and
+    RandLoRA's shared bases — over the activations); any other stage's ``ratio_without_activations``; None for the
     stages that hold nothing (:data:`NOTHING_HELD`)."""
     if c.get("stage") in NOTHING_HELD or "skipped" in c:
         return None

@@ -292,35 +292,8 @@ def _train_stage(model, method: str, data, labels, objective, extra: dict) -> in
     extra["trainable_params"] = sum(p.numel() for p in params)
     if method == "randlora":
         extra["shared_bases_bytes"] = _bases_bytes(trainable)
-        extra["saved_bases_bytes"] = _saved_scaled_bases_bytes(trainable, 2 if autocast == "bfloat16" else 4)
     # a full-size update once in the model's dtype; adapters by their factors (fp32)
     return _model_bytes(model) if method == "ft" else sum(p.numel() * 4 for p in params)
-
-
-def _saved_scaled_bases_bytes(model: torch.nn.Module, element_size: int = 4) -> int:
-    """Bytes peft's RandLoRA layers keep for the backward pass besides activations: each adapted layer's forward
-    scales its slice of the shared basis by λ and γ into a new (r·n) × min(in, out) tensor
-    (``RandLoraLayer.get_scaled_bases``), which autograd saves wherever the layer's input requires grad (every
-    layer but those reading the frozen embeddings directly): about min(in, out)² per layer, a full-size update's
-    bytes for a square layer, growing as the layer's size, not as its factors. ``element_size``: 2 under bf16
-    autocast (the saved copy is the cast one). Found by one 1-token forward with a hook on each layer."""
-    total = 0
-
-    def count(module, args, _):
-        nonlocal total
-        if args[0].requires_grad:
-            rows = sum(p.numel() for p in module.randlora_lambda.values())
-            total += rows * min(module.in_features, module.out_features) * element_size
-
-    layers = [m for m in model.modules() if hasattr(m, "randlora_lambda") and hasattr(m, "in_features")]
-    hooks = [m.register_forward_hook(count) for m in layers]
-    try:
-        with torch.enable_grad():
-            getattr(model, "backbone", model)(input_ids=torch.zeros(1, 1, dtype=torch.long))  # the causal LM itself
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
 
 
 def _solutions_bytes(model, solutions: dict) -> int:
