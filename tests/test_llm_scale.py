@@ -96,13 +96,14 @@ def test_flatness_reads_the_ratio_without_activations_and_counts_the_bases():
 @pytest.mark.parametrize("stage", ["curvature", "train_randlora"])
 def test_graph_stages_read_their_graph_over_the_activations_and_head_only_has_none(stage):
     # curvature and adapter training hold a few kilobytes of scalings; their graph is 14 x one batch's activations
-    # at both sizes while the bases grow with hidden squared: flat in graph / activations, not in
-    # (peak - act) / (held + bases)
+    # at both sizes while the bases (and the converted copy a RandLoRA training step caches) grow with hidden
+    # squared: flat in graph / activations, not in (peak - act) / (held + bases)
     cases = []
     for hidden, act, bases in ((64, 50_000, 64_000), (128, 100_000, 256_000)):
-        c = _case(hidden, stage, 0.0, shared_bases_bytes=bases, activation_bytes=act)
+        cache = bases // 4 if stage == "train_randlora" else None
+        c = _case(hidden, stage, 0.0, shared_bases_bytes=bases, activation_bytes=act, bases_cache_bytes=cache)
         c["held_bytes"] = hidden * 10
-        c["peak_rss_above_base_bytes"] = 14 * act + bases + c["held_bytes"]
+        c["peak_rss_above_base_bytes"] = 14 * act + bases + (cache or 0) + c["held_bytes"]
         c["ratio"] = c["peak_rss_above_base_bytes"] / c["held_bytes"]
         cases.append(c)
     cases += [_case(64, "head_only", 0.3), _case(128, "head_only", 0.15)]  # nothing held: 0.3 vs 0.15 is no spread
@@ -192,3 +193,24 @@ def test_training_calibration_runs_and_counts_at_least_the_matmuls():
     m = plan.measure_train("cpu", layers=1, batch=1, steps=1, hidden=64, vocab=256)
     matmul = m["params"] - 256 * 64  # all but the embeddings multiply
     assert m["step_flops"] >= 6 * matmul * plan.SEQ and 0 < m["train_efficiency"] < 1 and m["step_s"] > 0
+
+
+@pytest.mark.parametrize("model", ["qwen2-0.5b", "llama3-8b"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_projected_bases_cache_is_what_a_training_step_converts(model, dtype):
+    # the closed form against the fast forward's cache after a real training step of the toolkit's RandLoRA
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from adapters.methods import MethodSpec, attach
+    from experiments.benchmarks.llm_scale_cases import RANKS, TARGETS, scaled_config
+    from experiments.benchmarks.llm_scale_worker import _bases_cache_bytes
+
+    config = scaled_config(model, 128, layers=2, vocab=64)
+    base = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
+    trainable = attach(base, MethodSpec("randlora", rank=RANKS["randlora"]), TARGETS)
+    assert _bases_cache_bytes(trainable) == 0  # nothing converted before the first forward
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        loss = trainable(input_ids=torch.zeros(1, 5, dtype=torch.long)).logits.float().sum()
+    loss.backward()
+    assert llm_scale.randlora_bases_cache_bytes(config, dtype) == _bases_cache_bytes(trainable) > 0

@@ -165,6 +165,13 @@ class SharedBases:
         self.conversions += 1
         return a, b
 
+    def nbytes(self) -> int:
+        """Bytes of the converted slices held (each storage once): about the used part of the shared bases,
+        per layer shape, in the compute dtype; like the bases, it grows with the layers' size, not the batch."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for hit in self._cache.values() for t in hit[3:]}  # fmt: skip
+        return sum(storages.values())
+
 
 def _transformed(t: torch.Tensor) -> bool:
     """Whether ``t`` was made inside a torch.func transform (grad, jvp, vmap): it is bound to that transform's

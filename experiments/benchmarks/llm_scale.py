@@ -192,6 +192,17 @@ def randlora_bases_bytes(config, targets: tuple[str, ...] = TARGETS, r: int = RA
     return 4 * (r * small + big * math.ceil(small / r) * r)
 
 
+def randlora_bases_cache_bytes(
+    config, dtype: str, targets: tuple[str, ...] = TARGETS, r: int = RANKS["randlora"]
+) -> int:
+    """Bytes of the fast RandLoRA forward's converted bases in training (``bases_cache_bytes``,
+    :class:`adapters.methods.randlora.SharedBases`): per distinct (max(in, out), min(in, out)) of the ``targets``,
+    the slices A (r, 1, min) and B (max, n, r), n = ⌈min / r⌉, in the base's dtype (fp32 for a 4-bit base)."""
+    shapes = {(max(s), min(s)) for t, s in _linear_shapes(config).items() if t in targets}
+    floats = sum(r * small + big * math.ceil(small / r) * r for big, small in shapes)
+    return floats * (2 if dtype == "bfloat16" else 4)
+
+
 # hold a few MB of factors or scalings: their memory is a backward graph (an HVP's, a training step's), which
 # grows as one batch's activations (tokens × hidden × layers), not as what they hold
 GRAPH_STAGES = ("curvature", "train_lora", "train_randlora")
@@ -208,7 +219,7 @@ def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, act_8b
 
 def _graph_bytes(c: dict) -> int:
     """A :data:`GRAPH_STAGES` case's graph: its peak beyond what it holds (factors, RandLoRA's bases)."""
-    held = (c.get("shared_bases_bytes") or 0) + c["held_bytes"]
+    held = (c.get("shared_bases_bytes") or 0) + (c.get("bases_cache_bytes") or 0) + c["held_bytes"]
     return max(c["peak_rss_above_base_bytes"] - held, 0)
 
 
@@ -231,6 +242,7 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
         else:
             held = x["held_bytes"] * scale
         bases_8b = randlora_bases_bytes(c) if x.get("shared_bases_bytes") is not None else 0
+        bases_8b += randlora_bases_cache_bytes(c, dtype) if x.get("bases_cache_bytes") is not None else 0
         above = x["peak_rss_above_base_bytes"]
         activation = x.get("activation_bytes") or 0
         act_8b = activation * (c.hidden_size * c.num_hidden_layers) / (x["hidden"] * x["layers"])

@@ -117,6 +117,15 @@ def _bases_bytes(model: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+def _bases_cache_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the fast RandLoRA forward's converted bases (:class:`adapters.methods.randlora.SharedBases`), each
+    cache once: held for the whole run like the bases, beside the graph a step builds."""
+    from adapters.methods.randlora import randlora_layers
+
+    caches = {id(s): s for m in randlora_layers(model).values() if (s := m.__dict__.get("_fast_randlora"))}
+    return sum(state.shared.nbytes() for state in {id(s.shared): s for s in caches.values()}.values())
+
+
 def _tokens(ids) -> int:
     return sum(len(p) + len(c) for p, cands in ids for c in cands)
 
@@ -292,6 +301,7 @@ def _train_stage(model, method: str, data, labels, objective, extra: dict) -> in
     extra["trainable_params"] = sum(p.numel() for p in params)
     if method == "randlora":
         extra["shared_bases_bytes"] = _bases_bytes(trainable)
+        extra["bases_cache_bytes"] = _bases_cache_bytes(trainable)
     # a full-size update once in the model's dtype; adapters by their factors (fp32)
     return _model_bytes(model) if method == "ft" else sum(p.numel() * 4 for p in params)
 
