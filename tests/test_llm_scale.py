@@ -214,3 +214,20 @@ def test_projected_bases_cache_is_what_a_training_step_converts(model, dtype):
         loss = trainable(input_ids=torch.zeros(1, 5, dtype=torch.long)).logits.float().sum()
     loss.backward()
     assert llm_scale.randlora_bases_cache_bytes(config, dtype) == _bases_cache_bytes(trainable) > 0
+
+
+def test_randlora_training_projects_the_larger_of_its_step_and_the_making_of_its_bases():
+    # attach() makes the bases once (here 3x their bytes at its peak); the step's graph is read after it
+    from experiments.benchmarks.llm_scale_plan import full_config
+
+    c = _case(2048, "train_randlora", 0.0, shared_bases_bytes=400_000, bases_cache_bytes=50_000, activation_bytes=1)
+    c["held_bytes"] = 1_000
+    c["peak_rss_above_base_bytes"] = 400_000 + 50_000 + 1_000 + 2  # the graph: twice one batch's activations
+    project = {p["stage"]: p for p in llm_scale.project([c])}
+    plain = project["train_randlora"]["projected_peak_bytes"]
+    made = {p["stage"]: p for p in llm_scale.project([{**c, "attach_peak_above_base_bytes": 1_200_000}])}
+    base = made["train_randlora"]["base_bytes_8b"]
+    bases = llm_scale.randlora_bases_bytes(full_config("llama3-8b"))
+    assert made["train_randlora"]["projected_peak_bytes"] == int(base + 3 * bases) > plain
+    small = {p["stage"]: p for p in llm_scale.project([{**c, "attach_peak_above_base_bytes": 100}])}
+    assert small["train_randlora"]["projected_peak_bytes"] == plain  # the step's peak is the larger

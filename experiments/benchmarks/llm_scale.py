@@ -34,7 +34,8 @@ the RSS (the loaded base), restarts the peak counter (``/proc/self/clear_refs``)
   :func:`adapters.objectives.score` over the evaluation set;
 - ``train_ft`` / ``train_lora`` / ``train_randlora``: 2 optimizer steps of :func:`adapters.train.train`
   (AdamW, batch 4) on the model :func:`adapters.methods.attach` makes: a copy of the base for FT (refused
-  on a 4-bit base, recorded as skipped), an adapter on a skeleton sharing the base's tensors;
+  on a 4-bit base, recorded as skipped), an adapter on a skeleton sharing the base's tensors; the peak of
+  attach() alone (peft making RandLoRA's bases) is ``attach_peak_above_base_bytes``, the stage's is the steps';
 - ``plane``: the factored chart through the three solutions (:func:`landscape.engine.factored.build_chart`) and a
   2 × 2 grid (:func:`landscape.engine.grid.run_grid`) — the plane and the grid are this one stage here;
 - ``paths``: :func:`landscape.paths.compute_paths`, 3 points per pair, factored;
@@ -251,6 +252,9 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             peak = max(above / x["model_bytes"], 1.0) * base_bytes
         elif stage in GRAPH_STAGES:
             peak = _graph_peak_8b(x, base_bytes, held, bases_8b, act_8b)
+            if x.get("attach_peak_above_base_bytes") and x.get("shared_bases_bytes"):  # making the bases, once
+                making = x["attach_peak_above_base_bytes"] / x["shared_bases_bytes"] * randlora_bases_bytes(c)
+                peak = max(peak, base_bytes + making)
         else:  # the base + the stage's own memory per held byte (bases included) × held at 8B + activations scaled
             per_held = max(above - activation, 0) / (x["held_bytes"] + (x.get("shared_bases_bytes") or 0))
             peak = base_bytes + per_held * (held + bases_8b) + act_8b
