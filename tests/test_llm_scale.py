@@ -231,3 +231,17 @@ def test_randlora_training_projects_the_larger_of_its_step_and_the_making_of_its
     assert made["train_randlora"]["projected_peak_bytes"] == int(base + 3 * bases) > plain
     small = {p["stage"]: p for p in llm_scale.project([{**c, "attach_peak_above_base_bytes": 100}])}
     assert small["train_randlora"]["projected_peak_bytes"] == plain  # the step's peak is the larger
+
+
+def test_saved_graph_counts_what_one_backward_holds_once_per_forward():
+    # Linear then tanh: autograd keeps the Linear's input (for its weight's gradient) and tanh's output; the weight
+    # is the model's own and is not counted; two forwards give the larger one's graph, not their sum
+    import torch
+
+    from experiments.benchmarks.llm_scale_worker import _saved_graph
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh())
+    with _saved_graph(model) as graph:
+        for batch in (8, 20, 4):
+            model(torch.randn(batch, 32)).sum().backward()
+    assert graph["max"] == 2 * 20 * 32 * 4

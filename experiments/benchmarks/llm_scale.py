@@ -60,7 +60,11 @@ are large next to a 4-layer model (about max(out)² × 4 B) and small next to a 
 Llama-3-8B). **Flatness** (target ≤ 1.15): max / min over the sizes of that reading, per (model, dtype,
 source, stage); of the ratio for ``load``; for ``curvature`` of ``graph_over_activations`` = (peak − bases −
 held) / one batch's activations (in adapter coordinates it holds kilobytes of RandLoRA's scalings and the
-growth is the Hessian-vector product's graph, which the projection scales as activations); head_only and
+growth is the Hessian-vector product's graph, which the projection scales as activations); for adapter
+training of ``graph_over_saved`` = (peak − bases and their converted copy − factors) / ``saved_graph_bytes``, the
+bytes its forward saved for the backward, counted with ``saved_tensors_hooks`` (a forward's peak, the
+activations' yardstick elsewhere, follows the largest single tensor — the logits or the MLP's — not the sum over
+layers a graph keeps); head_only and
 checkpoint hold nothing besides the base and have none. ``--merge`` lets a later run's case replace the same
 (model, size, dtype, source, stage) of an earlier one (marked ``rerun``).
 
@@ -303,7 +307,8 @@ def table(result: dict) -> str:
     lines.append(
         "-act = (peak - one batch's activations) / (held + RandLoRA's shared bases, counted as its factors); "
         "-bases = (peak - act - bases) / held.\nflatness (max/min over sizes of -act; of ratio for load; of "
-        "(peak - bases - held) / act for curvature, its graph; per model, dtype, source, stage; target <= 1.15; "
+        "(peak - bases - held) / act for curvature, its graph, and of (peak - bases and their converted copy - held) "
+        "/ the bytes its forward saved for adapter training; per model, dtype, source, stage; target <= 1.15; "
         "head_only and checkpoint, which hold nothing, left out):"
     )
     for key, spread in result["flatness"].items():
@@ -332,14 +337,15 @@ NOTHING_HELD = ("head_only", "checkpoint")  # hold nothing besides the base: the
 def flatness_reading(c: dict) -> float | None:
     """The reading whose spread over sizes is the flatness: the load's ratio; for :data:`GRAPH_STAGES` the graph
     over one batch's activations (``graph_over_activations``: the peak less what the stage holds — its factors and
-    RandLoRA's shared bases — over the activations); any other stage's ``ratio_without_activations``; None for the
-    stages that hold nothing (:data:`NOTHING_HELD`)."""
+    RandLoRA's shared bases — over the activations), for training over the bytes its forward saved for the
+    backward, counted (``graph_over_saved``: over ``saved_graph_bytes``); any other stage's
+    ``ratio_without_activations``; None for the stages that hold nothing (:data:`NOTHING_HELD`)."""
     if c.get("stage") in NOTHING_HELD or "skipped" in c:
         return None
     if c.get("stage") == "load":
         return c.get("ratio")
-    if c.get("stage") in GRAPH_STAGES:
-        return c.get("graph_over_activations")
+    if c.get("stage") in GRAPH_STAGES:  # training counts its saved graph; older runs and curvature have the peak
+        return c.get("graph_over_saved") or c.get("graph_over_activations")
     return c.get("ratio_without_activations")
 
 
@@ -367,6 +373,8 @@ def summarise(result: dict) -> dict:
                 c["ratio_without_activations_and_bases"] = max(above - bases, 0) / c["held_bytes"]
             if c["stage"] in GRAPH_STAGES and c.get("activation_bytes"):
                 c["graph_over_activations"] = _graph_bytes(c) / c["activation_bytes"]
+            if c["stage"] in GRAPH_STAGES and c.get("saved_graph_bytes"):
+                c["graph_over_saved"] = _graph_bytes(c) / c["saved_graph_bytes"]
             if c.get("curve_state_bytes"):  # curves: its own memory over the bend, its gradient and 2 moments
                 c["curve_over_state"] = max(above - bases - c["solutions_bytes"], 0) / c["curve_state_bytes"]
     from experiments.benchmarks import llm_scale_plan  # FT under --fsdp and the grid on 1-8 GPUs

@@ -6,6 +6,7 @@ stage holds, one batch's activations, tokens/s against the plain transformers lo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -308,7 +309,9 @@ def _train_stage(model, method: str, data, labels, objective, extra: dict, resta
     storage = next(p.dtype for p in model.parameters() if p.is_floating_point())
     autocast = "bfloat16" if storage == torch.bfloat16 else "none"
     config = TrainConfig(steps=2, batch_size=4, lr=1e-4, autocast=autocast)
-    history = train(trainable, data, labels, config, "cpu", progress=False, objective=objective)
+    with _saved_graph(trainable) as graph:
+        history = train(trainable, data, labels, config, "cpu", progress=False, objective=objective)
+    extra["saved_graph_bytes"] = graph["max"]
     extra["train_loss"] = history["train_loss"]
     params = [p for p in trainable.parameters() if p.requires_grad]
     extra["trainable_params"] = sum(p.numel() for p in params)
@@ -317,6 +320,35 @@ def _train_stage(model, method: str, data, labels, objective, extra: dict, resta
         extra["bases_cache_bytes"] = _bases_cache_bytes(trainable)
     # a full-size update once in the model's dtype; adapters by their factors (fp32)
     return _model_bytes(model) if method == "ft" else sum(p.numel() * 4 for p in params)
+
+
+@contextlib.contextmanager
+def _saved_graph(model: torch.nn.Module):
+    """The most bytes autograd saved for one backward: per forward of ``model`` (and the loss after it, until the
+    next forward), the storages packed by ``saved_tensors_hooks`` that are no parameter or buffer of the model,
+    each once; yields {"max": bytes}, final on exit. The activations a training step's graph holds, counted, not
+    estimated from a forward's peak."""
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    current: dict[int, int] = {}
+    result = {"max": 0}
+
+    def close(*_) -> None:
+        result["max"] = max(result["max"], sum(current.values()))
+        current.clear()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            current[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    hook = model.register_forward_pre_hook(close)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield result
+    finally:
+        hook.remove()
+        close()
 
 
 def _solutions_bytes(model, solutions: dict) -> int:
