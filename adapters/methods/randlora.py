@@ -205,22 +205,23 @@ def shared_bases(layer, dtype: torch.dtype | None = None) -> SharedBases:
 def scaled_bases(layer, adapter: str, lam, gam, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """peft's ``get_scaled_bases`` on the cached bases and the given λ, γ: (first, second), ΔW = second @ first.
 
-    ``layer`` is any peft RandLoRA layer (peft's Linear or :class:`adapters.methods.layers.RandLoraWeight`).
+    peft's own expression with peft's ``UniqueBaseGrad`` (so the basis layout is peft's), on the slices
+    :class:`SharedBases` keeps in ``dtype``, less one step: on CPU peft casts half-precision bases to fp32 on
+    every call, a copy of the layer's whole B slice (max(in, out) × K) that this forward would then round back;
+    here only the scaled factor is made (K × min(in, out), fp32 from the fp32 λ, γ, then ``dtype``), the other
+    is a view of the cache. ``layer`` is any peft RandLoRA layer (peft's Linear or
+    :class:`adapters.methods.layers.RandLoraWeight`).
     """
+    from peft.tuners.randlora.layer import UniqueBaseGrad
+
     state = layer.__dict__.get("_fast_randlora")
     shared = state.shared if state is not None else shared_bases(layer)
-    a, b = shared.get(layer, adapter, device, dtype)
-    proxy = types.SimpleNamespace(
-        randlora_A={adapter: a},
-        randlora_B={adapter: b},
-        randlora_lambda={adapter: lam},
-        randlora_gamma={adapter: gam},
-        in_features=layer.in_features,
-        out_features=layer.out_features,
-        num_bases=layer.num_bases,
-    )
-    first, second = _peft_linear().get_scaled_bases(proxy, adapter, device=device)
-    return first.to(dtype), second.to(dtype)
+    a, b = shared.get(layer, adapter, device, dtype)  # A (r, ·, min), B (max, n, r): peft's slices for this shape
+    update_b = b.flatten(start_dim=1)  # (max, n·r), a view of the contiguous cache
+    update_a = UniqueBaseGrad.apply(a, lam.to(device), gam.to(device)).flatten(end_dim=1).to(dtype)  # (r·n, min)
+    if min(layer.in_features, layer.out_features) == layer.in_features:
+        return update_a, update_b
+    return update_b.T, update_a.T
 
 
 def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
@@ -398,15 +399,19 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     state.counts[path] += 1
     previous_dtype = x.dtype
 
-    def build(lam_, gam_):
-        return scaled_bases(self, adapter, lam_, gam_, x.device, dtype)
-
     if path == "factored":  # peft's expression, on the cached bases, without its saved weight-sized copies
         device = x.device.type
         compute = torch.get_autocast_dtype(device) if autocast_enabled(device) else dtype
         scaled_first = self.in_features <= self.out_features  # peft scales the factor on the smaller side
-        adapter_out = _FactoredLinear.apply(x, lam, gam, build, scaling, compute, scaled_first)
+
+        def build_in_compute(lam_, gam_):  # bases cached as autocast would round them: no per-call cast of B
+            return scaled_bases(self, adapter, lam_, gam_, x.device, compute)
+
+        adapter_out = _FactoredLinear.apply(x, lam, gam, build_in_compute, scaling, compute, scaled_first)
         return (self.base_layer(x) + adapter_out).to(previous_dtype)
+
+    def build(lam_, gam_):
+        return scaled_bases(self, adapter, lam_, gam_, x.device, dtype)
 
     result = _MaterializedLinear.apply(x.to(dtype), base.weight, base.bias, lam, gam, build, scaling, state.keep_weight)
     return result.to(previous_dtype)
