@@ -311,49 +311,57 @@ def _first_derivative_only() -> None:
 
 
 class _FactoredLinear(torch.autograd.Function):
-    """s·(x·firstᵀ)·secondᵀ with (first, second) = the scaled bases of (λ, γ), in ``compute`` dtype.
+    """s·(x·firstᵀ)·secondᵀ: peft's RandLoRA expression on the cached bases, in ``compute`` dtype.
 
-    peft's expression leaves autograd holding, per adapted layer until the backward, the scaled factor
-    (K×d) and, under autocast, a low-precision copy of each factor (K×d and D×K): tensors that grow with
-    the layer, not with the batch, which made RandLoRA training's memory grow with model size. This
-    saves x, λ, γ and, when the scaled factor is ``second`` (in > out), h = x·firstᵀ (T×K, batch-sized),
-    and rebuilds the scaled bases in the backward (elementwise, K×d) from the cached bases. The
-    multiply-adds are peft's: two T×K products forward, three backward.
+    ``bases()`` gives the cached slices A (r, ·, d) and B (D, n, r) of the layer's shape; peft's
+    ``UniqueBaseGrad`` scales A into S = λ·A·γ (K×d, K = r·n), and (first, second) = (S, B) when in ≤ out,
+    else (Bᵀ, Sᵀ), B flattened to D×K. peft's own forward leaves autograd holding, per adapted layer until
+    the backward, S and, under autocast, low-precision copies of S and B: tensors that grow with the layer,
+    not the batch, which made RandLoRA training's memory grow with model size. This saves x, λ, γ and, when
+    in > out, h = x·firstᵀ (T×K, batch-sized); the backward rebuilds S where it needs it and gets λ's and γ's
+    gradients from G = ∂L/∂S with two contractions of G·A (UniqueBaseGrad's backward without its einsum's
+    K×d intermediates). The multiply-adds are peft's: two T×K products forward, three backward.
     """
 
     @staticmethod
-    def forward(ctx, x, lam, gam, build, scaling, compute, scaled_first):
-        first, second = build(lam, gam)
+    def forward(ctx, x, lam, gam, bases, scaling, compute, scaled_first):
+        from peft.tuners.randlora.layer import UniqueBaseGrad
+
+        a, b = bases()
+        scaled = UniqueBaseGrad.apply(a, lam, gam).flatten(end_dim=1).to(compute)  # S, K×d
+        full = b.flatten(start_dim=1)  # B, D×K: a view of the cache
+        first, second = (scaled, full) if scaled_first else (full.t(), scaled.t())
         with torch.autocast(x.device.type, enabled=False):  # ``compute`` already says what autocast would
-            h = F.linear(x.to(compute), first.to(compute))
-            y = F.linear(h, second.to(compute)) * scaling
-        ctx.build, ctx.scaling, ctx.compute, ctx.scaled_first = build, scaling, compute, scaled_first
+            h = F.linear(x.to(compute), first)
+            y = F.linear(h, second) * scaling
+        ctx.bases, ctx.scaling, ctx.compute, ctx.scaled_first = bases, scaling, compute, scaled_first
         ctx.save_for_backward(x, lam, gam, None if scaled_first else h)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
+        from peft.tuners.randlora.layer import UniqueBaseGrad
+
         _first_derivative_only()
         x, lam, gam, h = ctx.saved_tensors
         need_x, need_lam, need_gam = ctx.needs_input_grad[:3]
+        a, b = ctx.bases()
+        full = b.flatten(start_dim=1)
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.compute) * ctx.scaling
-        with torch.enable_grad():
-            lam_ = lam.detach().requires_grad_(need_lam)
-            gam_ = gam.detach().requires_grad_(need_gam)
-            first, second = ctx.build(lam_, gam_)
-        grad_h = gy @ second.detach().to(ctx.compute)  # T×K
+        x2 = x.reshape(-1, x.shape[-1])
+        scaled = None
+        if need_x or not ctx.scaled_first:
+            scaled = UniqueBaseGrad.apply(a, lam, gam).flatten(end_dim=1).to(ctx.compute)
+        grad_h = gy @ (full if ctx.scaled_first else scaled.t())  # T×K
         grad_x = grad_lam = grad_gam = None
         if need_lam or need_gam:
-            if ctx.scaled_first:  # first = scaled A (K×in), second = B (out×K)
-                scaled, grad_scaled = first, grad_h.t() @ x.reshape(-1, x.shape[-1]).to(ctx.compute)
-            else:  # first = Bᵀ (K×in), second = scaled Aᵀ (out×K)
-                scaled, grad_scaled = second, gy.t() @ h.reshape(-1, h.shape[-1])
-            inputs = [t for t, need in ((lam_, need_lam), (gam_, need_gam)) if need]
-            found = iter(torch.autograd.grad(scaled, inputs, grad_scaled.to(scaled.dtype)))
-            grad_lam = next(found) if need_lam else None
-            grad_gam = next(found) if need_gam else None
+            # G = ∂L/∂S (K×d): from first = S (in ≤ out) or second = Sᵀ (in > out)
+            g = grad_h.t() @ x2.to(ctx.compute) if ctx.scaled_first else h.reshape(-1, h.shape[-1]).t() @ gy
+            ga = g.float().view(a.shape[0], -1, a.shape[-1]).mul_(a.float())  # G·A, (r, n, d); g is not reused
+            grad_lam = torch.einsum("kbj,bj->kb", ga, gam.float()).to(lam.dtype) if need_lam else None
+            grad_gam = torch.einsum("kbj,kb->bj", ga, lam.float()).to(gam.dtype) if need_gam else None
         if need_x:
-            grad_x = (grad_h @ first.detach().to(ctx.compute)).reshape(x.shape).to(x.dtype)
+            grad_x = (grad_h @ (scaled if ctx.scaled_first else full.t())).reshape(x.shape).to(x.dtype)
         return grad_x, grad_lam, grad_gam, None, None, None, None
 
 
@@ -404,10 +412,10 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         compute = torch.get_autocast_dtype(device) if autocast_enabled(device) else dtype
         scaled_first = self.in_features <= self.out_features  # peft scales the factor on the smaller side
 
-        def build_in_compute(lam_, gam_):  # bases cached as autocast would round them: no per-call cast of B
-            return scaled_bases(self, adapter, lam_, gam_, x.device, compute)
+        def bases():  # cached as autocast would round them: no per-call cast of B
+            return state.shared.get(self, adapter, x.device, compute)
 
-        adapter_out = _FactoredLinear.apply(x, lam, gam, build_in_compute, scaling, compute, scaled_first)
+        adapter_out = _FactoredLinear.apply(x, lam, gam, bases, scaling, compute, scaled_first)
         return (self.base_layer(x) + adapter_out).to(previous_dtype)
 
     def build(lam_, gam_):
