@@ -310,25 +310,50 @@ def _first_derivative_only() -> None:
         )
 
 
+# The scaled factor S = λ·A·γ and its gradients, over slices of the r rows of A: fp32 products (λ, γ are fp32)
+# one slice at a time, so the fp32 scratch of a layer is K×d / _SLICES, not K×d beside its compute-dtype copy.
+_SLICES = 8
+
+
+def _scaled(a: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """S = λ[:, :, None]·A·γ[None] (peft's ``UniqueBaseGrad`` forward, the same expression), K×d in ``dtype``."""
+    rows, bases_n = lam.shape
+    out = torch.empty(rows, bases_n, a.shape[-1], dtype=dtype, device=a.device)
+    step = -(-rows // _SLICES)
+    for k in range(0, rows, step):
+        out[k : k + step] = lam[k : k + step, :, None] * a[k : k + step] * gam[None]
+    return out.flatten(end_dim=1)
+
+
+def _scale_grads(g: torch.Tensor, a: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor):
+    """(∂L/∂λ, ∂L/∂γ) from G = ∂L/∂S (r, n, d): Σ_j G·A·γ and Σ_k G·A·λ (``UniqueBaseGrad``'s backward), fp32."""
+    grad_lam = torch.empty(lam.shape, dtype=torch.float32, device=g.device)
+    grad_gam = torch.zeros(gam.shape, dtype=torch.float32, device=g.device)
+    step = -(-lam.shape[0] // _SLICES)
+    for k in range(0, lam.shape[0], step):
+        ga = g[k : k + step].float().mul_(a[k : k + step].float())
+        grad_lam[k : k + step] = torch.einsum("kbj,bj->kb", ga, gam.float())
+        grad_gam += torch.einsum("kbj,kb->bj", ga, lam[k : k + step].float())
+    return grad_lam, grad_gam
+
+
 class _FactoredLinear(torch.autograd.Function):
     """s·(x·firstᵀ)·secondᵀ: peft's RandLoRA expression on the cached bases, in ``compute`` dtype.
 
-    ``bases()`` gives the cached slices A (r, ·, d) and B (D, n, r) of the layer's shape; peft's
-    ``UniqueBaseGrad`` scales A into S = λ·A·γ (K×d, K = r·n), and (first, second) = (S, B) when in ≤ out,
-    else (Bᵀ, Sᵀ), B flattened to D×K. peft's own forward leaves autograd holding, per adapted layer until
-    the backward, S and, under autocast, low-precision copies of S and B: tensors that grow with the layer,
-    not the batch, which made RandLoRA training's memory grow with model size. This saves x, λ, γ and, when
-    in > out, h = x·firstᵀ (T×K, batch-sized); the backward rebuilds S where it needs it and gets λ's and γ's
-    gradients from G = ∂L/∂S with two contractions of G·A (UniqueBaseGrad's backward without its einsum's
-    K×d intermediates). The multiply-adds are peft's: two T×K products forward, three backward.
+    ``bases()`` gives the cached slices A (r, ·, d) and B (D, n, r) of the layer's shape; A is scaled into
+    S = λ·A·γ (K×d, K = r·n; :func:`_scaled`, peft's ``UniqueBaseGrad`` expression) and (first, second) =
+    (S, B) when in ≤ out, else (Bᵀ, Sᵀ), B flattened to D×K. peft's own forward leaves autograd holding, per
+    adapted layer until the backward, S and, under autocast, low-precision copies of S and B: tensors that
+    grow with the layer, not the batch, which made RandLoRA training's memory grow with model size. This
+    saves x, λ, γ and, when in > out, h = x·firstᵀ (T×K, batch-sized); the backward rebuilds S where it needs
+    it and gets λ's and γ's gradients from G = ∂L/∂S (:func:`_scale_grads`). The multiply-adds are peft's:
+    two T×K products forward, three backward.
     """
 
     @staticmethod
     def forward(ctx, x, lam, gam, bases, scaling, compute, scaled_first):
-        from peft.tuners.randlora.layer import UniqueBaseGrad
-
         a, b = bases()
-        scaled = UniqueBaseGrad.apply(a, lam, gam).flatten(end_dim=1).to(compute)  # S, K×d
+        scaled = _scaled(a, lam, gam, compute)  # S, K×d
         full = b.flatten(start_dim=1)  # B, D×K: a view of the cache
         first, second = (scaled, full) if scaled_first else (full.t(), scaled.t())
         with torch.autocast(x.device.type, enabled=False):  # ``compute`` already says what autocast would
@@ -340,8 +365,6 @@ class _FactoredLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        from peft.tuners.randlora.layer import UniqueBaseGrad
-
         _first_derivative_only()
         x, lam, gam, h = ctx.saved_tensors
         need_x, need_lam, need_gam = ctx.needs_input_grad[:3]
@@ -351,15 +374,15 @@ class _FactoredLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         scaled = None
         if need_x or not ctx.scaled_first:
-            scaled = UniqueBaseGrad.apply(a, lam, gam).flatten(end_dim=1).to(ctx.compute)
+            scaled = _scaled(a, lam, gam, ctx.compute)
         grad_h = gy @ (full if ctx.scaled_first else scaled.t())  # T×K
         grad_x = grad_lam = grad_gam = None
         if need_lam or need_gam:
             # G = ∂L/∂S (K×d): from first = S (in ≤ out) or second = Sᵀ (in > out)
             g = grad_h.t() @ x2.to(ctx.compute) if ctx.scaled_first else h.reshape(-1, h.shape[-1]).t() @ gy
-            ga = g.float().view(a.shape[0], -1, a.shape[-1]).mul_(a.float())  # G·A, (r, n, d); g is not reused
-            grad_lam = torch.einsum("kbj,bj->kb", ga, gam.float()).to(lam.dtype) if need_lam else None
-            grad_gam = torch.einsum("kbj,kb->bj", ga, lam.float()).to(gam.dtype) if need_gam else None
+            grad_lam, grad_gam = _scale_grads(g.view(a.shape[0], -1, a.shape[-1]), a, lam, gam)
+            grad_lam = grad_lam.to(lam.dtype) if need_lam else None
+            grad_gam = grad_gam.to(gam.dtype) if need_gam else None
         if need_x:
             grad_x = (grad_h @ (scaled if ctx.scaled_first else full.t())).reshape(x.shape).to(x.dtype)
         return grad_x, grad_lam, grad_gam, None, None, None, None
