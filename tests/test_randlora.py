@@ -275,6 +275,8 @@ def test_fast_forward_beside_a_4bit_base_matches_peft_bitsandbytes_layer():
     fast = copy.deepcopy(ref)
     plan = enable_fast_randlora(fast, "auto")
     assert len(plan) == len(TARGETS)  # peft's bitsandbytes layers are found and given the fast forward
+    assert {info["mode"] for info in plan.values()} == {"factored"}
+    assert not any("train_threshold_tokens" in info for info in plan.values())
     x = torch.randn(4, 100, 24)  # enough tokens that auto would materialize a dense layer
     y_ref, gx_ref, g_ref = _run(ref, x)
     y, gx, g = _run(fast, x)

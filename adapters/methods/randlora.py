@@ -488,8 +488,9 @@ def enable_fast_randlora(
         adapter = next(iter(layer.randlora_lambda), None)
         rank = layer.r.get(adapter, 0) if adapter is not None else 0
         info = {"shape": (layer.out_features, layer.in_features), "rank": rank, "num_bases": layer.num_bases}
-        info["mode"] = mode
-        if mode == "auto" and rank:
+        packed = is_packed(layer.get_base_layer())
+        info["mode"] = "factored" if packed else mode  # beside a 4-bit base the adapter never materializes
+        if mode == "auto" and rank and not packed:
             args = (layer.in_features, layer.out_features, rank, layer.num_bases)
             info["train_threshold_tokens"] = threshold_tokens(*args, training=True, keep_weight=keep_weight)
             info["eval_threshold_tokens"] = threshold_tokens(*args, training=False)
