@@ -185,7 +185,7 @@ def test_save_and_load_round_trip_is_bit_identical(tmp_path):
 def test_compact_save_regenerates_identical_bases(tmp_path):
     from peft import PeftModel
 
-    from adapters.methods.randlora import BASES_FILE, save_compact, verify_bases
+    from adapters.methods.randlora_saving import BASES_FILE, save_compact, verify_bases
 
     model = _randlora()
     save_compact(model, tmp_path / "compact")

@@ -222,7 +222,7 @@ def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[s
     """
     from peft import PeftModel
 
-    from adapters.methods.randlora import BASES_FILE, verify_bases
+    from adapters.methods.randlora_saving import BASES_FILE, verify_bases
 
     if not (folder / "adapter_config.json").exists():
         raise UserError(f"{folder} has no adapter_config.json: the adapter weights are missing; re-train it")

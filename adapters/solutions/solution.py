@@ -170,7 +170,7 @@ def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: d
         if method == "randlora":
             # peft writes the shared random bases once per adapted layer (~350 MB for MiniLM); we store
             # none and a checksum instead: peft regenerates them from projection_prng_key on load.
-            from adapters.methods.randlora import save_compact
+            from adapters.methods.randlora_saving import save_compact
 
             save_compact(trained, tmp)
         elif method in ADAPTERS:

@@ -16,7 +16,7 @@ load hits them alike; ``peak_mem_bytes`` = peak memory
 over the warm-up steps above the level just before them (CPU: the process's peak RSS, reset
 through ``/proc/self/clear_refs`` after ``malloc_trim``, or a 1 ms RSS sampler where that is
 not allowed; GPU: ``torch.cuda.max_memory_allocated``); ``adapter_bytes`` = the files the tool
-saves: ``save_pretrained`` for ``lora`` and ``randlora_peft``, ``adapters.methods.randlora.save_compact``
+saves: ``save_pretrained`` for ``lora`` and ``randlora_peft``, ``adapters.methods.randlora_saving.save_compact``
 for ``randlora_ours``
 (no bases: peft regenerates them from their key, a stored checksum is verified; its
 ``save_pretrained`` size is ``adapter_bytes_peft_format``);
@@ -256,7 +256,7 @@ class Stepper:
 
 
 def adapter_bytes(model, compact: bool = False) -> int:
-    from adapters.methods.randlora import save_compact
+    from adapters.methods.randlora_saving import save_compact
 
     with tempfile.TemporaryDirectory() as folder:
         save_compact(model, folder) if compact else model.save_pretrained(folder)

@@ -81,7 +81,7 @@ def adapter_coordinates(
     from peft import PeftModel
 
     from adapters.deltas import skeleton
-    from adapters.methods.randlora import BASES_FILE, verify_bases
+    from adapters.methods.randlora_saving import BASES_FILE, verify_bases
     from adapters.solution import peft_config_of
 
     folder = solution.path
