@@ -20,9 +20,9 @@ peft model, a forward that picks per call between
   the λ/γ gradients from ``G = s·gradᵀ·x`` through peft's own graph (``get_scaled_bases`` →
   ``UniqueBaseGrad``).
 
-Both paths build the bases with peft's own ``get_scaled_bases`` (called on a light proxy
-that carries the cached bases and the layer's λ, γ), so the permuted basis layout is
-peft's by construction. Module structure, parameter and buffer names are untouched:
+Both paths scale peft's cached bases by peft's expression (``UniqueBaseGrad``'s λ·A·γ, the
+scaled factor on the layer's smaller side: :func:`scaled_bases`, :func:`_scaled`), so the
+basis layout is peft's; tested against peft's layer. Module structure, parameter and buffer names are untouched:
 ``save_pretrained`` / ``PeftModel.from_pretrained`` work as before.
 
 Choice rule (``mode="auto"``), multiply-adds beyond the frozen layer's own ``x·Wᵀ`` and its
@@ -219,9 +219,13 @@ def scaled_bases(layer, adapter: str, lam, gam, device, dtype) -> tuple[torch.Te
     a, b = shared.get(layer, adapter, device, dtype)  # A (r, ·, min), B (max, n, r): peft's slices for this shape
     update_b = b.flatten(start_dim=1)  # (max, n·r), a view of the contiguous cache
     update_a = UniqueBaseGrad.apply(a, lam.to(device), gam.to(device)).flatten(end_dim=1).to(dtype)  # (r·n, min)
-    if min(layer.in_features, layer.out_features) == layer.in_features:
-        return update_a, update_b
-    return update_b.T, update_a.T
+    return _ordered(update_a, update_b, layer.in_features <= layer.out_features)
+
+
+def _ordered(scaled: torch.Tensor, full: torch.Tensor, scaled_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second), ΔW = second @ first, as peft's ``get_scaled_bases`` orders them: the scaled factor (K×d)
+    on the layer's smaller side — first when in ≤ out, else transposed second — and B (D×K) on the other."""
+    return (scaled, full) if scaled_first else (full.t(), scaled.t())
 
 
 def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
@@ -355,7 +359,7 @@ class _FactoredLinear(torch.autograd.Function):
         a, b = bases()
         scaled = _scaled(a, lam, gam, compute)  # S, K×d
         full = b.flatten(start_dim=1)  # B, D×K: a view of the cache
-        first, second = (scaled, full) if scaled_first else (full.t(), scaled.t())
+        first, second = _ordered(scaled, full, scaled_first)
         with torch.autocast(x.device.type, enabled=False):  # ``compute`` already says what autocast would
             h = F.linear(x.to(compute), first)
             y = F.linear(h, second) * scaling

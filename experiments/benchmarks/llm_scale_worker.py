@@ -123,8 +123,9 @@ def _bases_cache_bytes(model: torch.nn.Module) -> int:
     cache once: held for the whole run like the bases, beside the graph a step builds."""
     from adapters.methods.randlora import randlora_layers
 
-    caches = {id(s): s for m in randlora_layers(model).values() if (s := m.__dict__.get("_fast_randlora"))}
-    return sum(state.shared.nbytes() for state in {id(s.shared): s for s in caches.values()}.values())
+    states = [m.__dict__.get("_fast_randlora") for m in randlora_layers(model).values()]
+    caches = {id(state.shared): state.shared for state in states if state is not None}
+    return sum(cache.nbytes() for cache in caches.values())
 
 
 def _tokens(ids) -> int:
