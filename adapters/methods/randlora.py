@@ -21,7 +21,7 @@ peft model, a forward that picks per call between
   ``UniqueBaseGrad``).
 
 Both paths scale peft's cached bases by peft's expression (``UniqueBaseGrad``'s λ·A·γ, the
-scaled factor on the layer's smaller side: :func:`scaled_bases`, :func:`_scaled`), so the
+scaled factor on the layer's smaller side: :func:`scaled_bases`, :func:`_scaled`, the latter a block at a time), so the
 basis layout is peft's; tested against peft's layer. Module structure, parameter and buffer names are untouched:
 ``save_pretrained`` / ``PeftModel.from_pretrained`` work as before.
 
@@ -314,55 +314,70 @@ def _first_derivative_only() -> None:
         )
 
 
-# The scaled factor S = λ·A·γ and its gradients, over slices of the r rows of A: fp32 products (λ, γ are fp32)
-# one slice at a time, so the fp32 scratch of a layer is K×d / _SLICES, not K×d beside its compute-dtype copy.
+# The scaled factor S = λ·A·γ (K×d) is never whole: each product that takes it runs over _SLICES blocks of it, of
+# A's r rows or of its d columns, whichever makes every block a separate part of the product's output (rows for
+# x·Sᵀ, columns for h·S; no partial sums, so each output element is one full reduction, rounded once as peft's).
+# A layer's scratch is then a block of S, one of G = ∂L/∂S and one fp32 G·A: K×d / _SLICES each, not K×d.
 _SLICES = 8
 
 
-def _scaled(a: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """S = λ[:, :, None]·A·γ[None] (peft's ``UniqueBaseGrad`` forward, the same expression), K×d in ``dtype``."""
-    rows, bases_n = lam.shape
-    out = torch.empty(rows, bases_n, a.shape[-1], dtype=dtype, device=a.device)
-    step = -(-rows // _SLICES)
-    for k in range(0, rows, step):
-        out[k : k + step] = lam[k : k + step, :, None] * a[k : k + step] * gam[None]
-    return out.flatten(end_dim=1)
+def _blocks(size: int) -> list[slice]:
+    step = -(-size // _SLICES)
+    return [slice(i, min(i + step, size)) for i in range(0, size, step)]
 
 
-def _scale_grads(g: torch.Tensor, a: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor):
-    """(∂L/∂λ, ∂L/∂γ) from G = ∂L/∂S (r, n, d): Σ_j G·A·γ and Σ_k G·A·λ (``UniqueBaseGrad``'s backward), fp32."""
-    grad_lam = torch.empty(lam.shape, dtype=torch.float32, device=g.device)
-    grad_gam = torch.zeros(gam.shape, dtype=torch.float32, device=g.device)
-    step = -(-lam.shape[0] // _SLICES)
-    for k in range(0, lam.shape[0], step):
-        ga = g[k : k + step].float().mul_(a[k : k + step].float())
-        grad_lam[k : k + step] = torch.einsum("kbj,bj->kb", ga, gam.float())
-        grad_gam += torch.einsum("kbj,kb->bj", ga, lam[k : k + step].float())
-    return grad_lam, grad_gam
+def _scaled(a: torch.Tensor, lam: torch.Tensor, gam: torch.Tensor, dtype: torch.dtype, rows=slice(None),
+            cols=slice(None)) -> torch.Tensor:  # fmt: skip
+    """S[rows, cols] = λ[rows, :, None]·A[rows, :, cols]·γ[None, :, cols] (peft's ``UniqueBaseGrad`` forward, fp32
+    from the fp32 λ, γ, then ``dtype``), flattened to (len(rows)·n) × len(cols): a block of S (K×d, K = r·n)."""
+    return (lam[rows, :, None] * a[rows, :, cols] * gam[None, :, cols]).to(dtype).flatten(end_dim=1)
+
+
+def _add_scale_grads(g, a, lam, gam, rows, cols, grad_lam, grad_gam) -> None:
+    """Adds to (∂L/∂λ, ∂L/∂γ), fp32, the terms of G's block (rows, cols), G = ∂L/∂S: Σ_j G·A·γ and Σ_k G·A·λ
+    (``UniqueBaseGrad``'s backward)."""
+    ga = g.float().view(-1, lam.shape[1], g.shape[-1])  # a fresh block (the .float() copy, or G's own block)
+    ga.mul_(a[rows, :, cols])
+    grad_lam[rows] += torch.einsum("kbj,bj->kb", ga, gam[:, cols].float())
+    grad_gam[:, cols] += torch.einsum("kbj,kb->bj", ga, lam[rows].float())
+
+
+def _row_span(rows: slice, n: int) -> slice:
+    """The flat K indices of A's rows ``rows`` (S is (r, n, d) flattened)."""
+    return slice(rows.start * n, rows.stop * n)
 
 
 class _FactoredLinear(torch.autograd.Function):
     """s·(x·firstᵀ)·secondᵀ: peft's RandLoRA expression on the cached bases, in ``compute`` dtype.
 
-    ``bases()`` gives the cached slices A (r, ·, d) and B (D, n, r) of the layer's shape; A is scaled into
+    ``bases()`` gives the cached slices A (r, n, d) and B (D, n, r) of the layer's shape; A scaled is
     S = λ·A·γ (K×d, K = r·n; :func:`_scaled`, peft's ``UniqueBaseGrad`` expression) and (first, second) =
     (S, B) when in ≤ out, else (Bᵀ, Sᵀ), B flattened to D×K. peft's own forward leaves autograd holding, per
     adapted layer until the backward, S and, under autocast, low-precision copies of S and B: tensors that
     grow with the layer, not the batch, which made RandLoRA training's memory grow with model size. This
-    saves x, λ, γ and, when in > out, h = x·firstᵀ (T×K, batch-sized); the backward rebuilds S where it needs
-    it and gets λ's and γ's gradients from G = ∂L/∂S (:func:`_scale_grads`). The multiply-adds are peft's:
-    two T×K products forward, three backward.
+    saves x, λ, γ and, when in > out, h = x·firstᵀ (T×K, batch-sized); S, and G = ∂L/∂S for λ's and γ's
+    gradients, are made a block at a time (see ``_SLICES``). The multiply-adds are peft's: two T×K products
+    forward, three backward.
     """
 
     @staticmethod
     def forward(ctx, x, lam, gam, bases, scaling, compute, scaled_first):
         a, b = bases()
-        scaled = _scaled(a, lam, gam, compute)  # S, K×d
         full = b.flatten(start_dim=1)  # B, D×K: a view of the cache
-        first, second = _ordered(scaled, full, scaled_first)
+        n = lam.shape[1]
         with torch.autocast(x.device.type, enabled=False):  # ``compute`` already says what autocast would
-            h = F.linear(x.to(compute), first)
-            y = F.linear(h, second) * scaling
+            xc = x.to(compute)
+            if scaled_first:  # h = x·Sᵀ by A's rows, y = h·Bᵀ
+                h = xc.new_empty(*x.shape[:-1], full.shape[1])
+                for rows in _blocks(a.shape[0]):
+                    h[..., _row_span(rows, n)] = F.linear(xc, _scaled(a, lam, gam, compute, rows=rows))
+                y = F.linear(h, full)
+            else:  # h = x·B, y = h·S by S's columns
+                h = F.linear(xc, full.t())
+                y = h.new_empty(*x.shape[:-1], a.shape[-1])
+                for cols in _blocks(a.shape[-1]):
+                    y[..., cols] = h @ _scaled(a, lam, gam, compute, cols=cols)
+            y = y * scaling
         ctx.bases, ctx.scaling, ctx.compute, ctx.scaled_first = bases, scaling, compute, scaled_first
         ctx.save_for_backward(x, lam, gam, None if scaled_first else h)
         return y
@@ -372,23 +387,37 @@ class _FactoredLinear(torch.autograd.Function):
         _first_derivative_only()
         x, lam, gam, h = ctx.saved_tensors
         need_x, need_lam, need_gam = ctx.needs_input_grad[:3]
+        need_scales = need_lam or need_gam
         a, b = ctx.bases()
         full = b.flatten(start_dim=1)
-        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(ctx.compute) * ctx.scaling
-        x2 = x.reshape(-1, x.shape[-1])
-        scaled = None
-        if need_x or not ctx.scaled_first:
-            scaled = _scaled(a, lam, gam, ctx.compute)
-        grad_h = gy @ (full if ctx.scaled_first else scaled.t())  # T×K
-        grad_x = grad_lam = grad_gam = None
-        if need_lam or need_gam:
-            # G = ∂L/∂S (K×d): from first = S (in ≤ out) or second = Sᵀ (in > out)
-            g = grad_h.t() @ x2.to(ctx.compute) if ctx.scaled_first else h.reshape(-1, h.shape[-1]).t() @ gy
-            grad_lam, grad_gam = _scale_grads(g.view(a.shape[0], -1, a.shape[-1]), a, lam, gam)
-            grad_lam = grad_lam.to(lam.dtype) if need_lam else None
-            grad_gam = grad_gam.to(gam.dtype) if need_gam else None
-        if need_x:
-            grad_x = (grad_h @ (scaled if ctx.scaled_first else full.t())).reshape(x.shape).to(x.dtype)
+        n, compute = lam.shape[1], ctx.compute
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(compute) * ctx.scaling
+        x2 = x.reshape(-1, x.shape[-1]).to(compute)
+        grad_lam = torch.zeros(lam.shape, dtype=torch.float32, device=lam.device)
+        grad_gam = torch.zeros(gam.shape, dtype=torch.float32, device=gam.device)
+        grad_x = None
+        if ctx.scaled_first:  # grad_h = gy·B; by S's columns: grad_x = grad_h·S, G = grad_hᵀ·x
+            grad_h = gy @ full
+            grad_x = x2.new_empty(x2.shape) if need_x else None
+            for cols in _blocks(a.shape[-1]):
+                if need_x:
+                    grad_x[:, cols] = grad_h @ _scaled(a, lam, gam, compute, cols=cols)
+                if need_scales:
+                    g = grad_h.t() @ x2[:, cols]
+                    _add_scale_grads(g, a, lam, gam, slice(None), cols, grad_lam, grad_gam)
+        else:  # by A's rows: grad_h = gy·Sᵀ, G = hᵀ·gy; then grad_x = grad_h·Bᵀ
+            h2 = h.reshape(-1, h.shape[-1])
+            grad_h = gy.new_empty(gy.shape[0], full.shape[1])
+            for rows in _blocks(a.shape[0]):
+                span = _row_span(rows, n)
+                grad_h[:, span] = gy @ _scaled(a, lam, gam, compute, rows=rows).t()
+                if need_scales:
+                    _add_scale_grads(h2[:, span].t() @ gy, a, lam, gam, rows, slice(None), grad_lam, grad_gam)
+            grad_x = grad_h @ full.t() if need_x else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        grad_lam = grad_lam.to(lam.dtype) if need_lam else None
+        grad_gam = grad_gam.to(gam.dtype) if need_gam else None
         return grad_x, grad_lam, grad_gam, None, None, None, None
 
 
