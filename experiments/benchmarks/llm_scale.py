@@ -18,7 +18,9 @@ saved once (fp32 safetensors, a word-level tokenizer) with its solutions:
   with :func:`adapters.solution.load_solution` (:mod:`adapters.foreign`).
 
 **Cases.** One per (model, size, dtype, source, stage), each in a FRESH spawned Python process, so its
-peak is its own. The process imports everything first (the architecture's module and the entry's tokenizer
+peak is its own. Its glibc ``MALLOC_MMAP_THRESHOLD_`` is recorded (``malloc_mmap_threshold``): 1 MiB, and 64
+KiB for adapter training, whose graph of activation-sized tensors crosses 1 MiB between the sizes
+(:func:`mmap_threshold`). The process imports everything first (the architecture's module and the entry's tokenizer
 included) and reads its RSS (the runtime's own overhead); ``load`` reports the peak of loading the base above
 it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the size:
 measured as three loads in one process, the second and third holding exactly the model's bytes), with
@@ -129,20 +131,37 @@ from experiments.benchmarks.llm_scale_cases import (
 )
 from experiments.benchmarks.llm_scale_worker import worker
 
+# glibc serves blocks under MALLOC_MMAP_THRESHOLD_ from its heap, which fragments and keeps freed blocks resident,
+# and mmaps the larger ones, which return to the system when freed; unset, the threshold rises to the largest block
+# freed so far. 1 MiB mmaps the per-module temporaries (weight-sized) at every size. An adapter training step's
+# graph is many activation-sized tensors, most of 0.25-0.9 MiB at hidden 512 and of 1-1.3 MiB at 2048 (fp32,
+# Llama-3 shape): at 1 MiB the small sizes' graphs were read with the heap's fragmentation, the large ones' without
+# (graph / saved bytes, LoRA: 1.83 / 1.75 / 1.34 at hidden 512 / 1024 / 2048; at 64 KiB 1.17 / 1.15 / 1.15), so
+# those stages run at 64 KiB, where every size's graph is mmapped.
+MMAP_THRESHOLD = 1 << 20
+GRAPH_MMAP_THRESHOLD = 1 << 16
+GRAPH_MMAP_STAGES = ("train_lora", "train_randlora")
+
+
+def mmap_threshold(stage: str) -> int:
+    """glibc's ``MALLOC_MMAP_THRESHOLD_`` for ``stage``'s process (the comment above)."""
+    return GRAPH_MMAP_THRESHOLD if stage in GRAPH_MMAP_STAGES else MMAP_THRESHOLD
+
 
 def run_case(case: Path, dtype: str, source: str, stage: str, samples: int, prompt_len: int,
              threads: int | None) -> dict:  # fmt: skip
-    """:func:`worker` in a fresh Python process; its last printed line, as JSON."""
+    """:func:`worker` in a fresh Python process; its last printed line, as JSON, with the process's
+    ``malloc_mmap_threshold``."""
     cmd = [sys.executable, "-m", "experiments.benchmarks.llm_scale", "--worker", str(case), dtype, source, stage,
            "--samples", str(samples), "--prompt-len", str(prompt_len)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold(stage))}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {done.returncode}: {tail[:300]}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc_mmap_threshold": mmap_threshold(stage)}
 
 
 # --------------------------------------------------------------------------- projection
