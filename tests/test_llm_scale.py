@@ -245,3 +245,33 @@ def test_saved_graph_counts_what_one_backward_holds_once_per_forward():
         for batch in (8, 20, 4):
             model(torch.randn(batch, 32)).sum().backward()
     assert graph["max"] == 2 * 20 * 32 * 4
+
+
+def test_a_4bit_training_step_makes_a_layers_dequantized_weight_the_scratch_graph_readings_leave_out():
+    # llm_scale's graph readings on a 4-bit base leave out one layer's fp32 weight (layer_scratch_bytes): to get the
+    # input's gradient, bitsandbytes' backward dequantizes the packed weight (its CPU forward does too, inside its
+    # gemm_4bit op, below what is recorded here); a dense base's LoRA step makes nothing of the weight's size
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from adapters.quant import disable_cpu_repacking
+    from tests.made import MadeTensors
+
+    def weight_sized_made(packed: bool) -> int:
+        torch.manual_seed(0)
+        layer = dense = torch.nn.Linear(64, 128)
+        if packed:
+            layer = bnb.nn.Linear4bit(64, 128, compute_dtype=torch.float32, quant_type="nf4")
+            layer.load_state_dict(dense.state_dict())
+            layer = layer.to("cpu")  # quantised here
+        model = torch.nn.Sequential(layer)
+        disable_cpu_repacking(model)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["0"]))
+        x = torch.randn(4, 64, requires_grad=True)  # a layer's input in a model: upstream adapters train
+        with MadeTensors() as made:
+            model(x).pow(2).sum().backward()
+        return sum(n == 64 * 128 for n in made.numels)
+
+    assert weight_sized_made(packed=True) == 1
+    assert weight_sized_made(packed=False) == 0

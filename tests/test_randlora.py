@@ -19,6 +19,7 @@ from adapters.methods.randlora import (
     randlora_layers,
     threshold_tokens,
 )
+from tests.made import MadeTensors
 
 TARGETS = ("up", "down", "square")
 RTOL = 1e-5  # of the reference's largest magnitude: fp32 sums in another order
@@ -304,23 +305,8 @@ def test_a_double_backward_through_the_fast_forward_fails_loudly(mode):
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64)])  # in < out (S = first), in > out (Sᵀ = second)
 def test_factored_step_never_makes_the_whole_scaled_factor(shape):
     # the per-layer scratch of a training step: S = λ·A·γ (K×d) and G = ∂L/∂S are made in blocks, so no tensor of a
-    # step is half of S; peft's own forward (the reference) makes S whole. Every op's outputs are recorded.
+    # step is half of S; peft's own forward (the reference) makes S whole. Every tensor the step makes is recorded.
     from peft import RandLoraConfig, get_peft_model
-    from torch.utils import _pytree as pytree
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Sizes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)}
-            for t in pytree.tree_leaves(out):
-                if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs:  # made, not a view
-                    self.largest = max(self.largest, t.numel())
-            return out
 
     torch.manual_seed(0)
     model = get_peft_model(nn.Sequential(nn.Linear(*shape)), RandLoraConfig(r=4, target_modules=["0"]))
@@ -331,9 +317,9 @@ def test_factored_step_never_makes_the_whole_scaled_factor(shape):
     def largest_made(fast: bool) -> int:
         (enable_fast_randlora if fast else disable_fast_randlora)(model, *(["factored"] if fast else []))
         model(x).sum().backward()  # the bases cache is filled outside the recording
-        with Sizes() as sizes:
+        with MadeTensors() as made:
             model(x).pow(2).sum().backward()
-        return sizes.largest
+        return max(made.numels)
 
     assert largest_made(fast=False) >= scaled_numel
     assert largest_made(fast=True) < scaled_numel / 2

@@ -66,7 +66,9 @@ growth is the Hessian-vector product's graph, which the projection scales as act
 training of ``graph_over_saved`` = (peak − bases and their converted copy − factors) / ``saved_graph_bytes``, the
 bytes its forward saved for the backward, counted with ``saved_tensors_hooks`` (a forward's peak, the
 activations' yardstick elsewhere, follows the largest single tensor — the logits or the MLP's — not the sum over
-layers a graph keeps); head_only and
+layers a graph keeps). On a 4-bit base both graph readings also leave out one layer's scratch, its weight
+dequantized by bitsandbytes for the forward and the backward (``layer_scratch_bytes``, fp32; 91 MB at hidden
+2048, where the 4-bit training graph exceeds fp32's by 82-89 MB: :func:`_graph_bytes`). head_only and
 checkpoint hold nothing besides the base and have none. ``--merge`` lets a later run's case replace the same
 (model, size, dtype, source, stage) of an earlier one (marked ``rerun``).
 
@@ -232,18 +234,24 @@ def randlora_bases_cache_bytes(
 GRAPH_STAGES = ("curvature", "train_lora", "train_randlora")
 
 
-def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, act_8b: float) -> float:
+def _graph_peak_8b(x: dict, base_bytes: int, held_8b: int, bases_8b: int, act_8b: float, layer_8b: int) -> float:
     """A :data:`GRAPH_STAGES` stage at 8B (curvature in adapter coordinates, adapter training): what it holds —
     its coordinate vectors or factors and RandLoRA's bases — at their 8B size, and what grows beyond them, the
     backward's graph (the forward's activations and, for curvature, their tangents; module docstring of
-    :mod:`landscape.curvature.hessian`), scaled as one batch's activations are."""
+    :mod:`landscape.curvature.hessian`), scaled as one batch's activations are; on a 4-bit base, one layer's
+    dequantized weight (fp32) at 8B besides (:func:`_graph_bytes`)."""
     per_activation = _graph_bytes(x) / x["activation_bytes"] if x.get("activation_bytes") else 0.0
-    return base_bytes + held_8b + bases_8b + per_activation * act_8b
+    scratch = layer_8b if x["dtype"] == "4bit" else 0
+    return base_bytes + held_8b + bases_8b + per_activation * act_8b + scratch
 
 
 def _graph_bytes(c: dict) -> int:
-    """A :data:`GRAPH_STAGES` case's graph: its peak beyond what it holds (factors, RandLoRA's bases)."""
+    """A :data:`GRAPH_STAGES` case's graph: its peak beyond what it holds (factors, RandLoRA's bases) and, on a
+    4-bit base, beyond one layer's scratch: bitsandbytes dequantizes each packed layer's weight, in the compute
+    dtype (fp32 here: ``layer_scratch_bytes``), for its forward and again for its backward."""
     held = (c.get("shared_bases_bytes") or 0) + (c.get("bases_cache_bytes") or 0) + c["held_bytes"]
+    if c["dtype"] == "4bit":
+        held += c.get("layer_scratch_bytes") or 0
     return max(c["peak_rss_above_base_bytes"] - held, 0)
 
 
@@ -274,7 +282,8 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             # maps the file, and its pages count only once a forward touches them)
             peak = max(above / x["model_bytes"], 1.0) * base_bytes
         elif stage in GRAPH_STAGES:
-            peak = _graph_peak_8b(x, base_bytes, held, bases_8b, act_8b)
+            layer_8b = max(c.intermediate_size * c.hidden_size, c.hidden_size**2) * 4
+            peak = _graph_peak_8b(x, base_bytes, held, bases_8b, act_8b, layer_8b)
             if x.get("attach_peak_above_base_bytes") and x.get("shared_bases_bytes"):  # making the bases, once
                 making = x["attach_peak_above_base_bytes"] / x["shared_bases_bytes"] * randlora_bases_bytes(c)
                 peak = max(peak, base_bytes + making)
@@ -327,7 +336,8 @@ def table(result: dict) -> str:
         "-act = (peak - one batch's activations) / (held + RandLoRA's shared bases, counted as its factors); "
         "-bases = (peak - act - bases) / held.\nflatness (max/min over sizes of -act; of ratio for load; of "
         "(peak - bases - held) / act for curvature, its graph, and of (peak - bases and their converted copy - held) "
-        "/ the bytes its forward saved for adapter training; per model, dtype, source, stage; target <= 1.15; "
+        "/ the bytes its forward saved for adapter training, on a 4-bit base less one layer's dequantized weight; per "
+        "model, dtype, source, stage; target <= 1.15; "
         "head_only and checkpoint, which hold nothing, left out):"
     )
     for key, spread in result["flatness"].items():
