@@ -36,7 +36,7 @@ SOURCE_STAGES = (
     "spectrum",
 )  # the stages that read solutions
 # measured on their second call in the process (the first initialises runtime state once: llm_scale_worker._first_call)
-WARMED = ("train_ft", "train_lora", "train_randlora", "plane")
+WARMED = ("train_ft", "train_lora", "train_randlora", "plane", "curves", "curves_checkpointed")
 TARGET = {"load": 1.1, "plane": 1.5, "paths": 1.5}  # issue 20 point 3 (load: above the runtime)
 
 # The real configurations (config.json of the hub repositories), scaled by scaled_config().

@@ -205,7 +205,8 @@ def _first_call(stage: str, model, case: Path, source: str, inputs: tuple, reset
     """Runs the stage once, unmeasured but for its peak, and frees it: a process's first training step or
     first bf16 grid initialises runtime state once (kernels' workspaces, autocast's and oneDNN's caches:
     36 MB in a bf16 LoRA step whatever the model's size, measured as three runs of the stage in one process,
-    the second and third agreeing), so the stage measured is its second call, as the load's is. Its peak above
+    the second and third agreeing; a bf16 curve's first call at hidden 512 peaks 69 MB above its second), so the
+    stage measured is its second call, as the load's is. Its peak above
     the base is returned (reported as ``first_call_peak_above_base_bytes``)."""
     trim()
     before = status_bytes("VmRSS")
