@@ -392,13 +392,13 @@ class _FactoredLinear(torch.autograd.Function):
         full = b.flatten(start_dim=1)
         n, compute = lam.shape[1], ctx.compute
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(compute) * ctx.scaling
-        x2 = x.reshape(-1, x.shape[-1]).to(compute)
         grad_lam = torch.zeros(lam.shape, dtype=torch.float32, device=lam.device)
         grad_gam = torch.zeros(gam.shape, dtype=torch.float32, device=gam.device)
         grad_x = None
         if ctx.scaled_first:  # grad_h = gy·B; by S's columns: grad_x = grad_h·S, G = grad_hᵀ·x
             grad_h = gy @ full
-            grad_x = x2.new_empty(x2.shape) if need_x else None
+            x2 = x.reshape(-1, x.shape[-1]).to(compute) if need_scales else None  # G's other factor only
+            grad_x = gy.new_empty(gy.shape[0], x.shape[-1]) if need_x else None
             for cols in _blocks(a.shape[-1]):
                 if need_x:
                     grad_x[:, cols] = grad_h @ _scaled(a, lam, gam, compute, cols=cols)

@@ -258,6 +258,7 @@ def _graph_bytes(c: dict) -> int:
 def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
     """Per (stage, dtype): the projected peak at 8B from the largest measured size (module docstring)."""
     c = full_config(model)
+    layer_8b = max(c.intermediate_size * c.hidden_size, c.hidden_size**2) * 4  # the largest layer's fp32 weight
     out = []
     usable = [x for x in cases if x.get("ratio") is not None and "skipped" not in x and "error" not in x]
     keys = sorted({(x["stage"], x["dtype"]) for x in usable})
@@ -270,7 +271,7 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             method = "lora" if stage == "train_lora" else "randlora"
             held = _adapter_params_8b(model, method) * 4
         elif stage == "spectrum":
-            held = max(c.intermediate_size * c.hidden_size, c.hidden_size**2) * 4
+            held = layer_8b
         else:
             held = x["held_bytes"] * scale
         bases_8b = randlora_bases_bytes(c) if x.get("shared_bases_bytes") is not None else 0
@@ -282,7 +283,6 @@ def project(cases: list[dict], model: str = "llama3-8b") -> list[dict]:
             # maps the file, and its pages count only once a forward touches them)
             peak = max(above / x["model_bytes"], 1.0) * base_bytes
         elif stage in GRAPH_STAGES:
-            layer_8b = max(c.intermediate_size * c.hidden_size, c.hidden_size**2) * 4
             peak = _graph_peak_8b(x, base_bytes, held, bases_8b, act_8b, layer_8b)
             if x.get("attach_peak_above_base_bytes") and x.get("shared_bases_bytes"):  # making the bases, once
                 making = x["attach_peak_above_base_bytes"] / x["shared_bases_bytes"] * randlora_bases_bytes(c)
