@@ -329,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--layers {args.layers}: {args.model} has {full} decoder layers")
     if args.layers is not None and args.layers == full:
         args.layers = None
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():  # before the model is built: at the 8B shape that is minutes and GBs
+            p.error("--device cuda: no CUDA GPU is visible here; run on the CPU with --device cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out).resolve()
     from tests.llm_data import write_commonsense

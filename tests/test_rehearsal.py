@@ -72,6 +72,17 @@ def test_gpu_check_rehearsal_needs_cuda():
     assert proc.returncode == 2 and len(err) == 1 and "CUDA" in err[0], proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_rehearsal_on_cuda_without_a_gpu_is_refused_before_the_model_is_built(tmp_path):
+    out = tmp_path / "rehearsal"
+    argv = ["--device", "cuda", "--model", "llama3-8b", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "experiments.rehearsal", *argv], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=120)  # fmt: skip
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(err) == 1 and "--device cuda" in err[0], proc.stderr
+    assert not out.exists()  # no data fabricated, no 8B model started
+
+
 @pytest.mark.parametrize("layers", ["0", "25"])
 def test_rehearsal_refuses_an_impossible_depth_before_work(tmp_path, layers):
     proc = subprocess.run([sys.executable, "-m", "experiments.rehearsal", "--layers", layers, "--out", str(tmp_path)],
