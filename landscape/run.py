@@ -350,6 +350,15 @@ def eval_set(loaded: Loaded, device: torch.device | str) -> EvalSet:
     return EvalSet.prepare(task.entry.encode(subset.inputs), subset.labels, config.eval_batch, device, tokens)
 
 
+def eval_set_with(ctx: OpenRun, device: torch.device | str, samples: int | None) -> EvalSet:
+    """A reopened run's evaluation set, or, with ``samples``, its first ``samples`` of the same seeded permutation
+    (a command's ``--samples``: reopen with ``with_eval_set=False`` then, so the whole set is never built)."""
+    if samples is None:
+        return ctx.eval_set
+    config = dataclasses.replace(ctx.loaded.config, eval_samples=samples)
+    return eval_set(dataclasses.replace(ctx.loaded, config=config), device)
+
+
 # ------------------------------------------------------------------------------- a finished run
 
 

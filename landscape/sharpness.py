@@ -513,10 +513,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     missing = [s for s in chosen if s not in ctx.solutions]
     if missing:
         raise UserError(f"--solutions {' '.join(chosen)}: the run {args.run} has no {missing[0]} solution")
-    eval_set = ctx.eval_set
-    if args.samples is not None:
-        config = dataclasses.replace(ctx.loaded.config, eval_samples=args.samples)
-        eval_set = run_module.eval_set(dataclasses.replace(ctx.loaded, config=config), device)
+    eval_set = run_module.eval_set_with(ctx, device, args.samples)
     meta = ctx.meta
     info = {k: meta.get(k) for k in ("dataset", "model", "eval_split")}
     info.update(run=str(ctx.run_dir), training_seed=ctx.loaded.config.seed)

@@ -216,6 +216,14 @@ def test_command_on_a_run_writes_sharpness(run_dir, tmp_path):
     other = json.loads((out / "sharpness.json").read_text())["solutions"]["lora"]
     assert not any(e.get("reused") for e in other.values())
     assert other["weights"]["worst_case"] > result["solutions"]["lora"]["weights"]["worst_case"]
+    # --samples: the first 8 of the run's evaluation set, another loss than the whole set's
+    few = tmp_path / "few"
+    assert sharpness.main(["--run", str(run_dir), "--out", str(few), "--solutions", "lora", "--samples", "8",
+                           *FAST]) == 0  # fmt: skip
+    few_result = json.loads((few / "sharpness.json").read_text())
+    assert few_result["eval_samples"] == 8 < run["eval_samples"] == result["eval_samples"]
+    few_loss = few_result["solutions"]["lora"]["weights"]["loss"]
+    assert np.isfinite(few_loss) and few_loss != pytest.approx(result["solutions"]["lora"]["weights"]["loss"], rel=1e-4)
 
 
 def test_command_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys):

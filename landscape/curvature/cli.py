@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,10 +109,7 @@ def _run(argv: Sequence[str] | None = None) -> None:
     # samples, and only rank 0 writes and prints
     rank, _ = distributed.init(resolve_device(args.device).type)
     ctx, device = run_module.open_run_from_args(args, with_eval_set=args.samples is None)
-    eval_set = ctx.eval_set
-    if args.samples is not None:
-        config = dataclasses.replace(ctx.loaded.config, eval_samples=args.samples)
-        eval_set = run_module.eval_set(dataclasses.replace(ctx.loaded, config=config), device)
+    eval_set = run_module.eval_set_with(ctx, device, args.samples)
     meta = ctx.meta
     info = {k: meta.get(k) for k in ("dataset", "model", "eval_split")}
     info.update(run=str(ctx.run_dir), title=f"{meta.get('model')} on {meta.get('dataset')}: curvature at the solutions")
