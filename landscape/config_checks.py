@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from adapters import compat
 from adapters.errors import UserError
 
 SOLUTION_NAMES = ("ft", "lora", "randlora")
@@ -182,7 +183,8 @@ class ConfigChecks:
     def _validate_fsdp(self) -> None:
         """``fsdp`` shards full fine-tuning over torchrun's processes: it needs torchrun, an FT solution to
         train (the adapters of the same run train under DDP, as without it) and no float16 weights (an fp16
-        checkpoint loaded with --torch-dtype auto is refused when its dtype is known, before FT trains)."""
+        checkpoint loaded with --torch-dtype auto is refused when its dtype is known, before FT trains); on the CPU,
+        torch >= 2.7 (:data:`adapters.compat.FSDP_CPU_TORCH`)."""
         if not self.fsdp:
             return
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -195,6 +197,18 @@ class ConfigChecks:
         if self.torch_dtype == "float16":  # fp16 needs a loss scaler, which the sharded training has not
             self._fail("torch_dtype", f"cannot train under {self.where('fsdp')} (float16 needs loss scaling, which "
                        "the sharded training does not do)", "pass --torch-dtype bfloat16 or float32")  # fmt: skip
+        if self._on_cpu() and not compat.fsdp_runs_on_cpu():
+            import torch
+
+            self._fail("fsdp", f"shards CPU tensors from torch {compat.FSDP_CPU_TORCH} on, and this is torch "
+                       f"{torch.__version__} (its FSDP2 runs on CUDA only)", f"install torch>={compat.FSDP_CPU_TORCH}, "
+                       "or run on GPUs (--device cuda)")  # fmt: skip
+
+    def _on_cpu(self) -> bool:
+        """Whether the run computes on the CPU (``--device cpu``, or ``auto`` with no CUDA device)."""
+        import torch
+
+        return self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
 
     def _validate_packed(self) -> None:
         """A 4-bit base keeps its weights packed: the plane is factored (points applied beside the packed layers)."""

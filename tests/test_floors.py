@@ -181,3 +181,48 @@ def test_clip_text_features_with_torch_before_2_4_autocast_query(monkeypatch):
                 assert tiny._text_cache[0][1] is True  # CPU autocast seen: features recomputed under it
                 assert compat.autocast_enabled("cuda") is False
     torch.testing.assert_close(under_autocast.float(), plain, atol=2e-2, rtol=0)
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(2))
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+def test_fsdp_shards_where_torch_before_2_6_keeps_fsdp2(monkeypatch, tmp_path):
+    """torch 2.4 and 2.5 (the floor is 2.4) have FSDP2 only as torch.distributed._composable.fsdp: with the public
+    names hidden, adapters.fsdp still shards (one rank, gloo) and, where this torch runs FSDP2 on the CPU, the
+    sharded model computes the same outputs. (Run on torch 2.4.0, 2.5.1, 2.6.0 and 2.7.1: only 2.7.1's forward ran.)"""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as public
+    from torch.distributed._composable.fsdp import FSDPModule
+
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor
+
+    from adapters import fsdp
+
+    torch.manual_seed(0)
+    model, x = _TwoBlocks(), torch.randn(4, 6)
+    want = model(x).detach()
+    monkeypatch.delattr(public, "fully_shard", raising=False)
+    monkeypatch.delattr(public, "FSDPModule", raising=False)
+    with pytest.raises(ImportError):
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (hidden, as on torch < 2.6)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = fsdp.shard(model)
+        assert isinstance(sharded, FSDPModule) and all(isinstance(b, FSDPModule) for b in sharded.layers)
+        assert all(isinstance(p, DTensor) for p in sharded.parameters())
+        if compat.fsdp_runs_on_cpu():  # torch 2.4-2.6 shard CPU tensors but run them on CUDA streams only
+            torch.testing.assert_close(sharded(x), want)
+    finally:
+        dist.destroy_process_group()

@@ -18,10 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adapters import compat
 from tests.conftest import free_port
 from tests.fsdp_worker import init_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# the sharded runs below are on the CPU, where FSDP2 runs from torch 2.7 (the floor is 2.4: refused there, tested)
+needs_cpu_fsdp = pytest.mark.skipif(not compat.fsdp_runs_on_cpu(), reason=f"FSDP2 on the CPU needs torch >= "
+                                    f"{compat.FSDP_CPU_TORCH}; this is {torch.__version__}")  # fmt: skip
 
 
 def _run(args: list[str], procs: int | None, expect: int = 0) -> str:
@@ -42,6 +46,7 @@ def runs(tmp_path_factory) -> Path:
     return out
 
 
+@needs_cpu_fsdp
 def test_two_processes_match_one(runs):
     one, two, init = (load_file(p) for p in (runs / "one.safetensors", runs / "two.safetensors",
                                              init_path(runs / "one.safetensors")))  # fmt: skip
@@ -57,6 +62,7 @@ def test_two_processes_match_one(runs):
             assert (one[k] - two[k]).norm() / d1 <= 1e-3, k
 
 
+@needs_cpu_fsdp
 def test_kill_and_resume_is_bit_equal(runs):
     ck = runs / "ck-killed"
     _run([str(runs / "killed.safetensors"), str(ck), "4"], 2, expect=1)  # both ranks exit hard after step 4's save
@@ -85,12 +91,21 @@ def test_fsdp_bad_inputs_exit_2_before_work(wordnet_root, tmp_path, capsys, monk
     assert "no FT solution" in bad("--load-4bit")  # its default methods are the adapters
     fp16 = bad("--torch-dtype", "float16")  # no loss scaling in the sharded training: refused at config time
     assert "error: --torch-dtype float16: cannot train under --fsdp" in fp16 and "bfloat16 or float32" in fp16
+    with monkeypatch.context() as m:  # torch 2.4-2.6 (the floor is 2.4) run FSDP2 on CUDA only
+        m.setattr(torch, "__version__", "2.6.0+cpu")
+        old = bad("--methods", "ft", "--device", "cpu")
+        assert "shards CPU tensors from torch 2.7 on, and this is torch 2.6.0+cpu" in old
+        assert "install torch>=2.7" in old
     from landscape import config as run_config  # bfloat16 (no loss scaling) is accepted with --fsdp
 
     argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *TINY_RUN, "--fsdp", "--torch-dtype", "bfloat16"]
-    assert run_config.from_argv(argv, "prog", "").torch_dtype == "bfloat16"
+    if compat.fsdp_runs_on_cpu() or torch.cuda.is_available():
+        assert run_config.from_argv(argv, "prog", "").torch_dtype == "bfloat16"
+    else:  # this torch, on this CPU
+        assert "from torch 2.7 on" in bad("--torch-dtype", "bfloat16")
 
 
+@needs_cpu_fsdp
 def test_connectivity_fsdp_run_saves_a_plain_fp32_solution(wordnet_root, tmp_path):
     """``--fsdp`` end to end under torchrun (FT sharded, the adapters under DDP): the FT solution is consolidated
     into the toolkit's solution folder (fp32 safetensors), which the plane and
@@ -116,6 +131,7 @@ def test_connectivity_fsdp_run_saves_a_plain_fp32_solution(wordnet_root, tmp_pat
     assert '"ft"' in meta and (out / "landscape.npz").exists() and (out / "spectrum.json").exists()
 
 
+@needs_cpu_fsdp
 def test_weights_and_adamw_state_are_sharded(runs):
     """Each rank's checkpoint shard holds about half of the fp32 weights and AdamW's two moments
     (12 bytes per parameter in all): no rank keeps a full copy of either."""
@@ -127,6 +143,7 @@ def test_weights_and_adamw_state_are_sharded(runs):
     assert all(0.4 * sum(sizes) <= s <= 0.6 * sum(sizes) for s in sizes)
 
 
+@needs_cpu_fsdp
 def test_each_rank_materialises_only_its_shard(tmp_path):
     """Building the sharded FT model (:func:`adapters.fsdp.sharded_copy`: on the meta device, each rank's shards
     materialised, the weights broadcast from rank 0 tensor by tensor) raises a rank's peak RSS above its loaded
