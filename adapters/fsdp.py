@@ -28,7 +28,6 @@ from torch import nn
 
 # torch.distributed.fsdp and .checkpoint are imported where used: adapters.train imports this module, and every
 # run, sharded or not, would pay for them at start-up
-from adapters import compat
 from adapters.io import write_torch
 
 
@@ -41,7 +40,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 def shard(model: nn.Module) -> nn.Module:
     """Shard ``model`` in place over the process group: each block its own FSDP unit (its parameters are
     gathered only around its forward and backward), then the root (embeddings, head). Returns the model."""
-    fully_shard, _ = compat.fsdp2()
+    from torch.distributed.fsdp import fully_shard
+
     for block in blocks(model):
         fully_shard(block)
     fully_shard(model)

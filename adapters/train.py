@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters import compat, distributed
+from adapters import distributed
 from adapters import fsdp as sharding
 from adapters.data.base import Dataset
 from adapters.errors import UserError
@@ -319,7 +319,8 @@ def _wrap(model: nn.Module, config: TrainConfig, fsdp: bool, world: int) -> tupl
         if config.autocast == "float16":  # --torch-dtype auto on a float16 checkpoint (an explicit one: config)
             raise UserError("--fsdp trains with no float16 loss scaling, and the model is float16: pass "
                             "--torch-dtype bfloat16 or float32")  # fmt: skip
-        _, FSDPModule = compat.fsdp2()
+        from torch.distributed.fsdp import FSDPModule
+
         if not isinstance(model, FSDPModule):  # sharded_copy shards on the meta device; a plain model here
             model = sharding.shard(model)  # after the fp32 masters: the shards (and AdamW's state) are fp32
     elif world > 1:

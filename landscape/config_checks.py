@@ -184,7 +184,7 @@ class ConfigChecks:
         """``fsdp`` shards full fine-tuning over torchrun's processes: it needs torchrun, an FT solution to
         train (the adapters of the same run train under DDP, as without it) and no float16 weights (an fp16
         checkpoint loaded with --torch-dtype auto is refused when its dtype is known, before FT trains); on the CPU,
-        torch >= 2.7 (:data:`adapters.compat.FSDP_CPU_TORCH`)."""
+        torch >= 2.9 (:data:`adapters.compat.FSDP_CPU_TORCH`)."""
         if not self.fsdp:
             return
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -200,9 +200,10 @@ class ConfigChecks:
         if self._on_cpu() and not compat.fsdp_runs_on_cpu():
             import torch
 
-            self._fail("fsdp", f"shards CPU tensors from torch {compat.FSDP_CPU_TORCH} on, and this is torch "
-                       f"{torch.__version__} (its FSDP2 runs on CUDA only)", f"install torch>={compat.FSDP_CPU_TORCH}, "
-                       "or run on GPUs (--device cuda)")  # fmt: skip
+            floor = compat.FSDP_CPU_TORCH
+            self._fail("fsdp", f"shards CPU tensors from torch {floor} on, and this is torch {torch.__version__} "
+                       "(before it, FSDP2 on the CPU fails or trains to other weights than one process)",
+                       f"install torch>={floor}, or run on GPUs (--device cuda)")  # fmt: skip
 
     def _on_cpu(self) -> bool:
         """Whether the run computes on the CPU (``--device cpu``, or ``auto`` with no CUDA device)."""

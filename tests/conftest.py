@@ -106,6 +106,8 @@ def scipy_interval(values) -> list[float]:
     from scipy import stats
 
     x = np.asarray(values, dtype=np.float64)
+    if stats.sem(x) == 0:  # no spread: the interval is the point (scipy < 1.12 gives nan for a zero scale)
+        return [float(x.mean())] * 2
     return list(stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x)))
 
 

