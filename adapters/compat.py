@@ -30,7 +30,7 @@ def autocast_enabled(device_type: str) -> bool:
 
 # FSDP2 on CPU tensors (gloo): torch 2.4 and 2.5 raise "FSDP requires CUDA for streams", 2.6 calls
 # Stream.record_event, which its CPU stream lacks, and 2.7 and 2.8 run but train to other weights than one
-# process (5.6 % apart in tests/test_fsdp.py, where 2.9.0, 2.9.1, 2.10, 2.11 and 2.14 agree to 1e-6).
+# process (5.6 % apart in tests/test_fsdp.py; 2.9.0, 2.9.1, 2.10, 2.11 and 2.14 pass its 1e-4).
 FSDP_CPU_TORCH = "2.9"
 
 
