@@ -24,11 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
 shift || true
-VERSIONS=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null || true)
-pinned() { echo "$VERSIONS" | grep -i "^$1==" || echo "$2"; }
-
 case "$mode" in
 fetch)
+    VERSIONS=$(.venv/bin/python -m pip list --format=freeze 2>/dev/null || true)
+    pinned() { echo "$VERSIONS" | grep -i "^$1==" || echo "$2"; }  # this venv's version, else the one tested
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo /.whl/ >> .git/info/exclude; }
     mkdir -p .whl
     # --no-deps: each dependency the image lacks is named here (ftfy, wcwidth); the rest are in its package list

@@ -187,7 +187,7 @@ def _safetensors_files(where: str) -> list[Path] | None:
 
 def streamed_state(where: str, dtype: torch.dtype, quantised: bool) -> _LazyState | None:
     """The checkpoint as tensors read one at a time with ``pread`` (safetensors' ``backend="pread"``), when the
-    load converts them (cast to ``dtype`` or quantised); None when it does not (or cannot be read so).
+    load converts them (cast to ``dtype`` or quantised); None when it does not.
 
     Why: transformers maps the files (``mmap``) and every page it reads for a conversion stays resident until
     the whole load ends, so a bf16 load of fp32 files peaked at 3× the bf16 model and a 4-bit load at 7-8×
@@ -202,25 +202,22 @@ def streamed_state(where: str, dtype: torch.dtype, quantised: bool) -> _LazyStat
     state = _LazyState()
     state.mapped = []
     converts = quantised
-    try:
-        for file in files:
-            handle = safe_open(str(file), framework="pt", backend="pread")
-            pieces = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 (no iterator)
-            stored = {key: _SAFETENSORS_FLOATS.get(piece.get_dtype()) for key, piece in pieces.items()}
-            casts = any(s is not None and s != dtype for s in stored.values())
-            converts = converts or casts
-            # 4-bit: the chunked quantiser reads from the mapping; a plain load casts from it (_read_cast)
-            mapped = _mapping(file) if quantised or casts else None
-            if mapped is not None:
-                state.mapped.append(mapped)
-            for key, piece in pieces.items():
-                # a large matrix read without a cast: from the mapping, for the chunked quantiser
-                large = len(piece.get_shape()) == 2 and math.prod(piece.get_shape()) > QUANT_CHUNK
-                quantiser = mapped if quantised and large and stored[key] == dtype else None
-                source = mapped if not quantised and stored[key] not in (None, dtype) else None
-                state[key] = _WholeRead(handle, key, piece, quantiser, source)
-    except TypeError:  # a safetensors without the pread backend (< 0.7): transformers' own mapped load
-        return None
+    for file in files:
+        handle = safe_open(str(file), framework="pt", backend="pread")
+        pieces = {key: handle.get_slice(key) for key in handle.keys()}  # noqa: SIM118 (no iterator)
+        stored = {key: _SAFETENSORS_FLOATS.get(piece.get_dtype()) for key, piece in pieces.items()}
+        casts = any(s is not None and s != dtype for s in stored.values())
+        converts = converts or casts
+        # 4-bit: the chunked quantiser reads from the mapping; a plain load casts from it (_read_cast)
+        mapped = _mapping(file) if quantised or casts else None
+        if mapped is not None:
+            state.mapped.append(mapped)
+        for key, piece in pieces.items():
+            # a large matrix read without a cast: from the mapping, for the chunked quantiser
+            large = len(piece.get_shape()) == 2 and math.prod(piece.get_shape()) > QUANT_CHUNK
+            quantiser = mapped if quantised and large and stored[key] == dtype else None
+            source = mapped if not quantised and stored[key] not in (None, dtype) else None
+            state[key] = _WholeRead(handle, key, piece, quantiser, source)
     return state if converts else None
 
 

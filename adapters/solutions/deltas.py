@@ -268,10 +268,7 @@ def read_adapter_file(filename: str | Path, device: str | torch.device = "cpu") 
     device = torch.device(device)
     first: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
     out: dict[str, torch.Tensor] = {}
-    try:
-        handle = safe_open(str(filename), framework="pt", device="cpu", backend="pread")
-    except TypeError:  # a safetensors without the pread backend
-        handle = safe_open(str(filename), framework="pt", device="cpu")
+    handle = safe_open(str(filename), framework="pt", device="cpu", backend="pread")  # safetensors >= 0.8
     for key in handle.keys():  # noqa: SIM118 (safe_open has no iterator)
         suffix = next((x for x in SHARED_SUFFIXES if key.endswith(x) or f"{x}." in key), None)
         value = handle.get_tensor(key)
