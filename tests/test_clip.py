@@ -69,6 +69,18 @@ def test_text_features_once_per_text_weights(tiny, monkeypatch):
     tiny.zero_grad(set_to_none=True)
 
 
+def test_text_features_recomputed_under_autocast(tiny):
+    with torch.no_grad():
+        tiny._text_cache = None
+        plain = tiny.text_features().clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = tiny.text_features()
+            assert tiny._text_cache[0][1] is True  # not the fp32 features from the cache
+        torch.testing.assert_close(tiny.text_features(), plain, rtol=0, atol=0)  # fp32 again outside it
+    assert under_autocast.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    torch.testing.assert_close(under_autocast.float(), plain, atol=2e-2, rtol=0)
+
+
 def test_resize_of_small_images_matches_torch_bicubic(tiny):
     big = get_model("ViT-B-32")  # entry only: 224 px input
     assert big.name == "ViT-B-32" and big.targets == clip.TARGETS

@@ -1,10 +1,9 @@
 """The floors declared in pyproject.toml are true: the code runs on the oldest Python and packages it admits.
 
 Newer APIs are hidden here to stand for older ones the code still meets: ``tomllib`` (Python 3.11; 3.10 has
-the ``tomli`` backport), ``torch.OutOfMemoryError`` and ``torch.is_autocast_enabled(device_type)`` (torch 2.4),
-and scipy's ``stevd`` (1.16). The real check runs the whole suite on the floors themselves (last: 2026-12-05 on
-the 2-core Xeon, Python 3.10.13: 821 passed, 7 skipped (five of them the CPU FSDP runs, below torch 2.9), 2 xfailed
-in 17 min)::
+the ``tomli`` backport) and scipy's ``stevd`` (1.16). The real check runs the whole suite on the floors themselves
+(last: 2026-12-05 on the 2-core Xeon, Python 3.10.13: 821 passed, 7 skipped (five of them the CPU FSDP runs, below
+torch 2.9), 2 xfailed in 17 min)::
 
     python3.10 -m venv /tmp/floor && /tmp/floor/bin/pip install torch==2.7.1 torchvision==0.22.1 \
         peft==0.20.0 transformers==5.0.0 open_clip_torch==3.1.0 numpy==1.24.0 scipy==1.10.0 \
@@ -33,7 +32,6 @@ import torch
 
 from adapters import compat
 from adapters.compat import tomllib
-from landscape.engine.grid import PlaneEvaluator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,62 +126,3 @@ def test_spectrum_runs_on_the_declared_scipy_floor(monkeypatch):
             np.testing.assert_allclose(b[s]["singular_values"], a[s]["singular_values"], rtol=1e-6, atol=1e-9)
             np.testing.assert_allclose(b[s]["intruders"]["max_cos"], a[s]["intruders"]["max_cos"], atol=1e-6)
             assert b[s]["intruders"]["count"] == a[s]["intruders"]["count"], s
-
-
-def _evaluator(points_per_forward: int) -> PlaneEvaluator:
-    from tests.test_grid_batched import ConvBN, _image_setup
-
-    model, chart, eval_set = _image_setup(ConvBN)
-    return PlaneEvaluator(model, chart, eval_set, "cpu", points_per_forward=points_per_forward)
-
-
-def test_grid_engine_halves_points_on_oom_without_torch_OutOfMemoryError(monkeypatch):
-    points = [(x / 2, y / 2) for y in range(3) for x in range(3)]
-    single = _evaluator(1).evaluate_many(points)
-    evaluator = _evaluator(4)
-    real_group = evaluator._evaluate_group
-    oom = torch.cuda.OutOfMemoryError  # what torch < 2.4 raises; newer torch keeps it as an alias
-
-    def group_fits_two(group, keep_samples=False):
-        if len(group) > 2:
-            raise oom("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_group(group, keep_samples)
-
-    monkeypatch.setattr(evaluator, "_evaluate_group", group_fits_two)
-    with monkeypatch.context() as m:
-        m.delattr(torch, "OutOfMemoryError", raising=False)  # torch < 2.4
-        try:
-            importlib.reload(compat)
-            assert compat.OutOfMemoryError is oom
-            with pytest.warns(RuntimeWarning, match="out of memory with 4 points per forward: now 2"):
-                batched = evaluator.evaluate_many(points)
-        finally:
-            m.undo()
-            importlib.reload(compat)
-    assert evaluator.points_per_forward == 2 and "out of memory" in evaluator.note
-    for a, b in zip(single, batched, strict=True):
-        assert abs(a.loss - b.loss) < 1e-5 and a.accuracy == b.accuracy
-
-
-def test_clip_text_features_with_torch_before_2_4_autocast_query(monkeypatch):
-    from adapters.models import get_model
-
-    torch.manual_seed(0)
-    tiny = get_model("clip-tiny").create(["apple", "bicycle"], {"pretrained": "none"})
-    real = torch.is_autocast_enabled
-
-    def is_autocast_enabled(*args):  # torch < 2.4: no device argument, the CUDA state
-        if args:
-            raise TypeError(f"is_autocast_enabled() takes no arguments ({len(args)} given)")
-        return real("cuda")
-
-    with torch.no_grad():
-        plain = tiny.text_features().clone()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            with monkeypatch.context() as m:  # only around the model: torch.autocast itself uses the new API
-                m.setattr(torch, "is_autocast_enabled", is_autocast_enabled)
-                m.setattr(torch, "is_autocast_cpu_enabled", lambda: real("cpu"), raising=False)
-                under_autocast = tiny.text_features()
-                assert tiny._text_cache[0][1] is True  # CPU autocast seen: features recomputed under it
-                assert compat.autocast_enabled("cuda") is False
-    torch.testing.assert_close(under_autocast.float(), plain, atol=2e-2, rtol=0)

@@ -152,6 +152,25 @@ def _image_setup(cls):
     return model, chart, eval_set
 
 
+def test_out_of_memory_halves_the_points_per_forward(setup, monkeypatch):
+    points = [(float(x), float(y)) for y in YS for x in XS]
+    single = _evaluator(setup, 1).evaluate_many(points)
+    evaluator = _evaluator(setup, P)
+    real_group = evaluator._evaluate_group
+
+    def group_fits_two(group, keep_samples=False):
+        if len(group) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_group(group, keep_samples)
+
+    monkeypatch.setattr(evaluator, "_evaluate_group", group_fits_two)
+    with pytest.warns(RuntimeWarning, match=f"out of memory with {P} points per forward: now 2"):
+        halved = evaluator.evaluate_many(points)
+    assert evaluator.points_per_forward == 2 and "out of memory" in evaluator.note
+    for a, b in zip(single, halved, strict=True):
+        assert abs(a.loss - b.loss) < 1e-5 and a.accuracy == b.accuracy
+
+
 def test_batchnorm_model_batched_equals_single():
     model, chart, eval_set = _image_setup(ConvBN)
     xy = [(float(x), float(y)) for y in YS for x in XS]

@@ -65,7 +65,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.compat import autocast_enabled
 from adapters.quant import is_packed
 
 MODES = ("auto", "factored", "materialized")
@@ -465,7 +464,7 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
     if path == "factored":  # peft's expression, on the cached bases, without its saved weight-sized copies
         device = x.device.type
-        compute = torch.get_autocast_dtype(device) if autocast_enabled(device) else dtype
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
         scaled_first = self.in_features <= self.out_features  # peft scales the factor on the smaller side
 
         def bases():  # cached as autocast would round them: no per-call cast of B

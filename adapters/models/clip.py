@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.compat import autocast_enabled
 from adapters.errors import UserError, first_line
 from adapters.models.base import Encoded, ModelEntry, freeze_norm_statistics
 
@@ -168,7 +167,7 @@ class CLIPClassifier(nn.Module):
             self._text_cache = None
             return F.normalize(encode_text(self.clip, self.prompt_tokens), dim=-1)
         key = tuple((p.data_ptr(), p._version) for p in params)
-        autocast = autocast_enabled(self.prompt_tokens.device.type)
+        autocast = torch.is_autocast_enabled(self.prompt_tokens.device.type)
         if self._text_cache is None or self._text_cache[0] != (key, autocast):
             with torch.no_grad():
                 feats = F.normalize(encode_text(self.clip, self.prompt_tokens), dim=-1)

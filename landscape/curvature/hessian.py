@@ -62,7 +62,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import compat
 from adapters.errors import first_line
 from adapters.objectives import Classification
 from adapters.quant import is_packed
@@ -440,7 +439,7 @@ class HessianOperator:
                     try:
                         hv, g, loss = product(v)
                     except (RuntimeError, NotImplementedError) as e:
-                        if isinstance(e, compat.OutOfMemoryError) or mode == "reverse-over-reverse":
+                        if isinstance(e, torch.OutOfMemoryError) or mode == "reverse-over-reverse":
                             raise
                         failed = f"{mode} failed ({type(e).__name__}: {first_line(e, 160)})"
                         self.note = failed if self.note is None else f"{self.note}; {failed}"

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters import compat
 from adapters.io import digest
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
@@ -179,7 +178,7 @@ class PlaneEvaluator:
             group = points[k : k + p]
             try:
                 results = self._evaluate_group(group + [group[-1]] * (p - len(group)), keep_samples)
-            except compat.OutOfMemoryError:  # torch.OutOfMemoryError is torch >= 2.4
+            except torch.OutOfMemoryError:
                 self._stacked = []
                 torch.cuda.empty_cache()
                 self.points_per_forward = p // 2
