@@ -97,6 +97,17 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
+def assert_refused(main, cases, out, capsys) -> None:
+    """Each (argv, needle) of ``cases``: ``main(argv + --out out)`` exits 2 with one stderr line that names
+    ``needle``, no traceback, and writes nothing at ``out``."""
+    for argv, needle in cases:
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out), "--no-progress"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, (argv, err)
+    assert not out.exists()
+
+
 SEEDS_N = 3  # the shared --seeds run's N
 
 
