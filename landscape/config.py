@@ -108,7 +108,7 @@ class RunConfig(ConfigChecks):
         "all three; under --load-4bit: lora randlora, since full fine-tuning cannot train a packed base)",
         nargs="+", metavar="METHOD", toml="train.methods",
     )  # fmt: skip
-    train_steps: int | None = option(None, "optimizer steps per solution (quick: 200, full: 1500)", toml="train.steps")
+    train_steps: int | None = option(None, "optimizer steps per solution (quick: 150, full: 1500)", toml="train.steps")
     epochs: float | None = option(
         None, "training length in epochs (paper: 6/15/20); --train-steps wins", toml="train.epochs"
     )
@@ -203,8 +203,10 @@ class RunConfig(ConfigChecks):
         "train", "split the landscape is evaluated on (train, as the paper)", toml="landscape.eval_split",
         choices=("train", "test"),
     )  # fmt: skip
-    eval_samples: int = option(512, "size of the fixed evaluation subset (full: 2000); 0 = the whole split",
-                               toml="landscape.eval_samples")  # fmt: skip
+    eval_samples: int = option(
+        512, "size of the fixed evaluation subset (quick: 320, full: 2000; a --config file without it: 512); "
+        "0 = the whole split", toml="landscape.eval_samples",
+    )  # fmt: skip
     eval_batch: int = option(128, "evaluation batch size", flag=None, toml="landscape.eval_batch")
     eval_tokens: int | None = option(
         None, "causal LMs: evaluation batch size in padded candidate tokens (default: 8192 on CPU, 65536 on GPU); "
@@ -288,8 +290,8 @@ class RunConfig(ConfigChecks):
                              "requeued by submitit and resumes)", toml="cluster.time_limit")  # fmt: skip
     array_parallelism: int = option(64, "Slurm: array tasks running at once", toml="cluster.array_parallelism")
     slurm: dict = option(
-        {}, "Slurm: other sbatch options, passed through as submitit's slurm_additional_parameters (e.g. account, "
-        "qos, mem)", flag=None, toml="cluster.slurm",
+        {}, "Slurm: other sbatch options, passed through as submitit's SlurmExecutor additional_parameters (e.g. "
+        "account, qos, mem)", flag=None, toml="cluster.slurm",
     )  # fmt: skip
     device: str = option("auto", "device", choices=("auto", "cpu", "cuda"))
     threads: int | None = option(None, "CPU threads (default: the CPUs available to this process)")
