@@ -37,7 +37,6 @@ used by the tests). Results are printed and, with ``--json``, written atomically
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -201,11 +200,13 @@ def calibrate(json_path: str | None) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None, help="write the report here (atomically)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per method (default: 10)")
-    p.add_argument("--eval-images", type=int, default=4096, help="images per grid point (default: 4096)")
-    p.add_argument("--points", type=int, default=4, help="timed grid points (default: 4)")
+    from landscape.cli import Parser, out_file, positive_int
+
+    p = Parser(prog="python -m experiments.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=out_file, default=None, help="write the report here (atomically)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per method (default: 10)")
+    p.add_argument("--eval-images", type=positive_int, default=4096, help="images per grid point (default: 4096)")
+    p.add_argument("--points", type=positive_int, default=4, help="timed grid points (default: 4)")
     p.add_argument("--smoke", action="store_true", help="CPU dry run with clip-tiny (for tests)")
     p.add_argument("--rehearsal", action="store_true",
                    help="run experiments.rehearsal on the GPU at real size (Qwen2-0.5B weights given with --model "
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
 
         rehearsal_argv = ["--device", "cuda", "--out", "runs/rehearsal-gpu", "--model", args.model or "llama3-8b"]
         return rehearsal.main(rehearsal_argv + (["--json", args.json] if args.json else []))
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU: run it where one is visible, or pass --smoke for a CPU dry run")
     report = run(args)
     t, gr = report["training"], report["grid"]
     print(f"{report['model']} on {report['device']} ({report['dtype']}), batch {report['batch']}")

@@ -306,10 +306,11 @@ def cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, out_file, out_folder, positive_int
 
     p = Parser(prog="python -m experiments.rehearsal", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/rehearsal", help="work folder (model, data, one run per variant)")
+    p.add_argument("--out", type=out_folder, default="runs/rehearsal",
+                   help="work folder (model, data, one run per variant)")  # fmt: skip
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--model", default="qwen2-0.5b",
                    help="qwen2-0.5b or llama3-8b (random init, real shape) or hf:FOLDER (real weights)")  # fmt: skip
@@ -320,8 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads of each command (default: theirs, the CPUs available); 1 on a shared machine "
                    "counts no thread's waiting for another as CPU time")  # fmt: skip
-    p.add_argument("--json", default=None, help="write the results here (atomically)")
+    p.add_argument("--json", type=out_file, default=None, help="write the results here (atomically)")
     args = p.parse_args(argv)
+    if args.model.startswith("hf:"):  # before anything is written: a wrong folder is one line
+        from adapters.errors import UserError
+        from adapters.models.hf_hub import resolve
+
+        try:
+            resolve(args.model[len("hf:") :])
+        except UserError as e:
+            p.error(str(e))
+    elif args.model not in SHAPES:
+        p.error(f"unknown --model {args.model!r}: qwen2-0.5b, llama3-8b or hf:FOLDER")
     if args.layers is None and args.device == "cpu" and args.model == "qwen2-0.5b":
         args.layers = CPU_LAYERS
     full = SHAPES.get(args.model, {}).get("num_hidden_layers")
@@ -342,8 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.startswith("hf:"):
         model, shape = args.model, "qwen2-0.5b"
     else:
-        if args.model not in SHAPES:
-            p.error(f"unknown --model {args.model!r}: qwen2-0.5b, llama3-8b or hf:FOLDER")
         shape = args.model
         model = "hf:" + str(build_model(shape, args.layers, out / f"{shape}-{args.layers or 'full'}", data))
     results: list[dict] = []

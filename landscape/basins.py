@@ -307,7 +307,7 @@ def basins_stage(loaded, solutions: Mapping, eval_set: EvalSet, device, progress
 
 
 def build_parser():
-    from landscape.cli import Parser, add_run_options
+    from landscape.cli import Parser, add_run_options, nonnegative_float, nonnegative_int, positive_float, positive_int
 
     p = Parser(
         prog=PROG,
@@ -317,19 +317,23 @@ def build_parser():
         epilog="Example: python -m landscape.basins --run runs/wordnet --draws 5",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
-    p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help="random directions per solution (default: 5)")
+    p.add_argument(
+        "--draws", type=nonnegative_int, default=DEFAULT_DRAWS, help="random directions per solution (default: 5)"
+    )
     p.add_argument("--eigen", action=__import__("argparse").BooleanOptionalAction, default=True,
                    help="also the top-2 Hessian eigen-directions (default: on)")  # fmt: skip
     p.add_argument("--eigen-tol", type=float, default=None,
                    help="Lanczos' Ritz residual test for the eigen-directions, ‖Hq − θq‖ ≤ tol·|θ| (default: the "
                    "Hessian chart's 1e-6; a looser one takes fewer Hessian-vector products: a direction's angle to the "
                    "true eigenvector is at most about tol·|θ| / the eigengap, Davis–Kahan)")  # fmt: skip
-    p.add_argument("--epsilon", type=float, default=None,
+    p.add_argument("--epsilon", type=nonnegative_float, default=None,
                    help="fail when accuracy drops by more than this (default: by more than 2 paired SEs)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="seed of the random directions (default: the run's)")
-    p.add_argument("--start", type=float, default=DEFAULT_START, help="the ladder's first radius (default: 1e-3)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="rungs of the ×2 ladder (default: 14)")
-    p.add_argument("--bisections", type=int, default=DEFAULT_BISECTIONS, help="bisections (default: 4)")
+    p.add_argument(
+        "--start", type=positive_float, default=DEFAULT_START, help="the ladder's first radius (default: 1e-3)"
+    )
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="rungs of the ×2 ladder (default: 14)")
+    p.add_argument("--bisections", type=nonnegative_int, default=DEFAULT_BISECTIONS, help="bisections (default: 4)")
     add_run_options(p, "basins.{json,npz,png,pdf}")
     return p
 
@@ -338,13 +342,10 @@ def _run(argv: Sequence[str] | None = None) -> None:
     from landscape import run as run_module
 
     args = build_parser().parse_args(argv)
-    if args.draws < 0 or (args.epsilon is not None and not args.epsilon >= 0):
-        raise UserError(f"--draws {args.draws} --epsilon {args.epsilon}: need draws ≥ 0 and epsilon ≥ 0: try 5")
     if args.eigen_tol is not None and not 0 < args.eigen_tol < 1:
         raise UserError(f"--eigen-tol {args.eigen_tol}: give a tolerance in (0, 1), for example 1e-3")
     if args.draws == 0 and not args.eigen:
         raise UserError("--draws 0 --no-eigen: no direction to walk: give --draws K or --eigen")
-    find_radius(lambda r: True, args.start, args.steps, args.bisections)
     ctx, device = run_module.open_run_from_args(args)
     chosen = {s: ctx.solutions[s] for s in SOLUTIONS if s in ctx.solutions}
     if not chosen:

@@ -6,12 +6,56 @@ import argparse
 import contextlib
 import errno
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from adapters.errors import UserError
+
+# Errors that name a path of the wrong kind or one this user cannot write: bad input, not a bug.
+PATH_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
+
+
+def out_folder_problem(out: str | Path) -> str | None:
+    """Why ``out`` cannot be an output folder (None if it can): its nearest existing ancestor must be a folder
+    this process can write; checked before any work, so that no result is lost at the end."""
+    path = Path(out).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return "is an existing file, not a folder" if existing == path else f"lies under the file {existing}"
+    try:  # a real write, not os.access: root passes that everywhere, also where nothing can be written (/proc)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        where = "is a folder" if existing == path else f"lies in {existing}, a folder"
+        return f"{where} you cannot write ({e.strerror})"
+    return None
+
+
+def out_folder(value: str) -> str:
+    """argparse type of an --out folder (see :func:`out_folder_problem`)."""
+    problem = out_folder_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value} {problem}: pass a folder (new or existing) you can write")
+    return value
+
+
+def out_file(value: str) -> str:
+    """argparse type of a file to write (``--json``): not a folder, in a folder this process can write; checked
+    before any work, so that a long run's report is not lost at its end."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder: pass a file name to write")
+    parent = path.absolute().parent
+    problem = out_folder_problem(parent)
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write {value}: {parent} {problem}: pass a file in a folder you "
+                                         "can write")  # fmt: skip
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -40,6 +84,10 @@ def run_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
     except OSError as e:
+        if e.errno in PATH_ERRNOS and e.filename:  # a path the user gave, or a folder they cannot write
+            sys.stderr.write(f"{prog}: error: {e.filename}: {e.strerror}: fix that path (a file where a file is read, "
+                             "a folder you can write for outputs); finished work is kept and resumed\n")  # fmt: skip
+            return 2
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {e.filename}" if e.filename else ""
@@ -61,7 +109,7 @@ def recipe_main(body: Callable[[Sequence[str] | None], None], argv: Sequence[str
 def add_run_options(p: argparse.ArgumentParser, writes: str) -> None:
     """The options every recipe over a finished run shares: device, output folder, threads, progress."""
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--out", default=None, help=f"where to write {writes} (default: the run folder)")
+    p.add_argument("--out", type=out_folder, default=None, help=f"where to write {writes} (default: the run folder)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -131,6 +179,39 @@ def positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (e.g. ``--draws``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (e.g. a radius)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0 (e.g. a tolerance in accuracy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {text!r}")
     return value
 
 

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from adapters import compat
 from adapters.errors import UserError
+from landscape.cli import out_folder_problem
 
 SOLUTION_NAMES = ("ft", "lora", "randlora")
 LR_METHODS = ("ft", "lora", "randlora", "head_only")
@@ -43,7 +44,11 @@ class ConfigChecks:
     def _shown(self, name: str) -> str:
         """The setting as the user gave it: '--batch-size 0' or "FILE [train] batch_size = 0"."""
         where, value = self.where(name), getattr(self, name)
-        return f"{where} {value}" if where.startswith("--") else f"{where} = {value!r}"
+        if not where.startswith("--"):
+            return f"{where} = {value!r}"
+        if value is True:  # a flag
+            return where
+        return f"{where} {' '.join(map(str, value)) if isinstance(value, list | tuple) else value}"
 
     def _fail(self, name: str, problem: str, fix: str) -> None:
         raise UserError(f"{self._shown(name)}: {problem}: {fix}")
@@ -93,9 +98,12 @@ class ConfigChecks:
                 len(value) == 2 and all(_number_above(v, -math.inf, True) for v in value) and value[0] < value[1]
             ):
                 self._fail(name, "must be [low, high] with low < high", "fix the range")
+        if self.targets is not None and not self.targets:
+            self._fail("targets", "names no module", "give module-name suffixes, or leave it out for the model's own")
         for name in self.solutions:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
+        self._validate_lm_only()
         self._validate_seeds()
         self._validate_methods()
         self._validate_packed()
@@ -104,6 +112,17 @@ class ConfigChecks:
         self._validate_plane_vertices()
         self._validate_launcher()
         return self
+
+    def _validate_lm_only(self) -> None:
+        """The causal-LM settings (the commonsense data) on another dataset: they were ignored without a word.
+        A --path-extend with no paths, likewise."""
+        if self.dataset != "commonsense":
+            given = [self._shown(k) for k in ("tasks", "generate_eval", "eval_tokens") if self.where(k) != "default"]
+            if given:
+                raise UserError(f"{', '.join(given)}: applies to causal language models (--dataset commonsense) "
+                                f"only, not to {self.dataset}: drop it")  # fmt: skip
+        if self.path_points == 0 and self.path_extend:
+            self._fail("path_extend", "extends the paths, and --path-points 0 runs none", "drop it or give paths")
 
     def _validate_launcher(self) -> None:
         """--launcher's settings: ranges, the sbatch passthrough's types, given only with a launcher, not under
@@ -127,28 +146,30 @@ class ConfigChecks:
                        "run the command in one process (the jobs are the parallel work)")  # fmt: skip
 
     def _validate_plane_vertices(self) -> None:
-        """A plane through the solutions (paper, orthonormal) needs LoRA and RandLoRA; without FT the base model is
-        its third vertex. A run of FT alone has no plane (it raised KeyError after the training)."""
-        if self.chart in (*RANDOM_CHARTS, "hessian"):
-            return
+        """A plane through the solutions (paper, orthonormal) and the paths between them need LoRA and RandLoRA;
+        without FT the base model is their third vertex. A run of FT alone has no plane (it raised KeyError after
+        the training), and a random chart's paths failed after its grid."""
         missing = [m for m in ("lora", "randlora") if m not in self.method_set()]
-        if missing:
+        if not missing:
+            return
+        have = f"the run has no {' and no '.join(missing)} (solutions: {' '.join(self.method_set())})"
+        add = f"add {' '.join(missing)} to --methods or bring {'them' if len(missing) > 1 else 'it'} with --solutions"
+        if self.chart not in (*RANDOM_CHARTS, "hessian"):
             raise UserError(f"--chart {self.chart} is the plane through the solutions and needs lora and randlora, "
-                            f"but the run has no {' and no '.join(missing)} (solutions: "
-                            f"{' '.join(self.method_set())}): add {' '.join(missing)} to --methods or bring "
-                            f"{'them' if len(missing) > 1 else 'it'} with --solutions, or chart one solution with "
-                            "--chart random / hessian --center NAME")  # fmt: skip
+                            f"but {have}: {add}, or chart one solution with --chart random / hessian --center NAME "
+                            "--path-points 0")  # fmt: skip
+        if self.path_points != 0:
+            where = self.where("path_points")
+            shown = f"--path-points {self.path_points}" + ("" if where.startswith("--") else f" ({where})")
+            raise UserError(f"{shown}: the paths run between lora, randlora and ft (or the base "
+                            f"model), but {have}: {add}, or pass --path-points 0 (no paths)")  # fmt: skip
 
     def _validate_out(self) -> None:
-        """--out is a folder, or can become one: its nearest existing ancestor is a folder (else every stage's
-        files would fail to write after the training)."""
-        if self.out is None:
-            return
-        path = Path(self.out)
-        existing = next((p for p in (path, *path.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            what = "is an existing file" if existing == path else f"lies under the file {existing}"
-            self._fail("out", f"{what}, not a folder", "pass a folder (new or existing) for the outputs")
+        """--out is a folder this process can write, or can become one (else every stage's files would fail to
+        write after the training)."""
+        problem = None if self.out is None else out_folder_problem(self.out)
+        if problem:
+            self._fail("out", problem, "pass a folder (new or existing) you can write")
 
     def _validate_seeds(self) -> None:
         """``seeds``: an integer >= 1; above 1 it trains every method of the plane per seed: not solutions given,

@@ -83,7 +83,7 @@ def cluster_config(args, out: Path):
 
 def build_parser():
     """The command's parser."""
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, out_folder, positive_int
 
     p = Parser(
         prog=PROG,
@@ -106,7 +106,7 @@ def build_parser():
                    "fine-tuning rate: the bends are full weights)")  # fmt: skip
     p.add_argument("--points", type=int, default=21, help="values of t in [0, 1] evaluated, 0 and 1 included "
                    "(default: 21)")  # fmt: skip
-    p.add_argument("--out", default=None, help="where curves/ goes (default: the run folder)")
+    p.add_argument("--out", type=out_folder, default=None, help="where curves/ goes (default: the run folder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
     p.add_argument("--one-seed", action="store_true",

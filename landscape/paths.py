@@ -377,7 +377,7 @@ def summary(result: Mapping) -> dict:
 
 
 def build_parser():
-    from landscape.cli import Parser, points_per_forward_arg, positive_int
+    from landscape.cli import Parser, out_folder, points_per_forward_arg, positive_int
 
     p = Parser(
         prog=PROG,
@@ -387,7 +387,9 @@ def build_parser():
         epilog="Example: python -m landscape.paths --run runs/wordnet --points 21 --extend 0.25",
     )
     p.add_argument("--run", required=True, help="run folder holding landscape.json and solutions/")
-    p.add_argument("--out", default=None, help="where to write paths.{npz,json,png,pdf} (default: the run folder)")
+    p.add_argument(
+        "--out", type=out_folder, default=None, help="where to write paths.{npz,json,png,pdf} (default: the run folder)"
+    )
     p.add_argument("--points", type=int, default=21, help="values of t per path, 0 and 1 included (default: 21)")
     p.add_argument("--extend", type=float, default=0.0, help="t runs over [-E, 1 + E] (default: 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
@@ -413,6 +415,10 @@ def _run(argv: Sequence[str] | None = None) -> None:
     threads.configure(args.threads)
     device = resolve_device(args.device)
     ctx = open_run(args.run, device)
+    missing = [m for m in ("lora", "randlora") if m not in ctx.solutions]
+    if missing:
+        raise UserError(f"{args.run}: the paths run between lora, randlora and ft (or the base model), and this run "
+                        f"has no {' and no '.join(missing)}: pass a run that trained them (--methods)")  # fmt: skip
     if "ft" not in ctx.solutions:  # as the run's plane: the base model is the third vertex (--load-4bit's default)
         from adapters.solution import base_solution
 
@@ -450,9 +456,9 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    return run_main(_run, argv, PROG)
+    return recipe_main(_run, argv, PROG)
 
 
 if __name__ == "__main__":

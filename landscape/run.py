@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from adapters import distributed
 from adapters.data import eval_subset, load_dataset
@@ -27,6 +28,7 @@ from adapters.io import digest, key_digest
 from adapters.methods import MethodSpec, adapted_weights, match_lora_rank, seed_prng_key
 from adapters.methods.budget import lora_params, randlora_params
 from adapters.models import DEFAULT_MODEL, build_base, clip, get_model, is_clip, is_hf
+from adapters.models.base import HEAD
 from adapters.objectives import objective_for
 from adapters.precision import resolve_dtype
 from adapters.quant import base_quantization
@@ -135,8 +137,15 @@ def check_given(config: RunConfig, name: str) -> None:
             )
 
 
-def load(config: RunConfig) -> Loaded:
-    """Dataset, model and base weights of a run; every missing input is named in one line."""
+def linear_names(model: nn.Module, most: int = 8) -> list[str]:
+    """The distinct last name parts of ``model``'s Linear and Conv2d modules but its head (at most ``most``)."""
+    layers = (n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and not n.startswith(HEAD))
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))[:most]
+
+
+def load(config: RunConfig, announce: bool = True) -> Loaded:
+    """Dataset, model and base weights of a run; every missing input is named in one line. ``announce``: print
+    the adapter budget (and the 4-bit method set) on stderr, as a run that trains does."""
     name = model_name(config)
     check_given(config, name)  # cheap file reads first: a wrong folder fails before any loading
     if config.load_4bit:  # bitsandbytes quantises the weights as they land on the run's device
@@ -170,11 +179,16 @@ def load(config: RunConfig) -> Loaded:
     task = Task(dataset, entry, base, entry.encode(dataset.train.inputs), entry.encode(dataset.test.inputs),
                 objective_for(dataset))  # fmt: skip
     shapes = list(adapted_weights(base, entry.targets).values())
+    if not shapes:
+        raise UserError(
+            f"--targets {' '.join(entry.targets)}: matches no adaptable weight of {name} (its Linear "
+            f"layers include {', '.join(linear_names(base))}): pass module-name suffixes from these"
+        )
     randlora_rank = config.randlora_rank or entry.defaults.get("randlora_rank", 8)
     lora_rank = config.lora_rank or match_lora_rank(shapes, randlora_rank)
     loaded = Loaded(config, task, name, options, fingerprint(base), {"lora": lora_rank, "randlora": randlora_rank}, {})
     loaded.solutions = {m: load_solution(p, base, m, name) for m, p in config.solutions.items()}  # also foreign
-    if distributed.is_lead():
+    if announce and distributed.is_lead():
         head = sum(p.numel() for p in base.task_head.parameters()) if hasattr(base, "task_head") else 0
         print(
             f"budget: RandLoRA r={randlora_rank}: {randlora_params(shapes, randlora_rank):,} adapter parameters; "
@@ -429,7 +443,7 @@ def open_run(run_dir: str | Path, device: torch.device | str = "cpu", with_eval_
     meta = read_meta(run_dir)
     settings = {k: v for k, v in meta["config"].items() if k in RunConfig.__dataclass_fields__}
     config = RunConfig(**{**settings, "solutions": {}})
-    loaded = load(config)
+    loaded = load(config, announce=False)
     if loaded.base_fingerprint != meta.get("base_fingerprint"):
         raise UserError(
             f"the {loaded.model_name} weights here differ from the run's (fingerprint {meta.get('base_fingerprint')}): "

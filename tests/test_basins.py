@@ -143,6 +143,8 @@ def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, cap
         (["--run", run_dir, "--draws", "0", "--no-eigen"], "--draws 0"),
         (["--run", run_dir, "--start", "0"], "--start"),
         (["--run", run_dir, "--steps", "0"], "--steps"),
+        (["--run", run_dir, "--bisections", "-1"], "--bisections"),
+        (["--run", run_dir, "--start", "nan"], "--start"),
         (["--run", run_dir, "--eigen-tol", "0"], "--eigen-tol"),
     ]
     assert_refused(basins.main, cases, out, capsys)

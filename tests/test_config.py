@@ -182,7 +182,8 @@ def test_a_centre_the_run_does_not_make_is_refused_before_training(chart):
         with pytest.raises(UserError) as e:
             run_config.resolve({"chart": chart, **given})
         assert str(e.value).startswith(f"{shown}: is not among the solutions") and "\n" not in str(e.value)
-    assert run_config.resolve({"chart": chart, "methods": ["lora"], "center": "lora"}).center == "lora"
+    alone = {"chart": chart, "methods": ["lora"], "center": "lora", "path_points": 0}
+    assert run_config.resolve(alone).center == "lora"
 
 
 def test_a_plane_without_lora_or_randlora_is_refused_before_training():
@@ -193,4 +194,28 @@ def test_a_plane_without_lora_or_randlora_is_refused_before_training():
             run_config.resolve({"methods": methods})
         assert f"the run has {missing}" in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert run_config.resolve({"methods": ["lora", "randlora"]}).method_set() == ("lora", "randlora")
-    assert run_config.resolve({"methods": ["ft"], "chart": "random-line"}).method_set() == ("ft",)
+    line = {"methods": ["ft"], "chart": "random-line", "center": "ft"}
+    assert run_config.resolve({**line, "path_points": 0}).method_set() == ("ft",)
+
+
+def test_paths_without_lora_or_randlora_are_refused_before_training():
+    """A chart of one solution needs no plane, but the paths run between the three vertices: without LoRA or
+    RandLoRA they are refused while resolving (they failed after the training and the grid, leaving files)."""
+    for given, shown in (({}, "--path-points 11 (preset quick)"), ({"path_points": 5}, "--path-points 5")):
+        for chart in ("random", "hessian"):
+            with pytest.raises(UserError) as e:
+                run_config.resolve({"methods": ["ft", "lora"], "chart": chart, "center": "ft", **given})
+            message = str(e.value)
+            assert message.startswith(shown) and "no randlora" in message and "--path-points 0" in message, message
+
+
+def test_settings_that_apply_elsewhere_are_refused_not_ignored():
+    """The causal-LM settings on a classification dataset, and --path-extend without paths, ran as if not given."""
+    for argv, shown in ((["--generate-eval"], "--generate-eval:"), (["--eval-tokens", "100"], "--eval-tokens 100:"),
+                        (["--tasks", "boolq", "piqa"], "--tasks boolq piqa:")):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            resolve(*argv)
+        assert str(e.value).startswith(shown) and "(--dataset commonsense) only, not to wordnet" in str(e.value)
+    with pytest.raises(UserError, match=r"^--path-extend 0.5: extends the paths, and --path-points 0 runs none"):
+        resolve("--path-points", "0", "--path-extend", "0.5")
+    assert resolve("--path-points", "3", "--path-extend", "0.5").path_extend == 0.5

@@ -408,6 +408,7 @@ def test_command_bad_input_exits_2_with_one_line(run_dir, tmp_path, capsys):
         (["--run", str(run_dir), "--coordinates", "hessian"], "--coordinates"),
         (["--run", str(run_dir), "--slq-steps", "1"], "--slq-steps"),
         (["--run", str(run_dir), "--trace-probes", "-1"], "--trace-probes"),
+        (["--run", str(run_dir), "--solutions", "ft", "--coordinates", "adapter"], "nothing to measure"),
     ]
     assert_refused(curvature.main, cases, out, capsys)
 

@@ -260,6 +260,24 @@ def test_cli_bad_input_exits_2(run_dir, tmp_path, capsys):
     assert "--path-points" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+def test_paths_without_lora_or_randlora_refused_before_work(wordnet_root, tmp_path, capsys, no_figure_drawing):
+    """A random chart of FT alone trains and charts with --path-points 0; asking for paths is refused before any
+    work, by the main job (it failed after the grid, leaving files) and by the paths command on such a run."""
+    given = ["--dataset", "wordnet", "--data-root", str(wordnet_root), *TINY, "--methods", "ft", "--chart",
+             "random-line", "--center", "ft", "--draws", "1"]  # fmt: skip
+    assert connectivity.main([*given, "--out", str(tmp_path / "paths")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--path-points 3: the paths run between" in err and "--path-points 0" in err
+    assert not (tmp_path / "paths").exists()
+    run = tmp_path / "ft-alone"
+    assert connectivity.main([*given, "--path-points", "0", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert paths.main(["--run", str(run), "--points", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no lora and no randlora" in err, err
+    assert not list(run.glob("paths.*"))
+
+
 def test_paths_figure_draws_the_chords(setup):
     from landscape import render
 

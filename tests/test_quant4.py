@@ -232,11 +232,11 @@ def test_method_set_defaults_and_toml(tmp_path):
     base = ["--dataset", "commonsense", "--model", "hf:x"]
     assert from_argv(base).method_set() == ("ft", "lora", "randlora")
     assert from_argv([*base, "--load-4bit"]).method_set() == ("lora", "randlora")
-    line = ["--chart", "random-line", "--center"]  # one solution's chart: a plane needs lora and randlora
+    line = ["--path-points", "0", "--chart", "random-line", "--center"]  # one solution: no plane, no paths
     assert from_argv([*base, "--methods", "randlora", "ft", *line, "ft"]).method_set() == ("ft", "randlora")
     toml = tmp_path / "run.toml"
     toml.write_text('[train]\nmethods = ["lora"]\n[model]\nload_4bit = true\n[landscape]\nchart = "random-line"\n'
-                    'center = "lora"\n')  # fmt: skip
+                    'center = "lora"\npath_points = 0\n')  # fmt: skip
     assert from_argv(["--config", str(toml), "--dataset", "commonsense"]).method_set() == ("lora",)
     from adapters.errors import UserError
 

@@ -64,7 +64,13 @@ def verify_bases(model: nn.Module, folder) -> None:
     import json
     from pathlib import Path
 
-    recorded = json.loads((Path(folder) / BASES_FILE).read_text())
+    try:
+        recorded = json.loads((Path(folder) / BASES_FILE).read_text())
+    except json.JSONDecodeError as e:
+        recorded = e
+    if not isinstance(recorded, dict):  # damaged: a fingerprint we cannot read verifies nothing
+        raise ValueError(f"{BASES_FILE} is damaged (not a JSON object of fingerprints): copy it back from where the "
+                         "adapter was saved, or re-save the adapter")  # fmt: skip
     current = bases_fingerprint(model)
     for adapter, want in recorded.items():
         got = current.get(adapter)

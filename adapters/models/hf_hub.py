@@ -31,6 +31,16 @@ def _cached_snapshot(spec: str) -> str | None:
     return folder if (Path(folder) / "config.json").is_file() else None
 
 
+# transformers' SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME (a sharded checkpoint
+# has its index file)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
 def resolve(spec: str) -> str:
     """Where to load ``spec`` from: a local folder (given, or a cached hub snapshot) or, online, the hub id.
 
@@ -46,6 +56,11 @@ def resolve(spec: str) -> str:
             raise UserError(
                 f"model folder {path} has no config.json: pass a folder written by save_pretrained "
                 "(config.json, weights and tokenizer)"
+            )
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
+            raise UserError(
+                f"model folder {path} has config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}): pass the "
+                "folder save_pretrained wrote, weights included"
             )
         return str(path.resolve())
     if _looks_like_path(spec):

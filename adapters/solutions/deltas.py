@@ -212,6 +212,23 @@ def skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo={id(t): t for t in shared})
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME: the one file this tool writes
+
+
+def check_complete(folder: Path, peft_model: nn.Module) -> None:
+    """The weights file holds every tensor of the adapter that peft built from its config. peft only warns about
+    the others and leaves them at their initialisation (LoRA's B = 0: those layers' ΔW silently 0)."""
+    from peft.utils import get_peft_model_state_dict
+
+    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
+        saved = set(f.keys())
+    lacking = [k for k in get_peft_model_state_dict(peft_model) if k not in saved]
+    if lacking:
+        raise UserError(f"the adapter in {folder} lacks the weight '{lacking[0]}'"
+                        f"{f' (and {len(lacking) - 1} more)' if len(lacking) > 1 else ''}: the weights file is "
+                        "incomplete; re-save it or re-train")  # fmt: skip
+
+
 def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[str, str] | None = None,
                  quiet: bool = False) -> nn.Module:  # fmt: skip
     """peft's model of the adapter in ``folder`` on a skeleton of ``base`` (bases verified for RandLoRA).
@@ -235,9 +252,12 @@ def load_adapter(folder: Path, base: nn.Module, config=None, key_mapping: dict[s
             peft_model = PeftModel.from_pretrained(skeleton(base), folder, config=config or peft_config_of(folder),
                                                    key_mapping=key_mapping or None)  # fmt: skip
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as e:
+        # torch's load_state_dict error puts the tensor at fault ("size mismatch for ...") on its second line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else first_line(e)
         raise UserError(
-            f"cannot load the adapter in {folder} onto {type(base).__name__} ({first_line(e)}): the files are "
-            "corrupt or come from another base model"
+            f"cannot load the adapter in {folder} onto {type(base).__name__} ({detail[:300]}): the files are "
+            "corrupt or come from another base model (or another rank than its adapter_config.json says)"
         ) from None
     finally:
         for p, flag in flags:  # peft froze the shared base parameters: the base model is not ours to change
@@ -306,7 +326,11 @@ def adapter_deltas(folder: Path, base: nn.Module) -> dict[str, Delta]:
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{folder} has no {ADAPTER_WEIGHTS}: the adapter weights are missing; re-train it or copy "
+                        "the file back")  # fmt: skip
     peft_model = load_adapter(folder, base)
+    check_complete(folder, peft_model)  # a foreign adapter gets the same check under its key mapping (foreign.py)
     base_params = dict(base.named_parameters())
     shared = {id(t) for t in (*base.parameters(), *base.buffers())}
     mover = _adapter_mover(peft_model, shared)

@@ -141,6 +141,8 @@ def check_slot(path: str | Path, info: dict, expect: str | None) -> None:
     if expect not in SLOT_TYPES:
         raise UserError(f"{path} is {what}: it cannot be given as {expect}=")
     if info["source"] == "checkpoint":
+        if Path(path).is_file() and (Path(path).parent / "adapter_config.json").is_file():
+            raise UserError(f"{path} is the weights file of an adapter: pass its folder, {expect}={Path(path).parent}")
         raise UserError(f"{path} is {what}, not a {expect} adapter: pass ft={path}")
     other = next(s for s in SLOT_TYPES if s != expect)
     if info["peft_type"] in SLOT_TYPES[other]:

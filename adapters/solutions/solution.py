@@ -198,6 +198,11 @@ def read_info(folder: str | Path) -> dict:
     try:
         info = json.loads((folder / "solution.json").read_text())
     except FileNotFoundError:
+        inside = sorted(p.name for p in (folder / "solutions").glob("*") if (p / "solution.json").is_file()
+                        and p.name != "head_only")  # fmt: skip
+        if inside:  # a run folder: its solutions are one level down
+            raise UserError(f"{folder} is a run folder, not a solution: pass one of its solutions, "
+                            f"{folder / 'solutions'}/{{{','.join(inside)}}}") from None  # fmt: skip
         raise UserError(f"{folder} has no solution.json: it is not a solution folder written by this tool") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{folder}/solution.json is corrupt ({e.msg}): re-train or re-copy the solution") from None
@@ -297,6 +302,9 @@ def _given_info(name: str, path: Path) -> dict:
 
 def check_method(folder: Path, info: dict, expect_method: str | None) -> None:
     """UserError when a solution is given under another method's name (``ft=<a LoRA folder>``)."""
+    if expect_method not in (None, "head_only") and info["method"] == "head_only":
+        raise UserError(f"{folder} is the head-only baseline (the base model with a trained head), not a "
+                        f"{expect_method} solution: pass a {expect_method} solution folder")  # fmt: skip
     if expect_method is not None and info["method"] != expect_method:
         raise UserError(
             f"{folder} is a {info['method']} solution, not {expect_method}: pass {info['method']}={folder} "

@@ -443,22 +443,54 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def hidden_size(text: str) -> int:
+    """argparse type of ``--sizes``: a hidden size that :func:`scaled_config` splits into max(2, size // 64)
+    heads of one even width (rotary embeddings pair the dimensions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    heads = max(2, value // 64)
+    if value < 8 or value % heads or (value // heads) % 2:
+        raise argparse.ArgumentTypeError(f"expected a hidden size ≥ 8 that splits into max(2, size // 64) heads "
+                                         f"of even width (e.g. 64, 96, 512, 1024), not {text!r}")  # fmt: skip
+    return value
+
+
+def _check_merge(p: argparse.ArgumentParser, paths: list[Path]) -> None:
+    """Each ``--merge`` file is a JSON report of this benchmark (a dict with its ``cases``)."""
+    for path in paths:
+        try:
+            cases = json.loads(path.read_text()).get("cases")
+        except (OSError, ValueError, AttributeError) as e:
+            p.error(f"--merge {path}: cannot read it as this benchmark's JSON ({type(e).__name__}): pass files "
+                    "written by --json")  # fmt: skip
+        if not isinstance(cases, list):
+            p.error(f"--merge {path}: holds no 'cases' list: pass files written by --json")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    p.add_argument("--json", type=Path, help="write the results here (atomically)")
+    from landscape.cli import Parser, out_file, positive_int
+
+    p = Parser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=out_file, help="write the results here (atomically)")
     p.add_argument("--quick", action="store_true", help=f"CI-sized: hidden {QUICK_SIZES}, {QUICK_LAYERS} layers, "
                    "4 samples, fp32, own solutions, stages load head_only plane spectrum")  # fmt: skip
     p.add_argument("--models", nargs="+", choices=sorted(REAL), default=None, help="default: both")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help=f"hidden sizes (default {SIZES})")
+    p.add_argument("--sizes", type=hidden_size, nargs="+", default=None, help=f"hidden sizes (default {SIZES})")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None, help="default: all three")
     p.add_argument("--sources", nargs="+", choices=SOURCES, default=None, help="default: both")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=None, help="default: every stage")
-    p.add_argument("--samples", type=int, default=None, help="evaluation samples (default 16; quick 4)")
-    p.add_argument("--prompt-len", type=int, default=None, help="longest prompt in tokens (default 48; quick 16)")
-    p.add_argument("--threads", type=int, default=None, help="OMP threads per case (default: the environment's)")
+    p.add_argument("--samples", type=positive_int, default=None, help="evaluation samples (default 16; quick 4)")
+    p.add_argument("--prompt-len", type=positive_int, default=None,
+                   help="longest prompt in tokens (default 48; quick 16)")  # fmt: skip
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="OMP threads per case (default: the environment's)")  # fmt: skip
     p.add_argument("--merge", type=Path, nargs="+", help="summarise the cases of these runs' JSON together (no run)")
     p.add_argument("--worker", nargs=4, metavar=("CASE", "DTYPE", "SOURCE", "STAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.merge:
+        _check_merge(p, args.merge)
     quick = args.quick
     args.models = args.models or (["qwen2-0.5b"] if quick else sorted(REAL))
     args.sizes = args.sizes or list(QUICK_SIZES if quick else SIZES)

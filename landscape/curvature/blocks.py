@@ -45,7 +45,7 @@ from adapters.errors import UserError
 from adapters.io import key_digest, write_json, write_npz
 from adapters.quant import packed_names
 from landscape.curvature.hessian import HessianOperator
-from landscape.curvature.settings import ADAPTER_METHODS, NO_ADAPTER, PACKED_WEIGHTS, CurvatureSettings
+from landscape.curvature.settings import CurvatureSettings, skip_reason
 from landscape.curvature.solvers import _rademacher, _stream_seed, slq_density, top_eigenvalues
 from landscape.engine.grid import EvalSet
 
@@ -205,11 +205,9 @@ def blocks_stage(
     for name, solution in solutions.items():
         result["solutions"][name] = per = {}
         for coordinates in settings.coordinates:
-            if coordinates == "adapter" and solution.method not in ADAPTER_METHODS:
-                per[coordinates] = {"skipped": f"a {solution.method} solution has no adapter: {NO_ADAPTER}"}
-                continue
-            if coordinates == "weights" and packed_names(task.base):
-                per[coordinates] = {"skipped": PACKED_WEIGHTS}
+            skipped = skip_reason(solution.method, coordinates, bool(packed_names(task.base)))
+            if skipped:
+                per[coordinates] = {"skipped": skipped}
                 continue
             key = key_digest({**common, "coordinates": coordinates, "solution": delta_fingerprint(solution)})
             old = previous.get(name, {}).get(coordinates, {})

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapters.errors import UserError
+from adapters.quant import packed_names
 from landscape.curvature.blocks import BLOCK_BY, blocks_stage, check_block_by
 from landscape.curvature.settings import (
     COORDINATES,
@@ -15,6 +16,7 @@ from landscape.curvature.settings import (
     SOLUTION_CHOICES,
     WEIGHT_SETS,
     CurvatureSettings,
+    skip_reason,
 )
 from landscape.curvature.stage import curvature_stage
 
@@ -119,6 +121,13 @@ def _run(argv: Sequence[str] | None = None) -> None:
     if missing:
         raise UserError(f"--solutions {' '.join(chosen)}: the run {args.run} has no {missing[0]} solution")
     solutions = {s: ctx.solutions[s] for s in dict.fromkeys(chosen)}
+    packed = bool(packed_names(ctx.base))
+    reasons = {skip_reason(s.method, c, packed) for s in solutions.values() for c in settings.coordinates}
+    if reasons and None not in reasons:  # every entry would be skipped: nothing to measure
+        fix = "measure lora or randlora with --coordinates adapter" if packed else \
+            "add lora or randlora, or pass --coordinates weights"  # fmt: skip
+        raise UserError(f"--solutions {' '.join(solutions)} --coordinates {args.coordinates}: nothing to measure "
+                        f"({sorted(reasons)[0]}): {fix}")  # fmt: skip
     if args.blocks:
         _run_blocks(args, ctx, solutions, eval_set, out, settings, device, info)
         return

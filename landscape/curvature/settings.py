@@ -21,6 +21,15 @@ NO_ADAPTER = "its optimiser's coordinates are the weights"
 PACKED_WEIGHTS = "the base is packed in 4 bits (--load-4bit): its weights cannot be coordinates; see adapter"
 
 
+def skip_reason(method: str, coordinates: str, packed_base: bool) -> str | None:
+    """Why a ``method`` solution has no curvature in ``coordinates`` (None when it has)."""
+    if coordinates == "adapter" and method not in ADAPTER_METHODS:
+        return f"a {method} solution has no adapter: {NO_ADAPTER}"
+    if coordinates == "weights" and packed_base:
+        return PACKED_WEIGHTS
+    return None
+
+
 @dataclass(frozen=True)
 class CurvatureSettings:
     """What to compute at each solution (:mod:`landscape.curvature.solvers`); ``trace_probes`` / ``slq_probes``

@@ -43,7 +43,7 @@ from adapters.quant import packed_names
 from adapters.solution import Solution, delta_fingerprint
 from landscape.curvature.figure import write_figure
 from landscape.curvature.hessian import HessianOperator, distributed_ranks
-from landscape.curvature.settings import ADAPTER_METHODS, DTYPES, NO_ADAPTER, PACKED_WEIGHTS, CurvatureSettings
+from landscape.curvature.settings import ADAPTER_METHODS, DTYPES, NO_ADAPTER, CurvatureSettings, skip_reason
 from landscape.curvature.solvers import curvature_at
 from landscape.engine.grid import EvalSet, eval_fingerprint
 
@@ -241,11 +241,9 @@ def curvature_stage(
         result["solutions"][name] = per = {}
         delta = delta_fingerprint(solution)
         for coordinates in settings.coordinates:
-            if coordinates == "adapter" and solution.method not in ADAPTER_METHODS:
-                per[coordinates] = {"skipped": f"a {solution.method} solution has no adapter: {NO_ADAPTER}"}
-                continue
-            if coordinates == "weights" and packed_names(task.base):
-                per[coordinates] = {"skipped": PACKED_WEIGHTS}
+            skipped = skip_reason(solution.method, coordinates, bool(packed_names(task.base)))
+            if skipped:
+                per[coordinates] = {"skipped": skipped}
                 continue
             key = key_digest({**common, "coordinates": coordinates, "solution": delta})
             old = previous.get(name, {}).get(coordinates, {})

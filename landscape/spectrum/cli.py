@@ -18,7 +18,7 @@ PROG = "python -m landscape.spectrum"
 
 
 def build_parser():
-    from landscape.cli import Parser, positive_int
+    from landscape.cli import Parser, out_folder, positive_int
 
     p = Parser(
         prog=PROG,
@@ -50,7 +50,7 @@ def build_parser():
     )
     p.add_argument("--base", default=None, help="the same as --model (its earlier spelling)")
     p.add_argument("--num-classes", type=int, default=None, help="class count of the base model's head")
-    p.add_argument("--out", default=None, help="where to write the outputs (default: the run folder)")
+    p.add_argument("--out", type=out_folder, default=None, help="where to write the outputs (default: the run folder)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device for the SVDs")
     p.add_argument("--method", default="gram", choices=METHODS, help="fp64 Gram eigendecomposition or fp32 SVD")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the CPUs available)")
@@ -103,6 +103,6 @@ def _run(argv: Sequence[str] | None = None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from landscape.cli import run_main
+    from landscape.cli import recipe_main
 
-    return run_main(_run, argv, PROG)
+    return recipe_main(_run, argv, PROG)
