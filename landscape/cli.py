@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import math
 import sys
 import tempfile
 import time
@@ -26,7 +27,9 @@ def out_folder_problem(out: str | Path) -> str | None:
     if existing is None:
         return None
     if not existing.is_dir():
-        return "is an existing file, not a folder" if existing == path else f"lies under the file {existing}"
+        return (
+            "is an existing file, not a folder" if existing == path else f"lies under {existing}, a file, not a folder"
+        )
     try:  # a real write, not os.access: root passes that everywhere, also where nothing can be written (/proc)
         with tempfile.TemporaryFile(dir=existing):
             pass
@@ -171,48 +174,26 @@ def resolve_device(name: str, rank: int = 0):
     return torch.device("cuda", local)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (e.g. ``--threads``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, not {text!r}")
-    return value
+def _bounded(kind: type, low: float, strict: bool, name: str, what: str) -> Callable[[str], float]:
+    """An argparse type: a finite ``kind`` above ``low`` (strictly or not); its error says which."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+        return value
+
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (e.g. ``--draws``)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, not {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (e.g. a radius)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, not {text!r}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (e.g. a tolerance in accuracy)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {text!r}")
-    return value
+positive_int = _bounded(int, 1, False, "positive_int", "an integer >= 1")  # e.g. --threads
+nonnegative_int = _bounded(int, 0, False, "nonnegative_int", "an integer >= 0")  # e.g. basins' --draws
+positive_float = _bounded(float, 0, True, "positive_float", "a number > 0")  # e.g. a radius
+nonnegative_float = _bounded(float, 0, False, "nonnegative_float", "a number >= 0")  # e.g. an accuracy drop
 
 
 def points_per_forward_arg(text: str) -> int | str:

@@ -117,7 +117,8 @@ class ConfigChecks:
         """The causal-LM settings (the commonsense data) on another dataset: they were ignored without a word.
         A --path-extend with no paths, likewise."""
         if self.dataset != "commonsense":
-            given = [self._shown(k) for k in ("tasks", "generate_eval", "eval_tokens") if self.where(k) != "default"]
+            given = [self._shown(k) for k in ("tasks", "generate_eval", "eval_tokens")
+                     if self.where(k) != "default" and getattr(self, k) not in (None, False)]  # fmt: skip
             if given:
                 raise UserError(f"{', '.join(given)}: applies to causal language models (--dataset commonsense) "
                                 f"only, not to {self.dataset}: drop it")  # fmt: skip

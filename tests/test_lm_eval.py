@@ -309,4 +309,5 @@ def test_eval_tokens_must_be_positive():
     with pytest.raises(UserError, match="--eval-tokens 0: must be an integer >= 1"):
         from_argv(["--eval-tokens", "0"])
     assert from_argv([]).eval_tokens_for("cpu") == 8192 and from_argv([]).eval_tokens_for("cuda") == 65536
-    assert from_argv(["--eval-tokens", "300"]).eval_tokens_for("cuda") == 300
+    lm = ["--dataset", "commonsense", "--model", "hf:Qwen/Qwen2-0.5B-Instruct"]
+    assert from_argv([*lm, "--eval-tokens", "300"]).eval_tokens_for("cuda") == 300
