@@ -151,3 +151,15 @@ def test_the_experiment_scripts_refuse_bad_input_before_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and needle in err[0], (module, argv, err)
         assert not out.exists()
+
+
+def test_a_checkpoint_with_another_head_size_names_num_classes(tiny_wordnet_run, tmp_path, capsys):
+    """A classifier's checkpoint on a base built with another class count advised another --model, which cannot
+    help: the fix is the class count, and with it the spectrum runs."""
+    weights = tiny_wordnet_run / "solutions" / "ft" / "model.safetensors"
+    n = load_file(weights)["task_head.bias"].shape[0]
+    argv = ["--model", "tiny-bert", "--solution", f"ft={weights}", "--out", str(tmp_path / "s"), "--no-progress"]
+    assert spectrum.main(argv) == 2
+    assert _one_line(capsys).endswith(f"holds a head of {n} classes ('task_head.bias') but the base model tiny-bert "
+                                      f"has 1: pass --num-classes {n}")  # fmt: skip
+    assert spectrum.main([*argv, "--num-classes", str(n)]) == 0

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from adapters.errors import UserError
+from adapters.models.base import HEAD
 from adapters.quant import logical_shape
 from adapters.solutions.deltas import load_adapter, materialise, merged_deltas, non_finite_message, stored_deltas
 from adapters.solutions.peft_config import peft_config_of
@@ -554,6 +555,11 @@ def match_names(shapes: dict[str, tuple[int, ...]], base: nn.Module, source: Pat
             continue
         param = params[found]
         if tuple(logical_shape(param)) != tuple(shapes[name]):  # a packed 4-bit weight: its (out, in)
+            if found.startswith(HEAD + ".") and tuple(param.shape[1:]) == tuple(shapes[name][1:]):
+                raise UserError(
+                    f"{source} holds a head of {shapes[name][0]} classes ('{name}') but the base model {model} "
+                    f"has {param.shape[0]}: pass --num-classes {shapes[name][0]}"
+                )
             raise UserError(
                 f"{source} holds '{name}' {tuple(shapes[name])} but the base model {model} has "
                 f"{tuple(logical_shape(param))}: it was fine-tuned from another model; pass that one (--model)"
