@@ -103,7 +103,7 @@ class ConfigChecks:
         for name in self.solutions:
             if name not in SOLUTION_NAMES:
                 raise UserError(f"--solutions {name}=...: NAME must be one of {', '.join(SOLUTION_NAMES)}")
-        self._validate_lm_only()
+        self._validate_not_ignored()
         self._validate_seeds()
         self._validate_methods()
         self._validate_packed()
@@ -113,9 +113,9 @@ class ConfigChecks:
         self._validate_launcher()
         return self
 
-    def _validate_lm_only(self) -> None:
-        """The causal-LM settings (the commonsense data) on another dataset: they were ignored without a word.
-        A --path-extend with no paths, likewise."""
+    def _validate_not_ignored(self) -> None:
+        """Settings that this run would ignore without a word: the causal-LM ones (the commonsense data) on
+        another dataset, a --path-extend with no paths."""
         if self.dataset != "commonsense":
             given = [self._shown(k) for k in ("tasks", "generate_eval", "eval_tokens")
                      if self.where(k) != "default" and getattr(self, k) not in (None, False)]  # fmt: skip
