@@ -66,8 +66,8 @@ def verify_bases(model: nn.Module, folder) -> None:
 
     try:
         recorded = json.loads((Path(folder) / BASES_FILE).read_text())
-    except json.JSONDecodeError as e:
-        recorded = e
+    except json.JSONDecodeError:
+        recorded = None
     if not isinstance(recorded, dict):  # damaged: a fingerprint we cannot read verifies nothing
         raise ValueError(f"{BASES_FILE} is damaged (not a JSON object of fingerprints): copy it back from where the "
                          "adapter was saved, or re-save the adapter")  # fmt: skip

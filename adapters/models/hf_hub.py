@@ -31,16 +31,6 @@ def _cached_snapshot(spec: str) -> str | None:
     return folder if (Path(folder) / "config.json").is_file() else None
 
 
-# transformers' SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME (a sharded checkpoint
-# has its index file)
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
 def resolve(spec: str) -> str:
     """Where to load ``spec`` from: a local folder (given, or a cached hub snapshot) or, online, the hub id.
 
@@ -57,9 +47,12 @@ def resolve(spec: str) -> str:
                 f"model folder {path} has no config.json: pass a folder written by save_pretrained "
                 "(config.json, weights and tokenizer)"
             )
-        if not any((path / name).is_file() for name in WEIGHT_FILES):
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+        weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)  # sharded: its index
+        if not any((path / name).is_file() for name in weights):
             raise UserError(
-                f"model folder {path} has config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}): pass the "
+                f"model folder {path} has config.json but no weights ({' or '.join(weights[:2])}): pass the "
                 "folder save_pretrained wrote, weights included"
             )
         return str(path.resolve())

@@ -212,15 +212,12 @@ def skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo={id(t): t for t in shared})
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME: the one file this tool writes
-
-
 def check_complete(folder: Path, peft_model: nn.Module) -> None:
     """The weights file holds every tensor of the adapter that peft built from its config. peft only warns about
     the others and leaves them at their initialisation (LoRA's B = 0: those layers' ΔW silently 0)."""
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 
-    with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as f:
+    with safe_open(str(folder / SAFETENSORS_WEIGHTS_NAME), "pt") as f:
         saved = set(f.keys())
     lacking = [k for k in get_peft_model_state_dict(peft_model) if k not in saved]
     if lacking:
@@ -324,11 +321,11 @@ def _shared_read_once():
 def adapter_deltas(folder: Path, base: nn.Module) -> dict[str, Delta]:
     """Lazy ΔW of every module the adapter in ``folder`` changes (module docstring)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, ModulesToSaveWrapper
 
-    if not (folder / ADAPTER_WEIGHTS).is_file():
-        raise UserError(f"{folder} has no {ADAPTER_WEIGHTS}: the adapter weights are missing; re-train it or copy "
-                        "the file back")  # fmt: skip
+    if not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():  # the one weights file this tool writes
+        raise UserError(f"{folder} has no {SAFETENSORS_WEIGHTS_NAME}: the adapter weights are missing; re-train it "
+                        "or copy the file back")  # fmt: skip
     peft_model = load_adapter(folder, base)
     check_complete(folder, peft_model)  # a foreign adapter gets the same check under its key mapping (foreign.py)
     base_params = dict(base.named_parameters())

@@ -202,10 +202,11 @@ def blocks_stage(
               "block_by": block_by, "eval_samples": eval_set.n, "device": str(device), "world_size": world,
               "complete": False, "solutions": {}}  # fmt: skip
     write = (lambda: write_json(out / "blocks.json", result)) if rank == 0 else (lambda: None)  # noqa: E731
+    packed_base = bool(packed_names(task.base))
     for name, solution in solutions.items():
         result["solutions"][name] = per = {}
         for coordinates in settings.coordinates:
-            skipped = skip_reason(solution.method, coordinates, bool(packed_names(task.base)))
+            skipped = skip_reason(solution.method, coordinates, packed_base)
             if skipped:
                 per[coordinates] = {"skipped": skipped}
                 continue
