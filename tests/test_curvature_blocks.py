@@ -161,6 +161,11 @@ def test_command_writes_blocks_json(tiny_wordnet_run, tmp_path, capsys):
     again = json.loads((out / "blocks.json").read_text())["solutions"]["lora"]
     for coordinates, e in again.items():
         assert e["reused"] and {**e, "reused": None} == {**result["solutions"]["lora"][coordinates], "reused": None}
+    # full fine-tuning has no adapter coordinates: its entry says so (LoRA's adapter entry reused, not measured)
+    assert curvature.main([*argv[:6], "ft", "lora", "--coordinates", "adapter", *FAST]) == 0
+    again = json.loads((out / "blocks.json").read_text())["solutions"]
+    assert set(again["ft"]) == {"adapter"} and "has no adapter" in again["ft"]["adapter"]["skipped"]
+    assert again["lora"]["adapter"]["reused"]
 
 
 def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, capsys, monkeypatch):
@@ -184,33 +189,31 @@ def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, cap
 def test_stage_of_the_connectivity_run_equals_the_command(tmp_path, wordnet_root, tiny_wordnet_run, no_figure_drawing):
     """``--blocks`` writes blocks.json next to the run's outputs, entry for entry the numbers that ``python -m
     landscape.curvature --run DIR --blocks`` (its defaults, the run's seed) computes afresh on that run; without it
-    (the shared run) there is none."""
+    (the shared run) there is none. RandLoRA alone, both coordinates: each entry costs ~17 s at the defaults, and
+    the three methods made this the suite's slowest test (166 s); FT's skipped adapter entry is
+    test_command_writes_blocks_json's."""
     from landscape import connectivity
     from tests.conftest import TINY_RUN
 
     run = tmp_path / "run"
     assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(run), *TINY_RUN,
-                              "--blocks"]) == 0  # fmt: skip
+                              "--methods", "randlora", "--chart", "random", "--center", "randlora",
+                              "--path-points", "0", "--blocks"]) == 0  # fmt: skip
     meta = json.loads((run / "landscape.json").read_text())
     assert meta["config"]["blocks"] and "blocks" in meta["wall_time_s"]
     assert all((run / f"blocks.{e}").is_file() for e in ("json", "npz", "png", "pdf"))
     stage = json.loads((run / "blocks.json").read_text())
     out = tmp_path / "recipe"  # a folder of its own: nothing to reuse, every entry computed again
-    # RandLoRA alone (both coordinates) against the stage: the full recipe doubled this test's time (166 s)
     assert curvature.main(["--run", str(run), "--blocks", "--solutions", "randlora", "--seed",
                            str(meta["config"]["seed"]), "--out", str(out), "--no-progress"]) == 0  # fmt: skip
     recipe = json.loads((out / "blocks.json").read_text())
     assert stage["complete"] and stage["settings"] == recipe["settings"] and stage["seed"] == recipe["seed"]
     assert stage["eval_samples"] == recipe["eval_samples"] == meta["eval_samples"]
-    assert set(stage["solutions"]) == {"ft", "lora", "randlora"} and set(recipe["solutions"]) == {"randlora"}
-    assert "skipped" in stage["solutions"]["ft"]["adapter"]
+    assert set(stage["solutions"]) == set(recipe["solutions"]) == {"randlora"}
     assert set(recipe["solutions"]["randlora"]) == {"weights", "adapter"}
     for name, per in recipe["solutions"].items():
         for coordinates, e in per.items():
             s = stage["solutions"][name][coordinates]
-            if "skipped" in e:  # full fine-tuning has no adapter coordinates
-                assert s == e
-                continue
             assert s["key"] == e["key"] and not s.get("reused") and not e.get("reused")
             for k in ("top_eigenvalue", "trace", "trace_se", "loss"):
                 assert s[k] == pytest.approx(e[k], rel=1e-5, abs=1e-8), (name, coordinates, k)
