@@ -6,7 +6,8 @@ disk) sees the old file, no file, or the complete new one — never a half-writt
 
 :func:`digest` is the one sha256 fingerprint: of named tensors (base weights, ΔW, random
 bases) or of JSON-able keys, so solutions, grid checkpoints and training checkpoints are
-never combined with other weights or another configuration.
+never combined with other weights or another configuration. :func:`file_sha256` and
+:func:`torch_file_damage` tell a damaged file (a flipped byte on a failing disk or copy) from an intact one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,6 +131,24 @@ def digest(named_tensors: Iterable[tuple[str, torch.Tensor]], length: int = 16) 
     return h.hexdigest()[:length]
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file's bytes, read in ``chunk``-byte pieces (flat memory for any file size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def torch_file_damage(path: str | os.PathLike) -> str | None:
+    """The first record of a ``torch.save`` file whose bytes fail the CRC-32 the file stores for it, or None when
+    every record matches. torch's format is a zip archive with a CRC-32 per record, which ``torch.load`` does not
+    check (a flipped byte loads as a wrong number); :meth:`zipfile.ZipFile.testzip` does, reading the file once in
+    chunks. A file that is not a zip archive raises :class:`zipfile.BadZipFile`."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
+
+
 def key_digest(key: Any, length: int = 16) -> str:
     """sha256 (first ``length`` hex digits) of a JSON-able configuration key (canonical JSON, sorted keys)."""
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=json_default).encode()).hexdigest()[:length]
@@ -138,8 +158,10 @@ __all__ = [
     "atomic_folder",
     "atomic_path",
     "digest",
+    "file_sha256",
     "json_default",
     "key_digest",
+    "torch_file_damage",
     "write_bytes",
     "write_json",
     "write_npz",

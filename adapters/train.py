@@ -27,7 +27,7 @@ from adapters import distributed
 from adapters import fsdp as sharding
 from adapters.data.base import Dataset
 from adapters.errors import UserError
-from adapters.io import key_digest, write_torch
+from adapters.io import key_digest, torch_file_damage, write_torch
 from adapters.methods import MethodSpec
 from adapters.models.base import HEAD, Encoded, ModelEntry
 from adapters.objectives import OBJECTIVES, Classification, score
@@ -333,9 +333,13 @@ def _resume(
     path: Path, trainable, optimizer, schedule, config: TrainConfig, key: str, scaler=None
 ) -> tuple[int, list[float]]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        damaged = torch_file_damage(path)  # torch.load reads a flipped byte as a wrong number: check the CRCs first
+        state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file means: start over
         print(f"[train] ignoring unreadable checkpoint {path} ({type(e).__name__}); starting over")
+        return 0, []
+    if damaged:
+        print(f"[train] checkpoint {path} is damaged (its record {damaged} fails its CRC-32); starting over")
         return 0, []
     if (
         state.get("key", "") != key

@@ -135,3 +135,18 @@ def seeds_run(tmp_path_factory, wordnet_root):
     with figures_not_drawn():
         assert connectivity.main(argv) == 0
     return out
+
+
+def reseal(folder) -> None:
+    """Record a solution folder's current files in its solution.json (``sha256``), as saving it would have: for tests
+    that give a solution other content (a NaN, a missing tensor, an edited update) to check what loading does with
+    that content, rather than the refusal of a file changed since the save (test_faults' bit-flip test)."""
+    import json
+    from pathlib import Path
+
+    from adapters.io import file_sha256
+
+    folder = Path(folder)
+    info = json.loads((folder / "solution.json").read_text())
+    info["sha256"] = {name: file_sha256(folder / name) for name in info["sha256"] if (folder / name).is_file()}
+    (folder / "solution.json").write_text(json.dumps(info, indent=2))

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from landscape import connectivity, curvature, paths, sharpness, spectrum
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, reseal
 
 
 def _one_line(capsys) -> str:
@@ -65,6 +65,7 @@ def test_damaged_native_adapters(tiny_wordnet_run, wordnet_root, tmp_path, capsy
     gone = [k for k in tensors if ".layer.1." in k]
     assert gone
     save_file({k: v for k, v in tensors.items() if k not in gone}, lacking / weights)
+    reseal(lacking)  # saved so (not changed since: that is test_faults' refusal)
     err = _bad(["--solutions", f"lora={lacking}"], wordnet_root, tmp_path / "a", capsys)
     named = re.search(r"lacks the weight '([^']+)' \(and (\d+) more\): the weights file is incomplete", err)
     assert named and named[1] in gone and int(named[2]) == len(gone) - 1, err
@@ -80,6 +81,7 @@ def test_damaged_native_adapters(tiny_wordnet_run, wordnet_root, tmp_path, capsy
     other_rank = shutil.copytree(tiny_wordnet_run / "solutions" / "lora", tmp_path / "rank")
     name = next(k for k in tensors if k.endswith("lora_A.weight"))
     save_file({**tensors, name: tensors[name][:1].clone()}, other_rank / weights)
+    reseal(other_rank)
     err = _bad(["--solutions", f"lora={other_rank}"], wordnet_root, tmp_path / "c", capsys)
     assert "size mismatch for " in err and "lora_A" in err, err
 
@@ -99,6 +101,7 @@ def test_a_damaged_bases_record(tiny_wordnet_run, wordnet_root, tmp_path, capsys
     for i, text in enumerate(('{"default": ', '["not", "a", "record"]')):
         folder = shutil.copytree(tiny_wordnet_run / "solutions" / "randlora", tmp_path / f"randlora{i}")
         (folder / "randlora_bases.json").write_text(text)
+        reseal(folder)
         err = _bad(["--solutions", f"randlora={folder}"], wordnet_root, tmp_path / f"out{i}", capsys)
         assert f"{folder}: randlora_bases.json is damaged" in err and "re-save the adapter" in err, err
 

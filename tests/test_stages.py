@@ -21,6 +21,7 @@ import pytest
 from landscape import stages as stage_log
 from landscape.config import RunConfig
 from tests import procs
+from tests.conftest import reseal
 from tests.llm_data import write_commonsense
 from tests.llm_models import save_tiny_causal_lm
 
@@ -156,6 +157,7 @@ def doubled_lora(out: Path):
 
         tensors = load_file(path)
         save_file({k: 2 * v if "lora_B" in k else v for k, v in tensors.items()}, path)
+        reseal(path.parent)  # another solution copied in whole (its record too), not a damaged one
 
     return edited(out / "solutions" / "lora" / "adapter_model.safetensors", edit)
 

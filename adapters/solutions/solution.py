@@ -1,8 +1,10 @@
 """Saving and loading fine-tuned solutions, and their dense weight updates ΔW.
 
 A solution folder holds:
-- ``solution.json``: method, model, classes, rank, seed, trainable count, and a fingerprint
-  of the base weights (so a solution is never applied to a different base model);
+- ``solution.json``: method, model, classes, rank, seed, trainable count, a fingerprint
+  of the base weights (so a solution is never applied to a different base model), and the sha256 of
+  each file beside it (``sha256``; not peft's README.md model card), which loading checks: safetensors
+  has no checksum, and a byte flipped on a failing disk or copy would load as a slightly wrong weight;
 - ``metrics.json``: test loss / accuracy and training history summary;
 - the weights: ``model.safetensors`` (``ft``: every parameter; ``head_only``: the head) or
   peft's adapter format (``adapter_config.json`` + ``adapter_model.safetensors``, for
@@ -37,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adapters.errors import UserError
-from adapters.io import atomic_folder, digest
+from adapters.io import atomic_folder, digest, file_sha256
 from adapters.methods import ADAPTERS, METHODS
 from adapters.models import HEAD, Classifier
 from adapters.models import build_base as build_base_model
@@ -46,6 +48,7 @@ from adapters.solutions.deltas import Delta, materialise, non_finite_message, ow
 from adapters.solutions.peft_config import PEFT_PREFIX, WRAPPERS, peft_config_of  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
+UNSEALED = ("README.md", "solution.json", "metrics.json")  # peft's model card (prose) and the records themselves
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -182,7 +185,9 @@ def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: d
                 if method == "ft" or name.startswith(HEAD + ".")
             }
             save_file(state, tmp / "model.safetensors")
-        (tmp / "solution.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+        sha256 = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in UNSEALED}
+        record = {"format_version": FORMAT_VERSION, **info, "sha256": sha256}
+        (tmp / "solution.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
@@ -225,6 +230,7 @@ def load_solution(
         return _load_foreign(folder, base, expect_method, model)
     info = read_info(folder)
     check_method(folder, info, expect_method)
+    check_files(folder, info)
     if base is None:
         base = build_base(info)
     check_base(folder, info, base)
@@ -310,6 +316,20 @@ def check_method(folder: Path, info: dict, expect_method: str | None) -> None:
             f"{folder} is a {info['method']} solution, not {expect_method}: pass {info['method']}={folder} "
             f"or a {expect_method} solution folder"
         )
+
+
+def check_files(folder: Path, info: dict) -> None:
+    """UserError when a file of a solution folder no longer has the sha256 that its solution.json recorded at the
+    save (a solution saved before the record has none; a missing file is left to the loader that reads it). Costs
+    one read of each file: sha256 ran at 1.4 GB/s on the 2-core EPYC, about 11 s for an 8B model's bf16 FT."""
+    for name, expected in info.get("sha256", {}).items():
+        path = folder / name
+        if path.is_file() and file_sha256(path) != expected:
+            raise UserError(
+                f"{path} is not the file saved with this solution (its sha256 differs from the one in solution.json: "
+                "damaged or changed since): re-copy the solution folder, or delete it and rerun the command that "
+                'trained it (changed on purpose: delete the "sha256" entry of its solution.json)'
+            )
 
 
 def build_base(info: dict) -> Classifier:
