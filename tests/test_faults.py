@@ -530,7 +530,7 @@ def test_bit_flip_in_a_training_checkpoint_is_not_resumed_silently(tiny_entry, t
     assert all(torch.equal(resumed[n], reference[n]) for n in reference), "resumed silently from a corrupt checkpoint"
 
 
-def test_bit_flip_in_a_finished_solution_is_refused(reference, tmp_path):
+def test_bit_flip_in_a_finished_solution_is_refused(reference, wordnet_root, tmp_path, capsys):
     from adapters.errors import UserError
     from adapters.solution import load_solution
 
@@ -544,6 +544,9 @@ def test_bit_flip_in_a_finished_solution_is_refused(reference, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"model\.safetensors is not the file saved with this solution"):
         load_solution(folder, expect_method="ft")
+    out = tmp_path / "out"  # given to a run: refused before any training, with nothing written
+    one_line_exit_2(_argv(wordnet_root, out, "--solutions", f"ft={folder}"), capsys, str(weights), "re-copy")
+    assert not out.exists()
     record = json.loads((folder / "solution.json").read_text())
     del record["sha256"]  # the message's fix for a file changed on purpose (and a solution saved before the record)
     (folder / "solution.json").write_text(json.dumps(record))
