@@ -11,8 +11,10 @@ reduce-scattered with averaging, which equals DDP's mean (each rank computes on 
 in :func:`adapters.train.train`).
 
 Checkpoints are written with ``torch.distributed.checkpoint`` (each rank writes its own shards; the step,
-losses, schedule and RNG state go beside them), so a kill resumes bit-equal. The trained weights are
-consolidated into one full fp32 state dict on rank 0, which the toolkit saves as any other solution.
+losses, schedule and RNG state go beside them), so a kill resumes bit-equal. Its files carry no checksum, so
+``extra.pt`` records the sha256 of each (the ranks hash a share of the files each), and a resume whose files
+differ (a flipped byte on a failing disk) starts over rather than training on from wrong numbers. The trained
+weights are consolidated into one full fp32 state dict on rank 0, which the toolkit saves as any other solution.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 
 # torch.distributed.fsdp and .checkpoint are imported where used: adapters.train imports this module, and every
 # run, sharded or not, would pay for them at start-up
-from adapters.io import write_torch
+from adapters.io import file_sha256, torch_file_damage, write_torch
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -106,8 +108,10 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, {f.name: file_sha256(f) for f in _my_share(tmp)})
     if dist.get_rank() == 0:
-        write_torch(tmp / "extra.pt", extra)
+        write_torch(tmp / "extra.pt", {**extra, "sha256": {k: v for share in shares for k, v in share.items()}})
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
@@ -115,6 +119,34 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict) -> Non
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _my_share(folder: Path) -> list[Path]:
+    """This rank's share of the checkpoint files to hash (every world-th, in name order): the ranks read them in
+    parallel, each about 1/world of the checkpoint."""
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name != "extra.pt")
+    return files[dist.get_rank() :: dist.get_world_size()]
+
+
+def damage(path: Path) -> str | None:
+    """What of the sharded checkpoint at ``path`` is not as saved: ``extra.pt`` failing its CRC-32 or unreadable,
+    or a file whose sha256 is not the one ``extra.pt`` recorded (each rank checks its share); None when intact or
+    saved before the record. Collective: every rank gets the same answer."""
+    try:
+        record = torch_file_damage(path / "extra.pt")
+        found = f"extra.pt's record {record} fails its CRC-32" if record else None
+        recorded = {} if found else torch.load(path / "extra.pt", map_location="cpu", weights_only=True).get("sha256")
+    except Exception as e:  # noqa: BLE001 - any unreadable extra.pt means: start over
+        found, recorded = f"extra.pt is unreadable ({type(e).__name__})", {}
+    if not found and recorded:
+        names = set(recorded)
+        missing = sorted(names - {f.name for f in path.iterdir()})
+        changed = [f.name for f in _my_share(path) if f.name in names and file_sha256(f) != recorded[f.name]]
+        if missing or changed:
+            found = f"{missing[0]} is missing" if missing else f"{changed[0]} differs from the sha256 saved with it"
+    answers = [None] * dist.get_world_size()
+    dist.all_gather_object(answers, found)
+    return next((a for a in answers if a), None)
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict | None:
@@ -147,6 +179,11 @@ def resume_training(path: Path, model: nn.Module, optimizer, schedule, ident: di
     """(step, losses) of the training state at ``path``, loaded into ``model``, ``optimizer``, ``schedule`` and the
     CPU RNG; (0, []) when there is none or it records another ``ident``. Collective."""
     if (path / "extra.pt").exists():
+        damaged = damage(path)
+        if damaged:
+            if dist.get_rank() == 0:
+                print(f"[train] checkpoint {path} is damaged ({damaged}); starting over")
+            return 0, []
         extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
         if any(extra.get(k) != v for k, v in ident.items()):
             print(f"[train] checkpoint {path} is from another configuration; starting over")
@@ -161,6 +198,7 @@ def resume_training(path: Path, model: nn.Module, optimizer, schedule, ident: di
 
 __all__ = [
     "blocks",
+    "damage",
     "full_state_dict",
     "load_checkpoint",
     "resume_training",

@@ -2,8 +2,9 @@
 
 Sharded FT in fp32 at lr 1e-3 ends where one unsharded process ends (relative weight-update difference
 ≤ 1e-4, the issue's bound); a run killed right after a sharded checkpoint (torch.distributed.checkpoint) and
-launched again ends bit-equal to an uninterrupted sharded run. The weights compared are the ones
-:func:`adapters.fsdp.full_state_dict` consolidates on rank 0, so consolidation is checked too.
+launched again ends bit-equal to an uninterrupted sharded run, and one whose shard was damaged starts over. The
+weights compared are the ones :func:`adapters.fsdp.full_state_dict` consolidates on rank 0, so consolidation is
+checked too.
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ def test_kill_and_resume_is_bit_equal(runs):
     assert "resumed at step 4" in _run([str(runs / "killed.safetensors"), str(ck)], 2)
     full, resumed = load_file(runs / "two.safetensors"), load_file(runs / "killed.safetensors")
     assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@needs_cpu_fsdp
+def test_a_damaged_shard_is_not_resumed(runs):
+    """A sharded checkpoint's files carry no checksum: a byte flipped in a shard (a failing disk) was resumed from
+    as wrong numbers. extra.pt records each file's sha256; the launch after the kill starts over, and ends
+    bit-equal to the uninterrupted run."""
+    ck, out = runs / "ck-damaged", runs / "damaged.safetensors"
+    _run([str(out), str(ck), "4"], 2, expect=1)
+    shard = max(ck.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    shard.write_bytes(bytes(data))
+    log = _run([str(out), str(ck)], 2)
+    assert f"({shard.name} differs from the sha256 saved with it); starting over" in log, log
+    assert "resumed at step 0" in log, log
+    full, again = load_file(runs / "two.safetensors"), load_file(out)
+    assert set(full) == set(again) and all(torch.equal(full[k], again[k]) for k in full)
 
 
 def test_fsdp_bad_inputs_exit_2_before_work(wordnet_root, tmp_path, capsys, monkeypatch):
