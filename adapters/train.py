@@ -334,12 +334,12 @@ def _resume(
 ) -> tuple[int, list[float]]:
     try:
         damaged = torch_file_damage(path)  # torch.load reads a flipped byte as a wrong number: check the CRCs first
-        state = None if damaged else torch.load(path, map_location="cpu", weights_only=True)
+        if damaged:
+            print(f"[train] checkpoint {path} is damaged (its record {damaged} fails its CRC-32); starting over")
+            return 0, []
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file means: start over
         print(f"[train] ignoring unreadable checkpoint {path} ({type(e).__name__}); starting over")
-        return 0, []
-    if damaged:
-        print(f"[train] checkpoint {path} is damaged (its record {damaged} fails its CRC-32); starting over")
         return 0, []
     if (
         state.get("key", "") != key

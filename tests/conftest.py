@@ -144,9 +144,9 @@ def reseal(folder) -> None:
     import json
     from pathlib import Path
 
-    from adapters.io import file_sha256
+    from adapters.solution import file_record
 
     folder = Path(folder)
     info = json.loads((folder / "solution.json").read_text())
-    info["sha256"] = {name: file_sha256(folder / name) for name in info["sha256"] if (folder / name).is_file()}
+    info["sha256"] = file_record(folder)
     (folder / "solution.json").write_text(json.dumps(info, indent=2))

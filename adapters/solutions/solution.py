@@ -185,8 +185,7 @@ def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: d
                 if method == "ft" or name.startswith(HEAD + ".")
             }
             save_file(state, tmp / "model.safetensors")
-        sha256 = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in UNSEALED}
-        record = {"format_version": FORMAT_VERSION, **info, "sha256": sha256}
+        record = {"format_version": FORMAT_VERSION, **info, "sha256": file_record(tmp)}
         (tmp / "solution.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -316,6 +315,11 @@ def check_method(folder: Path, info: dict, expect_method: str | None) -> None:
             f"{folder} is a {info['method']} solution, not {expect_method}: pass {info['method']}={folder} "
             f"or a {expect_method} solution folder"
         )
+
+
+def file_record(folder: Path) -> dict[str, str]:
+    """The sha256 of each file of a solution folder that solution.json records (:data:`UNSEALED` left out)."""
+    return {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in UNSEALED}
 
 
 def check_files(folder: Path, info: dict) -> None:
