@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import socket
 import tarfile
 import time
@@ -138,6 +139,29 @@ def test_cifar100_missing_and_offline_fast(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"download failed \(offline\?.*pass --data-root DIR holding cifar-100-python/"):
         load_dataset("cifar100")
     assert time.perf_counter() - start < 30 and calls == [tmp_path / "cache"]
+
+
+def test_downloads_are_used_when_they_land_and_refused_when_nothing_does(tmp_path, monkeypatch):
+    """Without --data-root a download runs once into the cache: what it leaves there (the torchvision layout of
+    each set, written by the fakes) is what loads; a download that returns having written nothing usable is one
+    line naming the folders looked in and the fix."""
+    for module, write, name, size in ((cifar100, write_cifar100, "CIFAR-100", {}),
+                                      (food101, write_food101, "Food-101", {"image_size": 8})):  # fmt: skip
+        cache = tmp_path / name
+        monkeypatch.setattr(module, "CACHE_ROOT", cache)
+        calls = []
+        monkeypatch.setattr(module, "_download", lambda root, calls=calls: calls.append(root))
+        with pytest.raises(
+            UserError, match=rf"{name}: the download left nothing usable under {re.escape(str(cache))}.*--data-root"
+        ):
+            module.load(None, **size)
+        monkeypatch.setattr(
+            module, "_download", lambda root, write=write, calls=calls: (calls.append(root), write(root))
+        )
+        assert len(module.load(None, **size).test) > 0
+        assert calls == [cache, cache]
+        module.load(None, **size)  # found in the cache: no download
+        assert calls == [cache, cache]
 
 
 def test_fetch_online_fails_fast_and_restores_timeout(monkeypatch):

@@ -8,8 +8,9 @@ deterministic functions of their seed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -95,3 +96,27 @@ def eval_subset(split: Split, n: int | None, seed: int) -> Split:
             raise UserError(f"evaluation subset size must be >= 1, got {n}: pass a positive number")
         perm = perm[:n]
     return split.subset(perm)
+
+
+def find_or_download(
+    name: str,
+    dirs: list[Path],
+    locate: Callable[[list[Path]], Path | None],
+    download: Callable[[], None] | None,
+    fix: str,
+) -> Path:
+    """What ``locate`` finds in ``dirs``; else, with a ``download`` (no --data-root given), what it finds after
+    downloading. Anything else is one line naming the folders looked in, why the download failed, and ``fix``."""
+    if (found := locate(dirs)) is not None:
+        return found
+    looked = ", ".join(map(str, dirs))
+    if download is None:
+        raise UserError(f"{name} not found under {looked}: {fix}")
+    try:
+        download()
+    except Exception as e:  # offline, server down, torchvision missing ...
+        why = f"download failed (offline? {type(e).__name__}: {e})"
+        raise UserError(f"{name} not found under {looked} and {why}: {fix}") from e
+    if (found := locate(dirs)) is not None:
+        return found
+    raise UserError(f"{name}: the download left nothing usable under {looked}: {fix}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.data.base import Dataset, Split, balanced_indices
+from adapters.data.base import Dataset, Split, balanced_indices, find_or_download
 from adapters.errors import UserError
 from adapters.network import fetch_online
 
@@ -126,21 +126,8 @@ def _download(root: Path) -> None:
 
 def find_source(data_root: str | os.PathLike | None = None) -> Path:
     """The folder holding train/test/meta (preferred) or the tar.gz; downloads only when data_root is None."""
-    dirs = candidate_dirs(data_root)
-    if (found := _source_in(dirs)) is not None:
-        return found
-    looked = ", ".join(map(str, dirs))
-    if data_root is not None:
-        raise UserError(f"CIFAR-100 not found under {looked}: {FIX}")
-    try:
-        _download(CACHE_ROOT)
-    except Exception as e:  # offline, server down, torchvision missing ...
-        raise UserError(
-            f"CIFAR-100 not found under {looked} and download failed (offline? {type(e).__name__}: {e}): {FIX}"
-        ) from e
-    if (found := _source_in(dirs)) is not None:
-        return found
-    raise UserError(f"CIFAR-100 download into {CACHE_ROOT} left no {FOLDER}/ behind: {FIX}")
+    download = None if data_root is not None else lambda: _download(CACHE_ROOT)
+    return find_or_download("CIFAR-100", candidate_dirs(data_root), _source_in, download, FIX)
 
 
 # --- reading --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from adapters.data import cifar100
-from adapters.data.base import Dataset, Split, balanced_indices
+from adapters.data.base import Dataset, Split, balanced_indices, find_or_download
 from adapters.errors import UserError
 from adapters.network import fetch_online
 
@@ -101,11 +101,10 @@ def candidate_dirs(data_root: str | os.PathLike | None = None) -> list[Path]:
     return [root, root / FOLDER]
 
 
-def _complete(folder: Path) -> bool:
-    meta = folder / "meta"
-    return (folder / "images").is_dir() and all(
-        (meta / n).is_file() for n in ("classes.txt", "train.json", "test.json")
-    )
+def _complete_in(dirs: list[Path]) -> Path | None:
+    """The first of ``dirs`` holding a complete food-101 (images/ and meta/), else None."""
+    meta = ("classes.txt", "train.json", "test.json")
+    return next((d for d in dirs if (d / "images").is_dir() and all((d / "meta" / n).is_file() for n in meta)), None)
 
 
 def _download(root: Path) -> None:
@@ -121,22 +120,8 @@ def _download(root: Path) -> None:
 
 def find_root(data_root: str | os.PathLike | None = None) -> Path:
     """The food-101 folder (holding images/ and meta/); downloads only when data_root is None."""
-    dirs = candidate_dirs(data_root)
-    for d in dirs:
-        if _complete(d):
-            return d
-    looked = ", ".join(map(str, dirs))
-    if data_root is not None:
-        raise UserError(f"Food-101 not found under {looked}: {FIX}")
-    try:
-        _download(CACHE_ROOT)
-    except Exception as e:  # offline, server down, torchvision missing ...
-        raise UserError(
-            f"Food-101 not found under {looked} and download failed (offline? {type(e).__name__}: {e}): {FIX}"
-        ) from e
-    if _complete(CACHE_ROOT / FOLDER):
-        return CACHE_ROOT / FOLDER
-    raise UserError(f"Food-101 download into {CACHE_ROOT} left no complete {FOLDER}/ behind: {FIX}")
+    download = None if data_root is not None else lambda: _download(CACHE_ROOT)
+    return find_or_download("Food-101", candidate_dirs(data_root), _complete_in, download, FIX)
 
 
 # --- reading --------------------------------------------------------------------------------------
