@@ -292,6 +292,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _as_saved(param: torch.Tensor) -> torch.Tensor:
+    """``param`` as a checkpoint stores it: itself (detached, no copy: a full fine-tuning checkpoint of an 8B model
+    would otherwise hold a second copy of every weight, on the GPU too, while it is written), or a compact copy
+    when it views part of a larger storage, since ``torch.save`` writes a view's whole storage."""
+    param = param.detach()
+    if param.untyped_storage().nbytes() == param.numel() * param.element_size():
+        return param
+    return param.clone(memory_format=torch.contiguous_format)
+
+
 def _save_checkpoint(
     path: Path, step, losses, trainable, optimizer, schedule, config: TrainConfig, key: str, scaler=None
 ) -> None:
@@ -300,7 +310,7 @@ def _save_checkpoint(
         "step": step,
         "losses": torch.tensor(losses, dtype=torch.float64),
         "config": repr(config.to_dict()),
-        "params": {n: p.detach().clone() for n, p in trainable.items()},
+        "params": {n: _as_saved(p) for n, p in trainable.items()},
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},

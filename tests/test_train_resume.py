@@ -107,3 +107,40 @@ def test_gradient_accumulation_equals_the_whole_batch(tiny_entry, monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="not divisible"):
         train(model, data, labels, TrainConfig(steps=1, batch_size=8, grad_accum=3), progress=False)
+
+
+def test_a_checkpoint_holds_the_weights_themselves_and_a_view_compactly(tmp_path, monkeypatch):
+    """The training checkpoint stores each trainable parameter without copying it (full fine-tuning would hold a
+    second copy of every weight while writing, on the GPU too), except one that views part of a larger storage,
+    which is stored compact (torch.save writes a view's whole storage): read back from the file, each holds only its
+    own elements, equal to the trained values."""
+    from torch import nn
+
+    from adapters import train as training
+    from adapters.models.base import Encoded
+
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(6, 5), nn.Linear(5, 3)
+            self.second.weight = nn.Parameter(torch.randn(3, 400)[:, :5])  # a view of a 3 × 400 storage
+
+        def forward(self, x):
+            return self.second(torch.tanh(self.first(x)))
+
+    torch.manual_seed(0)
+    model = TwoLayers()
+    states = []
+    write = training.write_torch
+    monkeypatch.setattr(training, "write_torch", lambda path, state: (states.append(state), write(path, state)))
+    ckpt = tmp_path / "train.ckpt"
+    data, labels = Encoded({"x": torch.randn(16, 6)}), torch.arange(16) % 3
+    train(model, data, labels, TrainConfig(steps=2, batch_size=8, lr=1e-2, seed=0), progress=False,
+          checkpoint=ckpt, checkpoint_every=1)  # fmt: skip
+    params = dict(model.named_parameters())
+    saved = states[-1]["params"]
+    assert len(states) == 2 and saved["first.weight"].data_ptr() == params["first.weight"].data_ptr()  # no copy
+    loaded = torch.load(ckpt, weights_only=True)["params"]
+    for name, p in params.items():
+        assert torch.equal(loaded[name], p.detach()), name
+        assert loaded[name].untyped_storage().nbytes() == p.numel() * p.element_size(), name
