@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -62,6 +63,33 @@ def cpu_flags(cpuinfo: str) -> set[str]:
         if key.strip() == "flags":
             flags.update(value.split())
     return flags
+
+
+ISA_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}  # speed, precision
+
+
+def cpu_model_name(cpuinfo: str | None = None) -> str | None:
+    """The first ``model name`` of a /proc/cpuinfo text (this machine's by default; None where there is none)."""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "model name":
+            return value.strip()
+    return None
+
+
+def cpu_description(cpuinfo: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The CPU as a benchmark's table names it: the model, the instruction sets that set its speed and its native
+    precision, and any variable that holds torch below them, e.g. ``AMD EPYC (AVX2, AVX-512, AVX512-BF16; held:
+    ATEN_CPU_CAPABILITY=avx2)``: a timing taken so restricted is not one of the unrestricted CPU."""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    env = os.environ if env is None else env
+    flags = cpu_flags(cpuinfo)
+    isa = ", ".join(name for flag, name in ISA_FLAGS.items() if flag in flags) or "no AVX2"
+    held = [f"{var}={env[var]}" for var in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                                            "DNNL_MAX_CPU_ISA") if env.get(var, "").strip()]  # fmt: skip
+    name = cpu_model_name(cpuinfo) or platform.machine() or "unknown CPU"
+    return f"{name} ({isa}; held: {' '.join(held)})" if held else f"{name} ({isa})"
 
 
 def cpu_bf16(cpuinfo: str | None = None, env: Mapping[str, str] | None = None) -> tuple[bool, str]:
@@ -123,4 +151,14 @@ def resolve_dtype(name: str, device: torch.device | str) -> str:
     return choose(name, device).dtype
 
 
-__all__ = ["ENV", "Precision", "choose", "cpu_bf16", "cpu_flags", "native_bf16", "resolve_dtype"]
+__all__ = [
+    "ENV",
+    "Precision",
+    "choose",
+    "cpu_bf16",
+    "cpu_description",
+    "cpu_flags",
+    "cpu_model_name",
+    "native_bf16",
+    "resolve_dtype",
+]

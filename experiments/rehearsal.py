@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -293,16 +292,10 @@ def table(results: list[dict], shape: str, layers: int | None) -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name and its bf16 features (what sets the precision ``auto`` picks)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    feats = [f for f, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in flags]
-    named = [label for f, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")) if f in feats]
-    return f"{name} ({', '.join(named) or 'no native bf16'})"
+    """The CPU, its instruction sets and what holds torch below them (:func:`adapters.precision.cpu_description`)."""
+    from adapters.precision import cpu_description
+
+    return cpu_description()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapters.errors import UserError
-from adapters.precision import ENV, choose, cpu_flags, resolve_dtype
+from adapters.precision import ENV, choose, cpu_description, cpu_flags, resolve_dtype
 from landscape.config import PAPER_DATASETS, PAPER_DIR, RunConfig
 from tests.llm_data import write_commonsense
 from tests.llm_models import save_tiny_causal_lm
@@ -54,6 +54,19 @@ def test_auto_on_cpu_follows_cpuinfo_and_environment(flags, env, dtype, why):
 def test_cpuinfo_flags_are_read_from_every_flags_line():
     assert {"avx2", "amx_bf16", "avx512_bf16"} <= cpu_flags(cpuinfo(AMX) + "\n" + cpuinfo(AVX512_BF16, 1))
     assert "amx_bf16" not in cpu_flags("processor : 0\nmodel name : amx_bf16 lookalike\n")  # flags lines only
+
+
+def test_a_benchmarks_cpu_names_the_model_its_instruction_sets_and_what_holds_torch_below_them():
+    """Timings restricted to AVX2 on an AVX-512 machine (the README's emulation of the slower kind) say so in the
+    CPU they name; unrestricted ones do not."""
+    assert cpu_description(cpuinfo(PLAIN), env={}) == "Test CPU (AVX2)"
+    assert cpu_description(cpuinfo(AMX), env={}) == "Test CPU (AVX2, AVX-512, AMX)"
+    held = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "HOME": "/"}
+    assert cpu_description(cpuinfo(AVX512_BF16), env=held) == (
+        "Test CPU (AVX2, AVX-512, AVX512-BF16; held: ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 "
+        "ONEDNN_MAX_CPU_ISA=AVX2)"
+    )
+    assert cpu_description("processor : 0\nflags : sse2\n", env={}).endswith("(no AVX2)")  # no model name line
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

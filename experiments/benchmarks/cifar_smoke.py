@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,16 +38,10 @@ BUDGET_S = 300.0  # issue 20: ≤ 5 min on 2 cores
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the instruction sets that matter for bf16 (from /proc/cpuinfo)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    isa = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
-                                   ("AMX", "amx_bf16")) if flag in flags]  # fmt: skip
-    return f"{model} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores"
+    """The CPU (:func:`adapters.precision.cpu_description`) and its core count."""
+    from adapters.precision import cpu_description
+
+    return f"{cpu_description()}, {os.cpu_count()} cores"
 
 
 def _vm(field: str) -> int:

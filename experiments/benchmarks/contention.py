@@ -86,16 +86,13 @@ WORKER_CODE = (
 
 def cpu_model() -> dict:
     """CPU model name and AVX-512 support from /proc/cpuinfo."""
-    name, flags = platform.processor() or "unknown", set()
+    from adapters.precision import cpu_flags, cpu_model_name
+
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("unknown", "", "x86_64"):
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        flags = set()
+    name = cpu_model_name() or platform.processor() or "unknown"
     return {"cpu_model": name, "avx512": "avx512f" in flags, "logical_cpus": os.cpu_count()}
 
 

@@ -207,15 +207,12 @@ def run_case(name: str, samples: int, n: int, delta_scale: float = 1e-2, seed: i
 
 def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
     """The first "model name" of ``/proc/cpuinfo`` (None where there is none)."""
+    from adapters.precision import cpu_model_name
+
     try:
-        text = Path(cpuinfo).read_text(errors="replace")
+        return cpu_model_name(Path(cpuinfo).read_text(errors="replace"))
     except OSError:
         return None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "model name":
-            return value.strip()
-    return None
 
 
 def table(results: list[dict]) -> str:

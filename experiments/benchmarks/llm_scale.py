@@ -103,7 +103,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -434,13 +433,10 @@ def merged(paths: list[Path]) -> dict:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU, its instruction sets and what holds torch below them (:func:`adapters.precision.cpu_description`)."""
+    from adapters.precision import cpu_description
+
+    return cpu_description()
 
 
 def hidden_size(text: str) -> int:

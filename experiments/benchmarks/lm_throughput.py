@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -152,11 +151,9 @@ def run(layers: int | None, samples: int, quick: bool, eval_tokens: int, plain_b
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
+    from adapters.precision import cpu_description
+
+    return cpu_description()
 
 
 def build_parser() -> argparse.ArgumentParser:
