@@ -51,8 +51,8 @@ def plane(
 
     ``config.plane_storage``: ``dense`` (:mod:`landscape.engine.plane`: origin + x·U + y·V per parameter, written
     into a copy of the model), ``factored`` (:mod:`landscape.engine.factored`: W0 + the solutions' updates, weights
-    built per module on the base model itself: ~1 model copy instead of ~6) or ``auto`` (factored when the
-    dense plane would need more than a quarter of the free memory). ``chart.info["storage"]`` records it.
+    built per module on the base model itself: ~1 model copy instead of ~13) or ``auto`` (factored when the
+    dense plane would need more than half of the free memory). ``chart.info["storage"]`` records it.
     The random charts (``--chart random`` / ``random-line``, :mod:`landscape.engine.directions`) are centred on one
     solution and always dense: a PlaneEvaluator on a copy of the model, or over the centre's adapter
     parameters (``--coordinates adapter``).

@@ -227,9 +227,9 @@ class RunConfig(ConfigChecks):
     )
     plane_storage: str = option(
         "auto",
-        "how the plane holds the solutions: dense (origin + x U + y V per parameter: fastest, ~6 model copies) or "
-        "factored (W0 + the FT update + the adapters' factors, weights built per module as it runs: ~1 extra "
-        "model copy); auto = dense when it fits in a quarter of the free memory",
+        "how the plane holds the solutions: dense (origin + x U + y V per parameter: ~13 fp32 model copies, the "
+        "fastest points on small models) or factored (W0 + the FT update + the adapters' factors, weights built per "
+        "module as it runs: ~1 extra model copy); auto = dense when it fits in half of the free memory",
         toml="landscape.plane_storage", choices=("auto", "dense", "factored"),
     )  # fmt: skip
     path_points: int = option(11, "values of t on each 1-D path (full: 21; 0 = no paths)", toml="landscape.path_points")

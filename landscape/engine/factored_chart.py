@@ -26,7 +26,7 @@ The third vertex of a plane is FT's update or, when no FT solution exists (the d
 ``--load-4bit``), the base model itself (``"base"``: ΔW = 0), in FT's place in both charts.
 
 :func:`choose_storage` picks ``dense`` or ``factored`` for ``auto``: factored when the dense plane
-(≈ 6 × the parameters' bytes in fp32) would need more than a quarter of the memory available.
+(≈ 13 × the parameters' bytes in fp32, as measured) would need more than half of the memory available.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ from adapters.quant import dequantized_weight, is_packed, packed_names
 from landscape.engine.plane import CHARTS, SOLUTIONS
 
 STORAGES = ("auto", "dense", "factored")
-DENSE_COPIES = 6  # fp32 copies of the plane parameters the dense plane holds (thetas, origin/U/V, the model copy)
+# fp32 copies of the parameters the dense plane holds at its peak (the thetas, origin/U/V, a working copy): measured
+# 13.11-13.22 at hidden 256-1024 (experiments.benchmarks.memory, docs/reference/performance.md) and 14.5 on a
+# 4-layer Qwen2-0.5B shape (the rehearsal's fp32 plane: 12.7 GB peak RSS, 1.9 GB after loading, 0.75 GB model)
+DENSE_COPIES = 13
 CHUNK = 1 << 17  # elements per float64 block of the Gram accumulation (~6 MB of temporaries)
 HALF = (torch.float16, torch.bfloat16)
 HALF_CHUNK = 1 << 20  # elements of the fp32 accumulator of half-precision weights
@@ -93,7 +96,8 @@ def available_memory(device: torch.device | str) -> int | None:
 def choose_storage(storage: str, base_model: nn.Module, device: torch.device | str) -> str:
     """``dense`` or ``factored`` for the requested ``storage``; ``auto``: factored when the dense plane,
     ≈ :data:`DENSE_COPIES` fp32 copies of the model's floating-point parameters (full fine-tuning changes
-    them all), would need more than a quarter of :func:`available_memory`."""
+    them all), would need more than half of :func:`available_memory` (the rest of the run holds the solutions
+    and a batch's activations besides)."""
     if storage not in STORAGES:
         raise UserError(f"unknown plane storage '{storage}': choose one of {', '.join(STORAGES)}")
     if packed_names(base_model):  # a 4-bit base cannot hold W0 + ΔW: every point is applied beside it
@@ -105,7 +109,7 @@ def choose_storage(storage: str, base_model: nn.Module, device: torch.device | s
         return storage
     need = DENSE_COPIES * 4 * sum(p.numel() for p in base_model.parameters() if p.is_floating_point())
     free = available_memory(device)
-    return "factored" if free is not None and need > free / 4 else "dense"
+    return "factored" if free is not None and need > free / 2 else "dense"
 
 
 # --------------------------------------------------------------------------- the chart
