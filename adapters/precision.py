@@ -55,8 +55,10 @@ def _cpuinfo() -> str:
         return ""
 
 
-def cpu_flags(cpuinfo: str) -> set[str]:
-    """The CPU feature flags of a /proc/cpuinfo text (the ``flags`` lines of every processor)."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU feature flags of a /proc/cpuinfo text (this machine's by default; the ``flags`` lines of every
+    processor)."""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     flags: set[str] = set()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")

@@ -264,9 +264,11 @@ def _cpu_total(r: dict) -> float:
 def table(results: list[dict], shape: str, layers: int | None) -> str:
     """One row per (variant, stage): wall seconds, CPU seconds, peak RSS; a total per variant and overall, with
     the load average (the machine may be shared: the wall time depends on it, the CPU seconds much less)."""
+    from adapters.precision import cpu_description
+
     full = SHAPES[shape]["num_hidden_layers"]
     depth = f"{layers} of {full} decoder layers (reduced)" if layers and layers < full else f"all {full} decoder layers"
-    lines = [f"rehearsal: {shape}, {depth}; CPU: {cpu_name()}, {os.cpu_count()} cores",
+    lines = [f"rehearsal: {shape}, {depth}; CPU: {cpu_description()}, {os.cpu_count()} cores",
              f"{'variant':8} {'stage':20} {'wall s':>8} {'CPU s':>8} {'peak RSS GB':>12}"]  # fmt: skip
     for r in results:
         for st in r["stages"]:
@@ -291,14 +293,8 @@ def table(results: list[dict], shape: str, layers: int | None) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    """The CPU, its instruction sets and what holds torch below them (:func:`adapters.precision.cpu_description`)."""
-    from adapters.precision import cpu_description
-
-    return cpu_description()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from adapters.precision import cpu_description
     from landscape.cli import Parser, out_file, out_folder, positive_int
 
     p = Parser(prog="python -m experiments.rehearsal", description=__doc__.split("\n\n")[0])
@@ -356,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
             from adapters.io import write_json
 
             write_json(Path(args.json), {"model": args.model, "layers": args.layers, "device": args.device,
-                                         "cpu": cpu_name(), "cpus": os.cpu_count(), "curvature_tol": CURVATURE_TOL,
-                                         "curvature_hvp_batch": CURVATURE_HVP_BATCH,
+                                         "cpu": cpu_description(), "cpus": os.cpu_count(),
+                                         "curvature_tol": CURVATURE_TOL, "curvature_hvp_batch": CURVATURE_HVP_BATCH,
                                          "curvature_samples": CURVATURE_SAMPLES, "threads": args.threads,
                                          "cpu_seconds": round(sum(_cpu_total(r) for r in results), 1),
                                          "budget_cpu_seconds": BUDGET_CPU_S, "results": results,

@@ -88,12 +88,8 @@ def cpu_model() -> dict:
     """CPU model name and AVX-512 support from /proc/cpuinfo."""
     from adapters.precision import cpu_flags, cpu_model_name
 
-    try:
-        flags = cpu_flags(Path("/proc/cpuinfo").read_text())
-    except OSError:
-        flags = set()
     name = cpu_model_name() or platform.processor() or "unknown"
-    return {"cpu_model": name, "avx512": "avx512f" in flags, "logical_cpus": os.cpu_count()}
+    return {"cpu_model": name, "avx512": "avx512f" in cpu_flags(), "logical_cpus": os.cpu_count()}
 
 
 def loadavg() -> list[float] | None:

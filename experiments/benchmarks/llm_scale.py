@@ -111,6 +111,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.precision import cpu_description
 from experiments.benchmarks.llm_scale_cases import (
     DTYPES,
     GPU_BYTES,
@@ -432,13 +433,6 @@ def merged(paths: list[Path]) -> dict:
     return summarise(out)
 
 
-def cpu_name() -> str:
-    """The CPU, its instruction sets and what holds torch below them (:func:`adapters.precision.cpu_description`)."""
-    from adapters.precision import cpu_description
-
-    return cpu_description()
-
-
 def hidden_size(text: str) -> int:
     """argparse type of ``--sizes``: a hidden size that :func:`scaled_config` splits into max(2, size // 64)
     heads of one even width (rotary embeddings pair the dimensions)."""
@@ -502,7 +496,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def header(args: argparse.Namespace, cases: list[dict], start: float) -> dict:
     """The settings of a run and its cases so far."""
     return {
-        "cpu": cpu_name(),
+        "cpu": cpu_description(),
         "threads": args.threads or os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
         "torch": torch.__version__,
         "layers": args.layers,

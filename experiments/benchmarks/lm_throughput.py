@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.precision import cpu_description
 from experiments.benchmarks.plain_lm import Example, fabricate_examples, plain_loop
 
 PROG = "python -m experiments.benchmarks.lm_throughput"
@@ -150,12 +151,6 @@ def run(layers: int | None, samples: int, quick: bool, eval_tokens: int, plain_b
     return case
 
 
-def _cpu_name() -> str:
-    from adapters.precision import cpu_description
-
-    return cpu_description()
-
-
 def build_parser() -> argparse.ArgumentParser:
     from landscape.cli import positive_int
 
@@ -195,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
             "cases": [case],
             "wall_s": time.perf_counter() - start,
-            "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "machine": {"cpu": cpu_description(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "load_average_after": os.getloadavg()},
             "versions": {p: md.version(p) for p in ("torch", "transformers")},
         })  # fmt: skip

@@ -197,7 +197,7 @@ def _run(argv: Sequence[str] | None) -> None:
         raise UserError(f"--efficiency is a fraction of the peak (0 < e <= 1), not {args.efficiency}")
     preset = preset_grid(Path(args.config))  # checked before the model is built
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from experiments.rehearsal import cpu_name
+    from adapters.precision import cpu_description
 
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     measured = measure_point("cpu", "auto", args.layers, args.samples, args.prompt_len, args.answer_len,
@@ -205,12 +205,12 @@ def _run(argv: Sequence[str] | None) -> None:
     projection = project_grid_wall_time(measured["tokens_per_sample"] * preset["samples"], preset["points"],
                                         measured["flops_per_token"], cpu_tokens_per_s=measured["tokens_per_s"],
                                         efficiency=args.efficiency)  # fmt: skip
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"CPU: {cpu_description()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     print("\n".join(report_lines(measured, preset, projection)))
     if args.json:
         from adapters.io import write_json
 
-        write_json(args.json, {"cpu": cpu_name(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
+        write_json(args.json, {"cpu": cpu_description(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
                                "preset": preset, "measured": measured, "projection": projection})  # fmt: skip
 
 
