@@ -32,6 +32,7 @@ from adapters.methods import MethodSpec
 from adapters.models.base import HEAD, Encoded, ModelEntry
 from adapters.objectives import OBJECTIVES, Classification, score
 from adapters.progress import progress_bar
+from adapters.upcast import computes_in_fp32
 
 
 @dataclass
@@ -228,14 +229,18 @@ def _mixed_precision(
 ) -> tuple[TrainConfig, torch.amp.GradScaler | None, dict]:
     """fp32 master copies of the trainable parameters (in place); the config with the forward's autocast (half
     weights: a mixed forward), the loss scaler fp16 needs (None otherwise), and the precision record."""
-    # a model sharded by adapters.fsdp.sharded_copy holds fp32 shards already: its base's dtype decides
-    storage = getattr(model, "base_storage_dtype", None) or storage_dtype(model)
+    # a model sharded by adapters.fsdp.sharded_copy holds fp32 shards already: its base's dtype is the record's
+    held = storage_dtype(model)
+    storage = getattr(model, "base_storage_dtype", None) or held
     fp32_masters(trainable)  # before the optimizer and DDP see the parameters
-    if storage != "float32" and config.autocast == "none":
-        config = dataclasses.replace(config, autocast=storage)  # fp32 masters beside half weights: mixed forward
+    if held != "float32" and config.autocast == "none" and not computes_in_fp32(model):
+        # fp32 masters beside half weights that multiply as they are stored: a mixed forward needs autocast
+        # (a transformers model widens its half weights itself, adapters.upcast: fp32 compute, no autocast)
+        config = dataclasses.replace(config, autocast=held)
     # fp16's 5 exponent bits underflow small gradients: scale the loss, unscale before clipping, skip inf steps
     scaler = torch.amp.GradScaler(torch.device(device).type) if config.autocast == "float16" else None
     precision = {"storage_dtype": storage, "master_weights": "float32", "autocast": config.autocast,
+                 "compute_dtype": "float32" if config.autocast == "none" else config.autocast,
                  "loss_scaling": scaler is not None}  # fmt: skip
     return config, scaler, precision
 

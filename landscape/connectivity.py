@@ -424,11 +424,15 @@ def announce_precision(loaded: Loaded, device, rank: int) -> dict:
     """The forward precision of the landscape (and of training, when it differs), printed once with the reason:
     ``auto`` follows the hardware (:mod:`adapters.precision`). Recorded in landscape.json as ``precision``."""
     from adapters.precision import choose
+    from adapters.train import storage_dtype
+    from adapters.upcast import computes_in_fp32
 
     forward = choose(loaded.config.dtype, device)
     autocast = train_autocast(loaded, device)
     training = "float32" if autocast == "none" else autocast
     line = forward.line() + ("" if training == forward.dtype else f"; training forward: {training}")
+    if computes_in_fp32(loaded.task.base) and "float32" in (forward.dtype, training):  # adapters.upcast
+        line += f"; the {storage_dtype(loaded.task.base)} weights are widened to float32 in a float32 forward"
     if rank == 0:
         print(line, file=sys.stderr, flush=True)
     return {"dtype": forward.dtype, "reason": forward.reason, "train": training}

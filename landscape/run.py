@@ -226,19 +226,20 @@ def train_config(loaded: Loaded, method: str, device: torch.device, seed: int | 
 
 
 def train_autocast(loaded: Loaded, device: torch.device) -> str:
-    """The training forward's autocast: the storage dtype of a model stored in half precision (its trainable
-    weights train as fp32 masters, see :func:`adapters.train.fp32_masters`), else ``train_dtype`` resolved on the
-    device (``auto``: bf16 where the device runs it natively, :mod:`adapters.precision`)."""
+    """The training forward's autocast: ``train_dtype`` resolved on the device (``auto``: bf16 where the device
+    runs it natively, :mod:`adapters.precision`), to the storage dtype of a model stored in half precision (an
+    fp16 model under fp16 autocast); ``"none"`` otherwise, where a half-precision model widens its weights to fp32
+    as it uses them (:mod:`adapters.upcast`: the trainable ones train as fp32 masters either way,
+    :func:`adapters.train.fp32_masters`)."""
+    if resolve_dtype(loaded.config.train_dtype, device) != "bfloat16":
+        return "none"
     options = loaded.model_options or {}
     # a 4-bit base: prepare_model_for_kbit_training already made every unpacked weight fp32 (the QLoRA recipe)
     stored = None if options.get("load_4bit") else options.get("torch_dtype")
-    if stored in ("bfloat16", "float16"):
-        return stored
     if stored == "auto":  # the checkpoint's own dtype: read it off the loaded weights
         dtype = next((p.dtype for p in loaded.task.base.parameters() if p.is_floating_point()), torch.float32)
-        if dtype in (torch.bfloat16, torch.float16):
-            return str(dtype).removeprefix("torch.")
-    return "bfloat16" if resolve_dtype(loaded.config.train_dtype, device) == "bfloat16" else "none"
+        stored = str(dtype).removeprefix("torch.")
+    return stored if stored in ("bfloat16", "float16") else "bfloat16"
 
 
 def train_key(loaded: Loaded, method: str, device: torch.device, seed: int | None = None) -> dict:

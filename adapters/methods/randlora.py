@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters import upcast
 from adapters.quant import is_packed
 
 MODES = ("auto", "factored", "materialized")
@@ -241,7 +242,10 @@ def _compute_dtype(layer, weight: torch.Tensor) -> torch.dtype:
     chosen = layer._fast_randlora.shared.dtype
     if chosen is not None:
         return chosen
-    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+    if not weight.dtype.is_floating_point:
+        return torch.float32
+    # a half base that widens its weights (adapters.upcast) multiplies in fp32 outside autocast: so does its adapter
+    return torch.float32 if upcast.active(layer.get_base_layer(), weight.device.type) else weight.dtype
 
 
 # --------------------------------------------------------------------------- materialized path

@@ -51,6 +51,7 @@ from adapters.models.hf_generate import (
 from adapters.models.hf_hub import HUB_HOST, PREFIX, is_causal_lm, load_config, resolve, tokenizer
 from adapters.models.hf_stream import _LazyState, load_pretrained, streamed_state
 from adapters.models.lm_scoring import CausalLMScorer
+from adapters.upcast import compute_in_fp32
 
 MODALITIES = ("text", "lm")
 OPTIONS = ("torch_dtype", "load_4bit", "cutoff_len")
@@ -222,11 +223,19 @@ def build(
     _quiet_transformers()
     if modality == "lm":
         model = load_pretrained(AutoModelForCausalLM, where, **kwargs)
-        return CausalLMScorer(_prepare_4bit(model) if opts["load_4bit"] else model)
+        return CausalLMScorer(_prepare_4bit(model) if opts["load_4bit"] else compute_in_fp32_if_half(model))
     backbone = load_pretrained(AutoModel, where, **kwargs, **_pooling_kwargs(load_config(where)))
-    if opts["load_4bit"]:
-        backbone = _prepare_4bit(backbone)
+    backbone = _prepare_4bit(backbone) if opts["load_4bit"] else compute_in_fp32_if_half(backbone)
     return HFClassifier(backbone, _hidden_size(backbone.config), num_classes)
+
+
+def compute_in_fp32_if_half(model: nn.Module) -> nn.Module:
+    """A model stored in bf16/fp16 multiplies in fp32 unless autocast says otherwise (:mod:`adapters.upcast`:
+    its own forward would run every matmul in half precision, emulated on a CPU without it, whatever ``--dtype``
+    asked for). A 4-bit base is not passed here: ``prepare_model_for_kbit_training`` made its unpacked weights
+    fp32 and bitsandbytes multiplies in its compute dtype."""
+    compute_in_fp32(model)
+    return model
 
 
 def _hidden_size(config) -> int:
