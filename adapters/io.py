@@ -127,7 +127,7 @@ def digest(named_tensors: Iterable[tuple[str, torch.Tensor]], length: int = 16) 
     for name, tensor in named_tensors:
         h.update(name.encode())
         h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        h.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy())  # its buffer: no bytes copy
     return h.hexdigest()[:length]
 
 

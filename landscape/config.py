@@ -65,7 +65,8 @@ class RunConfig(ConfigChecks):
         toml="adapters.targets",
     )  # fmt: skip
     torch_dtype: str = option(
-        "float32", "hf: models: the dtype the weights are loaded in", toml="model.torch_dtype",
+        "float32", "hf: models: the dtype the weights are stored in (how they multiply is --train-dtype / --dtype: "
+        "outside autocast half weights are widened to fp32 where used)", toml="model.torch_dtype",
         choices=("float32", "float16", "bfloat16", "auto"),
     )  # fmt: skip
     load_4bit: bool = option(

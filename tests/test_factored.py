@@ -223,6 +223,29 @@ def test_weights_at_equal_the_dense_chart(tiny):
             torch.testing.assert_close(w[n], ref[n], rtol=1e-5, atol=1e-6)
 
 
+def test_dense_geometry_equals_numpy(monkeypatch):
+    """Distances and angles of the dense plane from numpy on the flattened weights (float64), with the Gram
+    accumulated in several chunks per parameter."""
+    from landscape.engine import plane
+
+    monkeypatch.setattr(plane, "CHUNK", 7)
+    g = torch.Generator().manual_seed(3)
+    thetas = {s: {"a": torch.randn(5, 4, generator=g), "b": torch.randn(9, generator=g)} for s in plane.SOLUTIONS}
+    flat = {s: np.concatenate([t.double().numpy().ravel() for t in thetas[s].values()]) for s in thetas}
+    info = plane.paper_chart(thetas).info
+    for pair in ("ft-lora", "ft-randlora", "lora-randlora"):
+        a, b = pair.split("-")
+        assert info["distances"][pair] == pytest.approx(np.linalg.norm(flat[a] - flat[b]), rel=1e-12)
+    for at in plane.SOLUTIONS:
+        p, q = (flat[s] - flat[at] for s in plane.SOLUTIONS if s != at)
+        angle = np.degrees(np.arccos(p @ q / (np.linalg.norm(p) * np.linalg.norm(q))))
+        assert info["triangle_angles_deg"][at] == pytest.approx(angle, abs=1e-9)
+    chart = plane.orthonormal_chart(thetas)  # its Gram–Schmidt's dot products, chunked too
+    u, v = (np.concatenate([t.double().numpy().ravel() for t in d.values()]) for d in (chart.u, chart.v))
+    assert plane._dot(chart.u, chart.v) == pytest.approx(u @ v, abs=1e-15)
+    assert (u @ u, v @ v) == pytest.approx((1.0, 1.0), abs=1e-6) and abs(u @ v) < 1e-6
+
+
 def test_geometry_equals_the_dense_geometry(tiny):
     for name in ("paper", "orthonormal"):
         dense, lazy = _charts(tiny, name)

@@ -19,7 +19,7 @@ solutions' lazy updates (:func:`adapters.deltas.module_deltas`), one parameter i
 "stored" updates (full fine-tuning's, every parameter it changes, and the adapters' heads) are kept,
 once, in the model's dtype; "factored" ones (the adapters' layers) stay what peft rebuilds them from.
 The orthonormal chart and the geometry (pairwise distances, triangle angles: the same values as
-``plane._geometry``) come from the 3 × 3 Gram matrix of the pairwise differences of the updates,
+``plane.geometry_from_gram``) come from the 3 × 3 Gram matrix of the pairwise differences of the updates,
 accumulated in float64 over chunks of each parameter and released.
 
 The third vertex of a plane is FT's update or, when no FT solution exists (the default under
@@ -41,14 +41,13 @@ from torch import nn
 
 from adapters.errors import UserError
 from adapters.quant import dequantized_weight, is_packed, packed_names
-from landscape.engine.plane import CHARTS, SOLUTIONS
+from landscape.engine.plane import CHARTS, SOLUTIONS, difference_gram, geometry_from_gram
 
 STORAGES = ("auto", "dense", "factored")
 # fp32 copies of the parameters the dense plane holds at its peak (the thetas, origin/U/V, a working copy): measured
 # 13.11-13.22 at hidden 256-1024 (experiments.benchmarks.memory, docs/reference/performance.md) and 14.5 on a
 # 4-layer Qwen2-0.5B shape (the rehearsal's fp32 plane: 12.7 GB peak RSS, 1.9 GB after loading, 0.75 GB model)
 DENSE_COPIES = 13
-CHUNK = 1 << 17  # elements per float64 block of the Gram accumulation (~6 MB of temporaries)
 HALF = (torch.float16, torch.bfloat16)
 HALF_CHUNK = 1 << 20  # elements of the fp32 accumulator of half-precision weights
 THIRD_VERTICES = ("ft", "base")  # the plane's third vertex: FT, or the base model itself (ΔW = 0)
@@ -277,7 +276,7 @@ def build_chart(
     :meth:`adapters.solution.Solution.module_deltas` gives them (a :class:`adapters.deltas.Delta` of kind
     ``stored`` is kept dense in the model's dtype, of kind ``factored`` kept lazy) or plain tensors (kept)
     or other callables (kept lazy). One pass over the parameters; ``geometry``: also the distances and
-    angles of ``plane._geometry`` (the orthonormal chart needs them anyway). UserError on NaN/inf.
+    angles of ``plane.geometry_from_gram`` (the orthonormal chart needs them anyway). UserError on NaN/inf.
     """
     if name not in CHARTS:
         raise UserError(f"unknown chart '{name}': choose one of {', '.join(CHARTS)}")
@@ -290,7 +289,7 @@ def build_chart(
     params = dict(base.named_parameters()) if isinstance(base, nn.Module) else dict(base)
     kept, gram = _stream(params, {s: deltas[roles[s]] for s in SOLUTIONS}, geometry or name == "orthonormal")
     kept = {roles[s]: kept[s] for s in SOLUTIONS}
-    info = _rename(_geometry(gram), third) if gram is not None else {}
+    info = _rename(geometry_from_gram(gram), third) if gram is not None else {}
     names = sorted(set().union(*(d.keys() for d in kept.values())))
     chart_base = {n: params[n] for n in names}
     if name == "paper":
@@ -357,7 +356,7 @@ def _stream(
                 kept[s][n] = per[n] if lazy else d.to(torch.float32 if is_packed(w0) else w0.dtype)
                 current[s] = d
             if gram is not None and current:
-                gram += _difference_gram([current.get(s) for s in SOLUTIONS], next(iter(current.values())).numel())
+                gram += difference_gram([current.get(s) for s in SOLUTIONS], next(iter(current.values())).numel())
             del current
     return kept, gram
 
@@ -376,43 +375,3 @@ def _materialise(value: DeltaLike, name: str, solution: str) -> tuple[torch.Tens
             else f"the {solution} solution's update of '{name}' has NaN/inf: the training diverged; re-train it"
         )  # fmt: skip
     return d, lazy
-
-
-def _difference_gram(ds: list[torch.Tensor | None], numel: int) -> np.ndarray:
-    """Gram matrix (float64) of Δ_ft − Δ_lora, Δ_ft − Δ_randlora, Δ_lora − Δ_randlora over one parameter.
-
-    Differences first, then products (no cancellation of large ⟨Δ_a, Δ_b⟩ terms), a chunk at a time; the
-    sums stay on the device and are read once per parameter."""
-    flat = [d.reshape(-1) if d is not None else None for d in ds]
-    device = next(d for d in flat if d is not None).device
-    sums = torch.zeros(3, 3, dtype=torch.float64, device=device)
-    for a in range(0, numel, CHUNK):
-        f, lo, r = (x[a : a + CHUNK].to(device, torch.float64) if x is not None else None for x in flat)
-        rows = (_minus(f, lo), _minus(f, r), _minus(lo, r))
-        for i in range(3):
-            for j in range(i, 3):
-                if rows[i] is not None and rows[j] is not None:
-                    sums[i, j] += torch.dot(rows[i], rows[j])
-        del f, lo, r, rows
-    out = sums.cpu().numpy()
-    return np.triu(out) + np.triu(out, 1).T
-
-
-def _minus(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
-    """x − y with None for zero (None when both are)."""
-    if y is None:
-        return x
-    return -y if x is None else x - y
-
-
-def _geometry(gram: np.ndarray) -> dict:
-    """``plane._geometry`` from the Gram matrix of (ft − lora, ft − randlora, lora − randlora)."""
-    dist = {p: math.sqrt(max(gram[k, k], 0.0)) for k, p in enumerate(("ft-lora", "ft-randlora", "lora-randlora"))}
-    # at each vertex, the two edges leaving it as signed rows of the Gram matrix: (row, sign)
-    edges = {"ft": ((0, -1), (1, -1)), "lora": ((0, 1), (2, -1)), "randlora": ((1, 1), (2, 1))}
-    angles = {}
-    for at, ((i, si), (j, sj)) in edges.items():
-        dot = si * sj * gram[i, j]
-        cos = dot / max(math.sqrt(max(gram[i, i] * gram[j, j], 0.0)), 1e-300)
-        angles[at] = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
-    return {"distances": dist, "triangle_angles_deg": angles}
