@@ -36,14 +36,17 @@ def _model(family: str, seed: int = 0):
 
 
 def _examples() -> list[tuple[list[int], list[list[int]]]]:
-    """(prompt, candidates) with several shapes: candidate counts 1-4, answers of 1-4 tokens, prompts of 1-15."""
+    """(prompt, candidates) with several shapes: candidate counts 1-4, answers of 1-4 tokens, prompts of 0-15,
+    answers that begin alike (LLM-Adapters' "the correct answer is ..."), one that is all of that common part."""
     from experiments.benchmarks.plain_lm import fabricate_examples
 
     out = fabricate_examples(5, VOCAB, prompt_len=14, answer_len=3, candidates=4, seed=3)
     prompt, cands = out[1]
     out[1] = (prompt, [cands[0][:1], cands[1] + [7], cands[2][:2]])  # 3 candidates of 1, 4 and 2 tokens
-    out.append(([1], [[5, 6], [8]]))  # the answer right after the first token: nothing to share
+    out.append(([1], [[5, 6], [8]]))  # the answer right after the first token: only that token is shared
     out.append((out[0][0][:9], [[11, 12, 13]]))  # one candidate
+    out.append(([], [[5, 6, 7], [8, 9]]))  # no prompt, candidates apart from their first token: nothing to share
+    out.append((out[2][0][:6], [[20, 21, 5], [20, 21, 6, 7], [20, 21], [20, 22]]))  # scored tokens shared
     return out
 
 
@@ -107,17 +110,19 @@ def test_shared_prompts_equal_the_plain_loop(family, merged, pack):
     calls = _Calls(scorer._decoder())
     with torch.no_grad():
         out = scorer(**batch)
-    # the full-sequence forward of the unsharable sample, then the prefixes and their continuations packed into
-    # one forward (pack) or the prefixes with a KV cache and the continuations from it
+    # the full-sequence forward of the sample that shares nothing, then the prefixes and their continuations
+    # packed into one forward (pack) or the prefixes with a KV cache and the continuations from it
     assert calls.calls == (2 if pack else 3)
     real = batch["attention_mask"].any(-1)
     assert out[..., 1].tolist() == batch["answer_mask"][..., 1:].sum(-1).float().tolist()
     assert (out[~real] == 0).all()
     want = _direct(model, batch)
     torch.testing.assert_close(out[..., 0], want, rtol=0, atol=1e-5)
-    if not merged:  # the plain transformers loop over the same examples (its own padding and batches)
-        plain, _, _ = plain_loop(model, examples, batch_size=5)
-        torch.testing.assert_close(-out[..., 0][real], plain, rtol=0, atol=1e-5)
+    if not merged:  # the plain transformers loop over the same examples (its own padding and batches; it scores
+        # an answer after a prompt, so not the sample without one)
+        prompted = [i for i, (prompt, _) in enumerate(examples) if prompt]
+        plain, _, _ = plain_loop(model, [examples[i] for i in prompted], batch_size=5)
+        torch.testing.assert_close(-out[prompted, :, 0][real[prompted]], plain, rtol=0, atol=1e-5)
 
 
 def test_packed_candidates_under_eager_attention_equal_the_direct_loop():
@@ -137,23 +142,35 @@ def test_packed_candidates_under_eager_attention_equal_the_direct_loop():
 
 
 def test_shared_prompts_compute_fewer_positions():
-    """The prompt runs once per sample: a tenth of the positions of the full path for 4 candidates of 3 tokens
-    after a 40-token prompt (plus one prompt token per candidate, which predicts the first answer token)."""
+    """A sample's common prefix runs once: for 4 candidates of ``[30, 31] + 3 tokens`` after a 40-token prompt,
+    the prompt and the answers' common start once per sample, only the candidates' own tokens per candidate;
+    the LM head runs once per sample for the positions inside the common prefix (the last of them predicts
+    each candidate's first own token) and once per candidate after it. Counted here from the token lists."""
     from adapters.models.lm_scoring import CausalLMScorer
     from experiments.benchmarks.plain_lm import fabricate_examples
 
     examples = fabricate_examples(4, VOCAB, prompt_len=40, answer_len=3, candidates=4)
-    examples = [(p + [3] * (40 - len(p)), c) for p, c in examples]  # prompts of exactly 40 tokens
+    examples = [(p + [3] * (40 - len(p)), [[30, 31, *c] for c in cands]) for p, cands in examples]
     batch, model = _encode(examples), _model("llama")
     scorer = CausalLMScorer(model).eval()
     calls = _Calls(scorer._decoder())
+    rows = []
+    scorer.backbone.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
     with torch.no_grad():
         scorer(**batch)
-    assert calls.tokens == 4 * 39 + 16 * 4  # 39 shared prompt tokens per sample; per candidate 1 + 3 tokens
+    want_tokens = want_rows = 0
+    for prompt, cands in examples:
+        seqs = [prompt + c for c in cands]
+        common = next(i for i in range(len(seqs[0]) + 1) if i == min(map(len, seqs)) or len({s[i] for s in seqs}) > 1)
+        want_tokens += common + sum(len(s) - common for s in seqs)
+        scored = [range(len(prompt) - 1, len(s) - 1) for s in seqs]  # logits positions predicting answer tokens
+        want_rows += len({p for r in scored for p in r if p < common}) + sum(p >= common for r in scored for p in r)
+    assert calls.tokens == want_tokens == 4 * 42 + 16 * 3  # 40 + 2 shared tokens per sample, 3 own per candidate
+    assert sum(rows) == want_rows == 4 * 3 + 16 * 2
     scorer.share_prompts = False
     with torch.no_grad():
         scorer(**batch)
-    assert calls.tokens - (4 * 39 + 16 * 4) == 16 * 43
+    assert calls.tokens - want_tokens == 16 * 45
 
 
 def test_gold_training_autograd_and_fallback_give_the_same_numbers(monkeypatch):
@@ -164,7 +181,7 @@ def test_gold_training_autograd_and_fallback_give_the_same_numbers(monkeypatch):
     scorer = CausalLMScorer(model).eval()
     with torch.no_grad():
         want = scorer(**batch)
-    gold = torch.tensor([0, 2, 1, 3, 0, 1, 0])
+    gold = torch.tensor([0, 2, 1, 3, 0, 1, 0, 1, 2])
     with torch.no_grad():
         only = scorer(**batch, gold=gold)
     picked = torch.zeros_like(want, dtype=torch.bool)

@@ -6,8 +6,9 @@ the summed next-token cross-entropy over each candidate's answer tokens and thei
 (:class:`adapters.objectives.AnswerLoss` turns those into the loss and accuracy).
 
 **Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their prompt:
-the longest prefix common to all of them (up to the first position whose logits score an answer token) runs once
-through the decoder. Where the attention takes a custom 4-D mask (``sdpa``, ``eager``), the prefix and every
+the longest prefix common to all of them runs once through the decoder, answer tokens included (LLM-Adapters'
+answers all begin "the correct answer is"), and so does the LM head at the prefix's scored positions (their
+logits see only shared tokens; each candidate's target is its own). Where the attention takes a custom 4-D mask (``sdpa``, ``eager``), the prefix and every
 candidate's continuation go through ONE forward as a packed row ``[prefix, continuation 1, continuation 2,
 ...]`` with explicit positions and a block mask (each continuation sees the prefix and itself, causally): every
 layer runs once per batch, which is what lets the factored plane build each layer's weights once per batch.
@@ -15,8 +16,10 @@ Otherwise the prefix runs with a KV cache and every candidate continues from a c
 over the batch's candidates, one row per candidate), with explicit positions and an attention mask over
 ``[prefix, continuation]``; ``pack_candidates=False`` takes that path too. Only the hidden states at scored
 positions go through the LM head: the vocabulary projection of a whole sequence is the largest activation of an
-LLM (T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens this computes P +
-C·A token positions instead of C·(P + A), and C·A rows of logits instead of C·(P + A).
+LLM (T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens, S of them common,
+this computes P + S + C·(A − S) token positions instead of C·(P + A), and S + 1 + C·(A − S − 1) rows of logits
+instead of C·(P + A). On the rehearsal's fabricated commonsense data (16 samples, 53 candidates, 4-layer Qwen2-0.5B
+shape, one AVX2 thread) sharing the answers' common start took an evaluation from 431 to 289 GFLOP, 5.4 to 3.7 s.
 
 **Full sequences** (the plain path, also what training uses): each candidate as its own sequence through
 the whole model (``logits_to_keep`` limits the head to the scored positions where the model takes it).
@@ -200,14 +203,12 @@ class CausalLMScorer(_Quantised, nn.Module):
         out = torch.zeros(b, c, dtype=torch.float32, device=device)
         real = mask.any(-1)  # (B, C)
         lengths = mask.sum(-1)  # (B, C)
-        scored = counted.any(-1)
-        # first logits position a candidate needs: it must be computed in the continuation, not the prefix
-        need = torch.where(scored, counted.to(torch.int8).argmax(-1), lengths)
         first = real.to(torch.int8).argmax(-1)  # a real candidate per sample, the prefix's reference
         reference = ids.gather(1, first.view(b, 1, 1).expand(b, 1, t))
         common = ((ids == reference) & mask).to(torch.int32).cumprod(-1).sum(-1)  # common prefix with it
         big = torch.iinfo(torch.int64).max
-        shared = torch.where(real, torch.minimum(common.long(), need.long()), big).amin(-1)  # (B,)
+        # the prefix every real candidate shares, answer tokens included ("the correct answer is ...")
+        shared = torch.where(real, common.long(), big).amin(-1)  # (B,)
         has = real.any(-1)
         full = has & (shared < 1)  # nothing to share (e.g. an answer right after the first token)
         if bool(full.any()):
@@ -228,19 +229,35 @@ class CausalLMScorer(_Quantised, nn.Module):
         rows_ids = ids[sample, cand]  # (R, T)
         prefixes = ids[torch.arange(len(keep), device=device), first]  # (B', T): each sample's reference row
         args = (decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at)
-        hidden = self._packed_hidden(*args) if self._packs(decoder) else self._cached_hidden(*args)
+        hidden, prefix_hidden = self._packed_hidden(*args) if self._packs(decoder) else self._cached_hidden(*args)
 
-        # 3. logits only where a token is scored: hidden at position p predicts token p + 1
+        # 3. logits only where a token is scored: hidden at position p predicts token p + 1; in the prefix once
+        # per sample, whatever number of its candidates score that position
+        per_row = self._prefix_nll(prefix_hidden, counted[sample, cand], start, sample, rows_ids)
         wanted = F.pad(counted[sample, cand], (0, 1)).gather(1, at) & inside  # (R, W)
         row, col = wanted.nonzero(as_tuple=True)
         targets = rows_ids.gather(1, (at + 1).clamp(max=t - 1))[row, col]
         logits = self.backbone.get_output_embeddings()(hidden[row, col])
-        nll = F.cross_entropy(logits.float(), targets, reduction="none")
-        per_row = torch.zeros(len(sample), dtype=torch.float32, device=device).index_add_(0, row, nll)
+        per_row.index_add_(0, row, F.cross_entropy(logits.float(), targets, reduction="none"))
         kept = torch.zeros(len(keep), c, dtype=torch.float32, device=device)
         kept[sample, cand] = per_row
         out[keep] = kept
         return out
+
+    def _prefix_nll(self, prefix_hidden, counted, start, sample, rows_ids) -> torch.Tensor:
+        """(R,) each candidate's summed cross-entropy over its scored positions inside its sample's shared prefix
+        (p < start: the logits at p see only shared tokens, so one LM-head row and one log-softmax per sample and
+        position serve all its candidates; the target, token p + 1, is the candidate's own)."""
+        width = min(prefix_hidden.shape[1], counted.shape[1])
+        inside = counted[:, :width] & (torch.arange(width, device=counted.device) < start[:, None])  # (R, width)
+        out = torch.zeros(len(sample), dtype=torch.float32, device=counted.device)
+        row, col = inside.nonzero(as_tuple=True)
+        if row.numel() == 0:
+            return out
+        pairs, which = torch.unique(sample[row] * width + col, return_inverse=True)  # distinct (sample, position)
+        logits = self.backbone.get_output_embeddings()(prefix_hidden[pairs // width, pairs % width])
+        logp = F.log_softmax(logits.float(), -1)
+        return out.index_add_(0, row, -logp[which, rows_ids[row, col + 1]])
 
     def _packs(self, decoder: nn.Module) -> bool:
         """Whether the prefix and its continuations can run as one packed sequence: the attention takes a custom
@@ -248,8 +265,9 @@ class CausalLMScorer(_Quantised, nn.Module):
         config = getattr(decoder, "config", None) or self.backbone.config
         return self.pack_candidates and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
 
-    def _packed_hidden(self, decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at) -> torch.Tensor:
-        """(R, W, H) hidden states of every candidate's continuation, from ONE decoder forward per batch: each
+    def _packed_hidden(self, decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at):
+        """(R, W, H) hidden states of every candidate's continuation and (B', max shared, H) of the prefixes (a
+        row's positions from its ``shared`` on are not its prefix), from ONE decoder forward per batch: each
         sample's row is ``[prefix, continuation 1, continuation 2, ...]``, a continuation attending causally to
         the prefix and to itself only, at its own absolute positions. The same maths as the KV-cache path
         (:meth:`_cached_hidden`) and the same token positions (P + C·A per sample), but every layer runs once
@@ -288,11 +306,12 @@ class CausalLMScorer(_Quantised, nn.Module):
             )
         hidden = decoder(input_ids=packed, attention_mask=allowed, position_ids=position_ids,
                          use_cache=False).last_hidden_state  # fmt: skip
-        return hidden[rows, dest.clamp(max=width - 1)]
+        return hidden[rows, dest.clamp(max=width - 1)], hidden[:, : int(shared.max())]
 
-    def _cached_hidden(self, decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at) -> torch.Tensor:
-        """(R, W, H) hidden states of every candidate's continuation, in two decoder forwards: the prefixes with a
-        KV cache, then every candidate from a copy of its sample's cache."""
+    def _cached_hidden(self, decoder, prefixes, shared, rows_ids, sample, rest, positions, inside, at):
+        """(R, W, H) hidden states of every candidate's continuation and (B', max shared, H) of the prefixes, in
+        two decoder forwards: the prefixes with a KV cache, then every candidate from a copy of its sample's
+        cache."""
         device = prefixes.device
         argument = cache_argument(decoder)
         config = getattr(decoder, "config", None) or self.backbone.config
@@ -302,14 +321,16 @@ class CausalLMScorer(_Quantised, nn.Module):
         prefix_mask = steps < shared[:, None]  # (B', Lp)
         prefix_ids = prefixes[:, :width].masked_fill(~prefix_mask, 0)
         cache = _new_cache(config)
-        decoder(input_ids=prefix_ids, attention_mask=prefix_mask.long(), position_ids=steps.expand(len(prefixes), -1),
-                use_cache=True, **{argument: cache})  # fmt: skip
+        prefix_hidden = decoder(input_ids=prefix_ids, attention_mask=prefix_mask.long(),
+                                position_ids=steps.expand(len(prefixes), -1), use_cache=True,
+                                **{argument: cache}).last_hidden_state  # fmt: skip
         # 2. every real candidate continues from its sample's cache (one copy per candidate)
         suffix = rows_ids.gather(1, at).masked_fill(~inside, 0)
         cache.batch_select_indices(sample)
         attention = torch.cat([prefix_mask[sample], inside], 1).long()
-        return decoder(input_ids=suffix, attention_mask=attention, position_ids=positions, use_cache=True,
-                       **{argument: cache}).last_hidden_state  # fmt: skip
+        hidden = decoder(input_ids=suffix, attention_mask=attention, position_ids=positions, use_cache=True,
+                         **{argument: cache}).last_hidden_state  # fmt: skip
+        return hidden, prefix_hidden
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         set_checkpointing(self.backbone, enable)
