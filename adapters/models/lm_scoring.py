@@ -5,18 +5,18 @@
 the summed next-token cross-entropy over each candidate's answer tokens and their count
 (:class:`adapters.objectives.AnswerLoss` turns those into the loss and accuracy).
 
-**Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their prompt:
-the longest prefix common to all of them runs once through the decoder, answer tokens included (LLM-Adapters'
-answers all begin "the correct answer is"), and so does the LM head at the prefix's scored positions (their
-logits see only shared tokens; each candidate's target is its own). Where the attention takes a custom 4-D mask (``sdpa``, ``eager``), the prefix and every
-candidate's continuation go through ONE forward as a packed row ``[prefix, continuation 1, continuation 2,
-...]`` with explicit positions and a block mask (each continuation sees the prefix and itself, causally): every
-layer runs once per batch, which is what lets the factored plane build each layer's weights once per batch.
-Otherwise the prefix runs with a KV cache and every candidate continues from a copy of it (the cache expanded
-over the batch's candidates, one row per candidate), with explicit positions and an attention mask over
-``[prefix, continuation]``; ``pack_candidates=False`` takes that path too. Only the hidden states at scored
-positions go through the LM head: the vocabulary projection of a whole sequence is the largest activation of an
-LLM (T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens, S of them common,
+**Shared prompts.** In evaluation (``eval()`` and no autograd) the candidates of one sample share their prompt: the
+longest prefix common to all of them runs once through the decoder, answer tokens included (LLM-Adapters' answers
+all begin "the correct answer is"), and so does the LM head at the prefix's scored positions (their logits see only
+shared tokens; each candidate's target is its own). Where the attention takes a custom 4-D mask (``sdpa``,
+``eager``), the prefix and every candidate's continuation go through ONE forward as a packed row ``[prefix,
+continuation 1, continuation 2, ...]`` with explicit positions and a block mask (each continuation sees the prefix
+and itself, causally): every layer runs once per batch, which is what lets the factored plane build each layer's
+weights once per batch. Otherwise the prefix runs with a KV cache and every candidate continues from a copy of it
+(the cache expanded over the batch's candidates, one row per candidate), with explicit positions and an attention
+mask over ``[prefix, continuation]``; ``pack_candidates=False`` takes that path too. Only the hidden states at
+scored positions go through the LM head: the vocabulary projection of a whole sequence is the largest activation of
+an LLM (T × 151,936 for Qwen2). For C candidates of a prompt of P tokens and answers of A tokens, S of them common,
 this computes P + S + C·(A − S) token positions instead of C·(P + A), and S + 1 + C·(A − S − 1) rows of logits
 instead of C·(P + A). On the rehearsal's fabricated commonsense data (16 samples, 53 candidates, 4-layer Qwen2-0.5B
 shape, one AVX2 thread) sharing the answers' common start took an evaluation from 431 to 289 GFLOP, 5.4 to 3.7 s.
