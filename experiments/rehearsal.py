@@ -50,8 +50,9 @@ CURVATURE_HVP_BATCH = 4
 # Evaluation samples of the curvature stage: the first 8 of the run's 16 (the same seeded permutation, so a subset).
 # The budget's decision: curvature was 440-468 of each variant's 616-638 CPU s at 16 samples (docs/reference/
 # performance.md), and an HVP's cost is about linear in its tokens: at 8 samples the three variants took 1,399 CPU s
-# (measured; 1,890 before), under the 1,800 budget. The eigenvalue is then the top curvature of the 8-sample loss: a
-# rehearsal checks that the stage runs at the real architecture and what it costs per HVP, not the 16-sample value.
+# (measured on the Xeon; 1,890 before), under the 1,800 budget; 1,632 on the slower kind (EPYC restricted to AVX2).
+# The eigenvalue is then the top curvature of the 8-sample loss: a rehearsal checks that the stage runs at the real
+# architecture and what it costs per HVP, not the 16-sample value.
 CURVATURE_SAMPLES = 8
 # Decoder layers of the Qwen2-0.5B rehearsal on the CPU by default. All 24 do not fit: on the 2-core, 23 GB
 # machine of the README's measurement the fp32 variant's pipeline took 660 CPU s and its curvature was killed by
