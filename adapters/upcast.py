@@ -38,7 +38,7 @@ from torch.nn import functional as F
 HALF = (torch.float16, torch.bfloat16)
 # elements of W widened at once (1 GiB in fp32): a Qwen2 LM head (136 M) whole, Llama-3-8B's (525 M) in two halves.
 # Not smaller: on the 2-core EPYC restricted to AVX2, x·Wᵀ for that Qwen2 head (512 tokens) took 1.66 s whole and
-# 2.11 s in 8 row blocks of fp32 W, plus 0.26 s to concatenate them, against 0.25 s to widen the whole head.
+# 2.11 s in 9 row blocks of fp32 W, plus 0.26 s to concatenate them, against 0.25 s to widen the whole head.
 CHUNK = 1 << 28
 MARK = "_adapters_fp32_compute"  # set on every module whose forward this module replaced
 

@@ -153,3 +153,53 @@ def test_other_modules_widen_their_own_parameters():
     assert model[1].weight.grad is not None and model[1].weight.grad.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model[0](x).dtype == torch.bfloat16
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(24, 40), nn.Linear(40, 24)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+@pytest.mark.parametrize("mode", ["materialized", "factored"])
+def test_fast_randlora_on_a_widened_bf16_base_computes_in_fp32(mode):
+    """The toolkit's RandLoRA forward (adapters.methods.randlora), which reads the base weight itself, multiplies
+    in fp32 on a widened bf16 base too: bit for bit what it computes on an fp32 copy holding the same values, and
+    peft's own RandLoRA there to fp32 rounding."""
+    import copy
+
+    from peft import RandLoraConfig, get_peft_model
+
+    from adapters.methods.randlora import enable_fast_randlora
+
+    torch.manual_seed(0)
+    half = _Toy().to(torch.bfloat16)
+    reference = copy.deepcopy(half).float()
+    upcast.compute_in_fp32(half)
+    config = RandLoraConfig(r=4, randlora_alpha=16.0, target_modules=["up", "down"], projection_prng_key=0)
+    models = [get_peft_model(half, config), get_peft_model(reference, config)]
+    with torch.no_grad():
+        for (name, p), (_, r) in zip(*(m.named_parameters() for m in models), strict=True):
+            if "randlora_lambda" in name or "randlora_gamma" in name:  # away from peft's zero init
+                p.copy_(torch.randn(p.shape) / p.shape[-1])
+                r.copy_(p)
+        for b, r in zip(*(m.buffers() for m in models), strict=True):
+            r.copy_(b.float())  # the same shared bases, whatever dtype peft kept them in
+    models.append(copy.deepcopy(models[1]))  # peft's own forward on the fp32 copy
+    for model in models[:2]:
+        enable_fast_randlora(model, mode)
+    x = torch.randn(3, 5, 24)
+    outs = []
+    for model in models:
+        xr = x.clone().requires_grad_()
+        y = model(xr)
+        y.square().sum().backward()
+        outs.append([y.detach(), xr.grad, *(p.grad for p in model.parameters() if p.requires_grad)])
+    widened, fp32, peft_fp32 = outs
+    assert widened[0].dtype == torch.float32 and len(widened) == 2 + 4
+    for a, b, c in zip(widened, fp32, peft_fp32, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=1e-5 * float(c.abs().max()))  # fp32 sums in another order
