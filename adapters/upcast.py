@@ -115,7 +115,7 @@ def compute_in_fp32(model: nn.Module) -> int:
         own = [p for p in module.parameters(recurse=False) if p.dtype in HALF]
         if not own or getattr(module, MARK, False):
             continue
-        if type(module) is nn.Linear or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward):
+        if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
             replacement = _linear
         elif isinstance(module, nn.Embedding):
             replacement = _embedding

@@ -223,18 +223,20 @@ def build(
     _quiet_transformers()
     if modality == "lm":
         model = load_pretrained(AutoModelForCausalLM, where, **kwargs)
-        return CausalLMScorer(_prepare_4bit(model) if opts["load_4bit"] else compute_in_fp32_if_half(model))
+        return CausalLMScorer(_prepared(model, opts))
     backbone = load_pretrained(AutoModel, where, **kwargs, **_pooling_kwargs(load_config(where)))
-    backbone = _prepare_4bit(backbone) if opts["load_4bit"] else compute_in_fp32_if_half(backbone)
+    backbone = _prepared(backbone, opts)
     return HFClassifier(backbone, _hidden_size(backbone.config), num_classes)
 
 
-def compute_in_fp32_if_half(model: nn.Module) -> nn.Module:
-    """A model stored in bf16/fp16 multiplies in fp32 unless autocast says otherwise (:mod:`adapters.upcast`:
-    its own forward would run every matmul in half precision, emulated on a CPU without it, whatever ``--dtype``
-    asked for). A 4-bit base is not passed here: ``prepare_model_for_kbit_training`` made its unpacked weights
-    fp32 and bitsandbytes multiplies in its compute dtype."""
-    compute_in_fp32(model)
+def _prepared(model: nn.Module, opts: dict) -> nn.Module:
+    """A 4-bit base the QLoRA way (:func:`_prepare_4bit`: its unpacked weights fp32, bitsandbytes multiplies in its
+    compute dtype); any other: a model stored in bf16/fp16 multiplies in fp32 unless autocast says otherwise
+    (:mod:`adapters.upcast`: its own forward would run every matmul in half precision, emulated on a CPU without
+    it, whatever ``--dtype`` asked for)."""
+    if opts["load_4bit"]:
+        return _prepare_4bit(model)
+    compute_in_fp32(model)  # a no-op on an fp32 model
     return model
 
 

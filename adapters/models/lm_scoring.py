@@ -233,8 +233,9 @@ class CausalLMScorer(_Quantised, nn.Module):
 
         # 3. logits only where a token is scored: hidden at position p predicts token p + 1; in the prefix once
         # per sample, whatever number of its candidates score that position
-        per_row = self._prefix_nll(prefix_hidden, counted[sample, cand], start, sample, rows_ids)
-        wanted = F.pad(counted[sample, cand], (0, 1)).gather(1, at) & inside  # (R, W)
+        rows_counted = counted[sample, cand]  # (R, T - 1)
+        per_row = self._prefix_nll(prefix_hidden, rows_counted, start, sample, rows_ids)
+        wanted = F.pad(rows_counted, (0, 1)).gather(1, at) & inside  # (R, W)
         row, col = wanted.nonzero(as_tuple=True)
         targets = rows_ids.gather(1, (at + 1).clamp(max=t - 1))[row, col]
         logits = self.backbone.get_output_embeddings()(hidden[row, col])

@@ -56,12 +56,14 @@ CHUNK = 1 << 17
 
 def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     # float64 accumulation: millions of terms, and the Gram–Schmidt step subtracts near-equal numbers.
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0.0
     for n in a:
         x, y = a[n].reshape(-1), b[n].reshape(-1)
+        sums = torch.zeros((), dtype=torch.float64, device=x.device)  # on the device, read once per parameter
         for i in range(0, x.numel(), CHUNK):
-            total += torch.dot(x[i : i + CHUNK].double(), y[i : i + CHUNK].double()).cpu()
-    return float(total)
+            sums += torch.dot(x[i : i + CHUNK].double(), y[i : i + CHUNK].double())
+        total += float(sums)
+    return total
 
 
 def solution_weights(
