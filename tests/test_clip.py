@@ -81,6 +81,54 @@ def test_text_features_recomputed_under_autocast(tiny):
     torch.testing.assert_close(under_autocast.float(), plain, atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["ft", "lora", "randlora"])
+def test_shared_prompt_prefix_runs_once_with_open_clips_values_and_gradients(method):
+    """The text tower runs the prompts' common prefix once (counted at the first MLP), and its features and their
+    gradients (each method's trainable parameters, adapters on attention included) equal open_clip's own
+    ``encode_text`` over the full 77-token prompts."""
+    import open_clip
+
+    from adapters.methods import MethodSpec, attach
+
+    torch.manual_seed(0)
+    model = get_model("clip-tiny").create(CLASSES, {"pretrained": "none"})
+    model = attach(model, MethodSpec(method, rank={"lora": 4, "randlora": 2}.get(method), seed=0), clip.TARGETS)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for p in model.parameters():  # LoRA's B starts at zero: move every trainable tensor off its initial value
+        if p.requires_grad:
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    tokens = inner.prompt_tokens
+    full = open_clip.get_tokenizer("clip-tiny")([f"An image of {c}" for c in CLASSES])
+    shared = clip.shared_prefix_length(tokens)
+    assert shared == 4  # <start> an image of
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    projection = torch.randn(
+        len(CLASSES), inner.clip.text_projection.shape[1], generator=torch.Generator().manual_seed(1)
+    )
+
+    def features_and_grads(encode):
+        value = encode()
+        grads = torch.autograd.grad((value * projection).sum(), trainable, allow_unused=True)
+        return value.detach(), grads
+
+    rows = []
+    hook = inner.clip.transformer.resblocks[0].mlp.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:2]))
+    try:
+        got, got_grads = features_and_grads(lambda: clip.encode_text(inner.clip, tokens))
+    finally:
+        hook.remove()
+    n, length = tokens.shape
+    assert sum(a * b for a, b in rows) == n * (length - shared) + shared  # each shared token once
+    want, want_grads = features_and_grads(lambda: inner.clip.encode_text(full))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert any(g is not None and g.abs().sum() > 0 for g in want_grads)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        if w is None:
+            assert g is None or not g.any()
+        else:  # to fp32 rounding of the gradient's scale (RandLoRA's λ, γ sum many products: 2e-5 of it seen)
+            assert (g - w).abs().max() <= 1e-4 * w.abs().max()
+
+
 def test_resize_of_small_images_matches_torch_bicubic(tiny):
     big = get_model("ViT-B-32")  # entry only: 224 px input
     assert big.name == "ViT-B-32" and big.targets == clip.TARGETS

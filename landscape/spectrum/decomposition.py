@@ -142,9 +142,10 @@ class Decomp:
     The vectors come as left vectors (``left``), as right vectors with the matrices (``right``, ``x``:
     tall Gram path, U = X V / s), or, for all vectors of a Gram matrix on the CPU, as
     :class:`Tridiag` per matrix (``tridiag``; with ``x`` when tall). ``x`` is public: the intruder test of
-    a LoRA update reuses W0 in fp64 from it. For all vectors on the CPU (W0) the fp64 matrices and their
-    Gram matrices are not kept (each is 2× the fp32 matrix, for as long as the layer is analysed): ``x`` and
-    ``gram`` make them again from the matrices (``source``) on each access, with the same values.
+    a LoRA update reuses W0 in fp64 from it. For all vectors on the CPU (W0) the fp64 matrices are not kept
+    (each is 2× the fp32 matrix, for as long as the layer is analysed), nor their Gram matrices beyond
+    :data:`KEEP_GRAM_BYTES`: ``x`` and ``gram`` make them again from the matrices (``source``) on each access,
+    with the same values.
     """
 
     def __init__(self, s: torch.Tensor, shape: tuple[int, int], left=None, right=None, x=None, tridiag=None,
@@ -398,6 +399,12 @@ def lapack_eigh_implicit(g: np.ndarray) -> tuple[np.ndarray, Tridiag]:
     return lam[::-1], Tridiag(refl, tau, np.ascontiguousarray(z[:, ::-1]))
 
 
+# W0's fp64 Gram matrix (all vectors, implicit) is kept for the layer's low-rank updates (W0 + B·A's Gram matrix
+# from it) when it takes at most this: a CLIP ViT-B layer's (768², 4.7 MB) is kept, saving one syrk per layer and
+# LoRA solution (3 s of the CIFAR smoke's spectrum); an LLM's (4096², 134 MB) is made again, as memory comes first.
+KEEP_GRAM_BYTES = 32 << 20
+
+
 def _decompose_lapack(x: torch.Tensor, vectors: int | None, gram: torch.Tensor | None, top_only: bool) -> Decomp:
     """The Gram method on the CPU with LAPACK through scipy (same arguments and result as :func:`decompose`).
 
@@ -419,7 +426,7 @@ def _decompose_lapack(x: torch.Tensor, vectors: int | None, gram: torch.Tensor |
         else:
             g = syrk(x64[i] if x64 is not None and dtype == np.float64 else np.asarray(xn[i], dtype=dtype))
         if vectors is None:  # all vectors (W0): implicit; a given Gram matrix kept for W0 + low-rank updates
-            if gram is not None:
+            if gram is not None or g.nbytes <= KEEP_GRAM_BYTES:
                 lower.append(g.copy())
             lam, t = lapack_eigh_implicit(g)
             tridiag.append(t)
