@@ -48,3 +48,57 @@ def test_table_names_cpu_and_budget():
     text = cifar_smoke.table(result)
     assert "Some CPU (AVX2), 2 cores" in text and "within" in text and "load" in text
     assert "AVX2" in cifar_smoke.cpu_name() or "cores" in cifar_smoke.cpu_name()
+
+
+def _structural_flops(model, n: int, train: bool) -> tuple[int, int]:
+    """(forward matmul FLOPs, the patch convolution's share) of ``model`` on ``n`` images and its class prompts,
+    counted from the modules: hooks on every Linear, MultiheadAttention (q, k, v in, out) and Conv2d, plus the two
+    projections and the logits, which are plain matmuls."""
+    import torch
+    from torch import nn
+
+    counted, conv = [], []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            counted.append(2 * inputs[0].numel() * module.out_features)
+        elif isinstance(module, nn.MultiheadAttention):
+            q, k, v = inputs[:3]
+            counted.append(2 * module.embed_dim * (2 * q.numel() + k.numel() + v.numel()))
+        else:
+            conv.append(2 * output.numel() * module.weight[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.MultiheadAttention, nn.Conv2d))]  # fmt: skip
+    model.train(train)
+    model._text_cache = None
+    with torch.set_grad_enabled(train):
+        model(pixels=torch.zeros(n, 3, 32, 32, dtype=torch.uint8))
+    for h in handles:
+        h.remove()
+    inner, classes = model.clip, model.num_classes
+    plain = 2 * n * inner.visual.proj.numel() + 2 * classes * inner.text_projection.numel()
+    plain += 2 * n * inner.text_projection.shape[1] * classes  # the logits
+    return sum(counted) + sum(conv) + plain, sum(conv)
+
+
+def test_floor_counts_every_matmul_of_an_evaluation_and_a_training_step():
+    """The floor's matmul FLOPs (recorded at the dispatcher) equal a count from the model's structure, for an
+    evaluation on clip-tiny (nn.MultiheadAttention's fused inference kernel included) and for a full fine-tuning
+    step: 3× its forward's (each product's input and weight gradients), less the patch convolution's input
+    gradient (pixels need none)."""
+    import torch
+
+    from adapters.models import clip
+    from experiments.benchmarks import cifar_smoke_floor as floor
+
+    classes = ["apple", "aquarium fish", "bicycle", "maple tree"]
+    parts = floor.pieces("clip-tiny", classes)
+    recorded = {name: sum(k * floor.flops(key) for key, k in calls.items()) for name, (_, calls) in parts.items()}
+    torch.manual_seed(0)
+    model = clip.build(len(classes), classes, arch="clip-tiny", pretrained="none")
+    assert parts[f"point ({floor.SAMPLES} samples)"][0] == floor.POINTS == 69
+    assert recorded[f"point ({floor.SAMPLES} samples)"] == _structural_flops(model, floor.SAMPLES, train=False)[0]
+    forward, conv = _structural_flops(model, floor.BATCH, train=True)
+    assert parts["train step ft"][0] == floor.STEPS
+    assert recorded["train step ft"] == 3 * forward - conv
