@@ -193,6 +193,12 @@ def test_compact_save_regenerates_identical_bases(tmp_path):
     model.save_pretrained(tmp_path / "full")
     size = (tmp_path / "compact" / "adapter_model.safetensors").stat().st_size
     assert size < (tmp_path / "full" / "adapter_model.safetensors").stat().st_size / 2
+    from safetensors.torch import load_file
+
+    compact, full = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("compact", "full"))
+    want = {k: v for k, v in full.items() if ".randlora_A" not in k and ".randlora_B" not in k}
+    assert len(want) < len(full) and compact.keys() == want.keys()  # peft's own save: its tensors less the bases
+    assert all(torch.equal(compact[k], want[k]) for k in want)
     torch.manual_seed(0)
     loaded = PeftModel.from_pretrained(Toy(), tmp_path / "compact")
     verify_bases(loaded, tmp_path / "compact")

@@ -171,8 +171,8 @@ def save_solution(folder: str | Path, trained: nn.Module, info: dict, metrics: d
     method = info["method"]
     with atomic_folder(folder) as tmp:
         if method == "randlora":
-            # peft writes the shared random bases once per adapted layer (~350 MB for MiniLM); we store
-            # none and a checksum instead: peft regenerates them from projection_prng_key on load.
+            # peft would write the shared random bases once per adapted layer (2.8 GB for ViT-B/32); we hand it
+            # none and store a checksum instead: peft regenerates them from projection_prng_key on load.
             from adapters.methods.randlora_saving import save_compact
 
             save_compact(trained, tmp)
