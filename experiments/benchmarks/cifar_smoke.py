@@ -35,6 +35,7 @@ RUN_ARGS = ("--dataset", "cifar100", "--pretrained", "none", "--train-steps", "2
             "--eval-samples", "16", "--path-points", "21", "--no-progress")  # fmt: skip
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 BUDGET_S = 300.0  # issue 20: ≤ 5 min on 2 cores
+TRAIN_IMAGES, TEST_IMAGES = 200, 50  # the fabricated CIFAR-100 splits
 
 
 def cpu_name() -> str:
@@ -96,7 +97,7 @@ def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
     from tests.fakes import write_cifar100  # the tests' CIFAR-100 fabricator: the original pickle layout
 
     data = out / "data"
-    write_cifar100(data, n_train=200, n_test=50)
+    write_cifar100(data, n_train=TRAIN_IMAGES, n_test=TEST_IMAGES)
     argv = [*RUN_ARGS, "--data-root", str(data), "--dtype", dtype, "--threads", str(threads), "--out", str(out / "run")]
     report = out / "child.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(AVX2_ENV if avx2 else {})}
