@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --smoke {args.smoke}: no such file; write one with cifar_smoke --json", file=sys.stderr)
         return 2
     if args.avx2 and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):  # the ISA is fixed at start-up
-        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        rest = list(argv if argv is not None else sys.argv[1:])
         cmd = [sys.executable, "-m", "experiments.benchmarks.cifar_smoke_floor", *rest]
         return subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, cwd=Path(__file__).resolve().parents[2]).returncode
     torch.set_num_threads(args.threads)
