@@ -109,9 +109,10 @@ def path_axis(points: int, extend: float = 0.0) -> np.ndarray:
 
 
 def line_chart(theta_a: Mapping[str, torch.Tensor], theta_b: Mapping[str, torch.Tensor], name: str = "line") -> Chart:
-    """The affine chart of the line through θ_A (x = 0) and θ_B (x = 1); y does nothing (V = 0)."""
+    """The affine chart of the line through θ_A (x = 0) and θ_B (x = 1); y does nothing (V = 0, a zero scalar per
+    parameter, as ``random-line``'s: no model-sized zeros, and the engine skips the y term at y = 0)."""
     u = {n: theta_b[n] - theta_a[n] for n in theta_a}
-    v = {n: torch.zeros_like(t) for n, t in theta_a.items()}
+    v = {n: torch.zeros((), dtype=t.dtype, device=t.device) for n, t in theta_a.items()}
     return Chart(name, dict(theta_a), u, v, {"a": (0.0, 0.0), "b": (1.0, 0.0)})
 
 

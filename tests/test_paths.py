@@ -369,3 +369,22 @@ def test_computing_paths_imports_no_plotting():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     assert done.stdout.strip() == "[]", done.stdout[:200]
+
+
+def test_line_weights_hold_no_zero_direction(setup):
+    """A line's V is a zero scalar per parameter (no model-sized zeros), and the weights the engine writes at t are
+    θ_A + t·(θ_B − θ_A) computed here, to fp32 rounding (the y term is left out at y = 0)."""
+    from landscape.engine.grid import PlaneEvaluator
+
+    model, sols, data, labels, *_ = setup
+    base = {n: p.detach().float() for n, p in model.named_parameters()}
+    theta = {s: {n: base[n] + sols[s].delta().get(n, torch.zeros_like(base[n])) for n in base} for s in ("ft", "lora")}
+    chart = paths.line_chart(theta["ft"], theta["lora"])
+    assert all(v.numel() == 1 and float(v) == 0.0 for v in chart.v.values())
+    evaluator = PlaneEvaluator(copy.deepcopy(model), chart, EvalSet.prepare(data, labels, 8, "cpu"), "cpu")
+    params = dict(evaluator.model.named_parameters())
+    for t in (0.0, 0.35, 1.0, 1.25):
+        evaluator.set_point(t, 0.0)
+        for n in base:
+            expected = theta["ft"][n] + t * (theta["lora"][n] - theta["ft"][n])
+            torch.testing.assert_close(params[n], expected, rtol=1e-6, atol=1e-7, msg=f"{n} at t = {t}")
