@@ -378,7 +378,8 @@ def test_line_weights_hold_no_zero_direction(setup):
 
     model, sols, data, labels, *_ = setup
     base = {n: p.detach().float() for n, p in model.named_parameters()}
-    theta = {s: {n: base[n] + sols[s].delta().get(n, torch.zeros_like(base[n])) for n in base} for s in ("ft", "lora")}
+    deltas = {s: sols[s].delta() for s in ("ft", "lora")}
+    theta = {s: {n: base[n] + d.get(n, torch.zeros_like(base[n])) for n in base} for s, d in deltas.items()}
     chart = paths.line_chart(theta["ft"], theta["lora"])
     assert all(v.numel() == 1 and float(v) == 0.0 for v in chart.v.values())
     evaluator = PlaneEvaluator(copy.deepcopy(model), chart, EvalSet.prepare(data, labels, 8, "cpu"), "cpu")
