@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adapters import distributed
+from adapters import distributed, heap
 from adapters import fsdp as sharding
 from adapters.data.base import Dataset
 from adapters.errors import UserError
@@ -203,22 +203,23 @@ def train(
     for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
         next(batches)
     bar = progress_bar(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
-    for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        index = next(batches)[rank::world]
-        loss = _backward(forward, data, labels, index, step, config, device, augment, objective, scaler)
-        _step(optimizer, schedule, scaler, list(trainable.values()), config.grad_clip)
-        losses.append(distributed.global_mean(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        done = step + 1
-        # Also after the last step: the trained weights survive a kill before the caller has saved them.
-        due = checkpoint is not None and (done % checkpoint_every == 0 or done == config.steps)
-        if due and fsdp:  # collective: every rank writes its shards
-            sharding.save_training(Path(checkpoint), done, losses, model, optimizer, schedule, ident)
-        elif due and rank == 0:
-            _save_checkpoint(
-                Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key, scaler
-            )
+    with heap.kept_freed_memory() if heap.worth_keeping(model, device) else contextlib.nullcontext():
+        for step in bar:
+            optimizer.zero_grad(set_to_none=True)
+            index = next(batches)[rank::world]
+            loss = _backward(forward, data, labels, index, step, config, device, augment, objective, scaler)
+            _step(optimizer, schedule, scaler, list(trainable.values()), config.grad_clip)
+            losses.append(distributed.global_mean(loss))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            done = step + 1
+            # Also after the last step: the trained weights survive a kill before the caller has saved them.
+            due = checkpoint is not None and (done % checkpoint_every == 0 or done == config.steps)
+            if due and fsdp:  # collective: every rank writes its shards
+                sharding.save_training(Path(checkpoint), done, losses, model, optimizer, schedule, ident)
+            elif due and rank == 0:
+                _save_checkpoint(
+                    Path(checkpoint), done, losses, trainable, optimizer, schedule, config, checkpoint_key, scaler
+                )
     model.eval()
     return {"train_loss": losses, "train_seconds": time.perf_counter() - start, "resumed_at_step": first,
             "precision": precision}  # fmt: skip
