@@ -12,7 +12,9 @@ alternating, 3 pairs; ``python -m experiments.benchmarks.heap_policy --avx2``): 
 The price is fragmentation: a freed block that does not fit the next request stays in the heap beside it.
 Measured as peak RSS above the base during training (``python -m experiments.benchmarks.llm_scale``, Qwen2-0.5B
 shape at hidden 512 / 1024 / 2048): full fine-tuning +5-13 % (fp32 and bf16), but LoRA +28-56 % (fp32, bf16) and
-+109-286 % on a 4-bit base, RandLoRA +7-61 %, where activations and dequantised scratch are most of the peak.
++109-286 % on a 4-bit base, RandLoRA +7-61 %, where activations and dequantised scratch are most of the peak
+(against the benchmark's fixed glibc mmap thresholds, 1 MiB for FT and 64 KiB for adapters, not glibc's dynamic
+default).
 So :func:`worth_keeping` applies it to full fine-tuning on the CPU only, around the training loop
 (:func:`kept_freed_memory`), and the heap is trimmed when training ends: the stages after it see the RSS they
 would have had. glibc only: elsewhere (musl, macOS, Windows) it does nothing, and so it does when the user set
