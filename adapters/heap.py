@@ -24,6 +24,7 @@ the knobs it turns themselves (:data:`USER_KEYS`: their policy wins).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -46,8 +47,9 @@ USER_KEYS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 SWITCH = "ADAPTERS_KEEP_FREED_MEMORY"
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """The process's glibc, or None where the C library is another one."""
+    """The process's glibc, or None where the C library is another one (looked up once)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -91,15 +93,22 @@ def worth_keeping(model: torch.nn.Module, device: torch.device | str) -> bool:
     return trained >= total / 2
 
 
+def release_freed() -> None:
+    """Give the heap's free memory back to the system (glibc's ``malloc_trim(0)``; nothing elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @contextmanager
 def kept_freed_memory() -> Iterator[bool]:
     """Inside: freed blocks stay in the heap (no mmap per block, no trim). On exit: blocks above 32 MiB mmapped
     again (the thresholds above), and the heap's free memory returned to the system (``malloc_trim``). Yields
     whether it applied."""
-    libc = _glibc() if applies() else None
-    if libc is None:
+    if not applies():
         yield False
         return
+    libc = _glibc()
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
     try:
@@ -108,4 +117,4 @@ def kept_freed_memory() -> Iterator[bool]:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         for param, value in _restored(os.environ).items():
             libc.mallopt(param, value)
-        libc.malloc_trim(0)
+        release_freed()

@@ -4,6 +4,7 @@ page faults, /proc/self/statm's resident pages), not with the module's view of i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -64,9 +65,15 @@ def _fresh(code: str, **env: str):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@functools.cache
+def _cycles_run(env: tuple[tuple[str, str], ...]) -> dict:
+    return _fresh(CYCLES.format(block=BLOCK), **dict(env))
+
+
 def _cycles(**env: str) -> dict:
-    """:data:`CYCLES`; skips where the kernel backs the blocks with huge pages (no per-page faults to save)."""
-    out = _fresh(CYCLES.format(block=BLOCK), **env)
+    """:data:`CYCLES` (one run per environment, shared by the tests that read it); skips where the kernel backs the
+    blocks with huge pages (no per-page faults to save)."""
+    out = _cycles_run(tuple(sorted(env.items())))
     if min(out["default"]) < BLOCK // PAGE:
         pytest.skip("transparent huge pages serve these blocks")
     return out

@@ -18,7 +18,6 @@ copy). Re-exported by :mod:`adapters.models.hf`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import mmap
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters import heap
 from adapters.models.hf_hub import load_config
 
 
@@ -278,14 +278,11 @@ def quantize_4bit_chunked(A: torch.Tensor, absmax=None, out=None, blocksize=None
 
 
 def _release_freed() -> None:
-    """Give the heap's freed memory back to the system (glibc's ``malloc_trim``; nothing elsewhere). The chunked
+    """Give the heap's freed memory back to the system (:func:`adapters.heap.release_freed`). The chunked
     quantiser's temporaries are small, freed between chunks, and glibc keeps the freed space in its heap between
     the packed tensors: without this a 4-bit load peaked 6.6 MB above the packed model whatever its size, 3.0 MB
     with it (a 4-layer Qwen2-shaped model of 18.4 MB packed, hidden 512; one call per quantised tensor)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.release_freed()
 
 
 @contextlib.contextmanager

@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="write the arms and their medians here (atomically)")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.pairs < 1:
+        parser.error("--steps and --pairs must be at least 1")
+    if args.json and not os.access(args.json.parent, os.W_OK):
+        parser.error(f"cannot write {args.json}: its folder does not exist or is not writable")
     arms: dict[str, list[dict]] = {"kept": [], "default": []}
     for pair in range(args.pairs):
         for name in ("kept", "default"):

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
 import json
 import os
@@ -81,6 +80,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters import heap
 from adapters.objectives import Classification
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,10 +114,7 @@ def status_bytes(key: str) -> int:
 def trim() -> None:
     """Give freed heap memory back to the system, so the RSS reading is what is alive."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.release_freed()
 
 
 def reset_peak() -> bool:

@@ -32,7 +32,6 @@ bf16 autocast). Every variant starts from identical base weights and sees identi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import platform
@@ -46,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from adapters import threads
+from adapters import heap, threads
 from adapters.models.base import HEAD
 from adapters.objectives import OBJECTIVES
 
@@ -74,10 +73,7 @@ def _hwm_bytes() -> int:
 
 def _trim() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    heap.release_freed()
 
 
 class PeakMemory:
