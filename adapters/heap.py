@@ -9,16 +9,21 @@ alternating, 3 pairs; ``python -m experiments.benchmarks.heap_policy --avx2``): 
 19-22 s of system CPU with glibc's defaults, 1.6-1.7 M and 9-10 s with freed memory kept in the heap
 (``mallopt(M_MMAP_MAX, 0)``, no trim); 1.16x faster by the medians (66.5 against 77.0 s), faster in every pair.
 
-The price is fragmentation: a freed block that does not fit the next request stays in the heap beside it.
-Measured as peak RSS above the base during training (``python -m experiments.benchmarks.llm_scale``, Qwen2-0.5B
-shape at hidden 512 / 1024 / 2048): full fine-tuning +5-13 % (fp32 and bf16), but LoRA +28-56 % (fp32, bf16) and
-+109-286 % on a 4-bit base, RandLoRA +7-61 %, where activations and dequantised scratch are most of the peak
-(against the benchmark's fixed glibc mmap thresholds, 1 MiB for FT and 64 KiB for adapters, not glibc's dynamic
-default).
-So :func:`worth_keeping` applies it to full fine-tuning on the CPU only, around the training loop
-(:func:`kept_freed_memory`), and the heap is trimmed when training ends: the stages after it see the RSS they
-would have had. glibc only: elsewhere (musl, macOS, Windows) it does nothing, and so it does when the user set
-the knobs it turns themselves (:data:`USER_KEYS`: their policy wins).
+Adapters on the same model: LoRA r = 32 1.26x (62.5 against 78.8 s), RandLoRA r = 6 1.07x (91.5 against 97.5 s;
+``--method lora`` / ``randlora``).
+
+The price is fragmentation: a freed block that does not fit the next request stays in the heap beside it. Against
+glibc's own dynamic default, which already serves blocks up to 32 MiB from its heap, that is little: peak RSS above
+the base while training (``python -m experiments.benchmarks.llm_scale --glibc-malloc``, the switch at 1 and at 0,
+Qwen2-0.5B shape at hidden 512 / 1024 / 2048) LoRA and RandLoRA 0.92-1.14x on fp32 and bf16 bases, 0.80-1.06x on a
+4-bit base up to hidden 1024; ViT-B/32 LoRA +6-9 %, RandLoRA -1 to +3 %; full fine-tuning +5-13 % (against a fixed
+1 MiB threshold). But on a 4-bit base at hidden 2048 LoRA's peak was 3.6x and RandLoRA's 1.7x: the weights
+bitsandbytes dequantises for each layer (87 MiB in fp32 at that size, 224 MiB at Llama-3-8B), above glibc's 32 MiB
+cap, are mapped and returned per layer by glibc, and kept by the policy beside the next request. So
+:func:`worth_keeping` applies it to training on the CPU unless the model holds packed 4-bit weights, around the
+training loop (:func:`kept_freed_memory`), and the heap is trimmed when training ends: the stages after it see the
+RSS they would have had. glibc only: elsewhere (musl, macOS, Windows) it does nothing, and so it does when the user
+set the knobs it turns themselves (:data:`USER_KEYS`: their policy wins).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from contextlib import contextmanager
 
 import torch
 
+from adapters.quant import is_packed
+
 # mallopt parameters (glibc <malloc.h>).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 # Restored on exit. Setting any of these turns glibc's dynamic thresholds off for the rest of the process, so
@@ -43,7 +50,8 @@ CONVERGED_TRIM_THRESHOLD = 2 * CONVERGED_MMAP_THRESHOLD
 NEVER_TRIM = -1
 # A user's setting of the knobs it turns (GLIBC_TUNABLES may hold them) wins; others (an mmap threshold) stay.
 USER_KEYS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-# ADAPTERS_KEEP_FREED_MEMORY=0 turns it off (glibc's defaults throughout: less memory, more page faults).
+# ADAPTERS_KEEP_FREED_MEMORY: 0 never (glibc's defaults throughout: less memory, more page faults), 1 for every
+# CPU training (adapters too), unset: the default rule (:func:`worth_keeping`).
 SWITCH = "ADAPTERS_KEEP_FREED_MEMORY"
 
 
@@ -80,17 +88,22 @@ def _restored(environ) -> dict[int, int]:
 
 
 def worth_keeping(model: torch.nn.Module, device: torch.device | str) -> bool:
-    """Whether training ``model`` on ``device`` should keep its freed memory: on the CPU, when at least half of the
-    parameters train (full fine-tuning), whose held state (weights, gradients, two AdamW moments) dwarfs the heap's
-    fragmentation. Adapters are left to glibc: their peak is mostly activations, and kept blocks of one size that
-    do not fit the next request add to it (module docstring)."""
+    """Whether training ``model`` on ``device`` should keep its freed memory: on the CPU, unless the model holds
+    packed 4-bit weights, whose dequantised copies (one weight each, larger than glibc's 32 MiB mmap cap at real
+    sizes) would then stay in the heap beside the next request instead of returning to the system (module
+    docstring)."""
     if torch.device(device).type != "cpu":
         return False
-    total = trained = 0
-    for p in model.parameters():
-        total += p.numel()
-        trained += p.numel() if p.requires_grad else 0
-    return trained >= total / 2
+    return not any(is_packed(p) for p in model.parameters())
+
+
+def wanted(model: torch.nn.Module, device: torch.device | str, environ: dict | None = None) -> bool:
+    """Whether training ``model`` on ``device`` asks for :func:`kept_freed_memory`: never off the CPU; on it, as
+    :data:`SWITCH` says (``1``: always, ``0``: never), else by :func:`worth_keeping`."""
+    setting = (os.environ if environ is None else environ).get(SWITCH)
+    if torch.device(device).type != "cpu" or setting == "0":
+        return False
+    return setting == "1" or worth_keeping(model, device)
 
 
 def release_freed() -> None:

@@ -58,7 +58,8 @@ print(json.dumps({{"applied": applied, "default": default, "inside": inside, "ke
 
 def _fresh(code: str, **env: str):
     """Run ``code`` in a fresh Python process (this repository, one thread, ``env`` added); its last line as JSON."""
-    environ = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    inherited = {k: v for k, v in os.environ.items() if k != heap.SWITCH}  # the switch only where a test sets it
+    environ = {**inherited, "OMP_NUM_THREADS": "1", **env}
     done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -104,7 +105,8 @@ def test_a_user_malloc_policy_or_the_switch_leaves_glibc_alone(key, value):
 
 
 # One training run in a fresh process (the heap's state is the test's, not left by earlier tests): a model whose
-# hidden activation and its gradient are each one BLOCK per step, 16 steps; prints each step's minor faults.
+# hidden activation and its gradient are each one BLOCK per step, 16 steps; prints each step's minor faults. With
+# ``packed`` its first layer is a frozen bitsandbytes NF4 layer (quantised on the CPU), as under QLoRA.
 TRAINING = """
 import json, resource, torch
 from adapters import train as T
@@ -131,27 +133,51 @@ def counted(*args, **kwargs):
     last[0] = now
 
 T._step = counted
-T.train(Wide(), data, labels, T.TrainConfig(steps=16, batch_size=rows), progress=False)
+model = Wide()
+if {packed}:
+    import bitsandbytes as bnb
+    from adapters.quant import disable_cpu_repacking
+    up = bnb.nn.Linear4bit(64, 4096, compute_dtype=torch.float32, quant_type="nf4")
+    up.load_state_dict(model.up.state_dict())
+    model.up = up.to("cpu").requires_grad_(False)  # quantised here
+    disable_cpu_repacking(model)
+T.train(model, data, labels, T.TrainConfig(steps=16, batch_size=rows), progress=False)
 print(json.dumps(faults))
 """
 
 
-def _training_faults(switch: str) -> list[int]:
-    return _fresh(TRAINING.format(rows=BLOCK // 4 // 4096), **{heap.SWITCH: switch})
+def _training_faults(switch: str | None, packed: bool = False) -> list[int]:
+    env = {} if switch is None else {heap.SWITCH: switch}
+    return _fresh(TRAINING.format(rows=BLOCK // 4 // 4096, packed=packed), **env)
 
 
 def test_cpu_training_keeps_its_freed_memory():
-    """adapters.train.train applies the policy: from the few steps on, a step's activations fault nothing."""
-    kept, default = _training_faults("1"), _training_faults("0")
+    """adapters.train.train applies the policy (the default rule, to a dense model): from the few steps on, a step's
+    activations fault nothing; ``0`` leaves it to glibc."""
+    kept, default = _training_faults(None), _training_faults("0")
     pages = BLOCK // PAGE
     assert min(default[8:]) >= 2 * pages  # glibc's defaults: each step maps its activation and gradient afresh
     # kept: the second half of the run reuses the first half's pages (seen: at most 4 blocks faulted in 8 steps)
     assert sum(kept[8:]) <= 0.25 * sum(default[8:])
 
 
-def test_only_full_fine_tuning_on_the_cpu_keeps_freed_memory():
+def test_cpu_training_keeps_freed_memory_unless_the_base_is_packed_4bit():
     model = torch.nn.Sequential(torch.nn.Linear(64, 4096), torch.nn.Linear(4096, 4))
     assert heap.worth_keeping(model, "cpu")
     assert not heap.worth_keeping(model, "cuda")
-    model[0].requires_grad_(False)  # most weights frozen: an adapter's activations dominate its peak
+    model[0].requires_grad_(False)  # an adapter's training: most weights frozen
+    assert heap.worth_keeping(model, "cpu")
+    bnb = pytest.importorskip("bitsandbytes")
+    packed = bnb.nn.Linear4bit(64, 4096, compute_dtype=torch.float32, quant_type="nf4")
+    packed.load_state_dict(model[0].state_dict())
+    model[0] = packed.to("cpu")  # quantised here
     assert not heap.worth_keeping(model, "cpu")
+
+
+def test_on_a_4bit_base_glibc_keeps_its_defaults_unless_the_switch_is_one():
+    """The rule leaves training on a packed base to glibc (each step maps its activation afresh); ``1`` applies the
+    policy there too."""
+    pytest.importorskip("bitsandbytes")
+    rule, forced = _training_faults(None, packed=True), _training_faults("1", packed=True)
+    assert min(rule[8:]) >= BLOCK // PAGE
+    assert sum(forced[8:]) <= 0.25 * sum(rule[8:])

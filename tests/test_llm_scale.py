@@ -57,6 +57,31 @@ def test_merge_lets_a_rerun_replace_its_rows(tmp_path: Path):
     assert by_stage["plane"]["ratio"] == 2.0 and "rerun" not in by_stage["plane"]
 
 
+@pytest.mark.parametrize(
+    "stage, glibc, user, mmap, switch",
+    [("train_lora", False, None, "65536", "0"), ("train_ft", False, None, "1048576", None),
+     ("train_lora", True, None, None, None), ("train_randlora", False, "1", "65536", "1")],
+)  # fmt: skip
+def test_adapter_training_cases_read_their_graph_without_the_heap_policy(monkeypatch, stage, glibc, user, mmap, switch):
+    """Fixed mmap thresholds, and adapter training with freed memory returned (their graph is the reading), unless
+    glibc's own malloc is asked for or the user set the switch; full fine-tuning as the toolkit runs it."""
+    seen = {}
+
+    def run(cmd, env, **kwargs):
+        seen.update(env)
+        return type("Done", (), {"returncode": 0, "stdout": "{}", "stderr": ""})()
+
+    monkeypatch.setattr(llm_scale.subprocess, "run", run)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    if user is None:
+        monkeypatch.delenv(llm_scale.SWITCH, raising=False)
+    else:
+        monkeypatch.setenv(llm_scale.SWITCH, user)
+    case = llm_scale.run_case(Path("case"), "float32", "own", stage, 4, 16, None, fixed_mmap=not glibc)
+    assert seen.get("MALLOC_MMAP_THRESHOLD_") == mmap and seen.get(llm_scale.SWITCH) == switch
+    assert case["keep_freed_memory"] == (switch or "default rule")
+
+
 def test_the_load_projection_holds_at_least_the_model():
     # an fp32 load maps the file: its measured peak is below the model's bytes, the projection is not
     (p,) = [p for p in llm_scale.project([_case(64, "load", 0.05)]) if p["stage"] == "load"]

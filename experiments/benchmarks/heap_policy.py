@@ -1,12 +1,13 @@
 """CPU training with and without :mod:`adapters.heap`'s policy (freed memory kept for the next step), side by side.
 
-    python -m experiments.benchmarks.heap_policy [--method ft] [--steps 3] [--pairs 3] [--avx2] [--force] [--json PATH]
+    python -m experiments.benchmarks.heap_policy [--method ft] [--steps 3] [--pairs 3] [--avx2] [--json PATH]
 
 Each arm is a fresh process that builds the CIFAR smoke's model (random-init CLIP ViT-B/32, 100 classes), attaches
 ``--method`` and trains it ``--steps`` steps of 128 fabricated 32 px images (augmented, as the paper preset)
 through :func:`adapters.train.train`; the arms alternate (kept, default, kept, ...) so the machine's drift hits
 both alike. Per arm: each step's wall time, the process's minor page faults, system and user CPU seconds over the
-training, and its peak RSS. ``ADAPTERS_KEEP_FREED_MEMORY=0`` makes the default arm (glibc's own policy).
+training, and its peak RSS. ``ADAPTERS_KEEP_FREED_MEMORY=1`` makes the kept arm (the policy, whatever the method),
+``=0`` the default arm (glibc's own policy).
 """
 
 from __future__ import annotations
@@ -33,9 +34,7 @@ from adapters.methods import MethodSpec, attach
 from adapters.models import clip
 from tests.fakes import CIFAR_FINE_NAMES
 
-method, steps, rank, force = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-if force:  # what-if: the policy for any method (the toolkit applies it to full fine-tuning only)
-    heap.worth_keeping = lambda model, device: True
+method, steps, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 threads.configure(2)
 torch.manual_seed(0)
 classes = list(CIFAR_FINE_NAMES)
@@ -54,18 +53,19 @@ before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 T.train(model, data, labels, T.TrainConfig(steps=steps, batch_size=128, lr=1e-5, augment=True), progress=False,
         augment=clip.make_augment(base.image_size))
 after = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"kept": heap.applies(), "steps_s": [round(b - a, 3) for a, b in zip([start] + ends[:-1], ends)],
+kept = heap.wanted(model, "cpu") and heap.applies()
+print(json.dumps({"kept": kept, "steps_s": [round(b - a, 3) for a, b in zip([start] + ends[:-1], ends)],
                   "minor_faults": after.ru_minflt - before.ru_minflt,
                   "system_s": round(after.ru_stime - before.ru_stime, 2),
                   "user_s": round(after.ru_utime - before.ru_utime, 2), "peak_rss_bytes": after.ru_maxrss * 1024}))
 """
 
 
-def arm(method: str, steps: int, kept: bool, avx2: bool, force: bool = False) -> dict:
+def arm(method: str, steps: int, kept: bool, avx2: bool) -> dict:
     """One fresh process's training (module docstring)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(AVX2_ENV if avx2 else {}),
            "ADAPTERS_KEEP_FREED_MEMORY": "1" if kept else "0"}  # fmt: skip
-    cmd = [sys.executable, "-c", ARM, method, str(steps), str(RANKS[method]), str(int(force))]
+    cmd = [sys.executable, "-c", ARM, method, str(steps), str(RANKS[method])]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"arm failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -81,11 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="training steps per arm (default 3)")
     parser.add_argument("--pairs", type=int, default=3, help="kept/default pairs, alternating (default 3)")
     parser.add_argument("--avx2", action="store_true", help="restrict torch/MKL/oneDNN to AVX2")
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="keep freed memory whatever the method (the toolkit does it for full fine-tuning only)",
-    )
     parser.add_argument("--json", type=Path, help="write the arms and their medians here (atomically)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.pairs < 1:
@@ -95,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     arms: dict[str, list[dict]] = {"kept": [], "default": []}
     for pair in range(args.pairs):
         for name in ("kept", "default"):
-            arms[name].append(arm(args.method, args.steps, name == "kept", args.avx2, args.force))
+            arms[name].append(arm(args.method, args.steps, name == "kept", args.avx2))
             a = arms[name][-1]
             print(f"pair {pair + 1} {name:8s} {a['seconds']:7.1f} s  steps {a['steps_s']}  faults "
                   f"{a['minor_faults'] / 1e6:.2f} M  system {a['system_s']:.1f} s  user {a['user_s']:.1f} s  "
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({ratio:.2f}x); {cpu_name()}{', restricted to AVX2' if args.avx2 else ''}")  # fmt: skip
     if args.json:
         out = {"command": "python -m experiments.benchmarks.heap_policy " + " ".join(argv or sys.argv[1:]),
-               "cpu": cpu_name(), "avx2": args.avx2, "force": args.force, "method": args.method, "steps": args.steps,
+               "cpu": cpu_name(), "avx2": args.avx2, "method": args.method, "steps": args.steps,
                "arms": arms, "medians": medians, "speedup": round(ratio, 3)}  # fmt: skip
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(out, indent=1))

@@ -17,20 +17,24 @@ saved once (fp32 safetensors, a word-level tokenizer) with its solutions:
   (``model.safetensors`` of the causal LM) and peft adapters saved by peft's ``save_pretrained``, loaded
   with :func:`adapters.solution.load_solution` (:mod:`adapters.foreign`).
 
-**Cases.** One per (model, size, dtype, source, stage), each in a FRESH spawned Python process, so its
-peak is its own. Its glibc ``MALLOC_MMAP_THRESHOLD_`` is recorded (``malloc_mmap_threshold``): 1 MiB, and 64
-KiB for adapter training, whose graph of activation-sized tensors crosses 1 MiB between the sizes
-(:func:`mmap_threshold`). The process imports everything first (the architecture's module and the entry's tokenizer
-included) and reads its RSS (the runtime's own overhead); ``load`` reports the peak of loading the base above
-it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the size:
-measured as three loads in one process, the second and third holding exactly the model's bytes), with
-``resident_after_load_bytes``, ``load_scratch_bytes`` (peak − resident) and ``largest_source_tensor_bytes`` (the
-checkpoint's largest tensor as stored: a casting load, :func:`adapters.models.hf.streamed_state`, holds one
-of them at a time besides the converted model; a 4-bit load only a chunk of one, :mod:`adapters.models.hf_stream`).
-Every other stage loads the base (``--torch-dtype`` or ``--load-4bit`` as the toolkit does it,
-:func:`adapters.models.hf.entry`), runs one forward of one evaluation batch twice (the first call's buffers are not
-stage memory; the second one's peak is ``activation_bytes``: one batch's activations), trims the allocator, reads
-the RSS (the loaded base), restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
+**Cases.** One per (model, size, dtype, source, stage), each in a FRESH spawned Python process, so its peak is its
+own. Its glibc ``MALLOC_MMAP_THRESHOLD_`` is recorded (``malloc_mmap_threshold``): 1 MiB, and 64 KiB for adapter
+training, whose graph of activation-sized tensors crosses 1 MiB between the sizes (:func:`mmap_threshold`);
+``--glibc-malloc`` leaves glibc's dynamic threshold (recorded as null), as a user's run has it. For the same reason
+adapter training runs with :mod:`adapters.heap`'s policy off (``ADAPTERS_KEEP_FREED_MEMORY=0``: freed blocks kept
+in the heap for the next step would read as graph) unless ``--glibc-malloc`` or the environment sets the switch;
+full fine-tuning has it, as the toolkit does (+5-13 %, flat); recorded as ``keep_freed_memory``. The process
+imports everything first (the architecture's module and the entry's tokenizer included) and reads its RSS (the
+runtime's own overhead); ``load`` reports the peak of loading the base above it, measured on a second load in the
+process (the first one initialises 8-13 MB once, whatever the size: measured as three loads in one process, the
+second and third holding exactly the model's bytes), with ``resident_after_load_bytes``, ``load_scratch_bytes``
+(peak − resident) and ``largest_source_tensor_bytes`` (the checkpoint's largest tensor as stored: a casting load,
+:func:`adapters.models.hf.streamed_state`, holds one of them at a time besides the converted model; a 4-bit load
+only a chunk of one, :mod:`adapters.models.hf_stream`). Every other stage loads the base (``--torch-dtype`` or
+``--load-4bit`` as the toolkit does it, :func:`adapters.models.hf.entry`), runs one forward of one evaluation batch
+twice (the first call's buffers are not stage memory; the second one's peak is ``activation_bytes``: one batch's
+activations), trims the allocator, reads the RSS (the loaded base), restarts the peak counter
+(``/proc/self/clear_refs``) and runs the stage:
 
 - ``head_only``: the evaluation of the base (a causal LM has no head: nothing trains) —
   :func:`adapters.objectives.score` over the evaluation set;
@@ -111,6 +115,7 @@ from pathlib import Path
 
 import torch
 
+from adapters.heap import SWITCH
 from adapters.precision import cpu_description
 from experiments.benchmarks.llm_scale_cases import (
     DTYPES,
@@ -151,19 +156,25 @@ def mmap_threshold(stage: str) -> int:
 
 
 def run_case(case: Path, dtype: str, source: str, stage: str, samples: int, prompt_len: int,
-             threads: int | None) -> dict:  # fmt: skip
+             threads: int | None, fixed_mmap: bool = True) -> dict:  # fmt: skip
     """:func:`worker` in a fresh Python process; its last printed line, as JSON, with the process's
-    ``malloc_mmap_threshold``."""
+    ``malloc_mmap_threshold`` (:func:`mmap_threshold`, or None: glibc's dynamic one)."""
     cmd = [sys.executable, "-m", "experiments.benchmarks.llm_scale", "--worker", str(case), dtype, source, stage,
            "--samples", str(samples), "--prompt-len", str(prompt_len)]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": str(mmap_threshold(stage))}
+    threshold = mmap_threshold(stage) if fixed_mmap else None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+    if fixed_mmap and stage in GRAPH_MMAP_STAGES:
+        env.setdefault(SWITCH, "0")  # the module docstring
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         return {"error": f"exit {done.returncode}: {tail[:300]}"}
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc_mmap_threshold": mmap_threshold(stage)}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "malloc_mmap_threshold": threshold,
+            "keep_freed_memory": env.get(SWITCH, "default rule")}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- projection
@@ -476,6 +487,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="longest prompt in tokens (default 48; quick 16)")  # fmt: skip
     p.add_argument("--threads", type=positive_int, default=None,
                    help="OMP threads per case (default: the environment's)")  # fmt: skip
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="leave glibc's dynamic mmap threshold (default: fixed per stage)")  # fmt: skip
     p.add_argument("--merge", type=Path, nargs="+", help="summarise the cases of these runs' JSON together (no run)")
     p.add_argument("--worker", nargs=4, metavar=("CASE", "DTYPE", "SOURCE", "STAGE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -539,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
                     for stage in args.stages:
                         for source in args.sources if stage in SOURCE_STAGES else args.sources[:1]:
                             reading = run_case(folder, dtype, source, stage, args.samples, args.prompt_len,
-                                               args.threads)  # fmt: skip
+                                               args.threads, not args.glibc_malloc)  # fmt: skip
                             case = {"model": model, **shape, "dtype": dtype, "source": source, "stage": stage,
                                     **reading}  # fmt: skip
                             cases.append(case)
