@@ -181,3 +181,42 @@ def test_on_a_4bit_base_glibc_keeps_its_defaults_unless_the_switch_is_one():
     rule, forced = _training_faults(None, packed=True), _training_faults("1", packed=True)
     assert min(rule[8:]) >= BLOCK // PAGE
     assert sum(forced[8:]) <= 0.25 * sum(rule[8:])
+
+
+# The plane's evaluation in a fresh process: the same wide model, 16 points along a line, one batch whose hidden
+# activation is one BLOCK; prints each point's minor faults.
+EVALUATION = """
+import json, resource, torch
+from landscape.engine.grid import EvalSet, PlaneEvaluator
+from landscape.engine.plane import Chart
+
+class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 4096), torch.nn.Linear(4096, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+rows = {rows}
+torch.manual_seed(0)
+model = Wide()
+w = {{n: p.detach().clone() for n, p in model.named_parameters()}}
+chart = Chart("line", w, {{n: 1e-3 * torch.randn_like(t) for n, t in w.items()}},
+              {{n: torch.zeros_like(t) for n, t in w.items()}}, {{}})
+evals = EvalSet([({{"x": torch.randn(rows, 64)}}, torch.randint(0, 4, (rows,)))], rows)
+faults, last = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in PlaneEvaluator(model, chart, evals, "cpu").evaluate_iter([(i / 16, 0.0) for i in range(16)]):
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults.append(now - last)
+    last = now
+print(json.dumps(faults))
+"""
+
+
+def test_evaluation_on_the_cpu_keeps_the_memory_a_point_frees():
+    """The plane's engine applies the policy around its points: a point's activation is the last one's pages."""
+    script = EVALUATION.format(rows=BLOCK // 4 // 4096)
+    kept, default = _fresh(script), _fresh(script, **{heap.SWITCH: "0"})
+    assert min(default[8:]) >= BLOCK // PAGE  # glibc's defaults: each point maps its hidden activation afresh
+    assert sum(kept[8:]) <= 0.25 * sum(default[8:])

@@ -60,11 +60,12 @@ def test_merge_lets_a_rerun_replace_its_rows(tmp_path: Path):
 @pytest.mark.parametrize(
     "stage, glibc, user, mmap, switch",
     [("train_lora", False, None, "65536", "0"), ("train_ft", False, None, "1048576", None),
-     ("train_lora", True, None, None, None), ("train_randlora", False, "1", "65536", "1")],
+     ("plane", False, None, "1048576", "0"), ("train_lora", True, None, None, None),
+     ("train_randlora", False, "1", "65536", "1")],
 )  # fmt: skip
-def test_adapter_training_cases_read_their_graph_without_the_heap_policy(monkeypatch, stage, glibc, user, mmap, switch):
-    """Fixed mmap thresholds, and adapter training with freed memory returned (their graph is the reading), unless
-    glibc's own malloc is asked for or the user set the switch; full fine-tuning as the toolkit runs it."""
+def test_cases_run_without_the_heap_policy_but_full_fine_tuning(monkeypatch, stage, glibc, user, mmap, switch):
+    """Fixed mmap thresholds, and freed memory returned (the stage's own memory is the reading), unless glibc's own
+    malloc is asked for or the user set the switch; full fine-tuning as the toolkit runs it."""
     seen = {}
 
     def run(cmd, env, **kwargs):

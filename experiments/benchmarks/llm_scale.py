@@ -21,20 +21,20 @@ saved once (fp32 safetensors, a word-level tokenizer) with its solutions:
 own. Its glibc ``MALLOC_MMAP_THRESHOLD_`` is recorded (``malloc_mmap_threshold``): 1 MiB, and 64 KiB for adapter
 training, whose graph of activation-sized tensors crosses 1 MiB between the sizes (:func:`mmap_threshold`);
 ``--glibc-malloc`` leaves glibc's dynamic threshold (recorded as null), as a user's run has it. For the same reason
-adapter training runs with :mod:`adapters.heap`'s policy off (``ADAPTERS_KEEP_FREED_MEMORY=0``: freed blocks kept
-in the heap for the next step would read as graph) unless ``--glibc-malloc`` or the environment sets the switch;
-full fine-tuning has it, as the toolkit does (+5-13 %, flat); recorded as ``keep_freed_memory``. The process
-imports everything first (the architecture's module and the entry's tokenizer included) and reads its RSS (the
-runtime's own overhead); ``load`` reports the peak of loading the base above it, measured on a second load in the
-process (the first one initialises 8-13 MB once, whatever the size: measured as three loads in one process, the
-second and third holding exactly the model's bytes), with ``resident_after_load_bytes``, ``load_scratch_bytes``
-(peak − resident) and ``largest_source_tensor_bytes`` (the checkpoint's largest tensor as stored: a casting load,
-:func:`adapters.models.hf.streamed_state`, holds one of them at a time besides the converted model; a 4-bit load
-only a chunk of one, :mod:`adapters.models.hf_stream`). Every other stage loads the base (``--torch-dtype`` or
-``--load-4bit`` as the toolkit does it, :func:`adapters.models.hf.entry`), runs one forward of one evaluation batch
-twice (the first call's buffers are not stage memory; the second one's peak is ``activation_bytes``: one batch's
-activations), trims the allocator, reads the RSS (the loaded base), restarts the peak counter
-(``/proc/self/clear_refs``) and runs the stage:
+every stage but full fine-tuning runs with :mod:`adapters.heap`'s policy off (``ADAPTERS_KEEP_FREED_MEMORY=0``:
+freed blocks kept in the heap for the next step or point would read as the stage's memory) unless
+``--glibc-malloc`` or the environment sets the switch; full fine-tuning has it, as the toolkit does (+5-13 %,
+flat); recorded as ``keep_freed_memory``. The process imports everything first (the architecture's module and the
+entry's tokenizer included) and reads its RSS (the runtime's own overhead); ``load`` reports the peak of loading
+the base above it, measured on a second load in the process (the first one initialises 8-13 MB once, whatever the
+size: measured as three loads in one process, the second and third holding exactly the model's bytes), with
+``resident_after_load_bytes``, ``load_scratch_bytes`` (peak − resident) and ``largest_source_tensor_bytes`` (the
+checkpoint's largest tensor as stored: a casting load, :func:`adapters.models.hf.streamed_state`, holds one of them
+at a time besides the converted model; a 4-bit load only a chunk of one, :mod:`adapters.models.hf_stream`). Every
+other stage loads the base (``--torch-dtype`` or ``--load-4bit`` as the toolkit does it,
+:func:`adapters.models.hf.entry`), runs one forward of one evaluation batch twice (the first call's buffers are not
+stage memory; the second one's peak is ``activation_bytes``: one batch's activations), trims the allocator, reads
+the RSS (the loaded base), restarts the peak counter (``/proc/self/clear_refs``) and runs the stage:
 
 - ``head_only``: the evaluation of the base (a causal LM has no head: nothing trains) —
   :func:`adapters.objectives.score` over the evaluation set;
@@ -165,7 +165,7 @@ def run_case(case: Path, dtype: str, source: str, stage: str, samples: int, prom
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if threshold:
         env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
-    if fixed_mmap and stage in GRAPH_MMAP_STAGES:
+    if fixed_mmap and stage != "train_ft":
         env.setdefault(SWITCH, "0")  # the module docstring
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

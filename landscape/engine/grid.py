@@ -31,6 +31,7 @@ stacked copies of the plane parameters take at most 1/8 of the device's memory.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapters import heap
 from adapters.io import digest
 from adapters.models.base import Encoded
 from adapters.objectives import OBJECTIVES, Classification, PointResult, score
@@ -166,7 +168,14 @@ class PlaneEvaluator:
     def evaluate_iter(self, points: Iterable[tuple[float, float]], keep_samples: bool = False) -> Iterator[PointResult]:
         """Results at ``points`` in order, yielded as they complete: one by one with
         :meth:`evaluate` when ``points_per_forward`` is 1, else a group of P points at a time.
-        ``keep_samples``: each result also holds its per-sample losses."""
+        ``keep_samples``: each result also holds its per-sample losses. On the CPU the memory a point frees is kept
+        for the next (:mod:`adapters.heap`: the main job's 11 x 11 grid faulted 22.4 M pages in afresh without it,
+        0.37 M with it, 211 against 186 s)."""
+        keep = heap.wanted(self.model, self.device_type)
+        with heap.kept_freed_memory() if keep else contextlib.nullcontext():
+            yield from self._results(points, keep_samples)
+
+    def _results(self, points: Iterable[tuple[float, float]], keep_samples: bool) -> Iterator[PointResult]:
         points = [(float(x), float(y)) for x, y in points]
         k = 0
         while k < len(points):
