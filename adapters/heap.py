@@ -32,6 +32,7 @@ M pages in with 9 s of system CPU instead of 22.4 M and 52 s, 186 against 211 s,
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -55,7 +56,7 @@ NEVER_TRIM = -1
 # A user's setting of the knobs it turns (GLIBC_TUNABLES may hold them) wins; others (an mmap threshold) stay.
 USER_KEYS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 # ADAPTERS_KEEP_FREED_MEMORY: 0 never (glibc's defaults throughout: less memory, more page faults), 1 for every
-# CPU training (adapters too), unset: the default rule (:func:`worth_keeping`).
+# CPU training and evaluation (a 4-bit base too), unset: the default rule (:func:`worth_keeping`).
 SWITCH = "ADAPTERS_KEEP_FREED_MEMORY"
 _depth = 0  # open kept_freed_memory contexts: only the outermost turns the policy on and off
 
@@ -141,3 +142,9 @@ def kept_freed_memory() -> Iterator[bool]:
             for param, value in _restored(os.environ).items():
                 libc.mallopt(param, value)
             release_freed()
+
+
+def keeping(model: torch.nn.Module, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """:func:`kept_freed_memory` where :func:`wanted` asks for it for ``model`` on ``device``, else nothing: the
+    context a training loop or a run of evaluation points goes in."""
+    return kept_freed_memory() if wanted(model, device) else contextlib.nullcontext(False)

@@ -203,7 +203,7 @@ def train(
     for _ in range(first):  # the batch stream is a pure function of the seed: skip what was done
         next(batches)
     bar = progress_bar(range(first, config.steps), desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
-    with heap.kept_freed_memory() if heap.wanted(model, device) else contextlib.nullcontext():
+    with heap.keeping(model, device):
         for step in bar:
             optimizer.zero_grad(set_to_none=True)
             index = next(batches)[rank::world]

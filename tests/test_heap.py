@@ -104,6 +104,17 @@ def test_a_user_malloc_policy_or_the_switch_leaves_glibc_alone(key, value):
     assert min(out["inside"]) >= BLOCK // PAGE  # as under glibc's defaults: every block faulted in afresh
 
 
+# The model of the training and evaluation scripts below: its hidden activation is 4096 floats per row.
+WIDE = """class Wide(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 4096), torch.nn.Linear(4096, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+"""
+
+
 # One training run in a fresh process (the heap's state is the test's, not left by earlier tests): a model whose
 # hidden activation and its gradient are each one BLOCK per step, 16 steps; prints each step's minor faults. With
 # ``packed`` its first layer is a frozen bitsandbytes NF4 layer (quantised on the CPU), as under QLoRA.
@@ -112,14 +123,7 @@ import json, resource, torch
 from adapters import train as T
 from adapters.models.base import Encoded
 
-class Wide(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(64, 4096), torch.nn.Linear(4096, 4)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
+{wide}
 rows = {rows}
 torch.manual_seed(0)
 data, labels = Encoded({{"x": torch.randn(rows, 64)}}), torch.randint(0, 4, (rows,))
@@ -148,7 +152,7 @@ print(json.dumps(faults))
 
 def _training_faults(switch: str | None, packed: bool = False) -> list[int]:
     env = {} if switch is None else {heap.SWITCH: switch}
-    return _fresh(TRAINING.format(rows=BLOCK // 4 // 4096, packed=packed), **env)
+    return _fresh(TRAINING.format(wide=WIDE, rows=BLOCK // 4 // 4096, packed=packed), **env)
 
 
 def test_cpu_training_keeps_its_freed_memory():
@@ -190,14 +194,7 @@ import json, resource, torch
 from landscape.engine.grid import EvalSet, PlaneEvaluator
 from landscape.engine.plane import Chart
 
-class Wide(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(64, 4096), torch.nn.Linear(4096, 4)
-
-    def forward(self, x):
-        return self.down(torch.relu(self.up(x)))
-
+{wide}
 rows = {rows}
 torch.manual_seed(0)
 model = Wide()
@@ -216,7 +213,7 @@ print(json.dumps(faults))
 
 def test_evaluation_on_the_cpu_keeps_the_memory_a_point_frees():
     """The plane's engine applies the policy around its points: a point's activation is the last one's pages."""
-    script = EVALUATION.format(rows=BLOCK // 4 // 4096)
+    script = EVALUATION.format(wide=WIDE, rows=BLOCK // 4 // 4096)
     kept, default = _fresh(script), _fresh(script, **{heap.SWITCH: "0"})
     assert min(default[8:]) >= BLOCK // PAGE  # glibc's defaults: each point maps its hidden activation afresh
     assert sum(kept[8:]) <= 0.25 * sum(default[8:])

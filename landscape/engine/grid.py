@@ -31,7 +31,6 @@ stacked copies of the plane parameters take at most 1/8 of the device's memory.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -171,8 +170,7 @@ class PlaneEvaluator:
         ``keep_samples``: each result also holds its per-sample losses. On the CPU the memory a point frees is kept
         for the next (:mod:`adapters.heap`: the main job's 11 x 11 grid faulted 22.4 M pages in afresh without it,
         0.37 M with it, 211 against 186 s)."""
-        keep = heap.wanted(self.model, self.device_type)
-        with heap.kept_freed_memory() if keep else contextlib.nullcontext():
+        with heap.keeping(self.model, self.device_type):
             yield from self._results(points, keep_samples)
 
     def _results(self, points: Iterable[tuple[float, float]], keep_samples: bool) -> Iterator[PointResult]:
