@@ -8,8 +8,8 @@ encoders, FT / LoRA r = 32 / RandLoRA r = 6) on CIFAR-100 files fabricated offli
 pickles, 200 train and 50 test images: no download), with random-init weights (``--pretrained none``:
 the openai weights cannot be fetched here), 2 training steps, a 3 × 3 grid, 16 evaluation samples and 21
 points per path. ``--dtype float32`` (default) budgets for a CPU without native bf16, where bf16 autocast
-is several times slower than fp32; ``--avx2`` also restricts torch/MKL/oneDNN to AVX2 (the README's
-emulation of such a machine).
+is several times slower than fp32; ``--avx2`` also restricts torch/MKL/oneDNN and OpenBLAS to
+AVX2 (the README's emulation of such a machine: :data:`AVX2_ENV`).
 
 How it measures: the run is a fresh child process (``--child``) that calls ``landscape.connectivity.main``
 with those arguments and wraps each stage of :class:`landscape.cli.Stages`: before a stage the kernel's
@@ -33,7 +33,9 @@ from pathlib import Path
 
 RUN_ARGS = ("--dataset", "cifar100", "--pretrained", "none", "--train-steps", "2", "--grid", "3",
             "--eval-samples", "16", "--path-points", "21", "--no-progress")  # fmt: skip
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# torch's kernels, MKL, oneDNN, and numpy/scipy's OpenBLAS (the spectra's LAPACK), each held to AVX2
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "OPENBLAS_CORETYPE": "Haswell"}  # fmt: skip
 BUDGET_S = 300.0  # issue 20: ≤ 5 min on 2 cores
 TRAIN_IMAGES, TEST_IMAGES = 200, 50  # the fabricated CIFAR-100 splits
 
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the landscape's forward precision (float32: a CPU without native bf16)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="run under this folder and keep it (default: a temporary one)")
-    parser.add_argument("--avx2", action="store_true", help="restrict torch/MKL/oneDNN to AVX2")
+    parser.add_argument(
+        "--avx2", action="store_true", help="restrict torch/MKL/oneDNN and numpy/scipy's OpenBLAS to AVX2 (AVX2_ENV)"
+    )
     args = parser.parse_args(argv)
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

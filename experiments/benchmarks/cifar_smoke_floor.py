@@ -14,7 +14,8 @@ the run would take if everything else (norms, activations, attention's softmax, 
 the spectra, start-up) were free. ``--smoke`` (a ``cifar_smoke --json`` file) sets the measured stages beside it.
 
 Why: the 5-minute budget of issue 20 is met on one kind of 2-core machine and not on another; this says how far
-the run is from what its arithmetic costs there (``--avx2`` restricts torch/MKL/oneDNN to AVX2, as cifar_smoke's).
+the run is from what its arithmetic costs there (``--avx2`` restricts torch/MKL/oneDNN and OpenBLAS to AVX2, as
+cifar_smoke's).
 """
 
 from __future__ import annotations
@@ -212,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmarks.cifar_smoke_floor",
                                      description=__doc__.split("\n\n")[0])  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the timed matmuls (the smoke's)")
-    parser.add_argument("--avx2", action="store_true", help="restrict torch/MKL/oneDNN to AVX2 (a child process)")
+    parser.add_argument(
+        "--avx2",
+        action="store_true",
+        help="restrict torch/MKL/oneDNN and OpenBLAS to AVX2 (cifar_smoke.AVX2_ENV; a child process)",
+    )
     parser.add_argument("--smoke", type=Path, help="a cifar_smoke --json file to set beside the floor")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)

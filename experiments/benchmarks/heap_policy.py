@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=sorted(RANKS), default="ft")
     parser.add_argument("--steps", type=int, default=3, help="training steps per arm (default 3)")
     parser.add_argument("--pairs", type=int, default=3, help="kept/default pairs, alternating (default 3)")
-    parser.add_argument("--avx2", action="store_true", help="restrict torch/MKL/oneDNN to AVX2")
+    parser.add_argument(
+        "--avx2", action="store_true", help="restrict torch/MKL/oneDNN and OpenBLAS to AVX2 (cifar_smoke.AVX2_ENV)"
+    )
     parser.add_argument("--json", type=Path, help="write the arms and their medians here (atomically)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.pairs < 1:
