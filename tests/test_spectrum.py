@@ -112,3 +112,35 @@ def test_analyse_structure():
 
 def test_natural_key():
     assert sorted(["a.10.b", "a.2.b", "a.1.c", "b.0"], key=natural_key) == ["a.1.c", "a.2.b", "a.10.b", "b.0"]
+
+
+def test_the_cpu_analysis_holds_openblas_to_one_thread_and_gives_its_threads_back():
+    """Every update of a CPU analysis is read, and everything between the LAPACK calls runs, with numpy/scipy's
+    OpenBLAS on one thread (its idle second thread would spin on the other core); the caller's setting returns."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from landscape.spectrum.updates import LazyDelta
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"}
+
+    seen = []
+    g = torch.Generator().manual_seed(2)
+    values = {f"w{i}": torch.randn(8, 5, generator=g) for i in range(3)}
+
+    def reader(value):
+        def read():
+            seen.append(blas_threads())  # what the update's reader meets, inside the analysis
+            return value
+
+        return read
+
+    deltas = {"ft": {n: LazyDelta(n, v.shape, reader(v), "ft") for n, v in values.items()}}
+    base = {n: torch.randn(8, 5, generator=g) for n in values}
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == {2}
+        out = analyse(deltas, base=base, progress=False, device="cpu")
+        assert blas_threads() == {2}
+    assert seen == [{1}] * 3
+    for entry in out["layers"]:  # the same numbers as numpy's SVD
+        ref = np.linalg.svd(values[entry["name"]].numpy().astype(np.float64), compute_uv=False)
+        np.testing.assert_allclose(entry["ft"]["singular_values"], ref, rtol=1e-5)

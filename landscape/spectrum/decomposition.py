@@ -271,8 +271,9 @@ def one_blas_thread():
     dominated by matrix-vector products in many small parallel regions, and OpenBLAS's threads spin while they
     wait. Measured on the 2-core Xeon beside other work (load average ~5), ``sytrd`` of a 768 × 768 fp64 matrix:
     0.02-0.07 s on one thread, 3.3-4.5 s on two; in the CIFAR smoke run's spectrum these two routines took
-    80 % of the time. On one thread they are memory-bound and lose little when the machine is quiet. Without
-    threadpoolctl installed: unchanged."""
+    80 % of the time. On one thread they are memory-bound and lose little when the machine is quiet. The CPU
+    analysis (:func:`landscape.spectrum.analysis.analyse`) holds it over its whole pass, so that no idle BLAS
+    thread spins between these calls either. Without threadpoolctl installed: unchanged."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
