@@ -13,6 +13,10 @@ def test_the_smoke_arguments_are_the_issues():
     values = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
     assert values["--dataset"] == "cifar100" and values["--train-steps"] == "2" and values["--grid"] == "3"
     assert values["--eval-samples"] == "16" and values["--path-points"] == "21"
+    assert "--batch-size" not in values  # the issue's smoke trains at the preset's batch, which the floor reads too
+    from experiments.benchmarks import cifar_smoke_floor
+
+    assert cifar_smoke.PRESET_BATCH == cifar_smoke_floor.BATCH == 128
 
 
 def test_child_records_each_stage(tmp_path, monkeypatch):
@@ -49,6 +53,8 @@ def test_table_names_cpu_and_budget():
               "peak_rss_bytes": 2e9, "budget_s": 300.0, "within_budget": True}  # fmt: skip
     text = cifar_smoke.table(result)
     assert "Some CPU (AVX2), 2 cores" in text and "within" in text and "load" in text
+    assert "training batch 128 (the issue's)" in text
+    assert "training batch 32 (smaller than the issue's 128)" in cifar_smoke.table({**result, "batch_size": 32})
     assert "AVX2" in cifar_smoke.cpu_name() or "cores" in cifar_smoke.cpu_name()
 
 
@@ -95,12 +101,23 @@ def test_floor_counts_every_matmul_of_an_evaluation_and_a_training_step():
     from experiments.benchmarks import cifar_smoke_floor as floor
 
     classes = ["apple", "aquarium fish", "bicycle", "maple tree"]
-    parts = floor.pieces("clip-tiny", classes)
+    batch = 24  # not the preset's: the step is counted at the batch asked for
+    parts = floor.pieces("clip-tiny", classes, batch=batch)
     recorded = {name: sum(k * floor.flops(key) for key, k in calls.items()) for name, (_, calls) in parts.items()}
     torch.manual_seed(0)
     model = clip.build(len(classes), classes, arch="clip-tiny", pretrained="none")
     assert parts[f"point ({floor.SAMPLES} samples)"][0] == floor.POINTS == 69
     assert recorded[f"point ({floor.SAMPLES} samples)"] == _structural_flops(model, floor.SAMPLES, train=False)[0]
-    forward, conv = _structural_flops(model, floor.BATCH, train=True)
+    forward, conv = _structural_flops(model, batch, train=True)
     assert parts["train step ft"][0] == floor.STEPS
     assert recorded["train step ft"] == 3 * forward - conv
+
+
+def test_floor_refuses_a_batch_other_than_its_smokes(tmp_path, capsys):
+    """The floor stands beside a smoke at that smoke's batch: another one is refused before any work (exit 2)."""
+    from experiments.benchmarks import cifar_smoke_floor as floor
+
+    smoke = tmp_path / "smoke.json"
+    smoke.write_text(json.dumps({"batch_size": 128, "stages": {}, "wall_s": 1.0}))
+    assert floor.main(["--smoke", str(smoke), "--batch-size", "32"]) == 2
+    assert "--smoke run's (128)" in capsys.readouterr().err

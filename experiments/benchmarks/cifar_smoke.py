@@ -1,7 +1,7 @@
 """Benchmark: the CIFAR-100 smoke run (issue 20) through the real command line, per-stage time and peak RSS.
 
     python -m experiments.benchmarks.cifar_smoke [--json PATH] [--dtype float32|bfloat16|auto]
-                                                 [--threads N] [--keep DIR] [--avx2]
+                                                 [--threads N] [--keep DIR] [--avx2] [--batch-size N]
 
 What it runs: ``python -m landscape.connectivity --dataset cifar100`` (the paper preset: ViT-B/32, both
 encoders, FT / LoRA r = 32 / RandLoRA r = 6) on CIFAR-100 files fabricated offline (the original Python
@@ -9,7 +9,9 @@ pickles, 200 train and 50 test images: no download), with random-init weights (`
 the openai weights cannot be fetched here), 2 training steps, a 3 × 3 grid, 16 evaluation samples and 21
 points per path. ``--dtype float32`` (default) budgets for a CPU without native bf16, where bf16 autocast
 is several times slower than fp32; ``--avx2`` also restricts torch/MKL/oneDNN and OpenBLAS to
-AVX2 (the README's emulation of such a machine: :data:`AVX2_ENV`).
+AVX2 (the README's emulation of such a machine: :data:`AVX2_ENV`). ``--batch-size N`` trains at N images a step
+instead of the preset's 128: a smaller smoke than the issue's, to say what would fit a machine's budget (the table
+and the JSON's ``batch_size`` name it).
 
 How it measures: the run is a fresh child process (``--child``) that calls ``landscape.connectivity.main``
 with those arguments and wraps each stage of :class:`landscape.cli.Stages`: before a stage the kernel's
@@ -39,6 +41,7 @@ RUN_ARGS = ("--dataset", "cifar100", "--pretrained", "none", "--train-steps", "2
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
             "OPENBLAS_CORETYPE": "Haswell"}  # fmt: skip
 BUDGET_S = 300.0  # issue 20: ≤ 5 min on 2 cores
+PRESET_BATCH = 128  # experiments/paper/cifar100.toml's [train] batch_size: the issue's smoke trains at it
 TRAIN_IMAGES, TEST_IMAGES = 200, 50  # the fabricated CIFAR-100 splits
 
 
@@ -102,13 +105,16 @@ def child(argv: list[str], report: Path) -> int:
     return code
 
 
-def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
-    """Fabricate the data under ``out``, run the smoke in a child process and return its measurements."""
+def run(dtype: str, threads: int, out: Path, avx2: bool, batch_size: int | None = None) -> dict:
+    """Fabricate the data under ``out``, run the smoke in a child process and return its measurements
+    (``batch_size``: images per training step; None: the preset's)."""
     from tests.fakes import write_cifar100  # the tests' CIFAR-100 fabricator: the original pickle layout
 
     data = out / "data"
     write_cifar100(data, n_train=TRAIN_IMAGES, n_test=TEST_IMAGES)
     argv = [*RUN_ARGS, "--data-root", str(data), "--dtype", dtype, "--threads", str(threads), "--out", str(out / "run")]
+    if batch_size is not None:
+        argv += ["--batch-size", str(batch_size)]
     report = out / "child.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(AVX2_ENV if avx2 else {})}
     cmd = [sys.executable, "-m", "experiments.benchmarks.cifar_smoke", "--child", str(report), "--", *argv]
@@ -129,6 +135,7 @@ def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
         "cpu": cpu_name() + (" restricted to AVX2" if avx2 else ""),
         "threads": threads,
         "dtype": dtype,
+        "batch_size": batch_size or PRESET_BATCH,
         "stages": stages,
         "wall_s": round(wall, 1),
         "cli_s": got["seconds"],
@@ -142,7 +149,10 @@ def run(dtype: str, threads: int, out: Path, avx2: bool) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = [f"CIFAR-100 smoke on {result['cpu']}, {result['threads']} threads, forward dtype {result['dtype']}",
+    batch = result.get("batch_size", PRESET_BATCH)
+    size = "the issue's" if batch == PRESET_BATCH else f"smaller than the issue's {PRESET_BATCH}"
+    lines = [f"CIFAR-100 smoke on {result['cpu']}, {result['threads']} threads, forward dtype {result['dtype']}, "
+             f"training batch {batch} ({size})",
              f"  {result['command']}", f"  load average (1 min) before / after: {result['load_average_1min']}",
              "", f"{'stage':<16} {'seconds':>9} {'CPU s':>9} {'system s':>9} {'faults M':>9} "
              f"{'peak RSS GB':>12}"]  # fmt: skip
@@ -172,13 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--avx2", action="store_true", help="restrict torch/MKL/oneDNN and numpy/scipy's OpenBLAS to AVX2 (AVX2_ENV)"
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help=f"images per training step (default: the preset's {PRESET_BATCH}, the issue's smoke)",
+    )
     args = parser.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
-        result = run(args.dtype, args.threads, args.keep, args.avx2)
+        result = run(args.dtype, args.threads, args.keep, args.avx2, args.batch_size)
     else:
         with tempfile.TemporaryDirectory(prefix="cifar_smoke_") as tmp:
-            result = run(args.dtype, args.threads, Path(tmp), args.avx2)
+            result = run(args.dtype, args.threads, Path(tmp), args.avx2, args.batch_size)
     print(table(result))
     if args.json is not None:
         from landscape.engine import store

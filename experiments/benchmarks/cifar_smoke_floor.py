@@ -1,6 +1,7 @@
 """Benchmark: the CIFAR-100 smoke run's arithmetic floor, the time its model matmuls alone take on this machine.
 
     python -m experiments.benchmarks.cifar_smoke_floor [--threads N] [--avx2] [--smoke PATH] [--json PATH]
+                                                       [--batch-size N]
 
 What it counts: the model work of :mod:`experiments.benchmarks.cifar_smoke`'s run (the paper preset on random-init
 ViT-B/32 with both towers): a training step of FT, LoRA r = 32 and RandLoRA r = 6 at the preset's batch of 128
@@ -126,8 +127,11 @@ def record(fn) -> Counter:
     return rec.calls
 
 
-def pieces(arch: str = "ViT-B-32", classes: list[str] | None = None) -> dict[str, tuple[int, Counter]]:
-    """{piece: (times the smoke runs it, the matmuls of one)} on random-init ``arch``."""
+def pieces(
+    arch: str = "ViT-B-32", classes: list[str] | None = None, batch: int = BATCH
+) -> dict[str, tuple[int, Counter]]:
+    """{piece: (times the smoke runs it, the matmuls of one)} on random-init ``arch``, training at ``batch`` images a
+    step (the preset's by default, as the issue's smoke; cifar_smoke --batch-size runs a smaller one)."""
     import torch.nn.functional as F
 
     from adapters.methods import MethodSpec, attach
@@ -143,10 +147,10 @@ def pieces(arch: str = "ViT-B-32", classes: list[str] | None = None) -> dict[str
     out: dict[str, tuple[int, Counter]] = {}
     for method, rank in RANKS.items():
         model = attach(copy.deepcopy(base), MethodSpec(method, rank=rank, seed=0), clip.TARGETS).train()
-        labels = torch.randint(0, len(classes), (BATCH,))
+        labels = torch.randint(0, len(classes), (batch,))
 
         def step(model=model, labels=labels):
-            inputs = augment({"pixels": images(BATCH)}, torch.Generator().manual_seed(0))
+            inputs = augment({"pixels": images(batch)}, torch.Generator().manual_seed(0))
             F.cross_entropy(model(**inputs).float(), labels).backward()
 
         out[f"train step {method}"] = (STEPS, record(step))
@@ -191,7 +195,8 @@ def measured(smoke: dict) -> dict[str, float]:
 
 
 def table(result: dict) -> str:
-    lines = [f"CIFAR-100 smoke's matmul floor on {result['cpu']}, {result['threads']} threads",
+    lines = [f"CIFAR-100 smoke's matmul floor on {result['cpu']}, {result['threads']} threads, "
+             f"training batch {result.get('batch_size', BATCH)}",
              "", f"{'piece':<28} {'count':>5} {'TFLOP':>7} {'s each':>8} {'GFLOP/s':>8} {'floor s':>8}"]  # fmt: skip
     for name, r in result["pieces"].items():
         lines.append(f"{name:<28} {r['count']:>5} {r['tflop']:>7.3f} {r['seconds']:>8.3f} {r['gflops']:>8.0f} "
@@ -220,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", type=Path, help="a cifar_smoke --json file to set beside the floor")
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help=f"images per training step (default: --smoke's, else the preset's {BATCH})",
+    )
     args = parser.parse_args(argv)
     if args.smoke is not None and not args.smoke.is_file():
         print(f"error: --smoke {args.smoke}: no such file; write one with cifar_smoke --json", file=sys.stderr)
@@ -229,10 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "experiments.benchmarks.cifar_smoke_floor", *rest]
         return subprocess.run(cmd, env={**os.environ, **AVX2_ENV}, cwd=Path(__file__).resolve().parents[2]).returncode
     torch.set_num_threads(args.threads)
+    smoke = json.loads(args.smoke.read_text()) if args.smoke is not None else {}
+    # the smoke it stands beside trained at its own batch (files written before batch_size was recorded: the preset's)
+    smoke_batch = smoke.get("batch_size", BATCH) if smoke else None
+    batch = args.batch_size if args.batch_size is not None else (smoke_batch or BATCH)
+    if batch < 1 or (smoke_batch is not None and batch != smoke_batch):
+        print(f"error: --batch-size {batch}: the floor needs a positive batch, and the --smoke run's "
+              f"({smoke_batch}) when one is given; drop --batch-size", file=sys.stderr)  # fmt: skip
+        return 2
     result = {"cpu": cpu_name() + (" restricted to AVX2" if args.avx2 else ""), "threads": args.threads,
-              **floor(pieces())}  # fmt: skip
-    if args.smoke is not None:
-        result["smoke"], result["smoke_file"] = measured(json.loads(args.smoke.read_text())), str(args.smoke)
+              "batch_size": batch, **floor(pieces(batch=batch))}  # fmt: skip
+    if smoke:
+        result["smoke"], result["smoke_file"] = measured(smoke), str(args.smoke)
     print(table(result))
     if args.json is not None:
         from landscape.engine import store
