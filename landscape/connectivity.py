@@ -47,7 +47,7 @@ from landscape import config as run_config
 from landscape import stages as stage_log
 from landscape.cli import Stages, resolve_device, run_main
 from landscape.engine import directions, factored, store
-from landscape.engine.grid import run_grid
+from landscape.engine.grid import PlaneEvaluator, run_grid
 from landscape.engine.plane import RANDOM_CHARTS, SOLUTIONS
 from landscape.engine.store import GridStore, StaleGrid
 from landscape.report import metadata, print_summary, summarise
@@ -232,14 +232,16 @@ def path_store(config, key: str, rank: int = 0) -> store.SampleStore | None:
 
 
 def path_args(loaded: Loaded, evaluator, device) -> dict:
-    """:func:`paths.compute_paths`' settings in a run: the plane's evaluation set, precision and storage."""
+    """:func:`paths.compute_paths`' settings in a run: the plane's evaluation set, precision and storage; a dense
+    plane's evaluator itself, which carries the lines between its vertices (a random chart's: not used)."""
     config = loaded.config
     factored_chart = isinstance(evaluator, factored.FactoredEvaluator) and config.chart not in RANDOM_CHARTS
     return {"eval_set": evaluator.eval_set, "device": device, "points": config.path_points,
             "extend": config.path_extend, "progress": config.progress, "objective": loaded.task.objective,
             "points_per_forward": evaluator.points_per_forward, "dtype": config.landscape_dtype(device.type),
             "storage": evaluator.chart.info.get("storage", "dense"),
-            "chart": evaluator.chart if factored_chart else None}  # fmt: skip
+            "chart": evaluator.chart if factored_chart else None,
+            "plane": evaluator if isinstance(evaluator, PlaneEvaluator) else None}  # fmt: skip
 
 
 def paths_stage(loaded: Loaded, solutions, evaluator, device, stages, log, keys, written, extra=None) -> dict | None:

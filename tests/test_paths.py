@@ -389,3 +389,39 @@ def test_line_weights_hold_no_zero_direction(setup):
         for n in base:
             expected = theta["ft"][n] + t * (theta["lora"][n] - theta["ft"][n])
             torch.testing.assert_close(params[n], expected, rtol=1e-6, atol=1e-7, msg=f"{n} at t = {t}")
+
+
+@pytest.mark.parametrize("chart_name", ["paper", "orthonormal"])
+def test_lines_on_the_dense_plane_are_the_lines(setup, monkeypatch, chart_name):
+    """Given the plane's dense evaluator, the lines are evaluated on it (at the plane coordinates of θ_A + t·(θ_B −
+    θ_A), t outside [0, 1] too) with no θ's or model copy of their own, and their numbers are the line charts' to
+    fp32 rounding; a chart whose vertices are not the lines' ends (a random chart's centre) is not used."""
+    from landscape.engine.grid import PlaneEvaluator
+    from landscape.engine.plane import build_chart, random_chart, solution_weights
+
+    model, sols, data, labels, result, before = setup
+    eval_set = EvalSet.prepare(data, labels, 8, "cpu")
+    thetas = solution_weights(dict(model.named_parameters()), {s: sols[s].delta() for s in sols})
+    plane = PlaneEvaluator(copy.deepcopy(model), build_chart(chart_name, thetas), eval_set, "cpu")
+
+    def no_lines_of_its_own(*args, **kwargs):
+        raise AssertionError("the lines built their own θ's")
+
+    with monkeypatch.context() as m:
+        m.setattr(paths, "_dense_line_evaluators", no_lines_of_its_own)
+        on_plane = paths.compute_paths(model, sols, eval_set, "cpu", points=5, extend=0.25, progress=False,
+                                       plane=plane)  # fmt: skip
+    assert on_plane["storage"] == "dense"
+    for key in ("loss", "accuracy", "loss_se"):
+        np.testing.assert_allclose(on_plane[key], result[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    centre = thetas["lora"]
+    u, v = ({n: 0.01 * torch.randn(w.shape, generator=g) for n, w in centre.items()} for g in
+            (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)))  # fmt: skip
+    centred = PlaneEvaluator(copy.deepcopy(model), random_chart(centre, u, v, "lora"), eval_set, "cpu")
+    calls = []
+    real = paths._dense_line_evaluators
+    monkeypatch.setattr(paths, "_dense_line_evaluators", lambda *a, **k: calls.append(1) or real(*a, **k))
+    apart = paths.compute_paths(model, sols, eval_set, "cpu", points=5, extend=0.25, progress=False, plane=centred)
+    assert calls == [1] and np.array_equal(apart["loss"], result["loss"])
