@@ -230,6 +230,14 @@ class LineOnPlane:
         return self.plane.evaluate_iter(coords, keep_samples=keep_samples)
 
 
+def _plane_for(plane, chart, lines: list[tuple[str, str]]):
+    """``plane`` (a dense plane's evaluator) when it can carry every line: no factored ``chart`` given and each
+    line's ends among its vertices (a random or Hessian chart has only its centre); else None."""
+    if chart is not None or plane is None or any(s not in plane.chart.vertices for line in lines for s in line):
+        return None
+    return plane
+
+
 def _line_maker(base_model, solutions, third, eval_set, device, dtype, points_per_forward, objective, storage, chart,
                 plane=None):  # fmt: skip
     """``make(a, b, name)``: the evaluator of the line from ``a`` to ``b``: on ``plane`` (the plane's dense evaluator,
@@ -289,9 +297,8 @@ def compute_paths(
     ``storage``: ``dense``, ``factored`` (W0 + (1 − t)·ΔW_A + t·ΔW_B built per module on ``base_model`` itself)
     or ``auto``, as the plane's (:mod:`landscape.engine.factored`); ``chart``: the plane's factored chart, whose
     updates the lines then share (implies ``factored``: full fine-tuning's update is not held twice).
-    ``plane``: the plane's dense :class:`landscape.engine.grid.PlaneEvaluator`, whose chart passes through the
-    solutions (``paper`` / ``orthonormal``): the lines are evaluated on it (:class:`LineOnPlane`: the same weights
-    to fp32 rounding, no second model copy); ignored unless every line's ends are its vertices, and with ``chart``.
+    ``plane``: a dense plane's evaluator through the solutions: the lines are evaluated on it (:class:`LineOnPlane`:
+    the same weights to fp32 rounding, no second model copy) where it can carry them (:func:`_plane_for`).
     ``known``: {solution: its result on the same evaluation set and precision, with per-sample losses} (the
     plane's vertices, :func:`landscape.report.vertex_results`): the endpoints t = 0 and t = 1 of a line take
     these instead of being evaluated again (the same weights to fp32 rounding, built through the plane's chart).
@@ -306,10 +313,8 @@ def compute_paths(
     third = chart.third if chart is not None else ("ft" if "ft" in solutions else "base")
     storage = "factored" if chart is not None else factored.choose_storage(storage, base_model, device)
     lines = [(third if a == "ft" else a, b) for a, b in PAIRS]
-    if chart is not None or plane is None or any(s not in plane.chart.vertices for line in lines for s in line):
-        plane = None
-    else:
-        storage = "dense"
+    plane = _plane_for(plane, chart, lines)
+    storage = "dense" if plane is not None else storage
     make = _line_maker(base_model, solutions, third, eval_set, device, dtype, points_per_forward, objective, storage,
                        chart, plane)  # fmt: skip
     pairs = [pair_name(a, b) for a, b in lines]
