@@ -17,7 +17,9 @@ error paired over the evaluation samples, from the per-sample losses the paths k
 
 The line is an affine chart (origin θ_A, U = θ_B − θ_A, V = 0) evaluated by the same
 :class:`landscape.engine.grid.PlaneEvaluator` and :class:`landscape.engine.grid.EvalSet` as the plane, so
-the path at t = 0 and t = 1 is the loss of the solutions themselves on the same samples.
+the path at t = 0 and t = 1 is the loss of the solutions themselves on the same samples. Inside a run with a
+dense plane through the solutions the lines lie in that plane, and the plane's own evaluator carries them
+(:class:`LineOnPlane`: the same weights to fp32 rounding, no second copy of the model or of the θ's).
 
 Writes under the run folder (or ``--out``):
 
@@ -41,7 +43,7 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -215,12 +217,12 @@ class LineOnPlane:
     are its weights (to fp32 rounding, as the plane's vertices are the solutions'), and the paths need no second
     copy of the model nor of the solutions' weights (on the CIFAR-100 smoke: 2.4 GB and ~8 s of building)."""
 
-    def __init__(self, plane, a: str, b: str):
+    def __init__(self, plane: PlaneEvaluator, a: str, b: str):
         self.plane = plane
         self.start = np.asarray(plane.chart.vertices[a], dtype=np.float64)
         self.end = np.asarray(plane.chart.vertices[b], dtype=np.float64)
 
-    def evaluate_iter(self, points, keep_samples: bool = False):
+    def evaluate_iter(self, points: Iterable[tuple[float, float]], keep_samples: bool = False) -> Iterator[PointResult]:
         """:meth:`landscape.engine.grid.PlaneEvaluator.evaluate_iter` at the line's points (t, 0)."""
         coords = []
         for t, y in points:
@@ -230,7 +232,7 @@ class LineOnPlane:
         return self.plane.evaluate_iter(coords, keep_samples=keep_samples)
 
 
-def _plane_for(plane, chart, lines: list[tuple[str, str]]):
+def _plane_for(plane: PlaneEvaluator | None, chart, lines: list[tuple[str, str]]) -> PlaneEvaluator | None:
     """``plane`` (a dense plane's evaluator) when it can carry every line: no factored ``chart`` given and each
     line's ends among its vertices (a random or Hessian chart has only its centre); else None."""
     if chart is not None or plane is None or any(s not in plane.chart.vertices for line in lines for s in line):
@@ -284,7 +286,7 @@ def compute_paths(
     objective: Classification = OBJECTIVES["classification"],
     storage: str = "auto",
     chart: factored.FactoredChart | None = None,
-    plane=None,
+    plane: PlaneEvaluator | None = None,
     known: Mapping[str, PointResult] | None = None,
     share_ends: bool = False,
     store: store.SampleStore | None = None,
