@@ -35,13 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from adapters.compat import tomllib
+
 RUN_ARGS = ("--dataset", "cifar100", "--pretrained", "none", "--train-steps", "2", "--grid", "3",
             "--eval-samples", "16", "--path-points", "21", "--no-progress")  # fmt: skip
 # torch's kernels, MKL, oneDNN, and numpy/scipy's OpenBLAS (the spectra's LAPACK), each held to AVX2
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
             "OPENBLAS_CORETYPE": "Haswell"}  # fmt: skip
 BUDGET_S = 300.0  # issue 20: ≤ 5 min on 2 cores
-PRESET_BATCH = 128  # experiments/paper/cifar100.toml's [train] batch_size: the issue's smoke trains at it
+PRESET = Path(__file__).resolve().parents[1] / "paper" / "cifar100.toml"  # the run's preset (--dataset cifar100)
+PRESET_BATCH = tomllib.loads(PRESET.read_text())["train"]["batch_size"]  # the issue's smoke trains at it
 TRAIN_IMAGES, TEST_IMAGES = 200, 50  # the fabricated CIFAR-100 splits
 
 

@@ -35,13 +35,11 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from adapters.compat import tomllib
 from experiments.benchmarks.cifar_smoke import AVX2_ENV, BUDGET_S, RUN_ARGS, TEST_IMAGES, cpu_name
+from experiments.benchmarks.cifar_smoke import PRESET_BATCH as BATCH
 
 _RUN = {RUN_ARGS[i]: RUN_ARGS[i + 1] for i in range(len(RUN_ARGS) - 1) if RUN_ARGS[i].startswith("--")}
 STEPS, SAMPLES = int(_RUN["--train-steps"]), int(_RUN["--eval-samples"])
-PRESET = Path(__file__).resolve().parents[1] / "paper" / "cifar100.toml"  # the run's preset (--dataset cifar100)
-BATCH = tomllib.loads(PRESET.read_text())["train"]["batch_size"]
 # the grid's points, each path's interior points (its ends are the vertices, evaluated once) and the 3 vertices
 POINTS = int(_RUN["--grid"]) ** 2 + 3 * (int(_RUN["--path-points"]) - 2) + 3
 RANKS = {"ft": None, "lora": 32, "randlora": 6}  # the paper preset's
